@@ -1,0 +1,1 @@
+//! twinbox bench (see docs/ARCHITECTURE.md).

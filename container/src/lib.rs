@@ -1,0 +1,1 @@
+//! The twinbox container (see docs/ARCHITECTURE.md).

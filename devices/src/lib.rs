@@ -1,0 +1,1 @@
+//! Emulated devices of the twinbox microVM (see docs/ARCHITECTURE.md).

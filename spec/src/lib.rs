@@ -1,0 +1,15 @@
+//! The shared vocabulary of twinbox: what a run is asked to do ([`RunSpec`]), what it
+//! reports ([`RunReport`]), the phases it is timed by ([`Phase`], [`Timeline`]), and where
+//! the built artifacts live ([`artifacts`]). Both boxes, the VM and the container, take a
+//! `RunSpec` and return a `RunReport`: that symmetry is the product.
+
+pub mod artifacts;
+pub mod clock;
+pub mod phase;
+pub mod report;
+pub mod run_spec;
+
+pub use phase::{Phase, Timeline};
+pub use report::{BoxKind, Outcome, RunReport, Usage};
+pub use run_spec::{DiskSpec, RunSpec, SpecError};
+pub use twinbox_proto as proto;

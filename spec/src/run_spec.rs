@@ -1,0 +1,202 @@
+//! What one run is asked to do, for either box.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Largest guest/container memory accepted, in MiB (1 TiB): anything above is a typo.
+pub const MAX_MEMORY_MIB: u32 = 1 << 20;
+/// Smallest memory a Linux guest of ours can boot in, in MiB.
+pub const MIN_MEMORY_MIB: u32 = 16;
+/// Largest vCPU count accepted (the KVM limit on x86 is higher, but no microVM needs more).
+pub const MAX_VCPUS: u32 = 254;
+
+/// An extra disk given to the box: a virtio-blk device in the VM, a bind mount in the
+/// container.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for DiskSpec {
+    type Err = String;
+
+    /// Parses `PATH` or `PATH:ro` / `PATH:rw`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (path, read_only) = match s.rsplit_once(':') {
+            Some((path, "ro")) => (path, true),
+            Some((path, "rw")) => (path, false),
+            _ => (s, false),
+        };
+        if path.is_empty() {
+            return Err(format!("disk {s:?}: empty path"));
+        }
+        Ok(Self { path: path.into(), read_only })
+    }
+}
+
+/// Where the workload's output goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputMode {
+    /// Stream it to our own stdout/stderr as it comes.
+    #[default]
+    Inherit,
+    /// Collect it into `RunReport::output`.
+    Capture,
+}
+
+/// One run: the image, the workload and the size of the box.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSpec {
+    /// The root filesystem image (ext4), shared by both boxes.
+    pub rootfs: PathBuf,
+    /// Guest kernel (VM only): ELF vmlinux or bzImage.
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk (VM only).
+    pub initrd: Option<PathBuf>,
+    /// Appended to the kernel command line (VM only).
+    pub cmdline_extra: Option<String>,
+    /// The workload's argv.
+    pub argv: Vec<String>,
+    /// The workload's environment as `KEY=VALUE`; a default PATH is added when absent.
+    pub env: Vec<String>,
+    /// The workload's working directory inside the box.
+    pub cwd: String,
+    /// vCPUs of the VM; CPUs of the container when `cpus` is not given.
+    pub vcpus: u32,
+    /// Guest memory / container memory limit, in MiB.
+    pub memory_mib: u32,
+    /// Container CPU quota in CPUs (e.g. 0.5); defaults to `vcpus`.
+    pub cpus: Option<f64>,
+    /// Container pids limit.
+    pub pids_limit: Option<u32>,
+    /// Hostname inside the box.
+    pub hostname: Option<String>,
+    /// Extra disks.
+    pub disks: Vec<DiskSpec>,
+    /// Run the container in a new user namespace too.
+    pub user_namespace: bool,
+    /// Host `CLOCK_MONOTONIC` ns when the run was requested (the `spawn` phase).
+    pub spawn_ns: u64,
+    /// Kill the box if the workload has not exited after this long.
+    pub time_limit: Option<Duration>,
+    /// Where the workload's output goes.
+    pub output: OutputMode,
+}
+
+/// A `RunSpec` that cannot run.
+#[derive(Debug, Error, PartialEq)]
+pub enum SpecError {
+    #[error("no command given: put it after `--`, e.g. `-- /bin/echo hello`")]
+    NoCommand,
+    #[error("--vcpus {0}: must be between 1 and {MAX_VCPUS}")]
+    Vcpus(u32),
+    #[error("--memory {0} MiB: must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}")]
+    Memory(u32),
+    #[error("--cpus {0}: must be a positive number of CPUs no larger than {MAX_VCPUS}")]
+    Cpus(f64),
+    #[error("--pids {0}: must be at least 1")]
+    Pids(u32),
+    #[error("invalid job: {0}")]
+    Job(String),
+}
+
+impl RunSpec {
+    /// A spec with default sizes (1 vCPU, 128 MiB) that runs `argv` from `rootfs`.
+    pub fn new(rootfs: impl Into<PathBuf>, argv: Vec<String>) -> Self {
+        Self {
+            rootfs: rootfs.into(),
+            kernel: None,
+            initrd: None,
+            cmdline_extra: None,
+            argv,
+            env: Vec::new(),
+            cwd: "/".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            cpus: None,
+            pids_limit: None,
+            hostname: None,
+            disks: Vec::new(),
+            user_namespace: false,
+            spawn_ns: crate::clock::monotonic_ns(),
+            time_limit: None,
+            output: OutputMode::Inherit,
+        }
+    }
+
+    /// Checks sizes and the workload; file checks belong to each box.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.argv.is_empty() {
+            return Err(SpecError::NoCommand);
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(SpecError::Vcpus(self.vcpus));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(SpecError::Memory(self.memory_mib));
+        }
+        if let Some(cpus) = self.cpus {
+            if !(cpus.is_finite() && cpus > 0.0 && cpus <= f64::from(MAX_VCPUS)) {
+                return Err(SpecError::Cpus(cpus));
+            }
+        }
+        if self.pids_limit == Some(0) {
+            return Err(SpecError::Pids(0));
+        }
+        self.job().validate().map_err(|e| SpecError::Job(e.to_string()))
+    }
+
+    /// The job for twinbox-init, without box-specific settings (marker, overlay,
+    /// power-off), which each box adds.
+    pub fn job(&self) -> twinbox_proto::Job {
+        let mut env = self.env.clone();
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        }
+        twinbox_proto::Job {
+            argv: self.argv.clone(),
+            env,
+            cwd: self.cwd.clone(),
+            hostname: self.hostname.clone(),
+            ..twinbox_proto::Job::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_checked() {
+        let ok = RunSpec::new("/img", vec!["true".into()]);
+        assert_eq!(ok.validate(), Ok(()));
+        assert_eq!(RunSpec { vcpus: 0, ..ok.clone() }.validate(), Err(SpecError::Vcpus(0)));
+        assert_eq!(RunSpec { memory_mib: 1, ..ok.clone() }.validate(), Err(SpecError::Memory(1)));
+        assert_eq!(
+            RunSpec { memory_mib: u32::MAX, ..ok.clone() }.validate(),
+            Err(SpecError::Memory(u32::MAX))
+        );
+        assert!(RunSpec { cpus: Some(f64::NAN), ..ok.clone() }.validate().is_err());
+        assert_eq!(RunSpec { argv: vec![], ..ok }.validate(), Err(SpecError::NoCommand));
+    }
+
+    #[test]
+    fn job_gets_a_default_path() {
+        let job = RunSpec::new("/img", vec!["true".into()]).job();
+        assert!(job.env.iter().any(|e| e.starts_with("PATH=")));
+    }
+
+    #[test]
+    fn disk_specs_parse() {
+        let d: DiskSpec = "/tmp/a.img:ro".parse().unwrap();
+        assert_eq!(d, DiskSpec { path: "/tmp/a.img".into(), read_only: true });
+        let d: DiskSpec = "/tmp/b.img".parse().unwrap();
+        assert!(!d.read_only);
+        assert!(":ro".parse::<DiskSpec>().is_err());
+    }
+}

@@ -1,0 +1,28 @@
+//! The subcommands. Each file parses its arguments, calls a library and prints.
+
+pub mod bench;
+pub mod common;
+pub mod ctr;
+pub mod doctor;
+pub mod vm;
+
+/// Exit status when twinbox itself fails (bad input, missing artifact, setup error), as
+/// opposed to the workload's own status. 125 follows `docker run`/`podman run`: it stays
+/// clear of the workload's 0–124 and of the shell's 126/127/128+N.
+pub const EXIT_TWINBOX_ERROR: u8 = 125;
+
+/// An error and its causes joined into one line for a user: `what: why: root cause`.
+pub fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for (i, cause) in error.chain().enumerate() {
+        let text = cause.to_string();
+        if i > 0 {
+            if line.contains(&text) {
+                continue;
+            }
+            line.push_str(": ");
+        }
+        line.push_str(text.lines().next().unwrap_or_default());
+    }
+    line
+}

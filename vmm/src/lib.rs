@@ -1,0 +1,1 @@
+//! The twinbox microVM monitor (see docs/ARCHITECTURE.md).
