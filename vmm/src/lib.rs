@@ -1,1 +1,3 @@
 //! The twinbox microVM monitor (see docs/ARCHITECTURE.md).
+
+pub mod smoke;

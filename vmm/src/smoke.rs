@@ -1,0 +1,1 @@
+//! KVM smoke guest (owned by the lab/doctor work).
