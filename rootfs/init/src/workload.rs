@@ -1,0 +1,393 @@
+//! Starting the workload: everything is converted to C strings before `fork`, so the
+//! child only makes system calls between `fork` and `execve`.
+//!
+//! The child gets a new session, the job's working directory, exactly the job's
+//! environment, default signal dispositions and an empty signal mask, and `execvp`
+//! semantics (a command without a slash is searched in the job's `PATH`; a file the
+//! kernel cannot execute is run by `/bin/sh`). On failure it prints what a shell would and
+//! exits 127 (not found) or 126 (found but cannot be run).
+
+use crate::console::write_stderr;
+use crate::sys::{cstring, strerror, SysError};
+use std::ffi::CString;
+use std::ptr;
+use twinbox_proto::Job;
+
+/// `PATH` when the job's environment has none (what `execvp` in glibc falls back to, plus
+/// the sbin directories because init runs as root).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Exit status when the command is not found, like shells.
+pub const EXIT_NOT_FOUND: i32 = 127;
+/// Exit status when the command is found but cannot be run, or the working directory
+/// cannot be entered.
+pub const EXIT_CANNOT_RUN: i32 = 126;
+
+/// Where the workload's stdin, stdout and stderr go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stdio {
+    /// Keep the fds init inherited (the container runtime's pipes or terminal).
+    Inherit,
+    /// Open `/dev/console` (the VM's ttyS0) for all three and make it the controlling tty.
+    Console,
+}
+
+/// A workload ready to be forked: all strings already in C form.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The command as the job gave it, for messages.
+    command: String,
+    /// The files to try in order (PATH lookup already done).
+    candidates: Vec<CString>,
+    argv: Vec<CString>,
+    env: Vec<CString>,
+    cwd: CString,
+    stdio: Stdio,
+}
+
+/// The `PATH` value in a `KEY=VALUE` environment, if any (the last one wins, like getenv
+/// after putenv).
+pub fn path_of(env: &[String]) -> Option<&str> {
+    env.iter()
+        .rev()
+        .find_map(|entry| entry.strip_prefix("PATH="))
+}
+
+/// The files `execvp` would try for `command` with this `PATH`, in order. A command with a
+/// slash is used as is; an empty `PATH` element means the current directory.
+pub fn candidates(command: &str, path: Option<&str>) -> Vec<String> {
+    if command.contains('/') {
+        return vec![command.to_owned()];
+    }
+    path.unwrap_or(DEFAULT_PATH)
+        .split(':')
+        .map(|dir| {
+            if dir.is_empty() {
+                command.to_owned()
+            } else {
+                format!("{}/{command}", dir.trim_end_matches('/'))
+            }
+        })
+        .collect()
+}
+
+/// The exit status and message for a failed exec, like shells report it.
+pub fn exec_failure(command: &str, errno: i32) -> (i32, String) {
+    match errno {
+        libc::ENOENT | libc::ENOTDIR => (EXIT_NOT_FOUND, format!("{command}: not found")),
+        libc::EACCES => (EXIT_CANNOT_RUN, format!("{command}: permission denied")),
+        other => (EXIT_CANNOT_RUN, format!("{command}: {}", strerror(other))),
+    }
+}
+
+fn cstrings(items: &[String]) -> Result<Vec<CString>, SysError> {
+    items.iter().map(|s| cstring(s)).collect()
+}
+
+/// A NULL-terminated pointer array over `items` (valid while `items` lives).
+fn pointers(items: &[CString]) -> Vec<*const libc::c_char> {
+    items
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(ptr::null()))
+        .collect()
+}
+
+impl Prepared {
+    /// Converts the job; fails only on strings that `execve` cannot carry.
+    pub fn new(job: &Job, stdio: Stdio) -> Result<Self, SysError> {
+        let command = job.argv.first().cloned().unwrap_or_default();
+        let candidates = cstrings(&candidates(&command, path_of(&job.env)))?;
+        Ok(Self {
+            command,
+            candidates,
+            argv: cstrings(&job.argv)?,
+            env: cstrings(&job.env)?,
+            cwd: cstring(&job.cwd)?,
+            stdio,
+        })
+    }
+
+    /// Forks; the child becomes the workload and never returns. Returns the child's pid.
+    pub fn spawn(&self) -> Result<libc::pid_t, SysError> {
+        // Build the pointer arrays before forking: no allocation in the child.
+        let argv = pointers(&self.argv);
+        let env = pointers(&self.env);
+        // SAFETY: init is single-threaded, so the child is a full copy in a consistent
+        // state; it only runs `child` which ends in execve or _exit.
+        match unsafe { libc::fork() } {
+            -1 => Err(SysError::last("fork the workload")),
+            0 => self.child(&argv, &env),
+            pid => Ok(pid),
+        }
+    }
+
+    fn child(&self, argv: &[*const libc::c_char], env: &[*const libc::c_char]) -> ! {
+        // SAFETY: this is the forked child; everything below is a plain syscall on
+        // memory prepared before the fork, ending in execve or _exit.
+        unsafe {
+            reset_signals();
+            libc::setsid();
+            if self.stdio == Stdio::Console {
+                attach_console();
+            }
+            if libc::chdir(self.cwd.as_ptr()) != 0 {
+                let errno = *libc::__errno_location();
+                write_stderr(&format!(
+                    "cannot change directory to {}: {}",
+                    self.cwd.to_string_lossy(),
+                    strerror(errno)
+                ));
+                libc::_exit(EXIT_CANNOT_RUN);
+            }
+            // execvp: ENOENT/ENOTDIR move on to the next PATH entry, EACCES too but is
+            // remembered, anything else stops the search.
+            let mut seen_eacces = false;
+            let mut last = libc::ENOENT;
+            for file in &self.candidates {
+                libc::execve(file.as_ptr(), argv.as_ptr(), env.as_ptr());
+                let errno = *libc::__errno_location();
+                match errno {
+                    libc::ENOENT | libc::ENOTDIR => {}
+                    libc::EACCES => seen_eacces = true,
+                    libc::ENOEXEC => {
+                        exec_with_shell(file, argv, env);
+                        last = *libc::__errno_location();
+                        break;
+                    }
+                    other => {
+                        last = other;
+                        break;
+                    }
+                }
+            }
+            if seen_eacces && (last == libc::ENOENT || last == libc::ENOTDIR) {
+                last = libc::EACCES;
+            }
+            let (status, message) = exec_failure(&self.command, last);
+            write_stderr(&message);
+            libc::_exit(status)
+        }
+    }
+}
+
+/// Runs a file without an interpreter line with `/bin/sh`, as `execvp` does.
+///
+/// # Safety
+/// Only in the forked child; `argv` and `env` are NULL-terminated pointer arrays.
+unsafe fn exec_with_shell(
+    file: &CString,
+    argv: &[*const libc::c_char],
+    env: &[*const libc::c_char],
+) {
+    let sh = c"/bin/sh";
+    let mut shell_argv: Vec<*const libc::c_char> = Vec::with_capacity(argv.len() + 1);
+    shell_argv.push(sh.as_ptr());
+    shell_argv.push(file.as_ptr());
+    shell_argv.extend(argv.iter().skip(1));
+    // SAFETY: shell_argv keeps argv's NULL terminator at the end.
+    unsafe { libc::execve(sh.as_ptr(), shell_argv.as_ptr(), env.as_ptr()) };
+}
+
+/// Unblocks every signal and restores every disposition to its default: init blocks the
+/// signals it waits for, and Rust's runtime ignores SIGPIPE; the workload must see neither.
+///
+/// # Safety
+/// Only in the forked child, before exec.
+unsafe fn reset_signals() {
+    // SAFETY: plain signal syscalls on a stack-allocated set.
+    unsafe {
+        for signal in 1..libc::SIGRTMAX() {
+            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+                libc::signal(signal, libc::SIG_DFL);
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut());
+    }
+}
+
+/// Opens the console as fds 0-2 and makes it the controlling terminal (so Ctrl-C on the
+/// serial line reaches the workload's process group). Failures leave the inherited fds.
+///
+/// # Safety
+/// Only in the forked child, after `setsid`.
+unsafe fn attach_console() {
+    // SAFETY: plain syscalls on a static path and our own descriptors.
+    unsafe {
+        let fd = libc::open(c"/dev/console".as_ptr(), libc::O_RDWR);
+        if fd < 0 {
+            return;
+        }
+        for target in 0..=2 {
+            libc::dup2(fd, target);
+        }
+        if fd > 2 {
+            libc::close(fd);
+        }
+        libc::ioctl(0, libc::TIOCSCTTY, 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twinbox_proto::ExitCode;
+
+    #[test]
+    fn path_lookup_follows_execvp() {
+        assert_eq!(candidates("/bin/echo", Some("/x")), ["/bin/echo"]);
+        assert_eq!(candidates("./run.sh", None), ["./run.sh"]);
+        assert_eq!(candidates("ls", Some("/a:/b/")), ["/a/ls", "/b/ls"]);
+        assert_eq!(candidates("ls", Some(":/a:")), ["ls", "/a/ls", "ls"]);
+        assert_eq!(candidates("ls", None)[0], "/usr/local/sbin/ls");
+        assert_eq!(
+            candidates("ls", None).len(),
+            DEFAULT_PATH.split(':').count()
+        );
+    }
+
+    #[test]
+    fn path_comes_from_the_job_env_last_entry_winning() {
+        let env = vec![
+            "PATHX=/no".to_owned(),
+            "PATH=/first".into(),
+            "HOME=/".into(),
+            "PATH=/second".into(),
+        ];
+        assert_eq!(path_of(&env), Some("/second"));
+        assert_eq!(path_of(&["HOME=/".to_owned()]), None);
+    }
+
+    #[test]
+    fn exec_errors_map_like_shells() {
+        assert_eq!(
+            exec_failure("nope", libc::ENOENT),
+            (127, "nope: not found".to_owned())
+        );
+        assert_eq!(
+            exec_failure("x/y", libc::ENOTDIR),
+            (127, "x/y: not found".to_owned())
+        );
+        assert_eq!(
+            exec_failure("/etc", libc::EACCES),
+            (126, "/etc: permission denied".to_owned())
+        );
+        let (status, message) = exec_failure("big", libc::E2BIG);
+        assert_eq!(status, 126);
+        assert_eq!(message, "big: Argument list too long");
+    }
+
+    #[test]
+    fn tricky_arguments_survive_conversion() {
+        let job = Job {
+            env: vec![
+                "Q=a \"b\" 'c'".into(),
+                "U=naïve 日本".into(),
+                "PATH=/bin".into(),
+            ],
+            cwd: "/tmp/dir with space".into(),
+            ..Job::new([
+                "echo",
+                "two  spaces",
+                "\"quoted\" 'single'",
+                "日本語 🚀",
+                "",
+            ])
+        };
+        let prepared = Prepared::new(&job, Stdio::Inherit).unwrap();
+        let back = |v: &[CString]| {
+            v.iter()
+                .map(|c| c.to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(back(&prepared.argv), job.argv);
+        assert_eq!(back(&prepared.env), job.env);
+        assert_eq!(prepared.cwd.to_str().unwrap(), job.cwd);
+        assert_eq!(back(&prepared.candidates), ["/bin/echo"]);
+        let ptrs = pointers(&prepared.argv);
+        assert_eq!(ptrs.len(), job.argv.len() + 1);
+        assert!(ptrs.last().unwrap().is_null());
+    }
+
+    /// Runs `job` through the real fork/exec path and returns its wait status.
+    fn run(job: &Job) -> ExitCode {
+        let pid = Prepared::new(job, Stdio::Inherit).unwrap().spawn().unwrap();
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        ExitCode::from_wait_status(status)
+    }
+
+    fn sh(script: &str, env: &[&str]) -> Job {
+        Job {
+            env: env.iter().map(|e| e.to_string()).collect(),
+            ..Job::new(["sh", "-c", script])
+        }
+    }
+
+    #[test]
+    fn a_real_workload_runs_with_exactly_the_job_env_and_cwd() {
+        assert_eq!(
+            run(&sh("exit 7", &["PATH=/usr/bin:/bin"])),
+            ExitCode::Exited(7)
+        );
+        // `env` lists the whole environment: nothing of the test process leaks in.
+        let script = r#"test "$(env | sort | tr '\n' ' ')" = "A=1 PATH=/usr/bin:/bin PWD=/tmp " && test "$(pwd)" = /tmp"#;
+        let job = Job {
+            cwd: "/tmp".into(),
+            ..sh(script, &["PATH=/usr/bin:/bin", "A=1"])
+        };
+        assert_eq!(run(&job), ExitCode::Exited(0));
+        // Blocked or ignored signals in the parent are reset in the workload.
+        assert_eq!(
+            run(&sh("kill -TERM $$; exit 3", &["PATH=/usr/bin:/bin"])),
+            ExitCode::Signaled(15)
+        );
+    }
+
+    #[test]
+    fn exec_failures_exit_like_shells() {
+        let missing = Job {
+            env: vec!["PATH=/nonexistent:/also-not".into()],
+            ..Job::new(["no-such-cmd-twinbox"])
+        };
+        assert_eq!(run(&missing), ExitCode::Exited(127));
+        assert_eq!(run(&Job::new(["/etc"])), ExitCode::Exited(126)); // a directory: EACCES
+        let bad_cwd = Job {
+            cwd: "/no/such/dir".into(),
+            ..Job::new(["/bin/true"])
+        };
+        assert_eq!(run(&bad_cwd), ExitCode::Exited(126));
+    }
+
+    #[test]
+    fn a_script_without_interpreter_line_runs_under_sh() {
+        let dir = std::env::temp_dir().join(format!("twinbox-init-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("noshebang");
+        std::fs::write(&script, "exit 5\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let job = Job {
+            env: vec![format!("PATH={}", dir.display())],
+            ..Job::new(["noshebang"])
+        };
+        let status = run(&job);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(status, ExitCode::Exited(5));
+    }
+
+    #[test]
+    fn nul_bytes_are_an_error_not_a_panic() {
+        let job = Job {
+            argv: vec!["a\0b".into()],
+            ..Job::default()
+        };
+        assert_eq!(
+            Prepared::new(&job, Stdio::Inherit).unwrap_err().errno,
+            libc::EINVAL
+        );
+    }
+}
