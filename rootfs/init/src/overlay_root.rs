@@ -10,7 +10,7 @@
 //!    mount point (`/run/twinbox/root`).
 //! 3. `overlay lowerdir=/,upperdir=...,workdir=...` is mounted at the new root. Overlay
 //!    sees the lower root filesystem itself, not the mounts stacked on it.
-//! 4. `/proc`, `/sys` and `/dev` (whichever are mounted) are moved (`MS_MOVE`) into the
+//! 4. `/sys`, `/dev` and `/proc` (whichever are mounted) are moved (`MS_MOVE`) into the
 //!    new root, so they need not be made again.
 //! 5. `pivot_root(".", ".")` from inside the new root stacks the old root on top of the
 //!    new one at `/`, and `umount2(".", MNT_DETACH)` peels it off (the trick runc uses; it
@@ -27,8 +27,9 @@ const STAGE: &str = "/run";
 const UPPER: &str = "/run/twinbox/upper";
 const WORK: &str = "/run/twinbox/work";
 const NEW_ROOT: &str = "/run/twinbox/root";
-/// Mounts carried from the old root into the new one.
-const CARRIED: [&str; 3] = ["/proc", "/sys", "/dev"];
+/// Mounts carried from the old root into the new one. `/proc` goes last: once it is
+/// moved, `/proc/self/mountinfo` is no longer there to ask.
+const CARRIED: [&str; 3] = ["/sys", "/dev", "/proc"];
 
 /// The overlay options for the layers above.
 pub fn overlay_options() -> String {
@@ -58,12 +59,11 @@ pub fn enter() -> Result<(), SysError> {
         mkdir(dir)?;
     }
     mount("overlay", NEW_ROOT, "overlay", 0, &overlay_options())?;
-    for carried in CARRIED {
-        if is_mounted(carried) {
-            let target = format!("{NEW_ROOT}{carried}");
-            mkdir(&target)?;
-            mount(carried, &target, "", libc::MS_MOVE, "")?;
-        }
+    let present: Vec<&str> = CARRIED.into_iter().filter(|m| is_mounted(m)).collect();
+    for carried in present {
+        let target = format!("{NEW_ROOT}{carried}");
+        mkdir(&target)?;
+        mount(carried, &target, "", libc::MS_MOVE, "")?;
     }
     let new_root = cstring(NEW_ROOT)?;
     let dot = c".";
