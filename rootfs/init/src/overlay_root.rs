@@ -98,4 +98,9 @@ mod tests {
             "lowerdir=/,upperdir=/run/twinbox/upper,workdir=/run/twinbox/work"
         );
     }
+
+    #[test]
+    fn proc_is_moved_last_because_mountinfo_lives_there() {
+        assert_eq!(CARRIED.last(), Some(&"/proc"));
+    }
 }
