@@ -185,8 +185,7 @@ mv -T "$publish" "$out_dir"
 point_current
 # Keep the three newest images (one a box may still have open, one to compare against);
 # each is ~110 MiB. Deleting an image a running box has open is harmless on Linux.
-(cd "$cache/rootfs" && ls -1dt -- */ | sed 's|/$||' | tail -n +4 | while read -r old; do
-  [[ $old =~ ^[0-9a-f]{16}$ ]] && rm -rf -- "$old"
-done)
+(cd "$cache/rootfs" && ls -1dt -- */ | sed 's|/$||' | { grep -E '^[0-9a-f]{16}$' || true; } | tail -n +4 |
+  while read -r old; do rm -rf -- "$old"; done)
 log "built in $(echo "$(date +%s.%N) - $started" | bc) s, sha256 $(cat "$out_dir/rootfs.ext4.sha256")"
 echo "$image"
