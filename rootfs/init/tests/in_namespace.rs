@@ -1,0 +1,264 @@
+//! twinbox-init from the built image, as PID 1 of fresh namespaces (the container shape,
+//! without the container crate): proves the image's init runs a job, reports markers on
+//! an inherited fd, maps exit statuses, makes the root writable with `overlay_root`, and
+//! kills what the workload leaves behind.
+//!
+//! Needs root (mounts, loop device, namespaces) and the image from `rootfs/build.sh`;
+//! without them every test fails with a message naming what is missing.
+
+use std::io::Read;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use twinbox_proto::{ExitCode, Job, Marker, MarkerChannel};
+
+/// The fd number the marker pipe gets in init, as a container runtime would pass it.
+const MARKER_FD: i32 = 5;
+
+fn image() -> PathBuf {
+    let cache = std::env::var_os("TWINBOX_CACHE")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from("/var/cache/twinbox"), PathBuf::from);
+    let image = cache.join("rootfs/current/rootfs.ext4");
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "these tests mount an image in new namespaces: run them as root"
+    );
+    assert!(
+        image.exists(),
+        "{} not found — build it with rootfs/build.sh",
+        image.display()
+    );
+    image
+}
+
+/// What one boot of init produced.
+struct Outcome {
+    status: i32,
+    stdout: String,
+    stderr: String,
+    markers: Vec<Marker>,
+}
+
+/// Mounts the image read-only with a tmpfs overlay in a private mount namespace (so all
+/// of it, the loop device included, goes away with the namespace), then runs init as
+/// PID 1 of new PID and UTS namespaces with `TWINBOX_JOB` set to `token`.
+fn boot(token: &str) -> Outcome {
+    let image = image();
+    let dir = tempdir();
+    let script = r#"
+        set -e
+        dir=$1 img=$2
+        mount --make-rprivate /
+        mkdir -p "$dir/lower" "$dir/rw" "$dir/root"
+        mount -o ro,loop "$img" "$dir/lower"
+        mount -t tmpfs tmpfs "$dir/rw"
+        mkdir "$dir/rw/upper" "$dir/rw/work"
+        mount -t overlay overlay -o "lowerdir=$dir/lower,upperdir=$dir/rw/upper,workdir=$dir/rw/work" "$dir/root"
+        mount --rbind /dev "$dir/root/dev"
+        exec unshare --fork --pid --uts --kill-child -- chroot "$dir/root" /sbin/twinbox-init
+    "#;
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: pipe2 just returned these two fresh descriptors; each gets one owner.
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let writer_raw = fds[1];
+    let mut command = Command::new("unshare");
+    command
+        .args(["--mount", "--", "sh", "-c", script, "sh"])
+        .arg(&dir)
+        .arg(&image)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("TWINBOX_JOB", token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: dup2 is async-signal-safe; it gives the child the marker pipe at MARKER_FD
+    // without CLOEXEC, which is how a runtime hands it to init.
+    unsafe {
+        command.pre_exec(move || {
+            // dup2 onto itself keeps CLOEXEC, so clear it explicitly in that case.
+            let ok = if writer_raw == MARKER_FD {
+                libc::fcntl(MARKER_FD, libc::F_SETFD, 0) != -1
+            } else {
+                libc::dup2(writer_raw, MARKER_FD) != -1
+            };
+            if !ok {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().expect("spawn unshare (util-linux)");
+    drop(writer);
+    let output = child.wait_with_output().expect("wait for init");
+    let mut bytes = Vec::new();
+    std::fs::File::from(reader).read_to_end(&mut bytes).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert_no_loop_device_left(&image);
+    Outcome {
+        status: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        markers: bytes
+            .chunks(4)
+            .map(|c| {
+                Marker::decode(u32::from_le_bytes(c.try_into().expect("whole markers"))).unwrap()
+            })
+            .collect(),
+    }
+}
+
+fn tempdir() -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("twinbox-init-ns-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The loop device dies with the mount namespace; its autoclear runs as the last mount
+/// goes, which may lag the process exit a little, so poll briefly before failing.
+fn assert_no_loop_device_left(image: &std::path::Path) {
+    for _ in 0..50 {
+        let out = Command::new("losetup")
+            .arg("-j")
+            .arg(image)
+            .output()
+            .expect("losetup");
+        if out.stdout.is_empty() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("a loop device still holds {}", image.display());
+}
+
+fn job(argv: &[&str]) -> Job {
+    Job {
+        env: vec![
+            "PATH=/bin:/sbin:/usr/bin:/usr/sbin".into(),
+            "HOME=/root".into(),
+        ],
+        marker: MarkerChannel::Fd(MARKER_FD),
+        ..Job::new(argv.iter().copied())
+    }
+}
+
+fn started_and_exited(code: ExitCode) -> Vec<Marker> {
+    vec![
+        Marker::InitStarted,
+        Marker::WorkloadStarted,
+        Marker::WorkloadExited(code),
+    ]
+}
+
+#[test]
+fn runs_the_job_with_its_arguments_env_cwd_and_hostname() {
+    let job = Job {
+        cwd: "/root".into(),
+        hostname: Some("box-ü".into()),
+        env: vec!["PATH=/bin:/usr/bin".into(), "Q=a \"b\" 'c'".into()],
+        ..job(&[
+            "sh",
+            "-c",
+            r#"printf '%s|' "$@" "$Q" "$(pwd)" "$(hostname)"; exit 3"#,
+            "sh",
+            "two  spaces",
+            "naïve 日本",
+            "",
+        ])
+    };
+    let out = boot(&job.encode().unwrap());
+    assert_eq!(
+        out.stdout, "two  spaces|naïve 日本||a \"b\" 'c'|/root|box-ü|",
+        "stderr: {}",
+        out.stderr
+    );
+    assert_eq!(out.status, 3, "stderr: {}", out.stderr);
+    assert_eq!(out.markers, started_and_exited(ExitCode::Exited(3)));
+    assert!(
+        out.stderr
+            .contains("twinbox-init: workload exited with status 3"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn the_workload_does_not_inherit_the_marker_fd_and_sees_a_userland() {
+    let script = "test ! -e /proc/self/fd/5 && grep -q ' /tmp tmpfs' /proc/mounts && \
+                  grep -q ' /sys sysfs ro' /proc/mounts && test \"$$\" = 2";
+    let out = boot(&job(&["sh", "-c", script]).encode().unwrap());
+    assert_eq!(out.status, 0, "stderr: {}", out.stderr);
+    assert_eq!(out.markers, started_and_exited(ExitCode::Exited(0)));
+}
+
+#[test]
+fn exec_failures_and_signals_map_like_shells() {
+    let out = boot(&job(&["no-such-command"]).encode().unwrap());
+    assert_eq!(out.status, 127);
+    assert!(
+        out.stderr
+            .contains("twinbox-init: no-such-command: not found"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.markers, started_and_exited(ExitCode::Exited(127)));
+
+    let out = boot(&job(&["sh", "-c", "kill -KILL $$"]).encode().unwrap());
+    assert_eq!(out.status, 128 + 9);
+    assert!(
+        out.stderr
+            .contains("twinbox-init: workload killed by signal 9"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.markers, started_and_exited(ExitCode::Signaled(9)));
+}
+
+#[test]
+fn leftover_processes_are_killed_when_the_workload_exits() {
+    // Without the final SIGKILL to every process this boot would wait for the sleeper.
+    let out = boot(
+        &job(&["sh", "-c", "sleep 100000 & sleep 100000 & exit 4"])
+            .encode()
+            .unwrap(),
+    );
+    assert_eq!(out.status, 4, "stderr: {}", out.stderr);
+}
+
+#[test]
+fn overlay_root_makes_the_read_only_root_writable() {
+    let job = Job {
+        overlay_root: true,
+        ..job(&[
+            "sh",
+            "-c",
+            "echo x > /etc/written && cat /etc/written && grep -q '^overlay / ' /proc/mounts",
+        ])
+    };
+    let out = boot(&job.encode().unwrap());
+    assert_eq!(
+        (out.status, out.stdout.as_str()),
+        (0, "x\n"),
+        "stderr: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_garbled_job_is_one_line_and_status_125() {
+    let out = boot("not*base64");
+    assert_eq!(out.status, 125);
+    assert_eq!(
+        out.stderr.trim(),
+        "twinbox-init: bad TWINBOX_JOB: job token is not base64url"
+    );
+    assert!(out.markers.is_empty());
+}
