@@ -43,7 +43,7 @@ readonly TOOLS=(/usr/bin/fio /usr/bin/sysbench)
 # ---- cache key -------------------------------------------------------------------------
 key_inputs() {
   (cd "$repo" && sha256sum rootfs/build.sh Cargo.lock \
-    $(find rootfs/init proto -type f \( -name '*.rs' -o -name Cargo.toml \) | LC_ALL=C sort))
+    rootfs/init/Cargo.toml proto/Cargo.toml $(find rootfs/init/src proto/src -type f | LC_ALL=C sort))
   dpkg-query -W -f='${Package} ${Version}\n' "${PACKAGES[@]}"
   rustc -V
 }
