@@ -40,6 +40,12 @@ fn main() {
     if unsafe { libc::getpid() } != 1 {
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
     }
+    // Block the forwarded signals first, so one sent while init sets up waits for the
+    // workload instead of being dropped (PID 1 ignores default-disposition signals).
+    let signals = match reaper::Signals::block() {
+        Ok(signals) => signals,
+        Err(err) => fail_without_job(&err.to_string(), err.errno),
+    };
     if let Err(err) = mounts::ensure(&mounts::PROC) {
         fail_without_job(&err.to_string(), err.errno);
     }
@@ -61,7 +67,7 @@ fn main() {
         fail(&job, &mut markers, &err);
     }
     markers.send(Marker::InitStarted);
-    let code = match run_workload(&job, origin, &mut markers) {
+    let code = match run_workload(&job, origin, &signals, &mut markers) {
         Ok(code) => code,
         Err(err) => fail(&job, &mut markers, &err),
     };
@@ -92,6 +98,7 @@ fn prepare(job: &Job, origin: Origin) -> Result<(), SysError> {
 fn run_workload(
     job: &Job,
     origin: Origin,
+    signals: &reaper::Signals,
     markers: &mut MarkerWriter,
 ) -> Result<twinbox_proto::ExitCode, SysError> {
     let stdio = match origin {
@@ -99,10 +106,9 @@ fn run_workload(
         Origin::Container => workload::Stdio::Inherit,
     };
     let prepared = workload::Prepared::new(job, stdio)?;
-    let signals = reaper::Signals::block()?;
     markers.send(Marker::WorkloadStarted);
     let pid = prepared.spawn()?;
-    reaper::wait_for(pid, &signals)
+    reaper::wait_for(pid, signals)
 }
 
 /// Init cannot go on: say why, report it, and end as the job asked.

@@ -262,3 +262,13 @@ fn a_garbled_job_is_one_line_and_status_125() {
     );
     assert!(out.markers.is_empty());
 }
+
+#[test]
+fn signals_sent_to_init_reach_the_workload() {
+    // PID 1 drops default-disposition signals unless it blocks and forwards them; the
+    // workload would loop forever if SIGTERM to init were lost.
+    let script = r#"trap 'exit 9' TERM; kill -TERM 1; while :; do sleep 0.1; done"#;
+    let out = boot(&job(&["sh", "-c", script]).encode().unwrap());
+    assert_eq!(out.status, 9, "stderr: {}", out.stderr);
+    assert_eq!(out.markers, started_and_exited(ExitCode::Exited(9)));
+}
