@@ -1,0 +1,131 @@
+//! Guest RAM: anonymous host mappings laid out around the 32-bit MMIO gap.
+
+use crate::layout::{MMIO_GAP_START, RAM_ABOVE_GAP_START};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use thiserror::Error;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+/// The guest's RAM.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Why guest memory could not be set up.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    #[error("cannot map {mib} MiB of guest memory: {source}")]
+    Map {
+        mib: u64,
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("cannot register guest memory slot {slot} at {addr:#x} with KVM: {source}")]
+    Register {
+        slot: u32,
+        addr: u64,
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// The RAM ranges (guest address, size) of a guest with `size` bytes: below the gap, then
+/// the rest above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    let below = size.min(MMIO_GAP_START);
+    let mut ranges = vec![(GuestAddress(0), below as usize)];
+    if size > MMIO_GAP_START {
+        ranges.push((
+            GuestAddress(RAM_ABOVE_GAP_START),
+            (size - MMIO_GAP_START) as usize,
+        ));
+    }
+    ranges
+}
+
+/// Maps `mib` MiB of anonymous guest RAM.
+pub fn create(mib: u32) -> Result<GuestMemoryMmap, MemoryError> {
+    let size = u64::from(mib) << 20;
+    GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|source| MemoryError::Map {
+        mib: u64::from(mib),
+        source,
+    })
+}
+
+/// Tells KVM about every RAM region, one memory slot each.
+pub fn register(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let slot = slot as u32;
+        let host = memory
+            .get_host_address(region.start_addr())
+            .expect("a region's own start address is mapped");
+        let entry = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region stays mapped for as long as the VM fd lives: the caller keeps
+        // `memory` alive until after the VM is dropped (see `Vm` field order in lib.rs).
+        unsafe { vm.set_user_memory_region(entry) }.map_err(|source| MemoryError::Register {
+            slot,
+            addr: region.start_addr().raw_value(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Host address ranges (start, length) of guest RAM, to tell guest pages from the VMM's
+/// own when measuring resident memory.
+pub fn host_ranges(memory: &GuestMemoryMmap) -> Vec<(u64, u64)> {
+    memory
+        .iter()
+        .map(|r| {
+            let host = memory.get_host_address(r.start_addr()).expect("mapped") as u64;
+            (host, r.len())
+        })
+        .collect()
+}
+
+/// Total guest RAM in bytes.
+pub fn total_size(memory: &GuestMemoryMmap) -> u64 {
+    memory.iter().map(|r| r.len()).sum()
+}
+
+/// Last RAM address + 1 below the gap (for e820).
+pub fn end_below_gap(memory: &GuestMemoryMmap) -> u64 {
+    memory
+        .iter()
+        .filter(|r| r.start_addr().raw_value() < MMIO_GAP_START)
+        .map(|r| r.last_addr().unchecked_add(1).raw_value())
+        .max()
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_is_one_range() {
+        assert_eq!(ram_ranges(64 << 20), vec![(GuestAddress(0), 64 << 20)]);
+    }
+
+    #[test]
+    fn big_guest_skips_the_gap() {
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r[0], (GuestAddress(0), 0xc000_0000));
+        assert_eq!(r[1], (GuestAddress(0x1_0000_0000), 0x4000_0000));
+    }
+
+    #[test]
+    fn exactly_gap_sized_guest_has_no_high_range() {
+        assert_eq!(ram_ranges(MMIO_GAP_START).len(), 1);
+    }
+
+    #[test]
+    fn memory_maps_and_reports_size() {
+        let m = create(64).unwrap();
+        assert_eq!(total_size(&m), 64 << 20);
+        assert_eq!(end_below_gap(&m), 64 << 20);
+        assert_eq!(host_ranges(&m).len(), 1);
+    }
+}
