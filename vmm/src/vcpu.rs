@@ -73,6 +73,9 @@ pub struct VcpuContext {
     pub reasons: Sender<VcpuStop>,
     /// Called once before the first KVM_RUN of this vCPU (stamps guest_entry for vCPU 0).
     pub on_first_run: Option<Box<dyn FnOnce() + Send>>,
+    /// Work around PVM's kernel-mode emulator: deliver an `int3` it cannot execute as
+    /// the #BP exception it would have raised (see docs/vm-on-pvm.md).
+    pub pvm_workarounds: bool,
 }
 
 /// A running vCPU thread.
@@ -123,6 +126,9 @@ fn run_loop(mut vcpu: VcpuFd, mut ctx: VcpuContext) {
                 break VcpuStop::SystemEvent { vcpu: ctx.id, kind }
             }
             Ok(VcpuExit::InternalError) => {
+                if ctx.pvm_workarounds && deliver_int3(&mut vcpu, &ctx.memory) {
+                    continue;
+                }
                 let details = internal_error_details(&mut vcpu, &ctx.memory);
                 break VcpuStop::Failed { vcpu: ctx.id, details };
             }
@@ -150,6 +156,36 @@ fn run_loop(mut vcpu: VcpuFd, mut ctx: VcpuContext) {
         let _ = ctx.reasons.send(reason);
         let _ = ctx.exit_evt.write(1);
     }
+}
+
+/// The guest-physical address of the vCPU's RIP, if it is mapped.
+fn rip_physical(vcpu: &VcpuFd) -> Option<(u64, u64)> {
+    let regs = vcpu.get_regs().ok()?;
+    let t = vcpu.translate_gva(regs.rip).ok()?;
+    (t.valid != 0).then_some((regs.rip, t.physical_address))
+}
+
+/// PVM's emulator cannot execute `int3` at CPL0 (KVM_EXIT_INTERNAL_ERROR). Linux runs one
+/// at boot (the alternatives int3 self-test) and relies on int3 for text patching. When the
+/// failing instruction is `int3`, do what the CPU would have done: the trap leaves RIP
+/// after the instruction and raises #BP, which KVM injects on the next entry.
+fn deliver_int3(vcpu: &mut VcpuFd, memory: &GuestMemoryMmap) -> bool {
+    let Some((_, phys)) = rip_physical(vcpu) else {
+        return false;
+    };
+    let mut byte = [0u8; 1];
+    if memory.read_slice(&mut byte, GuestAddress(phys)).is_err() || byte[0] != 0xcc {
+        return false;
+    }
+    let (Ok(mut regs), Ok(mut events)) = (vcpu.get_regs(), vcpu.get_vcpu_events()) else {
+        return false;
+    };
+    regs.rip += 1;
+    events.exception.injected = 1;
+    events.exception.nr = 3;
+    events.exception.has_error_code = 0;
+    events.exception.error_code = 0;
+    vcpu.set_regs(&regs).is_ok() && vcpu.set_vcpu_events(&events).is_ok()
 }
 
 /// Describes a KVM_EXIT_INTERNAL_ERROR: suberror, KVM's data words, RIP and the

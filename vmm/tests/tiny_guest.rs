@@ -83,6 +83,21 @@ const GUEST: &[u8] = &[
 /// ```
 const TRIPLE_FAULT: &[u8] = &[0x31, 0xc9, 0xf7, 0xf1];
 
+/// Reports CPUID leaf 1 as the guest sees it: ECX then EBX to the marker port.
+/// ```text
+/// b8 01 00 00 00   mov eax, 1
+/// 0f a2            cpuid
+/// 66 ba 20 01      mov dx, 0x120
+/// 89 c8 ef         mov eax, ecx ; out dx, eax
+/// 89 d8 ef         mov eax, ebx ; out dx, eax
+/// b0 fe e6 64      mov al, 0xfe ; out 0x64, al
+/// f4 eb fd         hlt ; jmp hlt
+/// ```
+const CPUID_LEAF1: &[u8] = &[
+    0xb8, 0x01, 0x00, 0x00, 0x00, 0x0f, 0xa2, 0x66, 0xba, 0x20, 0x01, 0x89, 0xc8, 0xef, 0x89, 0xd8,
+    0xef, 0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd,
+];
+
 const ENTRY: u64 = 0x10_0000;
 
 fn require_kvm() -> kvm_ioctls::Kvm {
@@ -126,6 +141,7 @@ fn run_guest(code: &[u8], vcpus: u32) -> (Arc<Recorder>, VcpuStop) {
                 exit_evt: exit_evt.try_clone().unwrap(),
                 reasons: tx.clone(),
                 on_first_run: None,
+                pvm_workarounds: false,
             };
             VcpuThread::spawn(fd, ctx).unwrap()
         })
@@ -182,4 +198,23 @@ fn tiny_guest_with_application_processors_boots_only_the_bsp() {
 fn triple_fault_is_reported() {
     let (_, reason) = run_guest(TRIPLE_FAULT, 1);
     assert_eq!(reason, VcpuStop::TripleFault { vcpu: 0 });
+}
+
+#[test]
+fn guest_sees_the_cpuid_we_set() {
+    let (io, reason) = run_guest(CPUID_LEAF1, 2);
+    assert_eq!(reason, VcpuStop::Requested);
+    let words = io.markers.lock().unwrap().clone();
+    assert_eq!(words.len(), 2, "guest reported ecx and ebx");
+    let (ecx, ebx) = (words[0], words[1]);
+    assert_ne!(ecx & (1 << 31), 0, "hypervisor bit");
+    assert_eq!(ebx >> 24, 0, "boot vCPU has APIC ID 0");
+    assert_eq!((ebx >> 16) & 0xff, 2, "two logical processors");
+    if machine::host_is_pvm() {
+        // PVM lets the VMM hide these; it forces the host's XSAVE/POPCNT/AVX/FMA/F16C bits
+        // back in whatever the table says, which is why the PVM command line adds
+        // `noxsave clearcpuid=...` (docs/vm-on-pvm.md).
+        assert_eq!(ecx & (1 << 13), 0, "CX16 hidden on PVM (ecx {ecx:#x})");
+        assert_eq!(ecx & (1 << 3), 0, "MONITOR hidden on PVM (ecx {ecx:#x})");
+    }
 }

@@ -22,7 +22,7 @@ pub const BASE: &str = "console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda ro r
 
 /// Extra options the PVM host needs (see docs/vm-on-pvm.md): no speculative-execution
 /// mitigations (they issue `verw`, which PVM's emulator cannot run) and no KASLR.
-pub const PVM_EXTRA: &str = "mitigations=off nokaslr";
+pub const PVM_EXTRA: &str = "mitigations=off noxsave clearcpuid=popcnt,rdtscp,invpcid,smap";
 
 /// A virtio-mmio device entry as the kernel's `virtio_mmio.device=` parser wants it.
 pub fn virtio_mmio_device(size: u64, base: u64, irq: u32) -> String {
