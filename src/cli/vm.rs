@@ -1,9 +1,63 @@
-//! `twinbox vm ...` (owned by the VMM work; placeholder until it lands).
-use clap::Subcommand;
+//! `twinbox vm run`: one workload in a microVM booted by twinbox's own VMM.
 
+use super::common::RunArgs;
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+use twinbox_spec::DiskSpec;
+
+/// `twinbox vm ...`
 #[derive(Subcommand, Debug)]
-pub enum VmCommand {}
+pub enum VmCommand {
+    /// Boot the image in a microVM, run CMD as its workload, exit with CMD's status.
+    Run(VmRunArgs),
+}
 
-pub fn main(command: VmCommand, _spawn_ns: u64) -> anyhow::Result<i32> {
-    match command {}
+/// `twinbox vm run` options.
+#[derive(Args, Debug)]
+pub struct VmRunArgs {
+    /// Guest kernel: ELF vmlinux (PVH entry when it has the note) or bzImage. Default: the
+    /// one built by scripts/build-artifacts.
+    #[arg(long, value_name = "KERNEL")]
+    pub kernel: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub vcpus: u32,
+    /// Extra disk as a virtio-blk device (/dev/vdb, /dev/vdc...), read-write unless `:ro`
+    /// (repeatable).
+    #[arg(long = "disk", value_name = "PATH[:ro]")]
+    pub disks: Vec<DiskSpec>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// Appended to the kernel command line.
+    #[arg(long, value_name = "ARGS")]
+    pub cmdline_extra: Option<String>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Runs a `vm` subcommand.
+pub fn main(command: VmCommand, spawn_ns: u64) -> anyhow::Result<i32> {
+    match command {
+        VmCommand::Run(args) => run(args, spawn_ns),
+    }
+}
+
+fn run(args: VmRunArgs, spawn_ns: u64) -> anyhow::Result<i32> {
+    let mut spec = args.run.to_spec(spawn_ns)?;
+    spec.kernel = args.kernel.clone();
+    spec.vcpus = args.vcpus;
+    spec.disks = args.disks.clone();
+    spec.initrd = args.initrd.clone();
+    spec.cmdline_extra = args.cmdline_extra.clone();
+    // SIGINT/SIGTERM stop the VM cleanly; we then exit like a shell would (130/143).
+    let interrupt =
+        vmm::interrupt::Interrupt::install().context("cannot install signal handlers")?;
+    let report = vmm::run_until(&spec, Some(interrupt.eventfd()))?;
+    let status = args.run.finish(&report);
+    Ok(match interrupt.signal() {
+        Some(signal) => 128 + signal,
+        None => status,
+    })
 }

@@ -1,8 +1,24 @@
 //! The twinbox microVM monitor (see docs/ARCHITECTURE.md).
+//!
+//! [`run`] tells the whole story of one VM, top to bottom, in small named steps:
+//!
+//! 1. **config** — check the spec and the files (kernel, ext4 root, disks) before any VM
+//!    exists, so bad input costs nothing and leaves nothing behind;
+//! 2. **machine** — open /dev/kvm, create the VM (in-kernel irqchip + PIT);
+//! 3. **memory** — map guest RAM around the 32-bit MMIO gap and register it with KVM;
+//! 4. **kernel** — load vmlinux (PVH) or bzImage (64-bit protocol), initrd, MP table;
+//! 5. **devices** — serial, i8042, phase marker, virtio-blk root and extra disks; their
+//!    `virtio_mmio.device=` entries join the command line, which is written last;
+//! 6. **vCPUs** — CPUID, boot registers, one thread each; the device event loop thread;
+//! 7. **run** — wait for the guest to reset, a vCPU to stop, the time limit or a stop
+//!    request; phases arrive from init through the marker device meanwhile;
+//! 8. **teardown** — stop and join every thread, close the VM, unmap memory;
+//! 9. **report** — outcome from the WorkloadExited marker, timeline, usage, notes.
 
 pub mod boot;
 pub mod console;
 pub mod cpuid;
+pub mod devices;
 pub mod event_loop;
 pub mod interrupt;
 pub mod layout;
@@ -14,3 +30,440 @@ pub mod rootfs;
 pub mod smoke;
 pub mod usage;
 pub mod vcpu;
+
+use crate::boot::cmdline;
+use crate::cpuid::Profile;
+use crate::machine::BootEntry;
+use crate::vcpu::{VcpuContext, VcpuStop, VcpuThread};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use twinbox_spec::clock::monotonic_ns;
+use twinbox_spec::proto::{ExitCode, Marker, MarkerChannel, MARKER_PORT};
+use twinbox_spec::run_spec::OutputMode;
+use twinbox_spec::{BoxKind, Outcome, Phase, RunReport, RunSpec, SpecError, Timeline, Usage};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+/// The note every report from a PVM host carries.
+pub const PVM_NOTE: &str = "host KVM is PVM: guest kernel code is emulated; VM timings are not \
+                            representative of VT-x/AMD-V hosts";
+
+/// Time limit applied on PVM hosts when the caller gave none: a Linux boot there takes
+/// minutes or dies; a run must end with a message, never hang.
+pub const PVM_DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(600);
+
+/// Why a VM could not be run. Each message is one line a user can act on.
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("{0}")]
+    MissingArtifact(String),
+    #[error(transparent)]
+    File(#[from] rootfs::FileError),
+    #[error(transparent)]
+    Machine(#[from] machine::MachineError),
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Cmdline(#[from] cmdline::CmdlineError),
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    #[error(transparent)]
+    Devices(#[from] devices::DeviceError),
+    #[error("cannot write the MP table at {addr:#x}: {source}")]
+    MpTable {
+        addr: u64,
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("job for twinbox-init: {0}")]
+    Job(String),
+    #[error("cannot start a VMM thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Runs `spec` in a microVM and reports how it went.
+pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
+    run_until(spec, None)
+}
+
+/// Like [`run`], but also stops (cleanly) when `stop` becomes readable — e.g. the eventfd
+/// of [`interrupt::Interrupt`].
+pub fn run_until(spec: &RunSpec, stop: Option<&EventFd>) -> Result<RunReport, Error> {
+    let config = Config::check(spec)?;
+    let mut notes = Vec::new();
+    if config.pvm {
+        notes.push(PVM_NOTE.to_owned());
+    }
+    let cpu_before = usage::cpu_times_us();
+
+    // 2–3. The machine and its memory.
+    let kvm = machine::open_kvm()?;
+    machine::check_vcpus(&kvm, spec.vcpus)?;
+    let vm = machine::create_vm(&kvm)?;
+    let guest_memory = memory::create(spec.memory_mib)?;
+    memory::register(&vm, &guest_memory)?;
+
+    // 4. Kernel, initrd, platform tables.
+    let kernel = boot::load_kernel(&guest_memory, &config.kernel)?;
+    let initrd = config
+        .initrd
+        .as_deref()
+        .map(|p| boot::load_initrd(&guest_memory, p))
+        .transpose()?;
+    write_mptable(&guest_memory, spec.vcpus)?;
+
+    // 5. Devices; the marker callback stamps phases on the vCPU thread that wrote them.
+    let guest = Arc::new(Mutex::new(GuestReports::new(spec.spawn_ns)));
+    let captured = console::Captured::default();
+    let console_out: Box<dyn std::io::Write + Send> = match spec.output {
+        OutputMode::Inherit => Box::new(console::Console::new(std::io::stdout())),
+        OutputMode::Capture => Box::new(console::Console::new(captured.clone())),
+    };
+    let devices = devices::attach(
+        &vm,
+        &guest_memory,
+        devices::DeviceConfig {
+            rootfs: &spec.rootfs,
+            disks: &spec.disks,
+            console: console_out,
+            on_marker: marker_callback(guest.clone()),
+        },
+    )?;
+
+    // The command line comes last: it lists the devices.
+    let line = kernel_cmdline(spec, &config, &devices.cmdline_entries)?;
+    boot::params::write_cmdline(&guest_memory, &line)?;
+    let ram = memory::total_size(&guest_memory);
+    let boot_info =
+        boot::params::write_boot_info(&guest_memory, &kernel, line.len() + 1, initrd, ram)?;
+    regs::write_boot_tables(&guest_memory, kernel.mode)?;
+
+    // 6. vCPUs and the event loop.
+    let profile = if config.pvm {
+        Profile::Pvm
+    } else {
+        Profile::Host
+    };
+    let entry = BootEntry {
+        mode: kernel.mode,
+        rip: kernel.rip,
+        boot_info,
+    };
+    let vcpu_fds = machine::create_vcpus(&kvm, &vm, spec.vcpus, profile, entry)?;
+    guest
+        .lock()
+        .expect("guest reports")
+        .timeline
+        .record_now(Phase::SandboxReady);
+
+    let events =
+        event_loop::EventLoop::start(devices.subscribers.clone()).map_err(Error::Thread)?;
+    let stop_flag = Arc::new(AtomicBool::new(false));
+    let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Thread)?;
+    let (reasons_tx, reasons) = channel();
+    let mut threads = Vec::new();
+    for (id, fd) in vcpu_fds.into_iter().enumerate() {
+        let first_run: Option<Box<dyn FnOnce() + Send>> = (id == 0).then(|| {
+            let guest = guest.clone();
+            Box::new(move || {
+                guest
+                    .lock()
+                    .expect("guest reports")
+                    .timeline
+                    .record_now(Phase::GuestEntry)
+            }) as Box<dyn FnOnce() + Send>
+        });
+        let ctx = VcpuContext {
+            id: id as u32,
+            io: devices.io.clone(),
+            memory: guest_memory.clone(),
+            stop: stop_flag.clone(),
+            exit_evt: exit_evt.try_clone().map_err(Error::Thread)?,
+            reasons: reasons_tx.clone(),
+            on_first_run: first_run,
+            pvm_workarounds: config.pvm,
+        };
+        match VcpuThread::spawn(fd, ctx) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                stop_flag.store(true, Ordering::Release);
+                threads.into_iter().for_each(VcpuThread::stop_and_join);
+                events.stop_and_join();
+                return Err(Error::Thread(e));
+            }
+        }
+    }
+
+    // 7. Run until something ends it.
+    let limit = spec
+        .time_limit
+        .or(config.pvm.then_some(PVM_DEFAULT_TIME_LIMIT));
+    let ended = wait_for_end(&devices.reset_evt, &exit_evt, stop, limit);
+
+    // 8. Teardown: threads first, then the guest's memory is measured, then everything
+    //    is dropped (VM fd before the memory it maps).
+    stop_flag.store(true, Ordering::Release);
+    threads.into_iter().for_each(VcpuThread::stop_and_join);
+    events.stop_and_join();
+    let guest_rss = usage::resident_kib_of(
+        &memory::host_ranges(&guest_memory)
+            .iter()
+            .map(|r| r.0)
+            .collect::<Vec<_>>(),
+    );
+    let peak = usage::peak_rss_kib();
+    drop(devices);
+    drop(vm);
+    drop(guest_memory);
+    let mut reports = Arc::try_unwrap(guest)
+        .map(|m| m.into_inner().expect("guest reports"))
+        .unwrap_or_else(|shared| shared.lock().expect("guest reports").clone());
+    reports.timeline.record_now(Phase::TornDown);
+    let cpu_after = usage::cpu_times_us();
+
+    // 9. The report.
+    let stopped: Vec<VcpuStop> = reasons.try_iter().collect();
+    let outcome = outcome(&reports, ended, &stopped, limit);
+    Ok(RunReport {
+        box_kind: BoxKind::Vm,
+        outcome,
+        timeline: reports.timeline,
+        output: (spec.output == OutputMode::Capture).then(|| captured.text()),
+        usage: Usage {
+            runtime_peak_rss_kib: peak.zip(guest_rss).map(|(p, g)| p.saturating_sub(g)),
+            guest_memory_touched_kib: guest_rss,
+            cpu_user_us: Some(cpu_after.0.saturating_sub(cpu_before.0)),
+            cpu_system_us: Some(cpu_after.1.saturating_sub(cpu_before.1)),
+            ..Usage::default()
+        },
+        notes,
+    })
+}
+
+/// 1. What a run needs, checked before any VM exists.
+struct Config {
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    pvm: bool,
+}
+
+impl Config {
+    fn check(spec: &RunSpec) -> Result<Self, Error> {
+        spec.validate()?;
+        let kernel = match &spec.kernel {
+            Some(path) => path.clone(),
+            None => twinbox_spec::artifacts::require(
+                &twinbox_spec::artifacts::kernel_vmlinux(),
+                "guest kernel",
+            )
+            .map_err(Error::MissingArtifact)?,
+        };
+        rootfs::check_openable("kernel", &kernel, false)?;
+        boot::detect_format(&kernel)?;
+        rootfs::check_openable("root filesystem", &spec.rootfs, false)?;
+        rootfs::check_ext4(&spec.rootfs)?;
+        for disk in &spec.disks {
+            rootfs::check_openable("disk", &disk.path, !disk.read_only)?;
+        }
+        if let Some(initrd) = &spec.initrd {
+            rootfs::check_openable("initrd", initrd, false)?;
+        }
+        Ok(Self {
+            kernel,
+            initrd: spec.initrd.clone(),
+            pvm: machine::host_is_pvm(),
+        })
+    }
+}
+
+/// What init told us through the marker device, stamped on arrival.
+#[derive(Clone)]
+struct GuestReports {
+    timeline: Timeline,
+    exit: Option<ExitCode>,
+    init_failed: Option<u32>,
+    bad_markers: u32,
+}
+
+impl GuestReports {
+    fn new(spawn_ns: u64) -> Self {
+        Self {
+            timeline: Timeline::starting_at(spawn_ns),
+            exit: None,
+            init_failed: None,
+            bad_markers: 0,
+        }
+    }
+}
+
+/// The marker device's callback: stamps the phase with the host clock, keeps the exit code.
+fn marker_callback(
+    guest: Arc<Mutex<GuestReports>>,
+) -> Box<dyn FnMut(Result<Marker, twinbox_spec::proto::MarkerError>) + Send> {
+    Box::new(move |marker| {
+        let now = monotonic_ns();
+        let mut g = guest.lock().expect("guest reports");
+        match marker {
+            Ok(m) => {
+                if let Some(phase) = Phase::from_marker(m.phase()) {
+                    g.timeline.record(phase, now);
+                }
+                match m {
+                    Marker::WorkloadExited(code) => g.exit = g.exit.or(Some(code)),
+                    Marker::InitFailed(errno) => g.init_failed = Some(errno),
+                    _ => {}
+                }
+            }
+            Err(e) => {
+                g.bad_markers += 1;
+                tracing::warn!("guest wrote a bad phase marker: {e}");
+            }
+        }
+    })
+}
+
+/// The kernel command line: base, job token, PVM options, the caller's extra, devices.
+fn kernel_cmdline(spec: &RunSpec, config: &Config, devices: &[String]) -> Result<String, Error> {
+    let mut job = spec.job();
+    job.marker = MarkerChannel::Port(MARKER_PORT);
+    job.overlay_root = true;
+    job.power_off = true;
+    let token = job.encode().map_err(|e| Error::Job(e.to_string()))?;
+    let job_arg = format!("{}={token}", twinbox_spec::proto::job::JOB_CMDLINE_KEY);
+    let mut parts: Vec<&str> = vec![cmdline::BASE];
+    if config.pvm {
+        parts.push(cmdline::PVM_EXTRA);
+    }
+    parts.extend(devices.iter().map(String::as_str));
+    parts.extend(spec.cmdline_extra.as_deref());
+    // The job goes last: init finds it by key, and a reader of the console sees the
+    // devices first.
+    parts.push(&job_arg);
+    Ok(cmdline::build(&parts)?)
+}
+
+fn write_mptable(memory: &memory::GuestMemoryMmap, vcpus: u32) -> Result<(), Error> {
+    let table = mptable::build(layout::MPTABLE_START, vcpus as u8);
+    memory
+        .write_slice(&table, GuestAddress(layout::MPTABLE_START))
+        .map_err(|source| Error::MpTable {
+            addr: layout::MPTABLE_START,
+            source,
+        })
+}
+
+/// What ended the run, seen from the main thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    /// The guest reset the machine through the i8042 (init's power-off with `reboot=k`).
+    Reset,
+    /// A vCPU stopped on its own (triple fault, KVM error).
+    VcpuStopped,
+    /// The caller asked to stop.
+    Stopped,
+    /// The time limit passed.
+    TimeLimit,
+}
+
+/// 7. Waits for the first of: guest reset, vCPU stop, caller's stop, time limit.
+fn wait_for_end(
+    reset: &EventFd,
+    vcpu_exit: &EventFd,
+    stop: Option<&EventFd>,
+    limit: Option<Duration>,
+) -> Ended {
+    let started = Instant::now();
+    let mut fds = vec![
+        libc::pollfd {
+            fd: reset.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: vcpu_exit.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    if let Some(stop) = stop {
+        fds.push(libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+    }
+    loop {
+        let timeout_ms = match limit {
+            Some(limit) => match limit.checked_sub(started.elapsed()) {
+                Some(left) => left.as_millis().min(i32::MAX as u128) as i32,
+                None => return Ended::TimeLimit,
+            },
+            None => -1,
+        };
+        // SAFETY: `fds` is a valid pollfd array for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if n < 0 {
+            continue; // EINTR (a signal): look again.
+        }
+        if fds[0].revents != 0 {
+            return Ended::Reset;
+        }
+        if fds[1].revents != 0 {
+            return Ended::VcpuStopped;
+        }
+        if fds.get(2).is_some_and(|f| f.revents != 0) {
+            return Ended::Stopped;
+        }
+    }
+}
+
+/// 9. The outcome: the workload's status from its marker; otherwise why the box failed.
+fn outcome(
+    guest: &GuestReports,
+    ended: Ended,
+    stopped: &[VcpuStop],
+    limit: Option<Duration>,
+) -> Outcome {
+    if let Some(code) = guest.exit {
+        return Outcome::from(code);
+    }
+    if let Some(errno) = guest.init_failed {
+        return Outcome::Failed(format!(
+            "twinbox-init failed before the workload could run (errno {errno}: {})",
+            std::io::Error::from_raw_os_error(errno as i32)
+        ));
+    }
+    let reached = guest
+        .timeline
+        .stamps
+        .iter()
+        .max_by_key(|s| s.phase)
+        .map_or("spawn", |s| s.phase.name());
+    let why = match ended {
+        Ended::Reset => "the guest reset before the workload reported its exit".to_owned(),
+        Ended::Stopped => "stopped by a signal".to_owned(),
+        Ended::TimeLimit => format!(
+            "time limit of {:.1} s reached",
+            limit.unwrap_or_default().as_secs_f64()
+        ),
+        Ended::VcpuStopped => match stopped.first() {
+            Some(VcpuStop::TripleFault { vcpu }) => {
+                format!("guest triple-faulted (vCPU {vcpu}): the kernel crashed early")
+            }
+            Some(VcpuStop::SystemEvent { vcpu, kind }) => {
+                format!("guest asked for system event {kind} (vCPU {vcpu})")
+            }
+            Some(VcpuStop::Failed { vcpu, details }) => format!("vCPU {vcpu}: {details}"),
+            Some(VcpuStop::Requested) | None => "a vCPU stopped".to_owned(),
+        },
+    };
+    Outcome::Failed(format!("{why} (last phase reached: {reached})"))
+}

@@ -1,0 +1,302 @@
+//! Device wiring: which device sits at which port or address, how its interrupt reaches
+//! the guest, and which `virtio_mmio.device=` entry tells the kernel about it. The devices
+//! do not know how they are wired.
+//!
+//! Interim: the device models are meant to come from twinbox's `devices` crate (with
+//! virtio queues served by the event loop through ioeventfds). It had not landed when the
+//! VMM needed to boot, so `bus`, `legacy` and `virtio_blk` here are compact stand-ins;
+//! the wiring below stays when they are swapped.
+
+pub mod bus;
+pub mod legacy;
+pub mod virtio_blk;
+
+use crate::event_loop::Subscriber;
+use crate::layout::{
+    I8042_PORT, I8042_PORT_LEN, IRQ_MAX, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN, VIRTIO_IRQ_BASE,
+    VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+};
+use crate::memory::GuestMemoryMmap;
+use crate::vcpu::IoHandler;
+use bus::{Bus, SharedDevice};
+use kvm_ioctls::VmFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use thiserror::Error;
+use twinbox_spec::proto::{Marker, MarkerError, MARKER_PORT};
+use twinbox_spec::DiskSpec;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Why a device could not be set up.
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    #[error("cannot create an eventfd for {what}: {source}")]
+    EventFd {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("KVM refused the interrupt line {gsi} for {what}: {source}")]
+    Irqfd {
+        what: String,
+        gsi: u32,
+        source: kvm_ioctls::Error,
+    },
+    #[error("disk {path}: {source}")]
+    Disk {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("too many disks: at most {max} virtio devices fit the interrupt lines")]
+    TooManyDisks { max: u32 },
+    #[error("cannot place {what} at {base:#x}: the range is taken")]
+    Overlap { what: String, base: u64 },
+}
+
+/// Port and memory-mapped I/O buses, as the vCPUs see them.
+pub struct IoBuses {
+    /// Port I/O.
+    pub pio: Bus,
+    /// Memory-mapped I/O.
+    pub mmio: Bus,
+}
+
+impl IoHandler for IoBuses {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if !self.pio.read(u64::from(port), data) {
+            data.fill(0xff);
+        }
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        self.pio.write(u64::from(port), data);
+    }
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !self.mmio.read(addr, data) {
+            tracing::debug!("guest read unmapped MMIO at {addr:#x}");
+            data.fill(0xff);
+        }
+    }
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if !self.mmio.write(addr, data) {
+            tracing::debug!("guest wrote unmapped MMIO at {addr:#x}");
+        }
+    }
+}
+
+/// What the devices need from the run.
+pub struct DeviceConfig<'a> {
+    /// Root image: the first virtio-blk device (`/dev/vda`), read-only.
+    pub rootfs: &'a Path,
+    /// Extra disks: `/dev/vdb`, `/dev/vdc`, ...
+    pub disks: &'a [DiskSpec],
+    /// Where the serial console's output goes.
+    pub console: Box<dyn std::io::Write + Send>,
+    /// Called on the vCPU thread for each marker init writes.
+    pub on_marker: Box<dyn FnMut(Result<Marker, MarkerError>) + Send>,
+}
+
+/// The attached devices.
+pub struct DeviceSet {
+    /// What the vCPUs dispatch I/O exits to.
+    pub io: Arc<IoBuses>,
+    /// Device event handlers for the event loop.
+    pub subscribers: Vec<Subscriber>,
+    /// `virtio_mmio.device=` entries for the kernel command line.
+    pub cmdline_entries: Vec<String>,
+    /// Written when the guest resets the machine through the i8042.
+    pub reset_evt: EventFd,
+    /// Interrupt eventfds registered as irqfds (kept open for the VM's life).
+    _irq_evts: Vec<EventFd>,
+}
+
+fn eventfd(what: &str) -> Result<EventFd, DeviceError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|source| DeviceError::EventFd {
+        what: what.to_owned(),
+        source,
+    })
+}
+
+fn irqfd(vm: &VmFd, what: &str, gsi: u32) -> Result<EventFd, DeviceError> {
+    let evt = eventfd(what)?;
+    vm.register_irqfd(&evt, gsi)
+        .map_err(|source| DeviceError::Irqfd {
+            what: what.to_owned(),
+            gsi,
+            source,
+        })?;
+    Ok(evt)
+}
+
+fn insert(
+    bus: &mut Bus,
+    what: &str,
+    base: u64,
+    len: u64,
+    device: SharedDevice,
+) -> Result<(), DeviceError> {
+    bus.insert(base, len, device)
+        .map_err(|_| DeviceError::Overlap {
+            what: what.to_owned(),
+            base,
+        })
+}
+
+/// Attaches every device of a twinbox VM.
+pub fn attach(
+    vm: &VmFd,
+    memory: &GuestMemoryMmap,
+    config: DeviceConfig<'_>,
+) -> Result<DeviceSet, DeviceError> {
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    let mut irq_evts = Vec::new();
+
+    // Serial console on COM1, interrupt through an irqfd on IRQ 4.
+    let serial_irq = irqfd(vm, "serial", SERIAL_IRQ)?;
+    let serial = legacy::SerialConsole::new(
+        serial_irq
+            .try_clone()
+            .map_err(|source| DeviceError::EventFd {
+                what: "serial".into(),
+                source,
+            })?,
+        config.console,
+    );
+    irq_evts.push(serial_irq);
+    insert(
+        &mut pio,
+        "serial",
+        u64::from(SERIAL_PORT),
+        SERIAL_PORT_LEN,
+        Arc::new(Mutex::new(serial)),
+    )?;
+
+    // i8042: only its reset line matters (`reboot=k`).
+    let reset_evt = eventfd("i8042 reset")?;
+    let i8042 =
+        legacy::I8042::new(
+            reset_evt
+                .try_clone()
+                .map_err(|source| DeviceError::EventFd {
+                    what: "i8042".into(),
+                    source,
+                })?,
+        );
+    insert(
+        &mut pio,
+        "i8042",
+        u64::from(I8042_PORT),
+        I8042_PORT_LEN,
+        Arc::new(Mutex::new(i8042)),
+    )?;
+
+    // Phase marker port.
+    let marker = legacy::PhaseMarker::new(config.on_marker);
+    insert(
+        &mut pio,
+        "phase marker",
+        u64::from(MARKER_PORT),
+        4,
+        Arc::new(Mutex::new(marker)),
+    )?;
+
+    // virtio-blk: the root image first (read-only), then each extra disk.
+    let subscribers = Vec::new();
+    let mut cmdline_entries = Vec::new();
+    let disks = std::iter::once((config.rootfs, true))
+        .chain(config.disks.iter().map(|d| (d.path.as_path(), d.read_only)));
+    for (index, (path, read_only)) in disks.enumerate() {
+        let slot = VirtioSlot::nth(index as u32)?;
+        let what = format!("virtio-blk {}", path.display());
+        let irq = irqfd(vm, &what, slot.gsi)?;
+        let device = virtio_blk::VirtioBlock::open(
+            memory.clone(),
+            path,
+            read_only,
+            irq.try_clone().map_err(|source| DeviceError::EventFd {
+                what: what.clone(),
+                source,
+            })?,
+        )
+        .map_err(|source| DeviceError::Disk {
+            path: path.into(),
+            source,
+        })?;
+        irq_evts.push(irq);
+        insert(
+            &mut mmio,
+            &what,
+            slot.base,
+            slot.size,
+            Arc::new(Mutex::new(device)),
+        )?;
+        cmdline_entries.push(crate::boot::cmdline::virtio_mmio_device(
+            slot.size, slot.base, slot.gsi,
+        ));
+    }
+
+    Ok(DeviceSet {
+        io: Arc::new(IoBuses { pio, mmio }),
+        subscribers,
+        cmdline_entries,
+        reset_evt,
+        _irq_evts: irq_evts,
+    })
+}
+
+/// Where the n-th virtio-mmio device lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioSlot {
+    /// MMIO base.
+    pub base: u64,
+    /// Window size.
+    pub size: u64,
+    /// Interrupt line.
+    pub gsi: u32,
+}
+
+impl VirtioSlot {
+    /// The slot of device `index` (0 = root disk).
+    pub fn nth(index: u32) -> Result<Self, DeviceError> {
+        let gsi = VIRTIO_IRQ_BASE + index;
+        if gsi > IRQ_MAX {
+            return Err(DeviceError::TooManyDisks {
+                max: IRQ_MAX - VIRTIO_IRQ_BASE + 1,
+            });
+        }
+        Ok(Self {
+            base: VIRTIO_MMIO_START + u64::from(index) * VIRTIO_MMIO_SIZE,
+            size: VIRTIO_MMIO_SIZE,
+            gsi,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_slots_are_consecutive_windows_and_lines() {
+        assert_eq!(
+            VirtioSlot::nth(0).unwrap(),
+            VirtioSlot {
+                base: 0xd000_0000,
+                size: 0x1000,
+                gsi: 5
+            }
+        );
+        assert_eq!(
+            VirtioSlot::nth(2).unwrap(),
+            VirtioSlot {
+                base: 0xd000_2000,
+                size: 0x1000,
+                gsi: 7
+            }
+        );
+        assert!(VirtioSlot::nth(18).is_ok());
+        assert!(matches!(
+            VirtioSlot::nth(19),
+            Err(DeviceError::TooManyDisks { max: 19 })
+        ));
+    }
+}
