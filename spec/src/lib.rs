@@ -5,6 +5,7 @@
 
 pub mod artifacts;
 pub mod clock;
+pub mod host;
 pub mod phase;
 pub mod report;
 pub mod run_spec;

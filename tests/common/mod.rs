@@ -1,0 +1,76 @@
+//! Helpers shared by the integration tests: where the artifacts are, what the host can do,
+//! the lab, and leak checks. A test that lacks what it needs fails with a message naming
+//! it; it never passes silently.
+#![allow(dead_code)]
+
+pub mod lab;
+pub mod leaks;
+
+use std::path::{Path, PathBuf};
+use twinbox_spec::host::KvmFlavor;
+
+/// The twinbox binary under test.
+pub fn twinbox() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_twinbox"))
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Fails the test unless it runs as root.
+pub fn require_root(what: &str) {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "{what} needs root (loop devices, mounts, cgroups, KVM): run the tests as root");
+}
+
+/// Fails the test unless the artifact exists; returns its path.
+pub fn require_artifact(path: &Path) -> PathBuf {
+    assert!(
+        path.exists(),
+        "{} is missing — build the artifacts with scripts/build-artifacts",
+        path.display()
+    );
+    path.to_path_buf()
+}
+
+/// Where VM tests run: on the host's own KVM when it has hardware virtualization, else in
+/// the lab (QEMU TCG with software AMD-V), where a Linux guest boots at useful speed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmHost {
+    /// The host's /dev/kvm is VT-x/AMD-V (possibly nested).
+    HostKvm,
+    /// The host's KVM is PVM or absent: use the lab.
+    Lab,
+}
+
+/// Chooses where Linux-booting VM tests run.
+pub fn vm_host() -> VmHost {
+    match twinbox_spec::host::kvm_flavor() {
+        KvmFlavor::Hardware { .. } | KvmFlavor::Nested { .. } => VmHost::HostKvm,
+        _ => VmHost::Lab,
+    }
+}
+
+/// Runs a shell script with the twinbox binary and the artifacts available, on the host
+/// KVM or in the lab (see [`vm_host`]); `twinbox` is on PATH in both.
+pub fn run_vm_script(script: &str) -> lab::LabOutput {
+    match vm_host() {
+        VmHost::Lab => lab::Lab::new().with_twinbox().with_artifacts().run(script),
+        VmHost::HostKvm => {
+            let bin_dir = twinbox().parent().unwrap().to_path_buf();
+            let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .env("PATH", path)
+                .output()
+                .expect("run sh");
+            let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+            output.push_str(&String::from_utf8_lossy(&out.stderr));
+            lab::LabOutput { status: out.status.code().unwrap_or(-1), output }
+        }
+    }
+}
