@@ -83,7 +83,12 @@ pub struct Timeline {
 impl Timeline {
     /// A timeline that starts with `spawn` at the given host time.
     pub fn starting_at(spawn_ns: u64) -> Self {
-        Self { stamps: vec![Stamp { phase: Phase::Spawn, at_ns: spawn_ns }] }
+        Self {
+            stamps: vec![Stamp {
+                phase: Phase::Spawn,
+                at_ns: spawn_ns,
+            }],
+        }
     }
 
     /// Records `phase` at `at_ns`. A phase recorded twice keeps its first stamp (a guest
@@ -101,7 +106,10 @@ impl Timeline {
 
     /// The stamp of `phase`, if reached.
     pub fn get(&self, phase: Phase) -> Option<u64> {
-        self.stamps.iter().find(|s| s.phase == phase).map(|s| s.at_ns)
+        self.stamps
+            .iter()
+            .find(|s| s.phase == phase)
+            .map(|s| s.at_ns)
     }
 
     /// Nanoseconds from `from` to `to`, if both were reached and in that order.
@@ -166,9 +174,15 @@ mod tests {
 
     #[test]
     fn json_names_are_snake_case() {
-        assert_eq!(serde_json::to_string(&Phase::WorkloadExited).unwrap(), "\"workload_exited\"");
+        assert_eq!(
+            serde_json::to_string(&Phase::WorkloadExited).unwrap(),
+            "\"workload_exited\""
+        );
         for phase in Phase::ALL {
-            assert_eq!(serde_json::to_string(&phase).unwrap(), format!("\"{}\"", phase.name()));
+            assert_eq!(
+                serde_json::to_string(&phase).unwrap(),
+                format!("\"{}\"", phase.name())
+            );
         }
     }
 }

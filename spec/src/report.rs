@@ -120,7 +120,10 @@ mod tests {
             outcome: Outcome::Signaled(15),
             timeline: Timeline::starting_at(5),
             output: Some("hi\n".into()),
-            usage: Usage { runtime_peak_rss_kib: Some(4096), ..Usage::default() },
+            usage: Usage {
+                runtime_peak_rss_kib: Some(4096),
+                ..Usage::default()
+            },
             notes: vec!["n".into()],
         };
         let back: RunReport = serde_json::from_str(&report.to_json()).unwrap();

@@ -33,7 +33,10 @@ impl std::str::FromStr for DiskSpec {
         if path.is_empty() {
             return Err(format!("disk {s:?}: empty path"));
         }
-        Ok(Self { path: path.into(), read_only })
+        Ok(Self {
+            path: path.into(),
+            read_only,
+        })
     }
 }
 
@@ -147,7 +150,9 @@ impl RunSpec {
         if self.pids_limit == Some(0) {
             return Err(SpecError::Pids(0));
         }
-        self.job().validate().map_err(|e| SpecError::Job(e.to_string()))
+        self.job()
+            .validate()
+            .map_err(|e| SpecError::Job(e.to_string()))
     }
 
     /// The job for twinbox-init, without box-specific settings (marker, overlay,
@@ -175,14 +180,40 @@ mod tests {
     fn sizes_are_checked() {
         let ok = RunSpec::new("/img", vec!["true".into()]);
         assert_eq!(ok.validate(), Ok(()));
-        assert_eq!(RunSpec { vcpus: 0, ..ok.clone() }.validate(), Err(SpecError::Vcpus(0)));
-        assert_eq!(RunSpec { memory_mib: 1, ..ok.clone() }.validate(), Err(SpecError::Memory(1)));
         assert_eq!(
-            RunSpec { memory_mib: u32::MAX, ..ok.clone() }.validate(),
+            RunSpec {
+                vcpus: 0,
+                ..ok.clone()
+            }
+            .validate(),
+            Err(SpecError::Vcpus(0))
+        );
+        assert_eq!(
+            RunSpec {
+                memory_mib: 1,
+                ..ok.clone()
+            }
+            .validate(),
+            Err(SpecError::Memory(1))
+        );
+        assert_eq!(
+            RunSpec {
+                memory_mib: u32::MAX,
+                ..ok.clone()
+            }
+            .validate(),
             Err(SpecError::Memory(u32::MAX))
         );
-        assert!(RunSpec { cpus: Some(f64::NAN), ..ok.clone() }.validate().is_err());
-        assert_eq!(RunSpec { argv: vec![], ..ok }.validate(), Err(SpecError::NoCommand));
+        assert!(RunSpec {
+            cpus: Some(f64::NAN),
+            ..ok.clone()
+        }
+        .validate()
+        .is_err());
+        assert_eq!(
+            RunSpec { argv: vec![], ..ok }.validate(),
+            Err(SpecError::NoCommand)
+        );
     }
 
     #[test]
@@ -194,7 +225,13 @@ mod tests {
     #[test]
     fn disk_specs_parse() {
         let d: DiskSpec = "/tmp/a.img:ro".parse().unwrap();
-        assert_eq!(d, DiskSpec { path: "/tmp/a.img".into(), read_only: true });
+        assert_eq!(
+            d,
+            DiskSpec {
+                path: "/tmp/a.img".into(),
+                read_only: true
+            }
+        );
         let d: DiskSpec = "/tmp/b.img".parse().unwrap();
         assert!(!d.read_only);
         assert!(":ro".parse::<DiskSpec>().is_err());

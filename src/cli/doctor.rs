@@ -1,9 +1,290 @@
-//! `twinbox doctor` (owned by the foundation work; placeholder until it lands).
+//! `twinbox doctor`: checks this host for what each box needs, one line per check, and
+//! says what to do about each failure.
+
 use clap::Args;
+use serde::Serialize;
+use std::path::Path;
+use twinbox_spec::artifacts;
+use twinbox_spec::host::{self, CgroupLayout, KvmFlavor};
 
+/// Options of `twinbox doctor`.
 #[derive(Args, Debug)]
-pub struct DoctorArgs {}
+pub struct DoctorArgs {
+    /// Print the checks as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Only run the KVM smoke guest (a few real-mode instructions and a port exit) and
+    /// print what it did; exit 0 when it behaved.
+    #[arg(long)]
+    pub kvm_smoke: bool,
+}
 
-pub fn main(_args: DoctorArgs) -> anyhow::Result<i32> {
-    anyhow::bail!("`twinbox doctor` is not built yet")
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Verdict {
+    Ok,
+    Warn,
+    Fail,
+}
+
+/// One line of the report.
+#[derive(Debug, Serialize)]
+struct Check {
+    name: &'static str,
+    verdict: Verdict,
+    found: String,
+    /// What to do when the check is not ok.
+    advice: Option<String>,
+}
+
+impl Check {
+    fn ok(name: &'static str, found: impl Into<String>) -> Self {
+        Self {
+            name,
+            verdict: Verdict::Ok,
+            found: found.into(),
+            advice: None,
+        }
+    }
+
+    fn not_ok(
+        name: &'static str,
+        verdict: Verdict,
+        found: impl Into<String>,
+        advice: impl Into<String>,
+    ) -> Self {
+        Self {
+            name,
+            verdict,
+            found: found.into(),
+            advice: Some(advice.into()),
+        }
+    }
+}
+
+fn check_kvm() -> Vec<Check> {
+    let flavor = host::kvm_flavor();
+    let mut checks = vec![match flavor {
+        KvmFlavor::Hardware { .. } | KvmFlavor::Nested { .. } => Check::ok("kvm", flavor.describe()),
+        KvmFlavor::Pvm => Check::not_ok(
+            "kvm",
+            Verdict::Warn,
+            flavor.describe(),
+            "VM numbers from this host describe PVM, not VT-x/AMD-V; VM tests use the lab (lab/run)",
+        ),
+        KvmFlavor::NoAccess | KvmFlavor::Absent => {
+            Check::not_ok("kvm", Verdict::Fail, flavor.describe(), "the microVM needs /dev/kvm")
+        }
+    }];
+    if flavor.usable() {
+        checks.push(match vmm::smoke::run() {
+            Ok(report) => Check::ok(
+                "kvm guest",
+                format!(
+                    "smoke guest ran: port {:#x} exit in {} µs, setup {} µs",
+                    report.port, report.first_exit_us, report.setup_us
+                ),
+            ),
+            Err(error) => Check::not_ok(
+                "kvm guest",
+                Verdict::Fail,
+                error.to_string(),
+                "this KVM cannot run a guest; check dmesg",
+            ),
+        });
+    }
+    checks
+}
+
+fn check_root() -> Check {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        Check::ok("root", "running as root")
+    } else {
+        Check::not_ok(
+            "root",
+            Verdict::Fail,
+            "not root",
+            "containers need root (loop devices, mounts, cgroups): run twinbox as root",
+        )
+    }
+}
+
+fn check_cgroups() -> Check {
+    let layout = host::cgroup_layout();
+    let available = |controller: &str| match layout {
+        CgroupLayout::V2 => std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+            .map(|list| list.split_whitespace().any(|c| c == controller))
+            .unwrap_or(false),
+        CgroupLayout::V1 | CgroupLayout::Hybrid => Path::new("/sys/fs/cgroup")
+            .join(controller)
+            .join("tasks")
+            .exists(),
+        CgroupLayout::None => false,
+    };
+    let missing: Vec<&str> = ["cpu", "memory", "pids"]
+        .into_iter()
+        .filter(|c| !available(c))
+        .collect();
+    if layout == CgroupLayout::None {
+        Check::not_ok(
+            "cgroups",
+            Verdict::Fail,
+            "no cgroup filesystem mounted",
+            "mount cgroup2 at /sys/fs/cgroup",
+        )
+    } else if missing.is_empty() {
+        Check::ok("cgroups", format!("{layout}; cpu, memory, pids available"))
+    } else {
+        Check::not_ok(
+            "cgroups",
+            Verdict::Fail,
+            format!("{layout}; missing controllers: {}", missing.join(", ")),
+            "enable them (cgroup_enable=memory on the kernel cmdline, or mount the v1 hierarchy)",
+        )
+    }
+}
+
+fn check_file(
+    name: &'static str,
+    path: &str,
+    found: &str,
+    advice: &str,
+    verdict: Verdict,
+) -> Check {
+    if Path::new(path).exists() {
+        Check::ok(name, format!("{found} ({path})"))
+    } else {
+        Check::not_ok(name, verdict, format!("{path} missing"), advice)
+    }
+}
+
+fn check_overlayfs() -> Check {
+    let listed = std::fs::read_to_string("/proc/filesystems")
+        .map(|list| {
+            list.lines()
+                .any(|line| line.trim_end().ends_with("overlay"))
+        })
+        .unwrap_or(false);
+    if listed {
+        Check::ok("overlayfs", "overlay filesystem available")
+    } else {
+        Check::not_ok(
+            "overlayfs",
+            Verdict::Fail,
+            "overlay not in /proc/filesystems",
+            "modprobe overlay",
+        )
+    }
+}
+
+fn check_on_path(name: &'static str, program: &str, advice: &str) -> Check {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false);
+    if found {
+        Check::ok(name, format!("{program} found"))
+    } else {
+        Check::not_ok(
+            name,
+            Verdict::Warn,
+            format!("{program} not on PATH"),
+            advice,
+        )
+    }
+}
+
+fn check_artifacts() -> Vec<Check> {
+    let build = "build it with scripts/build-artifacts";
+    [
+        ("guest kernel", artifacts::kernel_vmlinux()),
+        ("guest bzImage", artifacts::kernel_bzimage()),
+        ("rootfs image", artifacts::rootfs_image()),
+        ("lab kernel", artifacts::lab_dir().join("vmlinuz")),
+    ]
+    .into_iter()
+    .map(|(name, path)| {
+        if path.exists() {
+            Check::ok(name, path.display().to_string())
+        } else {
+            Check::not_ok(
+                name,
+                Verdict::Fail,
+                format!("{} missing", path.display()),
+                build,
+            )
+        }
+    })
+    .collect()
+}
+
+fn all_checks() -> Vec<Check> {
+    let mut checks = check_kvm();
+    checks.push(check_root());
+    checks.push(check_cgroups());
+    checks.push(check_overlayfs());
+    checks.push(check_file(
+        "loop devices",
+        "/dev/loop-control",
+        "loop-control present",
+        "modprobe loop",
+        Verdict::Fail,
+    ));
+    checks.push(check_file(
+        "tun",
+        "/dev/net/tun",
+        "tun present",
+        "modprobe tun (needed for VM networking)",
+        Verdict::Warn,
+    ));
+    checks.push(check_on_path(
+        "qemu",
+        "qemu-system-x86_64",
+        "scripts/install-deps (the lab and the QEMU peer need it)",
+    ));
+    checks.extend(check_artifacts());
+    checks
+}
+
+fn print_smoke() -> anyhow::Result<i32> {
+    let report = vmm::smoke::run()?;
+    println!(
+        "kvm smoke guest: out {:#x} <- {:#x}, halted: {}, setup {} µs, first exit {} µs ({})",
+        report.port,
+        report.value,
+        report.halted,
+        report.setup_us,
+        report.first_exit_us,
+        host::kvm_flavor().describe()
+    );
+    let expected = report.port == twinbox_spec::proto::MARKER_PORT
+        && report.value == vmm::smoke::SMOKE_VALUE
+        && report.halted;
+    Ok(if expected { 0 } else { 1 })
+}
+
+/// Runs `twinbox doctor`: exit 0 when nothing failed, 1 otherwise.
+pub fn main(args: DoctorArgs) -> anyhow::Result<i32> {
+    if args.kvm_smoke {
+        return print_smoke();
+    }
+    let checks = all_checks();
+    let failed = checks.iter().any(|c| c.verdict == Verdict::Fail);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        for check in &checks {
+            let verdict = match check.verdict {
+                Verdict::Ok => "ok  ",
+                Verdict::Warn => "warn",
+                Verdict::Fail => "FAIL",
+            };
+            match &check.advice {
+                Some(advice) => println!("{verdict} {:<14} {} — {advice}", check.name, check.found),
+                None => println!("{verdict} {:<14} {}", check.name, check.found),
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
 }

@@ -55,7 +55,8 @@ impl Lab {
 
     /// Copies a file in at `dest`.
     pub fn file(mut self, src: impl AsRef<Path>, dest: &str) -> Self {
-        self.files.push((src.as_ref().to_path_buf(), dest.to_owned()));
+        self.files
+            .push((src.as_ref().to_path_buf(), dest.to_owned()));
         self
     }
 
@@ -92,7 +93,9 @@ impl Lab {
             command.arg("--bin").arg(bin);
         }
         for (src, dest) in &self.files {
-            command.arg("--file").arg(format!("{}:{dest}", src.display()));
+            command
+                .arg("--file")
+                .arg(format!("{}:{dest}", src.display()));
         }
         if self.artifacts {
             command.arg("--artifacts");
@@ -107,7 +110,9 @@ impl Lab {
             command.args(["--timeout", &seconds.to_string()]);
         }
         command.arg("--").arg(script);
-        let out = command.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", lab_run.display()));
+        let out = command
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", lab_run.display()));
         let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
         output.push_str(&String::from_utf8_lossy(&out.stderr));
         let status = out.status.code().unwrap_or(-1);

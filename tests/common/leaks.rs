@@ -41,7 +41,9 @@ fn twinbox_cgroups() -> Vec<String> {
     let mut found = Vec::new();
     let mut stack = vec![std::path::PathBuf::from("/sys/fs/cgroup")];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
             if !entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
@@ -60,7 +62,12 @@ fn twinbox_cgroups() -> Vec<String> {
 
 fn dir_names(path: &str) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(path)
-        .map(|entries| entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     names.sort();
     names
@@ -81,12 +88,19 @@ impl HostResources {
     /// Panics with the difference if `after` holds anything this snapshot did not.
     pub fn assert_nothing_leaked(&self, after: &HostResources, what: &str) {
         let new = |before: &[String], after: &[String]| -> Vec<String> {
-            after.iter().filter(|item| !before.contains(item)).cloned().collect()
+            after
+                .iter()
+                .filter(|item| !before.contains(item))
+                .cloned()
+                .collect()
         };
         let leaks = [
             ("mounts", new(&self.mounts, &after.mounts)),
             ("loop devices", new(&self.loop_devices, &after.loop_devices)),
-            ("cgroups", new(&self.twinbox_cgroups, &after.twinbox_cgroups)),
+            (
+                "cgroups",
+                new(&self.twinbox_cgroups, &after.twinbox_cgroups),
+            ),
             ("network namespaces", new(&self.netns, &after.netns)),
             ("network links", new(&self.links, &after.links)),
         ];

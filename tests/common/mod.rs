@@ -23,7 +23,10 @@ pub fn repo_root() -> PathBuf {
 pub fn require_root(what: &str) {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "{what} needs root (loop devices, mounts, cgroups, KVM): run the tests as root");
+    assert_eq!(
+        euid, 0,
+        "{what} needs root (loop devices, mounts, cgroups, KVM): run the tests as root"
+    );
 }
 
 /// Fails the test unless the artifact exists; returns its path.
@@ -61,7 +64,11 @@ pub fn run_vm_script(script: &str) -> lab::LabOutput {
         VmHost::Lab => lab::Lab::new().with_twinbox().with_artifacts().run(script),
         VmHost::HostKvm => {
             let bin_dir = twinbox().parent().unwrap().to_path_buf();
-            let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+            let path = format!(
+                "{}:{}",
+                bin_dir.display(),
+                std::env::var("PATH").unwrap_or_default()
+            );
             let out = std::process::Command::new("sh")
                 .arg("-c")
                 .arg(script)
@@ -70,7 +77,10 @@ pub fn run_vm_script(script: &str) -> lab::LabOutput {
                 .expect("run sh");
             let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
             output.push_str(&String::from_utf8_lossy(&out.stderr));
-            lab::LabOutput { status: out.status.code().unwrap_or(-1), output }
+            lab::LabOutput {
+                status: out.status.code().unwrap_or(-1),
+                output,
+            }
         }
     }
 }
