@@ -55,7 +55,7 @@ pub const PVM_NOTE: &str = "host KVM is PVM: guest kernel code is emulated; VM t
 
 /// Time limit applied on PVM hosts when the caller gave none: a Linux boot there takes
 /// minutes or dies; a run must end with a message, never hang.
-pub const PVM_DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(600);
+pub const PVM_DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(300);
 
 /// Why a VM could not be run. Each message is one line a user can act on.
 #[derive(Debug, Error)]
@@ -226,12 +226,12 @@ pub fn run_until(spec: &RunSpec, stop: Option<&EventFd>) -> Result<RunReport, Er
     let mut reports = Arc::try_unwrap(guest)
         .map(|m| m.into_inner().expect("guest reports"))
         .unwrap_or_else(|shared| shared.lock().expect("guest reports").clone());
+    let stopped: Vec<VcpuStop> = reasons.try_iter().collect();
+    let outcome = outcome(&reports, ended, &stopped, limit);
     reports.timeline.record_now(Phase::TornDown);
     let cpu_after = usage::cpu_times_us();
 
     // 9. The report.
-    let stopped: Vec<VcpuStop> = reasons.try_iter().collect();
-    let outcome = outcome(&reports, ended, &stopped, limit);
     Ok(RunReport {
         box_kind: BoxKind::Vm,
         outcome,
