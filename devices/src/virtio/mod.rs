@@ -197,3 +197,51 @@ pub trait VirtioDevice: Send {
         false
     }
 }
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    //! Helpers shared by the virtio tests.
+
+    use std::fs::{File, OpenOptions};
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A disk image in the temp directory, removed on drop.
+    pub struct TempDisk {
+        pub path: PathBuf,
+    }
+
+    impl TempDisk {
+        /// A new image holding `contents`.
+        pub fn new(contents: &[u8]) -> Self {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "twinbox-devices-test-{}-{}.img",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::SeqCst)
+            ));
+            std::fs::write(&path, contents).unwrap();
+            Self { path }
+        }
+
+        /// Opens it read-write.
+        pub fn open(&self) -> File {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.path)
+                .unwrap()
+        }
+
+        /// Its current contents.
+        pub fn contents(&self) -> Vec<u8> {
+            std::fs::read(&self.path).unwrap()
+        }
+    }
+
+    impl Drop for TempDisk {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
