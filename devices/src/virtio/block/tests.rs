@@ -226,12 +226,15 @@ fn read_only_disk_refuses_writes() {
     assert_eq!(disk.contents(), image);
 }
 
+/// (what, request type, sector, chain, expected status or None = dropped).
+type Case = (&'static str, u32, u64, Vec<Buf>, Option<u32>);
+
 /// Each malformed chain, alone on a fresh queue: (what, request type, sector, chain,
 /// expected status byte or None if the chain must be dropped with used length 0).
 #[test]
 fn malformed_chains_fail_cleanly() {
     let full_disk = (DISK_SECTORS * SECTOR_SIZE) as u32;
-    let cases: Vec<(&str, u32, u64, Vec<Buf>, Option<u32>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "data outside memory",
             VIRTIO_BLK_T_IN,
