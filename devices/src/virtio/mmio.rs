@@ -89,6 +89,8 @@ pub struct MmioTransport {
     device_features_sel: u32,
     driver_features_sel: u32,
     acked_features: u64,
+    /// The driver acked a feature in a page beyond bit 63 (none exist).
+    acked_beyond_64: bool,
     queue_sel: u32,
     queues: Vec<QueueRegs>,
     max_sizes: Vec<u16>,
@@ -112,6 +114,7 @@ impl MmioTransport {
             device_features_sel: 0,
             driver_features_sel: 0,
             acked_features: 0,
+            acked_beyond_64: false,
             queue_sel: 0,
             queues: vec![QueueRegs::default(); max_sizes.len()],
             max_sizes,
@@ -217,7 +220,7 @@ impl MmioTransport {
             1 => self.acked_features = (self.acked_features & 0xffff_ffff) | (value << 32),
             // Pages 2+ are all zero on our side; acking anything there is refused when
             // FEATURES_OK is checked.
-            _ if value != 0 => self.acked_features |= 1 << 63 | 1 << 62,
+            _ if value != 0 => self.acked_beyond_64 = true,
             _ => {}
         }
     }
@@ -325,7 +328,9 @@ impl MmioTransport {
     /// The driver acked only what we offer, and VERSION_1 (no legacy interface here).
     fn features_acceptable(&self) -> bool {
         let offered = lock(&self.device).avail_features();
-        self.acked_features & !offered == 0 && self.acked_features & VIRTIO_F_VERSION_1 != 0
+        !self.acked_beyond_64
+            && self.acked_features & !offered == 0
+            && self.acked_features & VIRTIO_F_VERSION_1 != 0
     }
 
     /// Builds the queues from the registers and activates the device.
@@ -385,6 +390,7 @@ impl MmioTransport {
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.acked_features = 0;
+        self.acked_beyond_64 = false;
         self.queue_sel = 0;
         self.queues.fill(QueueRegs::default());
         self.interrupt.clear();
@@ -422,5 +428,374 @@ impl BusDevice for MmioTransport {
             }
             _ => tracing::warn!("virtio-mmio: {}-byte write at {offset:#x}", data.len()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_util::TempDisk;
+    use crate::virtio::{
+        ActivateError, Block, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING, TYPE_BLOCK,
+    };
+    use vm_memory::GuestAddress;
+
+    const MEM_SIZE: usize = 0x10_0000;
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+
+    /// A device that records what the transport does to it.
+    struct Recorder {
+        features: u64,
+        evts: [EventFd; 2],
+        /// (acked features, per queue (size, desc, avail, used)).
+        activated: Option<(u64, Vec<(u16, u64, u64, u64)>)>,
+        resets: usize,
+        broken: bool,
+        config: [u8; 8],
+    }
+
+    impl Recorder {
+        fn new() -> Self {
+            Self {
+                features: VIRTIO_F_VERSION_1 | 1 << 3,
+                evts: [
+                    EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                    EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                ],
+                activated: None,
+                resets: 0,
+                broken: false,
+                config: *b"ABCDEFGH",
+            }
+        }
+    }
+
+    impl VirtioDevice for Recorder {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn avail_features(&self) -> u64 {
+            self.features
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[64, 32]
+        }
+        fn queue_events(&self) -> &[EventFd] {
+            &self.evts
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = *self.config.get(offset as usize + i).unwrap_or(&0);
+            }
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            self.config[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        }
+        fn activate(
+            &mut self,
+            _mem: GuestMemoryMmap,
+            acked_features: u64,
+            queues: Vec<Queue>,
+            _interrupt: Arc<IrqTrigger>,
+        ) -> Result<(), ActivateError> {
+            let qs = queues
+                .iter()
+                .map(|q| (q.size(), q.desc_table(), q.avail_ring(), q.used_ring()))
+                .collect();
+            self.activated = Some((acked_features, qs));
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.activated = None;
+            self.resets += 1;
+        }
+        fn needs_reset(&self) -> bool {
+            self.broken
+        }
+    }
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    }
+
+    fn rd(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn wr(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    fn with_recorder() -> (MmioTransport, Arc<Mutex<Recorder>>, Arc<IrqTrigger>) {
+        let dev = Arc::new(Mutex::new(Recorder::new()));
+        let irq = Arc::new(IrqTrigger::new().unwrap());
+        let t = MmioTransport::new(memory(), dev.clone(), irq.clone());
+        (t, dev, irq)
+    }
+
+    /// ACKNOWLEDGE, DRIVER, features (page 0 and 1), FEATURES_OK; true if accepted.
+    fn negotiate(t: &mut MmioTransport, features: u64) -> bool {
+        wr(t, REG_STATUS, status::ACKNOWLEDGE);
+        wr(t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        wr(t, REG_DRIVER_FEATURES_SEL, 0);
+        wr(t, REG_DRIVER_FEATURES, features as u32);
+        wr(t, REG_DRIVER_FEATURES_SEL, 1);
+        wr(t, REG_DRIVER_FEATURES, (features >> 32) as u32);
+        wr(
+            t,
+            REG_STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        rd(t, REG_STATUS) & status::FEATURES_OK != 0
+    }
+
+    fn setup_queue(t: &mut MmioTransport, index: u32, size: u32, base: u64) {
+        wr(t, REG_QUEUE_SEL, index);
+        wr(t, REG_QUEUE_NUM, size);
+        wr(t, REG_QUEUE_DESC_LOW, (base + DESC) as u32);
+        wr(t, REG_QUEUE_DESC_HIGH, ((base + DESC) >> 32) as u32);
+        wr(t, REG_QUEUE_DRIVER_LOW, (base + AVAIL) as u32);
+        wr(t, REG_QUEUE_DRIVER_HIGH, 0);
+        wr(t, REG_QUEUE_DEVICE_LOW, (base + USED) as u32);
+        wr(t, REG_QUEUE_DEVICE_HIGH, 0);
+        wr(t, REG_QUEUE_READY, 1);
+    }
+
+    const ALL_OK: u32 =
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+
+    #[test]
+    fn identification_and_feature_pages() {
+        let (mut t, _, _) = with_recorder();
+        assert_eq!(rd(&mut t, REG_MAGIC), 0x7472_6976);
+        assert_eq!(rd(&mut t, REG_VERSION), 2);
+        assert_eq!(rd(&mut t, REG_DEVICE_ID), 42);
+        assert_eq!(rd(&mut t, REG_VENDOR_ID), VENDOR_ID);
+        wr(&mut t, REG_DEVICE_FEATURES_SEL, 0);
+        assert_eq!(rd(&mut t, REG_DEVICE_FEATURES), 1 << 3);
+        wr(&mut t, REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(rd(&mut t, REG_DEVICE_FEATURES), 1, "VERSION_1 is bit 32");
+        wr(&mut t, REG_DEVICE_FEATURES_SEL, 7);
+        assert_eq!(rd(&mut t, REG_DEVICE_FEATURES), 0);
+    }
+
+    #[test]
+    fn full_handshake_activates_with_the_driver_queues() {
+        let (mut t, dev, _) = with_recorder();
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        wr(&mut t, REG_QUEUE_SEL, 0);
+        assert_eq!(rd(&mut t, REG_QUEUE_NUM_MAX), 64);
+        wr(&mut t, REG_QUEUE_SEL, 1);
+        assert_eq!(rd(&mut t, REG_QUEUE_NUM_MAX), 32);
+        wr(&mut t, REG_QUEUE_SEL, 2);
+        assert_eq!(rd(&mut t, REG_QUEUE_NUM_MAX), 0, "no queue 2");
+        setup_queue(&mut t, 0, 64, 0);
+        setup_queue(&mut t, 1, 8, 0x10000);
+        assert_eq!(rd(&mut t, REG_QUEUE_READY), 1);
+        wr(&mut t, REG_STATUS, ALL_OK);
+        assert_eq!(rd(&mut t, REG_STATUS), ALL_OK);
+        let (features, queues) = dev.lock().unwrap().activated.clone().unwrap();
+        assert_eq!(features, VIRTIO_F_VERSION_1);
+        assert_eq!(
+            queues,
+            vec![
+                (64, DESC, AVAIL, USED),
+                (8, 0x10000 + DESC, 0x10000 + AVAIL, 0x10000 + USED)
+            ]
+        );
+        // Queue registers are frozen once live.
+        wr(&mut t, REG_QUEUE_SEL, 0);
+        wr(&mut t, REG_QUEUE_NUM, 2);
+        wr(&mut t, REG_STATUS, 0);
+        assert_eq!(dev.lock().unwrap().resets, 1);
+        assert_eq!(rd(&mut t, REG_STATUS), 0);
+        assert_eq!(rd(&mut t, REG_QUEUE_READY), 0, "reset clears the queues");
+        // And the device can be brought up again.
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1 | 1 << 3));
+        setup_queue(&mut t, 0, 16, 0);
+        setup_queue(&mut t, 1, 16, 0x10000);
+        wr(&mut t, REG_STATUS, ALL_OK);
+        assert_eq!(rd(&mut t, REG_STATUS), ALL_OK);
+        let (features, _) = dev.lock().unwrap().activated.clone().unwrap();
+        assert_eq!(features, VIRTIO_F_VERSION_1 | 1 << 3);
+    }
+
+    #[test]
+    fn features_without_version_1_or_not_offered_are_refused() {
+        let (mut t, _, _) = with_recorder();
+        assert!(!negotiate(&mut t, 1 << 3), "legacy driver refused");
+        wr(&mut t, REG_STATUS, 0);
+        assert!(
+            !negotiate(&mut t, VIRTIO_F_VERSION_1 | 1 << 5),
+            "unoffered bit"
+        );
+        wr(&mut t, REG_STATUS, 0);
+        // Acking anything in a page beyond 1.
+        wr(&mut t, REG_STATUS, status::ACKNOWLEDGE);
+        wr(&mut t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        wr(&mut t, REG_DRIVER_FEATURES_SEL, 2);
+        wr(&mut t, REG_DRIVER_FEATURES, 1);
+        wr(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, REG_DRIVER_FEATURES, 1);
+        wr(
+            &mut t,
+            REG_STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_eq!(rd(&mut t, REG_STATUS) & status::FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn bad_queue_sizes_fail_activation_with_needs_reset() {
+        for size in [0, 3, 48, 128, 0x1_0000 + 16] {
+            let (mut t, dev, _) = with_recorder();
+            assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+            setup_queue(&mut t, 0, size, 0);
+            setup_queue(&mut t, 1, 16, 0x10000);
+            wr(&mut t, REG_STATUS, ALL_OK);
+            let s = rd(&mut t, REG_STATUS);
+            assert_eq!(s & status::DRIVER_OK, 0, "size {size}");
+            assert_ne!(s & status::DEVICE_NEEDS_RESET, 0, "size {size}");
+            assert!(dev.lock().unwrap().activated.is_none());
+        }
+    }
+
+    #[test]
+    fn queue_not_ready_or_misaligned_fails_activation() {
+        let (mut t, dev, _) = with_recorder();
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        setup_queue(&mut t, 0, 16, 0);
+        wr(&mut t, REG_STATUS, ALL_OK);
+        assert_ne!(rd(&mut t, REG_STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        assert!(dev.lock().unwrap().activated.is_none());
+
+        let (mut t, dev, _) = with_recorder();
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        setup_queue(&mut t, 0, 16, 1); // descriptor table must be 16-byte aligned
+        setup_queue(&mut t, 1, 16, 0x10000);
+        wr(&mut t, REG_STATUS, ALL_OK);
+        assert_ne!(rd(&mut t, REG_STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        assert!(dev.lock().unwrap().activated.is_none());
+    }
+
+    #[test]
+    fn out_of_order_status_and_early_queue_writes() {
+        let (mut t, dev, _) = with_recorder();
+        // Queue setup before FEATURES_OK is ignored.
+        setup_queue(&mut t, 0, 16, 0);
+        wr(&mut t, REG_QUEUE_SEL, 0);
+        assert_eq!(rd(&mut t, REG_QUEUE_READY), 0);
+        // DRIVER_OK straight away.
+        wr(&mut t, REG_STATUS, status::DRIVER_OK);
+        assert_eq!(rd(&mut t, REG_STATUS), status::DEVICE_NEEDS_RESET);
+        assert!(dev.lock().unwrap().activated.is_none());
+        wr(&mut t, REG_STATUS, 0);
+        assert_eq!(rd(&mut t, REG_STATUS), 0);
+        // Clearing a bit.
+        wr(&mut t, REG_STATUS, status::ACKNOWLEDGE);
+        wr(&mut t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        wr(&mut t, REG_STATUS, status::DRIVER);
+        assert_ne!(rd(&mut t, REG_STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        // FAILED is always accepted.
+        wr(&mut t, REG_STATUS, status::FAILED);
+        assert_ne!(rd(&mut t, REG_STATUS) & status::FAILED, 0);
+        // Features written outside negotiation are ignored.
+        wr(&mut t, REG_STATUS, 0);
+        wr(&mut t, REG_DRIVER_FEATURES, 0xffff_ffff);
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+    }
+
+    #[test]
+    fn interrupt_status_ack_notify_and_config() {
+        let (mut t, dev, irq) = with_recorder();
+        irq.trigger(INTERRUPT_USED_RING | INTERRUPT_CONFIG_CHANGE)
+            .unwrap();
+        assert_eq!(rd(&mut t, REG_INTERRUPT_STATUS), 3);
+        wr(&mut t, REG_INTERRUPT_ACK, INTERRUPT_USED_RING);
+        assert_eq!(rd(&mut t, REG_INTERRUPT_STATUS), INTERRUPT_CONFIG_CHANGE);
+        assert_eq!(irq.eventfd().read().unwrap(), 1);
+
+        wr(&mut t, REG_QUEUE_NOTIFY, 1);
+        wr(&mut t, REG_QUEUE_NOTIFY, 7); // no such queue: ignored
+        let d = dev.lock().unwrap();
+        assert!(d.evts[0].read().is_err(), "queue 0 not kicked");
+        assert_eq!(d.evts[1].read().unwrap(), 1);
+        drop(d);
+
+        let mut two = [0u8; 2];
+        t.read(CONFIG_SPACE + 2, &mut two);
+        assert_eq!(&two, b"CD");
+        t.write(CONFIG_SPACE + 7, b"z");
+        let mut all = [0u8; 8];
+        t.read(CONFIG_SPACE, &mut all);
+        assert_eq!(&all, b"ABCDEFGz");
+
+        let dups = t.queue_events().unwrap();
+        assert_eq!(dups.len(), 2);
+        dups[0].write(1).unwrap();
+        assert_eq!(
+            dev.lock().unwrap().evts[0].read().unwrap(),
+            1,
+            "same eventfd"
+        );
+    }
+
+    #[test]
+    fn odd_accesses_read_zero_and_change_nothing() {
+        let (mut t, _, _) = with_recorder();
+        let mut one = [0xffu8; 1];
+        t.read(REG_MAGIC, &mut one);
+        assert_eq!(one, [0]);
+        let mut four = [0xffu8; 4];
+        t.read(REG_MAGIC + 1, &mut four);
+        assert_eq!(four, [0; 4]);
+        assert_eq!(rd(&mut t, 0x0f0), 0, "unknown register");
+        t.write(REG_STATUS, &[1]);
+        t.write(REG_STATUS + 2, &1u32.to_le_bytes());
+        assert_eq!(rd(&mut t, REG_STATUS), 0);
+        wr(&mut t, REG_MAGIC, 0);
+        assert_eq!(rd(&mut t, REG_MAGIC), 0x7472_6976);
+        wr(&mut t, REG_QUEUE_SEL, u32::MAX);
+        assert_eq!(rd(&mut t, REG_QUEUE_NUM_MAX), 0);
+    }
+
+    #[test]
+    fn broken_device_shows_needs_reset() {
+        let (mut t, dev, _) = with_recorder();
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        setup_queue(&mut t, 0, 16, 0);
+        setup_queue(&mut t, 1, 16, 0x10000);
+        wr(&mut t, REG_STATUS, ALL_OK);
+        dev.lock().unwrap().broken = true;
+        assert_eq!(rd(&mut t, REG_STATUS), ALL_OK | status::DEVICE_NEEDS_RESET);
+    }
+
+    #[test]
+    fn block_behind_the_transport() {
+        let disk = TempDisk::new(&vec![0u8; 8 * 512]);
+        let block = Arc::new(Mutex::new(Block::new(disk.open(), false, "b").unwrap()));
+        let irq = Arc::new(IrqTrigger::new().unwrap());
+        let mut t = MmioTransport::new(memory(), block, irq);
+        assert_eq!(rd(&mut t, REG_DEVICE_ID), TYPE_BLOCK);
+        let mut cap = [0u8; 8];
+        t.read(CONFIG_SPACE, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 8);
+        assert_eq!(rd(&mut t, CONFIG_SPACE), 8, "32-bit halves");
+        assert_eq!(rd(&mut t, CONFIG_SPACE + 4), 0);
+
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        // Rings beyond guest memory: the block device refuses to activate.
+        setup_queue(&mut t, 0, 256, MEM_SIZE as u64);
+        wr(&mut t, REG_STATUS, ALL_OK);
+        assert_ne!(rd(&mut t, REG_STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        wr(&mut t, REG_STATUS, 0);
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        setup_queue(&mut t, 0, 256, 0);
+        wr(&mut t, REG_STATUS, ALL_OK);
+        assert_eq!(rd(&mut t, REG_STATUS), ALL_OK);
     }
 }
