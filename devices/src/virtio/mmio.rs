@@ -445,12 +445,15 @@ mod tests {
     const AVAIL: u64 = 0x2000;
     const USED: u64 = 0x3000;
 
+    /// A queue as the device received it: (size, desc, avail, used).
+    type QueueSeen = (u16, u64, u64, u64);
+
     /// A device that records what the transport does to it.
     struct Recorder {
         features: u64,
         evts: [EventFd; 2],
         /// (acked features, per queue (size, desc, avail, used)).
-        activated: Option<(u64, Vec<(u16, u64, u64, u64)>)>,
+        activated: Option<(u64, Vec<QueueSeen>)>,
         resets: usize,
         broken: bool,
         config: [u8; 8],
