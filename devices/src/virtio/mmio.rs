@@ -227,7 +227,9 @@ impl MmioTransport {
 
     fn write_queue_register(&mut self, offset: u64, value: u32) {
         if !self.queue_config_allowed() {
-            tracing::warn!(
+            // Linux writes QueueReady=0 while tearing queues down after a reset: not
+            // worth a warning, and a guest must not be able to flood the log anyway.
+            tracing::debug!(
                 "virtio-mmio: queue register {offset:#x} written outside setup; ignored"
             );
             return;

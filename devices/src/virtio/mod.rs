@@ -245,3 +245,6 @@ pub(crate) mod test_util {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

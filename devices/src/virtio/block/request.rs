@@ -162,9 +162,13 @@ pub fn handle_chain(
 /// Checks and runs the request made of `descs` (header + data, status excluded);
 /// returns how many bytes were written into guest memory.
 fn execute(disk: &Disk, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Result<u32, RequestError> {
-    let (header, data) = descs
-        .split_first()
-        .expect("caller passes at least the header");
+    let Some((header, data)) = descs.split_first() else {
+        // handle_chain only calls with the header present; be safe anyway.
+        return Err(RequestError::BadHeader {
+            len: 0,
+            write_only: false,
+        });
+    };
     if header.is_write_only() || header.len() < HEADER_LEN {
         return Err(RequestError::BadHeader {
             len: header.len(),
@@ -263,6 +267,15 @@ fn check_data(
     }
 }
 
+/// Bounce buffer size for `data`: its largest buffer, capped at [`BOUNCE_LEN`].
+fn bounce_len(data: &[Descriptor]) -> usize {
+    data.iter()
+        .map(|d| d.len() as usize)
+        .max()
+        .unwrap_or(0)
+        .min(BOUNCE_LEN)
+}
+
 /// IN: file → guest, through a bounce buffer.
 fn read_into_guest(
     disk: &Disk,
@@ -270,13 +283,13 @@ fn read_into_guest(
     data: &[Descriptor],
     mut offset: u64,
 ) -> Result<u32, RequestError> {
-    let mut bounce = vec![0u8; BOUNCE_LEN];
+    let mut bounce = vec![0u8; bounce_len(data)];
     let mut written = 0u32;
     for desc in data {
         let mut done = 0usize;
         let len = desc.len() as usize;
         while done < len {
-            let n = (len - done).min(BOUNCE_LEN);
+            let n = (len - done).min(bounce.len());
             disk.file
                 .read_exact_at(&mut bounce[..n], offset)
                 .map_err(|source| RequestError::Io { offset, source })?;
@@ -301,12 +314,12 @@ fn write_from_guest(
     data: &[Descriptor],
     mut offset: u64,
 ) -> Result<(), RequestError> {
-    let mut bounce = vec![0u8; BOUNCE_LEN];
+    let mut bounce = vec![0u8; bounce_len(data)];
     for desc in data {
         let mut done = 0usize;
         let len = desc.len() as usize;
         while done < len {
-            let n = (len - done).min(BOUNCE_LEN);
+            let n = (len - done).min(bounce.len());
             let addr = GuestAddress(desc.addr().0 + done as u64);
             mem.read_slice(&mut bounce[..n], addr)
                 .map_err(|source| RequestError::Memory {
