@@ -300,7 +300,7 @@ impl MmioTransport {
         }
         if value & old != old {
             tracing::warn!("virtio-mmio: driver cleared status bits ({old:#x} -> {value:#x})");
-            self.device_status |= DEVICE_NEEDS_RESET;
+            self.set_needs_reset();
             return;
         }
         let new = value & !old;
@@ -323,7 +323,18 @@ impl MmioTransport {
             );
         } else {
             tracing::warn!("virtio-mmio: bad status transition {old:#x} -> {value:#x}");
-            self.device_status |= DEVICE_NEEDS_RESET;
+            self.set_needs_reset();
+        }
+    }
+
+    /// Sets DEVICE_NEEDS_RESET and, the first time, sends the configuration-change
+    /// interrupt that tells the driver to look (virtio 1.1, 2.1.2).
+    fn set_needs_reset(&mut self) {
+        if self.device_status & status::DEVICE_NEEDS_RESET == 0 {
+            self.device_status |= status::DEVICE_NEEDS_RESET;
+            if let Err(e) = self.interrupt.trigger(super::INTERRUPT_CONFIG_CHANGE) {
+                tracing::error!("virtio-mmio: cannot raise interrupt: {e}");
+            }
         }
     }
 
@@ -657,7 +668,7 @@ mod tests {
     #[test]
     fn bad_queue_sizes_fail_activation_with_needs_reset() {
         for size in [0, 3, 48, 128, 0x1_0000 + 16] {
-            let (mut t, dev, _) = with_recorder();
+            let (mut t, dev, irq) = with_recorder();
             assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
             setup_queue(&mut t, 0, size, 0);
             setup_queue(&mut t, 1, 16, 0x10000);
@@ -666,6 +677,7 @@ mod tests {
             assert_eq!(s & status::DRIVER_OK, 0, "size {size}");
             assert_ne!(s & status::DEVICE_NEEDS_RESET, 0, "size {size}");
             assert!(dev.lock().unwrap().activated.is_none());
+            assert_eq!(irq.status(), INTERRUPT_CONFIG_CHANGE, "driver told to look");
         }
     }
 
