@@ -48,6 +48,7 @@
 //! report DEVICE_NEEDS_RESET (plus a config-change interrupt) until the driver resets it.
 
 pub mod block;
+mod events;
 pub mod mmio;
 
 use std::io;

@@ -11,12 +11,13 @@ pub mod request;
 use std::fs::File;
 use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::events::DeviceEvents;
 use super::{
     ActivateError, IrqTrigger, VirtioDevice, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING,
     TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -29,10 +30,6 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const SECTOR_SIZE: u64 = 512;
 /// Length of the GET_ID answer (VIRTIO_BLK_ID_BYTES).
 pub const ID_BYTES: usize = 20;
-
-/// Event-loop data tag of the activate eventfd; queue `i` uses `QUEUE_EVENT_BASE + i`.
-const ACTIVATE_EVENT: u32 = 0;
-const QUEUE_EVENT_BASE: u32 = 1;
 
 /// Why a block device cannot be created.
 #[derive(Debug, thiserror::Error)]
@@ -64,11 +61,8 @@ struct Active {
 pub struct Block {
     disk: Disk,
     avail_features: u64,
-    queue_evts: [EventFd; 1],
-    activate_evt: EventFd,
+    events: DeviceEvents,
     active: Option<Active>,
-    /// Queue eventfds are in the event loop (tracked because only `process` can change it).
-    registered: bool,
     /// The driver broke the queue; nothing is processed until a reset.
     broken: bool,
 }
@@ -94,7 +88,6 @@ impl Block {
         if read_only {
             avail_features |= 1 << VIRTIO_BLK_F_RO;
         }
-        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd);
         Ok(Self {
             disk: Disk {
                 file,
@@ -103,10 +96,8 @@ impl Block {
                 id: id_bytes,
             },
             avail_features,
-            queue_evts: [evt()?],
-            activate_evt: evt()?,
+            events: DeviceEvents::new(1).map_err(BlockError::EventFd)?,
             active: None,
-            registered: false,
             broken: false,
         })
     }
@@ -123,26 +114,6 @@ impl Block {
         // seg_max: data descriptors per request; the header and status take two slots.
         config[12..].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
         config
-    }
-
-    /// Brings the event loop's registrations in line with the device state.
-    fn sync_registration(&mut self, ops: &mut EventOps) {
-        let want = self.active.is_some();
-        if want == self.registered {
-            return;
-        }
-        for (i, evt) in self.queue_evts.iter().enumerate() {
-            let events = Events::with_data(evt, QUEUE_EVENT_BASE + i as u32, EventSet::IN);
-            let result = if want {
-                ops.add(events)
-            } else {
-                ops.remove(events)
-            };
-            if let Err(e) = result {
-                tracing::error!("virtio-blk: cannot (un)register queue {i} eventfd: {e:?}");
-            }
-        }
-        self.registered = want;
     }
 
     /// Handles everything available on the queue; called on the event-loop thread.
@@ -242,7 +213,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        &self.events.queue_evts
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -296,7 +267,7 @@ impl VirtioDevice for Block {
             event_idx,
         });
         self.broken = false;
-        self.activate_evt.write(1).map_err(|e| {
+        self.events.signal().map_err(|e| {
             self.active = None;
             ActivateError::Signal(e)
         })
@@ -306,7 +277,7 @@ impl VirtioDevice for Block {
         self.active = None;
         self.broken = false;
         // Let the event loop drop the queue eventfds.
-        if let Err(e) = self.activate_evt.write(1) {
+        if let Err(e) = self.events.signal() {
             tracing::error!("virtio-blk: cannot signal reset to the event loop: {e}");
         }
     }
@@ -318,28 +289,14 @@ impl VirtioDevice for Block {
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        let events = Events::with_data(&self.activate_evt, ACTIVATE_EVENT, EventSet::IN);
-        if let Err(e) = ops.add(events) {
-            tracing::error!("virtio-blk: cannot register the activate eventfd: {e:?}");
-        }
-        // Activated before being added to the loop: catch up now.
-        self.sync_registration(ops);
+        let active = self.active.is_some();
+        self.events.init(ops, active);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            ACTIVATE_EVENT => {
-                let _ = self.activate_evt.read();
-                self.sync_registration(ops);
-            }
-            data => {
-                let index = (data - QUEUE_EVENT_BASE) as usize;
-                if let Some(evt) = self.queue_evts.get(index) {
-                    // Drain first: a kick arriving while we work must wake us again.
-                    let _ = evt.read();
-                }
-                self.process_queue();
-            }
+        let active = self.active.is_some();
+        if self.events.process(&events, ops, active).is_some() {
+            self.process_queue();
         }
     }
 }
