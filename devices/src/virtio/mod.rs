@@ -4,7 +4,9 @@
 //! - [`mmio::MmioTransport`]: the 0x1000-byte register window the guest driver talks to
 //!   ([`crate::bus::BusDevice`] on the MMIO bus);
 //! - [`IrqTrigger`]: the interrupt status register plus the eventfd that raises the GSI;
-//! - [`block::Block`]: the virtio-blk device, which is also an event-manager subscriber.
+//! - [`block::Block`]: the virtio-blk device, which is also an event-manager subscriber;
+//! - [`rng::Rng`]: virtio-rng from the host's `/dev/urandom` (optional; same wiring as
+//!   the block device, device type 4; the guest kernel has `CONFIG_HW_RANDOM_VIRTIO`).
 //!
 //! # Threads
 //! The vCPU thread only touches registers (through the bus). The guest's queue kicks go to
@@ -50,6 +52,7 @@
 pub mod block;
 mod events;
 pub mod mmio;
+pub mod rng;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -61,6 +64,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use block::{Block, BlockError};
 pub use mmio::{MmioTransport, MMIO_WINDOW_LEN, NOTIFY_REG_OFFSET};
+pub use rng::{Rng, RngError, TYPE_RNG};
 
 /// Device type: block device (virtio 1.1, 5).
 pub const TYPE_BLOCK: u32 = 2;
