@@ -578,3 +578,110 @@ fn event_loop_registers_queue_after_activation_and_processes_kicks() {
     assert_eq!(manager.run_with_timeout(0).unwrap(), 0);
     assert_eq!(vq.used().idx().load(), 1);
 }
+
+#[test]
+fn head_index_past_the_table_breaks_the_queue() {
+    let mem = memory();
+    let vq = MockSplitQueue::new(&mem, QLEN);
+    let disk = TempDisk::new(&disk_image());
+    let (mut block, irq) = active_block(&mem, &vq, &disk, false, VIRTIO_F_VERSION_1);
+    // avail.ring[0] = QLEN + 3, avail.idx = 1: a head no descriptor table has.
+    vq.avail().ring().ref_at(0).unwrap().store(QLEN + 3);
+    vq.avail().idx().store(1);
+    block.process_queue();
+    assert!(block.needs_reset());
+    assert_eq!(vq.used().idx().load(), 0);
+    assert_ne!(irq.status() & INTERRUPT_CONFIG_CHANGE, 0);
+}
+
+/// Many more requests than the queue has entries, in batches, with the rings laid out
+/// by hand (MockSplitQueue sizes its avail ring in elements, not bytes, so its used ring
+/// overlaps the second half of the avail ring): ring positions and the 16-bit indexes
+/// wrap, and every request still completes, in order, with the right data.
+#[test]
+fn rings_wrap_over_many_batches() {
+    const DESC_TABLE: u64 = 0;
+    const AVAIL: u64 = 0x1000;
+    const USED: u64 = 0x2000;
+    let mem = memory();
+    let image = disk_image();
+    let disk = TempDisk::new(&image);
+    let mut block = Block::new(disk.open(), true, "wrap").unwrap();
+    let irq = Arc::new(IrqTrigger::new().unwrap());
+    let mut queue = Queue::new(QLEN).unwrap();
+    queue.set_size(QLEN);
+    queue.set_ready(true);
+    queue
+        .try_set_desc_table_address(GuestAddress(DESC_TABLE))
+        .unwrap();
+    queue
+        .try_set_avail_ring_address(GuestAddress(AVAIL))
+        .unwrap();
+    queue.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+    block
+        .activate(mem.clone(), VIRTIO_F_VERSION_1, vec![queue], irq)
+        .unwrap();
+
+    let mut avail_idx = 0u16;
+    let mut completed = 0u16;
+    // 5 requests (15 descriptors) per batch, 66,000 requests: the u16 index wraps.
+    for batch in 0..13_200u32 {
+        for i in 0..5u16 {
+            let sector = u64::from((batch * 5 + u32::from(i)) % DISK_SECTORS as u32);
+            let hdr = HDR + u64::from(i) * 16;
+            let mut raw = [0u8; 16];
+            raw[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+            raw[8..].copy_from_slice(&sector.to_le_bytes());
+            mem.write_slice(&raw, GuestAddress(hdr)).unwrap();
+            let head = i * 3;
+            let descs = [
+                (hdr, 16, VRING_DESC_F_NEXT, head + 1),
+                (
+                    DATA + u64::from(i) * 512,
+                    512,
+                    VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+                    head + 2,
+                ),
+                (STATUS + u64::from(i), 1, VRING_DESC_F_WRITE, 0),
+            ];
+            for (k, (addr, len, flags, next)) in descs.into_iter().enumerate() {
+                let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next));
+                mem.write_obj(
+                    d,
+                    GuestAddress(DESC_TABLE + 16 * u64::from(head + k as u16)),
+                )
+                .unwrap();
+            }
+            let slot = u64::from(avail_idx.wrapping_add(i) % QLEN);
+            mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * slot))
+                .unwrap();
+        }
+        avail_idx = avail_idx.wrapping_add(5);
+        mem.write_obj(avail_idx, GuestAddress(AVAIL + 2)).unwrap();
+        block.process_queue();
+        let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(used_idx, avail_idx, "batch {batch}");
+        for i in 0..5u16 {
+            let slot = u64::from(completed.wrapping_add(i) % QLEN);
+            let id: u32 = mem.read_obj(GuestAddress(USED + 4 + 8 * slot)).unwrap();
+            let len: u32 = mem.read_obj(GuestAddress(USED + 8 + 8 * slot)).unwrap();
+            assert_eq!(
+                (id, len),
+                (u32::from(i) * 3, 513),
+                "batch {batch} request {i}"
+            );
+            let sector = (batch * 5 + u32::from(i)) % DISK_SECTORS as u32;
+            let first: u8 = mem
+                .read_obj(GuestAddress(DATA + u64::from(i) * 512))
+                .unwrap();
+            assert_eq!(first, sector as u8);
+        }
+        completed = completed.wrapping_add(5);
+    }
+    assert_eq!(
+        avail_idx,
+        (66_000 - 65_536) as u16,
+        "the 16-bit index wrapped"
+    );
+    assert!(!block.needs_reset());
+}
