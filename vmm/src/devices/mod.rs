@@ -2,14 +2,8 @@
 //! the guest, and which `virtio_mmio.device=` entry tells the kernel about it. The devices
 //! do not know how they are wired.
 //!
-//! Interim: the device models are meant to come from twinbox's `devices` crate (with
-//! virtio queues served by the event loop through ioeventfds). It had not landed when the
-//! VMM needed to boot, so `bus`, `legacy` and `virtio_blk` here are compact stand-ins;
-//! the wiring below stays when they are swapped.
-
-pub mod bus;
-pub mod legacy;
-pub mod virtio_blk;
+//! The device models come from the `devices` crate. virtio queues are notified through
+//! KVM ioeventfds and served on the event-loop thread, never on a vCPU thread.
 
 use crate::event_loop::Subscriber;
 use crate::layout::{
@@ -18,7 +12,9 @@ use crate::layout::{
 };
 use crate::memory::GuestMemoryMmap;
 use crate::vcpu::IoHandler;
-use bus::{Bus, SharedDevice};
+use devices::bus::{Bus, SharedBusDevice as SharedDevice};
+use devices::virtio::{Block, IrqTrigger, MmioTransport, MMIO_WINDOW_LEN, NOTIFY_REG_OFFSET};
+use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::VmFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -45,6 +41,17 @@ pub enum DeviceError {
     Disk {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("disk {path}: {source}")]
+    Block {
+        path: PathBuf,
+        source: devices::virtio::BlockError,
+    },
+    #[error("KVM refused the queue notification at {addr:#x} for {what}: {source}")]
+    Ioeventfd {
+        what: String,
+        addr: u64,
+        source: kvm_ioctls::Error,
     },
     #[error("too many disks: at most {max} virtio devices fit the interrupt lines")]
     TooManyDisks { max: u32 },
@@ -106,6 +113,8 @@ pub struct DeviceSet {
     pub reset_evt: EventFd,
     /// Interrupt eventfds registered as irqfds (kept open for the VM's life).
     _irq_evts: Vec<EventFd>,
+    /// Queue-notify eventfds registered as ioeventfds (kept open for the VM's life).
+    _notify_evts: Vec<EventFd>,
 }
 
 fn eventfd(what: &str) -> Result<EventFd, DeviceError> {
@@ -152,7 +161,7 @@ pub fn attach(
 
     // Serial console on COM1, interrupt through an irqfd on IRQ 4.
     let serial_irq = irqfd(vm, "serial", SERIAL_IRQ)?;
-    let serial = legacy::SerialConsole::new(
+    let serial = devices::serial::SerialConsole::new(
         serial_irq
             .try_clone()
             .map_err(|source| DeviceError::EventFd {
@@ -172,15 +181,12 @@ pub fn attach(
 
     // i8042: only its reset line matters (`reboot=k`).
     let reset_evt = eventfd("i8042 reset")?;
-    let i8042 =
-        legacy::I8042::new(
-            reset_evt
-                .try_clone()
-                .map_err(|source| DeviceError::EventFd {
-                    what: "i8042".into(),
-                    source,
-                })?,
-        );
+    let i8042 = devices::i8042::I8042::new(reset_evt.try_clone().map_err(|source| {
+        DeviceError::EventFd {
+            what: "i8042".into(),
+            source,
+        }
+    })?);
     insert(
         &mut pio,
         "i8042",
@@ -190,7 +196,7 @@ pub fn attach(
     )?;
 
     // Phase marker port.
-    let marker = legacy::PhaseMarker::new(config.on_marker);
+    let marker = devices::marker::PhaseMarker::new(config.on_marker);
     insert(
         &mut pio,
         "phase marker",
@@ -200,37 +206,69 @@ pub fn attach(
     )?;
 
     // virtio-blk: the root image first (read-only), then each extra disk.
-    let subscribers = Vec::new();
+    let mut subscribers: Vec<Subscriber> = Vec::new();
     let mut cmdline_entries = Vec::new();
+    let mut notify_evts = Vec::new();
     let disks = std::iter::once((config.rootfs, true))
         .chain(config.disks.iter().map(|d| (d.path.as_path(), d.read_only)));
     for (index, (path, read_only)) in disks.enumerate() {
         let slot = VirtioSlot::nth(index as u32)?;
         let what = format!("virtio-blk {}", path.display());
-        let irq = irqfd(vm, &what, slot.gsi)?;
-        let device = virtio_blk::VirtioBlock::open(
-            memory.clone(),
-            path,
-            read_only,
-            irq.try_clone().map_err(|source| DeviceError::EventFd {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| DeviceError::Disk {
+                path: path.into(),
+                source,
+            })?;
+        let id = path.file_name().and_then(|n| n.to_str()).unwrap_or("disk");
+        let block = Arc::new(Mutex::new(Block::new(file, read_only, id).map_err(
+            |source| DeviceError::Block {
+                path: path.into(),
+                source,
+            },
+        )?));
+        let irq = Arc::new(IrqTrigger::new().map_err(|source| DeviceError::EventFd {
+            what: what.clone(),
+            source,
+        })?);
+        let transport = MmioTransport::new(memory.clone(), block.clone(), irq.clone());
+        // Queue kicks: one ioeventfd per queue at the notify register, datamatch = index.
+        let addr = slot.base + NOTIFY_REG_OFFSET;
+        let events = transport
+            .queue_events()
+            .map_err(|source| DeviceError::EventFd {
                 what: what.clone(),
                 source,
-            })?,
-        )
-        .map_err(|source| DeviceError::Disk {
-            path: path.into(),
-            source,
-        })?;
-        irq_evts.push(irq);
+            })?;
+        for (queue, evt) in events.into_iter().enumerate() {
+            vm.register_ioevent(&evt, &IoEventAddress::Mmio(addr), queue as u32)
+                .map_err(|source| DeviceError::Ioeventfd {
+                    what: what.clone(),
+                    addr,
+                    source,
+                })?;
+            notify_evts.push(evt);
+        }
+        vm.register_irqfd(irq.eventfd(), slot.gsi)
+            .map_err(|source| DeviceError::Irqfd {
+                what: what.clone(),
+                gsi: slot.gsi,
+                source,
+            })?;
         insert(
             &mut mmio,
             &what,
             slot.base,
-            slot.size,
-            Arc::new(Mutex::new(device)),
+            MMIO_WINDOW_LEN,
+            Arc::new(Mutex::new(transport)),
         )?;
+        subscribers.push(block);
         cmdline_entries.push(crate::boot::cmdline::virtio_mmio_device(
-            slot.size, slot.base, slot.gsi,
+            MMIO_WINDOW_LEN,
+            slot.base,
+            slot.gsi,
         ));
     }
 
@@ -240,6 +278,7 @@ pub fn attach(
         cmdline_entries,
         reset_evt,
         _irq_evts: irq_evts,
+        _notify_evts: notify_evts,
     })
 }
 
