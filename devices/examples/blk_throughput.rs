@@ -1,8 +1,8 @@
 //! Measures the virtio-blk request path without KVM: a queue in real guest memory, a
-//! temp file as the disk (page cache warm), 128 KiB IN then OUT requests (Linux's default
-//! max_sectors_kb), the device driven directly as the event loop would.
+//! temp file as the disk (page cache warm), IN then OUT requests of 128 KiB by default
+//! (Linux's default max_sectors_kb), the device driven directly as the event loop would.
 //!
-//! `cargo run --release -p devices --example blk_throughput [MiB]`
+//! `cargo run --release -p devices --example blk_throughput [MiB] [request KiB]`
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,7 +15,8 @@ use virtio_queue::desc::RawDescriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-const REQ: u32 = 128 << 10;
+/// Largest request size accepted (the data area in guest memory holds 8 of them).
+const MAX_REQ_KIB: u32 = 1024;
 const QLEN: u16 = 256;
 
 fn main() {
@@ -23,6 +24,12 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(256);
+    let req_kib: u32 = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .filter(|k| (1..=MAX_REQ_KIB).contains(k))
+        .unwrap_or(128);
+    let req = req_kib << 10;
     let path = std::env::temp_dir().join(format!("twinbox-blk-bench-{}.img", std::process::id()));
     std::fs::write(&path, vec![7u8; (mib << 20) as usize]).expect("write disk image");
     let file = std::fs::OpenOptions::new()
@@ -54,7 +61,7 @@ fn main() {
         ("read (IN)", VIRTIO_BLK_T_IN, VRING_DESC_F_WRITE),
         ("write (OUT)", VIRTIO_BLK_T_OUT, 0),
     ] {
-        let requests = (mib << 20) / u64::from(REQ);
+        let requests = (mib << 20) / u64::from(req);
         let start = Instant::now();
         let mut sector = 0u64;
         let mut done = 0u64;
@@ -68,7 +75,7 @@ fn main() {
                 raw[..4].copy_from_slice(&kind.to_le_bytes());
                 raw[8..].copy_from_slice(&sector.to_le_bytes());
                 mem.write_slice(&raw, GuestAddress(hdr)).unwrap();
-                let data = 0x20_0000 + (i % 8) * u64::from(REQ);
+                let data = 0x20_0000 + (i % 8) * u64::from(req);
                 let base = (i * 3) as u16;
                 descs.push(RawDescriptor::from(Descriptor::new(
                     hdr,
@@ -78,7 +85,7 @@ fn main() {
                 )));
                 descs.push(RawDescriptor::from(Descriptor::new(
                     data,
-                    REQ,
+                    req,
                     (flags | VRING_DESC_F_NEXT) as u16,
                     base + 2,
                 )));
@@ -88,7 +95,7 @@ fn main() {
                     VRING_DESC_F_WRITE as u16,
                     0,
                 )));
-                sector += u64::from(REQ) / 512;
+                sector += u64::from(req) / 512;
             }
             // Descriptors into the table; heads into the avail ring, then publish the
             // new index, as a driver does.
@@ -116,7 +123,7 @@ fn main() {
         let secs = start.elapsed().as_secs_f64();
         println!(
             "{name}: {mib} MiB in {requests} requests of {} KiB: {:.3} s, {:.0} MiB/s, {:.1} us/request",
-            REQ >> 10,
+            req_kib,
             secs,
             mib as f64 / secs,
             secs * 1e6 / requests as f64
