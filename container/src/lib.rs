@@ -1,1 +1,16 @@
-//! The twinbox container (see docs/ARCHITECTURE.md).
+//! The twinbox container: the image on a read-only autoclear loop device, an overlay with
+//! a tmpfs upper layer, `pivot_root` in new pid/mount/uts/ipc/net/cgroup namespaces, one
+//! cgroup per run (cpu quota, memory without swap, pids), runc's default capabilities, and
+//! twinbox-init as PID 1 reporting phases over a pipe.
+
+mod caps;
+pub mod cgroup;
+mod child;
+mod error;
+pub mod image;
+pub mod interrupt;
+pub mod plan;
+mod run;
+
+pub use error::Error;
+pub use run::{run, INIT};

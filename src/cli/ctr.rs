@@ -1,9 +1,56 @@
-//! `twinbox ctr ...` (owned by the container work; placeholder until it lands).
-use clap::Subcommand;
+//! `twinbox ctr run`: one workload in a container made from the same image the VM boots.
 
+use super::common::RunArgs;
+use clap::{Args, Subcommand};
+use twinbox_spec::DiskSpec;
+
+/// `twinbox ctr ...`
 #[derive(Subcommand, Debug)]
-pub enum CtrCommand {}
+pub enum CtrCommand {
+    /// Run CMD in a container from the image, exit with CMD's status.
+    Run(CtrRunArgs),
+}
 
-pub fn main(command: CtrCommand, _spawn_ns: u64) -> anyhow::Result<i32> {
-    match command {}
+/// `twinbox ctr run` options.
+#[derive(Args, Debug)]
+pub struct CtrRunArgs {
+    /// CPU limit in CPUs (cgroup CFS quota; e.g. 0.5). Default: one CPU, like the VM's one
+    /// vCPU.
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<f64>,
+    /// Maximum number of tasks in the container (cgroup pids.max).
+    #[arg(long, value_name = "N")]
+    pub pids: Option<u32>,
+    /// Extra disk: the host file is bind-mounted at /mnt/disk0, /mnt/disk1, ... inside
+    /// the container, read-write unless `:ro` (repeatable; the VM sees /dev/vdb...).
+    #[arg(long = "disk", value_name = "PATH[:ro]")]
+    pub disks: Vec<DiskSpec>,
+    /// Run in a user namespace (not implemented yet: refused with an error).
+    #[arg(long)]
+    pub userns: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Runs a `ctr` subcommand.
+pub fn main(command: CtrCommand, spawn_ns: u64) -> anyhow::Result<i32> {
+    match command {
+        CtrCommand::Run(args) => run(args, spawn_ns),
+    }
+}
+
+fn run(args: CtrRunArgs, spawn_ns: u64) -> anyhow::Result<i32> {
+    let mut spec = args.run.to_spec(spawn_ns)?;
+    spec.cpus = args.cpus;
+    spec.pids_limit = args.pids;
+    spec.disks = args.disks.clone();
+    spec.user_namespace = args.userns;
+    // SIGINT/SIGTERM kill the container and tear it down; we then exit like a shell
+    // would (130/143).
+    let report = container::run(&spec)?;
+    let status = args.run.finish(&report);
+    Ok(match container::interrupt::signal() {
+        Some(signal) => 128 + signal,
+        None => status,
+    })
 }

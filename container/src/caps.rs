@@ -1,0 +1,63 @@
+//! The capabilities the container keeps: runc's default set. Everything else leaves the
+//! bounding set before init is executed, so neither init nor the workload can regain it.
+
+/// runc's default capabilities (CAP_* numbers from `<linux/capability.h>`).
+pub const DEFAULT: [(u32, &str); 14] = [
+    (0, "CHOWN"),
+    (1, "DAC_OVERRIDE"),
+    (3, "FOWNER"),
+    (4, "FSETID"),
+    (5, "KILL"),
+    (6, "SETGID"),
+    (7, "SETUID"),
+    (8, "SETPCAP"),
+    (10, "NET_BIND_SERVICE"),
+    (13, "NET_RAW"),
+    (18, "SYS_CHROOT"),
+    (27, "MKNOD"),
+    (29, "AUDIT_WRITE"),
+    (31, "SETFCAP"),
+];
+
+/// The default set as the two 32-bit words `capset` takes.
+pub fn default_mask() -> [u32; 2] {
+    let mut words = [0u32; 2];
+    for (cap, _) in DEFAULT {
+        words[(cap / 32) as usize] |= 1 << (cap % 32);
+    }
+    words
+}
+
+/// Capabilities to drop from the bounding set, up to the kernel's last one.
+pub fn to_drop(last_cap: u32) -> Vec<u32> {
+    (0..=last_cap)
+        .filter(|c| !DEFAULT.iter().any(|(d, _)| d == c))
+        .collect()
+}
+
+/// The kernel's highest capability number (`/proc/sys/kernel/cap_last_cap`), 40 if unknown.
+pub fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sys_admin_is_dropped_and_defaults_kept() {
+        let drop = to_drop(40);
+        assert!(drop.contains(&21), "CAP_SYS_ADMIN");
+        assert!(drop.contains(&16), "CAP_SYS_MODULE");
+        assert!(!drop.contains(&5), "CAP_KILL");
+        assert_eq!(drop.len(), 41 - DEFAULT.len());
+        let mask = default_mask();
+        assert_eq!(mask[0] & (1 << 21), 0);
+        assert_ne!(mask[0] & (1 << 31), 0);
+        assert_eq!(mask[1], 0);
+        assert_eq!(mask[0].count_ones() as usize, DEFAULT.len());
+    }
+}

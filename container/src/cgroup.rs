@@ -1,0 +1,438 @@
+//! One cgroup per run: limits (cpu quota, memory without swap, pids), membership, usage
+//! and OOM readout, removal.
+//!
+//! Written here rather than taken from `libcgroups`/`cgroups-rs`: this host is *hybrid*
+//! (v1 controllers under /sys/fs/cgroup/<ctrl> plus an empty cgroup2 at
+//! /sys/fs/cgroup/unified) and the run needs only three controllers and a handful of files,
+//! so a small [`CgroupManager`] with a v1 and a v2 backend is less code to trust than
+//! wiring a general manager (and its systemd/dbus features) into the deadline.
+
+use crate::Error;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// CFS period used for `--cpus` (the kernel default, 100 ms).
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// Where the controllers this run needs are mounted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// cgroup2 mounted here with the controllers available.
+    V2(PathBuf),
+    /// v1 hierarchies for cpu, memory, pids (hybrid hosts land here too: their cgroup2 is
+    /// empty).
+    V1 {
+        cpu: PathBuf,
+        memory: PathBuf,
+        pids: PathBuf,
+    },
+}
+
+/// Finds the layout from a `/proc/self/mountinfo` text. A cgroup2 mount is used when it is
+/// at `/sys/fs/cgroup` (pure v2); otherwise every needed v1 controller must be mounted.
+pub fn detect(mountinfo: &str) -> Result<Layout, Error> {
+    let mut v2 = None;
+    let (mut cpu, mut memory, mut pids) = (None, None, None);
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        let (Some(point), Some(fstype), Some(options)) =
+            (fields.get(4), fields.get(sep + 1), fields.get(sep + 3))
+        else {
+            continue;
+        };
+        match *fstype {
+            "cgroup2" if *point == "/sys/fs/cgroup" => v2 = Some(PathBuf::from(point)),
+            "cgroup" => {
+                for option in options.split(',') {
+                    match option {
+                        "cpu" => cpu = Some(PathBuf::from(point)),
+                        "memory" => memory = Some(PathBuf::from(point)),
+                        "pids" => pids = Some(PathBuf::from(point)),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(root) = v2 {
+        return Ok(Layout::V2(root));
+    }
+    match (cpu, memory, pids) {
+        (Some(cpu), Some(memory), Some(pids)) => Ok(Layout::V1 { cpu, memory, pids }),
+        (cpu, memory, pids) => {
+            let missing: Vec<&str> = [("cpu", cpu), ("memory", memory), ("pids", pids)]
+                .into_iter()
+                .filter(|(_, p)| p.is_none())
+                .map(|(n, _)| n)
+                .collect();
+            Err(Error::CgroupLayout(format!(
+                "no cgroup2 at /sys/fs/cgroup and no v1 hierarchy for {}",
+                missing.join(", ")
+            )))
+        }
+    }
+}
+
+/// The limits of one run, as the values the kernel files take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// CFS quota per [`CPU_PERIOD_US`].
+    pub cpu_quota_us: u64,
+    pub memory_bytes: u64,
+    pub pids: Option<u32>,
+}
+
+impl Limits {
+    /// From `--cpus` (a fraction of CPUs), `--memory` MiB and `--pids`.
+    pub fn new(cpus: f64, memory_mib: u32, pids: Option<u32>) -> Self {
+        Self {
+            // At least 1 ms: the kernel refuses smaller quotas.
+            cpu_quota_us: ((cpus * CPU_PERIOD_US as f64).round() as u64).max(1000),
+            memory_bytes: u64::from(memory_mib) * 1024 * 1024,
+            pids,
+        }
+    }
+}
+
+/// What the cgroup saw of the run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub memory_peak_kib: Option<u64>,
+    pub oom_killed: bool,
+}
+
+/// A cgroup of one run: limits set, tasks added, read, removed.
+pub trait CgroupManager {
+    /// Puts `pid` into the cgroup.
+    fn add(&self, pid: i32) -> Result<(), Error>;
+    /// Peak memory and whether the OOM killer struck.
+    fn stats(&self) -> Stats;
+    /// Kills what still runs in it and removes it (idempotent).
+    fn destroy(&mut self) -> Result<(), Error>;
+}
+
+fn write(path: &Path, value: &str) -> Result<(), Error> {
+    fs::write(path, value).map_err(|source| Error::Cgroup {
+        path: path.to_owned(),
+        what: format!("write {value:?}"),
+        source,
+    })
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// A `key value` line from a flat-keyed file (memory.events, memory.oom_control).
+pub fn keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.trim().parse().ok())
+}
+
+fn mkdir(path: &Path) -> Result<(), Error> {
+    fs::create_dir(path).map_err(|source| Error::Cgroup {
+        path: path.to_owned(),
+        what: "create".into(),
+        source,
+    })
+}
+
+/// Kills every task listed in `procs` until it is empty, then removes `dir`.
+fn kill_and_remove(dir: &Path) -> Result<(), Error> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let procs = dir.join("cgroup.procs");
+    for _ in 0..500 {
+        let pids: Vec<i32> = fs::read_to_string(&procs)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            // SAFETY: plain kill(2) of a task of our cgroup.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    // rmdir can fail with EBUSY for a moment after the last task died.
+    let mut last = None;
+    for _ in 0..200 {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Err(Error::Cgroup {
+        path: dir.to_owned(),
+        what: "remove".into(),
+        source: last.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EBUSY)),
+    })
+}
+
+/// v1: one directory per controller hierarchy.
+pub struct V1 {
+    cpu: PathBuf,
+    memory: PathBuf,
+    pids: PathBuf,
+    removed: bool,
+}
+
+/// v2: one directory in the unified hierarchy.
+pub struct V2 {
+    dir: PathBuf,
+    removed: bool,
+}
+
+/// Creates the cgroup `name` with `limits` in `layout`. On error nothing is left behind.
+pub fn create(
+    layout: &Layout,
+    name: &str,
+    limits: Limits,
+) -> Result<Box<dyn CgroupManager>, Error> {
+    match layout {
+        Layout::V1 { cpu, memory, pids } => {
+            let mut group = V1 {
+                cpu: cpu.join(name),
+                memory: memory.join(name),
+                pids: pids.join(name),
+                removed: false,
+            };
+            // Drop removes whatever was made if a step fails.
+            for dir in [group.cpu.clone(), group.memory.clone(), group.pids.clone()] {
+                if let Err(e) = mkdir(&dir) {
+                    group.destroy()?;
+                    return Err(e);
+                }
+            }
+            let set = || -> Result<(), Error> {
+                write(
+                    &group.cpu.join("cpu.cfs_period_us"),
+                    &CPU_PERIOD_US.to_string(),
+                )?;
+                write(
+                    &group.cpu.join("cpu.cfs_quota_us"),
+                    &limits.cpu_quota_us.to_string(),
+                )?;
+                write(
+                    &group.memory.join("memory.limit_in_bytes"),
+                    &limits.memory_bytes.to_string(),
+                )?;
+                // Swap off: memsw == mem (only exists with swap accounting).
+                let memsw = group.memory.join("memory.memsw.limit_in_bytes");
+                if memsw.exists() {
+                    write(&memsw, &limits.memory_bytes.to_string())?;
+                }
+                let _ = fs::write(group.memory.join("memory.swappiness"), "0");
+                if let Some(pids) = limits.pids {
+                    write(&group.pids.join("pids.max"), &pids.to_string())?;
+                }
+                Ok(())
+            };
+            if let Err(e) = set() {
+                group.destroy()?;
+                return Err(e);
+            }
+            Ok(Box::new(group))
+        }
+        Layout::V2(root) => {
+            let wanted = ["cpu", "memory", "pids"];
+            let available = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+            for c in wanted {
+                if !available.split_whitespace().any(|a| a == c) {
+                    return Err(Error::CgroupLayout(format!(
+                        "cgroup2 at {} lacks the {c} controller",
+                        root.display()
+                    )));
+                }
+            }
+            write(&root.join("cgroup.subtree_control"), "+cpu +memory +pids")?;
+            let mut group = V2 {
+                dir: root.join(name),
+                removed: false,
+            };
+            mkdir(&group.dir)?;
+            let set = || -> Result<(), Error> {
+                write(
+                    &group.dir.join("cpu.max"),
+                    &format!("{} {CPU_PERIOD_US}", limits.cpu_quota_us),
+                )?;
+                write(
+                    &group.dir.join("memory.max"),
+                    &limits.memory_bytes.to_string(),
+                )?;
+                let swap = group.dir.join("memory.swap.max");
+                if swap.exists() {
+                    write(&swap, "0")?;
+                }
+                if let Some(pids) = limits.pids {
+                    write(&group.dir.join("pids.max"), &pids.to_string())?;
+                }
+                Ok(())
+            };
+            if let Err(e) = set() {
+                group.destroy()?;
+                return Err(e);
+            }
+            Ok(Box::new(group))
+        }
+    }
+}
+
+impl CgroupManager for V1 {
+    fn add(&self, pid: i32) -> Result<(), Error> {
+        for dir in [&self.cpu, &self.memory, &self.pids] {
+            write(&dir.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn stats(&self) -> Stats {
+        let control =
+            fs::read_to_string(self.memory.join("memory.oom_control")).unwrap_or_default();
+        let failcnt = read_u64(&self.memory.join("memory.failcnt")).unwrap_or(0);
+        Stats {
+            memory_peak_kib: read_u64(&self.memory.join("memory.max_usage_in_bytes"))
+                .map(|b| b / 1024),
+            oom_killed: keyed(&control, "oom_kill").unwrap_or(0) > 0
+                || keyed(&control, "under_oom").unwrap_or(0) > 0
+                || (keyed(&control, "oom_kill").is_none() && failcnt > 0),
+        }
+    }
+
+    fn destroy(&mut self) -> Result<(), Error> {
+        if self.removed {
+            return Ok(());
+        }
+        // The pids hierarchy lists every task; killing them empties the others too.
+        let mut first = Ok(());
+        for dir in [&self.pids, &self.memory, &self.cpu] {
+            if let Err(e) = kill_and_remove(dir) {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        self.removed = first.is_ok();
+        first
+    }
+}
+
+impl CgroupManager for V2 {
+    fn add(&self, pid: i32) -> Result<(), Error> {
+        write(&self.dir.join("cgroup.procs"), &pid.to_string())
+    }
+
+    fn stats(&self) -> Stats {
+        let events = fs::read_to_string(self.dir.join("memory.events")).unwrap_or_default();
+        Stats {
+            memory_peak_kib: read_u64(&self.dir.join("memory.peak")).map(|b| b / 1024),
+            oom_killed: keyed(&events, "oom_kill").unwrap_or(0) > 0,
+        }
+    }
+
+    fn destroy(&mut self) -> Result<(), Error> {
+        if self.removed {
+            return Ok(());
+        }
+        let kill = self.dir.join("cgroup.kill");
+        if kill.exists() {
+            let _ = fs::write(&kill, "1");
+        }
+        kill_and_remove(&self.dir)?;
+        self.removed = true;
+        Ok(())
+    }
+}
+
+impl Drop for V1 {
+    fn drop(&mut self) {
+        if let Err(e) = self.destroy() {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+impl Drop for V2 {
+    fn drop(&mut self) {
+        if let Err(e) = self.destroy() {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn hybrid_uses_v1_controllers() {
+        assert_eq!(
+            detect(HYBRID).unwrap(),
+            Layout::V1 {
+                cpu: "/sys/fs/cgroup/cpu".into(),
+                memory: "/sys/fs/cgroup/memory".into(),
+                pids: "/sys/fs/cgroup/pids".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn co_mounted_v1_and_pure_v2() {
+        let comounted =
+            "32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n\
+                         35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n\
+                         39 31 0:36 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n";
+        assert!(
+            matches!(detect(comounted).unwrap(), Layout::V1 { cpu, .. } if cpu == Path::new("/sys/fs/cgroup/cpu,cpuacct"))
+        );
+        let v2 = "30 23 0:27 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(detect(v2).unwrap(), Layout::V2("/sys/fs/cgroup".into()));
+    }
+
+    #[test]
+    fn missing_controllers_are_named() {
+        let only_cpu = "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
+        let err = detect(only_cpu).unwrap_err().to_string();
+        assert!(err.contains("memory, pids"), "{err}");
+        assert!(detect("").is_err());
+    }
+
+    #[test]
+    fn limits_in_kernel_units() {
+        let l = Limits::new(0.5, 64, Some(20));
+        assert_eq!(l.cpu_quota_us, 50_000);
+        assert_eq!(l.memory_bytes, 64 << 20);
+        assert_eq!(l.pids, Some(20));
+        assert_eq!(Limits::new(2.0, 128, None).cpu_quota_us, 200_000);
+        assert_eq!(Limits::new(0.001, 128, None).cpu_quota_us, 1000);
+    }
+
+    #[test]
+    fn keyed_files() {
+        let control = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        assert_eq!(keyed(control, "oom_kill"), Some(3));
+        assert_eq!(keyed(control, "under_oom"), Some(0));
+        assert_eq!(keyed(control, "missing"), None);
+    }
+}

@@ -1,0 +1,253 @@
+//! What the cloned child does in its new namespaces, up to the exec of twinbox-init.
+//!
+//! Runs right after `clone` in a copy of the parent: it only walks data prepared by the
+//! parent ([`Prepared`]) and makes raw syscalls, so it never allocates (the parent may be
+//! multi-threaded). Progress and failures go to the parent over the close-on-exec status
+//! pipe as 8-byte records: `(READY, 0)` just before exec, `(step, errno)` on failure; the
+//! pipe closing without a failure record means init was executed.
+
+use crate::plan::{Plan, Step};
+use std::ffi::CString;
+use std::os::fd::RawFd;
+
+/// Record kind: sandbox ready, about to exec init.
+pub const READY: u32 = 0;
+/// Failure codes for steps outside the mount plan (plan steps are `FIRST_PLAN_STEP + i`).
+pub const WAIT_RELEASE: u32 = 1;
+pub const UNSHARE_CGROUP: u32 = 2;
+pub const PRIVATE_ROOT: u32 = 3;
+pub const HOSTNAME: u32 = 4;
+pub const LOOPBACK: u32 = 5;
+pub const PIVOT_ROOT: u32 = 6;
+pub const DETACH_OLD_ROOT: u32 = 7;
+pub const MARKER_FD: u32 = 8;
+pub const CAPABILITIES: u32 = 9;
+pub const NO_NEW_PRIVS: u32 = 10;
+pub const EXEC_INIT: u32 = 11;
+pub const OUTPUT: u32 = 12;
+pub const FIRST_PLAN_STEP: u32 = 100;
+
+/// Names the failed step of a failure record.
+pub fn describe(code: u32, plan: &Plan) -> String {
+    match code {
+        WAIT_RELEASE => "wait for the parent".into(),
+        UNSHARE_CGROUP => "unshare the cgroup namespace".into(),
+        PRIVATE_ROOT => "make / private".into(),
+        HOSTNAME => "set the hostname".into(),
+        LOOPBACK => "bring up lo".into(),
+        PIVOT_ROOT => "pivot_root".into(),
+        DETACH_OLD_ROOT => "detach the old root".into(),
+        MARKER_FD => "pass the marker fd".into(),
+        CAPABILITIES => "drop capabilities".into(),
+        NO_NEW_PRIVS => "set no_new_privs".into(),
+        EXEC_INIT => "exec /sbin/twinbox-init".into(),
+        OUTPUT => "redirect output".into(),
+        c if c >= FIRST_PLAN_STEP => plan
+            .steps
+            .get((c - FIRST_PLAN_STEP) as usize)
+            .map(Step::describe)
+            .unwrap_or_else(|| format!("step {c}")),
+        c => format!("step {c}"),
+    }
+}
+
+/// Everything the child needs, allocated before `clone`.
+pub struct Prepared {
+    pub plan: Plan,
+    pub hostname: Option<CString>,
+    /// Read end: one byte from the parent once the child is in its cgroup.
+    pub release_fd: RawFd,
+    /// Write end of the status pipe (close-on-exec).
+    pub status_fd: RawFd,
+    /// Write end of the marker pipe, handed to init (its number is in the job).
+    pub marker_fd: RawFd,
+    /// When capturing output: write end to put on stdout and stderr.
+    pub output_fd: Option<RawFd>,
+    pub init: CString,
+    pub argv: [*const libc::c_char; 2],
+    pub envp: Vec<*const libc::c_char>,
+    /// Keeps the strings `envp` points at alive.
+    #[allow(dead_code)]
+    pub env_storage: Vec<CString>,
+    pub caps_to_drop: Vec<u32>,
+    pub caps_keep: [u32; 2],
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn report(fd: RawFd, code: u32, err: i32) {
+    let mut record = [0u8; 8];
+    record[..4].copy_from_slice(&code.to_le_bytes());
+    record[4..].copy_from_slice(&err.to_le_bytes());
+    // SAFETY: writes 8 bytes from a stack buffer; a pipe write of <= PIPE_BUF is atomic.
+    unsafe { libc::write(fd, record.as_ptr().cast(), record.len()) };
+}
+
+/// Child entry: returns only on failure, with the status to exit with.
+pub fn main(p: &Prepared) -> isize {
+    let fail = |code: u32| -> isize {
+        report(p.status_fd, code, errno());
+        125
+    };
+    // SAFETY: every call below is a plain syscall on data owned by `p` or the stack.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        let mut byte = 0u8;
+        if libc::read(p.release_fd, (&mut byte as *mut u8).cast(), 1) != 1 {
+            return fail(WAIT_RELEASE);
+        }
+        libc::close(p.release_fd);
+        // Now inside the run's cgroup: the cgroup namespace is rooted there.
+        if libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
+            return fail(UNSHARE_CGROUP);
+        }
+        let none = std::ptr::null::<libc::c_char>();
+        let root = c"/";
+        if libc::mount(
+            none,
+            root.as_ptr(),
+            none,
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return fail(PRIVATE_ROOT);
+        }
+        for (i, step) in p.plan.steps.iter().enumerate() {
+            let ok = match step {
+                Step::Mount {
+                    source,
+                    target,
+                    fstype,
+                    flags,
+                    data,
+                } => {
+                    let opt = |s: &CString| if s.is_empty() { none } else { s.as_ptr() };
+                    libc::mount(
+                        opt(source),
+                        target.as_ptr(),
+                        opt(fstype),
+                        *flags,
+                        opt(data).cast(),
+                    ) == 0
+                }
+                Step::Mkdir(path) => {
+                    libc::mkdir(path.as_ptr(), 0o755) == 0 || errno() == libc::EEXIST
+                }
+                Step::Touch(path) => {
+                    let fd = libc::open(
+                        path.as_ptr(),
+                        libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                        0o644,
+                    );
+                    fd >= 0 && libc::close(fd) == 0
+                }
+                Step::Symlink { target, link } => {
+                    libc::symlink(target.as_ptr(), link.as_ptr()) == 0 || errno() == libc::EEXIST
+                }
+            };
+            if !ok {
+                return fail(FIRST_PLAN_STEP + i as u32);
+            }
+        }
+        if let Some(name) = &p.hostname {
+            if libc::sethostname(name.as_ptr(), name.as_bytes().len()) != 0 {
+                return fail(HOSTNAME);
+            }
+        }
+        if !loopback_up() {
+            return fail(LOOPBACK);
+        }
+        if libc::chdir(p.plan.new_root.as_ptr()) != 0 {
+            return fail(PIVOT_ROOT);
+        }
+        let dot = c".";
+        if libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) != 0 {
+            return fail(PIVOT_ROOT);
+        }
+        // The old root is stacked under the new one at "."; detach it.
+        if libc::umount2(dot.as_ptr(), libc::MNT_DETACH) != 0 {
+            return fail(DETACH_OLD_ROOT);
+        }
+        if libc::chdir(root.as_ptr()) != 0 {
+            return fail(DETACH_OLD_ROOT);
+        }
+        if libc::fcntl(p.marker_fd, libc::F_SETFD, 0) != 0 {
+            return fail(MARKER_FD);
+        }
+        if let Some(fd) = p.output_fd {
+            if libc::dup2(fd, 1) < 0 || libc::dup2(fd, 2) < 0 {
+                return fail(OUTPUT);
+            }
+            libc::close(fd);
+        }
+        for cap in &p.caps_to_drop {
+            if libc::prctl(libc::PR_CAPBSET_DROP, *cap as libc::c_ulong, 0, 0, 0) != 0
+                && errno() != libc::EINVAL
+            {
+                return fail(CAPABILITIES);
+            }
+        }
+        let header = CapHeader {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let data = [
+            CapData {
+                effective: p.caps_keep[0],
+                permitted: p.caps_keep[0],
+                inheritable: p.caps_keep[0],
+            },
+            CapData {
+                effective: p.caps_keep[1],
+                permitted: p.caps_keep[1],
+                inheritable: p.caps_keep[1],
+            },
+        ];
+        if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) != 0 {
+            return fail(CAPABILITIES);
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return fail(NO_NEW_PRIVS);
+        }
+        report(p.status_fd, READY, 0);
+        libc::execve(p.init.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr());
+        fail(EXEC_INIT)
+    }
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Sets IFF_UP on `lo` of the new network namespace.
+fn loopback_up() -> bool {
+    // SAFETY: a datagram socket, an ifreq on the stack, SIOCGIFFLAGS/SIOCSIFFLAGS on it.
+    unsafe {
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if sock < 0 {
+            return false;
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *d = *s as libc::c_char;
+        }
+        let ok = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) == 0 && {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(sock, libc::SIOCSIFFLAGS, &req) == 0
+        };
+        libc::close(sock);
+        ok
+    }
+}
