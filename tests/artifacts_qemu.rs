@@ -28,20 +28,41 @@ struct Boot {
     output: String,
     /// QEMU's exit status (it exits on the guest's reboot because of `-no-reboot`).
     status: ExitStatus,
-    /// Time from spawning QEMU to the first console line containing [`HELLO`].
-    to_userspace: Option<Duration>,
+    /// Each console line with the time from spawning QEMU to its arrival.
+    timed_lines: Vec<(Duration, String)>,
 }
 
 impl Boot {
+    /// Time from spawning QEMU to the first console line containing [`HELLO`].
+    fn to_userspace(&self) -> Option<Duration> {
+        self.timed_lines
+            .iter()
+            .find(|(_, line)| line.contains(HELLO))
+            .map(|(at, _)| *at)
+    }
+
+    /// The value of the first `KEY=value` console line, and when it arrived.
+    fn value(&self, key: &str) -> (String, Duration) {
+        let prefix = format!("{key}=");
+        self.timed_lines
+            .iter()
+            .find_map(|(at, line)| {
+                let value = line.trim_end_matches('\r').strip_prefix(&prefix)?;
+                Some((value.to_owned(), *at))
+            })
+            .unwrap_or_else(|| panic!("{key} missing from the console:\n{}", self.output))
+    }
+
     fn has_line(&self, wanted: &str) -> bool {
-        self.output.lines().any(|line| line.trim_end_matches('\r') == wanted)
+        self.output
+            .lines()
+            .any(|line| line.trim_end_matches('\r') == wanted)
     }
 }
 
 /// The artifact at `path`, or a test failure saying how to build it.
 fn artifact(path: PathBuf, what: &str) -> PathBuf {
-    artifacts::require(&path, what)
-        .unwrap_or_else(|message| panic!("{message}: run scripts/build-artifacts first"))
+    artifacts::require(&path, what).unwrap_or_else(|message| panic!("{message}"))
 }
 
 fn require_qemu() {
@@ -52,7 +73,10 @@ fn require_qemu() {
         .status()
         .map(|status| status.success())
         .unwrap_or(false);
-    assert!(found, "{QEMU} not found: install qemu-system-x86 (scripts/install-deps)");
+    assert!(
+        found,
+        "{QEMU} not found: install qemu-system-x86 (scripts/install-deps)"
+    );
 }
 
 /// Kills and reaps QEMU when dropped, so a failing assertion leaks no process.
@@ -72,17 +96,43 @@ fn boot(kernel: &Path, job: &Job, smp: u32) -> Boot {
     require_qemu();
     let rootfs = artifact(artifacts::rootfs_image(), "root filesystem image");
     let token = job.encode().expect("the test job encodes");
+    // Why each choice (each was tried without):
+    // - `acpi=off`: only then does QEMU append the `virtio_mmio.device=` words for the
+    //   disk (the kernel has no ACPI), else "Unable to mount root fs".
+    // - `pit=on`: without a PIT the kernel panics "IO-APIC + timer doesn't work".
+    // - `reboot=t`: microvm has no i8042, so reset by triple fault; `-no-reboot` turns the
+    //   reset into QEMU's exit 0. `panic=-1`: a panic ends QEMU too instead of hanging.
+    // - no `tsc_early_khz=`: a wrong value makes guest time race ahead (2000 made `sleep 3`
+    //   take 0.03 s); without it the kernel calibrates the TSC against the PIT or, when
+    //   TCG is too slow for that, falls back to the jiffies clocksource — correct either way.
     let cmdline = format!(
-        "console=ttyS0 reboot=t quiet tsc_early_khz=2000 root=/dev/vda ro rootfstype=ext4 \
+        "console=ttyS0 reboot=t panic=-1 quiet root=/dev/vda ro rootfstype=ext4 \
          init=/sbin/twinbox-init twinbox.job={token}"
     );
     let started = Instant::now();
     let child = Command::new(QEMU)
-        .args(["-M", "microvm,acpi=off,pit=on,pic=on,rtc=on", "-accel", "tcg", "-cpu", "max"])
+        .args([
+            "-M",
+            "microvm,acpi=off,pit=on,pic=on,rtc=on",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+        ])
         .args(["-m", "256", "-smp", &smp.to_string()])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+        ])
         .arg("-drive")
-        .arg(format!("id=root,file={},format=raw,if=none,readonly=on", rootfs.display()))
+        .arg(format!(
+            "id=root,file={},format=raw,if=none,readonly=on",
+            rootfs.display()
+        ))
         .args(["-device", "virtio-blk-device,drive=root"])
         .arg("-kernel")
         .arg(kernel)
@@ -114,16 +164,14 @@ fn boot(kernel: &Path, job: &Job, smp: u32) -> Boot {
 
     let deadline = started + BOOT_TIMEOUT;
     let mut output = String::new();
-    let mut to_userspace = None;
+    let mut timed_lines = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match lines.recv_timeout(left) {
             Ok((at, line)) => {
-                if to_userspace.is_none() && line.contains(HELLO) {
-                    to_userspace = Some(at - started);
-                }
                 output.push_str(&line);
                 output.push('\n');
+                timed_lines.push((at - started, line));
             }
             // QEMU closed its stdout: it has exited (or is about to).
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -143,7 +191,11 @@ fn boot(kernel: &Path, job: &Job, smp: u32) -> Boot {
         output.push_str("--- QEMU stderr ---\n");
         output.push_str(&errors);
     }
-    Boot { output, status, to_userspace }
+    Boot {
+        output,
+        status,
+        timed_lines,
+    }
 }
 
 /// A VM job as the VMM would send it, but without a marker device (QEMU has none).
@@ -157,7 +209,11 @@ fn vm_job(script: &str) -> Job {
 }
 
 fn check_hello_and_status(boot: &Boot, kernel: &str) {
-    assert!(boot.has_line(HELLO), "{kernel}: the workload's line is missing:\n{}", boot.output);
+    assert!(
+        boot.has_line(HELLO),
+        "{kernel}: the workload's line is missing:\n{}",
+        boot.output
+    );
     assert!(
         boot.has_line("twinbox-init: workload exited with status 7"),
         "{kernel}: init did not report status 7:\n{}",
@@ -169,7 +225,7 @@ fn check_hello_and_status(boot: &Boot, kernel: &str) {
         boot.status,
         boot.output
     );
-    match boot.to_userspace {
+    match boot.to_userspace() {
         Some(time) => eprintln!("{kernel}: QEMU start to first workload line {time:.2?}"),
         None => unreachable!("the line was found above"),
     }
@@ -178,14 +234,16 @@ fn check_hello_and_status(boot: &Boot, kernel: &str) {
 #[test]
 fn vmlinux_pvh_boots_runs_the_job_and_powers_off() {
     let vmlinux = artifact(artifacts::kernel_vmlinux(), "guest kernel vmlinux");
-    let boots: u32 =
-        std::env::var("TWINBOX_QEMU_BOOTS").ok().and_then(|n| n.parse().ok()).unwrap_or(1);
+    let boots: u32 = std::env::var("TWINBOX_QEMU_BOOTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
     let job = vm_job(&format!("echo {HELLO}; exit 7"));
     let mut times = Vec::new();
     for _ in 0..boots.max(1) {
         let boot = boot(&vmlinux, &job, 1);
         check_hello_and_status(&boot, "vmlinux");
-        times.extend(boot.to_userspace);
+        times.extend(boot.to_userspace());
     }
     if times.len() > 1 {
         times.sort();
@@ -208,11 +266,13 @@ fn bzimage_boots_runs_the_job_and_powers_off() {
 
 /// The guest features the workloads rely on, checked from inside one SMP boot: both CPUs
 /// (MP table, no ACPI), a writable overlay root over the read-only image, the kernel
-/// filesystems init mounts, cgroup v2, namespaces, and a signal death reported as such.
+/// filesystems init mounts, cgroup v2, namespaces, a guest clock that does not run ahead of
+/// real time, and a signal death reported as such.
 #[test]
-fn guest_sees_cpus_writable_overlay_root_cgroups_and_namespaces() {
+fn guest_sees_cpus_writable_overlay_root_cgroups_namespaces_and_a_sane_clock() {
     let vmlinux = artifact(artifacts::kernel_vmlinux(), "guest kernel vmlinux");
     let script = r#"
+        echo UPTIME=$(cut -d' ' -f1 /proc/uptime)
         echo CPUS=$(grep -c ^processor /proc/cpuinfo)
         echo written > /written-by-guest && echo ROOT_WRITABLE=$(cat /written-by-guest)
         echo ROOT_FS=$(awk '$2 == "/" {print $3}' /proc/mounts | tail -n 1)
@@ -222,30 +282,54 @@ fn guest_sees_cpus_writable_overlay_root_cgroups_and_namespaces() {
         for ns in pid net uts ipc user cgroup mnt; do
             [ -e /proc/self/ns/$ns ] && echo "NS_$ns=yes"
         done
-        echo HELLO_DONE
         kill -9 $$
     "#;
     let boot = boot(&vmlinux, &vm_job(script), 2);
-    let value = |key: &str| {
-        boot.output
-            .lines()
-            .find_map(|line| line.trim_end_matches('\r').strip_prefix(&format!("{key}=")))
-            .map(str::to_owned)
-            .unwrap_or_else(|| panic!("{key} missing from the console:\n{}", boot.output))
-    };
-    assert_eq!(value("CPUS"), "2", "the guest sees both vCPUs:\n{}", boot.output);
-    assert_eq!(value("ROOT_WRITABLE"), "written", "{}", boot.output);
-    assert_eq!(value("ROOT_FS"), "overlay", "init stacks an overlay on /:\n{}", boot.output);
-    for fs in ["ext4", "overlay", "tmpfs", "devtmpfs", "proc", "sysfs", "cgroup2"] {
-        assert_eq!(value(&format!("FS_{fs}")), "yes", "filesystem {fs} built in");
+    let out = &boot.output;
+    // A wrong TSC frequency (e.g. a made-up `tsc_early_khz=`) makes guest time race ahead:
+    // the guest then claims more uptime than QEMU has existed. 1 s covers rounding.
+    let (uptime, seen_at) = boot.value("UPTIME");
+    let uptime: f64 = uptime
+        .parse()
+        .unwrap_or_else(|_| panic!("uptime {uptime:?}:\n{out}"));
+    assert!(
+        uptime <= seen_at.as_secs_f64() + 1.0,
+        "guest clock runs ahead: {uptime} s of uptime {seen_at:.2?} after QEMU started:\n{out}"
+    );
+    assert_eq!(
+        boot.value("CPUS").0,
+        "2",
+        "the guest sees both vCPUs:\n{out}"
+    );
+    assert_eq!(boot.value("ROOT_WRITABLE").0, "written", "{out}");
+    assert_eq!(
+        boot.value("ROOT_FS").0,
+        "overlay",
+        "init stacks an overlay on /:\n{out}"
+    );
+    for fs in [
+        "ext4", "overlay", "tmpfs", "devtmpfs", "proc", "sysfs", "cgroup2",
+    ] {
+        assert_eq!(
+            boot.value(&format!("FS_{fs}")).0,
+            "yes",
+            "filesystem {fs} built in"
+        );
     }
     for ns in ["pid", "net", "uts", "ipc", "user", "cgroup", "mnt"] {
-        assert_eq!(value(&format!("NS_{ns}")), "yes", "namespace {ns} built in");
+        assert_eq!(
+            boot.value(&format!("NS_{ns}")).0,
+            "yes",
+            "namespace {ns} built in"
+        );
     }
     assert!(
         boot.has_line("twinbox-init: workload killed by signal 9"),
-        "init reports the signal death:\n{}",
-        boot.output
+        "init reports the signal death:\n{out}"
     );
-    assert!(boot.status.success(), "QEMU ended with {}:\n{}", boot.status, boot.output);
+    assert!(
+        boot.status.success(),
+        "QEMU ended with {}:\n{out}",
+        boot.status
+    );
 }
