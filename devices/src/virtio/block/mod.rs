@@ -94,6 +94,7 @@ impl Block {
                 size,
                 read_only,
                 id: id_bytes,
+                bounce: Default::default(),
             },
             avail_features,
             events: DeviceEvents::new(1).map_err(BlockError::EventFd)?,

@@ -12,6 +12,7 @@
 //! descriptor completes with IOERR (UNSUPP for unknown types); a chain without a usable
 //! status descriptor is returned as used with length 0 and nothing written.
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
@@ -40,6 +41,9 @@ pub struct Disk {
     pub read_only: bool,
     /// The GET_ID answer, NUL-padded.
     pub id: [u8; ID_BYTES],
+    /// Bounce buffer between the file and guest memory, kept across requests (grows up
+    /// to [`BOUNCE_LEN`]) so a request costs no allocation.
+    pub(super) bounce: RefCell<Vec<u8>>,
 }
 
 /// Why a request failed (logged; the guest sees IOERR or UNSUPP).
@@ -283,13 +287,17 @@ fn read_into_guest(
     data: &[Descriptor],
     mut offset: u64,
 ) -> Result<u32, RequestError> {
-    let mut bounce = vec![0u8; bounce_len(data)];
+    let chunk = bounce_len(data);
+    let mut bounce = disk.bounce.borrow_mut();
+    if bounce.len() < chunk {
+        bounce.resize(chunk, 0);
+    }
     let mut written = 0u32;
     for desc in data {
         let mut done = 0usize;
         let len = desc.len() as usize;
         while done < len {
-            let n = (len - done).min(bounce.len());
+            let n = (len - done).min(chunk);
             disk.file
                 .read_exact_at(&mut bounce[..n], offset)
                 .map_err(|source| RequestError::Io { offset, source })?;
@@ -314,12 +322,16 @@ fn write_from_guest(
     data: &[Descriptor],
     mut offset: u64,
 ) -> Result<(), RequestError> {
-    let mut bounce = vec![0u8; bounce_len(data)];
+    let chunk = bounce_len(data);
+    let mut bounce = disk.bounce.borrow_mut();
+    if bounce.len() < chunk {
+        bounce.resize(chunk, 0);
+    }
     for desc in data {
         let mut done = 0usize;
         let len = desc.len() as usize;
         while done < len {
-            let n = (len - done).min(bounce.len());
+            let n = (len - done).min(chunk);
             let addr = GuestAddress(desc.addr().0 + done as u64);
             mem.read_slice(&mut bounce[..n], addr)
                 .map_err(|source| RequestError::Memory {
