@@ -250,6 +250,9 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
     }
     timeline.record(Phase::GuestEntry, monotonic_ns());
     // The mount now holds the image; the loop device clears itself when it goes.
+    let loop_backing = PathBuf::from("/sys/block")
+        .join(device.path.file_name().unwrap_or_default())
+        .join("loop/backing_file");
     drop(device);
 
     let mut notes = Vec::new();
@@ -344,7 +347,16 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
     group.destroy()?;
     drop(group);
     drop(staging);
+    // The last mount of the image went with the mount namespace; autoclear detaches the
+    // loop device right after (asynchronously): torn down means it is free again.
+    let freed = wait_until(|| !loop_backing.exists());
     timeline.record(Phase::TornDown, monotonic_ns());
+    if !freed {
+        notes.push(format!(
+            "{} still attached 2 s after the run",
+            loop_backing.display()
+        ));
+    }
 
     let outcome = if let Some(reason) = stop_reason {
         Outcome::Failed(reason)
@@ -379,6 +391,17 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
         },
         notes,
     })
+}
+
+/// Polls `done` every 200 µs for up to 2 s.
+fn wait_until(done: impl Fn() -> bool) -> bool {
+    for _ in 0..10_000 {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    false
 }
 
 /// Our own peak RSS (VmHWM), KiB.
