@@ -80,8 +80,8 @@ fn disks_kernels_limits_signals_and_bad_input() {
         twinbox vm run --disk /tmp/disk.img:ro -- /bin/sh -c 'echo overwritten | dd of=/dev/vdb conv=fsync 2>/dev/null' > /dev/null
         echo RO_WRITE_STATUS=$?
         echo RO_DATA=$(twinbox vm run --disk /tmp/disk.img:ro -- /bin/sh -c 'echo DISK=$(head -c 18 /dev/vdb)' | sed -n 's/^DISK=//p')
-        echo BZ=$(twinbox vm run --kernel "$TWINBOX_CACHE/kernel/current/bzImage" -- /bin/echo bzimage-ok | grep -c '^bzimage-ok$')
-        echo ELF=$(twinbox vm run --kernel "$TWINBOX_CACHE/kernel/current/vmlinux" -- /bin/echo vmlinux-ok | grep -c '^vmlinux-ok$')
+        echo BZ=$(twinbox vm run --kernel "${TWINBOX_CACHE:-/var/cache/twinbox}/kernel/current/bzImage" -- /bin/echo bzimage-ok | grep -c '^bzimage-ok$')
+        echo ELF=$(twinbox vm run --kernel "${TWINBOX_CACHE:-/var/cache/twinbox}/kernel/current/vmlinux" -- /bin/echo vmlinux-ok | grep -c '^vmlinux-ok$')
         twinbox vm run --timeout 3 -- /bin/sleep 60 > /dev/null 2> /tmp/timeout.err; echo TIMEOUT_STATUS=$?
         echo TIMEOUT_MSG=$(grep -c 'time limit' /tmp/timeout.err)
         twinbox vm run -- /bin/sleep 60 > /dev/null & pid=$!
