@@ -1,1 +1,323 @@
-//! twinbox bench (see docs/ARCHITECTURE.md).
+//! twinbox bench: the same workloads, from the same root filesystem image, run natively,
+//! in twinbox's container and in twinbox's microVM, measured side by side.
+//!
+//! The story of a bench:
+//! 1. [`scenario`] says what runs (`/bin/true`, the tiny guest, sysbench ...) and which
+//!    numbers come out of a [`twinbox_spec::RunReport`];
+//! 2. [`schedule`] interleaves the boxes round by round (A B C A B C), warm-ups first and
+//!    discarded;
+//! 3. [`runner`] runs each slot in its box (native process, container, VM, peer VMMs) —
+//!    a box that fails a scenario is skipped for the rest of it, with the reason kept;
+//! 4. everything lands in [`results::Results`] (`results.json`, the source of truth);
+//! 5. [`report`] and [`charts`] render `report.md`, `startup.svg`, `overhead.svg` from the
+//!    stored results only, with [`stats`] (median, p10, p90).
+//!
+//! [`tiny_guest`] builds the guest of the `vmm` scenario: a few instructions that report
+//! exit 0 and reset, so the VMM's own cost is measured even where guest kernels crawl (PVM).
+
+pub mod charts;
+pub mod report;
+pub mod results;
+pub mod runner;
+pub mod scenario;
+pub mod schedule;
+pub mod stats;
+pub mod tiny_guest;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use results::{Params, Results, RunRecord, ScenarioResult, Skip};
+use runner::Runner;
+use scenario::{Context, Scenario};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+
+/// What the user asked for.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Scenarios, in order.
+    pub scenarios: Vec<Scenario>,
+    /// Counted runs per box and scenario.
+    pub runs: u32,
+    /// Warm-up runs per box and scenario.
+    pub warmup: u32,
+    /// vCPUs / CPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u32,
+    /// Output directory (created).
+    pub out: PathBuf,
+    /// Also measure peer VMMs.
+    pub peers: bool,
+    /// Time limit of one VM/peer run.
+    pub vm_timeout: Duration,
+    /// Boxes: `native`, `container`, `vm`.
+    pub boxes: Vec<String>,
+    /// The root filesystem image.
+    pub rootfs: PathBuf,
+    /// The guest kernel.
+    pub kernel: PathBuf,
+}
+
+/// A bench that could not run or could not write its results.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// An unknown box name.
+    #[error("unknown box {0:?}: use native, container, vm")]
+    UnknownBox(String),
+    /// Nothing to do.
+    #[error("--runs must be at least 1")]
+    NoRuns,
+    /// Writing an output file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Drawing a chart.
+    #[error(transparent)]
+    Chart(#[from] charts::ChartError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.into(),
+        source,
+    }
+}
+
+/// Where the outputs went.
+#[derive(Debug)]
+pub struct Outputs {
+    /// results.json
+    pub results: PathBuf,
+    /// report.md
+    pub report: PathBuf,
+    /// startup.svg
+    pub startup_svg: PathBuf,
+    /// overhead.svg
+    pub overhead_svg: PathBuf,
+}
+
+/// Most workload output kept per run in results.json.
+const OUTPUT_KEEP: usize = 4096;
+
+/// Runs the bench (progress bar on stderr) and returns every run.
+pub fn run(opts: &Options) -> Result<Results, Error> {
+    if opts.runs == 0 {
+        return Err(Error::NoRuns);
+    }
+    let mut runners: Vec<Box<dyn Runner>> = Vec::new();
+    for b in &opts.boxes {
+        runners.push(runner::by_name(b).ok_or_else(|| Error::UnknownBox(b.clone()))?);
+    }
+    if opts.peers {
+        match runner::peer_qemu::QemuMicrovm::find() {
+            Some(q) => runners.push(Box::new(q)),
+            None => tracing::warn!("--peers: qemu-system-x86_64 not in PATH, peer skipped"),
+        }
+    }
+    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+    let tiny = opts.out.join("tiny-guest.elf");
+    tiny_guest::write_to(&tiny).map_err(io_err(&tiny))?;
+    let ctx = Context {
+        rootfs: opts.rootfs.clone(),
+        kernel: opts.kernel.clone(),
+        tiny_kernel: tiny,
+        vcpus: opts.vcpus,
+        memory_mib: opts.memory_mib,
+        vm_timeout: opts.vm_timeout,
+    };
+    let started_utc = utc_now();
+    let host = twinbox_spec::host::describe();
+    let plan: Vec<(Scenario, Vec<&dyn Runner>)> = opts
+        .scenarios
+        .iter()
+        .map(|s| {
+            let boxes = runners
+                .iter()
+                .map(|r| r.as_ref())
+                .filter(|r| s.applies_to(r.name()))
+                .collect();
+            (*s, boxes)
+        })
+        .collect();
+    let total: usize = plan
+        .iter()
+        .map(|(_, b)| b.len() * (opts.runs + opts.warmup) as usize)
+        .sum();
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut scenarios = Vec::new();
+    for (scenario, boxes) in &plan {
+        scenarios.push(run_scenario(*scenario, boxes, &ctx, opts, &bar));
+    }
+    bar.finish_and_clear();
+    Ok(Results {
+        schema_version: results::SCHEMA_VERSION,
+        twinbox_version: env!("CARGO_PKG_VERSION").into(),
+        started_utc,
+        host,
+        params: Params {
+            runs: opts.runs,
+            warmup: opts.warmup,
+            vcpus: opts.vcpus,
+            memory_mib: opts.memory_mib,
+            vm_timeout_s: opts.vm_timeout.as_secs_f64(),
+            boxes: runners.iter().map(|r| r.name().to_string()).collect(),
+            peers: opts.peers,
+            rootfs: opts.rootfs.display().to_string(),
+            kernel: opts.kernel.display().to_string(),
+        },
+        scenarios,
+    })
+}
+
+fn run_scenario(
+    scenario: Scenario,
+    boxes: &[&dyn Runner],
+    ctx: &Context,
+    opts: &Options,
+    bar: &ProgressBar,
+) -> ScenarioResult {
+    let mut result = ScenarioResult {
+        name: scenario.name().into(),
+        description: scenario.description().into(),
+        workload: scenario.workload(),
+        metrics: scenario.metrics(),
+        boxes: boxes.iter().map(|b| b.name().to_string()).collect(),
+        runs: Vec::new(),
+        skipped: Vec::new(),
+    };
+    // A box that failed once is not run again in this scenario: on PVM a VM run that
+    // timed out would time out every time, and a missing runtime stays missing.
+    let mut failed: Vec<Option<String>> = vec![None; boxes.len()];
+    let mut skipped = vec![0u32; boxes.len()];
+    for slot in schedule::interleave(boxes.len(), opts.warmup, opts.runs) {
+        let runner = boxes[slot.box_index];
+        bar.set_message(format!(
+            "{} / {} #{}",
+            scenario.name(),
+            runner.name(),
+            slot.round
+        ));
+        if failed[slot.box_index].is_some() {
+            skipped[slot.box_index] += 1;
+            bar.inc(1);
+            continue;
+        }
+        let spec = scenario.spec(ctx, runner.name());
+        let (metrics, error, report) = match runner.run(&spec) {
+            Ok(mut report) => {
+                if let Some(out) = report.output.as_mut() {
+                    if out.len() > OUTPUT_KEEP {
+                        let mut cut = out.len() - OUTPUT_KEEP;
+                        while !out.is_char_boundary(cut) {
+                            cut += 1;
+                        }
+                        *out = format!("[...]{}", &out[cut..]);
+                    }
+                }
+                match scenario.extract(&report) {
+                    Ok(m) => (m, None, Some(report)),
+                    Err(e) => (Default::default(), Some(e), Some(report)),
+                }
+            }
+            Err(e) => (Default::default(), Some(e), None),
+        };
+        if let Some(e) = &error {
+            bar.println(format!(
+                "{} / {}: {}",
+                scenario.name(),
+                runner.name(),
+                e.lines().next().unwrap_or_default()
+            ));
+            failed[slot.box_index] = Some(e.clone());
+        }
+        result.runs.push(RunRecord {
+            box_name: runner.name().into(),
+            round: slot.round,
+            warmup: slot.warmup,
+            metrics,
+            error,
+            report,
+        });
+        bar.inc(1);
+    }
+    for (i, reason) in failed.into_iter().enumerate() {
+        if let (Some(reason), n) = (reason, skipped[i]) {
+            if n > 0 {
+                result.skipped.push(Skip {
+                    box_name: boxes[i].name().into(),
+                    runs_skipped: n,
+                    reason,
+                });
+            }
+        }
+    }
+    result
+}
+
+/// Writes results.json, report.md and the two SVGs into `dir`.
+pub fn write_outputs(results: &Results, dir: &Path) -> Result<Outputs, Error> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let out = Outputs {
+        results: dir.join("results.json"),
+        report: dir.join("report.md"),
+        startup_svg: dir.join("startup.svg"),
+        overhead_svg: dir.join("overhead.svg"),
+    };
+    results.save(&out.results).map_err(io_err(&out.results))?;
+    std::fs::write(&out.report, report::report_from_results(results))
+        .map_err(io_err(&out.report))?;
+    charts::startup(results, &out.startup_svg)?;
+    charts::overhead(results, &out.overhead_svg)?;
+    Ok(out)
+}
+
+/// Now, UTC, as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    utc_from_unix(secs)
+}
+
+/// Formats Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, proleptic Gregorian).
+pub fn utc_from_unix(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_formatting() {
+        assert_eq!(utc_from_unix(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_from_unix(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_from_unix(1_795_444_496), "2026-11-23T14:34:56Z");
+    }
+}

@@ -1,0 +1,402 @@
+//! `report.md`, rendered from [`Results`] alone: the machine and its KVM caveat first,
+//! then one side-by-side table per scenario (median [p10–p90] (n), ratios to native and to
+//! container computed from the stored runs), the startup phases, the common claims checked
+//! against the numbers, and every failure with its reason.
+
+use crate::results::{Results, ScenarioResult};
+use crate::stats::{summarize, Summary};
+use std::fmt::Write;
+use twinbox_spec::Phase;
+
+/// Formats a value with a precision that suits its size.
+pub fn fmt_value(v: f64) -> String {
+    let a = v.abs();
+    if a >= 1000.0 {
+        format!("{v:.0}")
+    } else if a >= 100.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// `median [p10–p90] (n)`.
+pub fn fmt_summary(s: &Summary) -> String {
+    format!(
+        "{} [{}–{}] ({})",
+        fmt_value(s.median),
+        fmt_value(s.p10),
+        fmt_value(s.p90),
+        s.n
+    )
+}
+
+/// Ratio of the medians of `box_name` and `reference` for `metric`, when both exist.
+pub fn ratio(s: &ScenarioResult, metric: &str, box_name: &str, reference: &str) -> Option<f64> {
+    let a = s.summary(box_name, metric)?.median;
+    let b = s.summary(reference, metric)?.median;
+    (b != 0.0).then(|| a / b)
+}
+
+/// Median time from spawn to each phase the box stamped, in ms, in phase order.
+pub fn phase_medians(s: &ScenarioResult, box_name: &str) -> Vec<(Phase, f64)> {
+    let counted: Vec<_> = s
+        .runs
+        .iter()
+        .filter(|r| r.box_name == box_name && !r.warmup && r.error.is_none())
+        .filter_map(|r| r.report.as_ref())
+        .collect();
+    Phase::ALL
+        .into_iter()
+        .skip(1)
+        .filter_map(|p| {
+            let v: Vec<f64> = counted
+                .iter()
+                .filter_map(|r| r.timeline.between(Phase::Spawn, p))
+                .map(|ns| ns as f64 / 1e6)
+                .collect();
+            summarize(&v).map(|s| (p, s.median))
+        })
+        .collect()
+}
+
+/// The cell of one box in a table: its summary, or why it has none.
+fn cell(s: &ScenarioResult, box_name: &str, metric: &str) -> String {
+    match s.summary(box_name, metric) {
+        Some(sum) => fmt_summary(&sum),
+        None => match s.failures(box_name).first() {
+            Some(_) => "failed (see below)".into(),
+            None if s.skipped.iter().any(|k| k.box_name == box_name) => "skipped".into(),
+            None => "—".into(),
+        },
+    }
+}
+
+fn fmt_ratio(r: Option<f64>) -> String {
+    r.map_or("—".into(), |r| format!("{r:.2}×"))
+}
+
+/// The whole report.
+pub fn report_from_results(r: &Results) -> String {
+    let mut out = String::new();
+    let h = &r.host;
+    let _ = writeln!(out, "# twinbox bench — {}\n", r.started_utc);
+    let _ = writeln!(
+        out,
+        "Machine: {} ({} cores, {:.1} GiB RAM), kernel {}, cgroups {}.  ",
+        h.cpu_model,
+        h.cores,
+        h.memory_kib as f64 / (1024.0 * 1024.0),
+        h.kernel,
+        h.cgroups
+    );
+    let _ = writeln!(out, "KVM: {} ({}).  ", h.kvm, h.kvm.describe());
+    if !h.kvm.timings_representative() {
+        let _ = writeln!(
+            out,
+            "**Caveat: on this host the VM figures of Linux workloads are dominated by \
+             emulated guest-kernel code and are not what VT-x/AMD-V hosts see.** The `vmm` \
+             scenario (tiny guest, no guest kernel) is the honest VM number here."
+        );
+    }
+    let p = &r.params;
+    let _ = writeln!(
+        out,
+        "\ntwinbox {}; {} counted runs + {} warm-up per box and scenario, boxes interleaved \
+         round by round; {} vCPU, {} MiB; VM/peer time limit {:.0} s per run. Cells are \
+         median [p10–p90] (n successful runs); ratios are box median / reference median.\n",
+        r.twinbox_version, p.runs, p.warmup, p.vcpus, p.memory_mib, p.vm_timeout_s
+    );
+    let _ = writeln!(out, "## Headline\n\n{}", headline(r));
+    for s in &r.scenarios {
+        scenario_section(&mut out, s);
+    }
+    claims(&mut out, r);
+    failures(&mut out, r);
+    out
+}
+
+fn scenario_section(out: &mut String, s: &ScenarioResult) {
+    let _ = writeln!(out, "## {}\n\n{}\n", s.name, s.description);
+    let _ = writeln!(out, "Workload: `{}`\n", s.workload.join(" "));
+    let has_native = s.boxes.iter().any(|b| b == "native");
+    let has_ctr = s.boxes.iter().any(|b| b == "container");
+    for m in &s.metrics {
+        let better = if m.higher_is_better {
+            "higher is better"
+        } else {
+            "lower is better"
+        };
+        let _ = writeln!(out, "**{}** ({}, {better})\n", m.key, m.unit);
+        let mut head = String::from("| box | median [p10–p90] (n) |");
+        let mut rule = String::from("|---|---|");
+        if has_native {
+            head.push_str(" × native |");
+            rule.push_str("---|");
+        }
+        if has_ctr {
+            head.push_str(" × container |");
+            rule.push_str("---|");
+        }
+        let _ = writeln!(out, "{head}\n{rule}");
+        for b in &s.boxes {
+            let mut row = format!("| {b} | {} |", cell(s, b, &m.key));
+            if has_native {
+                row.push_str(&format!(" {} |", fmt_ratio(ratio(s, &m.key, b, "native"))));
+            }
+            if has_ctr {
+                row.push_str(&format!(
+                    " {} |",
+                    fmt_ratio(ratio(s, &m.key, b, "container"))
+                ));
+            }
+            let _ = writeln!(out, "{row}");
+        }
+        let _ = writeln!(out);
+    }
+    if s.name == "startup" || s.name == "vmm" {
+        let _ = writeln!(
+            out,
+            "Phases (median ms from spawn; each box stamps the phases it has):\n"
+        );
+        let phases: Vec<Phase> = Phase::ALL.into_iter().skip(1).collect();
+        let _ = writeln!(
+            out,
+            "| box | {} |\n|---|{}",
+            phases
+                .iter()
+                .map(|p| p.name())
+                .collect::<Vec<_>>()
+                .join(" | "),
+            "---|".repeat(phases.len())
+        );
+        for b in &s.boxes {
+            let med = phase_medians(s, b);
+            if med.is_empty() {
+                continue;
+            }
+            let cells: Vec<String> = phases
+                .iter()
+                .map(|p| {
+                    med.iter()
+                        .find(|(q, _)| q == p)
+                        .map_or("—".into(), |(_, v)| fmt_value(*v))
+                })
+                .collect();
+            let _ = writeln!(out, "| {b} | {} |", cells.join(" | "));
+        }
+        let _ = writeln!(out);
+    }
+}
+
+/// One row per scenario: its headline metric's median per box.
+pub fn headline(r: &Results) -> String {
+    let mut boxes: Vec<String> = Vec::new();
+    for s in &r.scenarios {
+        for b in &s.boxes {
+            if !boxes.contains(b) {
+                boxes.push(b.clone());
+            }
+        }
+    }
+    let mut out = format!(
+        "| scenario | metric | {} |\n|---|---|{}\n",
+        boxes.join(" | "),
+        "---|".repeat(boxes.len())
+    );
+    for s in &r.scenarios {
+        let Some(m) = s.metrics.first() else { continue };
+        let cells: Vec<String> = boxes
+            .iter()
+            .map(|b| {
+                if !s.boxes.contains(b) {
+                    return "n/a".into();
+                }
+                match s.summary(b, &m.key) {
+                    Some(sum) => {
+                        let mut c = fmt_value(sum.median);
+                        if b != "native" {
+                            if let Some(x) = ratio(s, &m.key, b, "native") {
+                                c.push_str(&format!(" ({x:.2}×)"));
+                            }
+                        }
+                        c
+                    }
+                    None if !s.failures(b).is_empty() => "failed".into(),
+                    None => "—".into(),
+                }
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {} | {} ({}) | {} |",
+            s.name,
+            m.key,
+            m.unit,
+            cells.join(" | ")
+        );
+    }
+    out
+}
+
+fn claims(out: &mut String, r: &Results) {
+    let _ = writeln!(
+        out,
+        "## Claims checked\n\nFrom /work/shared/notes/claims.md; measured values above.\n"
+    );
+    let median = |scn: &str, b: &str, m: &str| r.scenario(scn)?.summary(b, m).map(|s| s.median);
+    let show = |v: Option<f64>, unit: &str| {
+        v.map_or("not measured".into(), |v| {
+            format!("{} {unit}", fmt_value(v))
+        })
+    };
+    let _ = writeln!(
+        out,
+        "- **Start-up: container \"seconds, even milliseconds\", VM \"minutes\".** \
+         `/bin/true` spawn → torn down: native {}, container {}, vm {}; the VMM alone (tiny \
+         guest) {}.",
+        show(median("startup", "native", "to_torn_down_ms"), "ms"),
+        show(median("startup", "container", "to_torn_down_ms"), "ms"),
+        show(median("startup", "vm", "to_torn_down_ms"), "ms"),
+        show(median("vmm", "vm", "to_torn_down_ms"), "ms"),
+    );
+    let host_mib = r.host.memory_kib as f64 / 1024.0;
+    let _ = writeln!(
+        out,
+        "- **Memory per instance: \"MB\" vs \"GB\"; density \"thousands\" vs \"tens\" per \
+         host.** Host memory of one idle instance, instances per GiB (1024 / MiB), and per \
+         this host's {:.0} MiB of RAM (memory only, nothing else counted):\n",
+        host_mib
+    );
+    let _ = writeln!(
+        out,
+        "  | box | MiB per instance | per GiB | per host |\n  |---|---|---|---|"
+    );
+    if let Some(s) = r.scenario("memory") {
+        for b in &s.boxes {
+            match s.summary(b, "host_memory_mib") {
+                Some(sum) if sum.median > 0.0 => {
+                    let _ = writeln!(
+                        out,
+                        "  | {b} | {} | {:.0} | {:.0} |",
+                        fmt_value(sum.median),
+                        1024.0 / sum.median,
+                        host_mib / sum.median
+                    );
+                }
+                _ => {
+                    let _ = writeln!(out, "  | {b} | not measured | — | — |");
+                }
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n- **Performance: container \"near native\", VM \"weaker\".** CPU (sysbench) \
+         container/native {}, vm/native {}; memory bandwidth container/native {}, \
+         vm/native {}.\n",
+        r.scenario("cpu").map_or("—".into(), |s| fmt_ratio(ratio(
+            s,
+            "events_per_s",
+            "container",
+            "native"
+        ))),
+        r.scenario("cpu").map_or("—".into(), |s| fmt_ratio(ratio(
+            s,
+            "events_per_s",
+            "vm",
+            "native"
+        ))),
+        r.scenario("membw").map_or("—".into(), |s| fmt_ratio(ratio(
+            s,
+            "mib_per_s",
+            "container",
+            "native"
+        ))),
+        r.scenario("membw").map_or("—".into(), |s| fmt_ratio(ratio(
+            s,
+            "mib_per_s",
+            "vm",
+            "native"
+        ))),
+    );
+}
+
+fn failures(out: &mut String, r: &Results) {
+    let _ = writeln!(out, "## Failures and skipped runs\n");
+    let mut any = false;
+    for s in &r.scenarios {
+        for run in s.runs.iter().filter(|x| x.error.is_some()) {
+            any = true;
+            let why = run.error.as_deref().unwrap_or_default();
+            let first = why.lines().next().unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "- {} / {} round {}{}: {first}",
+                s.name,
+                run.box_name,
+                run.round,
+                if run.warmup { " (warm-up)" } else { "" }
+            );
+        }
+        for k in &s.skipped {
+            any = true;
+            let _ = writeln!(
+                out,
+                "- {} / {}: {} remaining runs skipped after a failure ({})",
+                s.name,
+                k.box_name,
+                k.runs_skipped,
+                k.reason.lines().next().unwrap_or_default()
+            );
+        }
+    }
+    if !any {
+        let _ = writeln!(out, "None.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::tests::sample;
+
+    #[test]
+    fn ratios_come_from_stored_runs() {
+        let r = sample();
+        let cpu = r.scenario("cpu").unwrap();
+        // native medians 1100, container 960 (warm-ups of 1.0 excluded).
+        let x = ratio(cpu, "events_per_s", "container", "native").unwrap();
+        assert!((x - 960.0 / 1100.0).abs() < 1e-12);
+        assert_eq!(ratio(cpu, "events_per_s", "vm", "native"), None);
+        let text = report_from_results(&r);
+        assert!(
+            text.contains("| native | 1100 [1020–1180] (3) | 1.00× | 1.15× |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| container | 960.0 [912.0–984.0] (3) | 0.87× | 1.00× |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| vm | failed (see below) | — | — |"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn caveat_and_failures_are_stated() {
+        let text = report_from_results(&sample());
+        let head: Vec<&str> = text.lines().take(6).collect();
+        assert!(head.iter().any(|l| l.contains("Test CPU")));
+        assert!(head
+            .iter()
+            .any(|l| l.contains("not what VT-x/AMD-V hosts see")));
+        assert!(text.contains("cpu / vm round 1: time limit of 5.0 s reached"));
+        assert!(text.contains("3 remaining runs skipped"));
+        assert!(headline(&sample())
+            .contains("| cpu | events_per_s (events/s) | 1100 | 960.0 (0.87×) | failed |"));
+    }
+}

@@ -1,0 +1,255 @@
+//! `results.json`: every run of a bench, the source of truth the report and charts are
+//! rendered from (never from live state, so a stored file can be re-rendered and checked).
+
+use crate::stats::{summarize, Summary};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use twinbox_spec::host::HostInfo;
+use twinbox_spec::RunReport;
+
+/// Version of this file's layout; bumped on incompatible changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A whole bench.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Results {
+    /// [`SCHEMA_VERSION`] of the writer.
+    pub schema_version: u32,
+    /// twinbox version (the crate version).
+    pub twinbox_version: String,
+    /// When the bench started, UTC, `YYYY-MM-DDTHH:MM:SSZ`.
+    pub started_utc: String,
+    /// The machine.
+    pub host: HostInfo,
+    /// What was asked.
+    pub params: Params,
+    /// One entry per scenario, in the order run.
+    pub scenarios: Vec<ScenarioResult>,
+}
+
+/// The parameters of the bench.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Params {
+    /// Counted runs per box and scenario.
+    pub runs: u32,
+    /// Discarded warm-up runs per box and scenario.
+    pub warmup: u32,
+    /// vCPUs of the VM / CPUs of the container.
+    pub vcpus: u32,
+    /// Memory of the VM / limit of the container, MiB.
+    pub memory_mib: u32,
+    /// Per-run time limit of VM and peer runs, seconds.
+    pub vm_timeout_s: f64,
+    /// Boxes asked for, in run order.
+    pub boxes: Vec<String>,
+    /// Whether peer VMMs were measured.
+    pub peers: bool,
+    /// The root filesystem image.
+    pub rootfs: String,
+    /// The guest kernel.
+    pub kernel: String,
+}
+
+/// One metric a scenario measures.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetricDef {
+    /// Key in [`RunRecord::metrics`].
+    pub key: String,
+    /// Unit shown in the report.
+    pub unit: String,
+    /// Whether more is better (throughput) or worse (time, memory).
+    pub higher_is_better: bool,
+}
+
+/// One scenario: its definition and all its runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScenarioResult {
+    /// Scenario name (`startup`, `vmm`, `cpu`, ...).
+    pub name: String,
+    /// What it measures and how, one paragraph.
+    pub description: String,
+    /// The workload's argv (or what stands for it).
+    pub workload: Vec<String>,
+    /// The metrics, the first being the headline.
+    pub metrics: Vec<MetricDef>,
+    /// Boxes that took part, in run order.
+    pub boxes: Vec<String>,
+    /// Every run, warm-ups included, in the order done.
+    pub runs: Vec<RunRecord>,
+    /// Boxes whose remaining runs were skipped, and why.
+    pub skipped: Vec<Skip>,
+}
+
+/// Runs of a box not done.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Skip {
+    /// The box.
+    pub box_name: String,
+    /// How many runs were not done.
+    pub runs_skipped: u32,
+    /// Why.
+    pub reason: String,
+}
+
+/// One run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The box.
+    pub box_name: String,
+    /// Round (0-based, warm-up rounds included).
+    pub round: u32,
+    /// Warm-up run, not summarised.
+    pub warmup: bool,
+    /// Measured values by metric key; empty when the run failed.
+    pub metrics: BTreeMap<String, f64>,
+    /// Why the run failed, if it did.
+    pub error: Option<String>,
+    /// The box's report (workload output cut to a few KiB), when the box produced one.
+    pub report: Option<RunReport>,
+}
+
+impl Results {
+    /// Writes pretty JSON to `path`.
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(path, text + "\n")
+    }
+
+    /// Reads a `results.json`.
+    pub fn load(path: &Path) -> std::io::Result<Self> {
+        let text = std::fs::read_to_string(path)?;
+        serde_json::from_str(&text).map_err(std::io::Error::other)
+    }
+
+    /// The scenario called `name`.
+    pub fn scenario(&self, name: &str) -> Option<&ScenarioResult> {
+        self.scenarios.iter().find(|s| s.name == name)
+    }
+}
+
+impl ScenarioResult {
+    /// Counted (non-warm-up, successful) values of `metric` for `box_name`.
+    pub fn values(&self, box_name: &str, metric: &str) -> Vec<f64> {
+        self.runs
+            .iter()
+            .filter(|r| r.box_name == box_name && !r.warmup && r.error.is_none())
+            .filter_map(|r| r.metrics.get(metric).copied())
+            .collect()
+    }
+
+    /// Summary of `metric` for `box_name`, `None` with no successful counted run.
+    pub fn summary(&self, box_name: &str, metric: &str) -> Option<Summary> {
+        summarize(&self.values(box_name, metric))
+    }
+
+    /// Counted runs of `box_name` that failed, with their reasons.
+    pub fn failures(&self, box_name: &str) -> Vec<&str> {
+        self.runs
+            .iter()
+            .filter(|r| r.box_name == box_name && !r.warmup)
+            .filter_map(|r| r.error.as_deref())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use twinbox_spec::host::{CgroupLayout, KvmFlavor};
+
+    /// A small hand-built bench used by the report tests too.
+    pub(crate) fn sample() -> Results {
+        let run = |box_name: &str, round: u32, warmup: bool, v: Option<f64>| RunRecord {
+            box_name: box_name.into(),
+            round,
+            warmup,
+            metrics: v
+                .map(|v| BTreeMap::from([("events_per_s".to_string(), v)]))
+                .unwrap_or_default(),
+            error: v
+                .is_none()
+                .then(|| "time limit of 5.0 s reached".to_string()),
+            report: None,
+        };
+        Results {
+            schema_version: SCHEMA_VERSION,
+            twinbox_version: "0.1.0".into(),
+            started_utc: "2026-11-23T14:00:00Z".into(),
+            host: HostInfo {
+                cpu_model: "Test CPU".into(),
+                cores: 2,
+                memory_kib: 4 << 20,
+                kernel: "6.1.0-test".into(),
+                kvm: KvmFlavor::Pvm,
+                cgroups: CgroupLayout::V2,
+            },
+            params: Params {
+                runs: 3,
+                warmup: 1,
+                vcpus: 1,
+                memory_mib: 128,
+                vm_timeout_s: 5.0,
+                boxes: vec!["native".into(), "container".into(), "vm".into()],
+                peers: false,
+                rootfs: "/img".into(),
+                kernel: "/vmlinux".into(),
+            },
+            scenarios: vec![ScenarioResult {
+                name: "cpu".into(),
+                description: "sysbench cpu".into(),
+                workload: vec!["sysbench".into()],
+                metrics: vec![MetricDef {
+                    key: "events_per_s".into(),
+                    unit: "events/s".into(),
+                    higher_is_better: true,
+                }],
+                boxes: vec!["native".into(), "container".into(), "vm".into()],
+                runs: vec![
+                    run("native", 0, true, Some(1.0)),
+                    run("container", 0, true, Some(1.0)),
+                    run("vm", 1, false, None),
+                    run("native", 1, false, Some(1000.0)),
+                    run("container", 1, false, Some(900.0)),
+                    run("native", 2, false, Some(1200.0)),
+                    run("container", 2, false, Some(960.0)),
+                    run("native", 3, false, Some(1100.0)),
+                    run("container", 3, false, Some(990.0)),
+                ],
+                skipped: vec![Skip {
+                    box_name: "vm".into(),
+                    runs_skipped: 3,
+                    reason: "time limit of 5.0 s reached".into(),
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let results = sample();
+        let dir = std::env::temp_dir().join(format!("bench-results-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("results.json");
+        results.save(&path).unwrap();
+        let back = Results::load(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(back, results);
+    }
+
+    #[test]
+    fn summaries_skip_warmups_and_failures() {
+        let results = sample();
+        let cpu = results.scenario("cpu").unwrap();
+        assert_eq!(
+            cpu.values("native", "events_per_s"),
+            vec![1000.0, 1200.0, 1100.0]
+        );
+        assert_eq!(
+            cpu.summary("native", "events_per_s").unwrap().median,
+            1100.0
+        );
+        assert_eq!(cpu.summary("vm", "events_per_s"), None);
+        assert_eq!(cpu.failures("vm"), vec!["time limit of 5.0 s reached"]);
+    }
+}

@@ -1,0 +1,144 @@
+//! Running a host process with phase stamps, a time limit and its own resource usage
+//! (through `wait4`, so concurrent children of ours do not mix in).
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use twinbox_spec::{Outcome, Phase, Timeline, Usage};
+
+/// What a finished host process did.
+pub struct Finished {
+    /// Exit status or signal; `Failed` when the time limit killed it.
+    pub outcome: Outcome,
+    /// spawn (given), workload_started (exec done), workload_exited (reaped), torn_down.
+    pub timeline: Timeline,
+    /// Its stdout and stderr, when captured.
+    pub output: Option<String>,
+    /// Peak RSS and CPU time of the process.
+    pub usage: Usage,
+}
+
+/// Spawns `cmd` (stamped from `spawn_ns`), waits at most `limit`, reaps it.
+///
+/// `Command::spawn` returns only once `execve` succeeded (std reports exec failures
+/// through a close-on-exec pipe), so its return is the `workload_started` stamp.
+pub fn run(
+    mut cmd: Command,
+    spawn_ns: u64,
+    capture: bool,
+    limit: Option<Duration>,
+) -> Result<Finished, String> {
+    let mut timeline = Timeline::starting_at(spawn_ns);
+    cmd.stdin(Stdio::null());
+    if capture {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+    timeline.record_now(Phase::WorkloadStarted);
+    let readers = capture.then(|| spawn_readers(&mut child));
+    let started = Instant::now();
+    let pid = child.id() as libc::pid_t;
+    let mut killed = false;
+    let (status, rusage) = loop {
+        let mut status = 0;
+        // SAFETY: all-zero is a valid rusage.
+        let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `pid` is our unreaped child; the out-pointers are valid locals.
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut rusage) };
+        if r == pid {
+            break (status, rusage);
+        }
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("waiting for pid {pid}: {e}"));
+        }
+        if !killed && limit.is_some_and(|l| started.elapsed() > l) {
+            let _ = child.kill();
+            killed = true;
+        }
+        // Short sleeps: the exit stamp is at most this late.
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    timeline.record_now(Phase::WorkloadExited);
+    let output = readers.map(|(a, b)| {
+        let mut text = a.join().unwrap_or_default();
+        text.push_str(&b.join().unwrap_or_default());
+        text
+    });
+    timeline.record_now(Phase::TornDown);
+    let outcome = if killed {
+        Outcome::Failed(format!(
+            "time limit of {:.1} s reached",
+            limit.unwrap_or_default().as_secs_f64()
+        ))
+    } else if libc::WIFEXITED(status) {
+        Outcome::Exited(libc::WEXITSTATUS(status))
+    } else {
+        Outcome::Signaled(libc::WTERMSIG(status))
+    };
+    let us = |t: libc::timeval| (t.tv_sec as u64) * 1_000_000 + t.tv_usec as u64;
+    Ok(Finished {
+        outcome,
+        timeline,
+        output,
+        usage: Usage {
+            runtime_peak_rss_kib: Some(rusage.ru_maxrss as u64),
+            cpu_user_us: Some(us(rusage.ru_utime)),
+            cpu_system_us: Some(us(rusage.ru_stime)),
+            ..Usage::default()
+        },
+    })
+}
+
+type Reader = std::thread::JoinHandle<String>;
+
+/// Drains stdout and stderr on threads so a chatty child never blocks on a full pipe.
+fn spawn_readers(child: &mut Child) -> (Reader, Reader) {
+    fn drain(mut r: impl Read + Send + 'static) -> Reader {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    }
+    let out = child.stdout.take().expect("stdout is piped");
+    let err = child.stderr.take().expect("stderr is piped");
+    (drain(out), drain(err))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twinbox_spec::clock::monotonic_ns;
+
+    #[test]
+    fn stamps_are_ordered_and_status_passes_through() {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", "echo hi; exit 3"]);
+        let done = run(cmd, monotonic_ns(), true, None).unwrap();
+        assert_eq!(done.outcome, Outcome::Exited(3));
+        assert_eq!(done.output.as_deref(), Some("hi\n"));
+        assert!(done.timeline.is_ordered());
+        assert!(done.timeline.get(Phase::TornDown).is_some());
+        assert!(done.usage.runtime_peak_rss_kib.unwrap() > 0);
+    }
+
+    #[test]
+    fn time_limit_kills() {
+        let mut cmd = Command::new("/bin/sleep");
+        cmd.arg("30");
+        let done = run(cmd, monotonic_ns(), false, Some(Duration::from_millis(50))).unwrap();
+        assert!(matches!(done.outcome, Outcome::Failed(ref m) if m.contains("time limit")));
+    }
+
+    #[test]
+    fn missing_program_is_an_error() {
+        let cmd = Command::new("/nonexistent/twinbox-bench-test");
+        assert!(run(cmd, monotonic_ns(), false, None).is_err());
+    }
+}

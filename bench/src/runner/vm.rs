@@ -1,0 +1,17 @@
+//! The microVM box: twinbox's own VMM (`vmm::run`).
+
+use super::Runner;
+use twinbox_spec::{RunReport, RunSpec};
+
+/// twinbox microVM runner.
+pub struct Vm;
+
+impl Runner for Vm {
+    fn name(&self) -> &str {
+        "vm"
+    }
+
+    fn run(&self, spec: &RunSpec) -> Result<RunReport, String> {
+        vmm::run(spec).map_err(|e| format!("vmm: {e}"))
+    }
+}
