@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds the lab's kernel side: Debian's stock cloud kernel and the KVM modules it needs
-# (kvm, kvm-amd, irqbypass), unpacked from the .deb into the cache — never installed on
+# (kvm, kvm-amd, irqbypass) plus loop, tun and overlay (so VM networking and containers
+# can be tried in the lab too), unpacked from the .deb into the cache — never installed on
 # the host. Keyed by package version + this script; a cached key returns at once. Prints
 # the output directory as its last line.
-#   $TWINBOX_CACHE/lab/<key>/{vmlinuz,modules/*.ko,version}   and   lab/current -> <key>
+#   $TWINBOX_CACHE/lab/<key>/{vmlinuz,modules/*.ko,version}   (modules decompressed)   and   lab/current -> <key>
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${TWINBOX_CACHE:-/var/cache/twinbox}
@@ -24,7 +25,7 @@ publish_current() {
   ln -sfn "$key" "$cache/lab/current.tmp.$$"
   mv -T "$cache/lab/current.tmp.$$" "$cache/lab/current"
 }
-if [[ -f $out/vmlinuz && -f $out/modules/kvm-amd.ko ]]; then
+if [[ -f $out/vmlinuz && -f $out/modules/overlay.ko ]]; then
   publish_current
   echo "$out"
   exit 0
@@ -44,8 +45,9 @@ dpkg-deb -x "$deb" "$work/x"
 stage="$work/out"
 mkdir -p "$stage/modules"
 cp "$work"/x/boot/vmlinuz-* "$stage/vmlinuz"
-# kvm-amd needs kvm, which needs irqbypass (modinfo -F depends); load order is in lab/run.
-for module in irqbypass kvm kvm-amd; do
+# kvm-amd needs kvm, which needs irqbypass (modinfo -F depends); loop, tun and overlay
+# depend on nothing. Load order is in lab/run.
+for module in irqbypass kvm kvm-amd loop tun overlay; do
   src=$(find "$work/x/lib/modules" -name "$module.ko*" | head -n1)
   [[ -n $src ]] || { echo "lab: $package has no $module module" >&2; exit 1; }
   case $src in
