@@ -3,6 +3,7 @@
 //! it; it never passes silently.
 #![allow(dead_code)]
 
+pub mod kvm;
 pub mod lab;
 pub mod leaks;
 
@@ -51,7 +52,7 @@ pub enum VmHost {
 
 /// Chooses where Linux-booting VM tests run.
 pub fn vm_host() -> VmHost {
-    match twinbox_spec::host::kvm_flavor() {
+    match kvm::host_kvm() {
         KvmFlavor::Hardware { .. } | KvmFlavor::Nested { .. } => VmHost::HostKvm,
         _ => VmHost::Lab,
     }
