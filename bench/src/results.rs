@@ -143,11 +143,12 @@ impl ScenarioResult {
         summarize(&self.values(box_name, metric))
     }
 
-    /// Counted runs of `box_name` that failed, with their reasons.
+    /// Runs of `box_name` that failed (warm-ups included: a box that fails its warm-up
+    /// is skipped for the rest of the scenario), with their reasons.
     pub fn failures(&self, box_name: &str) -> Vec<&str> {
         self.runs
             .iter()
-            .filter(|r| r.box_name == box_name && !r.warmup)
+            .filter(|r| r.box_name == box_name)
             .filter_map(|r| r.error.as_deref())
             .collect()
     }

@@ -1,9 +1,120 @@
-//! `twinbox bench` (owned by the bench work; placeholder until it lands).
+//! `twinbox bench`: runs the scenarios natively, in the container and in the microVM,
+//! writes results.json, report.md and SVG charts, and prints the headline table.
+
+use anyhow::Context as _;
+use bench::scenario::Scenario;
 use clap::Args;
+use std::path::PathBuf;
+use std::time::Duration;
+use twinbox_spec::artifacts;
 
+/// Options of `twinbox bench`.
 #[derive(Args, Debug)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Scenarios to run: startup, vmm, cpu, memory, membw (default: all, in that order).
+    pub scenarios: Vec<String>,
+    /// Counted runs per box and scenario.
+    #[arg(long, default_value_t = 5)]
+    pub runs: u32,
+    /// Warm-up runs per box and scenario (run, stored, not counted).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: u32,
+    /// vCPUs of the VM / CPUs of the container.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Memory of the VM / memory limit of the container, MiB.
+    #[arg(long, default_value_t = 128)]
+    pub memory: u32,
+    /// Output directory (default: bench-results/<UTC timestamp>/).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also measure peer VMMs (QEMU microvm, tiny guest) when installed.
+    #[arg(long)]
+    pub peers: bool,
+    /// Time limit of one VM or peer run, seconds; a VM failure skips the rest of that
+    /// scenario's VM runs.
+    #[arg(long, default_value_t = 30.0)]
+    pub vm_timeout: f64,
+    /// Boxes to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "native,container,vm")]
+    pub boxes: Vec<String>,
+    /// Root filesystem image (default: the cached artifact).
+    #[arg(long)]
+    pub rootfs: Option<PathBuf>,
+    /// Guest kernel (default: the cached vmlinux).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+}
 
-pub fn main(_args: BenchArgs) -> anyhow::Result<i32> {
-    anyhow::bail!("`twinbox bench` is not built yet")
+/// Runs the bench; exit status 0 when the results were written (failed runs are part of
+/// the results, not an error of the bench).
+pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
+    let scenarios = if args.scenarios.is_empty() {
+        Scenario::ALL.to_vec()
+    } else {
+        args.scenarios
+            .iter()
+            .map(|s| {
+                Scenario::parse(s).with_context(|| {
+                    format!("unknown scenario {s:?}: use startup, vmm, cpu, memory, membw")
+                })
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    if !(args.vm_timeout.is_finite() && args.vm_timeout > 0.0) {
+        anyhow::bail!(
+            "--vm-timeout {}: must be a positive number of seconds",
+            args.vm_timeout
+        );
+    }
+    if args.runs == 0 {
+        anyhow::bail!("--runs 0: need at least one counted run");
+    }
+    let probe = twinbox_spec::RunSpec {
+        vcpus: args.vcpus,
+        memory_mib: args.memory,
+        ..twinbox_spec::RunSpec::new("/", vec!["/bin/true".into()])
+    };
+    probe.validate()?;
+    for b in &args.boxes {
+        if bench::runner::by_name(b).is_none() {
+            anyhow::bail!("--boxes: unknown box {b:?}: use native, container, vm");
+        }
+    }
+    let rootfs = args.rootfs.unwrap_or_else(artifacts::rootfs_image);
+    let kernel = args.kernel.unwrap_or_else(artifacts::kernel_vmlinux);
+    let needs_image = args.boxes.iter().any(|b| b != "native");
+    if needs_image && !rootfs.is_file() {
+        anyhow::bail!(
+            "root filesystem image {} not found: build it (rootfs/build.sh) or pass --rootfs",
+            rootfs.display()
+        );
+    }
+    let out = args
+        .out
+        .unwrap_or_else(|| PathBuf::from("bench-results").join(bench::utc_now().replace(':', "")));
+    let opts = bench::Options {
+        scenarios,
+        runs: args.runs,
+        warmup: args.warmup,
+        vcpus: args.vcpus,
+        memory_mib: args.memory,
+        out: out.clone(),
+        peers: args.peers,
+        vm_timeout: Duration::from_secs_f64(args.vm_timeout),
+        boxes: args.boxes,
+        rootfs,
+        kernel,
+    };
+    let results = bench::run(&opts)?;
+    let written = bench::write_outputs(&results, &out)?;
+    println!("{}", bench::report::headline(&results));
+    println!("report:  {}", written.report.display());
+    println!("results: {}", written.results.display());
+    println!(
+        "charts:  {} {}",
+        written.startup_svg.display(),
+        written.overhead_svg.display()
+    );
+    Ok(0)
 }

@@ -1,8 +1,8 @@
 //! Peer: QEMU's `microvm` machine booting the same tiny guest, timed from process start
 //! to process exit (QEMU has no twinbox marker device, so no inner phases).
 //!
-//! QEMU ignores the write to the unknown marker port, then the i8042 reset makes it exit
-//! because of `-no-reboot`.
+//! QEMU ignores the write to the unknown marker port, then the i8042 reset (an `i8042`
+//! device is added: microvm has none) makes it exit because of `-no-reboot`.
 
 use super::{process, Runner};
 use std::path::PathBuf;
@@ -51,6 +51,10 @@ impl Runner for QemuMicrovm {
             "-no-user-config",
             "-nographic",
             "-no-reboot",
+            // microvm has no keyboard controller of its own; without one the guest's
+            // reset request goes nowhere and QEMU never exits.
+            "-device",
+            "i8042",
             "-kernel",
         ]);
         cmd.arg(kernel);
