@@ -198,8 +198,9 @@ mod tests {
         assert_eq!(u32_at(&f, note), 4);
         assert_eq!(u64_at(&f, note + 8), NOTE_OFFSET as u64);
         assert_eq!(u64_at(&f, note + 32), 20);
-        // Segments stay inside the file.
-        assert!(NOTE_OFFSET + 20 <= CODE_OFFSET);
+        // The note lies inside the file and ends before the code.
+        const { assert!(NOTE_OFFSET + NOTE_SIZE <= CODE_OFFSET) };
+        assert!(NOTE_OFFSET + NOTE_SIZE <= f.len());
     }
 
     #[test]

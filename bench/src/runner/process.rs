@@ -66,7 +66,7 @@ pub fn run(
         // The child's own peak RSS, sampled every ~10 ms while it lives: `ru_maxrss` of
         // a child spawned with vfork semantics starts from the parent's high-water mark,
         // so it would report the bench's memory, not the workload's.
-        if polls % 50 == 0 {
+        if polls.is_multiple_of(50) {
             hwm_kib = vm_hwm_kib(pid).or(hwm_kib);
         }
         polls += 1;
