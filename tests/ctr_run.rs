@@ -349,3 +349,29 @@ fn sigterm_to_the_cli_tears_the_container_down() {
         assert_eq!(status.code(), Some(143));
     });
 }
+
+#[test]
+fn library_call_captures_output_for_the_bench() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let rootfs = image();
+    let report = common::leaks::check_no_leaks("container::run", || {
+        let mut spec = twinbox_spec::RunSpec::new(
+            &rootfs,
+            vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo out; echo err >&2; exit 3".into(),
+            ],
+        );
+        spec.output = twinbox_spec::run_spec::OutputMode::Capture;
+        container::run(&spec).expect("container::run")
+    });
+    assert_eq!(report.outcome, Outcome::Exited(3));
+    let output = report.output.expect("captured output");
+    assert!(
+        output.contains("out\n") && output.contains("err\n"),
+        "{output:?}"
+    );
+    assert!(report.timeline.is_ordered(), "{:?}", report.timeline);
+    assert!(report.usage.cgroup_memory_peak_kib.is_some());
+}
