@@ -25,7 +25,8 @@ fn run_script(script: &str, lab_mem_mib: u32) -> LabOutput {
 }
 
 fn value(out: &LabOutput, key: &str) -> String {
-    out.value(key).unwrap_or_else(|| panic!("{key} missing from the output:\n{}", out.output))
+    out.value(key)
+        .unwrap_or_else(|| panic!("{key} missing from the output:\n{}", out.output))
 }
 
 #[test]
@@ -51,7 +52,11 @@ fn workloads_report_output_status_signals_cpus_and_memory() {
         3072,
     );
     assert_eq!(value(&out, "ECHO_STATUS"), "0", "{}", out.output);
-    assert_eq!(value(&out, "ECHO_LINES"), "1", "the workload's line reached our stdout once");
+    assert_eq!(
+        value(&out, "ECHO_LINES"),
+        "1",
+        "the workload's line reached our stdout once"
+    );
     for code in ["0", "1", "7", "255"] {
         assert_eq!(value(&out, &format!("EXIT_{code}")), code, "{}", out.output);
     }
@@ -60,12 +65,22 @@ fn workloads_report_output_status_signals_cpus_and_memory() {
         assert_eq!(value(&out, &format!("NPROC_{n}")), n, "{}", out.output);
     }
     for mib in [128u64, 2048] {
-        let kib: u64 = value(&out, &format!("MEMTOTAL_{mib}")).parse().expect("MemTotal in KiB");
+        let kib: u64 = value(&out, &format!("MEMTOTAL_{mib}"))
+            .parse()
+            .expect("MemTotal in KiB");
         // The kernel keeps some RAM for itself (code, memmap): MemTotal is a bit below.
-        assert!(kib <= mib * 1024 && kib >= mib * 1024 * 80 / 100, "MemTotal {kib} KiB for {mib} MiB");
+        assert!(
+            kib <= mib * 1024 && kib >= mib * 1024 * 80 / 100,
+            "MemTotal {kib} KiB for {mib} MiB"
+        );
     }
     assert_eq!(value(&out, "JSON_STATUS"), "0");
-    assert_eq!(value(&out, "JSON_PHASES"), "7", "every phase stamped:\n{}", out.output);
+    assert_eq!(
+        value(&out, "JSON_PHASES"),
+        "7",
+        "every phase stamped:\n{}",
+        out.output
+    );
     assert_eq!(value(&out, "JSON_EXITED"), "1");
 }
 
@@ -95,14 +110,31 @@ fn disks_kernels_limits_signals_and_bad_input() {
         2048,
     );
     assert_eq!(value(&out, "RW_STATUS"), "0", "{}", out.output);
-    assert_eq!(value(&out, "RW_DATA"), "persisted-by-guest", "guest writes reach the host file");
-    assert_ne!(value(&out, "RO_WRITE_STATUS"), "0", "a :ro disk refuses writes");
-    assert_eq!(value(&out, "RO_DATA"), "persisted-by-guest", "{}", out.output);
+    assert_eq!(
+        value(&out, "RW_DATA"),
+        "persisted-by-guest",
+        "guest writes reach the host file"
+    );
+    assert_ne!(
+        value(&out, "RO_WRITE_STATUS"),
+        "0",
+        "a :ro disk refuses writes"
+    );
+    assert_eq!(
+        value(&out, "RO_DATA"),
+        "persisted-by-guest",
+        "{}",
+        out.output
+    );
     assert_eq!(value(&out, "BZ"), "1", "bzImage boots:\n{}", out.output);
     assert_eq!(value(&out, "ELF"), "1", "vmlinux boots:\n{}", out.output);
     assert_eq!(value(&out, "TIMEOUT_STATUS"), "1", "{}", out.output);
     assert_eq!(value(&out, "TIMEOUT_MSG"), "1");
-    assert_eq!(value(&out, "TERM_STATUS"), "143", "SIGTERM stops the VM, CLI exits 128+15");
+    assert_eq!(
+        value(&out, "TERM_STATUS"),
+        "143",
+        "SIGTERM stops the VM, CLI exits 128+15"
+    );
     assert_eq!(value(&out, "LEFT_PROCESSES"), "0", "{}", out.output);
     assert_eq!(value(&out, "NOT_EXT4_STATUS"), "125", "{}", out.output);
     assert_eq!(value(&out, "NOT_EXT4_LINES"), "1", "one line for bad input");

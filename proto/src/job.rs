@@ -136,7 +136,10 @@ impl Job {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        Self { argv: argv.into_iter().map(Into::into).collect(), ..Self::default() }
+        Self {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
     }
 
     /// Checks what `execve` and init would reject later, so the host can report it.
@@ -173,7 +176,9 @@ impl Job {
         push_record(&mut out, TAG_CWD, self.cwd.as_bytes());
         match self.marker {
             MarkerChannel::None => {}
-            MarkerChannel::Port(port) => push_record(&mut out, TAG_MARKER_PORT, &port.to_le_bytes()),
+            MarkerChannel::Port(port) => {
+                push_record(&mut out, TAG_MARKER_PORT, &port.to_le_bytes())
+            }
             MarkerChannel::Fd(fd) => push_record(&mut out, TAG_MARKER_FD, &fd.to_le_bytes()),
         }
         let mut flags = 0;
@@ -206,9 +211,8 @@ impl Job {
             let len = u32::from_le_bytes(len_bytes) as usize;
             let value = after_tag.get(4..4 + len).ok_or(JobError::Truncated)?;
             rest = &after_tag[4 + len..];
-            let text = |what| {
-                String::from_utf8(value.to_vec()).map_err(|_| JobError::BadString(what))
-            };
+            let text =
+                |what| String::from_utf8(value.to_vec()).map_err(|_| JobError::BadString(what));
             match tag {
                 TAG_ARG => job.argv.push(text("argument")?),
                 TAG_ENV => job.env.push(text("environment entry")?),
@@ -263,7 +267,11 @@ mod tests {
                 String::new(),
                 "twinbox.job=not-this-one".into(),
             ],
-            env: vec!["PATH=/bin:/sbin".into(), "EMPTY=".into(), "Q=a \"b\" 'c'".into()],
+            env: vec![
+                "PATH=/bin:/sbin".into(),
+                "EMPTY=".into(),
+                "Q=a \"b\" 'c'".into(),
+            ],
             cwd: "/tmp/dir with space".into(),
             marker: MarkerChannel::Port(crate::MARKER_PORT),
             overlay_root: true,
@@ -276,13 +284,18 @@ mod tests {
     fn tricky_arguments_round_trip() {
         let job = tricky_job();
         let token = job.encode().unwrap();
-        assert!(token.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
+        assert!(token
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
         assert_eq!(Job::decode(&token).unwrap(), job);
     }
 
     #[test]
     fn container_job_round_trips() {
-        let job = Job { marker: MarkerChannel::Fd(3), ..Job::new(["true"]) };
+        let job = Job {
+            marker: MarkerChannel::Fd(3),
+            ..Job::new(["true"])
+        };
         assert_eq!(Job::decode(&job.encode().unwrap()).unwrap(), job);
     }
 
@@ -292,14 +305,23 @@ mod tests {
         let cmdline = format!("console=ttyS0 quiet {JOB_CMDLINE_KEY}={token} reboot=k\n");
         let found = Job::token_from_cmdline(&cmdline).unwrap();
         assert_eq!(Job::decode(found).unwrap(), tricky_job());
-        assert_eq!(Job::token_from_cmdline("console=ttyS0 twinbox.jobs=x"), None);
+        assert_eq!(
+            Job::token_from_cmdline("console=ttyS0 twinbox.jobs=x"),
+            None
+        );
     }
 
     #[test]
     fn invalid_jobs_are_refused_at_encode() {
         assert_eq!(Job::default().encode(), Err(JobError::EmptyArgv));
-        assert_eq!(Job::new(["a\0b"]).encode(), Err(JobError::BadString("argument")));
-        let bad_env = Job { env: vec!["NOEQUALS".into()], ..Job::new(["true"]) };
+        assert_eq!(
+            Job::new(["a\0b"]).encode(),
+            Err(JobError::BadString("argument"))
+        );
+        let bad_env = Job {
+            env: vec!["NOEQUALS".into()],
+            ..Job::new(["true"])
+        };
         assert_eq!(bad_env.encode(), Err(JobError::BadEnv("NOEQUALS".into())));
     }
 
@@ -308,18 +330,33 @@ mod tests {
         let good = base64url::decode(&Job::new(["true"]).encode().unwrap()).unwrap();
         assert_eq!(Job::decode("!!"), Err(JobError::NotBase64));
         assert_eq!(Job::decode(""), Err(JobError::Truncated));
-        assert_eq!(Job::decode(&base64url::encode(&[9])), Err(JobError::Version(9)));
-        assert_eq!(Job::decode(&base64url::encode(&[1])), Err(JobError::EmptyArgv));
+        assert_eq!(
+            Job::decode(&base64url::encode(&[9])),
+            Err(JobError::Version(9))
+        );
+        assert_eq!(
+            Job::decode(&base64url::encode(&[1])),
+            Err(JobError::EmptyArgv)
+        );
         // Every prefix of a valid job is either valid or a clean error.
         for len in 0..good.len() {
             let _ = Job::decode(&base64url::encode(&good[..len]));
         }
         let huge_len = [1, TAG_ARG, 0xff, 0xff, 0xff, 0xff, b'x'];
-        assert_eq!(Job::decode(&base64url::encode(&huge_len)), Err(JobError::Truncated));
+        assert_eq!(
+            Job::decode(&base64url::encode(&huge_len)),
+            Err(JobError::Truncated)
+        );
         let bad_port = [1, TAG_MARKER_PORT, 1, 0, 0, 0, 7];
-        assert_eq!(Job::decode(&base64url::encode(&bad_port)), Err(JobError::BadLength(4)));
+        assert_eq!(
+            Job::decode(&base64url::encode(&bad_port)),
+            Err(JobError::BadLength(4))
+        );
         let unknown = [1, 99, 0, 0, 0, 0];
-        assert_eq!(Job::decode(&base64url::encode(&unknown)), Err(JobError::UnknownTag(99)));
+        assert_eq!(
+            Job::decode(&base64url::encode(&unknown)),
+            Err(JobError::UnknownTag(99))
+        );
         let bad_utf8 = [1, TAG_ARG, 1, 0, 0, 0, 0xff];
         assert_eq!(
             Job::decode(&base64url::encode(&bad_utf8)),

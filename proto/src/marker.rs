@@ -163,7 +163,11 @@ mod tests {
 
     #[test]
     fn every_marker_round_trips() {
-        let mut markers = vec![Marker::InitStarted, Marker::WorkloadStarted, Marker::InitFailed(2)];
+        let mut markers = vec![
+            Marker::InitStarted,
+            Marker::WorkloadStarted,
+            Marker::InitFailed(2),
+        ];
         for code in 0..=255u8 {
             markers.push(Marker::WorkloadExited(ExitCode::Exited(code)));
         }
@@ -180,7 +184,10 @@ mod tests {
         assert_eq!(Marker::InitStarted.encode(), 0x01);
         assert_eq!(Marker::WorkloadStarted.encode(), 0x02);
         assert_eq!(Marker::WorkloadExited(ExitCode::Exited(7)).encode(), 0x0703);
-        assert_eq!(Marker::WorkloadExited(ExitCode::Signaled(9)).encode(), 0x01_0903);
+        assert_eq!(
+            Marker::WorkloadExited(ExitCode::Signaled(9)).encode(),
+            0x01_0903
+        );
     }
 
     #[test]
