@@ -1,6 +1,5 @@
 //! `twinbox bench startup cpu --runs 2 --warmup 0` end to end: results.json parses and
-//! holds every run with ordered phases; native (and container, once its runtime exists)
-//! have numbers; the VM column has numbers or a recorded reason; the ratios in report.md
+//! holds every run with ordered phases; native and container have numbers; the VM column has numbers or a recorded reason; the ratios in report.md
 //! are the ones the stored runs give; the charts exist. Needs root and the image.
 
 mod common;
@@ -40,7 +39,12 @@ fn check_box_column(s: &ScenarioResult, box_name: &str, runs: usize) {
         .map(|k| k.reason.clone());
     let failed: Vec<_> = records.iter().filter_map(|r| r.error.clone()).collect();
     if failed.is_empty() {
-        assert_eq!(records.len(), runs, "{}/{box_name}: every run recorded", s.name);
+        assert_eq!(
+            records.len(),
+            runs,
+            "{}/{box_name}: every run recorded",
+            s.name
+        );
     } else {
         assert!(
             failed.iter().all(|e| !e.trim().is_empty()),
@@ -55,14 +59,30 @@ fn check_box_column(s: &ScenarioResult, box_name: &str, runs: usize) {
         );
     }
     for r in records.iter().filter(|r| r.error.is_none()) {
-        let report = r.report.as_ref().expect("a successful run keeps its report");
+        let report = r
+            .report
+            .as_ref()
+            .expect("a successful run keeps its report");
         let t = &report.timeline;
-        assert!(t.is_ordered(), "{}/{box_name}: phases ordered:\n{}", s.name, t.render());
+        assert!(
+            t.is_ordered(),
+            "{}/{box_name}: phases ordered:\n{}",
+            s.name,
+            t.render()
+        );
         let exited = t.between(Phase::Spawn, Phase::WorkloadExited).unwrap();
         let down = t.between(Phase::Spawn, Phase::TornDown).unwrap();
-        assert!(exited > 0 && down >= exited, "{}/{box_name}: {exited} ns / {down} ns", s.name);
+        assert!(
+            exited > 0 && down >= exited,
+            "{}/{box_name}: {exited} ns / {down} ns",
+            s.name
+        );
         let headline = &s.metrics[0].key;
-        assert!(r.metrics[headline] > 0.0, "{}/{box_name}: {headline} positive", s.name);
+        assert!(
+            r.metrics[headline] > 0.0,
+            "{}/{box_name}: {headline} positive",
+            s.name
+        );
     }
 }
 
@@ -92,17 +112,23 @@ fn bench_startup_and_cpu_end_to_end() {
     for s in &results.scenarios {
         assert_eq!(s.boxes, ["native", "container", "vm"]);
         // Native always measures.
-        assert_eq!(s.values("native", &s.metrics[0].key).len(), 2, "{}: native", s.name);
+        assert_eq!(
+            s.values("native", &s.metrics[0].key).len(),
+            2,
+            "{}: native",
+            s.name
+        );
         for b in ["native", "container", "vm"] {
             check_box_column(s, b, 2);
         }
-        // The container has numbers, unless its runtime is not in this build yet (then
-        // the reason says so); any other container failure fails the test.
-        for r in s.runs.iter().filter(|r| r.box_name == "container") {
-            if let Some(e) = &r.error {
-                assert!(e.starts_with("not available:"), "{}: container failed: {e}", s.name);
-            }
-        }
+        // The container always measures here (root, image present).
+        assert_eq!(
+            s.values("container", &s.metrics[0].key).len(),
+            2,
+            "{}: container {:?}",
+            s.name,
+            s.failures("container")
+        );
         // Ratios in the report are the stored runs' medians divided.
         let key = &s.metrics[0].key;
         let native = median(s.values("native", key));

@@ -1,4 +1,5 @@
-//! The container box: twinbox's own container runtime (`container` crate).
+//! The container box: twinbox's own container runtime (`container::run`), in this
+//! process (see [`super::marginal_rss`] for its peak RSS).
 
 use super::Runner;
 use twinbox_spec::{RunReport, RunSpec};
@@ -11,9 +12,7 @@ impl Runner for Container {
         "container"
     }
 
-    fn run(&self, _spec: &RunSpec) -> Result<RunReport, String> {
-        // The container crate has no `run` yet in this tree; say so rather than measure
-        // something else under this name.
-        Err("not available: the container runtime (container::run) is not built yet".into())
+    fn run(&self, spec: &RunSpec) -> Result<RunReport, String> {
+        super::marginal_rss(|| container::run(spec).map_err(|e| format!("container: {e}")))
     }
 }

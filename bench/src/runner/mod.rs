@@ -27,3 +27,47 @@ pub fn by_name(name: &str) -> Option<Box<dyn Runner>> {
         _ => None,
     }
 }
+
+/// Runs an in-process box (VMM or container runtime) so that the peak RSS it reports
+/// (`VmHWM` of this process) counts only what the run added.
+///
+/// The boxes run inside the bench process, so their `runtime_peak_rss_kib` would also
+/// hold the bench's own memory. Before the run the peak is reset to the current RSS
+/// (`/proc/self/clear_refs`, value 5) and that baseline is subtracted after; if the reset
+/// fails the figure is dropped rather than reported wrong.
+pub fn marginal_rss(run: impl FnOnce() -> Result<RunReport, String>) -> Result<RunReport, String> {
+    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let baseline = status_kib("VmRSS:");
+    let mut report = run()?;
+    match (reset, baseline, report.usage.runtime_peak_rss_kib) {
+        (true, Some(base), Some(peak)) => {
+            report.usage.runtime_peak_rss_kib = Some(peak.saturating_sub(base));
+            report.notes.push(format!(
+                "runtime_peak_rss_kib: peak RSS the in-process runtime added over the \
+                 bench's own {base} KiB"
+            ));
+        }
+        (_, _, None) => {}
+        _ => {
+            report.usage.runtime_peak_rss_kib = None;
+            report.notes.push(
+                "runtime_peak_rss_kib dropped: the peak RSS could not be reset, so it \
+                 would include the bench process"
+                    .into(),
+            );
+        }
+    }
+    Ok(report)
+}
+
+/// A `/proc/self/status` field in KiB.
+fn status_kib(name: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(name))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
