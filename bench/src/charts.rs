@@ -76,7 +76,7 @@ pub fn overhead(r: &Results, path: &Path) -> Result<(), ChartError> {
     }
     stacked(
         path,
-        "Overhead: box median / native median (1 = native)",
+        "Box median / native median (time, memory: >1 is worse; throughput: <1 is worse)",
         "× native",
         &bars,
     )

@@ -214,6 +214,14 @@ mod tests {
     }
 
     #[test]
+    fn size_matches_the_scenario_description() {
+        assert_eq!(elf().len(), 225);
+        assert!(crate::scenario::Scenario::Vmm
+            .description()
+            .contains("225-byte"));
+    }
+
+    #[test]
     fn code_reports_exit_zero_then_resets() {
         let f = elf();
         let c = &f[CODE_OFFSET..];
