@@ -265,7 +265,8 @@ fn claims(out: &mut String, r: &Results) {
     let _ = writeln!(
         out,
         "- **VM start-up without a guest kernel.** The VMM alone boots, runs and tears down \
-         the tiny guest in {} (QEMU microvm: {}), using {} of host memory.",
+         the tiny guest in {} (QEMU microvm: {}), adding {} of host memory (marginal: the \
+         twinbox binary's own pages, shared by every instance, are not counted).",
         show(median("vmm", "vm", "to_torn_down_ms"), "ms"),
         show(median("vmm", "qemu-microvm", "to_torn_down_ms"), "ms"),
         show(median("vmm", "vm", "host_memory_mib"), "MiB"),

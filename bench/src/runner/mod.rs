@@ -34,8 +34,13 @@ pub fn by_name(name: &str) -> Option<Box<dyn Runner>> {
 /// The boxes run inside the bench process, so their `runtime_peak_rss_kib` would also
 /// hold the bench's own memory. Before the run the peak is reset to the current RSS
 /// (`/proc/self/clear_refs`, value 5) and that baseline is subtracted after; if the reset
-/// fails the figure is dropped rather than reported wrong.
+/// fails the figure is dropped rather than reported wrong. Free heap is first given back
+/// to the kernel (`malloc_trim`), or the run would reuse pages earlier runs left resident
+/// and seem to cost nothing. Code pages shared with the bench binary are not counted (a
+/// standalone twinbox process would have them too).
 pub fn marginal_rss(run: impl FnOnce() -> Result<RunReport, String>) -> Result<RunReport, String> {
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe { libc::malloc_trim(0) };
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
     let baseline = status_kib("VmRSS:");
     let mut report = run()?;
