@@ -2,8 +2,10 @@
 # Builds the guest kernel (vmlinux with the PVH note, and bzImage) from Debian's
 # linux-source-6.1 and fragment.config, into a cache keyed by the hash of fragment +
 # this script + the source package version. A cached key returns at once. Prints the
-# output directory as its last line.
-#   $TWINBOX_CACHE/kernel/<key>/{vmlinux,bzImage,config}   and   kernel/current -> <key>
+# output directory as its last line. The build tree is deleted afterwards: any change is a
+# new key and a full build anyway, and the tree is over 1 GB.
+#   $TWINBOX_CACHE/kernel/<key>/{vmlinux,bzImage,config,build-info}   and
+#   kernel/current -> <key>      (build-info: build time and sizes, stripped and not)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${TWINBOX_CACHE:-/var/cache/twinbox}
@@ -59,8 +61,15 @@ readelf -n "$stage/vmlinux" | grep -q "Xen.*0x00000012" \
   || { echo "guest-kernel: vmlinux has no PVH (Xen type 18) ELF note" >&2; exit 1; }
 cp "$src/arch/x86/boot/bzImage" "$stage/bzImage"
 cp "$src/.config" "$stage/config"
+cat > "$stage/build-info" <<INFO
+source_version=$source_version
+build_seconds=$(($(date +%s) - started))
+vmlinux_unstripped_bytes=$(stat -c %s "$src/vmlinux")
+vmlinux_bytes=$(stat -c %s "$stage/vmlinux")
+bzimage_bytes=$(stat -c %s "$stage/bzImage")
+INFO
 rm -rf "$out"
 mv -T "$stage" "$out"
 publish_current
-echo "guest-kernel: built in $(($(date +%s) - started)) s: vmlinux $(stat -c %s "$out/vmlinux") B, bzImage $(stat -c %s "$out/bzImage") B" >&2
+echo "guest-kernel: built $key:" $(cat "$out/build-info") >&2
 echo "$out"
