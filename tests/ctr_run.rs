@@ -250,6 +250,58 @@ fn cpu_quota_caps_cpu_time() {
 }
 
 #[test]
+fn userns_maps_root_to_an_unprivileged_host_range() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let script = "\
+        cat /proc/self/uid_map; cat /proc/self/gid_map; \
+        echo uid=$(id -u) gid=$(id -g); \
+        echo passwd_owner=$(stat -c %u:%g /etc/passwd); \
+        echo hi > /tmp/x && echo tmp=$(cat /tmp/x); \
+        echo written > /etc/twinbox-probe && echo probe=$(cat /etc/twinbox-probe); \
+        echo host=$(hostname); \
+        echo procs=$(ls -d /proc/[0-9]* | wc -l); \
+        echo loflags=$(cat /sys/class/net/lo/flags); \
+        mount -t tmpfs x /mnt 2>/dev/null && echo mount=allowed || echo mount=denied";
+    let out = sh(&["--userns", "--hostname", "nsbox"], script);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let text = stdout(&out);
+    let maps: Vec<Vec<&str>> = text
+        .lines()
+        .take(2)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    // Container root is host uid/gid 100000: no privilege over the host's own files.
+    assert_eq!(
+        maps,
+        vec![vec!["0", "100000", "65536"]; 2],
+        "{}",
+        describe(&out)
+    );
+    for expected in [
+        "uid=0 gid=0",
+        // The image mount is idmapped: host root's files are root's inside, not nobody's.
+        "passwd_owner=0:0",
+        "tmp=hi",
+        "probe=written",
+        "host=nsbox",
+        "loflags=0x9",
+        "mount=denied",
+    ] {
+        assert!(
+            text.contains(expected),
+            "missing {expected:?} in\n{}",
+            describe(&out)
+        );
+    }
+    let procs: u32 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("procs="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(u32::MAX);
+    assert!(procs < 10, "{procs} processes visible:\n{}", describe(&out));
+}
+
+#[test]
 fn extra_disk_is_bind_mounted_at_mnt_disk0() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let path = std::env::temp_dir().join(format!("twinbox-ctr-disk-{}", std::process::id()));
@@ -298,7 +350,6 @@ fn bad_input_is_one_line_125_and_leaves_nothing() {
             vec!["--rootfs", rootfs.as_str(), "--disk", "/nonexistent/disk"],
             "/nonexistent/disk",
         ),
-        (vec!["--rootfs", rootfs.as_str(), "--userns"], "--userns"),
     ] {
         let out = common::leaks::check_no_leaks("bad input", || {
             Command::new(common::twinbox())

@@ -25,6 +25,7 @@ pub const CAPABILITIES: u32 = 9;
 pub const NO_NEW_PRIVS: u32 = 10;
 pub const EXEC_INIT: u32 = 11;
 pub const OUTPUT: u32 = 12;
+pub const BECOME_ROOT: u32 = 13;
 pub const FIRST_PLAN_STEP: u32 = 100;
 
 /// Names the failed step of a failure record.
@@ -42,6 +43,7 @@ pub fn describe(code: u32, plan: &Plan) -> String {
         NO_NEW_PRIVS => "set no_new_privs".into(),
         EXEC_INIT => "exec /sbin/twinbox-init".into(),
         OUTPUT => "redirect output".into(),
+        BECOME_ROOT => "become root of the user namespace".into(),
         c if c >= FIRST_PLAN_STEP => plan
             .steps
             .get((c - FIRST_PLAN_STEP) as usize)
@@ -71,6 +73,8 @@ pub struct Prepared {
     pub env_storage: Vec<CString>,
     pub caps_to_drop: Vec<u32>,
     pub caps_keep: [u32; 2],
+    /// In a new user namespace: take uid/gid 0 of it once the parent wrote the maps.
+    pub user_namespace: bool,
 }
 
 fn errno() -> i32 {
@@ -99,6 +103,16 @@ pub fn main(p: &Prepared) -> isize {
             return fail(WAIT_RELEASE);
         }
         libc::close(p.release_fd);
+        // The maps are written now, but our credentials still hold host uid 0, which the
+        // namespace does not map: switch to its root (host HOST_BASE) and drop the host's
+        // supplementary groups.
+        if p.user_namespace
+            && (libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(0, 0, 0) != 0
+                || libc::setresuid(0, 0, 0) != 0)
+        {
+            return fail(BECOME_ROOT);
+        }
         // Now inside the run's cgroup: the cgroup namespace is rooted there.
         if libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
             return fail(UNSHARE_CGROUP);
@@ -146,6 +160,16 @@ pub fn main(p: &Prepared) -> isize {
                 }
                 Step::Symlink { target, link } => {
                     libc::symlink(target.as_ptr(), link.as_ptr()) == 0 || errno() == libc::EEXIST
+                }
+                Step::Attach { fd, target } => {
+                    libc::syscall(
+                        libc::SYS_move_mount,
+                        *fd,
+                        c"".as_ptr(),
+                        libc::AT_FDCWD,
+                        target.as_ptr(),
+                        MOVE_MOUNT_F_EMPTY_PATH,
+                    ) == 0
                 }
             };
             if !ok {
@@ -217,6 +241,9 @@ pub fn main(p: &Prepared) -> isize {
         fail(EXEC_INIT)
     }
 }
+
+/// `move_mount(2)`: the source is the fd itself.
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 
 #[repr(C)]
 struct CapHeader {

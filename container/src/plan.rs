@@ -33,6 +33,21 @@ pub enum Step {
         target: CString,
         link: CString,
     },
+    /// `move_mount` of a detached mount (an fd the parent made with `fsmount`) onto
+    /// `target`: how the image gets in under `--userns`, where ext4 cannot be mounted.
+    Attach {
+        fd: std::os::fd::RawFd,
+        target: CString,
+    },
+}
+
+/// Where the read-only image layer comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum Lower<'a> {
+    /// Mount this block device as ext4 (the default path, host user namespace).
+    Device(&'a Path),
+    /// Attach this detached, already mounted ext4 (`--userns`).
+    Detached(std::os::fd::RawFd),
 }
 
 fn c(s: impl AsRef<str>) -> CString {
@@ -80,8 +95,18 @@ pub struct Plan {
 /// Plans the container's filesystem under `staging` (an empty host directory) from the
 /// loop device holding the image and the extra disks.
 pub fn build(staging: &Path, loop_device: &Path, disks: &[DiskSpec]) -> Result<Plan, String> {
-    for path in [staging, loop_device]
+    build_with(staging, Lower::Device(loop_device), disks)
+}
+
+/// [`build`] with the image layer given as a [`Lower`].
+pub fn build_with(staging: &Path, lower: Lower<'_>, disks: &[DiskSpec]) -> Result<Plan, String> {
+    let device = match lower {
+        Lower::Device(d) => Some(d),
+        Lower::Detached(_) => None,
+    };
+    for path in [staging]
         .into_iter()
+        .chain(device)
         .chain(disks.iter().map(|d| d.path.as_path()))
     {
         if p(path).contains('\0') {
@@ -98,13 +123,19 @@ pub fn build(staging: &Path, loop_device: &Path, disks: &[DiskSpec]) -> Result<P
         Step::Mkdir(c(format!("{s}/upper"))),
         Step::Mkdir(c(format!("{s}/work"))),
         Step::Mkdir(c(&root)),
-        mount(
-            &p(loop_device),
-            format!("{s}/lower"),
-            "ext4",
-            libc::MS_RDONLY,
-            "",
-        ),
+        match lower {
+            Lower::Device(device) => mount(
+                &p(device),
+                format!("{s}/lower"),
+                "ext4",
+                libc::MS_RDONLY,
+                "",
+            ),
+            Lower::Detached(fd) => Step::Attach {
+                fd,
+                target: c(format!("{s}/lower")),
+            },
+        },
         mount(
             "overlay",
             root.clone(),
@@ -215,6 +246,7 @@ impl Step {
             Step::Mkdir(path) => format!("mkdir {}", s(path)),
             Step::Touch(path) => format!("create {}", s(path)),
             Step::Symlink { target, link } => format!("symlink {} -> {}", s(link), s(target)),
+            Step::Attach { target, .. } => format!("attach the image (ext4) on {}", s(target)),
         }
     }
 }
@@ -298,6 +330,19 @@ mod tests {
         assert!(
             matches!(binds[2], Step::Mount { flags, target, .. } if flags & libc::MS_RDONLY != 0 && target.to_str() == Ok("/s/root/mnt/disk1"))
         );
+    }
+
+    #[test]
+    fn detached_image_is_attached_instead_of_mounted() {
+        let plan = build_with(Path::new("/s"), Lower::Detached(7), &[]).unwrap();
+        assert_eq!(
+            plan.steps[5],
+            Step::Attach {
+                fd: 7,
+                target: c("/s/lower")
+            }
+        );
+        assert!(!targets(&plan).iter().any(|t| t.starts_with("ext4:")));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use crate::cgroup::{self, Limits};
 use crate::child::{self, Prepared};
 use crate::image::{self, LoopDevice};
-use crate::{caps, interrupt, plan, Error};
+use crate::{caps, interrupt, plan, userns, Error};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -104,11 +104,6 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
         return Err(Error::NotRoot);
     }
     spec.validate()?;
-    if spec.user_namespace {
-        return Err(Error::Setup(
-            "--userns is not implemented yet (the container runs as host root with a reduced capability set)".into(),
-        ));
-    }
     image::check_ext4(&spec.rootfs)?;
     for disk in &spec.disks {
         std::fs::metadata(&disk.path).map_err(|source| Error::Disk {
@@ -136,7 +131,16 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
         .map_err(|e| Error::os(format!("create {}", staging_path.display()), e))?;
     let staging = Staging(staging_path);
     let device = LoopDevice::attach(&spec.rootfs)?;
-    let plan = plan::build(&staging.0, &device.path, &spec.disks).map_err(Error::Setup)?;
+    // --userns: the image is mounted here, as host root; the child attaches it.
+    let detached = match spec.user_namespace {
+        true => Some(userns::detached_ext4(&device.path)?),
+        false => None,
+    };
+    let lower = match &detached {
+        Some(fd) => plan::Lower::Detached(fd.as_raw_fd()),
+        None => plan::Lower::Device(&device.path),
+    };
+    let plan = plan::build_with(&staging.0, lower, &spec.disks).map_err(Error::Setup)?;
 
     let (release_r, release_w) = pipe()?;
     let (status_r, status_w) = pipe()?;
@@ -177,15 +181,20 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
         env_storage,
         caps_to_drop: caps::to_drop(caps::last_cap()),
         caps_keep: caps::default_mask(),
+        user_namespace: spec.user_namespace,
     };
 
     let signals = interrupt::Guard::install();
     let mut stack = vec![0u8; 256 * 1024];
-    let flags = nix::sched::CloneFlags::CLONE_NEWPID
+    let mut flags = nix::sched::CloneFlags::CLONE_NEWPID
         | nix::sched::CloneFlags::CLONE_NEWNS
         | nix::sched::CloneFlags::CLONE_NEWUTS
         | nix::sched::CloneFlags::CLONE_NEWIPC
         | nix::sched::CloneFlags::CLONE_NEWNET;
+    if spec.user_namespace {
+        // Created first by clone, so it owns every other new namespace.
+        flags |= nix::sched::CloneFlags::CLONE_NEWUSER;
+    }
     // SAFETY: the child only runs `child::main`, which walks pre-allocated data and makes
     // raw syscalls until it execs or exits.
     let pid = unsafe {
@@ -214,7 +223,11 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
         r
     });
 
-    if let Err(e) = group.add(child.pid) {
+    let mapped = match &detached {
+        Some(mnt) => userns::map(child.pid, mnt),
+        None => Ok(()),
+    };
+    if let Err(e) = mapped.and_then(|()| group.add(child.pid)) {
         drop(child);
         group.destroy()?;
         return Err(e);
@@ -249,6 +262,8 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
         )));
     }
     timeline.record(Phase::GuestEntry, monotonic_ns());
+    // The child attached its copy; ours must go for the loop device to clear.
+    drop(detached);
     // The mount now holds the image; the loop device clears itself when it goes.
     let loop_backing = PathBuf::from("/sys/block")
         .join(device.path.file_name().unwrap_or_default())

@@ -25,7 +25,7 @@ pub struct CtrRunArgs {
     /// the container, read-write unless `:ro` (repeatable; the VM sees /dev/vdb...).
     #[arg(long = "disk", value_name = "PATH[:ro]")]
     pub disks: Vec<DiskSpec>,
-    /// Run in a user namespace (not implemented yet: refused with an error).
+    /// Run in a user namespace: container root is host uid/gid 100000 (0 100000 65536).
     #[arg(long)]
     pub userns: bool,
     #[command(flatten)]
