@@ -261,8 +261,19 @@ fn userns_maps_root_to_an_unprivileged_host_range() {
         echo host=$(hostname); \
         echo procs=$(ls -d /proc/[0-9]* | wc -l); \
         echo loflags=$(cat /sys/class/net/lo/flags); \
+        printf hello | dd of=/mnt/disk0 conv=notrunc 2>/dev/null && echo disk=written; \
         mount -t tmpfs x /mnt 2>/dev/null && echo mount=allowed || echo mount=denied";
-    let out = sh(&["--userns", "--hostname", "nsbox"], script);
+    // A host-root-owned disk file: its bind is idmapped too, so container root may write.
+    let path = std::env::temp_dir().join(format!("twinbox-ctr-nsdisk-{}", std::process::id()));
+    std::fs::write(&path, vec![0u8; 4096]).unwrap();
+    let disk = path.display().to_string();
+    let out = sh(
+        &["--userns", "--hostname", "nsbox", "--disk", &disk],
+        script,
+    );
+    let written = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(&written[..5], b"hello", "{}", describe(&out));
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let text = stdout(&out);
     let maps: Vec<Vec<&str>> = text
@@ -285,6 +296,7 @@ fn userns_maps_root_to_an_unprivileged_host_range() {
         "probe=written",
         "host=nsbox",
         "loflags=0x9",
+        "disk=written",
         "mount=denied",
     ] {
         assert!(

@@ -46,8 +46,13 @@ pub enum Step {
 pub enum Lower<'a> {
     /// Mount this block device as ext4 (the default path, host user namespace).
     Device(&'a Path),
-    /// Attach this detached, already mounted ext4 (`--userns`).
-    Detached(std::os::fd::RawFd),
+    /// Attach this detached, already mounted ext4 (`--userns`); the extra disks are
+    /// attached from these detached binds too (one per disk, in order, read-only already
+    /// where asked).
+    Detached {
+        image: std::os::fd::RawFd,
+        disks: &'a [std::os::fd::RawFd],
+    },
 }
 
 fn c(s: impl AsRef<str>) -> CString {
@@ -102,7 +107,16 @@ pub fn build(staging: &Path, loop_device: &Path, disks: &[DiskSpec]) -> Result<P
 pub fn build_with(staging: &Path, lower: Lower<'_>, disks: &[DiskSpec]) -> Result<Plan, String> {
     let device = match lower {
         Lower::Device(d) => Some(d),
-        Lower::Detached(_) => None,
+        Lower::Detached { disks: fds, .. } => {
+            if fds.len() != disks.len() {
+                return Err(format!(
+                    "{} disks but {} detached binds",
+                    disks.len(),
+                    fds.len()
+                ));
+            }
+            None
+        }
     };
     for path in [staging]
         .into_iter()
@@ -131,8 +145,8 @@ pub fn build_with(staging: &Path, lower: Lower<'_>, disks: &[DiskSpec]) -> Resul
                 libc::MS_RDONLY,
                 "",
             ),
-            Lower::Detached(fd) => Step::Attach {
-                fd,
+            Lower::Detached { image, .. } => Step::Attach {
+                fd: image,
                 target: c(format!("{s}/lower")),
             },
         },
@@ -224,7 +238,13 @@ pub fn build_with(staging: &Path, lower: Lower<'_>, disks: &[DiskSpec]) -> Resul
     for (n, disk) in disks.iter().enumerate() {
         let target = format!("{root}{}", disk_path(n));
         steps.push(Step::Touch(c(&target)));
-        steps.extend(bind(&p(&disk.path), target, disk.read_only));
+        match lower {
+            Lower::Detached { disks: fds, .. } => steps.push(Step::Attach {
+                fd: fds[n],
+                target: c(target),
+            }),
+            Lower::Device(_) => steps.extend(bind(&p(&disk.path), target, disk.read_only)),
+        }
     }
     Ok(Plan {
         steps,
@@ -334,7 +354,15 @@ mod tests {
 
     #[test]
     fn detached_image_is_attached_instead_of_mounted() {
-        let plan = build_with(Path::new("/s"), Lower::Detached(7), &[]).unwrap();
+        let disks = vec![DiskSpec {
+            path: "/data/a.img".into(),
+            read_only: true,
+        }];
+        let lower = Lower::Detached {
+            image: 7,
+            disks: &[8],
+        };
+        let plan = build_with(Path::new("/s"), lower, &disks).unwrap();
         assert_eq!(
             plan.steps[5],
             Step::Attach {
@@ -342,7 +370,22 @@ mod tests {
                 target: c("/s/lower")
             }
         );
-        assert!(!targets(&plan).iter().any(|t| t.starts_with("ext4:")));
+        assert_eq!(
+            plan.steps.last(),
+            Some(&Step::Attach {
+                fd: 8,
+                target: c("/s/root/mnt/disk0")
+            })
+        );
+        let t = targets(&plan);
+        assert!(!t
+            .iter()
+            .any(|t| t.starts_with("ext4:") || t.contains("disk0")));
+        let lower = Lower::Detached {
+            image: 7,
+            disks: &[],
+        };
+        assert!(build_with(Path::new("/s"), lower, &disks).is_err());
     }
 
     #[test]

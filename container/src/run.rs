@@ -136,8 +136,20 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
         true => Some(userns::detached_ext4(&device.path)?),
         false => None,
     };
+    let detached_disks = match spec.user_namespace {
+        true => spec
+            .disks
+            .iter()
+            .map(|d| userns::detached_bind(&d.path))
+            .collect::<Result<Vec<_>, _>>()?,
+        false => Vec::new(),
+    };
+    let disk_fds: Vec<RawFd> = detached_disks.iter().map(|fd| fd.as_raw_fd()).collect();
     let lower = match &detached {
-        Some(fd) => plan::Lower::Detached(fd.as_raw_fd()),
+        Some(fd) => plan::Lower::Detached {
+            image: fd.as_raw_fd(),
+            disks: &disk_fds,
+        },
         None => plan::Lower::Device(&device.path),
     };
     let plan = plan::build_with(&staging.0, lower, &spec.disks).map_err(Error::Setup)?;
@@ -224,7 +236,21 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
     });
 
     let mapped = match &detached {
-        Some(mnt) => userns::map(child.pid, mnt),
+        Some(image) => {
+            let mut mounts = vec![userns::Detached {
+                what: format!("the image mount of {}", spec.rootfs.display()),
+                fd: image,
+                read_only: true,
+            }];
+            for (disk, fd) in spec.disks.iter().zip(&detached_disks) {
+                mounts.push(userns::Detached {
+                    what: format!("the bind of {}", disk.path.display()),
+                    fd,
+                    read_only: disk.read_only,
+                });
+            }
+            userns::map(child.pid, &mounts)
+        }
         None => Ok(()),
     };
     if let Err(e) = mapped.and_then(|()| group.add(child.pid)) {
@@ -264,6 +290,7 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
     timeline.record(Phase::GuestEntry, monotonic_ns());
     // The child attached its copy; ours must go for the loop device to clear.
     drop(detached);
+    drop(detached_disks);
     // The mount now holds the image; the loop device clears itself when it goes.
     let loop_backing = PathBuf::from("/sys/block")
         .join(device.path.file_name().unwrap_or_default())

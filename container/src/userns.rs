@@ -25,6 +25,7 @@ const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
 const FSMOUNT_CLOEXEC: libc::c_uint = 1;
 const MOUNT_ATTR_RDONLY: libc::c_uint = 0x1;
 const MOUNT_ATTR_IDMAP: u64 = 0x10_0000;
+const OPEN_TREE_CLONE: libc::c_uint = 1;
 
 /// `struct mount_attr` of `mount_setattr(2)`.
 #[repr(C)]
@@ -102,36 +103,71 @@ pub fn detached_ext4(device: &Path) -> Result<OwnedFd, Error> {
     Ok(unsafe { OwnedFd::from_raw_fd(mnt as i32) })
 }
 
-/// Writes the child's uid and gid maps, then idmaps the detached image mount `mnt` to the
-/// child's user namespace so the image's files keep their owners inside.
-pub fn map(pid: i32, mnt: &OwnedFd) -> Result<(), Error> {
+/// A detached copy of the bind mount of `path` (an extra disk file), close-on-exec.
+pub fn detached_bind(path: &Path) -> Result<OwnedFd, Error> {
+    let c = CString::new(path.to_string_lossy().as_bytes())
+        .map_err(|_| Error::Setup(format!("{} contains a NUL byte", path.display())))?;
+    // SAFETY: open_tree with a valid C string; the fd is owned right after.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(last(format!("bind {} (detached)", path.display())));
+    }
+    // SAFETY: open_tree returned this fd and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// One detached mount to idmap: what it is (for errors), the fd, read-only or not.
+pub struct Detached<'a> {
+    pub what: String,
+    pub fd: &'a OwnedFd,
+    pub read_only: bool,
+}
+
+/// Writes the child's uid and gid maps, then idmaps the detached mounts (the image, the
+/// extra disks) to the child's user namespace so their files keep their owners inside.
+pub fn map(pid: i32, mounts: &[Detached<'_>]) -> Result<(), Error> {
     for file in ["uid_map", "gid_map"] {
         let path = format!("/proc/{pid}/{file}");
         std::fs::write(&path, map_line()).map_err(|e| Error::os(format!("write {path}"), e))?;
     }
     let path = format!("/proc/{pid}/ns/user");
     let ns = std::fs::File::open(&path).map_err(|e| Error::os(format!("open {path}"), e))?;
-    let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: ns.as_raw_fd() as u64,
-    };
-    // SAFETY: mount_setattr on our detached mount with a valid mount_attr of its size.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            mnt.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            &attr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if r != 0 {
-        return Err(last(
-            "idmap the image mount to the container's user namespace".into(),
-        ));
+    for mount in mounts {
+        let rdonly = if mount.read_only {
+            u64::from(MOUNT_ATTR_RDONLY)
+        } else {
+            0
+        };
+        let attr = MountAttr {
+            attr_set: MOUNT_ATTR_IDMAP | rdonly,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: ns.as_raw_fd() as u64,
+        };
+        // SAFETY: mount_setattr on our detached mount with a valid mount_attr of its size.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                mount.fd.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH,
+                &attr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if r != 0 {
+            return Err(last(format!(
+                "idmap {} to the container's user namespace",
+                mount.what
+            )));
+        }
     }
     Ok(())
 }
