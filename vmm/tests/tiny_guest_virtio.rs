@@ -3,12 +3,14 @@
 //! drive the virtio-mmio transport of the VMM's second virtio-blk device.
 //!
 //! The guest is booted through the library's whole run path, `vmm::run`: the test writes
-//! an ELF "kernel" with a PVH entry note (so the vCPU starts in 32-bit protected mode,
-//! paging off, and every guest-physical address, the MMIO window at 0xd000_1000 included,
-//! is reachable with a plain `mov [disp32]`). The ELF's one loadable segment carries the
-//! code *and* a split virtqueue prepared by the host: descriptor table, avail ring already
-//! holding one virtio-blk IN request for sector 0 (512 bytes), an empty used ring, the
-//! request header, a status byte preset to 0xff, and the 512 bytes the guest must find.
+//! an ELF "kernel" without a PVH note, so the VMM loads it at 1 MiB and enters it in long
+//! mode at `e_entry` through the 64-bit boot protocol (its GDT, identity map of the first
+//! GiB, boot stack). The ELF's one loadable segment carries the code *and* what the host
+//! prepares before boot: a split virtqueue (descriptor table, avail ring already holding
+//! one virtio-blk IN request for sector 0 of 512 bytes, an empty used ring), the request
+//! header, a status byte preset to 0xff, the 512 bytes the guest must find, and a page
+//! directory the guest hooks into the VMM's PDPT to map the virtio windows at 0xd000_0000
+//! (the VMM identity-maps only the first GiB).
 //!
 //! The disks: the real root image (`twinbox_spec::artifacts::rootfs_image()`, device 0,
 //! read-only, because the VMM checks that the root is ext4) and a scratch file whose
@@ -27,16 +29,14 @@
 use std::path::PathBuf;
 use twinbox_spec::proto::{ExitCode, Marker, MARKER_PORT};
 use twinbox_spec::{DiskSpec, Outcome, RunSpec};
-use vmm::layout::{VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use vmm::layout::{MMIO_GAP_START, PDPTE_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 
 /// Guest-physical address the ELF's single segment is loaded at.
 const LOAD: u32 = 0x10_0000;
 /// File offset of the program headers.
 const PHDR: usize = 0x40;
-/// File offset of the PVH note.
-const NOTE: usize = 0xb0;
-/// File offset of the code (the PVH entry point).
-const CODE: usize = 0xd0;
+/// File offset of the code (the entry point).
+const CODE: usize = 0x100;
 /// Virtqueue pieces, as offsets in the segment (16-byte descriptors, 2-byte ring words).
 const DESC: usize = 0x1000;
 const AVAIL: usize = 0x1100;
@@ -47,7 +47,9 @@ const STATUS: usize = 0x1400;
 const EXPECTED: usize = 0x1800;
 /// Where the device puts sector 0.
 const DATA: usize = 0x2000;
-const SEGMENT_LEN: usize = DATA + 512;
+/// Page directory for the GiB at 0xc000_0000 (page-aligned).
+const PD: usize = 0x3000;
+const SEGMENT_LEN: usize = PD + 0x1000;
 /// Queue size the guest configures (a power of two, below any sane QueueNumMax).
 const QUEUE_SIZE: u16 = 4;
 /// Spin bound while waiting for the used ring (each round is ~4 emulated instructions).
@@ -90,7 +92,7 @@ fn marker(code: u8) -> u32 {
     Marker::WorkloadExited(ExitCode::Exited(code)).encode()
 }
 
-/// A very small 32-bit assembler: each method emits one documented instruction; jumps are
+/// A very small x86-64 assembler: each method emits one documented instruction; jumps are
 /// rel32 to labels patched at the end.
 #[derive(Default)]
 struct Asm {
@@ -109,29 +111,40 @@ impl Asm {
     fn label(&mut self, name: &'static str) {
         self.labels.push((name, self.bytes.len()));
     }
-    /// `c7 05 <disp32> <imm32>`: mov dword [disp32], imm32 (an aligned 4-byte MMIO write).
-    fn store32(&mut self, at: u64, value: u32) {
-        self.emit(&[0xc7, 0x05]);
-        self.emit32(u32::try_from(at).unwrap());
+    /// `48 b8 <imm64>`: mov rax, imm64.
+    fn rax(&mut self, value: u64) {
+        self.emit(&[0x48, 0xb8]);
+        self.emit(&value.to_le_bytes());
+    }
+    /// `c7 04 25 <disp32> <imm32>`: mov dword [disp32], imm32 (absolute, below 2 GiB).
+    fn store32_low(&mut self, at: u32, value: u32) {
+        assert!(at < 0x8000_0000, "disp32 is sign-extended");
+        self.emit(&[0xc7, 0x04, 0x25]);
+        self.emit32(at);
         self.emit32(value);
     }
+    /// `48 b8 <imm64>; c7 00 <imm32>`: mov rax, BASE + reg; mov dword [rax], imm32 (an
+    /// aligned 4-byte MMIO write; the window is above 2 GiB, out of disp32's reach).
     fn mmio(&mut self, reg: u64, value: u32) {
-        self.store32(BASE + reg, value);
+        self.rax(BASE + reg);
+        self.emit(&[0xc7, 0x00]);
+        self.emit32(value);
     }
-    /// `0f b7 05 <disp32>`: movzx eax, word [disp32].
+    /// `0f b7 04 25 <disp32>`: movzx eax, word [disp32].
     fn load16(&mut self, at: u32) {
-        self.emit(&[0x0f, 0xb7, 0x05]);
+        self.emit(&[0x0f, 0xb7, 0x04, 0x25]);
         self.emit32(at);
     }
-    /// `0f b6 05 <disp32>`: movzx eax, byte [disp32].
+    /// `0f b6 04 25 <disp32>`: movzx eax, byte [disp32].
     fn load8(&mut self, at: u32) {
-        self.emit(&[0x0f, 0xb6, 0x05]);
+        self.emit(&[0x0f, 0xb6, 0x04, 0x25]);
         self.emit32(at);
     }
-    /// `a1 <moffs32>`: mov eax, [moffs32] (an aligned 4-byte MMIO read here).
-    fn load32(&mut self, at: u64) {
-        self.emit(&[0xa1]);
-        self.emit32(u32::try_from(at).unwrap());
+    /// `48 b8 <imm64>; 8b 00`: mov rax, BASE + reg; mov eax, [rax] (an aligned 4-byte MMIO
+    /// read).
+    fn mmio_read(&mut self, reg: u64) {
+        self.rax(BASE + reg);
+        self.emit(&[0x8b, 0x00]);
     }
     /// `e9 <rel32>` (jmp) or `0f 8x <rel32>` (jcc, `cc` = the condition nibble).
     fn jump(&mut self, cc: Option<u8>, to: &'static str) {
@@ -162,10 +175,17 @@ impl Asm {
 const JE: u8 = 0x4;
 const JNE: u8 = 0x5;
 
-/// The guest program (32-bit, PVH entry state: flat segments, paging and interrupts off).
+/// The guest program (64-bit, the Linux 64-bit boot protocol's entry state: long mode,
+/// the VMM's identity map of the first GiB, interrupts off).
 fn code() -> Vec<u8> {
     let mut a = Asm::default();
-    // Handshake, in the order the transport enforces.
+    // Map the virtio window: PDPT[3] (the GiB at 0xc000_0000) → the page directory the host
+    // put in the segment, whose entry for 0xd000_0000 is an uncached 2 MiB page.
+    a.store32_low(PDPTE_START as u32 + 3 * 8, addr(PD) | 0x3); // present, writable
+    a.store32_low(PDPTE_START as u32 + 3 * 8 + 4, 0);
+    a.emit(&[0x0f, 0x20, 0xd8]); // 0f 20 d8: mov rax, cr3
+    a.emit(&[0x0f, 0x22, 0xd8]); // 0f 22 d8: mov cr3, rax (flush the TLB)
+                                 // Handshake, in the order the transport enforces.
     a.mmio(REG_STATUS, 0); // reset
     a.mmio(REG_STATUS, ACKNOWLEDGE);
     a.mmio(REG_STATUS, ACKNOWLEDGE | DRIVER);
@@ -194,7 +214,7 @@ fn code() -> Vec<u8> {
     a.load16(addr(USED + 2)); // movzx eax, word [used.idx]
     a.emit(&[0x83, 0xf8, 0x01]); // 83 f8 01: cmp eax, 1
     a.jump(Some(JE), "completed"); // 0f 84: je completed
-    a.emit(&[0x49]); // 49: dec ecx
+    a.emit(&[0xff, 0xc9]); // ff c9: dec ecx
     a.jump(Some(JNE), "spin"); // 0f 85: jnz spin
     a.jump(None, "timeout"); // e9: jmp timeout
     a.label("completed");
@@ -213,7 +233,7 @@ fn code() -> Vec<u8> {
     a.emit(&[0xf3, 0xa7]); // f3 a7: repe cmpsd
     a.jump(Some(JNE), "bad_data"); // 0f 85: jne bad_data
                                    // The device must have raised its used-buffer interrupt (InterruptStatus bit 0).
-    a.load32(BASE + REG_INTERRUPT_STATUS); // a1 <moffs32>: mov eax, [InterruptStatus]
+    a.mmio_read(REG_INTERRUPT_STATUS); // mov rax, &InterruptStatus; mov eax, [rax]
     a.emit(&[0xa8, 0x01]); // a8 01: test al, 1
     a.jump(Some(JE), "no_interrupt"); // 0f 84: jz no_interrupt
     a.emit(&[0xb8]); // b8 <imm32>: mov eax, marker(OK)
@@ -251,7 +271,7 @@ fn descriptor(f: &mut [u8], index: usize, addr: u32, len: u32, flags: u16, next:
     put(f, at + 14, &next.to_le_bytes());
 }
 
-/// The whole ELF: headers, PVH note, code, virtqueue, expected data.
+/// The whole ELF: headers, code, virtqueue, expected data, page directory.
 fn elf() -> Vec<u8> {
     const NEXT: u16 = 1;
     const WRITE: u16 = 2;
@@ -271,12 +291,13 @@ fn elf() -> Vec<u8> {
     put(&mut f, 32, &(PHDR as u64).to_le_bytes()); // e_phoff
     put(&mut f, 52, &64u16.to_le_bytes()); // e_ehsize
     put(&mut f, 54, &56u16.to_le_bytes()); // e_phentsize
-    put(&mut f, 56, &2u16.to_le_bytes()); // e_phnum
+    put(&mut f, 56, &1u16.to_le_bytes()); // e_phnum
     put(&mut f, 58, &64u16.to_le_bytes()); // e_shentsize
-                                           // Program headers: PT_LOAD (the whole file, RWX) and PT_NOTE (the PVH note).
-    for (i, (kind, flags, offset, size)) in [(1u32, 7u32, 0usize, SEGMENT_LEN), (4, 4, NOTE, 20)]
-        .into_iter()
-        .enumerate()
+
+    // One program header: PT_LOAD, the whole file, RWX. No PVH note, so the VMM enters
+    // at e_entry through the 64-bit boot protocol.
+    for (i, (kind, flags, offset, size)) in
+        [(1u32, 7u32, 0usize, SEGMENT_LEN)].into_iter().enumerate()
     {
         let at = PHDR + 56 * i;
         put(&mut f, at, &kind.to_le_bytes());
@@ -288,12 +309,11 @@ fn elf() -> Vec<u8> {
         put(&mut f, at + 40, &(size as u64).to_le_bytes()); // p_memsz
         put(&mut f, at + 48, &4u64.to_le_bytes()); // p_align
     }
-    // XEN_ELFNOTE_PHYS32_ENTRY (18): namesz 4, descsz 4, "Xen\0", entry.
-    put(&mut f, NOTE, &4u32.to_le_bytes());
-    put(&mut f, NOTE + 4, &4u32.to_le_bytes());
-    put(&mut f, NOTE + 8, &18u32.to_le_bytes());
-    put(&mut f, NOTE + 12, b"Xen\0");
-    put(&mut f, NOTE + 16, &entry.to_le_bytes());
+    // The page directory entry mapping the 2 MiB page holding the virtio windows:
+    // present, writable, PWT|PCD (uncached), PS (2 MiB).
+    let window = VIRTIO_MMIO_START & !0x1f_ffff;
+    let index = ((window - MMIO_GAP_START) >> 21) as usize;
+    put(&mut f, PD + 8 * index, &(window | 0x9b).to_le_bytes());
     put(&mut f, CODE, &code);
     // The request: header (device-readable), data (device-writable), status
     // (device-writable, its own descriptor).
