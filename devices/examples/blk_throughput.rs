@@ -37,6 +37,8 @@ fn main() {
         .write(true)
         .open(&path)
         .expect("open disk image");
+    // Unlinked at once: the open file keeps working, and no exit path can leave it behind.
+    let _ = std::fs::remove_file(&path);
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
     // Ring layout by hand: virtio-queue's MockSplitQueue sizes its avail ring in
     // elements rather than bytes, so past half a queue its used ring overlaps it.
@@ -129,5 +131,4 @@ fn main() {
             secs * 1e6 / requests as f64
         );
     }
-    let _ = std::fs::remove_file(&path);
 }
