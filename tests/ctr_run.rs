@@ -51,6 +51,29 @@ fn describe(out: &Output) -> String {
     )
 }
 
+/// Fails unless the workload printed every one of `expected` (lines like `key=value`).
+fn assert_reported(out: &Output, expected: &[&str]) {
+    let text = stdout(out);
+    for line in expected {
+        assert!(
+            text.contains(line),
+            "missing {line:?} in\n{}",
+            describe(out)
+        );
+    }
+}
+
+/// Fails unless the `procs=N` line shows only the container's own few processes (init,
+/// the shell and its pipeline), i.e. host processes are not visible.
+fn assert_few_processes(out: &Output) {
+    let procs: u32 = stdout(out)
+        .lines()
+        .find_map(|l| l.strip_prefix("procs="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(u32::MAX);
+    assert!(procs < 10, "{procs} processes visible:\n{}", describe(out));
+}
+
 /// The JSON report that `--json` printed after the workload's own output.
 fn report(out: &Output) -> RunReport {
     let text = stdout(out);
@@ -91,33 +114,24 @@ fn isolation_seen_from_inside_and_the_overlay_vanishes() {
         mount -t tmpfs x /mnt 2>/dev/null && echo mount=allowed || echo mount=denied";
     let out = sh(&["--hostname", "boxtest", "--json"], script);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    let text = stdout(&out);
-    for expected in [
-        "pid1=/sbin/twinbox-init",
-        "host=boxtest",
-        "cgroupfs=0",
-        "nets=lo\n",
-        "loflags=0x9",
-        // runc's default capability set (CHOWN..SETFCAP), nothing else.
-        "capeff=00000000a80425fb",
-        "nonewprivs=1",
-        "probe=written",
-        "sys=ro",
-        "mount=denied",
-    ] {
-        assert!(
-            text.contains(expected),
-            "missing {expected:?} in\n{}",
-            describe(&out)
-        );
-    }
+    assert_reported(
+        &out,
+        &[
+            "pid1=/sbin/twinbox-init",
+            "host=boxtest",
+            "cgroupfs=0",
+            "nets=lo\n",
+            "loflags=0x9",
+            // runc's default capability set (CHOWN..SETFCAP), nothing else.
+            "capeff=00000000a80425fb",
+            "nonewprivs=1",
+            "probe=written",
+            "sys=ro",
+            "mount=denied",
+        ],
+    );
     // Host processes are not visible: init, the shell and its pipeline only.
-    let procs: u32 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("procs="))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(u32::MAX);
-    assert!(procs < 10, "{procs} processes visible:\n{}", describe(&out));
+    assert_few_processes(&out);
     let report = report(&out);
     assert_eq!(report.outcome, Outcome::Exited(0));
     assert!(report.timeline.is_ordered(), "{:?}", report.timeline);
@@ -288,29 +302,21 @@ fn userns_maps_root_to_an_unprivileged_host_range() {
         "{}",
         describe(&out)
     );
-    for expected in [
-        "uid=0 gid=0",
-        // The image mount is idmapped: host root's files are root's inside, not nobody's.
-        "passwd_owner=0:0",
-        "tmp=hi",
-        "probe=written",
-        "host=nsbox",
-        "loflags=0x9",
-        "disk=written",
-        "mount=denied",
-    ] {
-        assert!(
-            text.contains(expected),
-            "missing {expected:?} in\n{}",
-            describe(&out)
-        );
-    }
-    let procs: u32 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("procs="))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(u32::MAX);
-    assert!(procs < 10, "{procs} processes visible:\n{}", describe(&out));
+    assert_reported(
+        &out,
+        &[
+            "uid=0 gid=0",
+            // The image mount is idmapped: host root's files are root's inside, not nobody's.
+            "passwd_owner=0:0",
+            "tmp=hi",
+            "probe=written",
+            "host=nsbox",
+            "loflags=0x9",
+            "disk=written",
+            "mount=denied",
+        ],
+    );
+    assert_few_processes(&out);
 }
 
 #[test]
