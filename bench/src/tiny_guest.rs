@@ -3,10 +3,21 @@
 //! It is an ELF64 file that Linux-style loaders boot through the PVH entry (the Xen ELF
 //! note `XEN_ELFNOTE_PHYS32_ENTRY`): the vCPU starts in 32-bit protected mode, flat
 //! segments, paging off, at the address in the note. Its code reports "workload exited
-//! with status 0" on twinbox's marker port, then resets the machine through the i8042
-//! (port 0x64, command 0xFE), which a microVM turns into the end of the run. So the whole
-//! run is: VMM start-up, one guest instruction stream of six instructions, teardown — on
-//! PVM too, since the guest does nearly nothing at CPL0.
+//! with status 0" on twinbox's marker port, then ends the machine twice over, because the
+//! VMMs it is compared in end a VM in different ways:
+//!
+//! 1. an ACPI S5 power-off written to I/O port [`ACPI_SHUTDOWN_PORT`] (0x600): Cloud
+//!    Hypervisor's shutdown device on x86 sits there and exits on
+//!    `SLP_TYP = 5, SLP_EN` (byte `5 << 2 | 1 << 5` = 0x34, one-byte write only). Cloud
+//!    Hypervisor must get this first: it answers an i8042 reset by *rebooting* the VM,
+//!    which would rerun the guest forever;
+//! 2. a reset through the i8042 (port 0x64, command 0xFE), which twinbox's VMM, QEMU
+//!    `microvm` (with `-no-reboot` and an i8042 added) and Firecracker turn into the end
+//!    of the run. Those three have no device at 0x600, so the write before it is ignored.
+//!
+//! So the whole run is: VMM start-up, one guest instruction stream of nine instructions,
+//! teardown — on PVM too, since the guest does nearly nothing at CPL0. The file is 232
+//! bytes.
 //!
 //! File layout (all little-endian; the file is loaded as one segment at [`LOAD_ADDR`]):
 //!
@@ -16,7 +27,7 @@
 //! | 0x40 | 56 | program header 0: `PT_LOAD`, the whole file at `LOAD_ADDR` (RWX) |
 //! | 0x78 | 56 | program header 1: `PT_NOTE`, the note below |
 //! | 0xb0 | 20 | note: namesz 4, descsz 4, type 18, name `"Xen\0"`, desc = entry (u32) |
-//! | 0xd0 | 18 | code |
+//! | 0xd0 | 24 | code |
 //!
 //! Code (32-bit):
 //!
@@ -24,9 +35,12 @@
 //! b8 <imm32>      mov  eax, Marker::WorkloadExited(Exited(0)).encode()
 //! 66 ba 20 01     mov  dx, 0x0120          ; MARKER_PORT
 //! ef              out  dx, eax
+//! 66 ba 00 06     mov  dx, 0x0600          ; ACPI_SHUTDOWN_PORT
+//! b0 34           mov  al, 0x34            ; SLP_TYP = S5 (5 << 2) | SLP_EN (1 << 5)
+//! ee              out  dx, al
 //! b0 fe           mov  al, 0xfe            ; i8042 "pulse reset line"
 //! e6 64           out  0x64, al
-//! f4              hlt                      ; not reached when the reset is honoured
+//! f4              hlt                      ; not reached when either end is honoured
 //! eb fd           jmp  hlt
 //! ```
 
@@ -43,6 +57,12 @@ pub const NOTE_OFFSET: usize = 0xb0;
 pub const CODE_OFFSET: usize = 0xd0;
 /// ELF note type of the PVH 32-bit entry point.
 pub const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+/// I/O port of Cloud Hypervisor's x86 ACPI shutdown device (its FADT sleep control
+/// register).
+pub const ACPI_SHUTDOWN_PORT: u16 = 0x600;
+/// ACPI sleep control value for "enter S5" (soft off): `SLP_TYP` = 5 in bits 2..4,
+/// `SLP_EN` = bit 5.
+pub const ACPI_S5_SLEEP: u8 = (5 << 2) | (1 << 5);
 
 const EHDR_SIZE: u16 = 64;
 const PHDR_SIZE: u16 = 56;
@@ -58,7 +78,11 @@ pub fn code() -> Vec<u8> {
     code.extend_from_slice(&marker.to_le_bytes());
     code.extend_from_slice(&[0x66, 0xba]);
     code.extend_from_slice(&MARKER_PORT.to_le_bytes());
-    code.extend_from_slice(&[0xef, 0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd]);
+    code.push(0xef);
+    code.extend_from_slice(&[0x66, 0xba]);
+    code.extend_from_slice(&ACPI_SHUTDOWN_PORT.to_le_bytes());
+    code.extend_from_slice(&[0xb0, ACPI_S5_SLEEP, 0xee]);
+    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd]);
     code
 }
 
@@ -215,14 +239,14 @@ mod tests {
 
     #[test]
     fn size_matches_the_scenario_description() {
-        assert_eq!(elf().len(), 225);
+        assert_eq!(elf().len(), 232);
         assert!(crate::scenario::Scenario::Vmm
             .description()
-            .contains("225-byte"));
+            .contains("232-byte"));
     }
 
     #[test]
-    fn code_reports_exit_zero_then_resets() {
+    fn code_reports_exit_zero_then_powers_off_then_resets() {
         let f = elf();
         let c = &f[CODE_OFFSET..];
         assert_eq!(c[0], 0xb8);
@@ -232,6 +256,12 @@ mod tests {
             Ok(Marker::WorkloadExited(ExitCode::Exited(0)))
         );
         assert_eq!(&c[5..9], &[0x66, 0xba, 0x20, 0x01]);
-        assert_eq!(&c[9..], &[0xef, 0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd]);
+        assert_eq!(c[9], 0xef);
+        // out dx, al with dx = 0x600, al = 0x34: a one-byte write, the only size Cloud
+        // Hypervisor's shutdown device accepts.
+        assert_eq!(&c[10..17], &[0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee]);
+        assert_eq!(ACPI_S5_SLEEP, 0x34);
+        assert_eq!(&c[17..], &[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd]);
+        assert_eq!(c.len(), 24);
     }
 }
