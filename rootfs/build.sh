@@ -3,7 +3,8 @@
 # points $CACHE/rootfs/current at it. Prints the image path on stdout (logs go to stderr).
 #
 # Contents: busybox-static (/bin/busybox + applet links), the static twinbox-init at
-# /sbin/twinbox-init (/sbin/init links to it), a minimal /etc, /dev/console and /dev/null
+# /sbin/twinbox-init (/sbin/init links to it), the static twinbox-microbench at
+# /usr/bin (also published beside the image, for native runs), a minimal /etc, /dev/console and /dev/null
 # nodes (so the kernel can give PID 1 a console before devtmpfs is mounted), and the
 # benchmark tools (fio, sysbench) with the shared libraries they load.
 #
@@ -75,8 +76,9 @@ log "building twinbox-init (static)"
 (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
   -p twinbox-init --target x86_64-unknown-linux-gnu --target-dir "$cache/init-target")
 init_bin=$cache/init-target/x86_64-unknown-linux-gnu/release/twinbox-init
-if ! file "$init_bin" | grep -q 'static'; then
-  echo "rootfs/build.sh: $init_bin is not statically linked" >&2
+microbench_bin=$cache/init-target/x86_64-unknown-linux-gnu/release/twinbox-microbench
+if ! file "$init_bin" "$microbench_bin" | grep -c static | grep -qx 2; then
+  echo "rootfs/build.sh: $init_bin or $microbench_bin is not statically linked" >&2
   exit 1
 fi
 
@@ -92,6 +94,10 @@ chmod 0700 "$staging/root"
 install -m 0755 "$init_bin" "$staging/sbin/twinbox-init"
 strip --strip-all "$staging/sbin/twinbox-init"
 ln -s twinbox-init "$staging/sbin/init"
+# The syscall/fork/exec micro-benchmark (rootfs/init/src/bin); the same stripped file is
+# published next to the image for the bench's native runs.
+install -m 0755 "$microbench_bin" "$staging/usr/bin/twinbox-microbench"
+strip --strip-all "$staging/usr/bin/twinbox-microbench"
 
 install -m 0755 /bin/busybox "$staging/bin/busybox"
 # Applet links at their usual places (bin/ls, usr/bin/awk, sbin/ifconfig); never replace
@@ -179,6 +185,7 @@ chmod 0444 "$tmp_image"
 publish=$work/publish
 mkdir "$publish"
 mv "$tmp_image" "$publish/rootfs.ext4"
+install -m 0755 "$staging/usr/bin/twinbox-microbench" "$publish/twinbox-microbench"
 sha256sum "$publish/rootfs.ext4" | cut -d' ' -f1 >"$publish/rootfs.ext4.sha256"
 rm -rf "$out_dir"
 mv -T "$publish" "$out_dir"
