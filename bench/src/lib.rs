@@ -16,6 +16,8 @@
 //! exit 0 and reset, so the VMM's own cost is measured even where guest kernels crawl (PVM).
 
 pub mod charts;
+pub mod density;
+pub mod disk;
 pub mod report;
 pub mod results;
 pub mod runner;
@@ -57,6 +59,14 @@ pub struct Options {
     pub rootfs: PathBuf,
     /// The guest kernel.
     pub kernel: PathBuf,
+    /// Instances alive at once in the `density` scenario.
+    pub density_instances: u32,
+    /// The twinbox binary (`density` starts instances with it).
+    pub twinbox_exe: PathBuf,
+    /// A Firecracker binary to measure as a peer VMM.
+    pub firecracker: Option<PathBuf>,
+    /// A Cloud Hypervisor binary to measure as a peer VMM.
+    pub cloud_hypervisor: Option<PathBuf>,
 }
 
 /// A bench that could not run or could not write its results.
@@ -76,6 +86,9 @@ pub enum Error {
         /// The error.
         source: std::io::Error,
     },
+    /// A peer that was asked for by path cannot be used, or the peers' image mount failed.
+    #[error("peer: {0}")]
+    Peer(String),
     /// Drawing a chart.
     #[error(transparent)]
     Chart(#[from] charts::ChartError),
@@ -109,9 +122,31 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
     if opts.runs == 0 {
         return Err(Error::NoRuns);
     }
+    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+    // Declared before the runners, so dropped after them: runc and bwrap use the mount.
+    let wants_peer_runtimes = opts.peers
+        && opts
+            .scenarios
+            .iter()
+            .any(|s| s.applies_to(runner::peer_runc::NAME));
+    let peer_root = if wants_peer_runtimes {
+        Some(runner::peer_root::PeerRoot::mount(&opts.rootfs).map_err(Error::Peer)?)
+    } else {
+        None
+    };
     let mut runners: Vec<Box<dyn Runner>> = Vec::new();
     for b in &opts.boxes {
         runners.push(runner::by_name(b).ok_or_else(|| Error::UnknownBox(b.clone()))?);
+    }
+    if let Some(root) = &peer_root {
+        match runner::peer_runc::Runc::find(root.dir()).map_err(Error::Peer)? {
+            Some(r) => runners.push(Box::new(r)),
+            None => tracing::warn!("--peers: runc not in PATH, peer skipped"),
+        }
+        match runner::peer_bwrap::Bwrap::find(root.dir()) {
+            Some(b) => runners.push(Box::new(b)),
+            None => tracing::warn!("--peers: bwrap not in PATH, peer skipped"),
+        }
     }
     if opts.peers {
         match runner::peer_qemu::QemuMicrovm::find() {
@@ -119,9 +154,23 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
             None => tracing::warn!("--peers: qemu-system-x86_64 not in PATH, peer skipped"),
         }
     }
-    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+    if let Some(path) = &opts.firecracker {
+        let fc = runner::peer_firecracker::Firecracker::new(path).map_err(Error::Peer)?;
+        runners.push(Box::new(fc));
+    }
+    if let Some(path) = &opts.cloud_hypervisor {
+        let ch = runner::peer_cloud_hypervisor::CloudHypervisor::new(path).map_err(Error::Peer)?;
+        runners.push(Box::new(ch));
+    }
     let tiny = opts.out.join("tiny-guest.elf");
     tiny_guest::write_to(&tiny).map_err(io_err(&tiny))?;
+    let disk_path = opts.out.join("scratch-disk.img");
+    // Removed when the bench ends (dropped at the end of this function).
+    let _scratch_disk = if opts.scenarios.contains(&Scenario::Disk) {
+        Some(disk::ScratchDisk::create(&disk_path).map_err(io_err(&disk_path))?)
+    } else {
+        None
+    };
     let ctx = Context {
         rootfs: opts.rootfs.clone(),
         kernel: opts.kernel.clone(),
@@ -129,6 +178,10 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
         vcpus: opts.vcpus,
         memory_mib: opts.memory_mib,
         vm_timeout: opts.vm_timeout,
+        microbench: opts.rootfs.with_file_name("twinbox-microbench"),
+        disk: disk_path,
+        density_instances: opts.density_instances,
+        twinbox_exe: opts.twinbox_exe.clone(),
     };
     let started_utc = utc_now();
     let host = twinbox_spec::host::describe();
@@ -174,6 +227,7 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
             peers: opts.peers,
             rootfs: opts.rootfs.display().to_string(),
             kernel: opts.kernel.display().to_string(),
+            density_instances: opts.density_instances,
         },
         scenarios,
     })
@@ -212,24 +266,13 @@ fn run_scenario(
             bar.inc(1);
             continue;
         }
-        let spec = scenario.spec(ctx, runner.name());
-        let (metrics, error, report) = match runner.run(&spec) {
-            Ok(mut report) => {
-                if let Some(out) = report.output.as_mut() {
-                    if out.len() > OUTPUT_KEEP {
-                        let mut cut = out.len() - OUTPUT_KEEP;
-                        while !out.is_char_boundary(cut) {
-                            cut += 1;
-                        }
-                        *out = format!("[...]{}", &out[cut..]);
-                    }
-                }
-                match scenario.extract(&report) {
-                    Ok(m) => (m, None, Some(report)),
-                    Err(e) => (Default::default(), Some(e), Some(report)),
-                }
+        let (metrics, error, report) = if scenario == Scenario::Density {
+            match density::run(runner.name(), ctx, &scenario.workload()) {
+                Ok(m) => (m, None, None),
+                Err(e) => (Default::default(), Some(e), None),
             }
-            Err(e) => (Default::default(), Some(e), None),
+        } else {
+            run_once(scenario, runner, ctx)
         };
         if let Some(e) = &error {
             bar.println(format!(
@@ -262,6 +305,37 @@ fn run_scenario(
         }
     }
     result
+}
+
+type RunOutcome = (
+    std::collections::BTreeMap<String, f64>,
+    Option<String>,
+    Option<twinbox_spec::RunReport>,
+);
+
+/// One run of `scenario` in `runner`: its metrics, or the reason it failed, and its report.
+fn run_once(scenario: Scenario, runner: &dyn Runner, ctx: &Context) -> RunOutcome {
+    let spec = scenario.spec(ctx, runner.name());
+    match runner.run(&spec) {
+        Ok(mut report) => {
+            // Numbers first (fio's JSON is longer than what is kept), then trim.
+            let extracted = scenario.extract(&report);
+            if let Some(out) = report.output.as_mut() {
+                if out.len() > OUTPUT_KEEP {
+                    let mut cut = out.len() - OUTPUT_KEEP;
+                    while !out.is_char_boundary(cut) {
+                        cut += 1;
+                    }
+                    *out = format!("[...]{}", &out[cut..]);
+                }
+            }
+            match extracted {
+                Ok(m) => (m, None, Some(report)),
+                Err(e) => (Default::default(), Some(e), Some(report)),
+            }
+        }
+        Err(e) => (Default::default(), Some(e), None),
+    }
 }
 
 /// Writes results.json, report.md and the two SVGs into `dir`.

@@ -49,6 +49,9 @@ pub struct Params {
     pub rootfs: String,
     /// The guest kernel.
     pub kernel: String,
+    /// Instances alive at once in the `density` scenario.
+    #[serde(default)]
+    pub density_instances: u32,
 }
 
 /// One metric a scenario measures.
@@ -195,6 +198,7 @@ pub(crate) mod tests {
                 peers: false,
                 rootfs: "/img".into(),
                 kernel: "/vmlinux".into(),
+                density_instances: 4,
             },
             scenarios: vec![ScenarioResult {
                 name: "cpu".into(),

@@ -4,7 +4,7 @@ use crate::results::MetricDef;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
-use twinbox_spec::run_spec::OutputMode;
+use twinbox_spec::run_spec::{DiskSpec, OutputMode};
 use twinbox_spec::{Outcome, Phase, RunReport, RunSpec};
 
 /// Everything a scenario needs to build a run.
@@ -22,6 +22,14 @@ pub struct Context {
     pub memory_mib: u32,
     /// Time limit of one VM or peer run.
     pub vm_timeout: Duration,
+    /// The host copy of the image's `twinbox-microbench` (native runs of `syscall`).
+    pub microbench: PathBuf,
+    /// The scratch disk of the `disk` scenario (see [`crate::disk`]).
+    pub disk: PathBuf,
+    /// Instances alive at once in the `density` scenario.
+    pub density_instances: u32,
+    /// The twinbox binary (the `density` scenario starts instances as processes).
+    pub twinbox_exe: PathBuf,
 }
 
 /// Time limit of one native or container run: generous, it only stops a hang.
@@ -40,16 +48,25 @@ pub enum Scenario {
     Memory,
     /// `sysbench memory`: memory bandwidth.
     Membw,
+    /// Host memory per instance with several instances alive at once.
+    Density,
+    /// `twinbox-microbench`: system call, fork and exec cost.
+    Syscall,
+    /// fio on an extra disk: 4k random and 1M sequential reads, O_DIRECT.
+    Disk,
 }
 
 impl Scenario {
     /// All scenarios, in the default order.
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Startup,
         Scenario::Vmm,
         Scenario::Cpu,
         Scenario::Memory,
+        Scenario::Density,
         Scenario::Membw,
+        Scenario::Syscall,
+        Scenario::Disk,
     ];
 
     /// The scenario called `name`.
@@ -65,6 +82,9 @@ impl Scenario {
             Scenario::Cpu => "cpu",
             Scenario::Memory => "memory",
             Scenario::Membw => "membw",
+            Scenario::Density => "density",
+            Scenario::Syscall => "syscall",
+            Scenario::Disk => "disk",
         }
     }
 
@@ -76,12 +96,13 @@ impl Scenario {
                  workload's exit and to the end of teardown, with every phase the box reports."
             }
             Scenario::Vmm => {
-                "The VMM's own cost, free of guest-kernel time: a 225-byte PVH guest that \
-                 reports exit 0 on the marker port and resets through the i8042; spawn → \
+                "The VMM's own cost, free of guest-kernel time: a 232-byte PVH guest that \
+                 reports exit 0 on the marker port, asks for ACPI S5 power-off on port 0x600 \
+                 (Cloud Hypervisor's shutdown port) and resets through the i8042; spawn → \
                  torn_down, and the host memory of that instance (VMM peak RSS over the \
-                 bench's baseline + guest memory touched). Peers (QEMU microvm) boot the same \
-                 file, timed process start → exit (their RSS is sampled every 10 ms, a lower \
-                 bound)."
+                 bench's baseline + guest memory touched). Peers (QEMU microvm, Firecracker, \
+                 Cloud Hypervisor) boot the same file, timed process start → exit (their RSS \
+                 is sampled every 10 ms, a lower bound)."
             }
             Scenario::Cpu => {
                 "`sysbench cpu --time=3 --threads=1 run` events per second (native runs the \
@@ -94,6 +115,30 @@ impl Scenario {
             }
             Scenario::Membw => {
                 "`sysbench memory --memory-block-size=1M --memory-total-size=2G run` MiB/s."
+            }
+            Scenario::Density => {
+                "Host memory per instance when several are alive at once: K instances of \
+                 `sleep 2` are started together as separate processes (`sleep`, `twinbox ctr \
+                 run`, `twinbox vm run`) and the drop of the host's MemAvailable from just \
+                 before to its lowest point while they run is divided by K. Unlike `memory` \
+                 this counts everything an instance costs the host (page tables, page cache, \
+                 tmpfs, kernel objects), and other activity on the host adds noise."
+            }
+            Scenario::Syscall => {
+                "`twinbox-microbench` (a static binary in the image; native runs the same \
+                 file from beside the image): mean cost of `syscall(SYS_getppid)`, of \
+                 fork + `_exit` + wait, and of fork + exec of itself + wait, each repeated \
+                 for at least 0.5 s."
+            }
+            Scenario::Disk => {
+                "fio, O_DIRECT, psync, queue depth 1: 4 KiB random reads, then 1 MiB \
+                 sequential reads, 2 s each, over a 256 MiB file of random bytes that the \
+                 bench writes once. Native reads the file, the container a read-only bind \
+                 mount of it (`/mnt/disk0`), the VM a read-only virtio-blk disk (`/dev/vdb`). \
+                 O_DIRECT skips the guest's page cache but not the host's: twinbox's \
+                 virtio-blk reads the file with buffered I/O (as Firecracker does by \
+                 default), so VM reads may be served from host memory where native and \
+                 container reads go to the device."
             }
         }
     }
@@ -112,6 +157,9 @@ impl Scenario {
                 "--memory-total-size=2G",
                 "run",
             ],
+            Scenario::Density => &["sleep", "2"],
+            Scenario::Syscall => &["twinbox-microbench"],
+            Scenario::Disk => return crate::disk::fio_argv(crate::disk::DISK_PLACEHOLDER),
         };
         v.iter().map(|s| s.to_string()).collect()
     }
@@ -136,16 +184,38 @@ impl Scenario {
             Scenario::Cpu => vec![m("events_per_s", "events/s", true)],
             Scenario::Memory => vec![m("host_memory_mib", "MiB", false)],
             Scenario::Membw => vec![m("mib_per_s", "MiB/s", true)],
+            Scenario::Density => vec![m("mib_per_instance", "MiB", false)],
+            Scenario::Syscall => vec![
+                m("syscall_ns", "ns", false),
+                m("fork_us", "µs", false),
+                m("exec_us", "µs", false),
+            ],
+            Scenario::Disk => vec![
+                m("randread_4k_iops", "IOPS", true),
+                m("seqread_1m_mib_s", "MiB/s", true),
+            ],
         }
     }
 
-    /// Whether `box_name` takes part (the tiny guest only boots in VMMs; peers only
-    /// boot the tiny guest).
+    /// Whether `box_name` takes part: the tiny guest only boots in VMMs, and peer VMMs
+    /// only boot the tiny guest; peer container runtimes run the image's workloads but not
+    /// the memory scenarios (a runtime's own process is not where its container's memory
+    /// is, so the figure would not be comparable).
     pub fn applies_to(self, box_name: &str) -> bool {
-        let is_vmm = box_name == "vm" || box_name == crate::runner::peer_qemu::NAME;
+        use crate::runner::{
+            peer_bwrap, peer_cloud_hypervisor, peer_firecracker, peer_qemu, peer_runc,
+        };
+        let peer_vmm = [
+            peer_qemu::NAME,
+            peer_firecracker::NAME,
+            peer_cloud_hypervisor::NAME,
+        ]
+        .contains(&box_name);
+        let peer_runtime = [peer_runc::NAME, peer_bwrap::NAME].contains(&box_name);
         match self {
-            Scenario::Vmm => is_vmm,
-            _ => box_name != crate::runner::peer_qemu::NAME,
+            Scenario::Vmm => box_name == "vm" || peer_vmm,
+            Scenario::Memory | Scenario::Density => !peer_vmm && !peer_runtime,
+            _ => !peer_vmm,
         }
     }
 
@@ -164,6 +234,19 @@ impl Scenario {
         } else {
             ctx.vm_timeout
         });
+        match self {
+            Scenario::Syscall if box_name == "native" => {
+                spec.argv[0] = ctx.microbench.display().to_string();
+            }
+            Scenario::Disk => {
+                spec.argv = crate::disk::fio_argv(&crate::disk::disk_path_in(box_name, &ctx.disk));
+                spec.disks = vec![DiskSpec {
+                    path: ctx.disk.clone(),
+                    read_only: true,
+                }];
+            }
+            _ => {}
+        }
         spec.spawn_ns = twinbox_spec::clock::monotonic_ns();
         spec
     }
@@ -224,6 +307,17 @@ impl Scenario {
                     .ok_or_else(|| format!("no MiB/sec in output: {}", tail(output)))?;
                 out.insert("mib_per_s".into(), v);
             }
+            Scenario::Density => {
+                return Err("density runs K instances at once; see crate::density".into())
+            }
+            Scenario::Syscall => {
+                for key in ["syscall_ns", "fork_us", "exec_us"] {
+                    let v = number_after(output, &format!("{key}:"))
+                        .ok_or_else(|| format!("no {key} in output: {}", tail(output)))?;
+                    out.insert(key.into(), v);
+                }
+            }
+            Scenario::Disk => out.extend(crate::disk::parse_fio(output)?),
         }
         Ok(out)
     }

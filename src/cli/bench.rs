@@ -11,7 +11,8 @@ use twinbox_spec::artifacts;
 /// Options of `twinbox bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Scenarios to run: startup, vmm, cpu, memory, membw (default: all, in that order).
+    /// Scenarios to run: startup, vmm, cpu, memory, density, membw, syscall, disk
+    /// (default: all, in that order).
     pub scenarios: Vec<String>,
     /// Counted runs per box and scenario.
     #[arg(long, default_value_t = 5)]
@@ -28,9 +29,19 @@ pub struct BenchArgs {
     /// Output directory (default: bench-results/<UTC timestamp>/).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Also measure peer VMMs (QEMU microvm, tiny guest) when installed.
+    /// Also measure the peers found in PATH: runc and bubblewrap (the image's workloads,
+    /// from the same image mounted read-only) and QEMU microvm (the tiny guest).
     #[arg(long)]
     pub peers: bool,
+    /// Also measure this Firecracker binary as a peer VMM (tiny guest).
+    #[arg(long, value_name = "PATH")]
+    pub firecracker: Option<PathBuf>,
+    /// Also measure this Cloud Hypervisor binary as a peer VMM (tiny guest).
+    #[arg(long, value_name = "PATH")]
+    pub cloud_hypervisor: Option<PathBuf>,
+    /// Instances alive at once in the density scenario.
+    #[arg(long, value_name = "K", default_value_t = 4)]
+    pub density_instances: u32,
     /// Time limit of one VM or peer run, seconds; a VM failure skips the rest of that
     /// scenario's VM runs.
     #[arg(long, default_value_t = 30.0)]
@@ -56,7 +67,10 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
             .iter()
             .map(|s| {
                 Scenario::parse(s).with_context(|| {
-                    format!("unknown scenario {s:?}: use startup, vmm, cpu, memory, membw")
+                    format!(
+                        "unknown scenario {s:?}: use {}",
+                        Scenario::ALL.map(Scenario::name).join(", ")
+                    )
                 })
             })
             .collect::<anyhow::Result<_>>()?
@@ -65,6 +79,12 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
         anyhow::bail!(
             "--vm-timeout {}: must be a positive number of seconds",
             args.vm_timeout
+        );
+    }
+    if !(1..=64).contains(&args.density_instances) {
+        anyhow::bail!(
+            "--density-instances {}: must be between 1 and 64",
+            args.density_instances
         );
     }
     if args.runs == 0 {
@@ -105,6 +125,10 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
         boxes: args.boxes,
         rootfs,
         kernel,
+        density_instances: args.density_instances,
+        twinbox_exe: std::env::current_exe().context("finding the twinbox binary")?,
+        firecracker: args.firecracker,
+        cloud_hypervisor: args.cloud_hypervisor,
     };
     let results = bench::run(&opts)?;
     let written = bench::write_outputs(&results, &out)?;

@@ -5,7 +5,12 @@ use twinbox_spec::{RunReport, RunSpec};
 
 pub mod container;
 pub mod native;
+pub mod peer_bwrap;
+pub mod peer_cloud_hypervisor;
+pub mod peer_firecracker;
 pub mod peer_qemu;
+pub mod peer_root;
+pub mod peer_runc;
 pub mod process;
 pub mod vm;
 

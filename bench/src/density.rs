@@ -1,0 +1,240 @@
+//! The `density` scenario: what K instances alive at once cost the host, per instance.
+//!
+//! The instances are separate processes, started together, as a user would start them:
+//! K `sleep`s natively, K `twinbox ctr run -- sleep`, K `twinbox vm run -- sleep`. While
+//! they live, the host's `MemAvailable` is sampled every few milliseconds; the drop from
+//! the baseline just before to the lowest sample, divided by K, is the figure. It counts
+//! everything the kernel has to give an instance (page tables, tmpfs and page cache, the
+//! runtime's memory, guest RAM touched), which per-process RSS misses; the price is that
+//! anything else the host does at the same time is counted too, hence the median over
+//! several runs.
+
+use crate::runner::process;
+use crate::scenario::Context;
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+/// How often `MemAvailable` is sampled while the instances live.
+const SAMPLE_EVERY: Duration = Duration::from_millis(5);
+
+/// `MemAvailable` of `/proc/meminfo`, KiB.
+pub fn mem_available_kib() -> Result<u64, String> {
+    let text =
+        std::fs::read_to_string("/proc/meminfo").map_err(|e| format!("/proc/meminfo: {e}"))?;
+    parse_mem_available(&text).ok_or_else(|| "/proc/meminfo has no MemAvailable".into())
+}
+
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The command line of one instance of `workload` in `box_name`.
+pub fn instance_command(
+    box_name: &str,
+    ctx: &Context,
+    workload: &[String],
+) -> Result<Command, String> {
+    let mut cmd = match box_name {
+        "native" => {
+            let (program, args) = workload.split_first().ok_or("no workload")?;
+            let mut c = Command::new(program);
+            c.args(args);
+            return Ok(c);
+        }
+        "container" => {
+            let mut c = Command::new(&ctx.twinbox_exe);
+            c.args(["ctr", "run"]);
+            c
+        }
+        "vm" => {
+            let mut c = Command::new(&ctx.twinbox_exe);
+            c.args(["vm", "run", "--kernel"]).arg(&ctx.kernel);
+            c.args(["--vcpus", &ctx.vcpus.to_string()]);
+            c.args(["--timeout", &ctx.vm_timeout.as_secs_f64().to_string()]);
+            c
+        }
+        other => {
+            return Err(format!(
+                "density: box {other} cannot be started as a process"
+            ))
+        }
+    };
+    cmd.arg("--rootfs").arg(&ctx.rootfs);
+    cmd.args(["--memory", &ctx.memory_mib.to_string(), "--"]);
+    cmd.args(workload);
+    Ok(cmd)
+}
+
+/// Starts `ctx.density_instances` instances of `workload` in `box_name` at once and
+/// returns `mib_per_instance` (and `instances`, `baseline_available_mib`).
+pub fn run(
+    box_name: &str,
+    ctx: &Context,
+    workload: &[String],
+) -> Result<BTreeMap<String, f64>, String> {
+    let k = ctx.density_instances.max(1);
+    let limit = if box_name == "vm" {
+        ctx.vm_timeout + Duration::from_secs(5)
+    } else {
+        Duration::from_secs(60)
+    };
+    let mut commands = Vec::new();
+    for _ in 0..k {
+        commands.push(instance_command(box_name, ctx, workload)?);
+    }
+    let baseline = baseline_kib()?;
+    let mut lowest = baseline;
+    let finished = std::thread::scope(|scope| {
+        let handles: Vec<_> = commands
+            .into_iter()
+            .map(|cmd| {
+                scope.spawn(move || {
+                    process::run(cmd, twinbox_spec::clock::monotonic_ns(), true, Some(limit))
+                })
+            })
+            .collect();
+        while handles.iter().any(|h| !h.is_finished()) {
+            if let Ok(now) = mem_available_kib() {
+                lowest = lowest.min(now);
+            }
+            std::thread::sleep(SAMPLE_EVERY);
+        }
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("instance thread panicked".into()))
+            })
+            .collect::<Vec<_>>()
+    });
+    for (i, done) in finished.into_iter().enumerate() {
+        let done = done?;
+        if done.outcome != twinbox_spec::Outcome::Exited(0) {
+            return Err(format!(
+                "instance {} of {k} ended with {:?}: {}",
+                i + 1,
+                done.outcome,
+                last_words(done.output.as_deref().unwrap_or_default())
+            ));
+        }
+    }
+    let mut out = BTreeMap::new();
+    out.insert(
+        "mib_per_instance".into(),
+        baseline.saturating_sub(lowest) as f64 / 1024.0 / f64::from(k),
+    );
+    out.insert("instances".into(), f64::from(k));
+    out.insert("baseline_available_mib".into(), baseline as f64 / 1024.0);
+    Ok(out)
+}
+
+/// An instance's output on one line, without twinbox's advisory notes (on PVM every VM
+/// prints one), so the reason for a failure is what a report's one-line summary shows.
+fn last_words(output: &str) -> String {
+    output
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("twinbox: note:"))
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// The median of a few `MemAvailable` samples: one reading can catch a passing spike.
+fn baseline_kib() -> Result<u64, String> {
+    let mut samples = Vec::new();
+    for _ in 0..5 {
+        samples.push(mem_available_kib()?);
+        std::thread::sleep(SAMPLE_EVERY);
+    }
+    samples.sort_unstable();
+    Ok(samples[samples.len() / 2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn ctx() -> Context {
+        Context {
+            rootfs: "/img".into(),
+            kernel: "/vmlinux".into(),
+            tiny_kernel: "/tiny".into(),
+            vcpus: 2,
+            memory_mib: 64,
+            vm_timeout: Duration::from_secs(7),
+            microbench: "/mb".into(),
+            disk: "/disk".into(),
+            density_instances: 3,
+            twinbox_exe: PathBuf::from("/usr/bin/twinbox"),
+        }
+    }
+
+    fn argv(cmd: &Command) -> Vec<String> {
+        std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn failure_reason_skips_notes() {
+        let out = "twinbox: note: host KVM is PVM\ntwinbox: vm failed: time limit\n";
+        assert_eq!(last_words(out), "twinbox: vm failed: time limit");
+    }
+
+    #[test]
+    fn meminfo_parses() {
+        let text = "MemTotal:       24000000 kB\nMemAvailable:   12345 kB\n";
+        assert_eq!(parse_mem_available(text), Some(12345));
+        assert_eq!(parse_mem_available("MemTotal: 1 kB\n"), None);
+        assert!(mem_available_kib().unwrap() > 0);
+    }
+
+    #[test]
+    fn instances_are_twinbox_processes_of_the_same_size() {
+        let w = vec!["sleep".to_string(), "2".to_string()];
+        let c = ctx();
+        assert_eq!(
+            argv(&instance_command("native", &c, &w).unwrap()),
+            ["sleep", "2"]
+        );
+        assert_eq!(
+            argv(&instance_command("container", &c, &w).unwrap()),
+            [
+                "/usr/bin/twinbox",
+                "ctr",
+                "run",
+                "--rootfs",
+                "/img",
+                "--memory",
+                "64",
+                "--",
+                "sleep",
+                "2"
+            ]
+        );
+        let vm = argv(&instance_command("vm", &c, &w).unwrap());
+        assert_eq!(&vm[..4], ["/usr/bin/twinbox", "vm", "run", "--kernel"]);
+        assert!(vm.windows(2).any(|p| p == ["--vcpus", "2"]));
+        assert!(vm.windows(2).any(|p| p == ["--timeout", "7"]));
+        assert!(instance_command("runc", &c, &w).is_err());
+    }
+
+    #[test]
+    fn native_instances_run_and_report_per_instance_memory() {
+        let m = run("native", &ctx(), &["sleep".into(), "0.2".into()]).unwrap();
+        assert_eq!(m["instances"], 3.0);
+        assert!(m["mib_per_instance"] >= 0.0);
+        assert!(m["baseline_available_mib"] > 0.0);
+        let err = run("native", &ctx(), &["false".into()]).unwrap_err();
+        assert!(err.contains("instance 1 of 3"), "{err}");
+    }
+}
