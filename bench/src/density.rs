@@ -2,8 +2,10 @@
 //!
 //! The instances are separate processes, started together, as a user would start them:
 //! K `sleep`s natively, K `twinbox ctr run -- sleep`, K `twinbox vm run -- sleep`. While
-//! they live, the host's `MemAvailable` is sampled every few milliseconds; the drop from
-//! the baseline just before to the lowest sample, divided by K, is the figure. It counts
+//! they live, the host's `MemAvailable` is sampled every few milliseconds. The figure is
+//! the drop, divided by K, from the mean of the medians just before and just after (which
+//! cancels a steady drift of the host's memory) to the median of the samples in the middle
+//! half of the instances' lifetime (when all have started and none has ended). It counts
 //! everything the kernel has to give an instance (page tables, tmpfs and page cache, the
 //! runtime's memory, guest RAM touched), which per-process RSS misses; the price is that
 //! anything else the host does at the same time is counted too, hence the median over
@@ -18,21 +20,37 @@ use std::time::Duration;
 /// How often `MemAvailable` is sampled while the instances live.
 const SAMPLE_EVERY: Duration = Duration::from_millis(5);
 
-/// `MemAvailable` of `/proc/meminfo`, KiB.
-pub fn mem_available_kib() -> Result<u64, String> {
-    let text =
-        std::fs::read_to_string("/proc/meminfo").map_err(|e| format!("/proc/meminfo: {e}"))?;
-    parse_mem_available(&text).ok_or_else(|| "/proc/meminfo has no MemAvailable".into())
+/// The two host counters sampled, KiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemSample {
+    /// `MemAvailable`: free memory plus what the kernel could reclaim (clean page cache,
+    /// reclaimable slab).
+    pub available: u64,
+    /// `MemFree`: pages nobody uses, not even the page cache.
+    pub free: u64,
 }
 
-fn parse_mem_available(meminfo: &str) -> Option<u64> {
-    meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+/// `MemAvailable` and `MemFree` of `/proc/meminfo`.
+pub fn sample() -> Result<MemSample, String> {
+    let text =
+        std::fs::read_to_string("/proc/meminfo").map_err(|e| format!("/proc/meminfo: {e}"))?;
+    parse_meminfo(&text).ok_or_else(|| "/proc/meminfo has no MemAvailable or MemFree".into())
+}
+
+fn parse_meminfo(meminfo: &str) -> Option<MemSample> {
+    let field = |key: &str| -> Option<u64> {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(key))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some(MemSample {
+        available: field("MemAvailable:")?,
+        free: field("MemFree:")?,
+    })
 }
 
 /// The command line of one instance of `workload` in `box_name`.
@@ -89,8 +107,8 @@ pub fn run(
     for _ in 0..k {
         commands.push(instance_command(box_name, ctx, workload)?);
     }
-    let baseline = baseline_kib()?;
-    let mut lowest = baseline;
+    let before = quiet()?;
+    let mut during: Vec<MemSample> = Vec::new();
     let finished = std::thread::scope(|scope| {
         let handles: Vec<_> = commands
             .into_iter()
@@ -101,8 +119,8 @@ pub fn run(
             })
             .collect();
         while handles.iter().any(|h| !h.is_finished()) {
-            if let Ok(now) = mem_available_kib() {
-                lowest = lowest.min(now);
+            if let Ok(now) = sample() {
+                during.push(now);
             }
             std::thread::sleep(SAMPLE_EVERY);
         }
@@ -114,6 +132,7 @@ pub fn run(
             })
             .collect::<Vec<_>>()
     });
+    let after = quiet()?;
     for (i, done) in finished.into_iter().enumerate() {
         let done = done?;
         if done.outcome != twinbox_spec::Outcome::Exited(0) {
@@ -125,14 +144,46 @@ pub fn run(
             ));
         }
     }
+    let plateau = |f: fn(&MemSample) -> u64| {
+        middle_half_median(&during.iter().map(f).collect::<Vec<_>>())
+            .ok_or("the instances ended before the host's memory was sampled")
+    };
     let mut out = BTreeMap::new();
     out.insert(
         "mib_per_instance".into(),
-        baseline.saturating_sub(lowest) as f64 / 1024.0 / f64::from(k),
+        per_instance_mib(
+            before.available,
+            after.available,
+            plateau(|m| m.available)?,
+            k,
+        ),
+    );
+    out.insert(
+        "memfree_mib_per_instance".into(),
+        per_instance_mib(before.free, after.free, plateau(|m| m.free)?, k),
     );
     out.insert("instances".into(), f64::from(k));
-    out.insert("baseline_available_mib".into(), baseline as f64 / 1024.0);
+    out.insert(
+        "baseline_available_mib".into(),
+        before.available as f64 / 1024.0,
+    );
     Ok(out)
+}
+
+/// (before + after) / 2 − loaded, per instance, MiB; negative when the host freed more
+/// memory meanwhile than the instances took (reported as is: it is noise, not a cost).
+fn per_instance_mib(before: u64, after: u64, loaded: u64, k: u32) -> f64 {
+    let idle = (before as f64 + after as f64) / 2.0;
+    (idle - loaded as f64) / 1024.0 / f64::from(k)
+}
+
+/// The median of the samples in the middle half of the list (samples are evenly spaced in
+/// time, so this is the middle half of the instances' lifetime).
+fn middle_half_median(samples: &[u64]) -> Option<u64> {
+    let n = samples.len();
+    let mut mid = samples[n / 4..n - n / 4].to_vec();
+    mid.sort_unstable();
+    mid.get(mid.len() / 2).copied()
 }
 
 /// An instance's output on one line, without twinbox's advisory notes (on PVM every VM
@@ -146,15 +197,22 @@ fn last_words(output: &str) -> String {
         .join(" | ")
 }
 
-/// The median of a few `MemAvailable` samples: one reading can catch a passing spike.
-fn baseline_kib() -> Result<u64, String> {
+/// The medians of a few samples: one reading can catch a passing spike.
+fn quiet() -> Result<MemSample, String> {
     let mut samples = Vec::new();
     for _ in 0..5 {
-        samples.push(mem_available_kib()?);
+        samples.push(sample()?);
         std::thread::sleep(SAMPLE_EVERY);
     }
-    samples.sort_unstable();
-    Ok(samples[samples.len() / 2])
+    let median = |f: fn(&MemSample) -> u64| {
+        let mut v: Vec<u64> = samples.iter().map(f).collect();
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    Ok(MemSample {
+        available: median(|m| m.available),
+        free: median(|m| m.free),
+    })
 }
 
 #[cfg(test)]
@@ -185,6 +243,17 @@ mod tests {
     }
 
     #[test]
+    fn drift_is_cancelled_and_the_plateau_is_the_middle() {
+        // The host drifted down by 100 KiB while 2 instances took 1024 KiB each.
+        assert_eq!(per_instance_mib(10_000, 9_900, 9_950 - 2048, 2), 1.0);
+        // Start-up and teardown samples at the edges do not count.
+        let samples = [9_000, 5_000, 5_000, 5_100, 4_900, 5_000, 5_000, 9_000];
+        assert_eq!(middle_half_median(&samples), Some(5_000));
+        assert_eq!(middle_half_median(&[]), None);
+        assert_eq!(middle_half_median(&[7]), Some(7));
+    }
+
+    #[test]
     fn failure_reason_skips_notes() {
         let out = "twinbox: note: host KVM is PVM\ntwinbox: vm failed: time limit\n";
         assert_eq!(last_words(out), "twinbox: vm failed: time limit");
@@ -192,10 +261,11 @@ mod tests {
 
     #[test]
     fn meminfo_parses() {
-        let text = "MemTotal:       24000000 kB\nMemAvailable:   12345 kB\n";
-        assert_eq!(parse_mem_available(text), Some(12345));
-        assert_eq!(parse_mem_available("MemTotal: 1 kB\n"), None);
-        assert!(mem_available_kib().unwrap() > 0);
+        let text = "MemTotal:  24000000 kB\nMemFree:  999 kB\nMemAvailable:   12345 kB\n";
+        let m = parse_meminfo(text).unwrap();
+        assert_eq!((m.available, m.free), (12345, 999));
+        assert_eq!(parse_meminfo("MemTotal: 1 kB\n"), None);
+        assert!(sample().unwrap().available > 0);
     }
 
     #[test]
@@ -232,7 +302,7 @@ mod tests {
     fn native_instances_run_and_report_per_instance_memory() {
         let m = run("native", &ctx(), &["sleep".into(), "0.2".into()]).unwrap();
         assert_eq!(m["instances"], 3.0);
-        assert!(m["mib_per_instance"] >= 0.0);
+        assert!(m["mib_per_instance"].is_finite() && m["memfree_mib_per_instance"].is_finite());
         assert!(m["baseline_available_mib"] > 0.0);
         let err = run("native", &ctx(), &["false".into()]).unwrap_err();
         assert!(err.contains("instance 1 of 3"), "{err}");

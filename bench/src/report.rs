@@ -33,11 +33,12 @@ pub fn fmt_summary(s: &Summary) -> String {
     )
 }
 
-/// Ratio of the medians of `box_name` and `reference` for `metric`, when both exist.
+/// Ratio of the medians of `box_name` and `reference` for `metric`, when both exist and
+/// are positive (a ratio to a difference that noise made zero or negative means nothing).
 pub fn ratio(s: &ScenarioResult, metric: &str, box_name: &str, reference: &str) -> Option<f64> {
     let a = s.summary(box_name, metric)?.median;
     let b = s.summary(reference, metric)?.median;
-    (b != 0.0).then(|| a / b)
+    (a > 0.0 && b > 0.0).then(|| a / b)
 }
 
 /// Median time from spawn to each phase the box stamped, in ms, in phase order.
@@ -300,6 +301,22 @@ fn claims(out: &mut String, r: &Results) {
                 }
             }
         }
+    }
+    if let Some(s) = r.scenario("density") {
+        let cell = |b: &str, m: &str| show(s.summary(b, m).map(|x| x.median), "MiB");
+        let _ = writeln!(
+            out,
+            "\n  With {} instances alive at once (`density`), the host's MemAvailable drops \
+             per instance: native {}, container {}, vm {}; its MemFree (page cache counted as \
+             taken): native {}, container {}, vm {}.",
+            r.params.density_instances,
+            cell("native", "mib_per_instance"),
+            cell("container", "mib_per_instance"),
+            cell("vm", "mib_per_instance"),
+            cell("native", "memfree_mib_per_instance"),
+            cell("container", "memfree_mib_per_instance"),
+            cell("vm", "memfree_mib_per_instance"),
+        );
     }
     let _ = writeln!(
         out,

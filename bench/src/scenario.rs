@@ -119,10 +119,14 @@ impl Scenario {
             Scenario::Density => {
                 "Host memory per instance when several are alive at once: K instances of \
                  `sleep 2` are started together as separate processes (`sleep`, `twinbox ctr \
-                 run`, `twinbox vm run`) and the drop of the host's MemAvailable from just \
-                 before to its lowest point while they run is divided by K. Unlike `memory` \
-                 this counts everything an instance costs the host (page tables, page cache, \
-                 tmpfs, kernel objects), and other activity on the host adds noise."
+                 run`, `twinbox vm run`) while the host's MemAvailable is sampled every 5 ms. \
+                 Per instance = (median before + median after) / 2 − median over the middle \
+                 half of their lifetime, / K. Unlike `memory` this counts everything an \
+                 instance costs the host, but MemAvailable treats page cache as available: \
+                 the image pages a loop device caches while a container runs raise it, so \
+                 the figure can even be negative. `memfree_mib_per_instance` is the same \
+                 computation on MemFree, which counts that cache as taken. Other activity on \
+                 the host adds noise of a few MiB (divided by K)."
             }
             Scenario::Syscall => {
                 "`twinbox-microbench` (a static binary in the image; native runs the same \
@@ -184,7 +188,10 @@ impl Scenario {
             Scenario::Cpu => vec![m("events_per_s", "events/s", true)],
             Scenario::Memory => vec![m("host_memory_mib", "MiB", false)],
             Scenario::Membw => vec![m("mib_per_s", "MiB/s", true)],
-            Scenario::Density => vec![m("mib_per_instance", "MiB", false)],
+            Scenario::Density => vec![
+                m("mib_per_instance", "MiB", false),
+                m("memfree_mib_per_instance", "MiB", false),
+            ],
             Scenario::Syscall => vec![
                 m("syscall_ns", "ns", false),
                 m("fork_us", "µs", false),
@@ -197,25 +204,21 @@ impl Scenario {
         }
     }
 
-    /// Whether `box_name` takes part: the tiny guest only boots in VMMs, and peer VMMs
-    /// only boot the tiny guest; peer container runtimes run the image's workloads but not
-    /// the memory scenarios (a runtime's own process is not where its container's memory
-    /// is, so the figure would not be comparable).
+    /// Whether `box_name` takes part: the tiny guest only boots in VMMs; QEMU also boots
+    /// the image's workloads, Firecracker and Cloud Hypervisor only the tiny guest; peer
+    /// runtimes and QEMU sit out the memory scenarios (their own process is not where
+    /// their instance's memory is, so the figure would not be comparable).
     pub fn applies_to(self, box_name: &str) -> bool {
         use crate::runner::{
             peer_bwrap, peer_cloud_hypervisor, peer_firecracker, peer_qemu, peer_runc,
         };
-        let peer_vmm = [
-            peer_qemu::NAME,
-            peer_firecracker::NAME,
-            peer_cloud_hypervisor::NAME,
-        ]
-        .contains(&box_name);
-        let peer_runtime = [peer_runc::NAME, peer_bwrap::NAME].contains(&box_name);
+        let vmm_only = [peer_firecracker::NAME, peer_cloud_hypervisor::NAME].contains(&box_name);
+        let peer =
+            vmm_only || [peer_qemu::NAME, peer_runc::NAME, peer_bwrap::NAME].contains(&box_name);
         match self {
-            Scenario::Vmm => box_name == "vm" || peer_vmm,
-            Scenario::Memory | Scenario::Density => !peer_vmm && !peer_runtime,
-            _ => !peer_vmm,
+            Scenario::Vmm => box_name == "vm" || box_name == peer_qemu::NAME || vmm_only,
+            Scenario::Memory | Scenario::Density => !peer,
+            _ => !vmm_only,
         }
     }
 
@@ -440,6 +443,12 @@ mod tests {
         assert!(Scenario::Vmm.applies_to("qemu-microvm"));
         assert!(!Scenario::Vmm.applies_to("native"));
         assert!(Scenario::Cpu.applies_to("container"));
-        assert!(!Scenario::Cpu.applies_to("qemu-microvm"));
+        assert!(Scenario::Cpu.applies_to("qemu-microvm"));
+        assert!(!Scenario::Cpu.applies_to("firecracker"));
+        assert!(Scenario::Vmm.applies_to("cloud-hypervisor"));
+        assert!(!Scenario::Vmm.applies_to("runc"));
+        assert!(Scenario::Disk.applies_to("bwrap"));
+        assert!(!Scenario::Memory.applies_to("runc"));
+        assert!(!Scenario::Density.applies_to("qemu-microvm"));
     }
 }

@@ -40,7 +40,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "PATH")]
     pub cloud_hypervisor: Option<PathBuf>,
     /// Instances alive at once in the density scenario.
-    #[arg(long, value_name = "K", default_value_t = 4)]
+    #[arg(long, value_name = "K", default_value_t = 8)]
     pub density_instances: u32,
     /// Time limit of one VM or peer run, seconds; a VM failure skips the rest of that
     /// scenario's VM runs.
