@@ -6,6 +6,9 @@
 //!   may not run Linux guests): the workload's status comes from init's console line, and
 //!   the extra disk is `/dev/vdb`, the same name the bench's fio reads.
 //!
+//! - SIGTERM stops a bench in any box (a VM run at once, a host process after SIGTERM),
+//!   with exit status 143 and nothing left behind.
+//!
 //! Needs root, the image, the kernel, runc, bwrap and qemu-system-x86_64.
 
 mod common;
@@ -131,4 +134,48 @@ fn qemu_peer_boots_our_kernel_and_image_with_the_disk_at_vdb() {
     assert_eq!(r.outcome, Outcome::Exited(0), "{:?}", r.output);
     std::fs::remove_file(&disk).unwrap();
     assert!(Path::new(&rootfs).exists());
+}
+
+#[test]
+fn sigterm_stops_the_bench_and_leaves_nothing_behind() {
+    common::require_root("the bench's container boxes and peers");
+    common::require_artifact(&twinbox_spec::artifacts::rootfs_image());
+    common::require_artifact(&twinbox_spec::artifacts::kernel_vmlinux());
+    let out = std::env::temp_dir().join(format!("twinbox-bench-int-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let peer_dirs_before = leftovers("twinbox-peer-root-");
+    let runc_dirs_before = leftovers("twinbox-runc-");
+    common::leaks::check_no_leaks("an interrupted twinbox bench", || {
+        // Long enough (20 rounds of 3 s cpu runs, VM limit 120 s) that only the signal
+        // can end it soon.
+        let mut child = Command::new(common::twinbox())
+            .args(["bench", "startup", "cpu", "--runs", "20", "--peers"])
+            .args(["--vm-timeout", "120", "--out"])
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("run twinbox bench");
+        std::thread::sleep(std::time::Duration::from_secs(4));
+        // SAFETY: the child is ours and not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("twinbox bench did not stop within 90 s of SIGTERM");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert_eq!(status.code(), Some(143), "exit status 128 + SIGTERM");
+    });
+    assert_eq!(leftovers("twinbox-peer-root-"), peer_dirs_before);
+    assert_eq!(leftovers("twinbox-runc-"), runc_dirs_before);
+    assert!(
+        !out.join("results.json").exists(),
+        "no results from an interrupted bench"
+    );
+    let _ = std::fs::remove_dir_all(&out);
 }

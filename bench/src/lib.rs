@@ -89,6 +89,12 @@ pub enum Error {
     /// A peer that was asked for by path cannot be used, or the peers' image mount failed.
     #[error("peer: {0}")]
     Peer(String),
+    /// SIGINT or SIGTERM arrived; the run in progress was stopped and cleaned up.
+    #[error("interrupted by signal {0}")]
+    Interrupted(i32),
+    /// Setting up the interrupt handling.
+    #[error("installing the SIGINT/SIGTERM handler: {0}")]
+    Signals(std::io::Error),
     /// Drawing a chart.
     #[error(transparent)]
     Chart(#[from] charts::ChartError),
@@ -134,9 +140,14 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
     } else {
         None
     };
+    // SIGINT/SIGTERM for the whole bench: recorded, and written to an eventfd that stops
+    // a VM run at once. twinbox's container runtime installs its own recording handler
+    // for each run and restores this one after; both are checked after every run.
+    let interrupt = vmm::interrupt::Interrupt::install().map_err(Error::Signals)?;
     let mut runners: Vec<Box<dyn Runner>> = Vec::new();
     for b in &opts.boxes {
-        runners.push(runner::by_name(b).ok_or_else(|| Error::UnknownBox(b.clone()))?);
+        let stop = interrupt.eventfd().try_clone().map_err(Error::Signals)?;
+        runners.push(runner::by_name(b, Some(stop)).ok_or_else(|| Error::UnknownBox(b.clone()))?);
     }
     if let Some(root) = &peer_root {
         match runner::peer_runc::Runc::find(root.dir()).map_err(Error::Peer)? {
@@ -207,9 +218,21 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
+    let interrupted = || interrupt.signal().or_else(container::interrupt::signal);
     let mut scenarios = Vec::new();
     for (scenario, boxes) in &plan {
-        scenarios.push(run_scenario(*scenario, boxes, &ctx, opts, &bar));
+        scenarios.push(run_scenario(
+            *scenario,
+            boxes,
+            &ctx,
+            opts,
+            &bar,
+            &interrupted,
+        ));
+        if let Some(signal) = interrupted() {
+            bar.finish_and_clear();
+            return Err(Error::Interrupted(signal));
+        }
     }
     bar.finish_and_clear();
     Ok(Results {
@@ -239,6 +262,7 @@ fn run_scenario(
     ctx: &Context,
     opts: &Options,
     bar: &ProgressBar,
+    interrupted: &dyn Fn() -> Option<i32>,
 ) -> ScenarioResult {
     let mut result = ScenarioResult {
         name: scenario.name().into(),
@@ -254,6 +278,9 @@ fn run_scenario(
     let mut failed: Vec<Option<String>> = vec![None; boxes.len()];
     let mut skipped = vec![0u32; boxes.len()];
     for slot in schedule::interleave(boxes.len(), opts.warmup, opts.runs) {
+        if interrupted().is_some() {
+            break;
+        }
         let runner = boxes[slot.box_index];
         bar.set_message(format!(
             "{} / {} #{}",

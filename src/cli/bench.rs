@@ -97,7 +97,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
     };
     probe.validate()?;
     for b in &args.boxes {
-        if bench::runner::by_name(b).is_none() {
+        if !bench::runner::BOX_NAMES.contains(&b.as_str()) {
             anyhow::bail!("--boxes: unknown box {b:?}: use native, container, vm");
         }
     }
@@ -130,7 +130,14 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
         firecracker: args.firecracker,
         cloud_hypervisor: args.cloud_hypervisor,
     };
-    let results = bench::run(&opts)?;
+    let results = match bench::run(&opts) {
+        Ok(results) => results,
+        Err(bench::Error::Interrupted(signal)) => {
+            eprintln!("twinbox: bench interrupted by signal {signal}; the run in progress was stopped and cleaned up, no results written");
+            return Ok(128 + signal);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let written = bench::write_outputs(&results, &out)?;
     println!("{}", bench::report::headline(&results));
     println!("report:  {}", written.report.display());

@@ -19,6 +19,15 @@ extern "C" fn on_signal(signal: libc::c_int) {
     }
 }
 
+/// The signal an [`Interrupt`] of this process recorded, if any: for code that runs under
+/// one but cannot hold it (the bench's host-process runs poll this to stop their child).
+pub fn received() -> Option<i32> {
+    match SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
 /// Routes SIGINT and SIGTERM to an eventfd while it lives.
 pub struct Interrupt {
     evt: EventFd,
@@ -43,10 +52,7 @@ impl Interrupt {
 
     /// The signal that arrived, if any.
     pub fn signal(&self) -> Option<i32> {
-        match SIGNAL.load(Ordering::SeqCst) {
-            0 => None,
-            s => Some(s),
-        }
+        received()
     }
 }
 

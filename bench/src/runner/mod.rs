@@ -23,12 +23,19 @@ pub trait Runner {
     fn run(&self, spec: &RunSpec) -> Result<RunReport, String>;
 }
 
-/// The runner for a box name given on the command line.
-pub fn by_name(name: &str) -> Option<Box<dyn Runner>> {
+/// The boxes `--boxes` accepts.
+pub const BOX_NAMES: [&str; 3] = ["native", "container", "vm"];
+
+/// The runner for a box name given on the command line; the VM's run stops early when
+/// `stop` is written to.
+pub fn by_name(
+    name: &str,
+    stop: Option<vmm_sys_util::eventfd::EventFd>,
+) -> Option<Box<dyn Runner>> {
     match name {
         "native" => Some(Box::new(native::Native)),
         "container" => Some(Box::new(container::Container)),
-        "vm" => Some(Box::new(vm::Vm)),
+        "vm" => Some(Box::new(vm::Vm { stop })),
         _ => None,
     }
 }

@@ -18,6 +18,9 @@ pub struct Finished {
     pub usage: Usage,
 }
 
+/// How long an interrupted child gets to end after SIGTERM before SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(3);
+
 /// Spawns `cmd` (stamped from `spawn_ns`), waits at most `limit`, reaps it.
 ///
 /// `Command::spawn` returns only once `execve` succeeded (std reports exec failures
@@ -41,6 +44,7 @@ pub fn run(
     let started = Instant::now();
     let pid = child.id() as libc::pid_t;
     let mut killed = false;
+    let mut interrupted: Option<(i32, Instant)> = None;
     let mut polls: u64 = 0;
     let mut hwm_kib: Option<u64> = None;
     let (status, rusage) = loop {
@@ -63,6 +67,24 @@ pub fn run(
             let _ = child.kill();
             killed = true;
         }
+        // The bench was interrupted (SIGINT/SIGTERM recorded by its handler): do not wait
+        // for a child that would only end at its time limit. SIGTERM first, so a runtime
+        // (`twinbox ctr run`, runc, QEMU) tears its instance down; SIGKILL if it has not
+        // ended within TERM_GRACE.
+        match interrupted {
+            None => {
+                interrupted = vmm::interrupt::received().map(|s| (s, Instant::now()));
+                if interrupted.is_some() && !killed {
+                    // SAFETY: `pid` is our unreaped child, so it cannot have been reused.
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                }
+            }
+            Some((_, at)) if !killed && at.elapsed() > TERM_GRACE => {
+                let _ = child.kill();
+                killed = true;
+            }
+            Some(_) => {}
+        }
         // The child's own peak RSS, sampled every ~10 ms while it lives: `ru_maxrss` of
         // a child spawned with vfork semantics starts from the parent's high-water mark,
         // so it would report the bench's memory, not the workload's.
@@ -80,7 +102,9 @@ pub fn run(
         text
     });
     timeline.record_now(Phase::TornDown);
-    let outcome = if killed {
+    let outcome = if let Some((signal, _)) = interrupted {
+        Outcome::Failed(format!("interrupted by signal {signal}"))
+    } else if killed {
         Outcome::Failed(format!(
             "time limit of {:.1} s reached",
             limit.unwrap_or_default().as_secs_f64()
