@@ -36,7 +36,7 @@ type Stack = (String, Vec<(String, f64)>);
 /// stamps (median ms); the `vmm` scenario's tiny-guest runs are added as extra bars.
 pub fn startup(r: &Results, path: &Path) -> Result<(), ChartError> {
     let mut bars: Vec<Stack> = Vec::new();
-    for (scn, suffix) in [("startup", ""), ("vmm", " (tiny guest)")] {
+    for (scn, suffix) in [("startup", ""), ("vmm", "*")] {
         let Some(s) = r.scenario(scn) else { continue };
         for b in &s.boxes {
             let med = phase_medians(s, b);
@@ -57,7 +57,7 @@ pub fn startup(r: &Results, path: &Path) -> Result<(), ChartError> {
     }
     stacked(
         path,
-        "Start-up: spawn → torn_down by phase (median)",
+        "Start-up: spawn → torn_down by phase (median; * = tiny guest, no kernel)",
         "ms",
         &bars,
     )

@@ -30,7 +30,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Also measure the peers found in PATH: runc and bubblewrap (the image's workloads,
-    /// from the same image mounted read-only) and QEMU microvm (the tiny guest).
+    /// from the same image mounted read-only) and QEMU microvm (the tiny guest, and the
+    /// same kernel and image as twinbox's VM). Peers sit out memory and density.
     #[arg(long)]
     pub peers: bool,
     /// Also measure this Firecracker binary as a peer VMM (tiny guest).
@@ -55,11 +56,29 @@ pub struct BenchArgs {
     /// Guest kernel (default: the cached vmlinux).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
+    /// Run nothing: render report.md and the charts again from this results.json (into
+    /// its directory, or --out).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["scenarios", "peers"])]
+    pub render: Option<PathBuf>,
 }
 
 /// Runs the bench; exit status 0 when the results were written (failed runs are part of
 /// the results, not an error of the bench).
 pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
+    if let Some(file) = &args.render {
+        let results = bench::results::Results::load(file)
+            .with_context(|| format!("{}: not a readable results.json", file.display()))?;
+        let dir = args.out.clone().unwrap_or_else(|| {
+            file.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."))
+                .to_path_buf()
+        });
+        let written = bench::write_outputs(&results, &dir)?;
+        println!("{}", bench::report::headline(&results));
+        println!("report:  {}", written.report.display());
+        return Ok(0);
+    }
     let scenarios = if args.scenarios.is_empty() {
         Scenario::ALL.to_vec()
     } else {
