@@ -23,7 +23,7 @@ use twinbox_spec::{Outcome, RunSpec};
 
 fn require_tool(name: &str) {
     assert!(
-        bench::runner::peer_runc::in_path(name).is_some(),
+        bench::runner::peer::in_path(name).is_some(),
         "{name} is not installed: run scripts/install-deps"
     );
 }

@@ -181,9 +181,13 @@ fn per_instance_mib(before: u64, after: u64, loaded: u64, k: u32) -> f64 {
 /// time, so this is the middle half of the instances' lifetime).
 fn middle_half_median(samples: &[u64]) -> Option<u64> {
     let n = samples.len();
-    let mut mid = samples[n / 4..n - n / 4].to_vec();
-    mid.sort_unstable();
-    mid.get(mid.len() / 2).copied()
+    median(samples[n / 4..n - n / 4].to_vec())
+}
+
+/// The median (upper middle for an even count) of `values`.
+fn median(mut values: Vec<u64>) -> Option<u64> {
+    values.sort_unstable();
+    values.get(values.len() / 2).copied()
 }
 
 /// An instance's output on one line, without twinbox's advisory notes (on PVM every VM
@@ -204,14 +208,10 @@ fn quiet() -> Result<MemSample, String> {
         samples.push(sample()?);
         std::thread::sleep(SAMPLE_EVERY);
     }
-    let median = |f: fn(&MemSample) -> u64| {
-        let mut v: Vec<u64> = samples.iter().map(f).collect();
-        v.sort_unstable();
-        v[v.len() / 2]
-    };
+    let median_of = |f: fn(&MemSample) -> u64| median(samples.iter().map(f).collect());
     Ok(MemSample {
-        available: median(|m| m.available),
-        free: median(|m| m.free),
+        available: median_of(|m| m.available).ok_or("no memory samples")?,
+        free: median_of(|m| m.free).ok_or("no memory samples")?,
     })
 }
 

@@ -134,7 +134,10 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
         && opts
             .scenarios
             .iter()
-            .any(|s| s.applies_to(runner::peer_runc::NAME));
+            .any(|s| s.applies_to(runner::peer_runc::NAME))
+        && ["runc", "bwrap"]
+            .iter()
+            .any(|b| runner::peer::in_path(b).is_some());
     let peer_root = if wants_peer_runtimes {
         Some(runner::peer_root::PeerRoot::mount(&opts.rootfs).map_err(Error::Peer)?)
     } else {

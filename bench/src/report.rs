@@ -318,35 +318,19 @@ fn claims(out: &mut String, r: &Results) {
             cell("vm", "memfree_mib_per_instance"),
         );
     }
+    let vs_native = |scn: &str, metric: &str, b: &str| {
+        r.scenario(scn)
+            .map_or("—".into(), |s| fmt_ratio(ratio(s, metric, b, "native")))
+    };
     let _ = writeln!(
         out,
         "\n- **Performance: container \"near native\", VM \"weaker\".** CPU (sysbench) \
          container/native {}, vm/native {}; memory bandwidth container/native {}, \
          vm/native {}.\n",
-        r.scenario("cpu").map_or("—".into(), |s| fmt_ratio(ratio(
-            s,
-            "events_per_s",
-            "container",
-            "native"
-        ))),
-        r.scenario("cpu").map_or("—".into(), |s| fmt_ratio(ratio(
-            s,
-            "events_per_s",
-            "vm",
-            "native"
-        ))),
-        r.scenario("membw").map_or("—".into(), |s| fmt_ratio(ratio(
-            s,
-            "mib_per_s",
-            "container",
-            "native"
-        ))),
-        r.scenario("membw").map_or("—".into(), |s| fmt_ratio(ratio(
-            s,
-            "mib_per_s",
-            "vm",
-            "native"
-        ))),
+        vs_native("cpu", "events_per_s", "container"),
+        vs_native("cpu", "events_per_s", "vm"),
+        vs_native("membw", "mib_per_s", "container"),
+        vs_native("membw", "mib_per_s", "vm"),
     );
 }
 

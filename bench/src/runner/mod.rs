@@ -5,6 +5,7 @@ use twinbox_spec::{RunReport, RunSpec};
 
 pub mod container;
 pub mod native;
+pub mod peer;
 pub mod peer_bwrap;
 pub mod peer_cloud_hypervisor;
 pub mod peer_firecracker;

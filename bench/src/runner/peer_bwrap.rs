@@ -8,10 +8,11 @@
 //! at `/mnt/disk<N>`. bubblewrap has no resource limits (no cgroups): the memory and CPU
 //! limits twinbox's container and runc get do not apply.
 
-use super::{peer_runc::in_path, process, Runner};
+use super::peer::{in_path, peer_report};
+use super::{process, Runner};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use twinbox_spec::{BoxKind, RunReport, RunSpec};
+use twinbox_spec::{RunReport, RunSpec};
 
 /// Name of this peer in tables.
 pub const NAME: &str = "bwrap";
@@ -96,17 +97,12 @@ impl Runner for Bwrap {
         let mut cmd = Command::new(&self.binary);
         cmd.args(args_for(&self.rootfs, spec));
         let done = process::run(cmd, spec.spawn_ns, true, spec.time_limit)?;
-        Ok(RunReport {
-            box_kind: BoxKind::Peer(NAME.into()),
-            outcome: done.outcome,
-            timeline: done.timeline,
-            output: done.output,
-            usage: done.usage,
-            notes: vec![
-                "bwrap process start to exit; image pre-mounted by the bench; no cgroup limits"
-                    .into(),
-            ],
-        })
+        Ok(peer_report(
+            NAME,
+            done,
+            "bwrap process start to exit; image pre-mounted by the bench; no cgroup limits",
+            |outcome, _| outcome,
+        ))
     }
 }
 

@@ -33,11 +33,11 @@
 //! `vmm/src/lib.rs` control loop (i8042 reset = reboot), `vmm/src/vm.rs` (`pio_write` to an
 //! unregistered port only logs).
 
-use super::peer_firecracker::{executable_file, peer_outcome};
+use super::peer::{executable_file, peer_outcome, peer_report, VMM_NOTE};
 use super::{process, Runner};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use twinbox_spec::{BoxKind, RunReport, RunSpec};
+use twinbox_spec::{RunReport, RunSpec};
 
 /// Name of this peer in tables.
 pub const NAME: &str = "cloud-hypervisor";
@@ -93,25 +93,18 @@ impl Runner for CloudHypervisor {
         let mut cmd = Command::new(&self.binary);
         cmd.args(args(spec)?);
         let done = process::run(cmd, spec.spawn_ns, true, spec.time_limit)?;
-        Ok(RunReport {
-            box_kind: BoxKind::Peer(NAME.into()),
-            outcome: peer_outcome(NAME, done.outcome, done.output.as_deref()),
-            timeline: done.timeline,
-            output: done.output,
-            usage: done.usage,
-            notes: vec![
-                "process start to process exit; peak RSS includes guest RAM touched".into(),
-            ],
-        })
+        Ok(peer_report(NAME, done, VMM_NOTE, |o, out| {
+            peer_outcome(NAME, o, out)
+        }))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runner::peer_firecracker::tests::{script, tiny_spec};
-    use crate::runner::peer_firecracker::RunDir;
-    use twinbox_spec::Outcome;
+    use crate::runner::peer::tests::{script, tiny_spec};
+    use crate::runner::peer::RunDir;
+    use twinbox_spec::{BoxKind, Outcome};
 
     #[test]
     fn argv_carries_kernel_vcpus_memory_and_quiet_consoles() {

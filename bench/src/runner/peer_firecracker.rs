@@ -31,12 +31,11 @@
 //! the note), `FAQ.md` / issue #598 (a guest reboot ends the Firecracker process),
 //! `src/vmm/src/device_manager/legacy.rs` (x86 port devices).
 
+use super::peer::{executable_file, peer_outcome, peer_report, RunDir, VMM_NOTE};
 use super::{process, Runner};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
-use twinbox_spec::{BoxKind, Outcome, RunReport, RunSpec};
+use twinbox_spec::{RunReport, RunSpec};
 
 /// Name of this peer in tables.
 pub const NAME: &str = "firecracker";
@@ -112,134 +111,18 @@ impl Runner for Firecracker {
         cmd.args(args(&config_path)).current_dir(dir.path());
         let done = process::run(cmd, spec.spawn_ns, true, spec.time_limit)?;
         drop(dir);
-        Ok(RunReport {
-            box_kind: BoxKind::Peer(NAME.into()),
-            outcome: peer_outcome(NAME, done.outcome, done.output.as_deref()),
-            timeline: done.timeline,
-            output: done.output,
-            usage: done.usage,
-            notes: vec![
-                "process start to process exit; peak RSS includes guest RAM touched".into(),
-            ],
-        })
-    }
-}
-
-/// `path` made absolute when it names an executable regular file, else one line saying
-/// why not. A bare name (`firecracker`) that is not in the working directory is looked
-/// up in `PATH`. `what` names the binary in the message.
-///
-/// Shared with the Cloud Hypervisor peer.
-pub(crate) fn executable_file(path: &Path, what: &str) -> Result<PathBuf, String> {
-    let bare = path.components().count() == 1 && !path.exists();
-    let found = if bare {
-        std::env::var_os("PATH").and_then(|dirs| {
-            std::env::split_paths(&dirs)
-                .map(|d| d.join(path))
-                .find(|p| p.is_file())
-        })
-    } else {
-        None
-    };
-    let path = found.as_deref().unwrap_or(path);
-    let meta = std::fs::metadata(path).map_err(|e| {
-        let why = if e.kind() == std::io::ErrorKind::NotFound {
-            "no such file".to_string()
-        } else {
-            e.to_string()
-        };
-        format!("{what} binary {}: {why}", path.display())
-    })?;
-    if !meta.is_file() {
-        return Err(format!(
-            "{what} binary {}: not a regular file",
-            path.display()
-        ));
-    }
-    if meta.permissions().mode() & 0o111 == 0 {
-        return Err(format!(
-            "{what} binary {}: not executable (no x permission)",
-            path.display()
-        ));
-    }
-    std::path::absolute(path).map_err(|e| format!("{what} binary {}: {e}", path.display()))
-}
-
-/// A peer VMM's outcome: `Exited(0)` only when the process exited 0, else `Failed` with
-/// how it ended and its output, trimmed.
-///
-/// Shared with the Cloud Hypervisor peer.
-pub(crate) fn peer_outcome(what: &str, outcome: Outcome, output: Option<&str>) -> Outcome {
-    match outcome {
-        Outcome::Exited(0) => Outcome::Exited(0),
-        Outcome::Failed(why) => {
-            Outcome::Failed(format!("{what}: {why}: {}", output.unwrap_or("").trim()))
-        }
-        other => Outcome::Failed(format!(
-            "{what} ended with {other:?}: {}",
-            output.unwrap_or("").trim()
-        )),
-    }
-}
-
-/// A fresh directory under the system temp dir for one run's files, removed (with its
-/// contents) when dropped — on success, error and time-limit paths alike.
-///
-/// Shared with the Cloud Hypervisor peer.
-pub(crate) struct RunDir(PathBuf);
-
-impl RunDir {
-    /// Creates `twinbox-<what>-<pid>-<n>` (`create_dir` fails rather than reuse one).
-    pub(crate) fn create(what: &str) -> Result<Self, String> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let base = std::env::temp_dir();
-        loop {
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let path = base.join(format!("twinbox-{what}-{}-{n}", std::process::id()));
-            match std::fs::create_dir(&path) {
-                Ok(()) => return Ok(Self(path)),
-                // Left by an earlier process with our pid: take the next number.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(format!("{}: {e}", path.display())),
-            }
-        }
-    }
-
-    /// The directory.
-    pub(crate) fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            tracing::warn!("cannot remove {}: {e}", self.0.display());
-        }
+        Ok(peer_report(NAME, done, VMM_NOTE, |o, out| {
+            peer_outcome(NAME, o, out)
+        }))
     }
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use twinbox_spec::clock::monotonic_ns;
-
-    pub(crate) fn tiny_spec(kernel: &Path) -> RunSpec {
-        let mut spec = RunSpec::new("/unused.ext4", vec!["(tiny PVH guest)".into()]);
-        spec.kernel = Some(kernel.into());
-        spec.vcpus = 2;
-        spec.memory_mib = 128;
-        spec.spawn_ns = monotonic_ns();
-        spec
-    }
-
-    /// A shell script at `dir/name` with `body`, mode `mode`.
-    pub(crate) fn script(dir: &Path, name: &str, body: &str, mode: u32) -> PathBuf {
-        let path = dir.join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-        path
-    }
+    use crate::runner::peer::tests::{script, tiny_spec};
+    use crate::runner::peer::RunDir;
+    use twinbox_spec::{BoxKind, Outcome};
 
     #[test]
     fn config_has_kernel_vcpus_and_memory_only() {
@@ -356,16 +239,5 @@ pub(crate) mod tests {
             report.outcome
         );
         assert!(!run_dir_of(&report).exists());
-    }
-
-    #[test]
-    fn run_dirs_are_unique_and_removed_on_drop() {
-        let a = RunDir::create("fc-test").unwrap();
-        let b = RunDir::create("fc-test").unwrap();
-        assert_ne!(a.path(), b.path());
-        std::fs::write(a.path().join("f"), "x").unwrap();
-        let p = a.path().to_path_buf();
-        drop(a);
-        assert!(!p.exists());
     }
 }

@@ -17,11 +17,12 @@
 //! status comes from init's console line; a Linux boot that never printed it (a panic
 //! also ends in a reset) is a failure, not a success.
 
+use super::peer::{peer_report, VMM_NOTE};
 use super::{process, Runner};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use twinbox_spec::proto::{job::JOB_CMDLINE_KEY, ExitCode};
-use twinbox_spec::{BoxKind, Outcome, RunReport, RunSpec};
+use twinbox_spec::{Outcome, RunReport, RunSpec};
 
 /// Name of this peer in tables.
 pub const NAME: &str = "qemu-microvm";
@@ -46,7 +47,7 @@ pub struct QemuMicrovm {
 impl QemuMicrovm {
     /// Finds `qemu-system-x86_64` in PATH (with KVM).
     pub fn find() -> Option<Self> {
-        super::peer_runc::in_path("qemu-system-x86_64").map(|qemu| Self {
+        super::peer::in_path("qemu-system-x86_64").map(|qemu| Self {
             qemu,
             accel: Accel::Kvm,
         })
@@ -152,33 +153,29 @@ impl Runner for QemuMicrovm {
         let mut cmd = Command::new(&self.qemu);
         cmd.args(args(spec, kernel, &cmdline, self.accel));
         let done = process::run(cmd, spec.spawn_ns, true, spec.time_limit)?;
-        let console = done.output.as_deref().unwrap_or("");
         let tiny = is_tiny_guest(kernel);
-        let outcome = match (done.outcome, exit_from_console(console)) {
-            (Outcome::Exited(0), Some(ExitCode::Exited(status))) => {
-                Outcome::Exited(i32::from(status))
-            }
-            (Outcome::Exited(0), Some(ExitCode::Signaled(signal))) => {
-                Outcome::Signaled(i32::from(signal))
-            }
-            (Outcome::Exited(0), None) if tiny => Outcome::Exited(0),
-            (Outcome::Exited(0), None) => Outcome::Failed(format!(
-                "qemu exited but init never reported the workload's end: {}",
-                console.trim()
-            )),
-            (Outcome::Failed(why), _) => Outcome::Failed(why),
-            (other, _) => Outcome::Failed(format!("qemu ended with {other:?}: {}", console.trim())),
-        };
-        Ok(RunReport {
-            box_kind: BoxKind::Peer(NAME.into()),
-            outcome,
-            timeline: done.timeline,
-            output: done.output,
-            usage: done.usage,
-            notes: vec![
-                "process start to process exit; peak RSS includes guest RAM touched".into(),
-            ],
-        })
+        Ok(peer_report(
+            NAME,
+            done,
+            VMM_NOTE,
+            |process, console| match (process, exit_from_console(console)) {
+                (Outcome::Exited(0), Some(ExitCode::Exited(status))) => {
+                    Outcome::Exited(i32::from(status))
+                }
+                (Outcome::Exited(0), Some(ExitCode::Signaled(signal))) => {
+                    Outcome::Signaled(i32::from(signal))
+                }
+                (Outcome::Exited(0), None) if tiny => Outcome::Exited(0),
+                (Outcome::Exited(0), None) => Outcome::Failed(format!(
+                    "qemu exited but init never reported the workload's end: {}",
+                    console.trim()
+                )),
+                (Outcome::Failed(why), _) => Outcome::Failed(why),
+                (other, _) => {
+                    Outcome::Failed(format!("qemu ended with {other:?}: {}", console.trim()))
+                }
+            },
+        ))
     }
 }
 

@@ -6,14 +6,15 @@
 //! where the run asks for it: the workload's argv, no terminal, the mounted image as the
 //! root, hostname `twinbox`, the memory limit (and CPU quota when set) like twinbox's
 //! container, and the extra disks as binds at `/mnt/disk<N>` on a tmpfs `/mnt`. runc keeps its
-//! state under a directory of ours (`--root`), removed at the end; `runc run` deletes the
+//! state under a directory of ours (`--root`, a [`RunDir`]), removed at the end; `runc run` deletes the
 //! container when its process exits.
 
+use super::peer::{in_path, peer_report, RunDir};
 use super::{process, Runner};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use twinbox_spec::{BoxKind, Outcome, RunReport, RunSpec};
+use twinbox_spec::{Outcome, RunReport, RunSpec};
 
 /// Name of this peer in tables.
 pub const NAME: &str = "runc";
@@ -23,17 +24,9 @@ pub const NAME: &str = "runc";
 pub struct Runc {
     binary: PathBuf,
     rootfs: PathBuf,
-    state: PathBuf,
+    state: RunDir,
     template: serde_json::Value,
     runs: AtomicU32,
-}
-
-/// Finds `name` in PATH.
-pub fn in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 impl Runc {
@@ -43,8 +36,7 @@ impl Runc {
         let Some(binary) = in_path("runc") else {
             return Ok(None);
         };
-        let state = std::env::temp_dir().join(format!("twinbox-runc-{}", std::process::id()));
-        std::fs::create_dir_all(&state).map_err(|e| format!("{}: {e}", state.display()))?;
+        let state = RunDir::create("runc")?;
         let mut me = Self {
             binary,
             rootfs: rootfs.into(),
@@ -55,7 +47,7 @@ impl Runc {
         // `runc spec` writes its default config.json into the bundle directory.
         let out = Command::new(&me.binary)
             .args(["spec", "--bundle"])
-            .arg(&me.state)
+            .arg(me.state.path())
             .output()
             .map_err(|e| format!("runc spec: {e}"))?;
         if !out.status.success() {
@@ -64,7 +56,7 @@ impl Runc {
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
-        let default = me.state.join("config.json");
+        let default = me.state.path().join("config.json");
         let text =
             std::fs::read_to_string(&default).map_err(|e| format!("{}: {e}", default.display()))?;
         let _ = std::fs::remove_file(&default);
@@ -133,47 +125,29 @@ impl Runner for Runc {
     fn run(&self, spec: &RunSpec) -> Result<RunReport, String> {
         let n = self.runs.fetch_add(1, Ordering::Relaxed);
         let id = format!("twinbox-bench-{}-{n}", std::process::id());
-        let bundle = self.state.join(&id);
-        std::fs::create_dir_all(&bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
-        let _bundle_guard = RemoveDir(bundle.clone());
+        let bundle_dir = RunDir::create("runc-bundle")?;
+        let bundle = bundle_dir.path();
         let config = config_for(&self.template, &self.rootfs, spec);
         std::fs::write(bundle.join("config.json"), config.to_string())
             .map_err(|e| format!("{}: {e}", bundle.display()))?;
         let mut cmd = Command::new(&self.binary);
-        cmd.arg("--root").arg(self.state.join("state"));
-        cmd.args(["run", "--bundle"]).arg(&bundle).arg(&id);
+        cmd.arg("--root").arg(self.state.path().join("state"));
+        cmd.args(["run", "--bundle"]).arg(bundle).arg(&id);
         let done = process::run(cmd, spec.spawn_ns, true, spec.time_limit)?;
         if matches!(done.outcome, Outcome::Failed(_)) {
             // The time limit killed runc, not necessarily its container: remove it.
             let _ = Command::new(&self.binary)
                 .arg("--root")
-                .arg(self.state.join("state"))
+                .arg(self.state.path().join("state"))
                 .args(["delete", "--force", &id])
                 .output();
         }
-        Ok(RunReport {
-            box_kind: BoxKind::Peer(NAME.into()),
-            outcome: done.outcome,
-            timeline: done.timeline,
-            output: done.output,
-            usage: done.usage,
-            notes: vec!["runc process start to exit; image pre-mounted by the bench".into()],
-        })
-    }
-}
-
-impl Drop for Runc {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.state);
-    }
-}
-
-/// Removes a directory tree when dropped.
-struct RemoveDir(PathBuf);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        Ok(peer_report(
+            NAME,
+            done,
+            "runc process start to exit; image pre-mounted by the bench",
+            |outcome, _| outcome,
+        ))
     }
 }
 
