@@ -203,6 +203,29 @@ pub trait VirtioDevice: Send {
     }
 }
 
+/// The one queue of a single-queue device (blk, rng), checked against `mem`: refuses any
+/// other count and a queue whose rings do not fit guest memory.
+pub(crate) fn single_valid_queue(
+    queues: Vec<Queue>,
+    mem: &GuestMemoryMmap,
+) -> Result<Queue, ActivateError> {
+    use virtio_queue::QueueT;
+    let got = queues.len();
+    let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
+        return Err(ActivateError::QueueCount { expected: 1, got });
+    };
+    if !queue.is_valid(mem) {
+        return Err(ActivateError::InvalidQueue {
+            index: 0,
+            size: queue.size(),
+            desc: queue.desc_table(),
+            avail: queue.avail_ring(),
+            used: queue.used_ring(),
+        });
+    }
+    Ok(queue)
+}
+
 #[cfg(test)]
 pub(crate) mod test_util {
     //! Helpers shared by the virtio tests.

@@ -160,19 +160,7 @@ impl VirtioDevice for Rng {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let got = queues.len();
-        let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        if !queue.is_valid(&mem) {
-            return Err(ActivateError::InvalidQueue {
-                index: 0,
-                size: queue.size(),
-                desc: queue.desc_table(),
-                avail: queue.avail_ring(),
-                used: queue.used_ring(),
-            });
-        }
+        let queue = super::single_valid_queue(queues, &mem)?;
         self.active = Some(Active {
             mem,
             queue,

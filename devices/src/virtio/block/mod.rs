@@ -246,19 +246,7 @@ impl VirtioDevice for Block {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let got = queues.len();
-        let Ok([mut queue]) = <[Queue; 1]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        if !queue.is_valid(&mem) {
-            return Err(ActivateError::InvalidQueue {
-                index: 0,
-                size: queue.size(),
-                desc: queue.desc_table(),
-                avail: queue.avail_ring(),
-                used: queue.used_ring(),
-            });
-        }
+        let mut queue = crate::virtio::single_valid_queue(queues, &mem)?;
         let event_idx = acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
         queue.set_event_idx(event_idx);
         self.active = Some(Active {
