@@ -11,6 +11,7 @@ pub mod image;
 pub mod interrupt;
 pub mod plan;
 mod run;
+pub mod seccomp;
 pub mod userns;
 
 pub use error::Error;
