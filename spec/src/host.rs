@@ -265,9 +265,49 @@ pub fn describe() -> HostInfo {
     HostProbe::default().describe()
 }
 
+/// Whether this host's KVM is PVM (guest kernel code emulated; see docs/vm-on-pvm.md): the
+/// one PVM detection, used by the VMM (CPUID profile, command line) and by reports alike.
+pub fn is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// A `kB` field (e.g. `"VmHWM"`, `"VmRSS"`) of a `/proc/<pid>/status` text, in KiB.
+pub fn status_field_kib(status: &str, field: &str) -> Option<u64> {
+    status.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        if name != field {
+            return None;
+        }
+        value.trim().strip_suffix("kB")?.trim().parse().ok()
+    })
+}
+
+/// A `kB` field of this process's `/proc/self/status`, in KiB.
+pub fn self_status_kib(field: &str) -> Option<u64> {
+    status_field_kib(&fs::read_to_string("/proc/self/status").ok()?, field)
+}
+
+/// A `kB` field of process `pid`'s `/proc/<pid>/status`, in KiB (`None` once it is gone).
+pub fn process_status_kib(pid: u32, field: &str) -> Option<u64> {
+    status_field_kib(
+        &fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+        field,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_fields_are_read_in_kib() {
+        let status = "Name:\tx\nVmRSS:\t    1234 kB\nVmHWM:\t  99 kB\nThreads:\t3\n";
+        assert_eq!(status_field_kib(status, "VmRSS"), Some(1234));
+        assert_eq!(status_field_kib(status, "VmHWM"), Some(99));
+        assert_eq!(status_field_kib(status, "Threads"), None, "not a kB field");
+        assert_eq!(status_field_kib(status, "VmRS"), None, "whole names only");
+        assert!(self_status_kib("VmRSS").is_some_and(|kib| kib > 0));
+    }
 
     fn fake_host(files: &[(&str, &str)]) -> (PathBuf, HostProbe) {
         let root = std::env::temp_dir().join(format!(

@@ -5,11 +5,16 @@
 
 pub mod artifacts;
 pub mod clock;
+pub mod guest_cmdline;
 pub mod host;
+pub mod image;
+pub mod interrupt;
+pub mod outcome;
 pub mod phase;
 pub mod report;
 pub mod run_spec;
 
+pub use outcome::{Finished, MarkerLog};
 pub use phase::{Phase, Timeline};
 pub use report::{BoxKind, Outcome, RunReport, Usage};
 pub use run_spec::{DiskSpec, RunSpec, SpecError};
