@@ -1,5 +1,8 @@
 //! The device event loop: one thread running an event-manager that serves device queue
 //! notifications (ioeventfds) and other device file descriptors, until told to stop.
+//! Dropping the [`EventLoop`] stops and joins the thread; if the loop itself fails, it
+//! says why and writes the `failed` eventfd the main thread waits on, so a dead loop ends
+//! the run instead of leaving the guest waiting for I/O forever.
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,19 +13,16 @@ use vmm_sys_util::eventfd::EventFd;
 /// A device (or other) subscriber the loop serves.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-/// How long one `epoll_wait` may block before the stop flag is looked at again, in ms.
-/// A stop request also wakes the loop at once through [`Wake`]; this is the backstop.
-const POLL_MS: i32 = 100;
-
-/// A running event loop.
+/// A running event loop; dropping it stops and joins the thread.
 pub struct EventLoop {
     stop: Arc<AtomicBool>,
     wake: EventFd,
-    handle: JoinHandle<()>,
+    failure: Arc<Mutex<Option<String>>>,
+    handle: Option<JoinHandle<()>>,
 }
 
-/// Makes `epoll_wait` return when the loop is asked to stop, so teardown does not wait
-/// for the poll timeout.
+/// Makes `epoll_wait` return when the loop is asked to stop. The loop blocks without a
+/// timeout, so this wake-up is the only way out besides an error.
 struct Wake(EventFd);
 
 impl MutEventSubscriber for Wake {
@@ -38,34 +38,124 @@ impl MutEventSubscriber for Wake {
 }
 
 impl EventLoop {
-    /// Starts the loop thread with `subscribers` registered.
-    pub fn start(subscribers: Vec<Subscriber>) -> std::io::Result<Self> {
+    /// Starts the loop thread with `subscribers` registered; `failed` is written if the
+    /// loop dies of an error.
+    pub fn start(subscribers: Vec<Subscriber>, failed: EventFd) -> std::io::Result<Self> {
+        Self::start_with(subscribers, failed, || {})
+    }
+
+    /// Like [`EventLoop::start`], with `on_start` run first on the loop thread (where the
+    /// VMM installs the thread's seccomp filter).
+    pub fn start_with(
+        subscribers: Vec<Subscriber>,
+        failed: EventFd,
+        on_start: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<Self> {
         let mut manager: EventManager<Subscriber> = EventManager::new()
             .map_err(|e| std::io::Error::other(format!("event manager: {e:?}")))?;
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
+        // Watched before the devices, so a stop is seen even while devices are busy.
         manager.add_subscriber(Arc::new(Mutex::new(Wake(wake.try_clone()?))));
         for s in subscribers {
             manager.add_subscriber(s);
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let failure = Arc::new(Mutex::new(None));
+        let (flag, why) = (stop.clone(), failure.clone());
         let handle = std::thread::Builder::new()
             .name("vmm-events".into())
             .spawn(move || {
+                on_start();
                 while !flag.load(Ordering::Acquire) {
-                    if let Err(e) = manager.run_with_timeout(POLL_MS) {
-                        tracing::error!("device event loop failed: {e:?}");
+                    if let Err(e) = manager.run() {
+                        let text = format!("device event loop failed: {e:?}");
+                        tracing::error!("{text}");
+                        *why.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+                        let _ = failed.write(1);
                         break;
                     }
                 }
             })?;
-        Ok(Self { stop, wake, handle })
+        Ok(Self {
+            stop,
+            wake,
+            failure,
+            handle: Some(handle),
+        })
+    }
+
+    /// Why the loop died, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Stops the loop (waking it at once) and joins its thread.
-    pub fn stop_and_join(self) {
+    pub fn stop_and_join(mut self) {
+        self.join();
+    }
+
+    fn join(&mut self) {
         self.stop.store(true, Ordering::Release);
         let _ = self.wake.write(1);
-        let _ = self.handle.join();
+        if let Some(handle) = self.handle.take() {
+            if handle.join().is_err() {
+                tracing::error!("the device event loop thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for EventLoop {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// A subscriber that counts its events.
+    struct Counter(EventFd, Arc<Mutex<u32>>);
+
+    impl MutEventSubscriber for Counter {
+        fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+            let _ = self.0.read();
+            *self.1.lock().unwrap() += 1;
+        }
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.0, EventSet::IN)).unwrap();
+        }
+    }
+
+    #[test]
+    fn serves_subscribers_and_drop_stops_the_thread_at_once() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let count = Arc::new(Mutex::new(0));
+        let counter: Subscriber =
+            Arc::new(Mutex::new(Counter(evt.try_clone().unwrap(), count.clone())));
+        let failed = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let events = EventLoop::start(vec![counter], failed.try_clone().unwrap()).unwrap();
+        evt.write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while *count.lock().unwrap() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the loop never served the subscriber"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let started = Instant::now();
+        drop(events);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "drop took {:?}: the loop was not woken",
+            started.elapsed()
+        );
+        assert!(failed.read().is_err(), "a clean stop is not a failure");
     }
 }

@@ -37,7 +37,7 @@ use crate::machine::BootEntry;
 use crate::vcpu::{VcpuContext, VcpuStop, VcpuThread};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -91,12 +91,18 @@ pub enum Error {
 
 /// Runs `spec` in a microVM and reports how it went.
 pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
-    run_until(spec, None)
+    run_until::<EventFd>(spec, None)
 }
 
 /// Like [`run`], but also stops (cleanly) when `stop` becomes readable — e.g. the eventfd
 /// of [`interrupt::Interrupt`].
-pub fn run_until(spec: &RunSpec, stop: Option<&EventFd>) -> Result<RunReport, Error> {
+///
+/// `stop` is any pollable fd: an `EventFd`, or the `BorrowedFd` of
+/// `twinbox_spec::interrupt::Interrupt::fd`.
+pub fn run_until<S: AsRawFd + ?Sized>(
+    spec: &RunSpec,
+    stop: Option<&S>,
+) -> Result<RunReport, Error> {
     let config = Config::check(spec)?;
     let mut notes = Vec::new();
     if config.pvm {
@@ -123,8 +129,15 @@ pub fn run_until(spec: &RunSpec, stop: Option<&EventFd>) -> Result<RunReport, Er
     // 5. Devices; the marker callback stamps phases on the vCPU thread that wrote them.
     let guest = Arc::new(Mutex::new(GuestReports::new(spec.spawn_ns)));
     let captured = console::Captured::default();
+    // Owns every thread besides this one from here on: any early return stops and joins
+    // them (see `Running`).
+    let mut running = Running::default();
     let console_out: Box<dyn std::io::Write + Send> = match spec.output {
-        OutputMode::Inherit => Box::new(console::Console::new(std::io::stdout())),
+        OutputMode::Inherit => {
+            let (sink, writer) = console::StdoutWriter::start().map_err(Error::Thread)?;
+            running.console = Some(writer);
+            Box::new(console::Console::new(sink))
+        }
         OutputMode::Capture => Box::new(console::Console::new(captured.clone())),
     };
     let devices = devices::attach(
@@ -164,12 +177,17 @@ pub fn run_until(spec: &RunSpec, stop: Option<&EventFd>) -> Result<RunReport, Er
         .timeline
         .record_now(Phase::SandboxReady);
 
-    let events =
-        event_loop::EventLoop::start(devices.subscribers.clone()).map_err(Error::Thread)?;
-    let stop_flag = Arc::new(AtomicBool::new(false));
+    // A vCPU that stops on its own, or a dead event loop, ends the run through this.
     let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Thread)?;
+    running.events = Some(
+        event_loop::EventLoop::start(
+            devices.subscribers.clone(),
+            exit_evt.try_clone().map_err(Error::Thread)?,
+        )
+        .map_err(Error::Thread)?,
+    );
+    let stop_flag = Arc::new(AtomicBool::new(false));
     let (reasons_tx, reasons) = channel();
-    let mut threads = Vec::new();
     for (id, fd) in vcpu_fds.into_iter().enumerate() {
         let first_run: Option<Box<dyn FnOnce() + Send>> = (id == 0).then(|| {
             let guest = guest.clone();
@@ -191,15 +209,9 @@ pub fn run_until(spec: &RunSpec, stop: Option<&EventFd>) -> Result<RunReport, Er
             on_first_run: first_run,
             pvm_workarounds: config.pvm,
         };
-        match VcpuThread::spawn(fd, ctx) {
-            Ok(t) => threads.push(t),
-            Err(e) => {
-                stop_flag.store(true, Ordering::Release);
-                threads.into_iter().for_each(VcpuThread::stop_and_join);
-                events.stop_and_join();
-                return Err(Error::Thread(e));
-            }
-        }
+        running
+            .vcpus
+            .push(VcpuThread::spawn(fd, ctx).map_err(Error::Thread)?);
     }
 
     // 7. Run until something ends it.
@@ -210,9 +222,8 @@ pub fn run_until(spec: &RunSpec, stop: Option<&EventFd>) -> Result<RunReport, Er
 
     // 8. Teardown: threads first, then the guest's memory is measured, then everything
     //    is dropped (VM fd before the memory it maps).
-    stop_flag.store(true, Ordering::Release);
-    threads.into_iter().for_each(VcpuThread::stop_and_join);
-    events.stop_and_join();
+    let event_loop_failure = running.events.as_ref().and_then(|e| e.failure());
+    drop(running);
     let guest_rss = usage::resident_kib_of(
         &memory::host_ranges(&guest_memory)
             .iter()
@@ -227,7 +238,7 @@ pub fn run_until(spec: &RunSpec, stop: Option<&EventFd>) -> Result<RunReport, Er
         .map(|m| m.into_inner().expect("guest reports"))
         .unwrap_or_else(|shared| shared.lock().expect("guest reports").clone());
     let stopped: Vec<VcpuStop> = reasons.try_iter().collect();
-    let outcome = outcome(&reports, ended, &stopped, limit);
+    let outcome = outcome(&reports, ended, &stopped, event_loop_failure, limit);
     reports.timeline.record_now(Phase::TornDown);
     let cpu_after = usage::cpu_times_us();
 
@@ -246,6 +257,31 @@ pub fn run_until(spec: &RunSpec, stop: Option<&EventFd>) -> Result<RunReport, Er
         },
         notes,
     })
+}
+
+/// The threads of a run besides the caller's: the console writer, the vCPUs and the device
+/// event loop. Dropping it stops and joins them all, on every path out of `run_until`.
+#[derive(Default)]
+struct Running {
+    console: Option<console::StdoutWriter>,
+    vcpus: Vec<VcpuThread>,
+    events: Option<event_loop::EventLoop>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // The console first: a vCPU waiting for room in its queue goes on, and reaches
+        // the KVM_RUN its kick makes return.
+        if let Some(console) = &self.console {
+            console.close();
+        }
+        // Kick all, then join each: the vCPUs stop in parallel.
+        self.vcpus.iter().for_each(VcpuThread::kick);
+        self.vcpus.clear();
+        self.events.take();
+        // Last: what the stopped vCPUs queued is flushed (bounded, see console.rs).
+        self.console.take();
+    }
 }
 
 /// 1. What a run needs, checked before any VM exists.
@@ -374,10 +410,10 @@ enum Ended {
 }
 
 /// 7. Waits for the first of: guest reset, vCPU stop, caller's stop, time limit.
-fn wait_for_end(
+fn wait_for_end<S: AsRawFd + ?Sized>(
     reset: &EventFd,
     vcpu_exit: &EventFd,
-    stop: Option<&EventFd>,
+    stop: Option<&S>,
     limit: Option<Duration>,
 ) -> Ended {
     let started = Instant::now();
@@ -430,6 +466,7 @@ fn outcome(
     guest: &GuestReports,
     ended: Ended,
     stopped: &[VcpuStop],
+    event_loop_failure: Option<String>,
     limit: Option<Duration>,
 ) -> Outcome {
     if let Some(code) = guest.exit {
@@ -454,6 +491,9 @@ fn outcome(
             "time limit of {:.1} s reached",
             limit.unwrap_or_default().as_secs_f64()
         ),
+        Ended::VcpuStopped if stopped.is_empty() && event_loop_failure.is_some() => {
+            event_loop_failure.unwrap_or_default()
+        }
         Ended::VcpuStopped => match stopped.first() {
             Some(VcpuStop::TripleFault { vcpu }) => {
                 format!("guest triple-faulted (vCPU {vcpu}): the kernel crashed early")

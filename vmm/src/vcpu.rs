@@ -1,16 +1,30 @@
 //! vCPU threads: one per vCPU, each looping on KVM_RUN and sending I/O exits to the device
 //! buses. A vCPU that stops (guest reset, triple fault, KVM error) reports why and wakes
-//! the main thread; the main thread stops the others by setting a flag and kicking them
-//! out of KVM_RUN with a signal.
+//! the main thread.
+//!
+//! Stopping a vCPU from another thread takes one signal, never a retry loop: the stop flag
+//! is set first, then the thread gets one kick signal whose handler sets `immediate_exit`
+//! in the vCPU's own `kvm_run`. Wherever the signal lands, the thread stops at once:
+//! - inside KVM_RUN: the ioctl returns EINTR;
+//! - between the flag check and the next KVM_RUN: KVM sees `immediate_exit` and returns
+//!   EINTR without entering the guest (the race a bare signal loses, which is why the old
+//!   code re-sent it every 200 µs);
+//! - inside device code: the next KVM_RUN returns at once, as above.
+//!
+//! After EINTR the loop clears `immediate_exit` *before* reading the stop flag, so a kick
+//! that lands after the clear is still seen by the next KVM_RUN.
+//!
+//! [`VcpuThread`] stops and joins its thread when dropped, so no early return of the VMM
+//! leaves a vCPU running.
 
 use crate::memory::GuestMemoryMmap;
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{compiler_fence, AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
-use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -45,11 +59,26 @@ fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // Nothing to do: the signal only makes KVM_RUN return EINTR.
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit`, while its vCPU is alive (null otherwise).
+    /// Only the owning thread reads it: from its own kick handler.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
 }
 
-/// Installs the (empty) kick handler once per process.
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // `try_with`: a kick delivered while the thread-local is being torn down does nothing.
+    let _ = IMMEDIATE_EXIT.try_with(|ptr| {
+        let ptr = ptr.get();
+        if !ptr.is_null() {
+            // SAFETY: the pointer is this thread's own kvm_run mapping, set by `run_loop`
+            // while its VcpuFd is alive and cleared before that VcpuFd is dropped; a
+            // volatile byte store is async-signal-safe, and KVM reads the byte on entry.
+            unsafe { ptr.write_volatile(1) };
+        }
+    });
+}
+
+/// Installs the kick handler once per process.
 fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -78,40 +107,79 @@ pub struct VcpuContext {
     pub pvm_workarounds: bool,
 }
 
-/// A running vCPU thread.
+/// A running vCPU thread; dropping it stops and joins the thread.
 pub struct VcpuThread {
-    handle: JoinHandle<()>,
+    handle: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
 }
 
 impl VcpuThread {
     /// Starts the thread for `vcpu`.
     pub fn spawn(vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<Self> {
         install_kick_handler();
+        let stop = ctx.stop.clone();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{}", ctx.id))
             .spawn(move || run_loop(vcpu, ctx))?;
-        Ok(Self { handle })
+        Ok(Self {
+            handle: Some(handle),
+            stop,
+        })
     }
 
-    /// Kicks the thread out of KVM_RUN until it has exited, then joins it.
-    pub fn stop_and_join(self) {
-        while !self.handle.is_finished() {
-            // SAFETY: the pthread is alive (not finished and not joined: we hold the handle);
-            // the signal has a handler installed, so it only interrupts KVM_RUN.
-            unsafe { libc::pthread_kill(self.handle.as_pthread_t(), kick_signal()) };
-            std::thread::sleep(Duration::from_micros(200));
+    /// Sets the (shared) stop flag and kicks this thread once; does not wait.
+    pub fn kick(&self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(handle) = &self.handle {
+            if !handle.is_finished() {
+                // SAFETY: the pthread has not been joined (we hold its handle), so the id
+                // is valid; the signal's handler only sets immediate_exit.
+                unsafe { libc::pthread_kill(handle.as_pthread_t(), kick_signal()) };
+            }
         }
-        let _ = self.handle.join();
+    }
+
+    /// Stops the thread (one kick) and waits for it to end.
+    pub fn stop_and_join(mut self) {
+        self.join();
+    }
+
+    fn join(&mut self) {
+        self.kick();
+        if let Some(handle) = self.handle.take() {
+            if handle.join().is_err() {
+                tracing::error!("a vCPU thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for VcpuThread {
+    fn drop(&mut self) {
+        self.join();
     }
 }
 
 fn run_loop(mut vcpu: VcpuFd, mut ctx: VcpuContext) {
+    let immediate_exit: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
+    IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
     if let Some(first) = ctx.on_first_run.take() {
         first();
     }
-    let reason = loop {
+    let reason = vcpu_loop(&mut vcpu, &mut ctx);
+    // The kvm_run mapping goes with `vcpu`: the kick handler must not touch it after.
+    IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+    drop(vcpu);
+    if reason != VcpuStop::Requested {
+        let _ = ctx.reasons.send(reason);
+        let _ = ctx.exit_evt.write(1);
+    }
+}
+
+fn vcpu_loop(vcpu: &mut VcpuFd, ctx: &mut VcpuContext) -> VcpuStop {
+    loop {
         if ctx.stop.load(Ordering::Acquire) {
-            break VcpuStop::Requested;
+            return VcpuStop::Requested;
         }
         let exit = vcpu.run();
         match exit {
@@ -121,19 +189,19 @@ fn run_loop(mut vcpu: VcpuFd, mut ctx: VcpuContext) {
             Ok(VcpuExit::MmioWrite(addr, data)) => ctx.io.mmio_write(addr, data),
             // With the in-kernel irqchip HLT stays in the kernel; a bare exit is harmless.
             Ok(VcpuExit::Hlt) => {}
-            Ok(VcpuExit::Shutdown) => break VcpuStop::TripleFault { vcpu: ctx.id },
+            Ok(VcpuExit::Shutdown) => return VcpuStop::TripleFault { vcpu: ctx.id },
             Ok(VcpuExit::SystemEvent(kind, _)) => {
-                break VcpuStop::SystemEvent { vcpu: ctx.id, kind }
+                return VcpuStop::SystemEvent { vcpu: ctx.id, kind }
             }
             Ok(VcpuExit::InternalError) => {
-                if ctx.pvm_workarounds && deliver_int3(&mut vcpu, &ctx.memory) {
+                if ctx.pvm_workarounds && deliver_int3(vcpu, &ctx.memory) {
                     continue;
                 }
-                let details = internal_error_details(&mut vcpu, &ctx.memory);
-                break VcpuStop::Failed { vcpu: ctx.id, details };
+                let details = internal_error_details(vcpu, &ctx.memory);
+                return VcpuStop::Failed { vcpu: ctx.id, details };
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                break VcpuStop::Failed {
+                return VcpuStop::Failed {
                     vcpu: ctx.id,
                     details: format!(
                         "KVM could not enter the guest (hardware entry failure reason {reason:#x} on host cpu {cpu})"
@@ -141,20 +209,23 @@ fn run_loop(mut vcpu: VcpuFd, mut ctx: VcpuContext) {
                 }
             }
             Ok(other) => {
-                break VcpuStop::Failed {
+                return VcpuStop::Failed {
                     vcpu: ctx.id,
                     details: format!("unexpected KVM exit {other:?}"),
                 }
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            // A kick: clear immediate_exit before the flag is read again (module docs).
+            Err(e) if e.errno() == libc::EINTR => {
+                vcpu.set_kvm_immediate_exit(0);
+                // Keep the clear before the flag load (a kick's handler runs on this
+                // thread, between any two instructions).
+                compiler_fence(Ordering::SeqCst);
+            }
+            Err(e) if e.errno() == libc::EAGAIN => {}
             Err(e) => {
-                break VcpuStop::Failed { vcpu: ctx.id, details: format!("KVM_RUN failed: {e}") }
+                return VcpuStop::Failed { vcpu: ctx.id, details: format!("KVM_RUN failed: {e}") }
             }
         }
-    };
-    if reason != VcpuStop::Requested {
-        let _ = ctx.reasons.send(reason);
-        let _ = ctx.exit_evt.write(1);
     }
 }
 
