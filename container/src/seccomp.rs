@@ -1,1 +1,993 @@
-//! The container's seccomp profile (filled in by the lockdown work of issue 10).
+//! The container's seccomp profile: a default-deny allowlist of system calls, comparable to
+//! the default profile moby (Docker) ships (`seccomp/default.json` of moby/profiles), for a
+//! container that keeps runc's default capabilities and no `CAP_SYS_ADMIN`.
+//!
+//! - **Refused calls fail with `EPERM`**, as in moby (its `defaultErrnoRet` is 1): a program
+//!   sees "operation not permitted", the answer it already handles for a missing capability,
+//!   instead of being killed.
+//! - **`clone3` fails with `ENOSYS`**, as in moby: its flags sit in a struct in user memory
+//!   that a seccomp filter cannot read, so it cannot be argument-filtered; `ENOSYS` makes
+//!   glibc (`pthread_create`, `posix_spawn`) fall back to `clone`, whose flags it can.
+//! - **Argument filters**: `clone` and `unshare` only without namespace flags (no
+//!   `CLONE_NEWUSER` above all: a user namespace hands out every capability again, a door to
+//!   kernel code such as nf_tables and filesystem mounts); `personality` only for the values
+//!   moby allows; `socket` for every family but `AF_ALG` and `AF_VSOCK` (moby's choice: the
+//!   kernel crypto API and the host's vsock).
+//! - **Denied, among others**: `keyctl`/`add_key`/`request_key` (the key store is not
+//!   namespaced), `bpf`, `perf_event_open`, `userfaultfd`, `io_uring_*` (its operations run
+//!   out of seccomp's sight; newer moby denies it too), `kexec_*`, the module calls, the
+//!   whole mount family (`mount`, `umount2`, `pivot_root`, `move_mount`, `open_tree`,
+//!   `fsopen`, `fsconfig`, `fsmount`, `fspick`, `mount_setattr`), `setns`, `sethostname`,
+//!   `syslog`, `reboot`, `swapon`, `iopl`, `ioperm`, `open_by_handle_at`, setting the clock.
+//!   The container's runtime does its mounts, hostname and namespaces before the filter is
+//!   installed; twinbox-init in a container mounts nothing and sets no hostname (the
+//!   runtime provides `/proc`, `/sys`, `/dev`, `/tmp`, `/run` and clears the job's hostname).
+//!
+//! Why seccompiler: pure Rust from rust-vmm, the compiler Firecracker and Cloud Hypervisor
+//! filter their own threads with; no libseccomp C library to link or ship. It compiles in
+//! the parent, before `clone`: the child only hands the finished program to the kernel with
+//! `seccompiler::apply_filter`, which neither allocates nor parses, as the last step before
+//! the exec of init (apply_filter also sets `no_new_privs`, which an unprivileged filter
+//! needs).
+//!
+//! x86_64 only: the table below uses x86_64 system call numbers, and any other audit
+//! architecture (a 32-bit `int 0x80` call included) kills the process at the filter's
+//! first instruction, before a number is looked at. x32 numbers (bit 30 set) match nothing
+//! and are refused. Built for another architecture, [`container_filter`] returns
+//! [`SeccompError::UnsupportedArch`].
+
+use seccompiler::{
+    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
+};
+use std::collections::BTreeMap;
+
+/// What can go wrong while building the container's filter.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The profile has system call numbers for x86_64 only.
+    #[error("seccomp: the container profile exists for x86_64 only, not {0}")]
+    UnsupportedArch(&'static str),
+    /// seccompiler refused the rules (a bug in the table below).
+    #[error("seccomp: compiling the container profile: {0}")]
+    Compile(#[from] seccompiler::BackendError),
+    /// The program exceeds the kernel's BPF_MAXINSNS.
+    #[error("seccomp: the container profile compiles to {0} instructions, over the kernel's {MAX_INSTRUCTIONS}")]
+    TooLong(usize),
+}
+
+/// The errno a refused system call returns (moby's default).
+pub const DENIED_ERRNO: i32 = libc::EPERM;
+
+/// The errno `clone3` returns, so that libc falls back to `clone`.
+pub const CLONE3_ERRNO: i32 = libc::ENOSYS;
+
+/// The kernel's limit on a classic BPF program (BPF_MAXINSNS).
+const MAX_INSTRUCTIONS: usize = 4096;
+
+/// Every namespace flag of `clone`/`unshare`: mount, cgroup, uts, ipc, user, pid, net,
+/// time. (`CLONE_NEWTIME` shares its bit with the exit signal in `clone`, where the kernel
+/// ignores it, so it only matters for `unshare`.)
+pub const NAMESPACE_FLAGS: u64 = (libc::CLONE_NEWNS
+    | libc::CLONE_NEWCGROUP
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUSER
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWTIME) as u64;
+
+/// `personality(2)` values allowed, as in moby: PER_LINUX, PER_LINUX32, UNAME26 with
+/// either, and 0xffffffff (the query that changes nothing). `ADDR_NO_RANDOMIZE` and the
+/// rest stay refused.
+pub const PERSONALITIES: [u64; 5] = [0x0, 0x8, 0x2_0000, 0x2_0008, 0xffff_ffff];
+
+/// Socket families refused: the kernel crypto API and vsock (a channel to the host that a
+/// network namespace does not cut), as in moby.
+pub const DENIED_SOCKET_FAMILIES: [u64; 2] = [libc::AF_ALG as u64, libc::AF_VSOCK as u64];
+
+/// System calls refused on purpose, by number and name (x86_64).
+#[cfg(target_arch = "x86_64")]
+pub use x86_64::DENIED;
+
+/// Compiles the container's filter (x86_64): call it in the parent, before `clone`, and
+/// install the result in the child with `seccompiler::apply_filter` just before exec.
+pub fn container_filter() -> Result<BpfProgram, SeccompError> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let filter = SeccompFilter::new(
+            rules()?,
+            SeccompAction::Errno(DENIED_ERRNO as u32),
+            SeccompAction::Allow,
+            TargetArch::x86_64,
+        )?;
+        let allowlist: BpfProgram = filter.try_into()?;
+        let mut program = x86_64::clone3_enosys_prefix();
+        program.extend(allowlist);
+        if program.len() > MAX_INSTRUCTIONS {
+            return Err(SeccompError::TooLong(program.len()));
+        }
+        Ok(program)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Err(SeccompError::UnsupportedArch(std::env::consts::ARCH))
+    }
+}
+
+/// The allowlist as seccompiler rules: an empty rule list allows the call whatever its
+/// arguments; otherwise any one matching rule allows it.
+#[cfg(target_arch = "x86_64")]
+fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        x86_64::ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
+    let arg0 = |op: SeccompCmpOp, value: u64| -> Result<SeccompRule, SeccompError> {
+        Ok(SeccompRule::new(vec![SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Qword,
+            op,
+            value,
+        )?])?)
+    };
+    let no_namespaces = || arg0(SeccompCmpOp::MaskedEq(NAMESPACE_FLAGS), 0);
+    // x86_64 clone(flags, stack, parent_tid, child_tid, tls): flags come first.
+    rules.insert(libc::SYS_clone, vec![no_namespaces()?]);
+    rules.insert(libc::SYS_unshare, vec![no_namespaces()?]);
+    // personality takes an unsigned int: compare the low word only, as the kernel reads it.
+    rules.insert(
+        libc::SYS_personality,
+        PERSONALITIES
+            .iter()
+            .map(|&p| {
+                Ok(SeccompRule::new(vec![SeccompCondition::new(
+                    0,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    p,
+                )?])?)
+            })
+            .collect::<Result<_, SeccompError>>()?,
+    );
+    // The family is an int: the three ranges around AF_ALG (38) and AF_VSOCK (40).
+    let family = |op: SeccompCmpOp, value: u64| -> Result<SeccompRule, SeccompError> {
+        Ok(SeccompRule::new(vec![SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            op,
+            value,
+        )?])?)
+    };
+    rules.insert(
+        libc::SYS_socket,
+        vec![
+            family(SeccompCmpOp::Lt, DENIED_SOCKET_FAMILIES[0])?,
+            family(SeccompCmpOp::Eq, DENIED_SOCKET_FAMILIES[0] + 1)?,
+            family(SeccompCmpOp::Gt, DENIED_SOCKET_FAMILIES[1])?,
+        ],
+    );
+    Ok(rules)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86_64 {
+    //! The x86_64 numbers and the hand-written part of the program.
+
+    use super::{sock_filter, CLONE3_ERRNO};
+
+    /// `AUDIT_ARCH_X86_64`: EM_X86_64 (62) | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE.
+    const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+    /// Offsets in `struct seccomp_data`.
+    const DATA_NR: u32 = 0;
+    const DATA_ARCH: u32 = 4;
+    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+
+    /// Runs before seccompiler's program, which can give a refused call only one errno:
+    /// an x86_64 `clone3` returns ENOSYS here, everything else falls through to the
+    /// allowlist (whose first instructions check the architecture again and kill on any
+    /// other). Jumps are relative and only forward into the allowlist's first instruction,
+    /// so prepending keeps both programs valid.
+    pub fn clone3_enosys_prefix() -> Vec<sock_filter> {
+        let ins = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+        vec![
+            ins(LD_W_ABS, 0, 0, DATA_ARCH),
+            // Not x86_64: skip the 3 remaining instructions of the prefix.
+            ins(JEQ_K, 0, 3, AUDIT_ARCH_X86_64),
+            ins(LD_W_ABS, 0, 0, DATA_NR),
+            ins(JEQ_K, 0, 1, libc::SYS_clone3 as u32),
+            ins(
+                RET_K,
+                0,
+                0,
+                libc::SECCOMP_RET_ERRNO | (CLONE3_ERRNO as u32 & libc::SECCOMP_RET_DATA),
+            ),
+        ]
+    }
+
+    // Numbers newer than the libc crate's table (arch/x86/entry/syscalls/syscall_64.tbl).
+    const SYS_IO_PGETEVENTS: i64 = 333;
+    const SYS_URETPROBE: i64 = 335;
+    const SYS_CACHESTAT: i64 = 451;
+    const SYS_MAP_SHADOW_STACK: i64 = 453;
+    const SYS_FUTEX_WAKE: i64 = 454;
+    const SYS_FUTEX_WAIT: i64 = 455;
+    const SYS_FUTEX_REQUEUE: i64 = 456;
+    const SYS_STATMOUNT: i64 = 457;
+    const SYS_LISTMOUNT: i64 = 458;
+    const SYS_SETXATTRAT: i64 = 463;
+    const SYS_GETXATTRAT: i64 = 464;
+    const SYS_LISTXATTRAT: i64 = 465;
+    const SYS_REMOVEXATTRAT: i64 = 466;
+
+    /// Allowed whatever the arguments: moby's unconditional list for amd64, plus what moby
+    /// allows for the capabilities the container keeps (`chroot` for CAP_SYS_CHROOT) and
+    /// `ptrace`/`process_vm_*` (kernels >= 4.8 re-check seccomp after a tracer's changes).
+    /// `clone`, `unshare`, `personality` and `socket` are allowed with argument rules.
+    pub const ALLOWED: &[i64] = &[
+        // Files and descriptors.
+        libc::SYS_read,
+        libc::SYS_write,
+        libc::SYS_open,
+        libc::SYS_openat,
+        libc::SYS_openat2,
+        libc::SYS_creat,
+        libc::SYS_close,
+        libc::SYS_close_range,
+        libc::SYS_lseek,
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_readv,
+        libc::SYS_writev,
+        libc::SYS_preadv,
+        libc::SYS_pwritev,
+        libc::SYS_preadv2,
+        libc::SYS_pwritev2,
+        libc::SYS_dup,
+        libc::SYS_dup2,
+        libc::SYS_dup3,
+        libc::SYS_fcntl,
+        libc::SYS_flock,
+        libc::SYS_ioctl,
+        libc::SYS_pipe,
+        libc::SYS_pipe2,
+        libc::SYS_sendfile,
+        libc::SYS_splice,
+        libc::SYS_tee,
+        libc::SYS_vmsplice,
+        libc::SYS_copy_file_range,
+        libc::SYS_fsync,
+        libc::SYS_fdatasync,
+        libc::SYS_sync,
+        libc::SYS_syncfs,
+        libc::SYS_sync_file_range,
+        libc::SYS_fallocate,
+        libc::SYS_fadvise64,
+        libc::SYS_readahead,
+        libc::SYS_truncate,
+        libc::SYS_ftruncate,
+        libc::SYS_memfd_create,
+        libc::SYS_memfd_secret,
+        libc::SYS_name_to_handle_at,
+        SYS_CACHESTAT,
+        // Paths and metadata.
+        libc::SYS_stat,
+        libc::SYS_fstat,
+        libc::SYS_lstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_statfs,
+        libc::SYS_fstatfs,
+        libc::SYS_access,
+        libc::SYS_faccessat,
+        libc::SYS_faccessat2,
+        libc::SYS_getcwd,
+        libc::SYS_chdir,
+        libc::SYS_fchdir,
+        libc::SYS_chroot,
+        libc::SYS_getdents,
+        libc::SYS_getdents64,
+        libc::SYS_mkdir,
+        libc::SYS_mkdirat,
+        libc::SYS_rmdir,
+        libc::SYS_rename,
+        libc::SYS_renameat,
+        libc::SYS_renameat2,
+        libc::SYS_link,
+        libc::SYS_linkat,
+        libc::SYS_unlink,
+        libc::SYS_unlinkat,
+        libc::SYS_symlink,
+        libc::SYS_symlinkat,
+        libc::SYS_readlink,
+        libc::SYS_readlinkat,
+        // Device nodes are the device cgroup's and nodev's business, as in moby.
+        libc::SYS_mknod,
+        libc::SYS_mknodat,
+        libc::SYS_chmod,
+        libc::SYS_fchmod,
+        libc::SYS_fchmodat,
+        libc::SYS_fchmodat2,
+        libc::SYS_chown,
+        libc::SYS_fchown,
+        libc::SYS_lchown,
+        libc::SYS_fchownat,
+        libc::SYS_umask,
+        libc::SYS_utime,
+        libc::SYS_utimes,
+        libc::SYS_utimensat,
+        libc::SYS_futimesat,
+        libc::SYS_getxattr,
+        libc::SYS_lgetxattr,
+        libc::SYS_fgetxattr,
+        libc::SYS_setxattr,
+        libc::SYS_lsetxattr,
+        libc::SYS_fsetxattr,
+        libc::SYS_listxattr,
+        libc::SYS_llistxattr,
+        libc::SYS_flistxattr,
+        libc::SYS_removexattr,
+        libc::SYS_lremovexattr,
+        libc::SYS_fremovexattr,
+        SYS_SETXATTRAT,
+        SYS_GETXATTRAT,
+        SYS_LISTXATTRAT,
+        SYS_REMOVEXATTRAT,
+        // Mount ids of the caller's own mount namespace (read-only).
+        SYS_STATMOUNT,
+        SYS_LISTMOUNT,
+        // Waiting for files and events.
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+        libc::SYS_select,
+        libc::SYS_pselect6,
+        libc::SYS_epoll_create,
+        libc::SYS_epoll_create1,
+        libc::SYS_epoll_ctl,
+        libc::SYS_epoll_ctl_old,
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_wait_old,
+        libc::SYS_epoll_pwait,
+        libc::SYS_epoll_pwait2,
+        libc::SYS_eventfd,
+        libc::SYS_eventfd2,
+        libc::SYS_inotify_init,
+        libc::SYS_inotify_init1,
+        libc::SYS_inotify_add_watch,
+        libc::SYS_inotify_rm_watch,
+        libc::SYS_fanotify_mark,
+        libc::SYS_signalfd,
+        libc::SYS_signalfd4,
+        libc::SYS_timerfd_create,
+        libc::SYS_timerfd_settime,
+        libc::SYS_timerfd_gettime,
+        // Asynchronous I/O (the old interface; io_uring is refused).
+        libc::SYS_io_setup,
+        libc::SYS_io_destroy,
+        libc::SYS_io_submit,
+        libc::SYS_io_cancel,
+        libc::SYS_io_getevents,
+        SYS_IO_PGETEVENTS,
+        libc::SYS_ioprio_get,
+        libc::SYS_ioprio_set,
+        // Memory.
+        libc::SYS_brk,
+        libc::SYS_mmap,
+        libc::SYS_munmap,
+        libc::SYS_mremap,
+        libc::SYS_mprotect,
+        libc::SYS_madvise,
+        libc::SYS_mincore,
+        libc::SYS_msync,
+        libc::SYS_mlock,
+        libc::SYS_mlock2,
+        libc::SYS_mlockall,
+        libc::SYS_munlock,
+        libc::SYS_munlockall,
+        libc::SYS_remap_file_pages,
+        libc::SYS_pkey_alloc,
+        libc::SYS_pkey_free,
+        libc::SYS_pkey_mprotect,
+        libc::SYS_membarrier,
+        libc::SYS_mseal,
+        SYS_MAP_SHADOW_STACK,
+        // Processes and threads (clone is below, with its argument rule).
+        libc::SYS_fork,
+        libc::SYS_vfork,
+        libc::SYS_execve,
+        libc::SYS_execveat,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+        libc::SYS_wait4,
+        libc::SYS_waitid,
+        libc::SYS_kill,
+        libc::SYS_tkill,
+        libc::SYS_tgkill,
+        libc::SYS_pidfd_open,
+        libc::SYS_pidfd_send_signal,
+        libc::SYS_process_mrelease,
+        libc::SYS_ptrace,
+        libc::SYS_process_vm_readv,
+        libc::SYS_process_vm_writev,
+        libc::SYS_prctl,
+        libc::SYS_arch_prctl,
+        libc::SYS_modify_ldt,
+        libc::SYS_set_thread_area,
+        libc::SYS_get_thread_area,
+        libc::SYS_set_tid_address,
+        libc::SYS_set_robust_list,
+        libc::SYS_get_robust_list,
+        libc::SYS_rseq,
+        libc::SYS_futex,
+        libc::SYS_futex_waitv,
+        SYS_FUTEX_WAKE,
+        SYS_FUTEX_WAIT,
+        SYS_FUTEX_REQUEUE,
+        // Further filters only narrow what is allowed.
+        libc::SYS_seccomp,
+        libc::SYS_landlock_create_ruleset,
+        libc::SYS_landlock_add_rule,
+        libc::SYS_landlock_restrict_self,
+        SYS_URETPROBE,
+        // Signals.
+        libc::SYS_rt_sigaction,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_rt_sigpending,
+        libc::SYS_rt_sigsuspend,
+        libc::SYS_rt_sigtimedwait,
+        libc::SYS_rt_sigqueueinfo,
+        libc::SYS_rt_tgsigqueueinfo,
+        libc::SYS_sigaltstack,
+        libc::SYS_pause,
+        libc::SYS_restart_syscall,
+        // Identity (the kernel checks the capabilities the container keeps).
+        libc::SYS_getpid,
+        libc::SYS_getppid,
+        libc::SYS_gettid,
+        libc::SYS_getuid,
+        libc::SYS_geteuid,
+        libc::SYS_getgid,
+        libc::SYS_getegid,
+        libc::SYS_getresuid,
+        libc::SYS_getresgid,
+        libc::SYS_getgroups,
+        libc::SYS_setuid,
+        libc::SYS_setgid,
+        libc::SYS_setreuid,
+        libc::SYS_setregid,
+        libc::SYS_setresuid,
+        libc::SYS_setresgid,
+        libc::SYS_setfsuid,
+        libc::SYS_setfsgid,
+        libc::SYS_setgroups,
+        libc::SYS_capget,
+        libc::SYS_capset,
+        libc::SYS_getpgid,
+        libc::SYS_getpgrp,
+        libc::SYS_setpgid,
+        libc::SYS_getsid,
+        libc::SYS_setsid,
+        // Scheduling, limits and accounting.
+        libc::SYS_sched_yield,
+        libc::SYS_sched_getaffinity,
+        libc::SYS_sched_setaffinity,
+        libc::SYS_sched_getattr,
+        libc::SYS_sched_setattr,
+        libc::SYS_sched_getparam,
+        libc::SYS_sched_setparam,
+        libc::SYS_sched_getscheduler,
+        libc::SYS_sched_setscheduler,
+        libc::SYS_sched_get_priority_max,
+        libc::SYS_sched_get_priority_min,
+        libc::SYS_sched_rr_get_interval,
+        libc::SYS_getpriority,
+        libc::SYS_setpriority,
+        libc::SYS_getrlimit,
+        libc::SYS_setrlimit,
+        libc::SYS_prlimit64,
+        libc::SYS_getrusage,
+        libc::SYS_times,
+        libc::SYS_getcpu,
+        libc::SYS_sysinfo,
+        libc::SYS_uname,
+        libc::SYS_getrandom,
+        // Time (reading it; setting needs CAP_SYS_TIME, which is dropped).
+        libc::SYS_time,
+        libc::SYS_gettimeofday,
+        libc::SYS_clock_gettime,
+        libc::SYS_clock_getres,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_clock_adjtime,
+        libc::SYS_adjtimex,
+        libc::SYS_nanosleep,
+        libc::SYS_alarm,
+        libc::SYS_getitimer,
+        libc::SYS_setitimer,
+        libc::SYS_timer_create,
+        libc::SYS_timer_delete,
+        libc::SYS_timer_settime,
+        libc::SYS_timer_gettime,
+        libc::SYS_timer_getoverrun,
+        // System V and POSIX IPC (the container has its own IPC namespace).
+        libc::SYS_shmget,
+        libc::SYS_shmat,
+        libc::SYS_shmdt,
+        libc::SYS_shmctl,
+        libc::SYS_semget,
+        libc::SYS_semop,
+        libc::SYS_semtimedop,
+        libc::SYS_semctl,
+        libc::SYS_msgget,
+        libc::SYS_msgsnd,
+        libc::SYS_msgrcv,
+        libc::SYS_msgctl,
+        libc::SYS_mq_open,
+        libc::SYS_mq_unlink,
+        libc::SYS_mq_timedsend,
+        libc::SYS_mq_timedreceive,
+        libc::SYS_mq_notify,
+        libc::SYS_mq_getsetattr,
+        // Sockets (socket itself is below, with its family rule).
+        libc::SYS_socketpair,
+        libc::SYS_bind,
+        libc::SYS_listen,
+        libc::SYS_accept,
+        libc::SYS_accept4,
+        libc::SYS_connect,
+        libc::SYS_shutdown,
+        libc::SYS_getsockname,
+        libc::SYS_getpeername,
+        libc::SYS_getsockopt,
+        libc::SYS_setsockopt,
+        libc::SYS_sendto,
+        libc::SYS_recvfrom,
+        libc::SYS_sendmsg,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmmsg,
+        libc::SYS_recvmmsg,
+    ];
+
+    /// Refused on purpose (a subset of all that is not allowed, for the tests and the
+    /// reader): each is named in the module documentation or in moby's
+    /// capability-conditioned lists for capabilities the container does not keep.
+    pub const DENIED: &[(i64, &str)] = &[
+        (libc::SYS_keyctl, "keyctl"),
+        (libc::SYS_add_key, "add_key"),
+        (libc::SYS_request_key, "request_key"),
+        (libc::SYS_bpf, "bpf"),
+        (libc::SYS_perf_event_open, "perf_event_open"),
+        (libc::SYS_userfaultfd, "userfaultfd"),
+        (libc::SYS_io_uring_setup, "io_uring_setup"),
+        (libc::SYS_io_uring_enter, "io_uring_enter"),
+        (libc::SYS_io_uring_register, "io_uring_register"),
+        (libc::SYS_kexec_load, "kexec_load"),
+        (libc::SYS_kexec_file_load, "kexec_file_load"),
+        (libc::SYS_init_module, "init_module"),
+        (libc::SYS_finit_module, "finit_module"),
+        (libc::SYS_delete_module, "delete_module"),
+        (libc::SYS_mount, "mount"),
+        (libc::SYS_umount2, "umount2"),
+        (libc::SYS_pivot_root, "pivot_root"),
+        (libc::SYS_move_mount, "move_mount"),
+        (libc::SYS_open_tree, "open_tree"),
+        (libc::SYS_fsopen, "fsopen"),
+        (libc::SYS_fsconfig, "fsconfig"),
+        (libc::SYS_fsmount, "fsmount"),
+        (libc::SYS_fspick, "fspick"),
+        (libc::SYS_mount_setattr, "mount_setattr"),
+        (libc::SYS_setns, "setns"),
+        (libc::SYS_sethostname, "sethostname"),
+        (libc::SYS_setdomainname, "setdomainname"),
+        (libc::SYS_syslog, "syslog"),
+        (libc::SYS_reboot, "reboot"),
+        (libc::SYS_swapon, "swapon"),
+        (libc::SYS_swapoff, "swapoff"),
+        (libc::SYS_acct, "acct"),
+        (libc::SYS_quotactl, "quotactl"),
+        (libc::SYS_iopl, "iopl"),
+        (libc::SYS_ioperm, "ioperm"),
+        (libc::SYS_open_by_handle_at, "open_by_handle_at"),
+        (libc::SYS_settimeofday, "settimeofday"),
+        (libc::SYS_clock_settime, "clock_settime"),
+        (libc::SYS_kcmp, "kcmp"),
+        (libc::SYS_pidfd_getfd, "pidfd_getfd"),
+        (libc::SYS_process_madvise, "process_madvise"),
+        (libc::SYS_lookup_dcookie, "lookup_dcookie"),
+        (libc::SYS_fanotify_init, "fanotify_init"),
+        (libc::SYS_vhangup, "vhangup"),
+        (libc::SYS_mbind, "mbind"),
+        (libc::SYS_set_mempolicy, "set_mempolicy"),
+        (libc::SYS_get_mempolicy, "get_mempolicy"),
+        (libc::SYS_migrate_pages, "migrate_pages"),
+        (libc::SYS_move_pages, "move_pages"),
+        (libc::SYS_uselib, "uselib"),
+        (libc::SYS__sysctl, "_sysctl"),
+        (libc::SYS_ustat, "ustat"),
+        (libc::SYS_sysfs, "sysfs"),
+    ];
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    //! The filter applied for real, in a forked child of the test process (no root
+    //! needed): each call is tried once with the filter and once without, so a refusal is
+    //! shown to be the filter's and not the host's or a missing privilege's.
+
+    use super::*;
+    use std::os::fd::{AsRawFd, OwnedFd};
+
+    fn errno() -> i64 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0) as i64
+    }
+
+    /// A raw system call: its result, or minus the errno.
+    fn sys(nr: i64, a: [u64; 5]) -> i64 {
+        // SAFETY: every caller passes arguments that are integers, null, or pointers to
+        // live stack data of the size the call expects.
+        let r = unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4]) };
+        if r < 0 {
+            -errno()
+        } else {
+            r
+        }
+    }
+
+    /// `clone(flags | SIGCHLD)` without a new stack (a fork): the new process exits at
+    /// once, the caller reaps it and gets 0, or minus the errno.
+    fn clone_with(flags: u64) -> i64 {
+        let r = sys(libc::SYS_clone, [flags | libc::SIGCHLD as u64, 0, 0, 0, 0]);
+        if r == 0 {
+            // SAFETY: the new process leaves without running anything else.
+            unsafe { libc::_exit(0) };
+        }
+        if r > 0 {
+            // SAFETY: reaps our own child; a null status pointer is allowed.
+            unsafe { libc::waitpid(r as i32, std::ptr::null_mut(), 0) };
+            return 0;
+        }
+        r
+    }
+
+    /// One attempt: a name for the failure message and the call.
+    type Probe = (&'static str, fn() -> i64);
+
+    /// A path that does not exist, so an unfiltered `mount` fails with ENOENT before any
+    /// privilege check and a filtered one with EPERM.
+    const MISSING: &std::ffi::CStr = c"/nonexistent-twinbox-seccomp-test";
+
+    /// Calls the filter must refuse with EPERM, each with arguments for which the kernel
+    /// itself would answer something else (or succeed harmlessly in the forked child).
+    /// Unfiltered, the child really enters a user namespace: `clone(CLONE_NEWUSER)` comes
+    /// first, while its uid is still mapped, and the other namespace probes after the
+    /// `unshare`, where they have the capabilities even when the tests do not run as root.
+    const REFUSED: &[Probe] = &[
+        ("clone(CLONE_NEWUSER)", || {
+            clone_with(libc::CLONE_NEWUSER as u64)
+        }),
+        // KEYCTL_GET_KEYRING_ID of KEY_SPEC_USER_KEYRING, no create.
+        ("keyctl", || {
+            sys(libc::SYS_keyctl, [0, (-4i64) as u64, 0, 0, 0])
+        }),
+        // An unknown command: EINVAL from the kernel.
+        ("bpf", || sys(libc::SYS_bpf, [9999, 0, 0, 0, 0])),
+        // A null attribute pointer: EFAULT from the kernel.
+        ("perf_event_open", || {
+            sys(libc::SYS_perf_event_open, [0, 0, u64::MAX, u64::MAX, 0])
+        }),
+        ("unshare(CLONE_NEWUSER)", || {
+            sys(libc::SYS_unshare, [libc::CLONE_NEWUSER as u64, 0, 0, 0, 0])
+        }),
+        ("unshare(CLONE_NEWNS)", || {
+            sys(libc::SYS_unshare, [libc::CLONE_NEWNS as u64, 0, 0, 0, 0])
+        }),
+        ("clone(CLONE_NEWNET)", || {
+            clone_with(libc::CLONE_NEWNET as u64)
+        }),
+        ("mount", || {
+            sys(
+                libc::SYS_mount,
+                [0, MISSING.as_ptr() as u64, c"tmpfs".as_ptr() as u64, 0, 0],
+            )
+        }),
+        ("umount2", || {
+            sys(libc::SYS_umount2, [MISSING.as_ptr() as u64, 0, 0, 0, 0])
+        }),
+        // ADDR_NO_RANDOMIZE is not one of the allowed personalities.
+        ("personality(ADDR_NO_RANDOMIZE)", || {
+            sys(libc::SYS_personality, [0x0040000, 0, 0, 0, 0])
+        }),
+        ("socket(AF_VSOCK)", || {
+            sys(
+                libc::SYS_socket,
+                [libc::AF_VSOCK as u64, libc::SOCK_STREAM as u64, 0, 0, 0],
+            )
+        }),
+        ("socket(AF_ALG)", || {
+            sys(
+                libc::SYS_socket,
+                [libc::AF_ALG as u64, libc::SOCK_SEQPACKET as u64, 0, 0, 0],
+            )
+        }),
+        // A null setup struct: EFAULT from the kernel.
+        ("io_uring_setup", || {
+            sys(libc::SYS_io_uring_setup, [1, 0, 0, 0, 0])
+        }),
+        // A null range: EFAULT/EINVAL from the kernel.
+        ("userfaultfd", || {
+            sys(libc::SYS_userfaultfd, [u64::MAX, 0, 0, 0, 0])
+        }),
+    ];
+
+    /// Calls that must keep working under the filter, each returning >= 0 when they do.
+    const ALLOWED_CALLS: &[Probe] = &[
+        ("getpid", || sys(libc::SYS_getpid, [0; 5])),
+        ("pipe2+write+read", || {
+            let mut fds = [0i32; 2];
+            let r = sys(libc::SYS_pipe2, [fds.as_mut_ptr() as u64, 0, 0, 0, 0]);
+            if r < 0 {
+                return r;
+            }
+            let byte = [7u8];
+            let w = sys(
+                libc::SYS_write,
+                [fds[1] as u64, byte.as_ptr() as u64, 1, 0, 0],
+            );
+            let mut back = [0u8];
+            let r = sys(
+                libc::SYS_read,
+                [fds[0] as u64, back.as_mut_ptr() as u64, 1, 0, 0],
+            );
+            if w != 1 || r != 1 || back[0] != 7 {
+                return -(libc::EIO as i64);
+            }
+            0
+        }),
+        ("fork", || {
+            // SAFETY: the child exits at once; the parent reaps it.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                unsafe { libc::_exit(3) };
+            }
+            if pid < 0 {
+                return -errno();
+            }
+            let mut status = 0;
+            // SAFETY: reaps our own child into a stack variable.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 3 {
+                0
+            } else {
+                -(libc::ECHILD as i64)
+            }
+        }),
+        ("clone(SIGCHLD)", || clone_with(0)),
+        ("clone(thread flags)", || {
+            // pthread_create's flags, through glibc: clone3 (ENOSYS) then clone.
+            extern "C" fn body(arg: *mut libc::c_void) -> *mut libc::c_void {
+                arg
+            }
+            let mut thread: libc::pthread_t = 0;
+            // SAFETY: a thread that returns its argument; joined below.
+            let r =
+                unsafe { libc::pthread_create(&mut thread, std::ptr::null(), body, 42 as *mut _) };
+            if r != 0 {
+                return -(r as i64);
+            }
+            let mut out: *mut libc::c_void = std::ptr::null_mut();
+            // SAFETY: joins the thread created above.
+            unsafe { libc::pthread_join(thread, &mut out) };
+            if out as usize == 42 {
+                0
+            } else {
+                -(libc::EIO as i64)
+            }
+        }),
+        ("unshare(CLONE_FILES)", || {
+            sys(libc::SYS_unshare, [libc::CLONE_FILES as u64, 0, 0, 0, 0])
+        }),
+        ("personality(query)", || {
+            sys(libc::SYS_personality, [0xffff_ffff, 0, 0, 0, 0])
+        }),
+        ("socket(AF_UNIX)", || {
+            sys(
+                libc::SYS_socket,
+                [libc::AF_UNIX as u64, libc::SOCK_STREAM as u64, 0, 0, 0],
+            )
+        }),
+        ("socket(AF_INET)", || {
+            sys(
+                libc::SYS_socket,
+                [libc::AF_INET as u64, libc::SOCK_DGRAM as u64, 0, 0, 0],
+            )
+        }),
+    ];
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2")
+    }
+
+    /// Forks; the child installs `filter` (if any), makes each probe's call and writes its
+    /// result to a pipe. Returns the results in order. The child only makes system calls
+    /// (and glibc's fork-safe pthread_create) between fork and `_exit`.
+    fn results_in_child(filter: Option<&BpfProgram>, probes: &[Probe]) -> Vec<i64> {
+        let (r, w) = pipe();
+        // SAFETY: the child below writes to the pipe and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            let mut code = 0;
+            if let Some(filter) = filter {
+                if seccompiler::apply_filter(filter).is_err() {
+                    code = 99;
+                }
+            }
+            if code == 0 {
+                for (_, call) in probes {
+                    let result = call().to_le_bytes();
+                    // SAFETY: 8 bytes from the stack into our pipe.
+                    unsafe { libc::write(w.as_raw_fd(), result.as_ptr().cast(), 8) };
+                }
+            }
+            // SAFETY: leaves the forked child without running the test harness's code.
+            unsafe { libc::_exit(code) };
+        }
+        drop(w);
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::fs::File::from(r), &mut bytes).expect("read");
+        let mut status = 0;
+        // SAFETY: reaps the child forked above.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "probe child ended with status {status:#x} (99: the filter was not installed)"
+        );
+        assert_eq!(bytes.len(), probes.len() * 8, "probe child wrote {bytes:?}");
+        bytes
+            .chunks(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    fn filter() -> BpfProgram {
+        container_filter().expect("compile the container filter")
+    }
+
+    #[test]
+    fn refused_calls_fail_with_eperm_because_of_the_filter() {
+        let without = results_in_child(None, REFUSED);
+        let with = results_in_child(Some(&filter()), REFUSED);
+        for (((name, _), before), after) in REFUSED.iter().zip(without).zip(with) {
+            assert_eq!(after, -(DENIED_ERRNO as i64), "{name} under the filter");
+            assert_ne!(
+                before,
+                -(DENIED_ERRNO as i64),
+                "{name} is refused with EPERM even without the filter: the probe proves nothing"
+            );
+        }
+    }
+
+    #[test]
+    fn allowed_calls_work_under_the_filter() {
+        let with = results_in_child(Some(&filter()), ALLOWED_CALLS);
+        for ((name, _), result) in ALLOWED_CALLS.iter().zip(with) {
+            assert!(result >= 0, "{name} under the filter: errno {}", -result);
+        }
+    }
+
+    #[test]
+    fn clone3_gets_enosys_so_libc_falls_back_to_clone() {
+        // A null struct of size 0: EINVAL from the kernel, never a new process.
+        let probe: &[Probe] = &[("clone3", || sys(libc::SYS_clone3, [0; 5]))];
+        assert_eq!(results_in_child(None, probe), [-(libc::EINVAL as i64)]);
+        assert_eq!(
+            results_in_child(Some(&filter()), probe),
+            [-(CLONE3_ERRNO as i64)]
+        );
+    }
+
+    #[test]
+    fn a_dynamic_shell_starts_forks_and_exits_under_the_filter() {
+        // execve, the dynamic loader, libc start-up, a pipeline (fork, pipe, wait).
+        let program = filter();
+        let sh = c"/bin/sh";
+        let script = c"echo piped | cat >/dev/null && exit 7";
+        let argv = [
+            sh.as_ptr(),
+            c"-c".as_ptr(),
+            script.as_ptr(),
+            std::ptr::null(),
+        ];
+        let envp = [c"PATH=/usr/bin:/bin".as_ptr(), std::ptr::null()];
+        // SAFETY: the child installs the filter and execs, or exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            if seccompiler::apply_filter(&program).is_ok() {
+                // SAFETY: NUL-terminated strings and null-terminated arrays from above.
+                unsafe { libc::execve(sh.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+            }
+            // SAFETY: leaves the forked child.
+            unsafe { libc::_exit(99) };
+        }
+        let mut status = 0;
+        // SAFETY: reaps the child forked above.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 7,
+            "/bin/sh under the filter ended with status {status:#x} (99: filter or exec failed)"
+        );
+    }
+
+    #[test]
+    fn no_denied_call_is_on_the_allowlist() {
+        let rules = rules().expect("rules");
+        for (nr, name) in x86_64::DENIED {
+            assert!(!rules.contains_key(nr), "{name} ({nr}) is allowed");
+        }
+        assert!(
+            !rules.contains_key(&libc::SYS_clone3),
+            "clone3 must reach the ENOSYS prefix"
+        );
+        let mut seen = std::collections::BTreeSet::new();
+        for nr in x86_64::ALLOWED {
+            assert!(seen.insert(nr), "syscall {nr} is listed twice");
+        }
+    }
+
+    #[test]
+    fn every_denied_call_gets_eperm_under_the_filter() {
+        // Arguments all zero: whatever the kernel would say, the filter must say EPERM.
+        // Calls that could harm even with zero arguments are not made unfiltered.
+        let program = filter();
+        let (r, w) = pipe();
+        // SAFETY: the child installs the filter, makes the calls, writes, _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let mut code = 99;
+            if seccompiler::apply_filter(&program).is_ok() {
+                code = 0;
+                for (nr, _) in x86_64::DENIED {
+                    let result = sys(*nr, [0; 5]).to_le_bytes();
+                    // SAFETY: 8 bytes from the stack into our pipe.
+                    unsafe { libc::write(w.as_raw_fd(), result.as_ptr().cast(), 8) };
+                }
+            }
+            // SAFETY: leaves the forked child.
+            unsafe { libc::_exit(code) };
+        }
+        drop(w);
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::fs::File::from(r), &mut bytes).expect("read");
+        let mut status = 0;
+        // SAFETY: reaps the child forked above.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(status, 0, "probe child status");
+        let results: Vec<i64> = bytes
+            .chunks(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(results.len(), x86_64::DENIED.len());
+        for ((_, name), result) in x86_64::DENIED.iter().zip(results) {
+            assert_eq!(result, -(DENIED_ERRNO as i64), "{name} under the filter");
+        }
+    }
+
+    #[test]
+    fn the_prefix_hands_over_to_the_allowlist_intact() {
+        let program = filter();
+        let prefix = x86_64::clone3_enosys_prefix();
+        assert_eq!(program[..prefix.len()], prefix[..]);
+        // The allowlist starts with its own architecture check (load of the arch field).
+        assert_eq!(program[prefix.len()], prefix[0]);
+        // Both skips of the prefix land exactly on the allowlist's first instruction.
+        assert_eq!(1 + 1 + prefix[1].jf as usize, prefix.len());
+        assert_eq!(3 + 1 + prefix[3].jf as usize, prefix.len());
+        assert!(
+            program.len() <= MAX_INSTRUCTIONS,
+            "{} instructions",
+            program.len()
+        );
+    }
+}
