@@ -67,16 +67,16 @@ pub use mmio::{MmioTransport, MMIO_WINDOW_LEN, NOTIFY_REG_OFFSET};
 pub use rng::{Rng, RngError, TYPE_RNG};
 
 /// Device type: block device (virtio 1.1, 5).
-pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_BLOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 /// Feature bit: the device complies with virtio 1.0+ (required by this transport).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 /// Feature bit: used/avail event index notification suppression.
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// Interrupt status bit: the device used a buffer in some queue.
-pub const INTERRUPT_USED_RING: u32 = 1;
+pub const INTERRUPT_USED_RING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 /// Interrupt status bit: the configuration (or device status) changed.
-pub const INTERRUPT_CONFIG_CHANGE: u32 = 2;
+pub const INTERRUPT_CONFIG_CHANGE: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
 /// The device's interrupt: the InterruptStatus register (read at 0x60, acked at 0x64) and
 /// the eventfd the VMM registers as an irqfd for the device's GSI.

@@ -24,7 +24,7 @@ use super::{
 };
 
 /// Device type: entropy source.
-pub const TYPE_RNG: u32 = 4;
+pub const TYPE_RNG: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 /// Maximum size of the request queue.
 pub const RNG_QUEUE_SIZE: u16 = 256;
 /// Most random bytes handed out per chain.
