@@ -1,8 +1,9 @@
 //! SVG charts (plotters), drawn from [`Results`] only: startup phases as stacked bars per
 //! box, and overhead ratios (box median / native median) per scenario.
 
-use crate::report::{phase_medians, ratio};
+use crate::report::{has_phases, phase_medians, ratio};
 use crate::results::Results;
+use crate::runner::native;
 use plotters::coord::ranged1d::SegmentValue;
 use plotters::prelude::*;
 use std::path::Path;
@@ -33,11 +34,13 @@ const COLORS: [RGBColor; 8] = [
 type Stack = (String, Vec<(String, f64)>);
 
 /// Startup phases per box: each bar is spawn → torn_down, split at the phases the box
-/// stamps (median ms); the `vmm` scenario's tiny-guest runs are added as extra bars.
+/// stamps (median ms), for every scenario that times spawn → torn_down; tiny-guest runs
+/// (the `vmm` scenario) are marked `*`.
 pub fn startup(r: &Results, path: &Path) -> Result<(), ChartError> {
     let mut bars: Vec<Stack> = Vec::new();
-    for (scn, suffix) in [("startup", ""), ("vmm", "*")] {
-        let Some(s) = r.scenario(scn) else { continue };
+    for s in r.scenarios.iter().filter(|s| has_phases(s)) {
+        let tiny = crate::scenario::by_name(&s.name).is_some_and(|x| x.boots_tiny_guest());
+        let suffix = if tiny { "*" } else { "" };
         for b in &s.boxes {
             let med = phase_medians(s, b);
             if med.is_empty() {
@@ -68,8 +71,8 @@ pub fn overhead(r: &Results, path: &Path) -> Result<(), ChartError> {
     let mut bars: Vec<Stack> = Vec::new();
     for s in &r.scenarios {
         let Some(m) = s.metrics.first() else { continue };
-        for b in s.boxes.iter().filter(|b| b.as_str() != "native") {
-            if let Some(x) = ratio(s, &m.key, b, "native") {
+        for b in s.boxes.iter().filter(|b| b.as_str() != native::NAME) {
+            if let Some(x) = ratio(s, &m.key, b, native::NAME) {
                 bars.push((format!("{}/{b}", s.name), vec![(b.clone(), x)]));
             }
         }

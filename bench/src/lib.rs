@@ -2,8 +2,9 @@
 //! in twinbox's container and in twinbox's microVM, measured side by side.
 //!
 //! The story of a bench:
-//! 1. [`scenario`] says what runs (`/bin/true`, the tiny guest, sysbench ...) and which
-//!    numbers come out of a [`twinbox_spec::RunReport`];
+//! 1. [`scenario`] says what runs (`/bin/true`, the tiny guest, sysbench ...), which
+//!    boxes sit it out (decided from each runner's [`runner::Capabilities`]) and which
+//!    [`metric`]s come out of a [`twinbox_spec::RunReport`];
 //! 2. [`schedule`] interleaves the boxes round by round (A B C A B C), warm-ups first and
 //!    discarded;
 //! 3. [`runner`] runs each slot in its box (native process, container, VM, peer VMMs) —
@@ -16,8 +17,7 @@
 //! exit 0 and reset, so the VMM's own cost is measured even where guest kernels crawl (PVM).
 
 pub mod charts;
-pub mod density;
-pub mod disk;
+pub mod metric;
 pub mod report;
 pub mod results;
 pub mod runner;
@@ -27,7 +27,7 @@ pub mod stats;
 pub mod tiny_guest;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use results::{Params, Results, RunRecord, ScenarioResult, Skip};
+use results::{Params, Results, RunRecord, SatOut, ScenarioResult, Skip};
 use runner::Runner;
 use scenario::{Context, Scenario};
 use std::path::{Path, PathBuf};
@@ -38,7 +38,7 @@ use thiserror::Error;
 #[derive(Clone, Debug)]
 pub struct Options {
     /// Scenarios, in order.
-    pub scenarios: Vec<Scenario>,
+    pub scenarios: Vec<&'static dyn Scenario>,
     /// Counted runs per box and scenario.
     pub runs: u32,
     /// Warm-up runs per box and scenario.
@@ -95,6 +95,9 @@ pub enum Error {
     /// Setting up the interrupt handling.
     #[error("installing the SIGINT/SIGTERM handler: {0}")]
     Signals(std::io::Error),
+    /// Setting up what a scenario needs (e.g. its scratch disk).
+    #[error("preparing scenario {0}: {1}")]
+    Prepare(&'static str, std::io::Error),
     /// Drawing a chart.
     #[error(transparent)]
     Chart(#[from] charts::ChartError),
@@ -120,9 +123,6 @@ pub struct Outputs {
     pub overhead_svg: PathBuf,
 }
 
-/// Most workload output kept per run in results.json.
-const OUTPUT_KEEP: usize = 4096;
-
 /// Runs the bench (progress bar on stderr) and returns every run.
 pub fn run(opts: &Options) -> Result<Results, Error> {
     if opts.runs == 0 {
@@ -134,7 +134,7 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
         && opts
             .scenarios
             .iter()
-            .any(|s| s.applies_to(runner::peer_runc::NAME))
+            .any(|s| s.sits_out(&runner::PEER_RUNTIME).is_none())
         && ["runc", "bwrap"]
             .iter()
             .any(|b| runner::peer::in_path(b).is_some());
@@ -179,12 +179,6 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
     let tiny = opts.out.join("tiny-guest.elf");
     tiny_guest::write_to(&tiny).map_err(io_err(&tiny))?;
     let disk_path = opts.out.join("scratch-disk.img");
-    // Removed when the bench ends (dropped at the end of this function).
-    let _scratch_disk = if opts.scenarios.contains(&Scenario::Disk) {
-        Some(disk::ScratchDisk::create(&disk_path).map_err(io_err(&disk_path))?)
-    } else {
-        None
-    };
     let ctx = Context {
         rootfs: opts.rootfs.clone(),
         kernel: opts.kernel.clone(),
@@ -199,21 +193,31 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
     };
     let started_utc = utc_now();
     let host = twinbox_spec::host::describe();
-    let plan: Vec<(Scenario, Vec<&dyn Runner>)> = opts
+    let plan: Vec<Plan> = opts
         .scenarios
         .iter()
-        .map(|s| {
-            let boxes = runners
-                .iter()
-                .map(|r| r.as_ref())
-                .filter(|r| s.applies_to(r.name()))
-                .collect();
-            (*s, boxes)
+        .map(|&scenario| {
+            let mut boxes = Vec::new();
+            let mut sat_out = Vec::new();
+            for r in &runners {
+                match scenario.sits_out(&r.capabilities()) {
+                    None => boxes.push(r.as_ref()),
+                    Some(why) => sat_out.push(SatOut {
+                        box_name: r.name().into(),
+                        reason: why.into(),
+                    }),
+                }
+            }
+            Plan {
+                scenario,
+                boxes,
+                sat_out,
+            }
         })
         .collect();
     let total: usize = plan
         .iter()
-        .map(|(_, b)| b.len() * (opts.runs + opts.warmup) as usize)
+        .map(|p| p.boxes.len() * (opts.runs + opts.warmup) as usize)
         .sum();
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
@@ -223,15 +227,13 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
     );
     let interrupted = || interrupt.signal().or_else(container::interrupt::signal);
     let mut scenarios = Vec::new();
-    for (scenario, boxes) in &plan {
-        scenarios.push(run_scenario(
-            *scenario,
-            boxes,
-            &ctx,
-            opts,
-            &bar,
-            &interrupted,
-        ));
+    for p in plan {
+        // What the scenario sets up (the scratch disk) lives while it runs, no longer.
+        let _prepared = p
+            .scenario
+            .prepare(&ctx)
+            .map_err(|e| Error::Prepare(p.scenario.name(), e))?;
+        scenarios.push(run_scenario(p, &ctx, opts, &bar, &interrupted));
         if let Some(signal) = interrupted() {
             bar.finish_and_clear();
             return Err(Error::Interrupted(signal));
@@ -259,22 +261,34 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
     })
 }
 
+/// One scenario and the boxes that take part in it or sit it out.
+struct Plan<'a> {
+    scenario: &'static dyn Scenario,
+    boxes: Vec<&'a dyn Runner>,
+    sat_out: Vec<SatOut>,
+}
+
 fn run_scenario(
-    scenario: Scenario,
-    boxes: &[&dyn Runner],
+    plan: Plan<'_>,
     ctx: &Context,
     opts: &Options,
     bar: &ProgressBar,
     interrupted: &dyn Fn() -> Option<i32>,
 ) -> ScenarioResult {
+    let Plan {
+        scenario,
+        boxes,
+        sat_out,
+    } = plan;
     let mut result = ScenarioResult {
         name: scenario.name().into(),
         description: scenario.description().into(),
         workload: scenario.workload(),
-        metrics: scenario.metrics(),
+        metrics: scenario.metrics().iter().map(|m| m.def()).collect(),
         boxes: boxes.iter().map(|b| b.name().to_string()).collect(),
         runs: Vec::new(),
         skipped: Vec::new(),
+        sat_out,
     };
     // A box that failed once is not run again in this scenario: on PVM a VM run that
     // timed out would time out every time, and a missing runtime stays missing.
@@ -296,14 +310,11 @@ fn run_scenario(
             bar.inc(1);
             continue;
         }
-        let (metrics, error, report) = if scenario == Scenario::Density {
-            match density::run(runner.name(), ctx, &scenario.workload()) {
-                Ok(m) => (m, None, None),
-                Err(e) => (Default::default(), Some(e), None),
-            }
-        } else {
-            run_once(scenario, runner, ctx)
-        };
+        let scenario::Measured {
+            metrics,
+            error,
+            report,
+        } = scenario.measure(runner, ctx);
         if let Some(e) = &error {
             bar.println(format!(
                 "{} / {}: {}",
@@ -335,37 +346,6 @@ fn run_scenario(
         }
     }
     result
-}
-
-type RunOutcome = (
-    std::collections::BTreeMap<String, f64>,
-    Option<String>,
-    Option<twinbox_spec::RunReport>,
-);
-
-/// One run of `scenario` in `runner`: its metrics, or the reason it failed, and its report.
-fn run_once(scenario: Scenario, runner: &dyn Runner, ctx: &Context) -> RunOutcome {
-    let spec = scenario.spec(ctx, runner.name());
-    match runner.run(&spec) {
-        Ok(mut report) => {
-            // Numbers first (fio's JSON is longer than what is kept), then trim.
-            let extracted = scenario.extract(&report);
-            if let Some(out) = report.output.as_mut() {
-                if out.len() > OUTPUT_KEEP {
-                    let mut cut = out.len() - OUTPUT_KEEP;
-                    while !out.is_char_boundary(cut) {
-                        cut += 1;
-                    }
-                    *out = format!("[...]{}", &out[cut..]);
-                }
-            }
-            match extracted {
-                Ok(m) => (m, None, Some(report)),
-                Err(e) => (Default::default(), Some(e), Some(report)),
-            }
-        }
-        Err(e) => (Default::default(), Some(e), None),
-    }
 }
 
 /// Writes results.json, report.md and the two SVGs into `dir`.

@@ -82,6 +82,19 @@ pub struct ScenarioResult {
     pub runs: Vec<RunRecord>,
     /// Boxes whose remaining runs were skipped, and why.
     pub skipped: Vec<Skip>,
+    /// Boxes of the bench that do not take part in this scenario, and why (absent from
+    /// files written before it was recorded).
+    #[serde(default)]
+    pub sat_out: Vec<SatOut>,
+}
+
+/// A box that does not take part in a scenario.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SatOut {
+    /// The box.
+    pub box_name: String,
+    /// Why (what it cannot do that the scenario needs).
+    pub reason: String,
 }
 
 /// Runs of a box not done.
@@ -226,6 +239,10 @@ pub(crate) mod tests {
                     runs_skipped: 3,
                     reason: "time limit of 5.0 s reached".into(),
                 }],
+                sat_out: vec![SatOut {
+                    box_name: "firecracker".into(),
+                    reason: "boots only the tiny guest, not the image".into(),
+                }],
             }],
         }
     }
@@ -240,6 +257,18 @@ pub(crate) mod tests {
         let back = Results::load(&path).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(back, results);
+    }
+
+    #[test]
+    fn files_from_before_sat_out_still_load() {
+        let mut json = serde_json::to_value(sample()).unwrap();
+        json["scenarios"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("sat_out");
+        let back: Results = serde_json::from_value(json).unwrap();
+        assert!(back.scenarios[0].sat_out.is_empty());
+        assert_eq!(back.scenarios[0].runs, sample().scenarios[0].runs);
     }
 
     #[test]

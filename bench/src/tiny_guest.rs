@@ -240,9 +240,8 @@ mod tests {
     #[test]
     fn size_matches_the_scenario_description() {
         assert_eq!(elf().len(), 232);
-        assert!(crate::scenario::Scenario::Vmm
-            .description()
-            .contains("232-byte"));
+        use crate::scenario::Scenario;
+        assert!(crate::scenario::Vmm.description().contains("232-byte"));
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! writes results.json, report.md and SVG charts, and prints the headline table.
 
 use anyhow::Context as _;
-use bench::scenario::Scenario;
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -80,16 +79,13 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     let scenarios = if args.scenarios.is_empty() {
-        Scenario::ALL.to_vec()
+        bench::scenario::ALL.to_vec()
     } else {
         args.scenarios
             .iter()
             .map(|s| {
-                Scenario::parse(s).with_context(|| {
-                    format!(
-                        "unknown scenario {s:?}: use {}",
-                        Scenario::ALL.map(Scenario::name).join(", ")
-                    )
+                bench::scenario::by_name(s).with_context(|| {
+                    format!("unknown scenario {s:?}: use {}", bench::scenario::names())
                 })
             })
             .collect::<anyhow::Result<_>>()?
@@ -117,12 +113,15 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
     probe.validate()?;
     for b in &args.boxes {
         if !bench::runner::BOX_NAMES.contains(&b.as_str()) {
-            anyhow::bail!("--boxes: unknown box {b:?}: use native, container, vm");
+            anyhow::bail!(
+                "--boxes: unknown box {b:?}: use {}",
+                bench::runner::BOX_NAMES.join(", ")
+            );
         }
     }
     let rootfs = args.rootfs.unwrap_or_else(artifacts::rootfs_image);
     let kernel = args.kernel.unwrap_or_else(artifacts::kernel_vmlinux);
-    let needs_image = args.boxes.iter().any(|b| b != "native");
+    let needs_image = args.boxes.iter().any(|b| b != bench::runner::native::NAME);
     if needs_image && !rootfs.is_file() {
         anyhow::bail!(
             "root filesystem image {} not found: build it (rootfs/build.sh) or pass --rootfs",

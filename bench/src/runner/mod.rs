@@ -19,13 +19,112 @@ pub mod vm;
 pub trait Runner {
     /// The box's name as shown in tables (`native`, `container`, `vm`, `qemu-microvm`).
     fn name(&self) -> &str;
+    /// What the box can do; scenarios decide from this, never from the name, whether and
+    /// how it takes part.
+    fn capabilities(&self) -> Capabilities;
     /// Runs `spec` once. `Err` means the box could not run it at all; a run that ran but
     /// failed is an `Ok` report whose outcome says so.
     fn run(&self, spec: &RunSpec) -> Result<RunReport, String>;
 }
 
+/// What a box runs: host processes, a guest kernel booting the image, or only the tiny
+/// guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Guest {
+    /// No guest: the workload is a process on the host's kernel (native, containers).
+    None,
+    /// A VMM that boots the guest kernel with the image, and the tiny guest.
+    Kernel,
+    /// A VMM wired here for the tiny guest only (no image, no disks).
+    TinyOnly,
+}
+
+/// Where the scratch disk of the `disk` scenario appears inside a box.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskAt {
+    /// At its host path (no isolation).
+    HostPath,
+    /// A read-only bind mount at `/mnt/disk0`.
+    Bind,
+    /// The second virtio-blk disk, `/dev/vdb`.
+    VirtioBlk,
+}
+
+impl DiskAt {
+    /// The path the workload opens for the disk whose host path is `host`.
+    pub fn path_inside(self, host: &std::path::Path) -> String {
+        match self {
+            DiskAt::HostPath => host.display().to_string(),
+            DiskAt::Bind => "/mnt/disk0".into(),
+            DiskAt::VirtioBlk => "/dev/vdb".into(),
+        }
+    }
+}
+
+/// How one instance of a box is started as a host process of its own (the `density`
+/// scenario starts K of them at once, as a user would).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Instance {
+    /// The workload itself, from the host's PATH.
+    HostProcess,
+    /// `twinbox ctr run -- <workload>`.
+    TwinboxCtr,
+    /// `twinbox vm run -- <workload>`.
+    TwinboxVm,
+}
+
+/// Which time limit a run gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeLimit {
+    /// A generous fixed limit that only stops a hang (native, twinbox's container).
+    Host,
+    /// `--vm-timeout` (VMs and peers, which on some hosts never finish).
+    Vm,
+}
+
+/// What a box can do, as the scenarios need to know it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// What it runs.
+    pub guest: Guest,
+    /// Its report's usage holds the host memory of one instance (process RSS, VMM RSS +
+    /// guest memory touched, cgroup peak + runtime RSS). False for peers timed as outside
+    /// processes, whose instance's memory is elsewhere (runc's container is not its child).
+    pub memory_in_report: bool,
+    /// How `density` starts one instance as its own process; `None` when it cannot.
+    pub instance: Option<Instance>,
+    /// Where an extra disk appears inside it; `None` when it takes no disks.
+    pub disk_at: Option<DiskAt>,
+    /// Workloads are the host's binaries, not the image's (`syscall` then runs the
+    /// microbench copy published beside the image, so both run identical code).
+    pub host_binaries: bool,
+    /// Its time limit.
+    pub time_limit: TimeLimit,
+}
+
+/// What every peer VMM that boots only the tiny guest can do.
+pub const TINY_GUEST_VMM: Capabilities = Capabilities {
+    guest: Guest::TinyOnly,
+    memory_in_report: false,
+    instance: None,
+    disk_at: None,
+    host_binaries: false,
+    time_limit: TimeLimit::Vm,
+};
+
+/// What the peer container runtimes (runc, bwrap) can do: the image's workloads over the
+/// pre-mounted image, disks as binds; they are outside processes, so no memory figure.
+pub const PEER_RUNTIME: Capabilities = Capabilities {
+    guest: Guest::None,
+    memory_in_report: false,
+    instance: None,
+    disk_at: Some(DiskAt::Bind),
+    host_binaries: false,
+    time_limit: TimeLimit::Vm,
+};
+
 /// The boxes `--boxes` accepts.
-pub const BOX_NAMES: [&str; 3] = ["native", "container", "vm"];
+pub const BOX_NAMES: [&str; 3] = [native::NAME, container::NAME, vm::NAME];
 
 /// The runner for a box name given on the command line; the VM's run stops early when
 /// `stop` is written to.
@@ -34,9 +133,9 @@ pub fn by_name(
     stop: Option<vmm_sys_util::eventfd::EventFd>,
 ) -> Option<Box<dyn Runner>> {
     match name {
-        "native" => Some(Box::new(native::Native)),
-        "container" => Some(Box::new(container::Container)),
-        "vm" => Some(Box::new(vm::Vm { stop })),
+        native::NAME => Some(Box::new(native::Native)),
+        container::NAME => Some(Box::new(container::Container)),
+        vm::NAME => Some(Box::new(vm::Vm { stop })),
         _ => None,
     }
 }

@@ -1,17 +1,34 @@
 //! The baseline: the workload as a plain host process (the host's own binaries, found
 //! through PATH), no isolation at all.
 
-use super::{process, Runner};
+use super::{process, Capabilities, DiskAt, Guest, Instance, Runner, TimeLimit};
 use std::process::Command;
 use twinbox_spec::run_spec::OutputMode;
 use twinbox_spec::{BoxKind, RunReport, RunSpec};
+
+/// Name of this box in tables and on the command line.
+pub const NAME: &str = "native";
+
+/// What a plain host process can do.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    guest: Guest::None,
+    memory_in_report: true,
+    instance: Some(Instance::HostProcess),
+    disk_at: Some(DiskAt::HostPath),
+    host_binaries: true,
+    time_limit: TimeLimit::Host,
+};
 
 /// Host process runner.
 pub struct Native;
 
 impl Runner for Native {
     fn name(&self) -> &str {
-        "native"
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
     }
 
     fn run(&self, spec: &RunSpec) -> Result<RunReport, String> {

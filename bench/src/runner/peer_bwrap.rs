@@ -93,6 +93,10 @@ impl Runner for Bwrap {
         NAME
     }
 
+    fn capabilities(&self) -> super::Capabilities {
+        super::PEER_RUNTIME
+    }
+
     fn run(&self, spec: &RunSpec) -> Result<RunReport, String> {
         let mut cmd = Command::new(&self.binary);
         cmd.args(args_for(&self.rootfs, spec));

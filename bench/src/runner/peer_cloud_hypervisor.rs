@@ -89,6 +89,10 @@ impl Runner for CloudHypervisor {
         NAME
     }
 
+    fn capabilities(&self) -> super::Capabilities {
+        super::TINY_GUEST_VMM
+    }
+
     fn run(&self, spec: &RunSpec) -> Result<RunReport, String> {
         let mut cmd = Command::new(&self.binary);
         cmd.args(args(spec)?);

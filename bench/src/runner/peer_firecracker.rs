@@ -99,6 +99,10 @@ impl Runner for Firecracker {
         NAME
     }
 
+    fn capabilities(&self) -> super::Capabilities {
+        super::TINY_GUEST_VMM
+    }
+
     fn run(&self, spec: &RunSpec) -> Result<RunReport, String> {
         let config = config_json(spec)?;
         let dir = RunDir::create(NAME)?;

@@ -27,6 +27,17 @@ use twinbox_spec::{Outcome, RunReport, RunSpec};
 /// Name of this peer in tables.
 pub const NAME: &str = "qemu-microvm";
 
+/// What the QEMU peer can do: it boots the kernel and image like twinbox's VM; its
+/// memory is a sampled RSS of an outside process, not comparable with the boxes' figures.
+pub const CAPABILITIES: super::Capabilities = super::Capabilities {
+    guest: super::Guest::Kernel,
+    memory_in_report: false,
+    instance: None,
+    disk_at: Some(super::DiskAt::VirtioBlk),
+    host_binaries: false,
+    time_limit: super::TimeLimit::Vm,
+};
+
 /// How QEMU runs guest code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Accel {
@@ -143,6 +154,10 @@ pub fn exit_from_console(output: &str) -> Option<ExitCode> {
 impl Runner for QemuMicrovm {
     fn name(&self) -> &str {
         NAME
+    }
+
+    fn capabilities(&self) -> super::Capabilities {
+        CAPABILITIES
     }
 
     fn run(&self, spec: &RunSpec) -> Result<RunReport, String> {

@@ -122,6 +122,10 @@ impl Runner for Runc {
         NAME
     }
 
+    fn capabilities(&self) -> super::Capabilities {
+        super::PEER_RUNTIME
+    }
+
     fn run(&self, spec: &RunSpec) -> Result<RunReport, String> {
         let n = self.runs.fetch_add(1, Ordering::Relaxed);
         let id = format!("twinbox-bench-{}-{n}", std::process::id());

@@ -2,9 +2,22 @@
 //! [`super::marginal_rss`] for its peak RSS). The bench's interrupt eventfd stops a run in
 //! progress, so Ctrl-C does not wait for a VM that will only end at its time limit.
 
-use super::Runner;
+use super::{Capabilities, DiskAt, Guest, Instance, Runner, TimeLimit};
 use twinbox_spec::{RunReport, RunSpec};
 use vmm_sys_util::eventfd::EventFd;
+
+/// Name of this box in tables and on the command line.
+pub const NAME: &str = "vm";
+
+/// What twinbox's VM can do.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    guest: Guest::Kernel,
+    memory_in_report: true,
+    instance: Some(Instance::TwinboxVm),
+    disk_at: Some(DiskAt::VirtioBlk),
+    host_binaries: false,
+    time_limit: TimeLimit::Vm,
+};
 
 /// twinbox microVM runner.
 pub struct Vm {
@@ -14,7 +27,11 @@ pub struct Vm {
 
 impl Runner for Vm {
     fn name(&self) -> &str {
-        "vm"
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
     }
 
     fn run(&self, spec: &RunSpec) -> Result<RunReport, String> {

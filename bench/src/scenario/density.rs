@@ -1,4 +1,4 @@
-//! The `density` scenario: what K instances alive at once cost the host, per instance.
+//! `density`: what K instances alive at once cost the host, per instance.
 //!
 //! The instances are separate processes, started together, as a user would start them:
 //! K `sleep`s natively, K `twinbox ctr run -- sleep`, K `twinbox vm run -- sleep`. While
@@ -11,11 +11,76 @@
 //! anything else the host does at the same time is counted too, hence the median over
 //! several runs.
 
-use crate::runner::process;
-use crate::scenario::Context;
-use std::collections::BTreeMap;
+use super::{argv, Context, Measured, Metrics, Scenario};
+use crate::metric::{self, Metric};
+use crate::runner::{process, Capabilities, Instance, Runner, TimeLimit};
 use std::process::Command;
 use std::time::Duration;
+use twinbox_spec::RunReport;
+
+/// Its name.
+pub const NAME: &str = "density";
+
+/// The `density` scenario.
+pub struct Density;
+
+impl Scenario for Density {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn description(&self) -> &'static str {
+        "Host memory per instance when several are alive at once: K instances of \
+         `sleep 2` are started together as separate processes (`sleep`, `twinbox ctr \
+         run`, `twinbox vm run`) while the host's MemAvailable is sampled every 5 ms. \
+         Per instance = (median before + median after) / 2 − median over the middle \
+         half of their lifetime, / K. Unlike `memory` this counts everything an \
+         instance costs the host, but MemAvailable treats page cache as available: \
+         the image pages a loop device caches while a container runs raise it, so \
+         the figure can even be negative. `memfree_mib_per_instance` is the same \
+         computation on MemFree, which counts that cache as taken. Other activity on \
+         the host adds noise of a few MiB (divided by K)."
+    }
+
+    fn workload(&self) -> Vec<String> {
+        argv(&["sleep", "2"])
+    }
+
+    fn metrics(&self) -> &'static [Metric] {
+        &[metric::MIB_PER_INSTANCE, metric::MEMFREE_MIB_PER_INSTANCE]
+    }
+
+    fn recorded(&self) -> &'static [Metric] {
+        &[metric::INSTANCES, metric::BASELINE_AVAILABLE_MIB]
+    }
+
+    fn sits_out(&self, caps: &Capabilities) -> Option<&'static str> {
+        if caps.instance.is_none() {
+            Some("cannot be started as a process of its own, K at once")
+        } else if !caps.memory_in_report {
+            Some("its instance's memory is not its own process's")
+        } else {
+            None
+        }
+    }
+
+    fn extract(&self, _report: &RunReport) -> Result<Metrics, String> {
+        Err("density runs K instances at once as processes; it has no single report".into())
+    }
+
+    fn measure(&self, runner: &dyn Runner, ctx: &Context) -> Measured {
+        match run(&runner.capabilities(), ctx, &self.workload()) {
+            Ok(metrics) => Measured {
+                metrics,
+                ..Measured::default()
+            },
+            Err(e) => Measured {
+                error: Some(e),
+                ..Measured::default()
+            },
+        }
+    }
+}
 
 /// How often `MemAvailable` is sampled while the instances live.
 const SAMPLE_EVERY: Duration = Duration::from_millis(5);
@@ -53,35 +118,30 @@ fn parse_meminfo(meminfo: &str) -> Option<MemSample> {
     })
 }
 
-/// The command line of one instance of `workload` in `box_name`.
+/// The command line of one instance of `workload`, started as `instance` says.
 pub fn instance_command(
-    box_name: &str,
+    instance: Instance,
     ctx: &Context,
     workload: &[String],
 ) -> Result<Command, String> {
-    let mut cmd = match box_name {
-        "native" => {
+    let mut cmd = match instance {
+        Instance::HostProcess => {
             let (program, args) = workload.split_first().ok_or("no workload")?;
             let mut c = Command::new(program);
             c.args(args);
             return Ok(c);
         }
-        "container" => {
+        Instance::TwinboxCtr => {
             let mut c = Command::new(&ctx.twinbox_exe);
             c.args(["ctr", "run"]);
             c
         }
-        "vm" => {
+        Instance::TwinboxVm => {
             let mut c = Command::new(&ctx.twinbox_exe);
             c.args(["vm", "run", "--kernel"]).arg(&ctx.kernel);
             c.args(["--vcpus", &ctx.vcpus.to_string()]);
             c.args(["--timeout", &ctx.vm_timeout.as_secs_f64().to_string()]);
             c
-        }
-        other => {
-            return Err(format!(
-                "density: box {other} cannot be started as a process"
-            ))
         }
     };
     cmd.arg("--rootfs").arg(&ctx.rootfs);
@@ -90,22 +150,21 @@ pub fn instance_command(
     Ok(cmd)
 }
 
-/// Starts `ctx.density_instances` instances of `workload` in `box_name` at once and
-/// returns `mib_per_instance` (and `instances`, `baseline_available_mib`).
-pub fn run(
-    box_name: &str,
-    ctx: &Context,
-    workload: &[String],
-) -> Result<BTreeMap<String, f64>, String> {
+/// Starts `ctx.density_instances` instances of `workload` at once in a box that can do
+/// `caps` and returns `mib_per_instance` (and `instances`, `baseline_available_mib`).
+pub fn run(caps: &Capabilities, ctx: &Context, workload: &[String]) -> Result<Metrics, String> {
+    let instance = caps
+        .instance
+        .ok_or("density: this box cannot be started as a process")?;
     let k = ctx.density_instances.max(1);
-    let limit = if box_name == "vm" {
-        ctx.vm_timeout + Duration::from_secs(5)
-    } else {
-        Duration::from_secs(60)
+    // A VM instance has its own time limit; this one only stops a hang beyond it.
+    let limit = match caps.time_limit {
+        TimeLimit::Vm => ctx.vm_timeout + Duration::from_secs(5),
+        TimeLimit::Host => Duration::from_secs(60),
     };
     let mut commands = Vec::new();
     for _ in 0..k {
-        commands.push(instance_command(box_name, ctx, workload)?);
+        commands.push(instance_command(instance, ctx, workload)?);
     }
     let before = quiet()?;
     let mut during: Vec<MemSample> = Vec::new();
@@ -148,26 +207,26 @@ pub fn run(
         middle_half_median(&during.iter().map(f).collect::<Vec<_>>())
             .ok_or("the instances ended before the host's memory was sampled")
     };
-    let mut out = BTreeMap::new();
-    out.insert(
-        "mib_per_instance".into(),
-        per_instance_mib(
-            before.available,
-            after.available,
-            plateau(|m| m.available)?,
-            k,
+    Ok(Metrics::from([
+        (
+            metric::MIB_PER_INSTANCE.key.into(),
+            per_instance_mib(
+                before.available,
+                after.available,
+                plateau(|m| m.available)?,
+                k,
+            ),
         ),
-    );
-    out.insert(
-        "memfree_mib_per_instance".into(),
-        per_instance_mib(before.free, after.free, plateau(|m| m.free)?, k),
-    );
-    out.insert("instances".into(), f64::from(k));
-    out.insert(
-        "baseline_available_mib".into(),
-        before.available as f64 / 1024.0,
-    );
-    Ok(out)
+        (
+            metric::MEMFREE_MIB_PER_INSTANCE.key.into(),
+            per_instance_mib(before.free, after.free, plateau(|m| m.free)?, k),
+        ),
+        (metric::INSTANCES.key.into(), f64::from(k)),
+        (
+            metric::BASELINE_AVAILABLE_MIB.key.into(),
+            before.available as f64 / 1024.0,
+        ),
+    ]))
 }
 
 /// (before + after) / 2 − loaded, per instance, MiB; negative when the host freed more
@@ -218,24 +277,10 @@ fn quiet() -> Result<MemSample, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
+    use crate::runner;
+    use crate::scenario::tests::ctx;
 
-    fn ctx() -> Context {
-        Context {
-            rootfs: "/img".into(),
-            kernel: "/vmlinux".into(),
-            tiny_kernel: "/tiny".into(),
-            vcpus: 2,
-            memory_mib: 64,
-            vm_timeout: Duration::from_secs(7),
-            microbench: "/mb".into(),
-            disk: "/disk".into(),
-            density_instances: 3,
-            twinbox_exe: PathBuf::from("/usr/bin/twinbox"),
-        }
-    }
-
-    fn argv(cmd: &Command) -> Vec<String> {
+    fn cmdline(cmd: &Command) -> Vec<String> {
         std::iter::once(cmd.get_program())
             .chain(cmd.get_args())
             .map(|a| a.to_string_lossy().into_owned())
@@ -273,11 +318,11 @@ mod tests {
         let w = vec!["sleep".to_string(), "2".to_string()];
         let c = ctx();
         assert_eq!(
-            argv(&instance_command("native", &c, &w).unwrap()),
+            cmdline(&instance_command(Instance::HostProcess, &c, &w).unwrap()),
             ["sleep", "2"]
         );
         assert_eq!(
-            argv(&instance_command("container", &c, &w).unwrap()),
+            cmdline(&instance_command(Instance::TwinboxCtr, &c, &w).unwrap()),
             [
                 "/usr/bin/twinbox",
                 "ctr",
@@ -291,20 +336,25 @@ mod tests {
                 "2"
             ]
         );
-        let vm = argv(&instance_command("vm", &c, &w).unwrap());
+        let vm = cmdline(&instance_command(Instance::TwinboxVm, &c, &w).unwrap());
         assert_eq!(&vm[..4], ["/usr/bin/twinbox", "vm", "run", "--kernel"]);
         assert!(vm.windows(2).any(|p| p == ["--vcpus", "2"]));
         assert!(vm.windows(2).any(|p| p == ["--timeout", "7"]));
-        assert!(instance_command("runc", &c, &w).is_err());
+        assert!(run(&runner::PEER_RUNTIME, &c, &w).is_err());
     }
 
     #[test]
     fn native_instances_run_and_report_per_instance_memory() {
-        let m = run("native", &ctx(), &["sleep".into(), "0.2".into()]).unwrap();
+        let m = run(
+            &runner::native::CAPABILITIES,
+            &ctx(),
+            &["sleep".into(), "0.2".into()],
+        )
+        .unwrap();
         assert_eq!(m["instances"], 3.0);
         assert!(m["mib_per_instance"].is_finite() && m["memfree_mib_per_instance"].is_finite());
         assert!(m["baseline_available_mib"] > 0.0);
-        let err = run("native", &ctx(), &["false".into()]).unwrap_err();
+        let err = run(&runner::native::CAPABILITIES, &ctx(), &["false".into()]).unwrap_err();
         assert!(err.contains("instance 1 of 3"), "{err}");
     }
 }

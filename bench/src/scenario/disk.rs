@@ -1,5 +1,5 @@
-//! The `disk` scenario's pieces: the scratch disk every box reads, the fio command line,
-//! and the numbers out of fio's JSON.
+//! `disk`: fio reading a scratch disk, O_DIRECT — the scenario, the scratch disk every
+//! box reads, the fio command line and the numbers out of fio's JSON.
 //!
 //! One file serves all boxes so they read the very same bytes: native opens it by its
 //! host path, containers get it bind-mounted read-only at `/mnt/disk0`, the VM gets it as
@@ -7,9 +7,72 @@
 //! zeros: an ext4 file whose blocks were never written has no extents, and reads of holes
 //! never reach the device.
 
-use std::collections::BTreeMap;
+use super::{output, Context, Guard, Metrics, Scenario};
+use crate::metric::{self, Metric};
+use crate::runner::{Capabilities, Guest};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use twinbox_spec::run_spec::DiskSpec;
+use twinbox_spec::{RunReport, RunSpec};
+
+/// Its name.
+pub const NAME: &str = "disk";
+
+/// The `disk` scenario.
+pub struct Disk;
+
+impl Scenario for Disk {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn description(&self) -> &'static str {
+        "fio, O_DIRECT, psync, queue depth 1: 4 KiB random reads, then 1 MiB \
+         sequential reads, 2 s each, over a 256 MiB file of random bytes that the \
+         bench writes once. Native reads the file, the container a read-only bind \
+         mount of it (`/mnt/disk0`), the VM a read-only virtio-blk disk (`/dev/vdb`). \
+         O_DIRECT skips the guest's page cache but not the host's: twinbox's \
+         virtio-blk reads the file with buffered I/O (as Firecracker does by \
+         default), so VM reads may be served from host memory where native and \
+         container reads go to the device."
+    }
+
+    fn workload(&self) -> Vec<String> {
+        fio_argv(DISK_PLACEHOLDER)
+    }
+
+    fn metrics(&self) -> &'static [Metric] {
+        &[metric::RANDREAD_4K_IOPS, metric::SEQREAD_1M_MIB_S]
+    }
+
+    fn sits_out(&self, caps: &Capabilities) -> Option<&'static str> {
+        if caps.guest == Guest::TinyOnly {
+            Some("boots only the tiny guest, not the image")
+        } else if caps.disk_at.is_none() {
+            Some("takes no extra disk")
+        } else {
+            None
+        }
+    }
+
+    fn prepare(&self, ctx: &Context) -> std::io::Result<Option<Guard>> {
+        Ok(Some(Box::new(ScratchDisk::create(&ctx.disk)?)))
+    }
+
+    fn adjust(&self, spec: &mut RunSpec, ctx: &Context, caps: &Capabilities) {
+        if let Some(at) = caps.disk_at {
+            spec.argv = fio_argv(&at.path_inside(&ctx.disk));
+        }
+        spec.disks = vec![DiskSpec {
+            path: ctx.disk.clone(),
+            read_only: true,
+        }];
+    }
+
+    fn extract(&self, report: &RunReport) -> Result<Metrics, String> {
+        parse_fio(output(report))
+    }
+}
 
 /// Size of the scratch disk.
 pub const DISK_BYTES: u64 = 256 << 20;
@@ -48,19 +111,9 @@ pub fn fio_argv(path: &str) -> Vec<String> {
     v
 }
 
-/// Where the scratch disk appears inside `box_name`.
-pub fn disk_path_in(box_name: &str, host_path: &Path) -> String {
-    match box_name {
-        "native" => host_path.display().to_string(),
-        "vm" => "/dev/vdb".into(),
-        // twinbox's container and the peer runtimes (which the bench gives the same bind).
-        _ => "/mnt/disk0".into(),
-    }
-}
-
 /// `randread_4k_iops` and `seqread_1m_mib_s` from fio's JSON, which may be preceded or
 /// followed by other output (a VM's console, fio's warnings).
-pub fn parse_fio(output: &str) -> Result<BTreeMap<String, f64>, String> {
+pub fn parse_fio(output: &str) -> Result<Metrics, String> {
     let start = output
         .find("{\n")
         .or_else(|| output.find('{'))
@@ -82,15 +135,13 @@ pub fn parse_fio(output: &str) -> Result<BTreeMap<String, f64>, String> {
             .filter(|x| *x > 0.0)
             .ok_or_else(|| format!("fio JSON: {what} missing or zero"))
     };
-    let mut out = BTreeMap::new();
-    out.insert(
-        "randread_4k_iops".into(),
-        number(&job("randread-4k")?["iops"], "randread-4k iops")?,
-    );
+    let iops = number(&job("randread-4k")?["iops"], "randread-4k iops")?;
     // fio's "bw" is KiB/s.
     let kib_s = number(&job("seqread-1m")?["bw"], "seqread-1m bw")?;
-    out.insert("seqread_1m_mib_s".into(), kib_s / 1024.0);
-    Ok(out)
+    Ok(Metrics::from([
+        (metric::RANDREAD_4K_IOPS.key.into(), iops),
+        (metric::SEQREAD_1M_MIB_S.key.into(), kib_s / 1024.0),
+    ]))
 }
 
 fn short(text: &str) -> String {
@@ -146,10 +197,12 @@ impl Drop for ScratchDisk {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::runner;
+    use crate::scenario::tests::ctx;
 
-    const FIO_JSON: &str = r#"{
+    pub(crate) const FIO_JSON: &str = r#"{
   "fio version" : "fio-3.33",
   "jobs" : [
     { "jobname" : "randread-4k", "read" : { "iops" : 5123.5, "bw" : 20494 } },
@@ -182,9 +235,26 @@ mod tests {
         assert!(v.contains(&"--readonly".to_string()));
         assert!(v.contains(&"--direct=1".to_string()));
         assert_eq!(v.iter().filter(|a| a.starts_with("--name=")).count(), 2);
-        assert_eq!(disk_path_in("vm", Path::new("/x")), "/dev/vdb");
-        assert_eq!(disk_path_in("native", Path::new("/x")), "/x");
-        assert_eq!(disk_path_in("runc", Path::new("/x")), "/mnt/disk0");
+    }
+
+    #[test]
+    fn each_box_reads_the_disk_where_it_has_it() {
+        let c = ctx();
+        let filename = |caps: &Capabilities| {
+            let spec = Disk.spec(&c, caps);
+            assert_eq!(spec.disks.len(), 1);
+            assert!(spec.disks[0].read_only);
+            assert_eq!(spec.disks[0].path, c.disk);
+            spec.argv
+                .into_iter()
+                .find_map(|a| a.strip_prefix("--filename=").map(String::from))
+                .unwrap()
+        };
+        assert_eq!(filename(&runner::native::CAPABILITIES), "/scratch.img");
+        assert_eq!(filename(&runner::vm::CAPABILITIES), "/dev/vdb");
+        assert_eq!(filename(&runner::container::CAPABILITIES), "/mnt/disk0");
+        assert_eq!(filename(&runner::PEER_RUNTIME), "/mnt/disk0");
+        assert_eq!(filename(&runner::peer_qemu::CAPABILITIES), "/dev/vdb");
     }
 
     #[test]

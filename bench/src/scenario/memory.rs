@@ -1,0 +1,65 @@
+//! `memory`: the host memory cost of one idle instance.
+
+use super::{argv, memory_kib, Metrics, Scenario};
+use crate::metric::{self, Metric};
+use crate::runner::Capabilities;
+use twinbox_spec::RunReport;
+
+/// Its name.
+pub const NAME: &str = "memory";
+
+/// The `memory` scenario.
+pub struct Memory;
+
+impl Scenario for Memory {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn description(&self) -> &'static str {
+        "Host memory cost of one idle instance running `sleep 1`: native = the \
+         process's peak RSS; vm = VMM peak RSS (guest RAM excluded) + guest memory \
+         touched; container = cgroup memory peak + runtime peak RSS."
+    }
+
+    fn workload(&self) -> Vec<String> {
+        argv(&["sleep", "1"])
+    }
+
+    fn metrics(&self) -> &'static [Metric] {
+        &[metric::HOST_MEMORY_MIB]
+    }
+
+    fn sits_out(&self, caps: &Capabilities) -> Option<&'static str> {
+        (!caps.memory_in_report).then_some(
+            "its instance's memory is not in what it reports (an outside process), so \
+             the figure would not be comparable",
+        )
+    }
+
+    fn extract(&self, report: &RunReport) -> Result<Metrics, String> {
+        let kib = memory_kib(report).ok_or("the box reported no memory usage")?;
+        Ok(Metrics::from([(
+            metric::HOST_MEMORY_MIB.key.into(),
+            kib as f64 / 1024.0,
+        )]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::tests::report;
+    use twinbox_spec::BoxKind;
+
+    #[test]
+    fn memory_cost_depends_on_the_box() {
+        let vm = Memory.extract(&report(BoxKind::Vm, "")).unwrap();
+        assert_eq!(vm["host_memory_mib"], 3.0);
+        let ctr = Memory.extract(&report(BoxKind::Container, "")).unwrap();
+        assert_eq!(ctr["host_memory_mib"], 2.5);
+        let mut none = report(BoxKind::Native, "");
+        none.usage.runtime_peak_rss_kib = None;
+        assert!(Memory.extract(&none).unwrap_err().contains("no memory"));
+    }
+}

@@ -1,0 +1,65 @@
+//! `startup`: `/bin/true`, spawn → workload exit → teardown, phase by phase.
+
+use super::{argv, ms_to, Metrics, Scenario};
+use crate::metric::{self, Metric};
+use crate::runner::{Capabilities, Guest};
+use twinbox_spec::{Phase, RunReport};
+
+/// Its name.
+pub const NAME: &str = "startup";
+
+/// The `startup` scenario.
+pub struct Startup;
+
+impl Scenario for Startup {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn description(&self) -> &'static str {
+        "`/bin/true` in each box: host-clock time from the run request (spawn) to the \
+         workload's exit and to the end of teardown, with every phase the box reports."
+    }
+
+    fn workload(&self) -> Vec<String> {
+        argv(&["/bin/true"])
+    }
+
+    fn metrics(&self) -> &'static [Metric] {
+        &[metric::TO_TORN_DOWN_MS, metric::TO_WORKLOAD_EXITED_MS]
+    }
+
+    fn sits_out(&self, caps: &Capabilities) -> Option<&'static str> {
+        (caps.guest == Guest::TinyOnly).then_some("boots only the tiny guest, not the image")
+    }
+
+    fn extract(&self, report: &RunReport) -> Result<Metrics, String> {
+        Ok(Metrics::from([
+            (
+                metric::TO_TORN_DOWN_MS.key.into(),
+                ms_to(report, Phase::TornDown)?,
+            ),
+            (
+                metric::TO_WORKLOAD_EXITED_MS.key.into(),
+                ms_to(report, Phase::WorkloadExited)?,
+            ),
+        ]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::tests::report;
+    use twinbox_spec::BoxKind;
+
+    #[test]
+    fn times_come_from_the_timeline() {
+        let m = Startup.extract(&report(BoxKind::Native, "")).unwrap();
+        assert_eq!(m["to_workload_exited_ms"], 2.0);
+        assert_eq!(m["to_torn_down_ms"], 3.5);
+        let mut r = report(BoxKind::Native, "");
+        r.timeline = twinbox_spec::Timeline::starting_at(1);
+        assert!(Startup.extract(&r).unwrap_err().contains("torn_down"));
+    }
+}

@@ -1,0 +1,85 @@
+//! `vmm`: the VMM alone, booting the tiny guest (no guest kernel), so its own cost is
+//! measured even where guest kernels crawl (PVM).
+
+use super::{memory_kib, ms_to, Metrics, Scenario};
+use crate::metric::{self, Metric};
+use crate::runner::{Capabilities, Guest};
+use twinbox_spec::{Phase, RunReport};
+
+/// Its name.
+pub const NAME: &str = "vmm";
+
+/// The `vmm` scenario.
+pub struct Vmm;
+
+impl Scenario for Vmm {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn description(&self) -> &'static str {
+        "The VMM's own cost, free of guest-kernel time: a 232-byte PVH guest that \
+         reports exit 0 on the marker port, asks for ACPI S5 power-off on port 0x600 \
+         (Cloud Hypervisor's shutdown port) and resets through the i8042; spawn → \
+         torn_down, and the host memory of that instance (VMM peak RSS over the \
+         bench's baseline + guest memory touched). Peers (QEMU microvm, Firecracker, \
+         Cloud Hypervisor) boot the same file, timed process start → exit (their RSS \
+         is sampled every 10 ms, a lower bound)."
+    }
+
+    fn workload(&self) -> Vec<String> {
+        vec!["(tiny PVH guest)".into()]
+    }
+
+    fn metrics(&self) -> &'static [Metric] {
+        &[
+            metric::TO_TORN_DOWN_MS,
+            metric::TO_WORKLOAD_EXITED_MS,
+            metric::HOST_MEMORY_MIB,
+        ]
+    }
+
+    fn sits_out(&self, caps: &Capabilities) -> Option<&'static str> {
+        (caps.guest == Guest::None).then_some("boots no guest: the tiny guest needs a VMM")
+    }
+
+    fn boots_tiny_guest(&self) -> bool {
+        true
+    }
+
+    fn extract(&self, report: &RunReport) -> Result<Metrics, String> {
+        let mut out = Metrics::from([
+            (
+                metric::TO_TORN_DOWN_MS.key.into(),
+                ms_to(report, Phase::TornDown)?,
+            ),
+            (
+                metric::TO_WORKLOAD_EXITED_MS.key.into(),
+                ms_to(report, Phase::WorkloadExited)?,
+            ),
+        ]);
+        // Optional: a peer that exited before its RSS was sampled has none.
+        if let Some(kib) = memory_kib(report) {
+            out.insert(metric::HOST_MEMORY_MIB.key.into(), kib as f64 / 1024.0);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::tests::report;
+    use twinbox_spec::BoxKind;
+
+    #[test]
+    fn memory_is_optional_for_peers() {
+        let tiny = Vmm.extract(&report(BoxKind::Vm, "")).unwrap();
+        assert_eq!(tiny["host_memory_mib"], 3.0);
+        let mut peer = report(BoxKind::Peer("qemu-microvm".into()), "");
+        peer.usage.runtime_peak_rss_kib = None;
+        let peer = Vmm.extract(&peer).unwrap();
+        assert!(!peer.contains_key("host_memory_mib"));
+        assert_eq!(peer["to_torn_down_ms"], 3.5);
+    }
+}
