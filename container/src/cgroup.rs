@@ -1,5 +1,12 @@
-//! One cgroup per run: limits (cpu quota, memory without swap, pids), membership, usage
-//! and OOM readout, removal.
+//! One cgroup per run: limits (cpu quota, memory without swap, pids), the device
+//! allowlist, membership, usage and OOM readout, removal.
+//!
+//! Devices: on v1 the devices controller denies everything (`devices.deny a`) and then
+//! allows only read and write of the nodes the plan binds into `/dev` plus devpts' ptmx
+//! and ptys, without `m`: no node can be created, and a node that exists anyway does not
+//! open. On cgroup v2 the same needs a BPF device program, which is not built: there the
+//! container relies on the absence of CAP_MKNOD and on `nodev` mounts, and the run says so
+//! in its notes ([`Layout::device_note`]).
 //!
 //! Written here rather than taken from `libcgroups`/`cgroups-rs`: this host is *hybrid*
 //! (v1 controllers under /sys/fs/cgroup/<ctrl> plus an empty cgroup2 at
@@ -19,20 +26,39 @@ pub const CPU_PERIOD_US: u64 = 100_000;
 pub enum Layout {
     /// cgroup2 mounted here with the controllers available.
     V2(PathBuf),
-    /// v1 hierarchies for cpu, memory, pids (hybrid hosts land here too: their cgroup2 is
-    /// empty).
+    /// v1 hierarchies for cpu, memory, pids and devices (hybrid hosts land here too: their
+    /// cgroup2 is empty).
     V1 {
+        /// The cpu controller's hierarchy.
         cpu: PathBuf,
+        /// The memory controller's hierarchy.
         memory: PathBuf,
+        /// The pids controller's hierarchy.
         pids: PathBuf,
+        /// The devices controller's hierarchy.
+        devices: PathBuf,
     },
+}
+
+impl Layout {
+    /// What a run on this layout must be told about its device confinement, if anything.
+    pub fn device_note(&self) -> Option<String> {
+        match self {
+            Layout::V1 { .. } => None,
+            Layout::V2(_) => Some(
+                "cgroup v2: no device allowlist (the BPF device program is not built); devices \
+                 are confined only by the dropped CAP_MKNOD and nodev mounts"
+                    .into(),
+            ),
+        }
+    }
 }
 
 /// Finds the layout from a `/proc/self/mountinfo` text. A cgroup2 mount is used when it is
 /// at `/sys/fs/cgroup` (pure v2); otherwise every needed v1 controller must be mounted.
 pub fn detect(mountinfo: &str) -> Result<Layout, Error> {
     let mut v2 = None;
-    let (mut cpu, mut memory, mut pids) = (None, None, None);
+    let (mut cpu, mut memory, mut pids, mut devices) = (None, None, None, None);
     for line in mountinfo.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
         let Some(sep) = fields.iter().position(|f| *f == "-") else {
@@ -51,6 +77,7 @@ pub fn detect(mountinfo: &str) -> Result<Layout, Error> {
                         "cpu" => cpu = Some(PathBuf::from(point)),
                         "memory" => memory = Some(PathBuf::from(point)),
                         "pids" => pids = Some(PathBuf::from(point)),
+                        "devices" => devices = Some(PathBuf::from(point)),
                         _ => {}
                     }
                 }
@@ -61,14 +88,24 @@ pub fn detect(mountinfo: &str) -> Result<Layout, Error> {
     if let Some(root) = v2 {
         return Ok(Layout::V2(root));
     }
-    match (cpu, memory, pids) {
-        (Some(cpu), Some(memory), Some(pids)) => Ok(Layout::V1 { cpu, memory, pids }),
-        (cpu, memory, pids) => {
-            let missing: Vec<&str> = [("cpu", cpu), ("memory", memory), ("pids", pids)]
-                .into_iter()
-                .filter(|(_, p)| p.is_none())
-                .map(|(n, _)| n)
-                .collect();
+    match (cpu, memory, pids, devices) {
+        (Some(cpu), Some(memory), Some(pids), Some(devices)) => Ok(Layout::V1 {
+            cpu,
+            memory,
+            pids,
+            devices,
+        }),
+        (cpu, memory, pids, devices) => {
+            let missing: Vec<&str> = [
+                ("cpu", cpu),
+                ("memory", memory),
+                ("pids", pids),
+                ("devices", devices),
+            ]
+            .into_iter()
+            .filter(|(_, p)| p.is_none())
+            .map(|(n, _)| n)
+            .collect();
             Err(Error::CgroupLayout(format!(
                 "no cgroup2 at /sys/fs/cgroup and no v1 hierarchy for {}",
                 missing.join(", ")
@@ -77,31 +114,101 @@ pub fn detect(mountinfo: &str) -> Result<Layout, Error> {
     }
 }
 
-/// The limits of one run, as the values the kernel files take.
+/// One rule of the device allowlist: read and write of a character device (never `m`,
+/// mknod), a whole major when `minor` is None.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceRule {
+    /// The device's major number.
+    pub major: u32,
+    /// The device's minor number, or every minor.
+    pub minor: Option<u32>,
+}
+
+impl std::fmt::Display for DeviceRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.minor {
+            Some(minor) => write!(f, "c {}:{minor} rw", self.major),
+            None => write!(f, "c {}:* rw", self.major),
+        }
+    }
+}
+
+/// devpts of the container: its `ptmx` (5:2) and the Unix98 pty slaves (major 136).
+pub const DEVPTS_RULES: [DeviceRule; 2] = [
+    DeviceRule {
+        major: 5,
+        minor: Some(2),
+    },
+    DeviceRule {
+        major: 136,
+        minor: None,
+    },
+];
+
+/// The allowlist for nodes bound from `dev` (the host's `/dev`) under `names`, plus
+/// devpts: the numbers are read from the nodes themselves, so the rules admit exactly
+/// what the plan binds.
+pub fn device_allowlist(dev: &Path, names: &[&str]) -> Result<Vec<DeviceRule>, Error> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut rules = Vec::new();
+    for name in names {
+        let path = dev.join(name);
+        let meta =
+            fs::metadata(&path).map_err(|e| Error::os(format!("stat {}", path.display()), e))?;
+        if !meta.file_type().is_char_device() {
+            return Err(Error::Setup(format!(
+                "{} is not a character device",
+                path.display()
+            )));
+        }
+        rules.push(DeviceRule {
+            major: libc::major(meta.rdev()),
+            minor: Some(libc::minor(meta.rdev())),
+        });
+    }
+    rules.extend(DEVPTS_RULES);
+    Ok(rules)
+}
+
+/// The limits of one run, as the values the kernel files take.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// CFS quota per [`CPU_PERIOD_US`].
     pub cpu_quota_us: u64,
+    /// Memory limit (swap is held at zero beside it).
     pub memory_bytes: u64,
+    /// Most tasks at once, if limited.
     pub pids: Option<u32>,
+    /// The devices the container may open (v1; see the module doc for v2).
+    pub devices: Vec<DeviceRule>,
 }
 
 impl Limits {
-    /// From `--cpus` (a fraction of CPUs), `--memory` MiB and `--pids`.
+    /// From `--cpus` (a fraction of CPUs), `--memory` MiB and `--pids`, with no device
+    /// allowed (add them with [`Limits::with_devices`]).
     pub fn new(cpus: f64, memory_mib: u32, pids: Option<u32>) -> Self {
         Self {
             // At least 1 ms: the kernel refuses smaller quotas.
             cpu_quota_us: ((cpus * CPU_PERIOD_US as f64).round() as u64).max(1000),
             memory_bytes: u64::from(memory_mib) * 1024 * 1024,
             pids,
+            devices: Vec::new(),
         }
+    }
+
+    /// The same limits with `devices` as the allowlist.
+    pub fn with_devices(mut self, devices: Vec<DeviceRule>) -> Self {
+        self.devices = devices;
+        self
     }
 }
 
 /// What the cgroup saw of the run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Peak memory use, KiB.
     pub memory_peak_kib: Option<u64>,
+    /// The OOM killer struck in the cgroup.
     pub oom_killed: bool,
 }
 
@@ -144,7 +251,7 @@ fn mkdir(path: &Path) -> Result<(), Error> {
 }
 
 /// Kills every task listed in `procs` until it is empty, then removes `dir`.
-fn kill_and_remove(dir: &Path) -> Result<(), Error> {
+pub(crate) fn kill_and_remove(dir: &Path) -> Result<(), Error> {
     if !dir.exists() {
         return Ok(());
     }
@@ -186,6 +293,7 @@ pub struct V1 {
     cpu: PathBuf,
     memory: PathBuf,
     pids: PathBuf,
+    devices: PathBuf,
     removed: bool,
 }
 
@@ -202,15 +310,26 @@ pub fn create(
     limits: Limits,
 ) -> Result<Box<dyn CgroupManager>, Error> {
     match layout {
-        Layout::V1 { cpu, memory, pids } => {
+        Layout::V1 {
+            cpu,
+            memory,
+            pids,
+            devices,
+        } => {
             let mut group = V1 {
                 cpu: cpu.join(name),
                 memory: memory.join(name),
                 pids: pids.join(name),
+                devices: devices.join(name),
                 removed: false,
             };
             // Drop removes whatever was made if a step fails.
-            for dir in [group.cpu.clone(), group.memory.clone(), group.pids.clone()] {
+            for dir in [
+                group.cpu.clone(),
+                group.memory.clone(),
+                group.pids.clone(),
+                group.devices.clone(),
+            ] {
                 if let Err(e) = mkdir(&dir) {
                     group.destroy()?;
                     return Err(e);
@@ -237,6 +356,11 @@ pub fn create(
                 let _ = fs::write(group.memory.join("memory.swappiness"), "0");
                 if let Some(pids) = limits.pids {
                     write(&group.pids.join("pids.max"), &pids.to_string())?;
+                }
+                // Deny first, then allow: the cgroup never admits more than the list.
+                write(&group.devices.join("devices.deny"), "a")?;
+                for rule in &limits.devices {
+                    write(&group.devices.join("devices.allow"), &rule.to_string())?;
                 }
                 Ok(())
             };
@@ -292,7 +416,8 @@ pub fn create(
 
 impl CgroupManager for V1 {
     fn add(&self, pid: i32) -> Result<(), Error> {
-        for dir in [&self.cpu, &self.memory, &self.pids] {
+        // devices first: the child is never outside its allowlist while in the others.
+        for dir in [&self.devices, &self.cpu, &self.memory, &self.pids] {
             write(&dir.join("cgroup.procs"), &pid.to_string())?;
         }
         Ok(())
@@ -317,7 +442,7 @@ impl CgroupManager for V1 {
         }
         // The pids hierarchy lists every task; killing them empties the others too.
         let mut first = Ok(());
-        for dir in [&self.pids, &self.memory, &self.cpu] {
+        for dir in [&self.pids, &self.memory, &self.cpu, &self.devices] {
             if let Err(e) = kill_and_remove(dir) {
                 if first.is_ok() {
                     first = Err(e);
@@ -381,6 +506,7 @@ mod tests {
 32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
 33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
 35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+36 31 0:33 / /sys/fs/cgroup/devices rw,relatime - cgroup cgroup rw,devices
 39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 ";
@@ -393,8 +519,10 @@ mod tests {
                 cpu: "/sys/fs/cgroup/cpu".into(),
                 memory: "/sys/fs/cgroup/memory".into(),
                 pids: "/sys/fs/cgroup/pids".into(),
+                devices: "/sys/fs/cgroup/devices".into(),
             }
         );
+        assert_eq!(detect(HYBRID).unwrap().device_note(), None);
     }
 
     #[test]
@@ -402,19 +530,25 @@ mod tests {
         let comounted =
             "32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n\
                          35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n\
+                         36 31 0:33 / /sys/fs/cgroup/devices rw - cgroup cgroup rw,devices\n\
                          39 31 0:36 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n";
         assert!(
             matches!(detect(comounted).unwrap(), Layout::V1 { cpu, .. } if cpu == Path::new("/sys/fs/cgroup/cpu,cpuacct"))
         );
         let v2 = "30 23 0:27 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(detect(v2).unwrap(), Layout::V2("/sys/fs/cgroup".into()));
+        let note = detect(v2)
+            .unwrap()
+            .device_note()
+            .expect("v2 says it has no allowlist");
+        assert!(note.contains("no device allowlist"), "{note}");
     }
 
     #[test]
     fn missing_controllers_are_named() {
         let only_cpu = "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
         let err = detect(only_cpu).unwrap_err().to_string();
-        assert!(err.contains("memory, pids"), "{err}");
+        assert!(err.contains("memory, pids, devices"), "{err}");
         assert!(detect("").is_err());
     }
 
@@ -426,6 +560,17 @@ mod tests {
         assert_eq!(l.pids, Some(20));
         assert_eq!(Limits::new(2.0, 128, None).cpu_quota_us, 200_000);
         assert_eq!(Limits::new(0.001, 128, None).cpu_quota_us, 1000);
+    }
+
+    #[test]
+    fn device_rules_read_and_write_only_never_mknod() {
+        let rules = device_allowlist(Path::new("/dev"), &["null", "zero"]).unwrap();
+        let text: Vec<String> = rules.iter().map(ToString::to_string).collect();
+        assert_eq!(text, ["c 1:3 rw", "c 1:5 rw", "c 5:2 rw", "c 136:* rw"]);
+        let err = device_allowlist(Path::new("/dev"), &["no-such-node"]).unwrap_err();
+        assert!(err.to_string().contains("/dev/no-such-node"), "{err}");
+        let err = device_allowlist(Path::new("/"), &["tmp"]).unwrap_err();
+        assert!(err.to_string().contains("not a character device"), "{err}");
     }
 
     #[test]

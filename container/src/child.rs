@@ -5,6 +5,13 @@
 //! multi-threaded). Progress and failures go to the parent over the close-on-exec status
 //! pipe as 8-byte records: `(READY, 0)` just before exec, `(step, errno)` on failure; the
 //! pipe closing without a failure record means init was executed.
+//!
+//! Dying with the parent: the child asks for SIGKILL on its parent's death first thing,
+//! and again after every credential change (the kernel clears the request on each, so
+//! with `--userns` a killed CLI used to leave the container running). A parent that died
+//! before a request took effect is caught by the pipes instead (`getppid` cannot tell: it
+//! is 0 in a new pid namespace): the child closes the parent's ends it inherited, so the
+//! release pipe reads EOF and the status pipe reports POLLERR once the parent is gone.
 
 use crate::plan::{Plan, Step};
 use std::ffi::CString;
@@ -26,6 +33,8 @@ pub const NO_NEW_PRIVS: u32 = 10;
 pub const EXEC_INIT: u32 = 11;
 pub const OUTPUT: u32 = 12;
 pub const BECOME_ROOT: u32 = 13;
+pub const PARENT_GONE: u32 = 14;
+pub const SECCOMP: u32 = 15;
 pub const FIRST_PLAN_STEP: u32 = 100;
 
 /// Names the failed step of a failure record.
@@ -44,6 +53,8 @@ pub fn describe(code: u32, plan: &Plan) -> String {
         EXEC_INIT => "exec /sbin/twinbox-init".into(),
         OUTPUT => "redirect output".into(),
         BECOME_ROOT => "become root of the user namespace".into(),
+        PARENT_GONE => "outlive the parent: it died during start-up".into(),
+        SECCOMP => "install the seccomp filter".into(),
         c if c >= FIRST_PLAN_STEP => plan
             .steps
             .get((c - FIRST_PLAN_STEP) as usize)
@@ -75,6 +86,11 @@ pub struct Prepared {
     pub caps_keep: [u32; 2],
     /// In a new user namespace: take uid/gid 0 of it once the parent wrote the maps.
     pub user_namespace: bool,
+    /// The parent's ends of the pipes, inherited by `clone`: closed first thing, so the
+    /// parent's death shows on the pipes.
+    pub parent_fds: Vec<RawFd>,
+    /// The seccomp filter, compiled by the parent; installed right before exec.
+    pub seccomp: Option<seccompiler::BpfProgram>,
 }
 
 fn errno() -> i32 {
@@ -97,7 +113,11 @@ pub fn main(p: &Prepared) -> isize {
     };
     // SAFETY: every call below is a plain syscall on data owned by `p` or the stack.
     unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        arm_parent_death_signal();
+        for fd in &p.parent_fds {
+            libc::close(*fd);
+        }
+        // EOF here means the parent died (our copy of the write end is closed above).
         let mut byte = 0u8;
         if libc::read(p.release_fd, (&mut byte as *mut u8).cast(), 1) != 1 {
             return fail(WAIT_RELEASE);
@@ -112,6 +132,10 @@ pub fn main(p: &Prepared) -> isize {
                 || libc::setresuid(0, 0, 0) != 0)
         {
             return fail(BECOME_ROOT);
+        }
+        // setresgid/setresuid cleared the parent-death signal.
+        if !rearm_and_check_parent(p.status_fd) {
+            return fail(PARENT_GONE);
         }
         // Now inside the run's cgroup: the cgroup namespace is rooted there.
         if libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
@@ -171,6 +195,51 @@ pub fn main(p: &Prepared) -> isize {
                         MOVE_MOUNT_F_EMPTY_PATH,
                     ) == 0
                 }
+                Step::Mask(path) => match file_type(path) {
+                    None => errno() == libc::ENOENT,
+                    Some(libc::S_IFDIR) => {
+                        libc::mount(
+                            c"tmpfs".as_ptr(),
+                            path.as_ptr(),
+                            c"tmpfs".as_ptr(),
+                            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                            std::ptr::null(),
+                        ) == 0
+                    }
+                    Some(_) => {
+                        libc::mount(
+                            c"/dev/null".as_ptr(),
+                            path.as_ptr(),
+                            none,
+                            libc::MS_BIND,
+                            std::ptr::null(),
+                        ) == 0
+                    }
+                },
+                Step::ReadOnly(path) => match file_type(path) {
+                    None => errno() == libc::ENOENT,
+                    Some(_) => {
+                        libc::mount(
+                            path.as_ptr(),
+                            path.as_ptr(),
+                            none,
+                            libc::MS_BIND | libc::MS_REC,
+                            std::ptr::null(),
+                        ) == 0
+                            && libc::mount(
+                                none,
+                                path.as_ptr(),
+                                none,
+                                libc::MS_BIND
+                                    | libc::MS_REMOUNT
+                                    | libc::MS_RDONLY
+                                    | libc::MS_NOSUID
+                                    | libc::MS_NODEV
+                                    | libc::MS_NOEXEC,
+                                std::ptr::null(),
+                            ) == 0
+                    }
+                },
             };
             if !ok {
                 return fail(FIRST_PLAN_STEP + i as u32);
@@ -233,12 +302,53 @@ pub fn main(p: &Prepared) -> isize {
         if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) != 0 {
             return fail(CAPABILITIES);
         }
+        // capset is a credential change too; re-arming is cheap and keeps the rule simple.
+        if !rearm_and_check_parent(p.status_fd) {
+            return fail(PARENT_GONE);
+        }
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             return fail(NO_NEW_PRIVS);
+        }
+        // Last before exec: from here on only what the filter allows, exec included.
+        if let Some(filter) = &p.seccomp {
+            if seccompiler::apply_filter(filter).is_err() {
+                return fail(SECCOMP);
+            }
         }
         report(p.status_fd, READY, 0);
         libc::execve(p.init.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr());
         fail(EXEC_INIT)
+    }
+}
+
+/// Asks for SIGKILL when the parent dies (and with it, as PID 1, the whole container).
+unsafe fn arm_parent_death_signal() {
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+}
+
+/// Re-arms the parent-death signal after a credential change cleared it, then checks the
+/// parent did not die in between: the status pipe's write end reports POLLERR once its
+/// only reader, the parent, is gone.
+unsafe fn rearm_and_check_parent(status_fd: RawFd) -> bool {
+    // SAFETY: prctl with integer arguments; poll of one pollfd on the stack.
+    unsafe {
+        arm_parent_death_signal();
+        let mut pfd = libc::pollfd {
+            fd: status_fd,
+            events: 0,
+            revents: 0,
+        };
+        libc::poll(&mut pfd, 1, 0) >= 0 && pfd.revents & libc::POLLERR == 0
+    }
+}
+
+/// The `S_IFMT` bits of `path`, or None (errno set) when it cannot be stat'ed.
+unsafe fn file_type(path: &CString) -> Option<libc::mode_t> {
+    // SAFETY: stat into a zeroed struct on the stack.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        (libc::stat(path.as_ptr(), &mut st) == 0).then_some(st.st_mode & libc::S_IFMT)
     }
 }
 

@@ -6,6 +6,7 @@
 mod caps;
 pub mod cgroup;
 mod child;
+mod detached;
 mod error;
 pub mod image;
 pub mod interrupt;

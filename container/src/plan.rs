@@ -1,13 +1,45 @@
 //! The filesystem of the container as data: every mount, directory, device node bind and
 //! symlink the child makes under a staging directory before `pivot_root`. Built (and
 //! every C string allocated) in the parent, so the child after `clone` only walks it.
+//!
+//! The lockdown follows runc's default spec: the [`MASKED`] paths of `/proc` and `/sys`
+//! are hidden, the [`READ_ONLY`] ones cannot be written (a sysctl write checks only the
+//! euid, and container root is host root without `--userns`), and every mount is `nodev`
+//! except the bound device nodes themselves and devpts: a node the workload manages to
+//! create anywhere cannot be opened.
 
 use std::ffi::CString;
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
-use twinbox_spec::DiskSpec;
 
-/// Host device nodes bind-mounted into the container's `/dev`.
+/// Host device nodes bind-mounted into the container's `/dev` (the cgroup's device
+/// allowlist admits exactly these, plus devpts' ptmx and ptys).
 pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+/// runc's masked paths: `/dev/null` is bound over a file, an empty read-only tmpfs over a
+/// directory; a path this kernel does not have is skipped.
+pub const MASKED: [&str; 9] = [
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+];
+
+/// runc's read-only paths: bound onto themselves, then remounted read-only; a path this
+/// kernel does not have is skipped.
+pub const READ_ONLY: [&str; 6] = [
+    "/proc/asound",
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
 
 /// Where extra disk `n` appears inside the container: `/mnt/disk<n>` (a bind mount of the
 /// host file, read-only for `:ro`), mirroring `/dev/vdb...` in the VM.
@@ -18,6 +50,7 @@ pub fn disk_path(n: usize) -> String {
 /// One step of the plan.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
+    /// `mount(2)` with these arguments (an empty string stands for NULL).
     Mount {
         source: CString,
         target: CString,
@@ -29,30 +62,17 @@ pub enum Step {
     Mkdir(CString),
     /// Empty file to bind a device or disk onto (an existing one is fine).
     Touch(CString),
-    Symlink {
-        target: CString,
-        link: CString,
-    },
-    /// `move_mount` of a detached mount (an fd the parent made with `fsmount`) onto
-    /// `target`: how the image gets in under `--userns`, where ext4 cannot be mounted.
-    Attach {
-        fd: std::os::fd::RawFd,
-        target: CString,
-    },
-}
-
-/// Where the read-only image layer comes from.
-#[derive(Clone, Copy, Debug)]
-pub enum Lower<'a> {
-    /// Mount this block device as ext4 (the default path, host user namespace).
-    Device(&'a Path),
-    /// Attach this detached, already mounted ext4 (`--userns`); the extra disks are
-    /// attached from these detached binds too (one per disk, in order, read-only already
-    /// where asked).
-    Detached {
-        image: std::os::fd::RawFd,
-        disks: &'a [std::os::fd::RawFd],
-    },
+    /// `link` pointing at `target` (an existing one is fine).
+    Symlink { target: CString, link: CString },
+    /// `move_mount` of a detached mount (an fd the parent made, `detached.rs`) onto
+    /// `target`: how the image and the extra disks get in.
+    Attach { fd: RawFd, target: CString },
+    /// Hide this path: `/dev/null` over a file, an empty read-only tmpfs over a directory;
+    /// skipped when the path does not exist.
+    Mask(CString),
+    /// Bind this path onto itself and remount it read-only (keeping nosuid, nodev,
+    /// noexec); skipped when the path does not exist.
+    ReadOnly(CString),
 }
 
 fn c(s: impl AsRef<str>) -> CString {
@@ -75,59 +95,22 @@ fn mount(source: &str, target: String, fstype: &str, flags: libc::c_ulong, data:
     }
 }
 
-fn bind(source: &str, target: String, read_only: bool) -> Vec<Step> {
-    let mut steps = vec![mount(source, target.clone(), "", libc::MS_BIND, "")];
-    if read_only {
-        steps.push(mount(
-            "",
-            target,
-            "",
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-            "",
-        ));
-    }
-    steps
-}
-
 /// The plan and where the new root ends up.
 #[derive(Debug)]
 pub struct Plan {
+    /// In order; the child stops at the first that fails.
     pub steps: Vec<Step>,
     /// The directory to `pivot_root` into.
     pub new_root: CString,
 }
 
 /// Plans the container's filesystem under `staging` (an empty host directory) from the
-/// loop device holding the image and the extra disks.
-pub fn build(staging: &Path, loop_device: &Path, disks: &[DiskSpec]) -> Result<Plan, String> {
-    build_with(staging, Lower::Device(loop_device), disks)
-}
-
-/// [`build`] with the image layer given as a [`Lower`].
-pub fn build_with(staging: &Path, lower: Lower<'_>, disks: &[DiskSpec]) -> Result<Plan, String> {
-    let device = match lower {
-        Lower::Device(d) => Some(d),
-        Lower::Detached { disks: fds, .. } => {
-            if fds.len() != disks.len() {
-                return Err(format!(
-                    "{} disks but {} detached binds",
-                    disks.len(),
-                    fds.len()
-                ));
-            }
-            None
-        }
-    };
-    for path in [staging]
-        .into_iter()
-        .chain(device)
-        .chain(disks.iter().map(|d| d.path.as_path()))
-    {
-        if p(path).contains('\0') {
-            return Err(format!("path {path:?} contains a NUL byte"));
-        }
-    }
+/// detached mount of the image and one detached bind per extra disk, in order.
+pub fn build(staging: &Path, image: RawFd, disks: &[RawFd]) -> Result<Plan, String> {
     let s = p(staging);
+    if s.contains('\0') {
+        return Err(format!("path {staging:?} contains a NUL byte"));
+    }
     let root = format!("{s}/root");
     let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
     let mut steps = vec![
@@ -137,24 +120,17 @@ pub fn build_with(staging: &Path, lower: Lower<'_>, disks: &[DiskSpec]) -> Resul
         Step::Mkdir(c(format!("{s}/upper"))),
         Step::Mkdir(c(format!("{s}/work"))),
         Step::Mkdir(c(&root)),
-        match lower {
-            Lower::Device(device) => mount(
-                &p(device),
-                format!("{s}/lower"),
-                "ext4",
-                libc::MS_RDONLY,
-                "",
-            ),
-            Lower::Detached { image, .. } => Step::Attach {
-                fd: image,
-                target: c(format!("{s}/lower")),
-            },
+        Step::Attach {
+            fd: image,
+            target: c(format!("{s}/lower")),
         },
+        // Not nosuid: set-id programs of the image behave as in any container (and gain
+        // nothing under no_new_privs); nodev: no device node of the image opens.
         mount(
             "overlay",
             root.clone(),
             "overlay",
-            0,
+            libc::MS_NODEV,
             &format!("lowerdir={s}/lower,upperdir={s}/upper,workdir={s}/work"),
         ),
     ];
@@ -168,20 +144,19 @@ pub fn build_with(staging: &Path, lower: Lower<'_>, disks: &[DiskSpec]) -> Resul
         nosuid_nodev | libc::MS_NOEXEC,
         "",
     ));
+    // nodev: a node made here does not open; the bound nodes are mounts of their own and
+    // keep the flags of the host's /dev.
     steps.push(mount(
         "tmpfs",
         format!("{root}/dev"),
         "tmpfs",
-        libc::MS_NOSUID | libc::MS_STRICTATIME,
+        nosuid_nodev | libc::MS_NOEXEC | libc::MS_STRICTATIME,
         "mode=0755,size=65536k",
     ));
     for dev in DEVICES {
-        steps.push(Step::Touch(c(format!("{root}/dev/{dev}"))));
-        steps.extend(bind(
-            &format!("/dev/{dev}"),
-            format!("{root}/dev/{dev}"),
-            false,
-        ));
+        let target = format!("{root}/dev/{dev}");
+        steps.push(Step::Touch(c(&target)));
+        steps.push(mount(&format!("/dev/{dev}"), target, "", libc::MS_BIND, ""));
     }
     steps.push(Step::Mkdir(c(format!("{root}/dev/pts"))));
     steps.push(Step::Mkdir(c(format!("{root}/dev/shm"))));
@@ -235,17 +210,20 @@ pub fn build_with(staging: &Path, lower: Lower<'_>, disks: &[DiskSpec]) -> Resul
     if !disks.is_empty() {
         steps.push(Step::Mkdir(c(format!("{root}/mnt"))));
     }
-    for (n, disk) in disks.iter().enumerate() {
+    for (n, fd) in disks.iter().enumerate() {
         let target = format!("{root}{}", disk_path(n));
         steps.push(Step::Touch(c(&target)));
-        match lower {
-            Lower::Detached { disks: fds, .. } => steps.push(Step::Attach {
-                fd: fds[n],
-                target: c(target),
-            }),
-            Lower::Device(_) => steps.extend(bind(&p(&disk.path), target, disk.read_only)),
-        }
+        steps.push(Step::Attach {
+            fd: *fd,
+            target: c(target),
+        });
     }
+    steps.extend(MASKED.iter().map(|m| Step::Mask(c(format!("{root}{m}")))));
+    steps.extend(
+        READ_ONLY
+            .iter()
+            .map(|r| Step::ReadOnly(c(format!("{root}{r}")))),
+    );
     Ok(Plan {
         steps,
         new_root: c(root),
@@ -266,7 +244,9 @@ impl Step {
             Step::Mkdir(path) => format!("mkdir {}", s(path)),
             Step::Touch(path) => format!("create {}", s(path)),
             Step::Symlink { target, link } => format!("symlink {} -> {}", s(link), s(target)),
-            Step::Attach { target, .. } => format!("attach the image (ext4) on {}", s(target)),
+            Step::Attach { target, .. } => format!("attach a detached mount on {}", s(target)),
+            Step::Mask(path) => format!("mask {}", s(path)),
+            Step::ReadOnly(path) => format!("make {} read-only", s(path)),
         }
     }
 }
@@ -294,26 +274,35 @@ mod tests {
             .collect()
     }
 
+    fn position(plan: &Plan, wanted: &Step) -> usize {
+        plan.steps
+            .iter()
+            .position(|s| s == wanted)
+            .unwrap_or_else(|| panic!("{wanted:?} not in the plan"))
+    }
+
     #[test]
-    fn overlay_over_read_only_image_then_api_filesystems() {
-        let plan = build(Path::new("/tmp/s"), Path::new("/dev/loop7"), &[]).unwrap();
+    fn overlay_over_the_detached_image_then_api_filesystems() {
+        let plan = build(Path::new("/tmp/s"), 7, &[]).unwrap();
         let t = targets(&plan);
         assert_eq!(t[0], "tmpfs:/tmp/s");
-        assert_eq!(t[1], "ext4:/tmp/s/lower");
-        assert_eq!(t[2], "overlay:/tmp/s/root");
+        assert_eq!(t[1], "overlay:/tmp/s/root");
+        assert_eq!(
+            plan.steps[5],
+            Step::Attach {
+                fd: 7,
+                target: c("/tmp/s/lower")
+            }
+        );
         let pos = |x: &str| {
             t.iter()
                 .position(|m| m == x)
                 .unwrap_or_else(|| panic!("{x} in {t:?}"))
         };
-        assert!(pos("proc:/tmp/s/root/proc") > 2);
+        assert!(pos("proc:/tmp/s/root/proc") > 1);
         assert!(pos("devpts:/tmp/s/root/dev/pts") > pos("tmpfs:/tmp/s/root/dev"));
         pos("sysfs:/tmp/s/root/sys");
         assert_eq!(plan.new_root.to_str().unwrap(), "/tmp/s/root");
-        let ext4 = &plan.steps[5];
-        assert!(
-            matches!(ext4, Step::Mount { flags, source, .. } if flags & libc::MS_RDONLY != 0 && source.to_str() == Ok("/dev/loop7"))
-        );
         let sys = plan
             .steps
             .iter()
@@ -326,70 +315,76 @@ mod tests {
     }
 
     #[test]
-    fn disks_are_bound_under_mnt_read_only_when_asked() {
-        let disks = vec![
-            DiskSpec {
-                path: "/data/a.img".into(),
-                read_only: false,
-            },
-            DiskSpec {
-                path: "/data/b.img".into(),
-                read_only: true,
-            },
-        ];
-        let plan = build(Path::new("/s"), Path::new("/dev/loop0"), &disks).unwrap();
-        let binds: Vec<&Step> = plan
+    fn every_mount_is_nodev_but_the_bound_nodes_and_devpts() {
+        let plan = build(Path::new("/s"), 3, &[4]).unwrap();
+        let mut exempt = Vec::new();
+        for step in &plan.steps {
+            let Step::Mount {
+                source,
+                target,
+                fstype,
+                flags,
+                ..
+            } = step
+            else {
+                continue;
+            };
+            let source = source.to_string_lossy();
+            let bound_node =
+                *flags == libc::MS_BIND && DEVICES.iter().any(|d| source == format!("/dev/{d}"));
+            if bound_node || fstype.to_str() == Ok("devpts") {
+                exempt.push(target.to_string_lossy().into_owned());
+                continue;
+            }
+            assert_ne!(flags & libc::MS_NODEV, 0, "{step:?} lacks nodev");
+        }
+        assert_eq!(exempt.len(), DEVICES.len() + 1, "{exempt:?}");
+        assert!(exempt.iter().all(|t| t.starts_with("/s/root/dev/")));
+    }
+
+    #[test]
+    fn runc_masked_and_read_only_paths_come_after_proc_and_sys() {
+        let plan = build(Path::new("/s"), 3, &[]).unwrap();
+        let sys = plan
             .steps
             .iter()
-            .filter(|s| matches!(s, Step::Mount { target, .. } if target.to_string_lossy().contains("/mnt/disk")))
-            .collect();
-        assert_eq!(binds.len(), 3, "{binds:?}");
-        assert!(
-            matches!(binds[0], Step::Mount { source, flags, .. } if source.to_str() == Ok("/data/a.img") && *flags == libc::MS_BIND)
-        );
-        assert!(
-            matches!(binds[2], Step::Mount { flags, target, .. } if flags & libc::MS_RDONLY != 0 && target.to_str() == Ok("/s/root/mnt/disk1"))
+            .rposition(
+                |s| matches!(s, Step::Mount { fstype, .. } if fstype.to_str() == Ok("sysfs")),
+            )
+            .unwrap();
+        for path in [
+            "/proc/kcore",
+            "/proc/keys",
+            "/proc/sched_debug",
+            "/sys/firmware",
+        ] {
+            assert!(position(&plan, &Step::Mask(c(format!("/s/root{path}")))) > sys);
+        }
+        for path in ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"] {
+            assert!(position(&plan, &Step::ReadOnly(c(format!("/s/root{path}")))) > sys);
+        }
+        assert_eq!(
+            plan.steps
+                .iter()
+                .filter(|s| matches!(s, Step::Mask(_) | Step::ReadOnly(_)))
+                .count(),
+            MASKED.len() + READ_ONLY.len()
         );
     }
 
     #[test]
-    fn detached_image_is_attached_instead_of_mounted() {
-        let disks = vec![DiskSpec {
-            path: "/data/a.img".into(),
-            read_only: true,
-        }];
-        let lower = Lower::Detached {
-            image: 7,
-            disks: &[8],
-        };
-        let plan = build_with(Path::new("/s"), lower, &disks).unwrap();
-        assert_eq!(
-            plan.steps[5],
-            Step::Attach {
-                fd: 7,
-                target: c("/s/lower")
-            }
-        );
-        assert_eq!(
-            plan.steps.last(),
-            Some(&Step::Attach {
-                fd: 8,
-                target: c("/s/root/mnt/disk0")
-            })
-        );
-        let t = targets(&plan);
-        assert!(!t
-            .iter()
-            .any(|t| t.starts_with("ext4:") || t.contains("disk0")));
-        let lower = Lower::Detached {
-            image: 7,
-            disks: &[],
-        };
-        assert!(build_with(Path::new("/s"), lower, &disks).is_err());
+    fn disks_are_attached_under_mnt_in_order() {
+        let plan = build(Path::new("/s"), 7, &[8, 9]).unwrap();
+        for (n, fd) in [8, 9].into_iter().enumerate() {
+            let target = c(format!("/s/root/mnt/disk{n}"));
+            let touch = position(&plan, &Step::Touch(target.clone()));
+            assert!(position(&plan, &Step::Attach { fd, target }) > touch);
+        }
+        assert!(!targets(&plan).iter().any(|t| t.contains("/mnt/disk")));
     }
 
     #[test]
     fn nul_in_paths_is_refused() {
-        assert!(build(Path::new("/s\0x"), Path::new("/dev/loop0"), &[]).is_err());
+        assert!(build(Path::new("/s\0x"), 3, &[]).is_err());
     }
 }

@@ -3,7 +3,7 @@
 use crate::cgroup::{self, Limits};
 use crate::child::{self, Prepared};
 use crate::image::{self, LoopDevice};
-use crate::{caps, interrupt, plan, userns, Error};
+use crate::{caps, detached, interrupt, plan, userns, Error};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -120,10 +120,11 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
         RUNS.fetch_add(1, Ordering::SeqCst)
     );
     let cpus = spec.cpus.unwrap_or(f64::from(spec.vcpus));
+    let devices = cgroup::device_allowlist(std::path::Path::new("/dev"), &plan::DEVICES)?;
     let mut group = cgroup::create(
         &layout,
         &name,
-        Limits::new(cpus, spec.memory_mib, spec.pids_limit),
+        Limits::new(cpus, spec.memory_mib, spec.pids_limit).with_devices(devices),
     )?;
 
     let staging_path = plan::staging_dir(&name);
@@ -131,28 +132,16 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
         .map_err(|e| Error::os(format!("create {}", staging_path.display()), e))?;
     let staging = Staging(staging_path);
     let device = LoopDevice::attach(&spec.rootfs)?;
-    // --userns: the image is mounted here, as host root; the child attaches it.
-    let detached = match spec.user_namespace {
-        true => Some(userns::detached_ext4(&device.path)?),
-        false => None,
-    };
-    let detached_disks = match spec.user_namespace {
-        true => spec
-            .disks
-            .iter()
-            .map(|d| userns::detached_bind(&d.path))
-            .collect::<Result<Vec<_>, _>>()?,
-        false => Vec::new(),
-    };
-    let disk_fds: Vec<RawFd> = detached_disks.iter().map(|fd| fd.as_raw_fd()).collect();
-    let lower = match &detached {
-        Some(fd) => plan::Lower::Detached {
-            image: fd.as_raw_fd(),
-            disks: &disk_fds,
-        },
-        None => plan::Lower::Device(&device.path),
-    };
-    let plan = plan::build_with(&staging.0, lower, &spec.disks).map_err(Error::Setup)?;
+    // The image and the disks are mounted here, as host root, detached; the child
+    // attaches them (it could not open the loop device inside its device allowlist).
+    let image_mount = detached::ext4(&device.path)?;
+    let disk_mounts = spec
+        .disks
+        .iter()
+        .map(|d| detached::bind(&d.path, d.read_only))
+        .collect::<Result<Vec<_>, _>>()?;
+    let disk_fds: Vec<RawFd> = disk_mounts.iter().map(|fd| fd.as_raw_fd()).collect();
+    let plan = plan::build(&staging.0, image_mount.as_raw_fd(), &disk_fds).map_err(Error::Setup)?;
 
     let (release_r, release_w) = pipe()?;
     let (status_r, status_w) = pipe()?;
@@ -194,6 +183,12 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
         caps_to_drop: caps::to_drop(caps::last_cap()),
         caps_keep: caps::default_mask(),
         user_namespace: spec.user_namespace,
+        parent_fds: [&release_w, &status_r, &marker_r]
+            .into_iter()
+            .chain(output.as_ref().map(|(r, _)| r))
+            .map(|fd| fd.as_raw_fd())
+            .collect(),
+        seccomp: None,
     };
 
     let signals = interrupt::Guard::install();
@@ -235,23 +230,21 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
         r
     });
 
-    let mapped = match &detached {
-        Some(image) => {
+    let mapped = match spec.user_namespace {
+        true => {
             let mut mounts = vec![userns::Detached {
                 what: format!("the image mount of {}", spec.rootfs.display()),
-                fd: image,
-                read_only: true,
+                fd: &image_mount,
             }];
-            for (disk, fd) in spec.disks.iter().zip(&detached_disks) {
+            for (disk, fd) in spec.disks.iter().zip(&disk_mounts) {
                 mounts.push(userns::Detached {
                     what: format!("the bind of {}", disk.path.display()),
                     fd,
-                    read_only: disk.read_only,
                 });
             }
             userns::map(child.pid, &mounts)
         }
-        None => Ok(()),
+        false => Ok(()),
     };
     if let Err(e) = mapped.and_then(|()| group.add(child.pid)) {
         drop(child);
@@ -289,15 +282,15 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
     }
     timeline.record(Phase::GuestEntry, monotonic_ns());
     // The child attached its copy; ours must go for the loop device to clear.
-    drop(detached);
-    drop(detached_disks);
+    drop(image_mount);
+    drop(disk_mounts);
     // The mount now holds the image; the loop device clears itself when it goes.
     let loop_backing = PathBuf::from("/sys/block")
         .join(device.path.file_name().unwrap_or_default())
         .join("loop/backing_file");
     drop(device);
 
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = layout.device_note().into_iter().collect();
     let mut exit_marker = None;
     let mut captured = Vec::new();
     let started = Instant::now();

@@ -1,0 +1,154 @@
+//! The image and the extra disks as *detached* mounts, made by the parent (still host
+//! root, in the host's mount namespace) and attached by the child with `move_mount`.
+//!
+//! Why the parent and not the child: the child runs inside the run's cgroup, whose device
+//! allowlist (`cgroup.rs`) admits only the nodes bound into `/dev`, so the child could not
+//! open the loop device to mount it; and under `--userns` ext4 cannot be mounted from a
+//! user namespace at all (no `FS_USERNS_MOUNT`). A detached mount belongs to no mount
+//! namespace: if the parent dies before the child attached it, closing the fd unmounts it,
+//! so nothing reaches the host's mount table.
+
+use crate::Error;
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+const FSOPEN_CLOEXEC: libc::c_uint = 1;
+const FSCONFIG_SET_FLAG: libc::c_uint = 0;
+const FSCONFIG_SET_STRING: libc::c_uint = 1;
+const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+/// `MOUNT_ATTR_*` of `<linux/mount.h>`.
+pub(crate) const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub(crate) const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub(crate) const MOUNT_ATTR_NODEV: u64 = 0x4;
+pub(crate) const MOUNT_ATTR_IDMAP: u64 = 0x10_0000;
+
+/// `struct mount_attr` of `mount_setattr(2)`.
+#[repr(C)]
+pub(crate) struct MountAttr {
+    pub attr_set: u64,
+    pub attr_clr: u64,
+    pub propagation: u64,
+    pub userns_fd: u64,
+}
+
+fn last(what: String) -> Error {
+    Error::os(what, std::io::Error::last_os_error())
+}
+
+fn c_path(path: &Path) -> Result<CString, Error> {
+    CString::new(path.to_string_lossy().as_bytes())
+        .map_err(|_| Error::Setup(format!("{} contains a NUL byte", path.display())))
+}
+
+/// Sets mount attributes on the detached mount `fd` (what: for the error message).
+pub(crate) fn set_attr(fd: &OwnedFd, attr: &MountAttr, what: &str) -> Result<(), Error> {
+    // SAFETY: mount_setattr on our detached mount with a valid mount_attr of its size.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            attr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r != 0 {
+        return Err(last(what.to_owned()));
+    }
+    Ok(())
+}
+
+/// Mounts the ext4 image on `device` as a detached mount: read-only, `nodev`, `nosuid`
+/// (no device node or set-id file of the image works inside), close-on-exec.
+pub fn ext4(device: &Path) -> Result<OwnedFd, Error> {
+    let source = c_path(device)?;
+    // SAFETY: fsopen with a static C string; the fd is owned right after.
+    let fs = unsafe { libc::syscall(libc::SYS_fsopen, c"ext4".as_ptr(), FSOPEN_CLOEXEC) };
+    if fs < 0 {
+        return Err(last("fsopen ext4".into()));
+    }
+    // SAFETY: fsopen returned this fd and nothing else owns it.
+    let fs = unsafe { OwnedFd::from_raw_fd(fs as i32) };
+    let what = || format!("mount {} (ext4, detached)", device.display());
+    // SAFETY: fsconfig on our fs context with valid C strings / NULLs as the kernel expects.
+    let ok = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_SET_STRING,
+            c"source".as_ptr(),
+            source.as_ptr(),
+            0,
+        ) == 0
+            && libc::syscall(
+                libc::SYS_fsconfig,
+                fs.as_raw_fd(),
+                FSCONFIG_SET_FLAG,
+                c"ro".as_ptr(),
+                std::ptr::null::<libc::c_char>(),
+                0,
+            ) == 0
+            && libc::syscall(
+                libc::SYS_fsconfig,
+                fs.as_raw_fd(),
+                FSCONFIG_CMD_CREATE,
+                std::ptr::null::<libc::c_char>(),
+                std::ptr::null::<libc::c_char>(),
+                0,
+            ) == 0
+    };
+    if !ok {
+        return Err(last(what()));
+    }
+    // SAFETY: fsmount of our configured context.
+    let mnt = unsafe {
+        libc::syscall(
+            libc::SYS_fsmount,
+            fs.as_raw_fd(),
+            FSMOUNT_CLOEXEC,
+            (MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID) as libc::c_uint,
+        )
+    };
+    if mnt < 0 {
+        return Err(last(what()));
+    }
+    // SAFETY: fsmount returned this fd and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(mnt as i32) })
+}
+
+/// A detached bind of `path` (an extra disk file): `nodev`, `nosuid`, read-only when
+/// asked, close-on-exec.
+pub fn bind(path: &Path, read_only: bool) -> Result<OwnedFd, Error> {
+    let c = c_path(path)?;
+    // SAFETY: open_tree with a valid C string; the fd is owned right after.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(last(format!("bind {} (detached)", path.display())));
+    }
+    // SAFETY: open_tree returned this fd and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let rdonly = if read_only { MOUNT_ATTR_RDONLY } else { 0 };
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID | rdonly,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    set_attr(
+        &fd,
+        &attr,
+        &format!("set nodev,nosuid on the bind of {}", path.display()),
+    )?;
+    Ok(fd)
+}
