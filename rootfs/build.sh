@@ -4,7 +4,8 @@
 #
 # Contents: busybox-static (/bin/busybox + applet links), the static twinbox-init at
 # /sbin/twinbox-init (/sbin/init links to it), the static twinbox-microbench at
-# /usr/bin (also published beside the image, for native runs), a minimal /etc, /dev/console and /dev/null
+# /usr/bin (also published beside the image, for native runs), the static twinbox-probe
+# at /usr/bin (the lockdown tests' attacks), a minimal /etc, /dev/console and /dev/null
 # nodes (so the kernel can give PID 1 a console before devtmpfs is mounted), and the
 # benchmark tools (fio, sysbench) with the shared libraries they load.
 #
@@ -77,8 +78,9 @@ log "building twinbox-init (static)"
   -p twinbox-init --target x86_64-unknown-linux-gnu --target-dir "$cache/init-target")
 init_bin=$cache/init-target/x86_64-unknown-linux-gnu/release/twinbox-init
 microbench_bin=$cache/init-target/x86_64-unknown-linux-gnu/release/twinbox-microbench
-if ! file "$init_bin" "$microbench_bin" | grep -c static | grep -qx 2; then
-  echo "rootfs/build.sh: $init_bin or $microbench_bin is not statically linked" >&2
+probe_bin=$cache/init-target/x86_64-unknown-linux-gnu/release/twinbox-probe
+if ! file "$init_bin" "$microbench_bin" "$probe_bin" | grep -c static | grep -qx 3; then
+  echo "rootfs/build.sh: $init_bin, $microbench_bin or $probe_bin is not statically linked" >&2
   exit 1
 fi
 
@@ -98,6 +100,9 @@ ln -s twinbox-init "$staging/sbin/init"
 # published next to the image for the bench's native runs.
 install -m 0755 "$microbench_bin" "$staging/usr/bin/twinbox-microbench"
 strip --strip-all "$staging/usr/bin/twinbox-microbench"
+# One named attack per run, for the lockdown tests (rootfs/init/src/bin/twinbox-probe.rs).
+install -m 0755 "$probe_bin" "$staging/usr/bin/twinbox-probe"
+strip --strip-all "$staging/usr/bin/twinbox-probe"
 
 install -m 0755 /bin/busybox "$staging/bin/busybox"
 # Applet links at their usual places (bin/ls, usr/bin/awk, sbin/ifconfig); never replace
