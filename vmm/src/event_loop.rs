@@ -92,11 +92,6 @@ impl EventLoop {
             .clone()
     }
 
-    /// Stops the loop (waking it at once) and joins its thread.
-    pub fn stop_and_join(mut self) {
-        self.join();
-    }
-
     fn join(&mut self) {
         self.stop.store(true, Ordering::Release);
         let _ = self.wake.write(1);

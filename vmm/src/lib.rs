@@ -15,23 +15,26 @@
 //! 8. **teardown** — stop and join every thread, close the VM, unmap memory;
 //! 9. **report** — outcome from the WorkloadExited marker, timeline, usage, notes.
 
+// Public: what the CLI, the bench and vmm/tests use (see docs/ARCHITECTURE.md).
 pub mod boot;
-pub mod console;
 pub mod cpuid;
-pub mod devices;
-pub mod event_loop;
 pub mod interrupt;
 pub mod layout;
 pub mod machine;
 pub mod memory;
-pub mod mptable;
 pub mod regs;
-pub mod rootfs;
 pub mod smoke;
-pub mod usage;
 pub mod vcpu;
 
-use crate::boot::cmdline;
+// Internal: the details one module away from the story below.
+pub(crate) mod console;
+pub(crate) mod devices;
+pub(crate) mod event_loop;
+pub(crate) mod mptable;
+pub(crate) mod rootfs;
+pub(crate) mod usage;
+
+use crate::boot::cmdline::{self, KernelCmdline, VirtioMmioEntry};
 use crate::cpuid::Profile;
 use crate::machine::BootEntry;
 use crate::vcpu::{VcpuContext, VcpuStop, VcpuThread};
@@ -43,9 +46,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use twinbox_spec::clock::monotonic_ns;
-use twinbox_spec::proto::{ExitCode, Marker, MarkerChannel, MARKER_PORT};
+use twinbox_spec::guest_cmdline;
+use twinbox_spec::proto::{Marker, MarkerChannel, MARKER_PORT};
 use twinbox_spec::run_spec::OutputMode;
-use twinbox_spec::{BoxKind, Outcome, Phase, RunReport, RunSpec, SpecError, Timeline, Usage};
+use twinbox_spec::{BoxKind, MarkerLog, Phase, RunReport, RunSpec, SpecError, Usage};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -66,6 +70,8 @@ pub enum Error {
     MissingArtifact(String),
     #[error(transparent)]
     File(#[from] rootfs::FileError),
+    #[error(transparent)]
+    Image(#[from] twinbox_spec::image::ImageError),
     #[error(transparent)]
     Machine(#[from] machine::MachineError),
     #[error(transparent)]
@@ -94,8 +100,8 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
     run_until::<EventFd>(spec, None)
 }
 
-/// Like [`run`], but also stops (cleanly) when `stop` becomes readable — e.g. the eventfd
-/// of [`interrupt::Interrupt`].
+/// Like [`run`], but also stops (cleanly) when `stop` becomes readable — e.g. the fd of
+/// `twinbox_spec::interrupt::Interrupt`.
 ///
 /// `stop` is any pollable fd: an `EventFd`, or the `BorrowedFd` of
 /// `twinbox_spec::interrupt::Interrupt::fd`.
@@ -127,7 +133,7 @@ pub fn run_until<S: AsRawFd + ?Sized>(
     write_mptable(&guest_memory, spec.vcpus)?;
 
     // 5. Devices; the marker callback stamps phases on the vCPU thread that wrote them.
-    let guest = Arc::new(Mutex::new(GuestReports::new(spec.spawn_ns)));
+    let markers = Arc::new(Mutex::new(MarkerLog::new(spec.spawn_ns)));
     let captured = console::Captured::default();
     // Owns every thread besides this one from here on: any early return stops and joins
     // them (see `Running`).
@@ -147,7 +153,7 @@ pub fn run_until<S: AsRawFd + ?Sized>(
             rootfs: &spec.rootfs,
             disks: &spec.disks,
             console: console_out,
-            on_marker: marker_callback(guest.clone()),
+            on_marker: marker_callback(markers.clone()),
         },
     )?;
 
@@ -171,10 +177,8 @@ pub fn run_until<S: AsRawFd + ?Sized>(
         boot_info,
     };
     let vcpu_fds = machine::create_vcpus(&kvm, &vm, spec.vcpus, profile, entry)?;
-    guest
-        .lock()
-        .expect("guest reports")
-        .timeline
+    lock(&markers)
+        .timeline_mut()
         .record_now(Phase::SandboxReady);
 
     // A vCPU that stops on its own, or a dead event loop, ends the run through this.
@@ -190,14 +194,9 @@ pub fn run_until<S: AsRawFd + ?Sized>(
     let (reasons_tx, reasons) = channel();
     for (id, fd) in vcpu_fds.into_iter().enumerate() {
         let first_run: Option<Box<dyn FnOnce() + Send>> = (id == 0).then(|| {
-            let guest = guest.clone();
-            Box::new(move || {
-                guest
-                    .lock()
-                    .expect("guest reports")
-                    .timeline
-                    .record_now(Phase::GuestEntry)
-            }) as Box<dyn FnOnce() + Send>
+            let markers = markers.clone();
+            Box::new(move || lock(&markers).timeline_mut().record_now(Phase::GuestEntry))
+                as Box<dyn FnOnce() + Send>
         });
         let ctx = VcpuContext {
             id: id as u32,
@@ -234,19 +233,20 @@ pub fn run_until<S: AsRawFd + ?Sized>(
     drop(devices);
     drop(vm);
     drop(guest_memory);
-    let mut reports = Arc::try_unwrap(guest)
-        .map(|m| m.into_inner().expect("guest reports"))
-        .unwrap_or_else(|shared| shared.lock().expect("guest reports").clone());
+    let log = Arc::try_unwrap(markers)
+        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .unwrap_or_else(|shared| lock(&shared).clone());
     let stopped: Vec<VcpuStop> = reasons.try_iter().collect();
-    let outcome = outcome(&reports, ended, &stopped, event_loop_failure, limit);
-    reports.timeline.record_now(Phase::TornDown);
+    let mut finished = log.finish(|| why_it_ended(ended, &stopped, event_loop_failure, limit));
+    finished.timeline.record_now(Phase::TornDown);
+    notes.extend(finished.notes);
     let cpu_after = usage::cpu_times_us();
 
     // 9. The report.
     Ok(RunReport {
         box_kind: BoxKind::Vm,
-        outcome,
-        timeline: reports.timeline,
+        outcome: finished.outcome,
+        timeline: finished.timeline,
         output: (spec.output == OutputMode::Capture).then(|| captured.text()),
         usage: Usage {
             runtime_peak_rss_kib: peak.zip(guest_rss).map(|(p, g)| p.saturating_sub(g)),
@@ -305,7 +305,7 @@ impl Config {
         rootfs::check_openable("kernel", &kernel, false)?;
         boot::detect_format(&kernel)?;
         rootfs::check_openable("root filesystem", &spec.rootfs, false)?;
-        rootfs::check_ext4(&spec.rootfs)?;
+        twinbox_spec::image::check_ext4(&spec.rootfs)?;
         for disk in &spec.disks {
             rootfs::check_openable("disk", &disk.path, !disk.read_only)?;
         }
@@ -315,75 +315,57 @@ impl Config {
         Ok(Self {
             kernel,
             initrd: spec.initrd.clone(),
-            pvm: machine::host_is_pvm(),
+            pvm: twinbox_spec::host::is_pvm(),
         })
     }
 }
 
-/// What init told us through the marker device, stamped on arrival.
-#[derive(Clone)]
-struct GuestReports {
-    timeline: Timeline,
-    exit: Option<ExitCode>,
-    init_failed: Option<u32>,
-    bad_markers: u32,
+/// Locks the marker log; a panic elsewhere does not make its stamps unreadable.
+fn lock(markers: &Mutex<MarkerLog>) -> std::sync::MutexGuard<'_, MarkerLog> {
+    markers.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl GuestReports {
-    fn new(spawn_ns: u64) -> Self {
-        Self {
-            timeline: Timeline::starting_at(spawn_ns),
-            exit: None,
-            init_failed: None,
-            bad_markers: 0,
-        }
-    }
-}
-
-/// The marker device's callback: stamps the phase with the host clock, keeps the exit code.
+/// The marker device's callback: on the vCPU thread that wrote the marker, stamps it with
+/// the host clock into the run's one marker interpreter (`twinbox_spec::outcome`).
 fn marker_callback(
-    guest: Arc<Mutex<GuestReports>>,
+    markers: Arc<Mutex<MarkerLog>>,
 ) -> Box<dyn FnMut(Result<Marker, twinbox_spec::proto::MarkerError>) + Send> {
     Box::new(move |marker| {
         let now = monotonic_ns();
-        let mut g = guest.lock().expect("guest reports");
-        match marker {
-            Ok(m) => {
-                if let Some(phase) = Phase::from_marker(m.phase()) {
-                    g.timeline.record(phase, now);
-                }
-                match m {
-                    Marker::WorkloadExited(code) => g.exit = g.exit.or(Some(code)),
-                    Marker::InitFailed(errno) => g.init_failed = Some(errno),
-                    _ => {}
-                }
-            }
-            Err(e) => {
-                g.bad_markers += 1;
-                tracing::warn!("guest wrote a bad phase marker: {e}");
-            }
+        if let Err(e) = &marker {
+            tracing::warn!("guest wrote a bad phase marker: {e}");
         }
+        lock(&markers).record(marker, now);
     })
 }
 
-/// The kernel command line: base, job token, PVM options, the caller's extra, devices.
-fn kernel_cmdline(spec: &RunSpec, config: &Config, devices: &[String]) -> Result<String, Error> {
+/// The kernel command line: base, PVM options, devices, the caller's extra, job token.
+fn kernel_cmdline(
+    spec: &RunSpec,
+    config: &Config,
+    devices: &[VirtioMmioEntry],
+) -> Result<String, Error> {
     let mut job = spec.job();
     job.marker = MarkerChannel::Port(MARKER_PORT);
     job.overlay_root = true;
     job.power_off = true;
     let token = job.encode().map_err(|e| Error::Job(e.to_string()))?;
-    let job_arg = format!("{}={token}", twinbox_spec::proto::job::JOB_CMDLINE_KEY);
-    let mut parts: Vec<&str> = vec![cmdline::BASE];
+    let mut line = KernelCmdline::new();
+    line.push(guest_cmdline::BASE)?;
     if config.pvm {
-        parts.push(cmdline::PVM_EXTRA);
+        line.push(guest_cmdline::PVM_EXTRA)?;
     }
-    parts.extend(devices.iter().map(String::as_str));
-    parts.extend(spec.cmdline_extra.as_deref());
+    for device in devices {
+        line.push_virtio_mmio(*device)?;
+    }
+    line.push(spec.cmdline_extra.as_deref().unwrap_or_default())?;
     // The job goes last: init finds it by key, and a reader of the console sees the
     // devices first.
-    parts.push(&job_arg);
-    Ok(cmdline::build(&parts)?)
+    line.push(&format!(
+        "{}={token}",
+        twinbox_spec::proto::job::JOB_CMDLINE_KEY
+    ))?;
+    Ok(line.into_string()?)
 }
 
 fn write_mptable(memory: &memory::GuestMemoryMmap, vcpus: u32) -> Result<(), Error> {
@@ -461,49 +443,31 @@ fn wait_for_end<S: AsRawFd + ?Sized>(
     }
 }
 
-/// 9. The outcome: the workload's status from its marker; otherwise why the box failed.
-fn outcome(
-    guest: &GuestReports,
+/// 9. Why the box ended, for the outcome when the workload reported no exit (the marker
+///    log appends the last phase reached).
+fn why_it_ended(
     ended: Ended,
     stopped: &[VcpuStop],
     event_loop_failure: Option<String>,
     limit: Option<Duration>,
-) -> Outcome {
-    if let Some(code) = guest.exit {
-        return Outcome::from(code);
-    }
-    if let Some(errno) = guest.init_failed {
-        return Outcome::Failed(format!(
-            "twinbox-init failed before the workload could run (errno {errno}: {})",
-            std::io::Error::from_raw_os_error(errno as i32)
-        ));
-    }
-    let reached = guest
-        .timeline
-        .stamps
-        .iter()
-        .max_by_key(|s| s.phase)
-        .map_or("spawn", |s| s.phase.name());
-    let why = match ended {
+) -> String {
+    match ended {
         Ended::Reset => "the guest reset before the workload reported its exit".to_owned(),
         Ended::Stopped => "stopped by a signal".to_owned(),
         Ended::TimeLimit => format!(
             "time limit of {:.1} s reached",
             limit.unwrap_or_default().as_secs_f64()
         ),
-        Ended::VcpuStopped if stopped.is_empty() && event_loop_failure.is_some() => {
-            event_loop_failure.unwrap_or_default()
-        }
-        Ended::VcpuStopped => match stopped.first() {
-            Some(VcpuStop::TripleFault { vcpu }) => {
+        Ended::VcpuStopped => match (stopped.first(), event_loop_failure) {
+            (Some(VcpuStop::TripleFault { vcpu }), _) => {
                 format!("guest triple-faulted (vCPU {vcpu}): the kernel crashed early")
             }
-            Some(VcpuStop::SystemEvent { vcpu, kind }) => {
+            (Some(VcpuStop::SystemEvent { vcpu, kind }), _) => {
                 format!("guest asked for system event {kind} (vCPU {vcpu})")
             }
-            Some(VcpuStop::Failed { vcpu, details }) => format!("vCPU {vcpu}: {details}"),
-            Some(VcpuStop::Requested) | None => "a vCPU stopped".to_owned(),
+            (Some(VcpuStop::Failed { vcpu, details }), _) => format!("vCPU {vcpu}: {details}"),
+            (_, Some(failure)) => failure,
+            (Some(VcpuStop::Requested) | None, None) => "a vCPU stopped".to_owned(),
         },
-    };
-    Outcome::Failed(format!("{why} (last phase reached: {reached})"))
+    }
 }

@@ -6,7 +6,6 @@ use crate::layout::KVM_TSS_ADDRESS;
 use crate::regs::{self, EntryMode};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use std::path::Path;
 use thiserror::Error;
 
 /// Why the VM could not be created.
@@ -35,11 +34,6 @@ pub enum MachineError {
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
     move |source| MachineError::Kvm { what, source }
-}
-
-/// True when /dev/kvm is served by PVM (no VT-x/AMD-V; guest kernel code is emulated).
-pub fn host_is_pvm() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
 }
 
 /// Opens /dev/kvm with a message a user can act on when that fails.

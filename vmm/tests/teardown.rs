@@ -170,8 +170,8 @@ fn child_flooding_guest() {
     let mut spec = spec_for(&dir, FLOOD);
     spec.output = OutputMode::Inherit;
     spec.time_limit = limit.parse().ok().map(Duration::from_secs);
-    let interrupt = vmm::interrupt::Interrupt::install().unwrap();
-    let report = vmm::run_until(&spec, Some(interrupt.eventfd())).expect("vmm::run_until");
+    let interrupt = twinbox_spec::interrupt::Interrupt::install().unwrap();
+    let report = vmm::run_until(&spec, Some(&interrupt.fd())).expect("vmm::run_until");
     eprintln!("outcome: {:?}", report.outcome);
     drop(dir);
     std::process::exit(interrupt.signal().map_or(0, |s| 128 + s));

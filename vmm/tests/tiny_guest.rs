@@ -106,7 +106,7 @@ fn require_kvm() -> kvm_ioctls::Kvm {
 
 fn run_guest(code: &[u8], vcpus: u32) -> (Arc<Recorder>, VcpuStop) {
     let kvm = require_kvm();
-    let profile = if machine::host_is_pvm() {
+    let profile = if twinbox_spec::host::is_pvm() {
         Profile::Pvm
     } else {
         Profile::Host
@@ -210,7 +210,7 @@ fn guest_sees_the_cpuid_we_set() {
     assert_ne!(ecx & (1 << 31), 0, "hypervisor bit");
     assert_eq!(ebx >> 24, 0, "boot vCPU has APIC ID 0");
     assert_eq!((ebx >> 16) & 0xff, 2, "two logical processors");
-    if machine::host_is_pvm() {
+    if twinbox_spec::host::is_pvm() {
         // PVM lets the VMM hide these; it forces the host's XSAVE/POPCNT/AVX/FMA/F16C bits
         // back in whatever the table says, which is why the PVM command line adds
         // `noxsave clearcpuid=...` (docs/vm-on-pvm.md).

@@ -5,6 +5,7 @@
 //! The device models come from the `devices` crate. virtio queues are notified through
 //! KVM ioeventfds and served on the event-loop thread, never on a vCPU thread.
 
+use crate::boot::cmdline::VirtioMmioEntry;
 use crate::event_loop::Subscriber;
 use crate::layout::{
     I8042_PORT, I8042_PORT_LEN, IRQ_MAX, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN, VIRTIO_IRQ_BASE,
@@ -108,7 +109,7 @@ pub struct DeviceSet {
     /// Device event handlers for the event loop.
     pub subscribers: Vec<Subscriber>,
     /// `virtio_mmio.device=` entries for the kernel command line.
-    pub cmdline_entries: Vec<String>,
+    pub cmdline_entries: Vec<VirtioMmioEntry>,
     /// Written when the guest resets the machine through the i8042.
     pub reset_evt: EventFd,
     /// Interrupt eventfds registered as irqfds (kept open for the VM's life).
@@ -265,11 +266,11 @@ pub fn attach(
             Arc::new(Mutex::new(transport)),
         )?;
         subscribers.push(block);
-        cmdline_entries.push(crate::boot::cmdline::virtio_mmio_device(
-            MMIO_WINDOW_LEN,
-            slot.base,
-            slot.gsi,
-        ));
+        cmdline_entries.push(VirtioMmioEntry {
+            size: MMIO_WINDOW_LEN,
+            base: slot.base,
+            irq: slot.gsi,
+        });
     }
 
     Ok(DeviceSet {
