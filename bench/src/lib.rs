@@ -143,13 +143,16 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
     } else {
         None
     };
-    // SIGINT/SIGTERM for the whole bench: recorded, and written to an eventfd that stops
-    // a VM run at once. twinbox's container runtime installs its own recording handler
-    // for each run and restores this one after; both are checked after every run.
-    let interrupt = vmm::interrupt::Interrupt::install().map_err(Error::Signals)?;
+    // SIGINT/SIGTERM for the whole bench: recorded, and made readable on a fd that stops
+    // a VM run at once; host-process waits check the recorded signal. A box that installs
+    // its own (nested) handler for its run leaves the signal visible here too.
+    let interrupt = twinbox_spec::interrupt::Interrupt::install().map_err(Error::Signals)?;
     let mut runners: Vec<Box<dyn Runner>> = Vec::new();
     for b in &opts.boxes {
-        let stop = interrupt.eventfd().try_clone().map_err(Error::Signals)?;
+        let stop = interrupt
+            .fd()
+            .try_clone_to_owned()
+            .map_err(Error::Signals)?;
         runners.push(runner::by_name(b, Some(stop)).ok_or_else(|| Error::UnknownBox(b.clone()))?);
     }
     if let Some(root) = &peer_root {
@@ -225,7 +228,7 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let interrupted = || interrupt.signal().or_else(container::interrupt::signal);
+    let interrupted = || interrupt.signal();
     let mut scenarios = Vec::new();
     for p in plan {
         // What the scenario sets up (the scratch disk) lives while it runs, no longer.

@@ -127,11 +127,8 @@ pub const PEER_RUNTIME: Capabilities = Capabilities {
 pub const BOX_NAMES: [&str; 3] = [native::NAME, container::NAME, vm::NAME];
 
 /// The runner for a box name given on the command line; the VM's run stops early when
-/// `stop` is written to.
-pub fn by_name(
-    name: &str,
-    stop: Option<vmm_sys_util::eventfd::EventFd>,
-) -> Option<Box<dyn Runner>> {
+/// `stop` becomes readable.
+pub fn by_name(name: &str, stop: Option<std::os::fd::OwnedFd>) -> Option<Box<dyn Runner>> {
     match name {
         native::NAME => Some(Box::new(native::Native)),
         container::NAME => Some(Box::new(container::Container)),
@@ -154,7 +151,7 @@ pub fn marginal_rss(run: impl FnOnce() -> Result<RunReport, String>) -> Result<R
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
     unsafe { libc::malloc_trim(0) };
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
-    let baseline = status_kib("VmRSS:");
+    let baseline = twinbox_spec::host::self_status_kib("VmRSS");
     let mut report = run()?;
     match (reset, baseline, report.usage.runtime_peak_rss_kib) {
         (true, Some(base), Some(peak)) => {
@@ -175,16 +172,4 @@ pub fn marginal_rss(run: impl FnOnce() -> Result<RunReport, String>) -> Result<R
         }
     }
     Ok(report)
-}
-
-/// A `/proc/self/status` field in KiB.
-fn status_kib(name: &str) -> Option<u64> {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix(name))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }

@@ -19,10 +19,16 @@
 
 use super::peer::{peer_report, VMM_NOTE};
 use super::{process, Runner};
+use linux_loader::cmdline::Cmdline;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use twinbox_spec::guest_cmdline;
 use twinbox_spec::proto::{job::JOB_CMDLINE_KEY, ExitCode};
 use twinbox_spec::{Outcome, RunReport, RunSpec};
+
+/// The longest kernel command line an x86 Linux guest takes, NUL included
+/// (`COMMAND_LINE_SIZE`).
+const CMDLINE_MAX: usize = 2048;
 
 /// Name of this peer in tables.
 pub const NAME: &str = "qemu-microvm";
@@ -70,22 +76,33 @@ fn is_tiny_guest(kernel: &Path) -> bool {
     std::fs::read(kernel).is_ok_and(|bytes| bytes == crate::tiny_guest::elf())
 }
 
-/// The kernel command line: twinbox's base, the PVM extras when twinbox's VM gets them,
-/// and the job, exactly as twinbox's VMM builds it (minus its own device entries, which
-/// QEMU adds for its devices).
+/// The kernel command line: the guest command line contract ([`guest_cmdline`]: the
+/// base, the PVM extras when twinbox's VM gets them) and the job, as twinbox's VMM passes
+/// them (minus its own device entries, which QEMU adds for its devices).
 pub fn kernel_cmdline(spec: &RunSpec, pvm: bool) -> Result<String, String> {
     let mut job = spec.job();
     job.overlay_root = true;
     job.power_off = true;
     let token = job.encode().map_err(|e| format!("job: {e}"))?;
     let job_arg = format!("{JOB_CMDLINE_KEY}={token}");
-    let mut parts = vec![vmm::boot::cmdline::BASE];
+    let mut parts = vec![guest_cmdline::BASE];
     if pvm {
-        parts.push(vmm::boot::cmdline::PVM_EXTRA);
+        parts.push(guest_cmdline::PVM_EXTRA);
     }
-    parts.extend(spec.cmdline_extra.as_deref());
+    parts.extend(
+        spec.cmdline_extra
+            .as_deref()
+            .filter(|p| !p.trim().is_empty()),
+    );
     parts.push(&job_arg);
-    vmm::boot::cmdline::build(&parts).map_err(|e| e.to_string())
+    let err = |e: linux_loader::cmdline::Error| format!("kernel command line: {e}");
+    let mut line = Cmdline::new(CMDLINE_MAX).map_err(err)?;
+    for part in parts {
+        line.insert_str(part).map_err(err)?;
+    }
+    let line = line.as_cstring().map_err(err)?;
+    line.into_string()
+        .map_err(|_| "kernel command line: not UTF-8".into())
 }
 
 /// QEMU's arguments for one run.
@@ -162,8 +179,7 @@ impl Runner for QemuMicrovm {
 
     fn run(&self, spec: &RunSpec) -> Result<RunReport, String> {
         let kernel = spec.kernel.as_ref().ok_or("qemu peer needs a kernel")?;
-        let pvm = twinbox_spec::host::kvm_flavor() == twinbox_spec::host::KvmFlavor::Pvm
-            && self.accel == Accel::Kvm;
+        let pvm = twinbox_spec::host::is_pvm() && self.accel == Accel::Kvm;
         let cmdline = kernel_cmdline(spec, pvm)?;
         let mut cmd = Command::new(&self.qemu);
         cmd.args(args(spec, kernel, &cmdline, self.accel));
@@ -216,7 +232,7 @@ mod tests {
             read_only: false,
         }];
         let line = kernel_cmdline(&spec, false).unwrap();
-        assert!(line.starts_with(vmm::boot::cmdline::BASE), "{line}");
+        assert!(line.starts_with(guest_cmdline::BASE), "{line}");
         assert!(line.contains(" twinbox.job="), "{line}");
         let a = args(&spec, Path::new("/vmlinux"), &line, Accel::Kvm);
         let drives: Vec<_> = a.iter().filter(|x| x.starts_with("id=disk")).collect();
@@ -232,7 +248,11 @@ mod tests {
         assert_eq!(a[a.len() - 1], line);
         assert!(kernel_cmdline(&spec, true)
             .unwrap()
-            .contains("mitigations=off"));
+            .contains(guest_cmdline::PVM_EXTRA));
+        spec.cmdline_extra = Some("x".repeat(CMDLINE_MAX));
+        assert!(kernel_cmdline(&spec, false)
+            .unwrap_err()
+            .contains("kernel command line"));
     }
 
     #[test]

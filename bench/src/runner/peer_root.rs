@@ -7,10 +7,10 @@
 //! killed the namespace dies with it, taking the mount and then the autoclear loop device
 //! along. On a normal end [`Drop`] unmounts and removes the (empty) mount point.
 
-use container::image::LoopDevice;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use twinbox_spec::image::LoopDevice;
 
 /// The mounted image.
 #[derive(Debug)]

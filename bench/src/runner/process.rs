@@ -1,7 +1,14 @@
 //! Running a host process with phase stamps, a time limit and its own resource usage
 //! (through `wait4`, so concurrent children of ours do not mix in).
+//!
+//! Every process the bench starts dies with it ([`die_with_bench`]): a bench killed with
+//! SIGKILL, which runs no cleanup of its own, leaves no workload, runtime or peer VMM
+//! running.
 
+use nix::sys::prctl;
+use nix::sys::signal::Signal;
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use twinbox_spec::{Outcome, Phase, Timeline, Usage};
@@ -21,16 +28,52 @@ pub struct Finished {
 /// How long an interrupted child gets to end after SIGTERM before SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(3);
 
-/// Spawns `cmd` (stamped from `spawn_ns`), waits at most `limit`, reaps it.
+/// Makes the process `cmd` starts receive `signal` when the bench dies, however it dies.
 ///
-/// `Command::spawn` returns only once `execve` succeeded (std reports exec failures
-/// through a close-on-exec pipe), so its return is the `workload_started` stamp.
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child ends, not the process:
+/// the bench waits for each child on the thread that started it, so that thread outlives
+/// the child unless the whole bench dies. The parent may die between `fork` and the
+/// `prctl`, when the signal would never come: the child then checks that its parent is
+/// still the bench and, if not, does not exec at all.
+pub fn die_with_bench(cmd: &mut Command, signal: Signal) {
+    let bench = nix::unistd::getpid();
+    // SAFETY: the closure runs in the child between fork and exec and makes only
+    // async-signal-safe system calls (prctl, getppid); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            prctl::set_pdeathsig(signal)?;
+            if nix::unistd::getppid() != bench {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Spawns `cmd` (stamped from `spawn_ns`) so that it dies with the bench (SIGKILL, see
+/// [`die_with_bench`]), waits at most `limit`, reaps it.
 pub fn run(
-    mut cmd: Command,
+    cmd: Command,
     spawn_ns: u64,
     capture: bool,
     limit: Option<Duration>,
 ) -> Result<Finished, String> {
+    run_dying_with(cmd, Signal::SIGKILL, spawn_ns, capture, limit)
+}
+
+/// [`run`], with `death` as the signal the process gets when the bench dies (SIGTERM for
+/// twinbox's own instances, which then tear their box down).
+///
+/// `Command::spawn` returns only once `execve` succeeded (std reports exec failures
+/// through a close-on-exec pipe), so its return is the `workload_started` stamp.
+pub fn run_dying_with(
+    mut cmd: Command,
+    death: Signal,
+    spawn_ns: u64,
+    capture: bool,
+    limit: Option<Duration>,
+) -> Result<Finished, String> {
+    die_with_bench(&mut cmd, death);
     let mut timeline = Timeline::starting_at(spawn_ns);
     cmd.stdin(Stdio::null());
     if capture {
@@ -73,7 +116,7 @@ pub fn run(
         // ended within TERM_GRACE.
         match interrupted {
             None => {
-                interrupted = vmm::interrupt::received().map(|s| (s, Instant::now()));
+                interrupted = twinbox_spec::interrupt::received().map(|s| (s, Instant::now()));
                 if interrupted.is_some() && !killed {
                     // SAFETY: `pid` is our unreaped child, so it cannot have been reused.
                     unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -89,7 +132,7 @@ pub fn run(
         // a child spawned with vfork semantics starts from the parent's high-water mark,
         // so it would report the bench's memory, not the workload's.
         if polls.is_multiple_of(50) {
-            hwm_kib = vm_hwm_kib(pid).or(hwm_kib);
+            hwm_kib = twinbox_spec::host::process_status_kib(child.id(), "VmHWM").or(hwm_kib);
         }
         polls += 1;
         // Short sleeps: the exit stamp is at most this late.
@@ -126,18 +169,6 @@ pub fn run(
             ..Usage::default()
         },
     })
-}
-
-/// `VmHWM` of a live process, KiB.
-fn vm_hwm_kib(pid: libc::pid_t) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 type Reader = std::thread::JoinHandle<String>;
@@ -190,6 +221,36 @@ mod tests {
         cmd.arg("30");
         let done = run(cmd, monotonic_ns(), false, Some(Duration::from_millis(50))).unwrap();
         assert!(matches!(done.outcome, Outcome::Failed(ref m) if m.contains("time limit")));
+    }
+
+    #[test]
+    fn children_die_with_the_thread_that_started_them() {
+        // A thread stands in for the bench: it starts a long sleep and ends without
+        // waiting; the parent-death signal must kill the sleep.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut cmd = Command::new("/bin/sleep");
+            cmd.arg("30");
+            die_with_bench(&mut cmd, Signal::SIGKILL);
+            let child = cmd.spawn().unwrap();
+            tx.send(child).unwrap();
+        })
+        .join()
+        .unwrap();
+        let mut child = rx.recv().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sleep outlived its parent thread"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The microVM box: twinbox's own VMM (`vmm::run_until`), in this process (see
-//! [`super::marginal_rss`] for its peak RSS). The bench's interrupt eventfd stops a run in
-//! progress, so Ctrl-C does not wait for a VM that will only end at its time limit.
+//! [`super::marginal_rss`] for its peak RSS). The bench's interrupt fd
+//! ([`twinbox_spec::interrupt::Interrupt::fd`]) stops a run in progress, so Ctrl-C does
+//! not wait for a VM that will only end at its time limit.
 
 use super::{Capabilities, DiskAt, Guest, Instance, Runner, TimeLimit};
+use std::os::fd::OwnedFd;
 use twinbox_spec::{RunReport, RunSpec};
-use vmm_sys_util::eventfd::EventFd;
 
 /// Name of this box in tables and on the command line.
 pub const NAME: &str = "vm";
@@ -21,8 +22,8 @@ pub const CAPABILITIES: Capabilities = Capabilities {
 
 /// twinbox microVM runner.
 pub struct Vm {
-    /// Written to when the bench is interrupted.
-    pub stop: Option<EventFd>,
+    /// Readable once the bench is interrupted.
+    pub stop: Option<OwnedFd>,
 }
 
 impl Runner for Vm {

@@ -14,6 +14,7 @@
 use super::{argv, Context, Measured, Metrics, Scenario};
 use crate::metric::{self, Metric};
 use crate::runner::{process, Capabilities, Instance, Runner, TimeLimit};
+use nix::sys::signal::Signal;
 use std::process::Command;
 use std::time::Duration;
 use twinbox_spec::RunReport;
@@ -166,6 +167,12 @@ pub fn run(caps: &Capabilities, ctx: &Context, workload: &[String]) -> Result<Me
     for _ in 0..k {
         commands.push(instance_command(instance, ctx, workload)?);
     }
+    // If the bench dies, twinbox's own instances get SIGTERM, on which they tear their
+    // box down (cgroup, mounts, loop device) as on Ctrl-C; a plain process is killed.
+    let death = match instance {
+        Instance::HostProcess => Signal::SIGKILL,
+        Instance::TwinboxCtr | Instance::TwinboxVm => Signal::SIGTERM,
+    };
     let before = quiet()?;
     let mut during: Vec<MemSample> = Vec::new();
     let finished = std::thread::scope(|scope| {
@@ -173,7 +180,13 @@ pub fn run(caps: &Capabilities, ctx: &Context, workload: &[String]) -> Result<Me
             .into_iter()
             .map(|cmd| {
                 scope.spawn(move || {
-                    process::run(cmd, twinbox_spec::clock::monotonic_ns(), true, Some(limit))
+                    process::run_dying_with(
+                        cmd,
+                        death,
+                        twinbox_spec::clock::monotonic_ns(),
+                        true,
+                        Some(limit),
+                    )
                 })
             })
             .collect();
