@@ -128,11 +128,13 @@ impl HostProbe {
         Self { root: root.into() }
     }
 
-    fn path(&self, path: &str) -> PathBuf {
+    /// Where an absolute host path lies in the probed tree.
+    pub fn path(&self, path: &str) -> PathBuf {
         self.root.join(path.trim_start_matches('/'))
     }
 
-    fn read(&self, path: &str) -> String {
+    /// A host file's text, empty when it cannot be read.
+    pub fn read(&self, path: &str) -> String {
         fs::read_to_string(self.path(path)).unwrap_or_default()
     }
 
@@ -268,7 +270,7 @@ pub fn describe() -> HostInfo {
 /// Whether this host's KVM is PVM (guest kernel code emulated; see docs/vm-on-pvm.md): the
 /// one PVM detection, used by the VMM (CPUID profile, command line) and by reports alike.
 pub fn is_pvm() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
+    kvm_flavor() == KvmFlavor::Pvm
 }
 
 /// A `kB` field (e.g. `"VmHWM"`, `"VmRSS"`) of a `/proc/<pid>/status` text, in KiB.

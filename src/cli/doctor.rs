@@ -3,9 +3,8 @@
 
 use clap::Args;
 use serde::Serialize;
-use std::path::Path;
 use twinbox_spec::artifacts;
-use twinbox_spec::host::{self, CgroupLayout, KvmFlavor};
+use twinbox_spec::host::{self, HostProbe, KvmFlavor};
 
 /// Options of `twinbox doctor`.
 #[derive(Args, Debug)]
@@ -111,62 +110,45 @@ fn check_root() -> Check {
     }
 }
 
-fn check_cgroups() -> Check {
-    let layout = host::cgroup_layout();
-    let available = |controller: &str| match layout {
-        CgroupLayout::V2 => std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
-            .map(|list| list.split_whitespace().any(|c| c == controller))
-            .unwrap_or(false),
-        CgroupLayout::V1 | CgroupLayout::Hybrid => Path::new("/sys/fs/cgroup")
-            .join(controller)
-            .join("tasks")
-            .exists(),
-        CgroupLayout::None => false,
-    };
-    let missing: Vec<&str> = ["cpu", "memory", "pids"]
-        .into_iter()
-        .filter(|c| !available(c))
-        .collect();
-    if layout == CgroupLayout::None {
-        Check::not_ok(
+/// The cgroup check asks the container's own detection (`container::cgroup::detect`) —
+/// what `ctr run` will use — so doctor and the run cannot disagree.
+fn check_cgroups(host: &HostProbe) -> Check {
+    let layout = host.cgroup_layout();
+    match container::cgroup::detect(&host.read("/proc/self/mountinfo")) {
+        Ok(_) => Check::ok(
+            "cgroups",
+            format!("{layout}; every controller a container run needs is mounted"),
+        ),
+        Err(error) => Check::not_ok(
             "cgroups",
             Verdict::Fail,
-            "no cgroup filesystem mounted",
-            "mount cgroup2 at /sys/fs/cgroup",
-        )
-    } else if missing.is_empty() {
-        Check::ok("cgroups", format!("{layout}; cpu, memory, pids available"))
-    } else {
-        Check::not_ok(
-            "cgroups",
-            Verdict::Fail,
-            format!("{layout}; missing controllers: {}", missing.join(", ")),
-            "enable them (cgroup_enable=memory on the kernel cmdline, or mount the v1 hierarchy)",
-        )
+            format!("{layout}; {error}"),
+            "mount cgroup2 at /sys/fs/cgroup, or the v1 hierarchies the message names \
+             (cgroup_enable=memory on the kernel command line for memory)",
+        ),
     }
 }
 
 fn check_file(
+    host: &HostProbe,
     name: &'static str,
     path: &str,
     found: &str,
     advice: &str,
     verdict: Verdict,
 ) -> Check {
-    if Path::new(path).exists() {
+    if host.path(path).exists() {
         Check::ok(name, format!("{found} ({path})"))
     } else {
         Check::not_ok(name, verdict, format!("{path} missing"), advice)
     }
 }
 
-fn check_overlayfs() -> Check {
-    let listed = std::fs::read_to_string("/proc/filesystems")
-        .map(|list| {
-            list.lines()
-                .any(|line| line.trim_end().ends_with("overlay"))
-        })
-        .unwrap_or(false);
+fn check_overlayfs(host: &HostProbe) -> Check {
+    let listed = host
+        .read("/proc/filesystems")
+        .lines()
+        .any(|line| line.split_whitespace().last() == Some("overlay"));
     if listed {
         Check::ok("overlayfs", "overlay filesystem available")
     } else {
@@ -219,25 +201,34 @@ fn check_artifacts() -> Vec<Check> {
     .collect()
 }
 
+/// The checks that read only the host tree (testable on a fake root).
+fn host_checks(host: &HostProbe) -> Vec<Check> {
+    vec![
+        check_cgroups(host),
+        check_overlayfs(host),
+        check_file(
+            host,
+            "loop devices",
+            "/dev/loop-control",
+            "loop-control present",
+            "modprobe loop",
+            Verdict::Fail,
+        ),
+        check_file(
+            host,
+            "tun",
+            "/dev/net/tun",
+            "tun present",
+            "modprobe tun (needed for VM networking)",
+            Verdict::Warn,
+        ),
+    ]
+}
+
 fn all_checks() -> Vec<Check> {
     let mut checks = check_kvm();
     checks.push(check_root());
-    checks.push(check_cgroups());
-    checks.push(check_overlayfs());
-    checks.push(check_file(
-        "loop devices",
-        "/dev/loop-control",
-        "loop-control present",
-        "modprobe loop",
-        Verdict::Fail,
-    ));
-    checks.push(check_file(
-        "tun",
-        "/dev/net/tun",
-        "tun present",
-        "modprobe tun (needed for VM networking)",
-        Verdict::Warn,
-    ));
+    checks.extend(host_checks(&HostProbe::default()));
     checks.push(check_on_path(
         "qemu",
         "qemu-system-x86_64",
@@ -287,4 +278,75 @@ pub fn main(args: DoctorArgs) -> anyhow::Result<i32> {
         }
     }
     Ok(if failed { 1 } else { 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+30 1 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw
+33 30 0:29 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
+34 30 0:30 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+35 30 0:31 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids
+36 30 0:32 / /sys/fs/cgroup/devices rw - cgroup cgroup rw,devices
+";
+
+    fn fake_root(files: &[(&str, &str)]) -> std::path::PathBuf {
+        let root = std::env::temp_dir().join(format!(
+            "twinbox-doctor-{}-{}",
+            std::process::id(),
+            twinbox_spec::clock::monotonic_ns()
+        ));
+        for (path, text) in files {
+            let file = root.join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(file, text).unwrap();
+        }
+        root
+    }
+
+    fn verdicts(root: &std::path::Path) -> Vec<(&'static str, Verdict, String)> {
+        host_checks(&HostProbe::at(root))
+            .into_iter()
+            .map(|c| (c.name, c.verdict, c.found))
+            .collect()
+    }
+
+    #[test]
+    fn a_complete_hybrid_host_passes() {
+        let root = fake_root(&[
+            ("/proc/self/mountinfo", HYBRID),
+            ("/proc/filesystems", "nodev\ttmpfs\nnodev\toverlay\n"),
+            ("/dev/loop-control", ""),
+            ("/dev/net/tun", ""),
+        ]);
+        for (name, verdict, found) in verdicts(&root) {
+            assert_eq!(verdict, Verdict::Ok, "{name}: {found}");
+        }
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn what_the_container_would_miss_is_named() {
+        let without_memory: String = HYBRID
+            .lines()
+            .filter(|l| !l.contains("memory"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let root = fake_root(&[
+            ("/proc/self/mountinfo", &without_memory),
+            ("/proc/filesystems", "nodev\ttmpfs\n"),
+        ]);
+        let checks = verdicts(&root);
+        let get = |name: &str| checks.iter().find(|c| c.0 == name).cloned().unwrap();
+        let (_, verdict, found) = get("cgroups");
+        assert_eq!(verdict, Verdict::Fail);
+        assert!(found.contains("memory"), "{found}");
+        assert_eq!(get("overlayfs").1, Verdict::Fail);
+        assert_eq!(get("loop devices").1, Verdict::Fail);
+        assert_eq!(get("tun").1, Verdict::Warn);
+        std::fs::remove_dir_all(root).unwrap();
+    }
 }
