@@ -444,3 +444,96 @@ fn library_call_captures_output_for_the_bench() {
     assert!(report.timeline.is_ordered(), "{:?}", report.timeline);
     assert!(report.usage.cgroup_memory_peak_kib.is_some());
 }
+
+/// Live (not zombie) processes whose cgroup is one of run owner `pid`'s.
+fn live_processes_of(pid: u32) -> Vec<String> {
+    let needle = format!("twinbox-{pid}-");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let path = entry.path();
+        let cgroup = std::fs::read_to_string(path.join("cgroup")).unwrap_or_default();
+        let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+        let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+        if cgroup.contains(&needle) && !state.starts_with('Z') && !state.is_empty() {
+            found.push(format!("{}: {}", path.display(), stat.trim()));
+        }
+    }
+    found
+}
+
+/// Staging directories of run owner `pid` left on the host.
+fn staging_of(pid: u32) -> Vec<String> {
+    std::fs::read_dir(container::sweep::STAGING_ROOT)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with(&format!("twinbox-{pid}-")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Polls `done` every 20 ms for up to 3 s.
+fn eventually(done: impl Fn() -> bool) -> bool {
+    (0..150).any(|_| {
+        let ok = done();
+        if !ok {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        ok
+    })
+}
+
+#[test]
+fn sigkill_of_the_cli_at_any_point_leaves_nothing_after_the_next_start() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let rootfs = image();
+    let before = common::leaks::HostResources::snapshot();
+    for userns in [false, true] {
+        for delay_ms in [0u64, 2, 5, 10, 15, 20, 30, 50, 100, 200] {
+            let what = format!("SIGKILL after {delay_ms} ms (userns: {userns})");
+            let mut cli = Command::new(common::twinbox());
+            cli.args(["ctr", "run", "--rootfs", &rootfs]);
+            if userns {
+                cli.arg("--userns");
+            }
+            let mut cli = cli
+                .args(["--", "/bin/sleep", "30"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("run twinbox");
+            let pid = cli.id();
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            cli.kill().expect("SIGKILL the CLI");
+            cli.wait().unwrap();
+            // The container dies with its CLI (parent-death signal), not at the next start.
+            assert!(
+                eventually(|| live_processes_of(pid).is_empty()),
+                "{what}: the container outlived its CLI: {:?}",
+                live_processes_of(pid)
+            );
+            // The next start sweeps the killed run's cgroups and staging directory.
+            let out = Command::new(common::twinbox())
+                .args(["ctr", "run", "--rootfs", &rootfs, "--", "/bin/true"])
+                .output()
+                .expect("run twinbox");
+            assert_eq!(out.status.code(), Some(0), "{what}: {}", describe(&out));
+            assert_eq!(
+                staging_of(pid),
+                Vec::<String>::new(),
+                "{what}: staging left"
+            );
+            let settled = eventually(|| {
+                let now = common::leaks::HostResources::snapshot();
+                now.mounts == before.mounts
+                    && now.loop_devices == before.loop_devices
+                    && now.twinbox_cgroups == before.twinbox_cgroups
+            });
+            if !settled {
+                before.assert_nothing_leaked(&common::leaks::HostResources::snapshot(), &what);
+            }
+        }
+    }
+}

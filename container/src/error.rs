@@ -39,6 +39,8 @@ pub enum Error {
         what: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("container setup failed: {0}")]
     Setup(String),
     #[error("{what}: {source}")]

@@ -13,6 +13,7 @@ pub mod interrupt;
 pub mod plan;
 mod run;
 pub mod seccomp;
+pub mod sweep;
 pub mod userns;
 
 pub use error::Error;

@@ -251,9 +251,10 @@ impl Step {
     }
 }
 
-/// Directory the plan uses for the staging tmpfs of run `name`.
+/// Directory the plan uses for the staging tmpfs of run `name` (under the one place the
+/// start-up sweep looks, `sweep.rs`).
 pub fn staging_dir(name: &str) -> PathBuf {
-    std::env::temp_dir().join(name)
+    Path::new(crate::sweep::STAGING_ROOT).join(name)
 }
 
 #[cfg(test)]

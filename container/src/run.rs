@@ -3,7 +3,7 @@
 use crate::cgroup::{self, Limits};
 use crate::child::{self, Prepared};
 use crate::image::{self, LoopDevice};
-use crate::{caps, detached, interrupt, plan, userns, Error};
+use crate::{caps, detached, interrupt, plan, seccomp, sweep, userns, Error};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -103,6 +103,10 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(Error::NotRoot);
     }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::os("read /proc/self/mountinfo", e))?;
+    // What killed runs left behind goes before this run adds its own.
+    sweep_leftovers(&mountinfo);
     spec.validate()?;
     image::check_ext4(&spec.rootfs)?;
     for disk in &spec.disks {
@@ -111,14 +115,12 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
             source,
         })?;
     }
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| Error::os("read /proc/self/mountinfo", e))?;
     let layout = cgroup::detect(&mountinfo)?;
-    let name = format!(
-        "twinbox-{}-{}",
-        std::process::id(),
-        RUNS.fetch_add(1, Ordering::SeqCst)
-    );
+    let pid = std::process::id();
+    let start = sweep::start_time(std::path::Path::new("/proc"), pid).ok_or_else(|| {
+        Error::Setup("cannot read this process's start time from /proc/self/stat".into())
+    })?;
+    let name = sweep::run_name(pid, start, RUNS.fetch_add(1, Ordering::SeqCst));
     let cpus = spec.cpus.unwrap_or(f64::from(spec.vcpus));
     let devices = cgroup::device_allowlist(std::path::Path::new("/dev"), &plan::DEVICES)?;
     let mut group = cgroup::create(
@@ -128,6 +130,8 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
     )?;
 
     let staging_path = plan::staging_dir(&name);
+    std::fs::create_dir_all(sweep::STAGING_ROOT)
+        .map_err(|e| Error::os(format!("create {}", sweep::STAGING_ROOT), e))?;
     std::fs::create_dir(&staging_path)
         .map_err(|e| Error::os(format!("create {}", staging_path.display()), e))?;
     let staging = Staging(staging_path);
@@ -188,7 +192,8 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
             .chain(output.as_ref().map(|(r, _)| r))
             .map(|fd| fd.as_raw_fd())
             .collect(),
-        seccomp: None,
+        // Compiled here: the child after clone must not allocate.
+        seccomp: Some(seccomp::container_filter()?),
     };
 
     let signals = interrupt::Guard::install();
@@ -426,6 +431,18 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
         },
         notes,
     })
+}
+
+/// Removes the cgroups and staging directories of runs whose twinbox died; a leftover
+/// that cannot be removed is logged, and does not stop this run.
+fn sweep_leftovers(mountinfo: &str) {
+    let swept = sweep::sweep(&sweep::Places::host(mountinfo));
+    for path in &swept.removed {
+        tracing::info!(path = %path.display(), "removed a leftover of a killed run");
+    }
+    for failure in &swept.failed {
+        tracing::warn!("leftover of a killed run: {failure}");
+    }
 }
 
 /// Polls `done` every 200 µs for up to 2 s.

@@ -1,0 +1,332 @@
+//! What a killed twinbox leaves behind, removed at the start of the next container run.
+//!
+//! Everything else of a run dies with its owner: the container's init has SIGKILL as its
+//! parent-death signal (`child.rs`), its mounts live in its own mount namespace, the loop
+//! device clears itself and detached mounts unmount when their fd closes. Two things are
+//! named objects on the host and outlive a SIGKILL of the CLI: the run's cgroups (one per
+//! controller hierarchy) and its staging directory (an empty mount point). Both carry the
+//! run's name, `twinbox-<pid>-<start>-<n>`: the owner's pid, its start time in clock ticks
+//! after boot (field 22 of `/proc/<pid>/stat`, so a reused pid is not mistaken for the
+//! owner) and the run's number in that process. A name whose owner is gone is swept: the
+//! tasks still in its cgroups are killed and the cgroups removed, the directory removed
+//! (only when empty: nothing is deleted recursively).
+//!
+//! Pids are this pid namespace's: a twinbox running in another pid namespace that shares
+//! the cgroup hierarchies would look dead from here.
+
+use crate::cgroup;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// The prefix of every run name (and of nothing else twinbox makes in these places).
+const PREFIX: &str = "twinbox-";
+
+/// Where staging directories live: one fixed place, so the sweep finds them whatever
+/// `TMPDIR` the killed run had.
+pub const STAGING_ROOT: &str = "/run/twinbox/ctr";
+
+/// The process that made a run, as recorded in the run's name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// Its pid.
+    pub pid: u32,
+    /// Its start time (clock ticks after boot); None in the older `twinbox-<pid>-<n>`
+    /// names, which can only be swept once the pid is free.
+    pub start: Option<u64>,
+}
+
+/// The name of run `n` of the process `pid` started at `start`.
+pub fn run_name(pid: u32, start: u64, n: u32) -> String {
+    format!("{PREFIX}{pid}-{start}-{n}")
+}
+
+/// The owner recorded in a run name, or None for any other name.
+pub fn owner_of(name: &str) -> Option<Owner> {
+    let numbers: Vec<u64> = name
+        .strip_prefix(PREFIX)?
+        .split('-')
+        .map(|part| {
+            (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| part.parse().ok())
+                .flatten()
+        })
+        .collect::<Option<_>>()?;
+    let pid = u32::try_from(*numbers.first()?).ok()?;
+    match numbers.len() {
+        2 => Some(Owner { pid, start: None }),
+        3 => Some(Owner {
+            pid,
+            start: Some(numbers[1]),
+        }),
+        _ => None,
+    }
+}
+
+/// Start time of `pid` (field 22 of `<proc>/<pid>/stat`), None when it does not exist.
+pub fn start_time(proc: &Path, pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(proc.join(pid.to_string()).join("stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// Whether the owner of a run still runs.
+fn alive(proc: &Path, owner: Owner) -> bool {
+    match (start_time(proc, owner.pid), owner.start) {
+        (None, _) => false,
+        (Some(now), Some(recorded)) => now == recorded,
+        // An old-style name: the pid is taken, perhaps by its owner.
+        (Some(_), None) => true,
+    }
+}
+
+/// The places a sweep looks at.
+#[derive(Clone, Debug)]
+pub struct Places {
+    /// procfs, to tell live owners from dead ones.
+    pub proc: PathBuf,
+    /// The root of every cgroup hierarchy (v1 controllers, cgroup2).
+    pub cgroup_roots: Vec<PathBuf>,
+    /// The directory holding the staging directories.
+    pub staging: PathBuf,
+}
+
+impl Places {
+    /// This host's places: every cgroup and cgroup2 mount point in `mountinfo`.
+    pub fn host(mountinfo: &str) -> Self {
+        let cgroup_roots = mountinfo
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split(' ').collect();
+                let sep = fields.iter().position(|f| *f == "-")?;
+                let point = fields.get(4)?;
+                matches!(*fields.get(sep + 1)?, "cgroup" | "cgroup2").then(|| PathBuf::from(point))
+            })
+            .collect();
+        Self {
+            proc: PathBuf::from("/proc"),
+            cgroup_roots,
+            staging: PathBuf::from(STAGING_ROOT),
+        }
+    }
+}
+
+/// What a sweep did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Cgroups and directories removed.
+    pub removed: Vec<PathBuf>,
+    /// Leftovers that could not be removed, with why.
+    pub failed: Vec<String>,
+}
+
+/// Entries of `dir` named for a run whose owner is dead.
+fn orphans(dir: &Path, proc: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| {
+            owner_of(&e.file_name().to_string_lossy()).is_some_and(|owner| !alive(proc, owner))
+        })
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    found
+}
+
+/// Removes the cgroups and staging directories of runs whose owner is dead.
+pub fn sweep(places: &Places) -> Swept {
+    let mut swept = Swept::default();
+    for root in &places.cgroup_roots {
+        for dir in orphans(root, &places.proc) {
+            match cgroup::kill_and_remove(&dir) {
+                Ok(()) => swept.removed.push(dir),
+                Err(e) => swept.failed.push(e.to_string()),
+            }
+        }
+    }
+    for dir in orphans(&places.staging, &places.proc) {
+        match fs::remove_dir(&dir) {
+            Ok(()) => swept.removed.push(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => swept.failed.push(format!("remove {}: {e}", dir.display())),
+        }
+    }
+    swept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_names_carry_their_owner() {
+        assert_eq!(run_name(42, 1234, 3), "twinbox-42-1234-3");
+        assert_eq!(
+            owner_of("twinbox-42-1234-3"),
+            Some(Owner {
+                pid: 42,
+                start: Some(1234)
+            })
+        );
+        assert_eq!(
+            owner_of("twinbox-42-0"),
+            Some(Owner {
+                pid: 42,
+                start: None
+            })
+        );
+        for other in [
+            "twinbox",
+            "twinbox-",
+            "twinbox-ext4-42",
+            "twinbox-ctr-bad-42",
+            "twinbox-42",
+            "twinbox-42-1-2-3",
+            "twinbox-42--3",
+            "twinbox-+4-1-2",
+            "twinbox-99999999999-1-2",
+            "other-42-1-2",
+        ] {
+            assert_eq!(owner_of(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn start_time_is_field_22_even_with_parentheses_in_the_name() {
+        let root = FakeRoot::new("stat");
+        root.process(
+            7,
+            "7 (a) b (c)) S 1 7 7 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 98765 0 0",
+        );
+        assert_eq!(start_time(&root.proc(), 7), Some(98765));
+        assert_eq!(start_time(&root.proc(), 8), None);
+        // And this process's own start time reads.
+        assert!(start_time(Path::new("/proc"), std::process::id()).is_some());
+    }
+
+    /// A directory standing in for `/`: proc, two cgroup hierarchies, the staging root.
+    struct FakeRoot(PathBuf);
+
+    impl FakeRoot {
+        fn new(what: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("twinbox-sweep-test-{what}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            for sub in ["proc", "cgroup/cpu", "cgroup/unified", "staging"] {
+                fs::create_dir_all(dir.join(sub)).unwrap();
+            }
+            Self(dir)
+        }
+
+        fn proc(&self) -> PathBuf {
+            self.0.join("proc")
+        }
+
+        fn process(&self, pid: u32, stat: &str) {
+            let dir = self.proc().join(pid.to_string());
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join("stat"), stat).unwrap();
+        }
+
+        fn started(&self, pid: u32, start: u64) {
+            let fields =
+                format!("{pid} (twinbox) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {start} 0");
+            self.process(pid, &fields);
+        }
+
+        fn places(&self) -> Places {
+            Places {
+                proc: self.proc(),
+                cgroup_roots: vec![self.0.join("cgroup/cpu"), self.0.join("cgroup/unified")],
+                staging: self.0.join("staging"),
+            }
+        }
+
+        fn make(&self, sub: &str) -> PathBuf {
+            let path = self.0.join(sub);
+            fs::create_dir_all(&path).unwrap();
+            path
+        }
+    }
+
+    impl Drop for FakeRoot {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn dead_owners_runs_go_live_owners_runs_and_other_names_stay() {
+        let root = FakeRoot::new("sweep");
+        root.started(100, 5000); // alive, its runs stay
+        root.started(200, 7777); // pid reused: the run recorded start 6000
+        root.started(300, 1); // alive, old-style name: cannot tell, stays
+        let gone = [
+            root.make("cgroup/cpu/twinbox-999-4000-0"),
+            root.make("cgroup/unified/twinbox-999-4000-0"),
+            root.make("cgroup/cpu/twinbox-200-6000-1"),
+            root.make("cgroup/cpu/twinbox-998-0"),
+            root.make("staging/twinbox-999-4000-0"),
+        ];
+        let kept = [
+            root.make("cgroup/cpu/twinbox-100-5000-0"),
+            root.make("staging/twinbox-100-5000-2"),
+            root.make("cgroup/cpu/twinbox-300-0"),
+            root.make("cgroup/cpu/twinbox-vm-999-1"),
+            root.make("cgroup/cpu/system.slice"),
+            root.make("staging/twinbox-ext4-999"),
+        ];
+        let swept = sweep(&root.places());
+        assert!(swept.failed.is_empty(), "{swept:?}");
+        let mut removed = swept.removed.clone();
+        removed.sort();
+        let mut expected = gone.to_vec();
+        expected.sort();
+        assert_eq!(removed, expected);
+        for path in gone {
+            assert!(!path.exists(), "{} left behind", path.display());
+        }
+        for path in kept {
+            assert!(path.exists(), "{} swept", path.display());
+        }
+        // Nothing left to do the second time.
+        assert_eq!(sweep(&root.places()), Swept::default());
+    }
+
+    #[test]
+    fn a_staging_directory_that_is_not_empty_is_reported_not_deleted() {
+        let root = FakeRoot::new("busy");
+        let dir = root.make("staging/twinbox-999-1-0");
+        fs::write(dir.join("something"), "x").unwrap();
+        let swept = sweep(&root.places());
+        assert!(swept.removed.is_empty(), "{swept:?}");
+        assert_eq!(swept.failed.len(), 1, "{swept:?}");
+        assert!(swept.failed[0].contains("twinbox-999-1-0"), "{swept:?}");
+        assert!(dir.join("something").exists());
+    }
+
+    #[test]
+    fn host_places_are_every_cgroup_hierarchy() {
+        let mountinfo = "\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+36 31 0:33 / /sys/fs/cgroup/devices rw,relatime - cgroup cgroup rw,devices
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+        let places = Places::host(mountinfo);
+        assert_eq!(
+            places.cgroup_roots,
+            [
+                "/sys/fs/cgroup/cpu",
+                "/sys/fs/cgroup/devices",
+                "/sys/fs/cgroup/unified"
+            ]
+            .map(PathBuf::from)
+        );
+        assert_eq!(places.staging, Path::new(STAGING_ROOT));
+    }
+}
