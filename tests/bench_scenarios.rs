@@ -7,7 +7,10 @@
 //!   the extra disk is `/dev/vdb`, the same name the bench's fio reads.
 //!
 //! - SIGTERM stops a bench in any box (a VM run at once, a host process after SIGTERM),
-//!   with exit status 143 and nothing left behind.
+//!   with exit status 143 and nothing left behind;
+//! - SIGKILL of a bench while a runc container or QEMU runs: QEMU and runc die with it,
+//!   and after the next bench's start-up sweep no process, mount, loop device, cgroup,
+//!   runc state or bench directory is left.
 //!
 //! Needs root, the image, the kernel, runc, bwrap and qemu-system-x86_64.
 
@@ -28,6 +31,10 @@ fn require_tool(name: &str) {
     );
 }
 
+/// The prefix of the bench's per-run directories in the temp dir (runc state and bundles,
+/// the peers' mount point, Firecracker's config).
+const BENCH_DIRS: &str = "twinbox-bench.";
+
 fn leftovers(prefix: &str) -> Vec<String> {
     std::fs::read_dir(std::env::temp_dir())
         .unwrap()
@@ -45,8 +52,7 @@ fn syscall_disk_density_with_runc_and_bwrap() {
     require_tool("bwrap");
     let out = std::env::temp_dir().join(format!("twinbox-bench-scn-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let peer_dirs_before = leftovers("twinbox-peer-root-");
-    let runc_dirs_before = leftovers("twinbox-runc-");
+    let dirs_before = leftovers(BENCH_DIRS);
     common::leaks::check_no_leaks("twinbox bench with peers", || {
         let status = Command::new(common::twinbox())
             .args(["bench", "syscall", "disk", "density", "--runs", "1"])
@@ -57,8 +63,7 @@ fn syscall_disk_density_with_runc_and_bwrap() {
             .expect("run twinbox bench");
         assert_eq!(status.code(), Some(0), "twinbox bench exit status");
     });
-    assert_eq!(leftovers("twinbox-peer-root-"), peer_dirs_before);
-    assert_eq!(leftovers("twinbox-runc-"), runc_dirs_before);
+    assert_eq!(leftovers(BENCH_DIRS), dirs_before);
     assert!(
         !out.join("scratch-disk.img").exists(),
         "scratch disk removed"
@@ -143,8 +148,7 @@ fn sigterm_stops_the_bench_and_leaves_nothing_behind() {
     common::require_artifact(&twinbox_spec::artifacts::kernel_vmlinux());
     let out = std::env::temp_dir().join(format!("twinbox-bench-int-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let peer_dirs_before = leftovers("twinbox-peer-root-");
-    let runc_dirs_before = leftovers("twinbox-runc-");
+    let dirs_before = leftovers(BENCH_DIRS);
     common::leaks::check_no_leaks("an interrupted twinbox bench", || {
         // Long enough (20 rounds of 3 s cpu runs, VM limit 120 s) that only the signal
         // can end it soon.
@@ -171,11 +175,183 @@ fn sigterm_stops_the_bench_and_leaves_nothing_behind() {
         };
         assert_eq!(status.code(), Some(143), "exit status 128 + SIGTERM");
     });
-    assert_eq!(leftovers("twinbox-peer-root-"), peer_dirs_before);
-    assert_eq!(leftovers("twinbox-runc-"), runc_dirs_before);
+    assert_eq!(leftovers(BENCH_DIRS), dirs_before);
     assert!(
         !out.join("results.json").exists(),
         "no results from an interrupted bench"
     );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// A process seen at one moment: pid, parent, name and start time (so a reused pid is not
+/// taken for it).
+#[derive(Clone, Debug, PartialEq)]
+struct Proc {
+    pid: i32,
+    ppid: i32,
+    comm: String,
+    start: u64,
+}
+
+fn proc_of(pid: i32) -> Option<Proc> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, tail) = stat.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1.to_string();
+    let fields: Vec<&str> = tail.split_whitespace().collect();
+    // After the name: state (field 3), ppid (4), ..., starttime (22).
+    Some(Proc {
+        pid,
+        ppid: fields.get(1)?.parse().ok()?,
+        comm,
+        start: fields.get(19)?.parse().ok()?,
+    })
+}
+
+/// Every process now.
+fn all_procs() -> Vec<Proc> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter_map(proc_of)
+        .collect()
+}
+
+/// The descendants of `root` now.
+fn descendants(root: i32) -> Vec<Proc> {
+    let procs = all_procs();
+    let mut found: Vec<Proc> = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(parent) = frontier.pop() {
+        for p in procs.iter().filter(|p| p.ppid == parent) {
+            frontier.push(p.pid);
+            found.push(p.clone());
+        }
+    }
+    found
+}
+
+/// Whether `p` (the very process, not a later one with its pid) is still alive (a zombie
+/// counts as gone: it runs nothing and holds nothing but its pid).
+fn alive(p: &Proc) -> bool {
+    proc_of(p.pid).is_some_and(|now| now.start == p.start)
+        && !std::fs::read_to_string(format!("/proc/{}/stat", p.pid))
+            .unwrap_or_default()
+            .rsplit_once(')')
+            .is_some_and(|(_, t)| t.trim_start().starts_with('Z'))
+}
+
+/// Waits until `cond` holds, at most `secs` seconds; whether it did.
+fn wait_for(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    cond()
+}
+
+/// Starts a bench of the `cpu` scenario natively and with the peers (runc, bwrap, QEMU,
+/// which on a host whose KVM cannot boot Linux runs until its 120 s limit), waits until
+/// `running` finds its target among the bench's descendants, and SIGKILLs the bench.
+/// Returns every descendant the bench had just before.
+fn kill_bench_while(out: &Path, what: &str, running: impl Fn(&[Proc]) -> bool) -> Vec<Proc> {
+    let mut bench = Command::new(common::twinbox())
+        .args([
+            "bench", "cpu", "--boxes", "native", "--peers", "--runs", "10",
+        ])
+        .args(["--warmup", "0", "--vm-timeout", "120", "--out"])
+        .arg(out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run twinbox bench");
+    let pid = bench.id() as i32;
+    let mut family = Vec::new();
+    let seen = wait_for(90, || {
+        family = descendants(pid);
+        running(&family)
+    });
+    // SAFETY: the child is ours and not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let status = bench.wait().unwrap();
+    assert!(seen, "{what} never ran under the bench: {family:?}");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    family
+}
+
+#[test]
+fn sigkill_of_the_bench_leaves_nothing_after_the_next_start() {
+    common::require_root("the bench's peers");
+    common::require_artifact(&twinbox_spec::artifacts::rootfs_image());
+    common::require_artifact(&twinbox_spec::artifacts::kernel_vmlinux());
+    require_tool("runc");
+    require_tool("bwrap");
+    require_tool("qemu-system-x86_64");
+    let out = std::env::temp_dir().join(format!("twinbox-bench-kill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let dirs_before = leftovers(BENCH_DIRS);
+    let host_before = common::leaks::HostResources::snapshot();
+    common::leaks::check_no_leaks("SIGKILLed benches, after the next start", || {
+        // 1. Killed while runc's container runs the workload: runc (our child) dies with
+        //    the bench; the container (runc's child) and its state are the sweep's.
+        let in_runc = kill_bench_while(&out, "a runc container", |family| {
+            family.iter().any(|p| {
+                p.comm == "sysbench"
+                    && family
+                        .iter()
+                        .any(|q| q.pid == p.ppid && q.comm.starts_with("runc"))
+            })
+        });
+        let runc: Vec<&Proc> = in_runc.iter().filter(|p| p.comm == "runc").collect();
+        assert!(!runc.is_empty(), "{in_runc:?}");
+        assert!(
+            wait_for(5, || runc.iter().all(|p| !alive(p))),
+            "runc outlived the killed bench: {runc:?}"
+        );
+        // 2. Killed while QEMU runs; this bench's start also swept what the first left.
+        let in_qemu = kill_bench_while(&out, "QEMU", |family| {
+            family.iter().any(|p| p.comm.starts_with("qemu-system"))
+        });
+        let qemu: Vec<&Proc> = in_qemu
+            .iter()
+            .filter(|p| p.comm.starts_with("qemu-system"))
+            .collect();
+        assert!(
+            wait_for(5, || qemu.iter().all(|p| !alive(p))),
+            "QEMU outlived the killed bench: {qemu:?}"
+        );
+        let survivors: Vec<&Proc> = in_runc.iter().filter(|p| alive(p)).collect();
+        assert!(
+            survivors.is_empty(),
+            "the next bench's start did not end the first one's runc container: {survivors:?}"
+        );
+        // 3. The next start sweeps the second bench's directories.
+        let status = Command::new(common::twinbox())
+            .args(["bench", "startup", "--boxes", "native", "--runs", "1"])
+            .args(["--warmup", "0", "--out"])
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run twinbox bench");
+        assert_eq!(status.code(), Some(0));
+        let survivors: Vec<&Proc> = in_runc
+            .iter()
+            .chain(&in_qemu)
+            .filter(|p| alive(p))
+            .collect();
+        assert!(survivors.is_empty(), "left running: {survivors:?}");
+        // The peers' image mount goes with the last namespace that held it; the autoclear
+        // loop device detaches right after, asynchronously.
+        wait_for(10, || {
+            common::leaks::HostResources::snapshot() == host_before
+        });
+    });
+    assert_eq!(leftovers(BENCH_DIRS), dirs_before, "bench directories left");
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -129,6 +129,10 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
         return Err(Error::NoRuns);
     }
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+    // What a killed bench left (runc containers, per-run directories) goes first.
+    for line in runner::sweep::sweep() {
+        tracing::warn!("{line}");
+    }
     // Declared before the runners, so dropped after them: runc and bwrap use the mount.
     let wants_peer_runtimes = opts.peers
         && opts

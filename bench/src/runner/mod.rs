@@ -13,6 +13,7 @@ pub mod peer_qemu;
 pub mod peer_root;
 pub mod peer_runc;
 pub mod process;
+pub mod sweep;
 pub mod vm;
 
 /// One box.

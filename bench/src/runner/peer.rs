@@ -58,21 +58,50 @@ pub(crate) fn peer_outcome(what: &str, outcome: Outcome, output: &str) -> Outcom
     }
 }
 
+/// Prefix of every directory the bench makes under the system temp dir:
+/// `twinbox-bench.<what>.<pid>.<n>` (dots, so no name a user or a test picks by hand,
+/// like `twinbox-bench-results`, looks like one).
+pub(crate) const RUN_DIR_PREFIX: &str = "twinbox-bench.";
+
+/// The file in a [`RunDir`] its owner holds an exclusive `flock` on while it lives: once
+/// the lock can be taken, the bench that made the directory is dead (see
+/// [`super::sweep`]). A lock, not the pid in the name, because pids are reused.
+pub(crate) const OWNER_FILE: &str = ".owner";
+
 /// A fresh directory under the system temp dir for one run's files, removed (with its
-/// contents) when dropped — on success, error and time-limit paths alike.
+/// contents) when dropped — on success, error and time-limit paths alike. If the bench is
+/// killed and cannot drop it, the next bench's [`super::sweep`] removes it.
 #[derive(Debug)]
-pub(crate) struct RunDir(PathBuf);
+pub(crate) struct RunDir {
+    path: PathBuf,
+    /// Holds the owner lock (released when the bench dies, whatever kills it).
+    _owner: std::fs::File,
+}
 
 impl RunDir {
-    /// Creates `twinbox-<what>-<pid>-<n>` (`create_dir` fails rather than reuse one).
+    /// Creates `twinbox-bench.<what>.<pid>.<n>` (`create_dir` fails rather than reuse
+    /// one) and takes its owner lock.
     pub(crate) fn create(what: &str) -> Result<Self, String> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let base = std::env::temp_dir();
         loop {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let path = base.join(format!("twinbox-{what}-{}-{n}", std::process::id()));
+            let path = base.join(format!("{RUN_DIR_PREFIX}{what}.{}.{n}", std::process::id()));
             match std::fs::create_dir(&path) {
-                Ok(()) => return Ok(Self(path)),
+                Ok(()) => {
+                    let owner = path.join(OWNER_FILE);
+                    let locked = std::fs::File::create(&owner).and_then(|f| {
+                        f.try_lock().map_err(std::io::Error::from)?;
+                        Ok(f)
+                    });
+                    return match locked {
+                        Ok(f) => Ok(Self { path, _owner: f }),
+                        Err(e) => {
+                            let _ = std::fs::remove_dir_all(&path);
+                            Err(format!("{}: {e}", owner.display()))
+                        }
+                    };
+                }
                 // Left by an earlier process with our pid: take the next number.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(format!("{}: {e}", path.display())),
@@ -82,14 +111,14 @@ impl RunDir {
 
     /// The directory.
     pub(crate) fn path(&self) -> &Path {
-        &self.0
+        &self.path
     }
 }
 
 impl Drop for RunDir {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            tracing::warn!("cannot remove {}: {e}", self.0.display());
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            tracing::warn!("cannot remove {}: {e}", self.path.display());
         }
     }
 }
@@ -144,6 +173,11 @@ pub(crate) mod tests {
         assert_ne!(a.path(), b.path());
         std::fs::write(a.path().join("f"), "x").unwrap();
         let p = a.path().to_path_buf();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("twinbox-bench.fc-test."), "{name}");
+        // Held: nobody else can take the owner lock while the RunDir lives.
+        let other = std::fs::File::open(p.join(OWNER_FILE)).unwrap();
+        assert!(other.try_lock().is_err());
         drop(a);
         assert!(!p.exists());
     }

@@ -7,10 +7,14 @@
 //! root, hostname `twinbox`, the memory limit (and CPU quota when set) like twinbox's
 //! container, and the extra disks as binds at `/mnt/disk<N>` on a tmpfs `/mnt`. runc keeps its
 //! state under a directory of ours (`--root`, a [`RunDir`]), removed at the end; `runc run` deletes the
-//! container when its process exits.
+//! container when its process exits. If the bench is killed while a container runs, runc dies
+//! with it but the container (runc's child, not ours) does not: the next bench's
+//! [`super::sweep`] deletes it through the state left in that directory.
 
 use super::peer::{in_path, peer_report, RunDir};
+use super::sweep::RUNC_STATE;
 use super::{process, Runner};
+use nix::sys::signal::Signal;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -45,11 +49,10 @@ impl Runc {
             runs: AtomicU32::new(0),
         };
         // `runc spec` writes its default config.json into the bundle directory.
-        let out = Command::new(&me.binary)
-            .args(["spec", "--bundle"])
-            .arg(me.state.path())
-            .output()
-            .map_err(|e| format!("runc spec: {e}"))?;
+        let mut spec_cmd = Command::new(&me.binary);
+        spec_cmd.args(["spec", "--bundle"]).arg(me.state.path());
+        process::die_with_bench(&mut spec_cmd, Signal::SIGKILL);
+        let out = spec_cmd.output().map_err(|e| format!("runc spec: {e}"))?;
         if !out.status.success() {
             return Err(format!(
                 "runc spec: {}",
@@ -135,16 +138,16 @@ impl Runner for Runc {
         std::fs::write(bundle.join("config.json"), config.to_string())
             .map_err(|e| format!("{}: {e}", bundle.display()))?;
         let mut cmd = Command::new(&self.binary);
-        cmd.arg("--root").arg(self.state.path().join("state"));
+        cmd.arg("--root").arg(self.state.path().join(RUNC_STATE));
         cmd.args(["run", "--bundle"]).arg(bundle).arg(&id);
         let done = process::run(cmd, spec.spawn_ns, true, spec.time_limit)?;
         if matches!(done.outcome, Outcome::Failed(_)) {
             // The time limit killed runc, not necessarily its container: remove it.
-            let _ = Command::new(&self.binary)
-                .arg("--root")
-                .arg(self.state.path().join("state"))
-                .args(["delete", "--force", &id])
-                .output();
+            let mut delete = Command::new(&self.binary);
+            delete.arg("--root").arg(self.state.path().join(RUNC_STATE));
+            delete.args(["delete", "--force", &id]);
+            process::die_with_bench(&mut delete, Signal::SIGKILL);
+            let _ = delete.output();
         }
         Ok(peer_report(
             NAME,
