@@ -7,42 +7,38 @@ use thiserror::Error;
 /// are not errors: they are the `Outcome` of the report.
 #[derive(Debug, Error)]
 pub enum Error {
+    /// Not run as root.
     #[error("twinbox ctr run needs root (loop devices, mounts, cgroups) — run as root")]
     NotRoot,
+    /// The run spec is invalid.
     #[error(transparent)]
     Spec(#[from] twinbox_spec::SpecError),
-    #[error("root filesystem image {path}: {source}")]
-    Image {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "root filesystem image {0}: not an ext4 image (no 0xEF53 superblock magic at byte 1080)"
-    )]
-    NotExt4(PathBuf),
+    /// The image is unusable or its loop device could not be attached.
+    #[error(transparent)]
+    Image(#[from] twinbox_spec::image::ImageError),
+    /// An extra disk cannot be used.
     #[error("disk {path}: {source}")]
     Disk {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("loop device for {path}: {what}: {source}")]
-    Loop {
-        path: PathBuf,
-        what: String,
-        source: std::io::Error,
-    },
+    /// The host lacks the cgroup controllers a run needs.
     #[error("cgroups: {0}")]
     CgroupLayout(String),
+    /// A cgroup file or directory could not be written, made or removed.
     #[error("cgroup {path}: {what}: {source}")]
     Cgroup {
         path: PathBuf,
         what: String,
         source: std::io::Error,
     },
+    /// The seccomp profile did not compile.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// A setup step failed (in the child: which step, and the errno).
     #[error("container setup failed: {0}")]
     Setup(String),
+    /// A system call of the parent failed.
     #[error("{what}: {source}")]
     Os {
         what: String,

@@ -8,7 +8,6 @@ pub mod cgroup;
 mod child;
 mod detached;
 mod error;
-pub mod image;
 pub mod interrupt;
 pub mod plan;
 mod run;

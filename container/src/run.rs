@@ -2,17 +2,19 @@
 
 use crate::cgroup::{self, Limits};
 use crate::child::{self, Prepared};
-use crate::image::{self, LoopDevice};
-use crate::{caps, detached, interrupt, plan, seccomp, sweep, userns, Error};
+use crate::{caps, detached, plan, seccomp, sweep, userns, Error};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
-use twinbox_proto::{Marker, MarkerChannel};
+use twinbox_proto::MarkerChannel;
 use twinbox_spec::clock::monotonic_ns;
+use twinbox_spec::image::{self, LoopDevice};
+use twinbox_spec::interrupt::Interrupt;
+use twinbox_spec::outcome::MarkerLog;
 use twinbox_spec::run_spec::OutputMode;
-use twinbox_spec::{BoxKind, Outcome, Phase, RunReport, RunSpec, Timeline, Usage};
+use twinbox_spec::{BoxKind, Phase, RunReport, RunSpec, Usage};
 
 static RUNS: AtomicU32 = AtomicU32::new(0);
 
@@ -98,7 +100,7 @@ fn read_full(fd: RawFd, buf: &mut [u8]) -> usize {
 /// Runs `spec` in a container and reports how it went. Setup problems are errors; the
 /// workload's own failures are the report's outcome.
 pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
-    let mut timeline = Timeline::starting_at(spec.spawn_ns);
+    let mut log = MarkerLog::new(spec.spawn_ns);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(Error::NotRoot);
@@ -196,7 +198,8 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
         seccomp: Some(seccomp::container_filter()?),
     };
 
-    let signals = interrupt::Guard::install();
+    let interrupt =
+        Interrupt::install().map_err(|e| Error::os("install the SIGINT/SIGTERM handlers", e))?;
     let mut stack = vec![0u8; 256 * 1024];
     let mut flags = nix::sched::CloneFlags::CLONE_NEWPID
         | nix::sched::CloneFlags::CLONE_NEWNS
@@ -271,7 +274,8 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
         let code = u32::from_le_bytes(record[..4].try_into().unwrap_or_default());
         let errno = i32::from_le_bytes(record[4..].try_into().unwrap_or_default());
         if code == child::READY {
-            timeline.record(Phase::SandboxReady, monotonic_ns());
+            log.timeline_mut()
+                .record(Phase::SandboxReady, monotonic_ns());
         } else {
             failure = Some((code, errno));
         }
@@ -285,7 +289,7 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
             std::io::Error::from_raw_os_error(errno)
         )));
     }
-    timeline.record(Phase::GuestEntry, monotonic_ns());
+    log.timeline_mut().record(Phase::GuestEntry, monotonic_ns());
     // The child attached its copy; ours must go for the loop device to clear.
     drop(image_mount);
     drop(disk_mounts);
@@ -296,76 +300,56 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
     drop(device);
 
     let mut notes: Vec<String> = layout.device_note().into_iter().collect();
-    let mut exit_marker = None;
     let mut captured = Vec::new();
     let started = Instant::now();
     let mut stop_reason = None;
     let mut marker_open = true;
     let mut output_open = output_r.is_some();
-    let mut pending = Vec::<u8>::new();
     while marker_open || output_open {
-        let mut fds = vec![libc::pollfd {
-            fd: if marker_open {
-                marker_r.as_raw_fd()
-            } else {
-                -1
-            },
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        if let Some(r) = &output_r {
-            fds.push(libc::pollfd {
-                fd: if output_open { r.as_raw_fd() } else { -1 },
+        let fd_if = |open: bool, fd: RawFd| if open { fd } else { -1 };
+        let mut fds = [
+            libc::pollfd {
+                fd: fd_if(marker_open, marker_r.as_raw_fd()),
                 events: libc::POLLIN,
                 revents: 0,
-            });
-        }
+            },
+            libc::pollfd {
+                fd: output_r
+                    .as_ref()
+                    .map_or(-1, |r| fd_if(output_open, r.as_raw_fd())),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: interrupt.fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // The timeout only bounds how late a time limit is noticed.
         // SAFETY: polls our own descriptors.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
         if fds[0].revents != 0 {
             let mut buf = [0u8; 64];
             // SAFETY: reads into a stack buffer.
             let n = unsafe { libc::read(marker_r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            let now = monotonic_ns();
             if n <= 0 {
                 marker_open = false;
             } else {
-                pending.extend_from_slice(&buf[..n as usize]);
-                while pending.len() >= 4 {
-                    let value = u32::from_le_bytes(pending[..4].try_into().unwrap_or_default());
-                    pending.drain(..4);
-                    match Marker::decode(value) {
-                        Ok(Marker::WorkloadExited(code)) => {
-                            timeline.record(Phase::WorkloadExited, now);
-                            exit_marker = Some(code);
-                        }
-                        Ok(Marker::InitFailed(errno)) => notes.push(format!(
-                            "twinbox-init failed: {}",
-                            std::io::Error::from_raw_os_error(errno as i32)
-                        )),
-                        Ok(marker) => {
-                            if let Some(phase) = Phase::from_marker(marker.phase()) {
-                                timeline.record(phase, now);
-                            }
-                        }
-                        Err(e) => notes.push(e.to_string()),
-                    }
-                }
+                log.feed(&buf[..n as usize], monotonic_ns());
             }
         }
-        if let (Some(r), Some(pfd)) = (&output_r, fds.get(1)) {
-            if pfd.revents != 0 {
-                let mut buf = [0u8; 4096];
-                // SAFETY: reads into a stack buffer.
-                let n = unsafe { libc::read(r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-                if n <= 0 {
-                    output_open = false;
-                } else {
-                    captured.extend_from_slice(&buf[..n as usize]);
-                }
+        if let (Some(r), true) = (&output_r, fds[1].revents != 0) {
+            let mut buf = [0u8; 4096];
+            // SAFETY: reads into a stack buffer.
+            let n = unsafe { libc::read(r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                output_open = false;
+            } else {
+                captured.extend_from_slice(&buf[..n as usize]);
             }
         }
-        if let Some(signal) = interrupt::signal() {
+        if let Some(signal) = interrupt.signal() {
             stop_reason = Some(format!("interrupted by signal {signal}"));
         } else if spec
             .time_limit
@@ -382,7 +366,7 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
         }
     }
     let (status, rusage) = child.wait()?;
-    drop(signals);
+    drop(interrupt);
     let stats = group.stats();
     group.destroy()?;
     drop(group);
@@ -390,25 +374,21 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
     // The last mount of the image went with the mount namespace; autoclear detaches the
     // loop device right after (asynchronously): torn down means it is free again.
     let freed = wait_until(|| !loop_backing.exists());
-    timeline.record(Phase::TornDown, monotonic_ns());
+    log.timeline_mut().record(Phase::TornDown, monotonic_ns());
     if !freed {
         notes.push(format!(
             "{} still attached 2 s after the run",
             loop_backing.display()
         ));
     }
-
-    let outcome = if let Some(reason) = stop_reason {
-        Outcome::Failed(reason)
-    } else if let Some(code) = exit_marker {
-        Outcome::from(code)
-    } else if libc::WIFEXITED(status) {
-        Outcome::Exited(libc::WEXITSTATUS(status))
-    } else if libc::WIFSIGNALED(status) {
-        Outcome::Signaled(libc::WTERMSIG(status))
-    } else {
-        Outcome::Failed(format!("unexpected wait status {status:#x}"))
+    let finished = log.finish(|| describe_wait_status(status));
+    // A stop (signal, time limit) is the run's end even if the workload's exit raced it.
+    let outcome = match stop_reason {
+        Some(reason) => twinbox_spec::Outcome::Failed(reason),
+        None => finished.outcome,
     };
+    let timeline = finished.timeline;
+    notes.extend(finished.notes);
     if stats.oom_killed {
         notes.push(format!(
             "the container hit its memory limit of {} MiB: OOM killer struck",
@@ -445,6 +425,23 @@ fn sweep_leftovers(mountinfo: &str) {
     }
 }
 
+/// How init ended, in words, for a run whose workload never reported an exit.
+fn describe_wait_status(status: i32) -> String {
+    if libc::WIFEXITED(status) {
+        format!(
+            "twinbox-init exited with status {}",
+            libc::WEXITSTATUS(status)
+        )
+    } else if libc::WIFSIGNALED(status) {
+        format!(
+            "twinbox-init was killed by signal {}",
+            libc::WTERMSIG(status)
+        )
+    } else {
+        format!("unexpected wait status {status:#x}")
+    }
+}
+
 /// Polls `done` every 200 µs for up to 2 s.
 fn wait_until(done: impl Fn() -> bool) -> bool {
     for _ in 0..10_000 {
@@ -458,9 +455,5 @@ fn wait_until(done: impl Fn() -> bool) -> bool {
 
 /// Our own peak RSS (VmHWM), KiB.
 fn rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    twinbox_spec::host::self_status_kib("VmHWM")
 }
