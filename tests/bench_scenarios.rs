@@ -255,9 +255,15 @@ fn wait_for(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
 
 /// Starts a bench of the `cpu` scenario natively and with the peers (runc, bwrap, QEMU,
 /// which on a host whose KVM cannot boot Linux runs until its 120 s limit), waits until
-/// `running` finds its target among the bench's descendants, and SIGKILLs the bench.
-/// Returns every descendant the bench had just before.
-fn kill_bench_while(out: &Path, what: &str, running: impl Fn(&[Proc]) -> bool) -> Vec<Proc> {
+/// `target` finds its process among the bench's descendants, SIGSTOPs that process when
+/// `freeze` (so it cannot end on its own), and SIGKILLs the bench. Returns the target and
+/// every descendant the bench had just before.
+fn kill_bench_while(
+    out: &Path,
+    what: &str,
+    freeze: bool,
+    target: impl Fn(&[Proc]) -> Option<Proc>,
+) -> (Proc, Vec<Proc>) {
     let mut bench = Command::new(common::twinbox())
         .args([
             "bench", "cpu", "--boxes", "native", "--peers", "--runs", "10",
@@ -270,19 +276,38 @@ fn kill_bench_while(out: &Path, what: &str, running: impl Fn(&[Proc]) -> bool) -
         .expect("run twinbox bench");
     let pid = bench.id() as i32;
     let mut family = Vec::new();
-    let seen = wait_for(90, || {
+    let mut found = None;
+    wait_for(90, || {
         family = descendants(pid);
-        running(&family)
+        found = target(&family);
+        found.is_some()
     });
+    if let (Some(p), true) = (&found, freeze) {
+        // SAFETY: kill(2) of a process we just saw; a wrong pid only gets SIGSTOP.
+        unsafe { libc::kill(p.pid, libc::SIGSTOP) };
+    }
     // SAFETY: the child is ours and not yet reaped.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let status = bench.wait().unwrap();
-    assert!(seen, "{what} never ran under the bench: {family:?}");
+    let found = found.unwrap_or_else(|| panic!("{what} never ran under the bench: {family:?}"));
     assert_eq!(
         std::os::unix::process::ExitStatusExt::signal(&status),
         Some(libc::SIGKILL)
     );
-    family
+    (found, family)
+}
+
+/// Runs a short native bench, whose start sweeps what killed benches left; its log.
+fn next_bench_start(out: &Path) -> String {
+    let run = Command::new(common::twinbox())
+        .args(["bench", "startup", "--boxes", "native", "--runs", "1"])
+        .args(["--warmup", "0", "--out"])
+        .arg(out)
+        .output()
+        .expect("run twinbox bench");
+    let log = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert_eq!(run.status.code(), Some(0), "{log}");
+    log
 }
 
 #[test]
@@ -298,15 +323,19 @@ fn sigkill_of_the_bench_leaves_nothing_after_the_next_start() {
     let dirs_before = leftovers(BENCH_DIRS);
     let host_before = common::leaks::HostResources::snapshot();
     common::leaks::check_no_leaks("SIGKILLed benches, after the next start", || {
-        // 1. Killed while runc's container runs the workload: runc (our child) dies with
-        //    the bench; the container (runc's child) and its state are the sweep's.
-        let in_runc = kill_bench_while(&out, "a runc container", |family| {
-            family.iter().any(|p| {
-                p.comm == "sysbench"
-                    && family
-                        .iter()
-                        .any(|q| q.pid == p.ppid && q.comm.starts_with("runc"))
-            })
+        // 1. Killed while runc's container runs the workload (stopped, so it cannot end
+        //    by itself): runc, our child, dies with the bench; the container, runc's
+        //    child, survives until the next bench's start deletes it through runc.
+        let (container, in_runc) = kill_bench_while(&out, "a runc container", true, |family| {
+            family
+                .iter()
+                .find(|p| {
+                    p.comm == "sysbench"
+                        && family
+                            .iter()
+                            .any(|q| q.pid == p.ppid && q.comm.starts_with("runc"))
+                })
+                .cloned()
         });
         let runc: Vec<&Proc> = in_runc.iter().filter(|p| p.comm == "runc").collect();
         assert!(!runc.is_empty(), "{in_runc:?}");
@@ -314,32 +343,29 @@ fn sigkill_of_the_bench_leaves_nothing_after_the_next_start() {
             wait_for(5, || runc.iter().all(|p| !alive(p))),
             "runc outlived the killed bench: {runc:?}"
         );
-        // 2. Killed while QEMU runs; this bench's start also swept what the first left.
-        let in_qemu = kill_bench_while(&out, "QEMU", |family| {
-            family.iter().any(|p| p.comm.starts_with("qemu-system"))
-        });
-        let qemu: Vec<&Proc> = in_qemu
-            .iter()
-            .filter(|p| p.comm.starts_with("qemu-system"))
-            .collect();
         assert!(
-            wait_for(5, || qemu.iter().all(|p| !alive(p))),
+            alive(&container),
+            "the container should outlive runc (else this test proves nothing)"
+        );
+        let log = next_bench_start(&out);
+        assert!(log.contains("deleted"), "no runc container deleted:\n{log}");
+        assert!(
+            wait_for(5, || !alive(&container)),
+            "the next start did not end the runc container {container:?}:\n{log}"
+        );
+        // 2. Killed while QEMU runs: it dies with the bench, no sweep needed.
+        let (qemu, in_qemu) = kill_bench_while(&out, "QEMU", false, |family| {
+            family
+                .iter()
+                .find(|p| p.comm.starts_with("qemu-system"))
+                .cloned()
+        });
+        assert!(
+            wait_for(5, || !alive(&qemu)),
             "QEMU outlived the killed bench: {qemu:?}"
         );
-        let survivors: Vec<&Proc> = in_runc.iter().filter(|p| alive(p)).collect();
-        assert!(
-            survivors.is_empty(),
-            "the next bench's start did not end the first one's runc container: {survivors:?}"
-        );
-        // 3. The next start sweeps the second bench's directories.
-        let status = Command::new(common::twinbox())
-            .args(["bench", "startup", "--boxes", "native", "--runs", "1"])
-            .args(["--warmup", "0", "--out"])
-            .arg(&out)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("run twinbox bench");
-        assert_eq!(status.code(), Some(0));
+        // 3. The next start removes the directories the second bench left.
+        next_bench_start(&out);
         let survivors: Vec<&Proc> = in_runc
             .iter()
             .chain(&in_qemu)
