@@ -139,24 +139,33 @@ pub struct StdoutWriter {
 }
 
 impl StdoutWriter {
-    /// Starts the writer on a duplicate of this process's stdout.
-    pub fn start() -> std::io::Result<(ConsoleSink, Self)> {
-        Self::start_on(std::io::stdout().as_fd().try_clone_to_owned()?, || {})
+    /// Starts the writer on a duplicate of this process's stdout; `on_start` runs first on
+    /// the new thread (the VMM installs the thread's seccomp filter there).
+    pub fn start(
+        on_start: impl FnOnce() -> Result<(), String> + Send + 'static,
+    ) -> std::io::Result<(ConsoleSink, Self)> {
+        Self::start_on(std::io::stdout().as_fd().try_clone_to_owned()?, on_start)
     }
 
-    /// Starts the writer on `out`; `on_start` runs first on the new thread (where the VMM
-    /// installs the thread's seccomp filter).
+    /// Starts the writer on `out`; `on_start` as for [`StdoutWriter::start`]. If it fails,
+    /// guest output is dropped (the guest is never held up by it).
     pub fn start_on(
         out: OwnedFd,
-        on_start: impl FnOnce() + Send + 'static,
+        on_start: impl FnOnce() -> Result<(), String> + Send + 'static,
     ) -> std::io::Result<(ConsoleSink, Self)> {
         let shared = Arc::new(Shared::default());
         let theirs = shared.clone();
         let handle = std::thread::Builder::new()
             .name("vmm-console".into())
-            .spawn(move || {
-                on_start();
-                writer_loop(File::from(out), &theirs)
+            .spawn(move || match on_start() {
+                Ok(()) => writer_loop(File::from(out), &theirs),
+                Err(e) => {
+                    tracing::error!("console writer: {e}; guest output is dropped");
+                    let mut q = theirs.lock();
+                    q.broken = true;
+                    q.bytes.clear();
+                    theirs.changed.notify_all();
+                }
             })?;
         Ok((
             ConsoleSink {
@@ -283,7 +292,7 @@ mod tests {
     #[test]
     fn output_reaches_the_reader_in_order() {
         let (mut reader, write_end) = pipe();
-        let (mut sink, writer) = StdoutWriter::start_on(write_end, || {}).unwrap();
+        let (mut sink, writer) = StdoutWriter::start_on(write_end, || Ok(())).unwrap();
         for i in 0..1000u32 {
             sink.write_all(format!("line {i}\n").as_bytes()).unwrap();
         }
@@ -300,7 +309,7 @@ mod tests {
     #[test]
     fn a_stuck_reader_blocks_the_writer_only_until_close() {
         let (reader, write_end) = pipe();
-        let (mut sink, writer) = StdoutWriter::start_on(write_end, || {}).unwrap();
+        let (mut sink, writer) = StdoutWriter::start_on(write_end, || Ok(())).unwrap();
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let vcpu = std::thread::spawn(move || {
             // Far more than a pipe (64 KiB) plus the queue hold.
@@ -331,7 +340,7 @@ mod tests {
     fn a_closed_reader_drops_output_instead_of_blocking() {
         let (reader, write_end) = pipe();
         drop(reader);
-        let (mut sink, writer) = StdoutWriter::start_on(write_end, || {}).unwrap();
+        let (mut sink, writer) = StdoutWriter::start_on(write_end, || Ok(())).unwrap();
         // EPIPE (SIGPIPE is ignored by the Rust runtime) marks the queue broken.
         for _ in 0..(1 << 20) / 512 {
             sink.write_all(&[b'x'; 512]).unwrap();

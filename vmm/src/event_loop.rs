@@ -39,17 +39,12 @@ impl MutEventSubscriber for Wake {
 
 impl EventLoop {
     /// Starts the loop thread with `subscribers` registered; `failed` is written if the
-    /// loop dies of an error.
-    pub fn start(subscribers: Vec<Subscriber>, failed: EventFd) -> std::io::Result<Self> {
-        Self::start_with(subscribers, failed, || {})
-    }
-
-    /// Like [`EventLoop::start`], with `on_start` run first on the loop thread (where the
-    /// VMM installs the thread's seccomp filter).
-    pub fn start_with(
+    /// loop dies of an error. `on_start` runs first on the new thread (the VMM installs the
+    /// thread's seccomp filter there); its error is a failure of the loop.
+    pub fn start(
         subscribers: Vec<Subscriber>,
         failed: EventFd,
-        on_start: impl FnOnce() + Send + 'static,
+        on_start: impl FnOnce() -> Result<(), String> + Send + 'static,
     ) -> std::io::Result<Self> {
         let mut manager: EventManager<Subscriber> = EventManager::new()
             .map_err(|e| std::io::Error::other(format!("event manager: {e:?}")))?;
@@ -65,14 +60,17 @@ impl EventLoop {
         let handle = std::thread::Builder::new()
             .name("vmm-events".into())
             .spawn(move || {
-                on_start();
+                let fail = |text: String| {
+                    tracing::error!("{text}");
+                    *why.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+                    let _ = failed.write(1);
+                };
+                if let Err(e) = on_start() {
+                    return fail(format!("device event loop: {e}"));
+                }
                 while !flag.load(Ordering::Acquire) {
                     if let Err(e) = manager.run() {
-                        let text = format!("device event loop failed: {e:?}");
-                        tracing::error!("{text}");
-                        *why.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
-                        let _ = failed.write(1);
-                        break;
+                        return fail(format!("device event loop failed: {e:?}"));
                     }
                 }
             })?;
@@ -134,7 +132,8 @@ mod tests {
         let counter: Subscriber =
             Arc::new(Mutex::new(Counter(evt.try_clone().unwrap(), count.clone())));
         let failed = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let events = EventLoop::start(vec![counter], failed.try_clone().unwrap()).unwrap();
+        let events =
+            EventLoop::start(vec![counter], failed.try_clone().unwrap(), || Ok(())).unwrap();
         evt.write(1).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while *count.lock().unwrap() == 0 {

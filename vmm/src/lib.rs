@@ -32,6 +32,7 @@ pub(crate) mod devices;
 pub(crate) mod event_loop;
 pub(crate) mod mptable;
 pub(crate) mod rootfs;
+pub mod seccomp;
 pub(crate) mod usage;
 
 use crate::boot::cmdline::{self, KernelCmdline, VirtioMmioEntry};
@@ -89,6 +90,8 @@ pub enum Error {
         addr: u64,
         source: vm_memory::GuestMemoryError,
     },
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     #[error("job for twinbox-init: {0}")]
     Job(String),
     #[error("cannot start a VMM thread: {0}")]
@@ -140,7 +143,13 @@ pub fn run_until<S: AsRawFd + ?Sized>(
     let mut running = Running::default();
     let console_out: Box<dyn std::io::Write + Send> = match spec.output {
         OutputMode::Inherit => {
-            let (sink, writer) = console::StdoutWriter::start().map_err(Error::Thread)?;
+            let filters = config.seccomp.clone();
+            let (sink, writer) = console::StdoutWriter::start(move || {
+                filters
+                    .apply(seccomp::ThreadKind::Console)
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(Error::Thread)?;
             running.console = Some(writer);
             Box::new(console::Console::new(sink))
         }
@@ -187,6 +196,14 @@ pub fn run_until<S: AsRawFd + ?Sized>(
         event_loop::EventLoop::start(
             devices.subscribers.clone(),
             exit_evt.try_clone().map_err(Error::Thread)?,
+            {
+                let filters = config.seccomp.clone();
+                move || {
+                    filters
+                        .apply(seccomp::ThreadKind::EventLoop)
+                        .map_err(|e| e.to_string())
+                }
+            },
         )
         .map_err(Error::Thread)?,
     );
@@ -207,6 +224,7 @@ pub fn run_until<S: AsRawFd + ?Sized>(
             reasons: reasons_tx.clone(),
             on_first_run: first_run,
             pvm_workarounds: config.pvm,
+            seccomp: config.seccomp.clone(),
         };
         running
             .vcpus
@@ -289,6 +307,8 @@ struct Config {
     kernel: PathBuf,
     initrd: Option<PathBuf>,
     pvm: bool,
+    /// The VMM threads' system call filters, compiled before any VM exists.
+    seccomp: seccomp::Filters,
 }
 
 impl Config {
@@ -316,6 +336,7 @@ impl Config {
             kernel,
             initrd: spec.initrd.clone(),
             pvm: twinbox_spec::host::is_pvm(),
+            seccomp: seccomp::Filters::new(seccomp::Mode::from_env()?)?,
         })
     }
 }

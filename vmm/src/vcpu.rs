@@ -18,6 +18,7 @@
 //! leaves a vCPU running.
 
 use crate::memory::GuestMemoryMmap;
+use crate::seccomp::{Filters, ThreadKind};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
@@ -105,6 +106,9 @@ pub struct VcpuContext {
     /// Work around PVM's kernel-mode emulator: deliver an `int3` it cannot execute as
     /// the #BP exception it would have raised (see docs/vm-on-pvm.md).
     pub pvm_workarounds: bool,
+    /// The seccomp filters of the run; the thread installs the vCPU one before its first
+    /// KVM_RUN.
+    pub seccomp: Filters,
 }
 
 /// A running vCPU thread; dropping it stops and joins the thread.
@@ -163,10 +167,18 @@ impl Drop for VcpuThread {
 fn run_loop(mut vcpu: VcpuFd, mut ctx: VcpuContext) {
     let immediate_exit: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
-    if let Some(first) = ctx.on_first_run.take() {
-        first();
-    }
-    let reason = vcpu_loop(&mut vcpu, &mut ctx);
+    let reason = match ctx.seccomp.apply(ThreadKind::Vcpu) {
+        Ok(()) => {
+            if let Some(first) = ctx.on_first_run.take() {
+                first();
+            }
+            vcpu_loop(&mut vcpu, &mut ctx)
+        }
+        Err(e) => VcpuStop::Failed {
+            vcpu: ctx.id,
+            details: e.to_string(),
+        },
+    };
     // The kvm_run mapping goes with `vcpu`: the kick handler must not touch it after.
     IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
     drop(vcpu);

@@ -22,6 +22,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::cpuid::Profile;
 use vmm::machine::{self, BootEntry};
 use vmm::regs::{self, EntryMode};
+use vmm::seccomp::{Filters, Mode};
 use vmm::vcpu::{IoHandler, VcpuContext, VcpuThread};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -104,6 +105,8 @@ fn dropping_a_vcpu_thread_stops_a_spinning_guest_even_before_its_first_run() {
             reasons,
             on_first_run: None,
             pvm_workarounds: false,
+            // The real vCPU filter: the kick and the exit must work under it.
+            seccomp: Filters::new(Mode::Kill).unwrap(),
         };
         let thread = VcpuThread::spawn(fd, ctx).unwrap();
         std::thread::sleep(Duration::from_micros((round % 8) * 250));

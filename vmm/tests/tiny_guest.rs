@@ -11,6 +11,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::cpuid::Profile;
 use vmm::machine::{self, BootEntry};
 use vmm::regs::{self, EntryMode};
+use vmm::seccomp::{Filters, Mode};
 use vmm::vcpu::{IoHandler, VcpuContext, VcpuStop, VcpuThread};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -142,6 +143,8 @@ fn run_guest(code: &[u8], vcpus: u32) -> (Arc<Recorder>, VcpuStop) {
                 reasons: tx.clone(),
                 on_first_run: None,
                 pvm_workarounds: false,
+                // The real vCPU filter: these guests exercise it too.
+                seccomp: Filters::new(Mode::Kill).unwrap(),
             };
             VcpuThread::spawn(fd, ctx).unwrap()
         })

@@ -1,0 +1,376 @@
+//! Seccomp filters for the VMM's threads, one per thread kind, each installed by the thread
+//! itself after its setup (as Firecracker and Cloud Hypervisor do): the guest reaches the
+//! VMM only through these threads — vCPUs run the port/MMIO device models, the event loop
+//! parses virtqueues, the console thread writes what the guest printed — so a guest that
+//! subverts a device model finds only the system calls that thread needs.
+//!
+//! The lists come from `strace -f` of `twinbox vm run` (a Linux guest booting until its
+//! reset, with a virtio disk) and of the tiny-guest tests (virtqueue round trip, console
+//! flood, teardown), per thread, plus what Rust's runtime and glibc do on those threads
+//! after the filter is in: allocation (`mmap`/`mprotect`/`munmap`/`madvise`/`brk`, never
+//! with PROT_EXEC), futex waits, signal return (the vCPU kick; SIGINT/SIGTERM may land on
+//! any thread), `close`, and thread exit. `ioctl` is limited to the vCPU ioctls by number.
+//!
+//! A call outside the list kills the whole process (`SECCOMP_RET_KILL_PROCESS`): a VMM
+//! whose device thread is doing something unexpected is not one to keep running. The
+//! environment variable `TWINBOX_VMM_SECCOMP` chooses otherwise for debugging: `log`
+//! (allowed, and logged by the kernel's audit: `dmesg | grep 'type=1326'` gives the
+//! syscall number) or `off`.
+//!
+//! The caller's thread (the CLI's main thread, or the bench's) is not filtered: it carries
+//! on after the run (the bench runs containers and peers next), and it handles no guest
+//! input.
+
+use kvm_bindings::{kvm_regs, kvm_translation, kvm_vcpu_events};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule,
+};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use thiserror::Error;
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
+
+/// The environment variable that chooses [`Mode`].
+pub const MODE_ENV: &str = "TWINBOX_VMM_SECCOMP";
+
+// The vCPU ioctls the vCPU threads may issue (numbers from the kernel's kvm.h).
+const KVMIO: u32 = 0xAE;
+ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
+ioctl_iowr_nr!(KVM_TRANSLATE, KVMIO, 0x85, kvm_translation);
+ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
+
+/// What a call outside a thread's list does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Kill the process (the default).
+    Kill,
+    /// Allow the call and have the kernel log it (for finding a missing entry).
+    Log,
+    /// No filters.
+    Off,
+}
+
+/// Why the filters cannot be used.
+#[derive(Debug, Error)]
+pub enum SeccompError {
+    #[error("{MODE_ENV}={0:?}: expected kill, log or off")]
+    BadMode(String),
+    #[error(
+        "this kernel has no seccomp filter support (set {MODE_ENV}=off to run the VMM without \
+         system call filters)"
+    )]
+    Unsupported,
+    #[error("cannot build the {kind} seccomp filter: {source}")]
+    Build {
+        kind: ThreadKind,
+        source: seccompiler::BackendError,
+    },
+    #[error("cannot install the {kind} seccomp filter: {source}")]
+    Install {
+        kind: ThreadKind,
+        source: seccompiler::Error,
+    },
+}
+
+/// The kinds of VMM thread, each with its own list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// A vCPU: KVM_RUN and the port/MMIO device models.
+    Vcpu,
+    /// The device event loop: virtqueues, disk I/O, interrupts.
+    EventLoop,
+    /// The console writer: guest output to stdout.
+    Console,
+}
+
+impl std::fmt::Display for ThreadKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ThreadKind::Vcpu => "vCPU",
+            ThreadKind::EventLoop => "event loop",
+            ThreadKind::Console => "console",
+        })
+    }
+}
+
+impl Mode {
+    /// The mode `TWINBOX_VMM_SECCOMP` asks for (unset: [`Mode::Kill`]).
+    pub fn from_env() -> Result<Self, SeccompError> {
+        match std::env::var(MODE_ENV) {
+            Err(_) => Ok(Mode::Kill),
+            Ok(v) => match v.as_str() {
+                "" | "kill" => Ok(Mode::Kill),
+                "log" => Ok(Mode::Log),
+                "off" => Ok(Mode::Off),
+                _ => Err(SeccompError::BadMode(v)),
+            },
+        }
+    }
+}
+
+/// The compiled filters of one run, shared by the threads that install them.
+#[derive(Clone, Debug)]
+pub struct Filters {
+    vcpu: Option<Arc<BpfProgram>>,
+    event_loop: Option<Arc<BpfProgram>>,
+    console: Option<Arc<BpfProgram>>,
+}
+
+impl Filters {
+    /// Compiles every thread kind's filter for `mode` (none for [`Mode::Off`]); fails if the
+    /// kernel cannot install filters at all, before any VM exists.
+    pub fn new(mode: Mode) -> Result<Self, SeccompError> {
+        if mode == Mode::Off {
+            return Ok(Self {
+                vcpu: None,
+                event_loop: None,
+                console: None,
+            });
+        }
+        // SAFETY: PR_GET_SECCOMP takes no pointer arguments; it fails with EINVAL when the
+        // kernel lacks CONFIG_SECCOMP.
+        if unsafe { libc::prctl(libc::PR_GET_SECCOMP, 0, 0, 0, 0) } < 0 {
+            return Err(SeccompError::Unsupported);
+        }
+        let build = |kind| compile(kind, mode).map(|p| Some(Arc::new(p)));
+        Ok(Self {
+            vcpu: build(ThreadKind::Vcpu)?,
+            event_loop: build(ThreadKind::EventLoop)?,
+            console: build(ThreadKind::Console)?,
+        })
+    }
+
+    /// No filters (for callers that run threads outside a VM run, such as tests).
+    pub fn none() -> Self {
+        Self {
+            vcpu: None,
+            event_loop: None,
+            console: None,
+        }
+    }
+
+    /// Installs `kind`'s filter on the calling thread (nothing when filters are off).
+    pub fn apply(&self, kind: ThreadKind) -> Result<(), SeccompError> {
+        let program = match kind {
+            ThreadKind::Vcpu => &self.vcpu,
+            ThreadKind::EventLoop => &self.event_loop,
+            ThreadKind::Console => &self.console,
+        };
+        match program {
+            None => Ok(()),
+            Some(program) => seccompiler::apply_filter(program)
+                .map_err(|source| SeccompError::Install { kind, source }),
+        }
+    }
+}
+
+/// A rule matching argument `index` against `value`.
+fn arg(index: u8, op: SeccompCmpOp, value: u64) -> SeccompCondition {
+    SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value)
+        .expect("argument index below 6")
+}
+
+fn rule(conditions: Vec<SeccompCondition>) -> SeccompRule {
+    SeccompRule::new(conditions).expect("a non-empty rule")
+}
+
+/// Allowed unconditionally.
+fn any(rules: &mut BTreeMap<i64, Vec<SeccompRule>>, calls: &[libc::c_long]) {
+    for call in calls {
+        rules.insert(*call, vec![]);
+    }
+}
+
+/// What every VMM thread needs once running: memory management by the allocator and at
+/// thread exit (never executable), futexes (locks, channels, join), signal return, close,
+/// logging to stderr, time, exit.
+fn common() -> BTreeMap<i64, Vec<SeccompRule>> {
+    let mut rules = BTreeMap::new();
+    any(
+        &mut rules,
+        &[
+            libc::SYS_brk,
+            libc::SYS_munmap,
+            libc::SYS_madvise,
+            libc::SYS_futex,
+            libc::SYS_sched_yield,
+            libc::SYS_rt_sigreturn,
+            libc::SYS_rt_sigprocmask,
+            libc::SYS_sigaltstack,
+            libc::SYS_close,
+            libc::SYS_write,
+            libc::SYS_clock_gettime,
+            libc::SYS_gettid,
+            libc::SYS_exit,
+            libc::SYS_exit_group,
+        ],
+    );
+    let not_exec = || {
+        vec![rule(vec![arg(
+            2,
+            SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+            0,
+        )])]
+    };
+    rules.insert(libc::SYS_mmap, not_exec());
+    rules.insert(libc::SYS_mprotect, not_exec());
+    // Debug builds check an fd is open before closing it (F_GETFD); nothing else.
+    rules.insert(
+        libc::SYS_fcntl,
+        vec![rule(vec![arg(1, SeccompCmpOp::Eq, libc::F_GETFD as u64)])],
+    );
+    rules
+}
+
+/// The allow-list of `kind`.
+fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
+    let mut rules = common();
+    match kind {
+        ThreadKind::Vcpu => {
+            let ioctls = [
+                KVM_RUN(),
+                KVM_GET_REGS(),
+                KVM_SET_REGS(),
+                KVM_TRANSLATE(),
+                KVM_GET_VCPU_EVENTS(),
+                KVM_SET_VCPU_EVENTS(),
+            ];
+            rules.insert(
+                libc::SYS_ioctl,
+                ioctls
+                    .iter()
+                    .map(|nr| rule(vec![arg(1, SeccompCmpOp::Eq, u64::from(*nr as u32))]))
+                    .collect(),
+            );
+        }
+        ThreadKind::EventLoop => any(
+            &mut rules,
+            &[
+                libc::SYS_epoll_wait,
+                libc::SYS_epoll_pwait,
+                libc::SYS_epoll_ctl,
+                libc::SYS_read,
+                libc::SYS_pread64,
+                libc::SYS_pwrite64,
+                libc::SYS_fdatasync,
+                libc::SYS_fsync,
+            ],
+        ),
+        ThreadKind::Console => any(&mut rules, &[libc::SYS_poll, libc::SYS_ppoll]),
+    }
+    rules
+}
+
+/// Compiles `kind`'s filter for this architecture.
+fn compile(kind: ThreadKind, mode: Mode) -> Result<BpfProgram, SeccompError> {
+    let mismatch = match mode {
+        Mode::Log => SeccompAction::Log,
+        _ => SeccompAction::KillProcess,
+    };
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|source| SeccompError::Build { kind, source })?;
+    SeccompFilter::new(rules(kind), mismatch, SeccompAction::Allow, arch)
+        .and_then(BpfProgram::try_from)
+        .map_err(|source| SeccompError::Build { kind, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_are_the_kernels() {
+        assert_eq!(KVM_RUN(), 0xae80);
+        assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
+        assert_eq!(KVM_SET_REGS(), 0x4090_ae82);
+        assert_eq!(KVM_TRANSLATE(), 0xc018_ae85);
+        assert_eq!(KVM_GET_VCPU_EVENTS(), 0x8040_ae9f);
+        assert_eq!(KVM_SET_VCPU_EVENTS(), 0x4040_aea0);
+    }
+
+    #[test]
+    fn every_kind_compiles_in_both_modes() {
+        for kind in [ThreadKind::Vcpu, ThreadKind::EventLoop, ThreadKind::Console] {
+            for mode in [Mode::Kill, Mode::Log] {
+                let program = compile(kind, mode).unwrap();
+                assert!(program.len() > 10, "{kind} filter is suspiciously short");
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_vcpu_may_ioctl_and_only_the_event_loop_may_touch_disks() {
+        let vcpu = rules(ThreadKind::Vcpu);
+        let events = rules(ThreadKind::EventLoop);
+        let console = rules(ThreadKind::Console);
+        assert!(vcpu.contains_key(&libc::SYS_ioctl));
+        assert!(!events.contains_key(&libc::SYS_ioctl));
+        assert!(!console.contains_key(&libc::SYS_ioctl));
+        assert!(events.contains_key(&libc::SYS_pwrite64));
+        assert!(!vcpu.contains_key(&libc::SYS_pwrite64));
+        for forbidden in [
+            libc::SYS_openat,
+            libc::SYS_execve,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_socket,
+            libc::SYS_ptrace,
+            libc::SYS_mount,
+        ] {
+            for list in [&vcpu, &events, &console] {
+                assert!(
+                    !list.contains_key(&forbidden),
+                    "syscall {forbidden} allowed"
+                );
+            }
+        }
+    }
+
+    /// Forks a child that installs `kind`'s filter and calls `getppid` (in no list): the
+    /// kernel must kill it with SIGSYS. Then one that only calls allowed things and exits.
+    #[test]
+    fn a_call_outside_the_list_kills_the_process() {
+        let filters = Filters::new(Mode::Kill).unwrap();
+        for kind in [ThreadKind::Vcpu, ThreadKind::EventLoop, ThreadKind::Console] {
+            for forbidden in [true, false] {
+                // SAFETY: the child only installs a precompiled filter (prctl + seccomp),
+                // makes raw system calls and _exits: async-signal-safe after fork.
+                let pid = unsafe { libc::fork() };
+                assert!(pid >= 0, "fork failed");
+                if pid == 0 {
+                    let code = match filters.apply(kind) {
+                        Ok(()) => {
+                            if forbidden {
+                                // SAFETY: a plain system call.
+                                unsafe { libc::getppid() };
+                            }
+                            0
+                        }
+                        Err(_) => 3,
+                    };
+                    // SAFETY: ends the forked child without running the parent's atexit.
+                    unsafe { libc::_exit(code) };
+                }
+                let mut status = 0;
+                // SAFETY: waits for our own child.
+                assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+                if forbidden {
+                    assert!(
+                        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+                        "{kind}: getppid under the filter should die of SIGSYS (status {status:#x})"
+                    );
+                } else {
+                    assert!(
+                        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                        "{kind}: allowed calls only, yet status {status:#x}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Every thread the VMM starts runs under its seccomp filter during a run: the kernel shows
+//! `Seccomp: 2` (filter mode) in /proc/<pid>/task/<tid>/status for each vCPU, the event
+//! loop and the console writer, and the run still ends normally (teardown included) with
+//! the default kill-process action.
+//!
+//! NEEDS /dev/kvm (any flavour: PVM is fine, no Linux guest involved).
+
+mod common;
+
+use common::{elf, fake_root, require_kvm, TempDir};
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use twinbox_spec::run_spec::OutputMode;
+use twinbox_spec::{Outcome, RunSpec};
+
+/// Writes 'x' to COM1 forever (see tests/teardown.rs).
+const FLOOD: &[u8] = &[0x66, 0xba, 0xf8, 0x03, 0xb0, 0x78, 0xee, 0xeb, 0xfd];
+
+/// Env var that turns this test binary into the child below.
+const CHILD_ENV: &str = "TWINBOX_SECCOMP_CHILD";
+
+/// Not a test on its own: the VMM process the test below inspects. Boots the flooding
+/// guest on two vCPUs with its console on stdout for 4 s, then prints the outcome.
+#[test]
+#[ignore = "runs only as the child of the seccomp test"]
+fn child_vmm() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        panic!("run only as the child of the seccomp test ({CHILD_ENV} unset)");
+    }
+    let dir = TempDir::new("seccomp-child");
+    let kernel = dir.join("guest.elf");
+    std::fs::write(&kernel, elf(FLOOD)).unwrap();
+    let root = dir.join("root.img");
+    fake_root(&root);
+    let mut spec = RunSpec::new(&root, vec!["/bin/true".into()]);
+    spec.kernel = Some(kernel);
+    spec.memory_mib = 64;
+    spec.vcpus = 2;
+    spec.output = OutputMode::Inherit;
+    spec.time_limit = Some(Duration::from_secs(4));
+    let report = vmm::run(&spec).expect("vmm::run");
+    match &report.outcome {
+        Outcome::Failed(why) if why.contains("time limit") => eprintln!("RUN-ENDED-CLEANLY"),
+        other => eprintln!("unexpected outcome {other:?}"),
+    }
+}
+
+/// (thread name, Seccomp mode) of every thread of `pid`.
+fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return vec![];
+    };
+    tasks
+        .filter_map(|t| {
+            let dir = t.ok()?.path();
+            let name = std::fs::read_to_string(dir.join("comm")).ok()?;
+            let status = std::fs::read_to_string(dir.join("status")).ok()?;
+            let mode = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Seccomp:"))?
+                .trim()
+                .to_owned();
+            Some((name.trim().to_owned(), mode))
+        })
+        .collect()
+}
+
+#[test]
+fn every_vmm_thread_runs_under_a_seccomp_filter() {
+    require_kvm();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "child_vmm", "--nocapture"])
+        .env(CHILD_ENV, "1")
+        .env_remove(vmm::seccomp::MODE_ENV)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drain the console so the guest keeps running (and the console thread keeps writing).
+    let mut stdout = child.stdout.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = stdout.read_to_end(&mut sink);
+        sink.len()
+    });
+    // Wait until all four VMM threads exist and have had time to install their filters
+    // (each does so first thing), then take that snapshot.
+    let wanted = ["vcpu0", "vcpu1", "vmm-events", "vmm-console"];
+    let started = Instant::now();
+    let modes = loop {
+        let modes = seccomp_modes(child.id());
+        let all_there = wanted.iter().all(|w| modes.iter().any(|(n, _)| n == w));
+        let all_filtered = wanted
+            .iter()
+            .all(|w| modes.iter().any(|(n, m)| n == w && m == "2"));
+        if all_filtered || (all_there && started.elapsed() > Duration::from_secs(3)) {
+            break modes;
+        }
+        if started.elapsed() > Duration::from_secs(30) || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            panic!("the VMM threads never all appeared; saw {modes:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let status = child.wait().unwrap();
+    let console_bytes = drain.join().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+
+    for want in wanted {
+        let (_, mode) = modes.iter().find(|(n, _)| n == want).unwrap();
+        assert_eq!(
+            mode, "2",
+            "thread {want} runs with Seccomp: {mode}, not 2 (filter); all: {modes:?}"
+        );
+    }
+    assert!(
+        status.success() && stderr.contains("RUN-ENDED-CLEANLY"),
+        "the filtered VMM did not finish its run normally ({status}): {stderr}"
+    );
+    assert!(
+        console_bytes > 0,
+        "the console thread wrote nothing under its filter"
+    );
+}
