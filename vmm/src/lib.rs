@@ -314,6 +314,7 @@ struct Config {
 impl Config {
     fn check(spec: &RunSpec) -> Result<Self, Error> {
         spec.validate()?;
+        memory::check_size(spec.memory_mib, memory::host_total_kib()?)?;
         let kernel = match &spec.kernel {
             Some(path) => path.clone(),
             None => twinbox_spec::artifacts::require(

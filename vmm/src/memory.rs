@@ -17,6 +17,13 @@ pub enum MemoryError {
         mib: u64,
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error(
+        "{mib} MiB of guest memory is more than this host's {host_mib} MiB of RAM (MemTotal): \
+         ask for at most {host_mib}"
+    )]
+    MoreThanHost { mib: u32, host_mib: u64 },
+    #[error("cannot read the host's memory size from /proc/meminfo: {0}")]
+    HostSize(String),
     #[error("cannot register guest memory slot {slot} at {addr:#x} with KVM: {source}")]
     Register {
         slot: u32,
@@ -37,6 +44,25 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
         ));
     }
     ranges
+}
+
+/// Checks `mib` against the host's RAM (`MemTotal`, in KiB). Guest RAM is mapped lazily,
+/// so a bigger guest would start — and then be killed by the OOM killer, or take the host
+/// with it, once its pages are touched. (The spec's own limit, 1 TiB, only catches typos.)
+pub fn check_size(mib: u32, host_total_kib: u64) -> Result<(), MemoryError> {
+    let host_mib = host_total_kib >> 10;
+    if u64::from(mib) > host_mib {
+        return Err(MemoryError::MoreThanHost { mib, host_mib });
+    }
+    Ok(())
+}
+
+/// This host's `MemTotal`, in KiB.
+pub fn host_total_kib() -> Result<u64, MemoryError> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")
+        .map_err(|e| MemoryError::HostSize(e.to_string()))?;
+    twinbox_spec::host::status_field_kib(&meminfo, "MemTotal")
+        .ok_or_else(|| MemoryError::HostSize("no MemTotal line".into()))
 }
 
 /// Maps `mib` MiB of anonymous guest RAM.
@@ -119,6 +145,26 @@ mod tests {
     #[test]
     fn exactly_gap_sized_guest_has_no_high_range() {
         assert_eq!(ram_ranges(MMIO_GAP_START).len(), 1);
+    }
+
+    #[test]
+    fn guest_memory_is_bounded_by_host_ram() {
+        let host_kib = 4 << 20; // 4 GiB
+        assert!(check_size(4096, host_kib).is_ok());
+        let err = check_size(4097, host_kib).unwrap_err();
+        assert!(matches!(
+            err,
+            MemoryError::MoreThanHost {
+                mib: 4097,
+                host_mib: 4096
+            }
+        ));
+        assert!(err.to_string().contains("at most 4096"), "{err}");
+        assert!(
+            check_size(1 << 20, host_kib).is_err(),
+            "1 TiB on a 4 GiB host"
+        );
+        assert!(host_total_kib().unwrap() > 0, "this host's MemTotal");
     }
 
     #[test]
