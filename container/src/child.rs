@@ -2,9 +2,8 @@
 //!
 //! Runs right after `clone` in a copy of the parent: it only walks data prepared by the
 //! parent ([`Prepared`]) and makes raw syscalls, so it never allocates (the parent may be
-//! multi-threaded). Progress and failures go to the parent over the close-on-exec status
-//! pipe as 8-byte records: `(READY, 0)` just before exec, `(step, errno)` on failure; the
-//! pipe closing without a failure record means init was executed.
+//! multi-threaded). Progress and failures go to the parent over the channel
+//! (`channel.rs`): ready just before exec, or the failed step's code and errno.
 //!
 //! Dying with the parent: the child asks for SIGKILL on its parent's death first thing,
 //! and again after every credential change (the kernel clears the request on each, so
@@ -13,28 +12,44 @@
 //! is 0 in a new pid namespace): the child closes the parent's ends it inherited, so the
 //! release pipe reads EOF and the status pipe reports POLLERR once the parent is gone.
 
+use crate::channel::ChildEnds;
 use crate::plan::{Plan, Step};
 use std::ffi::CString;
 use std::os::fd::RawFd;
 
-/// Record kind: sandbox ready, about to exec init.
-pub const READY: u32 = 0;
-/// Failure codes for steps outside the mount plan (plan steps are `FIRST_PLAN_STEP + i`).
+// Failure codes for steps outside the mount plan (plan steps are `FIRST_PLAN_STEP + i`);
+// 0 is the channel's "ready".
+/// Waiting for the parent's release.
 pub const WAIT_RELEASE: u32 = 1;
+/// Unsharing the cgroup namespace.
 pub const UNSHARE_CGROUP: u32 = 2;
+/// Making / private.
 pub const PRIVATE_ROOT: u32 = 3;
+/// Setting the hostname.
 pub const HOSTNAME: u32 = 4;
+/// Bringing up lo.
 pub const LOOPBACK: u32 = 5;
+/// pivot_root into the new root.
 pub const PIVOT_ROOT: u32 = 6;
+/// Detaching the old root.
 pub const DETACH_OLD_ROOT: u32 = 7;
+/// Handing the marker fd to init.
 pub const MARKER_FD: u32 = 8;
+/// Dropping capabilities.
 pub const CAPABILITIES: u32 = 9;
+/// Setting no_new_privs.
 pub const NO_NEW_PRIVS: u32 = 10;
+/// Executing init.
 pub const EXEC_INIT: u32 = 11;
+/// Redirecting output.
 pub const OUTPUT: u32 = 12;
+/// Becoming root of the user namespace.
 pub const BECOME_ROOT: u32 = 13;
+/// Finding the parent dead after a credential change.
 pub const PARENT_GONE: u32 = 14;
+/// Installing the seccomp filter.
 pub const SECCOMP: u32 = 15;
+/// The code of the plan's first step.
 pub const FIRST_PLAN_STEP: u32 = 100;
 
 /// Names the failed step of a failure record.
@@ -66,23 +81,28 @@ pub fn describe(code: u32, plan: &Plan) -> String {
 
 /// Everything the child needs, allocated before `clone`.
 pub struct Prepared {
+    /// The mount plan, carried out in order.
     pub plan: Plan,
+    /// The container's hostname.
     pub hostname: Option<CString>,
-    /// Read end: one byte from the parent once the child is in its cgroup.
-    pub release_fd: RawFd,
-    /// Write end of the status pipe (close-on-exec).
-    pub status_fd: RawFd,
+    /// The child's side of the start-up channel.
+    pub channel: ChildEnds,
     /// Write end of the marker pipe, handed to init (its number is in the job).
     pub marker_fd: RawFd,
     /// When capturing output: write end to put on stdout and stderr.
     pub output_fd: Option<RawFd>,
+    /// Path of init inside the new root.
     pub init: CString,
+    /// init's argv (NULL-terminated).
     pub argv: [*const libc::c_char; 2],
+    /// init's environment (NULL-terminated): the job.
     pub envp: Vec<*const libc::c_char>,
     /// Keeps the strings `envp` points at alive.
     #[allow(dead_code)]
     pub env_storage: Vec<CString>,
+    /// Capabilities to drop from the bounding set.
     pub caps_to_drop: Vec<u32>,
+    /// The capability words kept (effective, permitted, inheritable).
     pub caps_keep: [u32; 2],
     /// In a new user namespace: take uid/gid 0 of it once the parent wrote the maps.
     pub user_namespace: bool,
@@ -97,18 +117,10 @@ fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
-fn report(fd: RawFd, code: u32, err: i32) {
-    let mut record = [0u8; 8];
-    record[..4].copy_from_slice(&code.to_le_bytes());
-    record[4..].copy_from_slice(&err.to_le_bytes());
-    // SAFETY: writes 8 bytes from a stack buffer; a pipe write of <= PIPE_BUF is atomic.
-    unsafe { libc::write(fd, record.as_ptr().cast(), record.len()) };
-}
-
 /// Child entry: returns only on failure, with the status to exit with.
 pub fn main(p: &Prepared) -> isize {
     let fail = |code: u32| -> isize {
-        report(p.status_fd, code, errno());
+        p.channel.failed(code, errno());
         125
     };
     // SAFETY: every call below is a plain syscall on data owned by `p` or the stack.
@@ -117,12 +129,10 @@ pub fn main(p: &Prepared) -> isize {
         for fd in &p.parent_fds {
             libc::close(*fd);
         }
-        // EOF here means the parent died (our copy of the write end is closed above).
-        let mut byte = 0u8;
-        if libc::read(p.release_fd, (&mut byte as *mut u8).cast(), 1) != 1 {
+        // EOF here means the parent died (our copy of its end is closed above).
+        if !p.channel.wait_for_release() {
             return fail(WAIT_RELEASE);
         }
-        libc::close(p.release_fd);
         // The maps are written now, but our credentials still hold host uid 0, which the
         // namespace does not map: switch to its root (host HOST_BASE) and drop the host's
         // supplementary groups.
@@ -134,7 +144,7 @@ pub fn main(p: &Prepared) -> isize {
             return fail(BECOME_ROOT);
         }
         // setresgid/setresuid cleared the parent-death signal.
-        if !rearm_and_check_parent(p.status_fd) {
+        if !rearm_and_check_parent(&p.channel) {
             return fail(PARENT_GONE);
         }
         // Now inside the run's cgroup: the cgroup namespace is rooted there.
@@ -303,7 +313,7 @@ pub fn main(p: &Prepared) -> isize {
             return fail(CAPABILITIES);
         }
         // capset is a credential change too; re-arming is cheap and keeps the rule simple.
-        if !rearm_and_check_parent(p.status_fd) {
+        if !rearm_and_check_parent(&p.channel) {
             return fail(PARENT_GONE);
         }
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
@@ -315,7 +325,7 @@ pub fn main(p: &Prepared) -> isize {
                 return fail(SECCOMP);
             }
         }
-        report(p.status_fd, READY, 0);
+        p.channel.ready();
         libc::execve(p.init.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr());
         fail(EXEC_INIT)
     }
@@ -328,19 +338,11 @@ unsafe fn arm_parent_death_signal() {
 }
 
 /// Re-arms the parent-death signal after a credential change cleared it, then checks the
-/// parent did not die in between: the status pipe's write end reports POLLERR once its
-/// only reader, the parent, is gone.
-unsafe fn rearm_and_check_parent(status_fd: RawFd) -> bool {
-    // SAFETY: prctl with integer arguments; poll of one pollfd on the stack.
-    unsafe {
-        arm_parent_death_signal();
-        let mut pfd = libc::pollfd {
-            fd: status_fd,
-            events: 0,
-            revents: 0,
-        };
-        libc::poll(&mut pfd, 1, 0) >= 0 && pfd.revents & libc::POLLERR == 0
-    }
+/// parent did not die in between (`getppid` cannot tell: it is 0 in a new pid namespace).
+unsafe fn rearm_and_check_parent(channel: &ChildEnds) -> bool {
+    // SAFETY: prctl with integer arguments.
+    unsafe { arm_parent_death_signal() };
+    channel.parent_alive()
 }
 
 /// The `S_IFMT` bits of `path`, or None (errno set) when it cannot be stat'ed.

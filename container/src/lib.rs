@@ -5,15 +5,19 @@
 
 mod caps;
 pub mod cgroup;
+mod channel;
 mod child;
 mod detached;
 mod error;
 pub mod interrupt;
-pub mod plan;
+mod plan;
+#[cfg(test)]
+mod recording;
 mod run;
 pub mod seccomp;
 pub mod sweep;
-pub mod userns;
+mod syscall;
+mod userns;
 
 pub use error::Error;
 pub use run::{run, INIT};

@@ -1,114 +1,209 @@
-//! One container run, from checks to teardown.
+//! One container run. [`run`] tells the story top to bottom, in numbered steps:
+//!
+//! 1. **sweep** — remove what killed runs left behind (`sweep.rs`);
+//! 2. **check** — root, the spec, the image is ext4, the disks exist, the cgroup layout,
+//!    so bad input costs nothing and leaves nothing behind;
+//! 3. **cgroup** — the run's cgroup: cpu quota, memory without swap, pids, the device
+//!    allowlist (`cgroup.rs`);
+//! 4. **rootfs** — the staging directory, the image on a read-only autoclear loop device,
+//!    the image and the disks as detached mounts, the mount plan (`plan.rs`);
+//! 5. **child** — the channel, the job, everything the child needs prepared; `clone`
+//!    into new pid/mnt/uts/ipc/net (and user) namespaces (`child.rs` runs there);
+//! 6. **admit** — with `--userns` the maps and idmapped mounts (`userns.rs`); the child
+//!    joins the cgroup; the child is released;
+//! 7. **ready** — the child reports the sandbox ready (or which step failed), then the
+//!    channel closes on the exec of init;
+//! 8. **run** — markers and output until init ends, a signal or the time limit;
+//! 9. **teardown** — reap, cgroup readout and removal, staging directory, loop device;
+//! 10. **report** — outcome from the markers (`twinbox_spec::outcome`), timeline, usage.
+//!
+//! Every resource is held by a guard that releases it on every path (the child killed
+//! and reaped first, then the mounts, the loop device, the staging directory, the cgroup:
+//! the reverse of how they were taken), and every privileged call goes through
+//! [`Syscall`], so the tests below check the order of steps and cleanups without root.
 
 use crate::cgroup::{self, Limits};
+use crate::channel::{self, FromChild, ParentSide};
 use crate::child::{self, Prepared};
-use crate::{caps, detached, plan, seccomp, sweep, userns, Error};
+use crate::syscall::{Loop, Real, Reaped, Syscall};
+use crate::{caps, plan, seccomp, sweep, userns, Error};
+use nix::sched::CloneFlags;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 use twinbox_proto::MarkerChannel;
 use twinbox_spec::clock::monotonic_ns;
-use twinbox_spec::image::{self, LoopDevice};
+use twinbox_spec::image;
 use twinbox_spec::interrupt::Interrupt;
 use twinbox_spec::outcome::MarkerLog;
 use twinbox_spec::run_spec::OutputMode;
-use twinbox_spec::{BoxKind, Phase, RunReport, RunSpec, Usage};
+use twinbox_spec::{BoxKind, Outcome, Phase, RunReport, RunSpec, Usage};
 
 static RUNS: AtomicU32 = AtomicU32::new(0);
 
 /// Path of init inside the image.
 pub const INIT: &str = "/sbin/twinbox-init";
 
-/// The staging directory, removed when the run ends (its tmpfs lived only in the child's
-/// mount namespace).
-struct Staging(PathBuf);
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-/// The container's init: killed and reaped on drop unless already reaped.
-struct Child {
-    pid: i32,
-    reaped: bool,
-}
-
-impl Child {
-    fn kill(&self) {
-        // SAFETY: kill(2) of our own child; SIGKILL to a pid-namespace init ends the namespace.
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
-    }
-
-    fn wait(&mut self) -> Result<(i32, libc::rusage), Error> {
-        let mut status = 0;
-        // SAFETY: zeroed rusage is a valid out-parameter.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        loop {
-            // SAFETY: wait4 on our own child with valid out-pointers.
-            let r = unsafe { libc::wait4(self.pid, &mut status, 0, &mut usage) };
-            if r == self.pid {
-                self.reaped = true;
-                return Ok((status, usage));
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(Error::os("wait for the container", e));
-            }
-        }
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        if !self.reaped {
-            self.kill();
-            let _ = self.wait();
-        }
-    }
-}
-
-fn pipe() -> Result<(OwnedFd, OwnedFd), Error> {
-    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| Error::os("pipe", std::io::Error::from_raw_os_error(e as i32)))
-}
-
-fn cstr(s: &str, what: &str) -> Result<CString, Error> {
-    CString::new(s).map_err(|_| Error::Setup(format!("{what} contains a NUL byte")))
-}
-
-/// Reads until `buf` is full or EOF; returns bytes read.
-fn read_full(fd: RawFd, buf: &mut [u8]) -> usize {
-    let mut got = 0;
-    while got < buf.len() {
-        // SAFETY: reads into the unfilled tail of `buf`.
-        let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
-        if n > 0 {
-            got += n as usize;
-        } else if n == 0
-            || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
-        {
-            break;
-        }
-    }
-    got
-}
-
 /// Runs `spec` in a container and reports how it went. Setup problems are errors; the
 /// workload's own failures are the report's outcome.
 pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
+    run_with(&Real, spec)
+}
+
+/// [`run`] with the privileged calls made by `sys`.
+pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, Error> {
     let mut log = MarkerLog::new(spec.spawn_ns);
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+
+    // 1–2. Leftovers of killed runs, then everything checked before anything is made.
+    if !sys.is_root() {
         return Err(Error::NotRoot);
     }
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| Error::os("read /proc/self/mountinfo", e))?;
-    // What killed runs left behind goes before this run adds its own.
-    sweep_leftovers(&mountinfo);
+    let mountinfo = sys.mountinfo()?;
+    sys.sweep(&mountinfo);
+    check(spec)?;
+    let layout = cgroup::detect(&mountinfo)?;
+    let mut notes: Vec<String> = layout.device_note().into_iter().collect();
+    let name = run_name()?;
+
+    // 3. The cgroup.
+    let cpus = spec.cpus.unwrap_or(f64::from(spec.vcpus));
+    let devices = cgroup::device_allowlist(Path::new("/dev"), &plan::DEVICES)?;
+    let limits = Limits::new(cpus, spec.memory_mib, spec.pids_limit).with_devices(devices);
+    let mut group = sys.create_cgroup(&layout, &name, limits)?;
+
+    // 4. The root filesystem, ready to attach.
+    let staging = StagingDir::create(sys, plan::staging_dir(&name))?;
+    let mut device = LoopGuard(Some(sys.attach_loop(&spec.rootfs)?));
+    let device_path = device.path().to_owned();
+    // Mounted here, as host root, detached: the child attaches them (inside its device
+    // allowlist it could not open the loop device; in a user namespace not mount ext4).
+    let image_mount = sys.mount_image(&device_path)?;
+    let disk_mounts = spec
+        .disks
+        .iter()
+        .map(|d| sys.bind_disk(&d.path, d.read_only))
+        .collect::<Result<Vec<_>, _>>()?;
+    let disk_fds: Vec<RawFd> = disk_mounts.iter().map(AsRawFd::as_raw_fd).collect();
+    let plan =
+        plan::build(&staging.path, image_mount.as_raw_fd(), &disk_fds).map_err(Error::Setup)?;
+
+    // 5. The child.
+    let (mut parent, child_side) = channel::channel()?;
+    let (marker_r, marker_w) = pipe()?;
+    let output = match spec.output {
+        OutputMode::Capture => Some(pipe()?),
+        OutputMode::Inherit => None,
+    };
+    let mut parent_fds = parent.raw_fds();
+    parent_fds.push(marker_r.as_raw_fd());
+    parent_fds.extend(output.as_ref().map(|(r, _)| r.as_raw_fd()));
+    let prepared = prepare(
+        spec,
+        plan,
+        &child_side,
+        marker_w.as_raw_fd(),
+        output.as_ref().map(|(_, w)| w.as_raw_fd()),
+        parent_fds,
+    )?;
+    let interrupt =
+        Interrupt::install().map_err(|e| Error::os("install the SIGINT/SIGTERM handlers", e))?;
+    let mut child = ChildGuard {
+        sys,
+        pid: sys.spawn(&prepared, clone_flags(spec.user_namespace))?,
+        reaped: None,
+    };
+    // The child holds its copies now; ours would keep the pipes open after it is gone.
+    drop(child_side);
+    drop(marker_w);
+    let output_r = output.map(|(r, _w)| r);
+
+    // 6. Admit the child: maps, cgroup, release.
+    if spec.user_namespace {
+        let mut mounts = vec![userns::Detached {
+            what: format!("the image mount of {}", spec.rootfs.display()),
+            fd: &image_mount,
+        }];
+        for (disk, fd) in spec.disks.iter().zip(&disk_mounts) {
+            mounts.push(userns::Detached {
+                what: format!("the bind of {}", disk.path.display()),
+                fd,
+            });
+        }
+        sys.map_user_namespace(child.pid, &mounts)?;
+    }
+    group.add(child.pid)?;
+    parent.release()?;
+
+    // 7. Sandbox ready, then init.
+    wait_ready(&parent, &mut child, &prepared, &mut log)?;
+    log.timeline_mut().record(Phase::GuestEntry, monotonic_ns());
+    // The child attached its copies; ours must go for the loop device to clear, and the
+    // mount now holds the image: the device clears itself once the container is gone.
+    drop(image_mount);
+    drop(disk_mounts);
+    drop(device.0.take());
+
+    // 8. Until init ends, a signal or the time limit.
+    let (captured, stop_reason) =
+        supervise(spec, &marker_r, output_r.as_ref(), &interrupt, &mut log);
+    if stop_reason.is_some() {
+        sys.kill(child.pid);
+    }
+
+    // 9. Teardown, in order: the child, the cgroup, the staging directory, the loop device.
+    let reaped = child.reap()?;
+    drop(interrupt);
+    // What init reported ends here (before the host's own torn-down stamp, so a failure
+    // names the last phase init reached).
+    let mut finished = log.finish(|| describe_wait_status(reaped.status));
+    let stats = group.stats();
+    group.destroy()?;
+    drop(group);
+    drop(staging);
+    let freed = sys.wait_loop_free(&device_path);
+    finished.timeline.record(Phase::TornDown, monotonic_ns());
+    if !freed {
+        notes.push(format!(
+            "{} still attached 2 s after the run",
+            device_path.display()
+        ));
+    }
+
+    // 10. The report.
+    // A stop (signal, time limit) is the run's end even if the workload's exit raced it.
+    let outcome = match stop_reason {
+        Some(reason) => Outcome::Failed(reason),
+        None => finished.outcome,
+    };
+    notes.extend(finished.notes);
+    if stats.oom_killed {
+        notes.push(format!(
+            "the container hit its memory limit of {} MiB: OOM killer struck",
+            spec.memory_mib
+        ));
+    }
+    let tv_us = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000 + tv.tv_usec as u64;
+    Ok(RunReport {
+        box_kind: BoxKind::Container,
+        outcome,
+        timeline: finished.timeline,
+        output: output_r.map(|_| String::from_utf8_lossy(&captured).into_owned()),
+        usage: Usage {
+            runtime_peak_rss_kib: twinbox_spec::host::self_status_kib("VmHWM"),
+            guest_memory_touched_kib: None,
+            cgroup_memory_peak_kib: stats.memory_peak_kib,
+            cpu_user_us: Some(tv_us(reaped.usage.ru_utime)),
+            cpu_system_us: Some(tv_us(reaped.usage.ru_stime)),
+            oom_killed: stats.oom_killed,
+        },
+        notes,
+    })
+}
+
+/// Step 2: the spec, the image and the disks, before anything is made.
+fn check(spec: &RunSpec) -> Result<(), Error> {
     spec.validate()?;
     image::check_ext4(&spec.rootfs)?;
     for disk in &spec.disks {
@@ -117,48 +212,48 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
             source,
         })?;
     }
-    let layout = cgroup::detect(&mountinfo)?;
+    Ok(())
+}
+
+/// This run's name: the owner's pid and start time (for the sweep), and a counter.
+fn run_name() -> Result<String, Error> {
     let pid = std::process::id();
-    let start = sweep::start_time(std::path::Path::new("/proc"), pid).ok_or_else(|| {
+    let start = sweep::start_time(Path::new("/proc"), pid).ok_or_else(|| {
         Error::Setup("cannot read this process's start time from /proc/self/stat".into())
     })?;
-    let name = sweep::run_name(pid, start, RUNS.fetch_add(1, Ordering::SeqCst));
-    let cpus = spec.cpus.unwrap_or(f64::from(spec.vcpus));
-    let devices = cgroup::device_allowlist(std::path::Path::new("/dev"), &plan::DEVICES)?;
-    let mut group = cgroup::create(
-        &layout,
-        &name,
-        Limits::new(cpus, spec.memory_mib, spec.pids_limit).with_devices(devices),
-    )?;
+    Ok(sweep::run_name(
+        pid,
+        start,
+        RUNS.fetch_add(1, Ordering::SeqCst),
+    ))
+}
 
-    let staging_path = plan::staging_dir(&name);
-    std::fs::create_dir_all(sweep::STAGING_ROOT)
-        .map_err(|e| Error::os(format!("create {}", sweep::STAGING_ROOT), e))?;
-    std::fs::create_dir(&staging_path)
-        .map_err(|e| Error::os(format!("create {}", staging_path.display()), e))?;
-    let staging = Staging(staging_path);
-    let device = LoopDevice::attach(&spec.rootfs)?;
-    // The image and the disks are mounted here, as host root, detached; the child
-    // attaches them (it could not open the loop device inside its device allowlist).
-    let image_mount = detached::ext4(&device.path)?;
-    let disk_mounts = spec
-        .disks
-        .iter()
-        .map(|d| detached::bind(&d.path, d.read_only))
-        .collect::<Result<Vec<_>, _>>()?;
-    let disk_fds: Vec<RawFd> = disk_mounts.iter().map(|fd| fd.as_raw_fd()).collect();
-    let plan = plan::build(&staging.0, image_mount.as_raw_fd(), &disk_fds).map_err(Error::Setup)?;
+/// The namespaces of the child: pid, mount, uts, ipc, net, and user with `--userns`
+/// (the cgroup namespace comes later, once the child is in its cgroup).
+fn clone_flags(user_namespace: bool) -> CloneFlags {
+    let mut flags = CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWNET;
+    if user_namespace {
+        // Created first by clone, so it owns every other new namespace.
+        flags |= CloneFlags::CLONE_NEWUSER;
+    }
+    flags
+}
 
-    let (release_r, release_w) = pipe()?;
-    let (status_r, status_w) = pipe()?;
-    let (marker_r, marker_w) = pipe()?;
-    let output = match spec.output {
-        OutputMode::Capture => Some(pipe()?),
-        OutputMode::Inherit => None,
-    };
-
+/// Step 5: everything the child needs, allocated before `clone`.
+fn prepare(
+    spec: &RunSpec,
+    plan: plan::Plan,
+    channel: &channel::ChildSide,
+    marker_fd: RawFd,
+    output_fd: Option<RawFd>,
+    parent_fds: Vec<RawFd>,
+) -> Result<Prepared, Error> {
     let mut job = spec.job();
-    job.marker = MarkerChannel::Fd(marker_w.as_raw_fd());
+    job.marker = MarkerChannel::Fd(marker_fd);
     job.overlay_root = false;
     job.power_off = false;
     // The runtime sets the hostname itself: init runs without CAP_SYS_ADMIN.
@@ -175,13 +270,12 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
         spec.hostname.as_deref().unwrap_or("twinbox"),
         "hostname",
     )?);
-    let prepared = Prepared {
+    Ok(Prepared {
         plan,
         hostname,
-        release_fd: release_r.as_raw_fd(),
-        status_fd: status_w.as_raw_fd(),
-        marker_fd: marker_w.as_raw_fd(),
-        output_fd: output.as_ref().map(|(_, w)| w.as_raw_fd()),
+        channel: channel.ends(),
+        marker_fd,
+        output_fd,
         argv: [init.as_ptr(), std::ptr::null()],
         init,
         envp,
@@ -189,240 +283,116 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, Error> {
         caps_to_drop: caps::to_drop(caps::last_cap()),
         caps_keep: caps::default_mask(),
         user_namespace: spec.user_namespace,
-        parent_fds: [&release_w, &status_r, &marker_r]
-            .into_iter()
-            .chain(output.as_ref().map(|(r, _)| r))
-            .map(|fd| fd.as_raw_fd())
-            .collect(),
+        parent_fds,
         // Compiled here: the child after clone must not allocate.
         seccomp: Some(seccomp::container_filter()?),
-    };
+    })
+}
 
-    let interrupt =
-        Interrupt::install().map_err(|e| Error::os("install the SIGINT/SIGTERM handlers", e))?;
-    let mut stack = vec![0u8; 256 * 1024];
-    let mut flags = nix::sched::CloneFlags::CLONE_NEWPID
-        | nix::sched::CloneFlags::CLONE_NEWNS
-        | nix::sched::CloneFlags::CLONE_NEWUTS
-        | nix::sched::CloneFlags::CLONE_NEWIPC
-        | nix::sched::CloneFlags::CLONE_NEWNET;
-    if spec.user_namespace {
-        // Created first by clone, so it owns every other new namespace.
-        flags |= nix::sched::CloneFlags::CLONE_NEWUSER;
-    }
-    // SAFETY: the child only runs `child::main`, which walks pre-allocated data and makes
-    // raw syscalls until it execs or exits.
-    let pid = unsafe {
-        nix::sched::clone(
-            Box::new(|| child::main(&prepared)),
-            &mut stack,
-            flags,
-            Some(libc::SIGCHLD),
-        )
-    }
-    .map_err(|e| {
-        Error::os(
-            "clone the container",
-            std::io::Error::from_raw_os_error(e as i32),
-        )
-    })?;
-    let mut child = Child {
-        pid: pid.as_raw(),
-        reaped: false,
-    };
-    drop(release_r);
-    drop(status_w);
-    drop(marker_w);
-    let output_r = output.map(|(r, w)| {
-        drop(w);
-        r
-    });
-
-    let mapped = match spec.user_namespace {
-        true => {
-            let mut mounts = vec![userns::Detached {
-                what: format!("the image mount of {}", spec.rootfs.display()),
-                fd: &image_mount,
-            }];
-            for (disk, fd) in spec.disks.iter().zip(&disk_mounts) {
-                mounts.push(userns::Detached {
-                    what: format!("the bind of {}", disk.path.display()),
-                    fd,
-                });
-            }
-            userns::map(child.pid, &mounts)
-        }
-        false => Ok(()),
-    };
-    if let Err(e) = mapped.and_then(|()| group.add(child.pid)) {
-        drop(child);
-        group.destroy()?;
-        return Err(e);
-    }
-    let release = release_w.as_raw_fd();
-    // SAFETY: one byte from the stack into our pipe.
-    unsafe { libc::write(release, [1u8].as_ptr().cast(), 1) };
-    drop(release_w);
-
-    // Status records until the pipe closes on exec.
-    let mut failure = None;
+/// Step 7: waits for the child's reports until the channel closes on exec. A failed
+/// step, or a child gone without reporting ready, is a setup error (the guards clean up).
+fn wait_ready(
+    parent: &ParentSide,
+    child: &mut ChildGuard<'_>,
+    prepared: &Prepared,
+    log: &mut MarkerLog,
+) -> Result<(), Error> {
+    let mut ready = false;
     loop {
-        let mut record = [0u8; 8];
-        if read_full(status_r.as_raw_fd(), &mut record) < 8 {
-            break;
-        }
-        let code = u32::from_le_bytes(record[..4].try_into().unwrap_or_default());
-        let errno = i32::from_le_bytes(record[4..].try_into().unwrap_or_default());
-        if code == child::READY {
-            log.timeline_mut()
-                .record(Phase::SandboxReady, monotonic_ns());
-        } else {
-            failure = Some((code, errno));
+        match parent.receive() {
+            FromChild::Ready => {
+                ready = true;
+                log.timeline_mut()
+                    .record(Phase::SandboxReady, monotonic_ns());
+            }
+            FromChild::Failed { step, errno } => {
+                return Err(Error::Setup(format!(
+                    "{}: {}",
+                    child::describe(step, &prepared.plan),
+                    std::io::Error::from_raw_os_error(errno)
+                )));
+            }
+            FromChild::Closed if ready => return Ok(()),
+            FromChild::Closed => {
+                let reaped = child.reap()?;
+                return Err(Error::Setup(format!(
+                    "the container's first process ended before init: {}",
+                    describe_wait_status(reaped.status)
+                )));
+            }
         }
     }
-    if let Some((code, errno)) = failure {
-        let what = child::describe(code, &prepared.plan);
-        drop(child);
-        group.destroy()?;
-        return Err(Error::Setup(format!(
-            "{what}: {}",
-            std::io::Error::from_raw_os_error(errno)
-        )));
-    }
-    log.timeline_mut().record(Phase::GuestEntry, monotonic_ns());
-    // The child attached its copy; ours must go for the loop device to clear.
-    drop(image_mount);
-    drop(disk_mounts);
-    // The mount now holds the image; the loop device clears itself when it goes.
-    let loop_backing = PathBuf::from("/sys/block")
-        .join(device.path.file_name().unwrap_or_default())
-        .join("loop/backing_file");
-    drop(device);
+}
 
-    let mut notes: Vec<String> = layout.device_note().into_iter().collect();
+/// Step 8: reads markers and captured output until both pipes close, a signal arrives or
+/// the time limit passes; returns the output and why the run was stopped, if it was.
+fn supervise(
+    spec: &RunSpec,
+    marker_r: &OwnedFd,
+    output_r: Option<&OwnedFd>,
+    interrupt: &Interrupt,
+    log: &mut MarkerLog,
+) -> (Vec<u8>, Option<String>) {
     let mut captured = Vec::new();
     let started = Instant::now();
-    let mut stop_reason = None;
     let mut marker_open = true;
     let mut output_open = output_r.is_some();
     while marker_open || output_open {
         let fd_if = |open: bool, fd: RawFd| if open { fd } else { -1 };
         let mut fds = [
-            libc::pollfd {
-                fd: fd_if(marker_open, marker_r.as_raw_fd()),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: output_r
-                    .as_ref()
-                    .map_or(-1, |r| fd_if(output_open, r.as_raw_fd())),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: interrupt.fd().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            pollin(fd_if(marker_open, marker_r.as_raw_fd())),
+            pollin(output_r.map_or(-1, |r| fd_if(output_open, r.as_raw_fd()))),
+            pollin(interrupt.fd().as_raw_fd()),
         ];
         // The timeout only bounds how late a time limit is noticed.
         // SAFETY: polls our own descriptors.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
         if fds[0].revents != 0 {
             let mut buf = [0u8; 64];
-            // SAFETY: reads into a stack buffer.
-            let n = unsafe { libc::read(marker_r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n <= 0 {
-                marker_open = false;
-            } else {
-                log.feed(&buf[..n as usize], monotonic_ns());
+            match read(marker_r, &mut buf) {
+                0 => marker_open = false,
+                n => log.feed(&buf[..n], monotonic_ns()),
             }
         }
-        if let (Some(r), true) = (&output_r, fds[1].revents != 0) {
+        if let (Some(r), true) = (output_r, fds[1].revents != 0) {
             let mut buf = [0u8; 4096];
-            // SAFETY: reads into a stack buffer.
-            let n = unsafe { libc::read(r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n <= 0 {
-                output_open = false;
-            } else {
-                captured.extend_from_slice(&buf[..n as usize]);
+            match read(r, &mut buf) {
+                0 => output_open = false,
+                n => captured.extend_from_slice(&buf[..n]),
             }
         }
         if let Some(signal) = interrupt.signal() {
-            stop_reason = Some(format!("interrupted by signal {signal}"));
-        } else if spec
-            .time_limit
-            .is_some_and(|limit| started.elapsed() >= limit)
-        {
-            stop_reason = Some(format!(
-                "time limit of {:?} reached",
-                spec.time_limit.unwrap_or_default()
-            ));
+            return (captured, Some(format!("interrupted by signal {signal}")));
         }
-        if stop_reason.is_some() {
-            child.kill();
-            break;
+        if let Some(limit) = spec.time_limit.filter(|l| started.elapsed() >= *l) {
+            return (captured, Some(format!("time limit of {limit:?} reached")));
         }
     }
-    let (status, rusage) = child.wait()?;
-    drop(interrupt);
-    let stats = group.stats();
-    group.destroy()?;
-    drop(group);
-    drop(staging);
-    // The last mount of the image went with the mount namespace; autoclear detaches the
-    // loop device right after (asynchronously): torn down means it is free again.
-    let freed = wait_until(|| !loop_backing.exists());
-    log.timeline_mut().record(Phase::TornDown, monotonic_ns());
-    if !freed {
-        notes.push(format!(
-            "{} still attached 2 s after the run",
-            loop_backing.display()
-        ));
-    }
-    let finished = log.finish(|| describe_wait_status(status));
-    // A stop (signal, time limit) is the run's end even if the workload's exit raced it.
-    let outcome = match stop_reason {
-        Some(reason) => twinbox_spec::Outcome::Failed(reason),
-        None => finished.outcome,
-    };
-    let timeline = finished.timeline;
-    notes.extend(finished.notes);
-    if stats.oom_killed {
-        notes.push(format!(
-            "the container hit its memory limit of {} MiB: OOM killer struck",
-            spec.memory_mib
-        ));
-    }
-    let tv_us = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000 + tv.tv_usec as u64;
-    Ok(RunReport {
-        box_kind: BoxKind::Container,
-        outcome,
-        timeline,
-        output: output_r.map(|_| String::from_utf8_lossy(&captured).into_owned()),
-        usage: Usage {
-            runtime_peak_rss_kib: rss_kib(),
-            guest_memory_touched_kib: None,
-            cgroup_memory_peak_kib: stats.memory_peak_kib,
-            cpu_user_us: Some(tv_us(rusage.ru_utime)),
-            cpu_system_us: Some(tv_us(rusage.ru_stime)),
-            oom_killed: stats.oom_killed,
-        },
-        notes,
-    })
+    (captured, None)
 }
 
-/// Removes the cgroups and staging directories of runs whose twinbox died; a leftover
-/// that cannot be removed is logged, and does not stop this run.
-fn sweep_leftovers(mountinfo: &str) {
-    let swept = sweep::sweep(&sweep::Places::host(mountinfo));
-    for path in &swept.removed {
-        tracing::info!(path = %path.display(), "removed a leftover of a killed run");
+fn pollin(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
     }
-    for failure in &swept.failed {
-        tracing::warn!("leftover of a killed run: {failure}");
-    }
+}
+
+/// One read; 0 on EOF or error (both end the stream).
+fn read(fd: &OwnedFd, buf: &mut [u8]) -> usize {
+    // SAFETY: reads into a buffer of ours, at most its length.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    n.max(0) as usize
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), Error> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| Error::os("pipe", std::io::Error::from_raw_os_error(e as i32)))
+}
+
+fn cstr(s: &str, what: &str) -> Result<CString, Error> {
+    CString::new(s).map_err(|_| Error::Setup(format!("{what} contains a NUL byte")))
 }
 
 /// How init ended, in words, for a run whose workload never reported an exit.
@@ -442,18 +412,333 @@ fn describe_wait_status(status: i32) -> String {
     }
 }
 
-/// Polls `done` every 200 µs for up to 2 s.
-fn wait_until(done: impl Fn() -> bool) -> bool {
-    for _ in 0..10_000 {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_micros(200));
-    }
-    false
+/// The staging directory, removed when the run ends (its tmpfs lived only in the child's
+/// mount namespace).
+struct StagingDir<'s> {
+    sys: &'s dyn Syscall,
+    path: PathBuf,
 }
 
-/// Our own peak RSS (VmHWM), KiB.
-fn rss_kib() -> Option<u64> {
-    twinbox_spec::host::self_status_kib("VmHWM")
+impl<'s> StagingDir<'s> {
+    fn create(sys: &'s dyn Syscall, path: PathBuf) -> Result<Self, Error> {
+        sys.create_dir(&path)?;
+        Ok(Self { sys, path })
+    }
+}
+
+impl Drop for StagingDir<'_> {
+    fn drop(&mut self) {
+        self.sys.remove_dir(&self.path);
+    }
+}
+
+/// The loop device, held until the child attached the image (then dropped early).
+struct LoopGuard(Option<Loop>);
+
+impl LoopGuard {
+    fn path(&self) -> &Path {
+        self.0.as_ref().map_or(Path::new(""), |l| l.path.as_path())
+    }
+}
+
+/// The container's first process: killed and reaped on drop unless already reaped.
+struct ChildGuard<'s> {
+    sys: &'s dyn Syscall,
+    pid: i32,
+    reaped: Option<Reaped>,
+}
+
+impl ChildGuard<'_> {
+    /// Waits for it to end (once; later calls return the same).
+    fn reap(&mut self) -> Result<Reaped, Error> {
+        if let Some(reaped) = self.reaped {
+            return Ok(reaped);
+        }
+        let reaped = self.sys.wait(self.pid)?;
+        self.reaped = Some(reaped);
+        Ok(reaped)
+    }
+}
+
+impl Drop for ChildGuard<'_> {
+    fn drop(&mut self) {
+        if self.reaped.is_none() {
+            self.sys.kill(self.pid);
+            let _ = self.reap();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recording::{ChildScript, Recording};
+    use twinbox_proto::{ExitCode, Marker};
+    use twinbox_spec::DiskSpec;
+
+    /// A file that passes the ext4 check (the superblock magic, nothing else).
+    struct FakeImage(PathBuf);
+
+    impl FakeImage {
+        fn new(what: &str) -> Self {
+            let path = std::env::temp_dir().join(format!(
+                "twinbox-run-test-{what}-{}.ext4",
+                std::process::id()
+            ));
+            let mut bytes = vec![0u8; 2048];
+            bytes[1080..1082].copy_from_slice(&0xEF53u16.to_le_bytes());
+            std::fs::write(&path, bytes).unwrap();
+            Self(path)
+        }
+
+        fn spec(&self) -> RunSpec {
+            RunSpec::new(&self.0, vec!["/bin/true".into()])
+        }
+    }
+
+    impl Drop for FakeImage {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn runs(markers: Vec<Marker>, status: i32) -> ChildScript {
+        ChildScript::Runs {
+            markers,
+            output: "hello\n",
+            status,
+        }
+    }
+
+    fn exits(code: u8) -> Vec<Marker> {
+        vec![
+            Marker::InitStarted,
+            Marker::WorkloadStarted,
+            Marker::WorkloadExited(ExitCode::Exited(code)),
+        ]
+    }
+
+    /// The calls of a run that gets as far as the child, before any failure.
+    const SETUP: [&str; 5] = [
+        "sweep",
+        "create cgroup",
+        "create staging dir",
+        "attach loop",
+        "mount image /dev/loop7",
+    ];
+
+    fn calls(expected: &[&str]) -> Vec<String> {
+        expected.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_run_takes_its_steps_in_order_and_tears_down_child_first() {
+        let image = FakeImage::new("order");
+        let sys = Recording::new(runs(exits(3), 0));
+        let mut spec = image.spec();
+        spec.output = OutputMode::Capture;
+        let report = run_with(&sys, &spec).unwrap();
+        let mut expected = SETUP.to_vec();
+        expected.extend([
+            "spawn",
+            "cgroup add",
+            "wait",
+            "cgroup destroy",
+            "remove staging dir",
+            "wait loop free /dev/loop7",
+        ]);
+        assert_eq!(sys.calls(), calls(&expected));
+        assert_eq!(report.outcome, Outcome::Exited(3));
+        assert_eq!(report.output.as_deref(), Some("hello\n"));
+        assert!(report.timeline.is_ordered(), "{:?}", report.timeline);
+        for phase in Phase::ALL {
+            assert!(report.timeline.get(phase).is_some(), "{phase} missing");
+        }
+    }
+
+    #[test]
+    fn userns_maps_the_child_before_it_joins_its_cgroup() {
+        let image = FakeImage::new("userns");
+        let disk = FakeImage::new("userns-disk");
+        let sys = Recording::new(runs(exits(0), 0));
+        let mut spec = image.spec();
+        spec.user_namespace = true;
+        spec.disks = vec![DiskSpec {
+            path: disk.0.clone(),
+            read_only: true,
+        }];
+        run_with(&sys, &spec).unwrap();
+        let calls = sys.calls();
+        let at = |call: &str| {
+            calls
+                .iter()
+                .position(|c| c.starts_with(call))
+                .unwrap_or_else(|| panic!("{call} not in {calls:?}"))
+        };
+        assert!(at("bind disk") > at("mount image"));
+        assert!(calls[at("bind disk")].ends_with("ro=true"));
+        assert!(at("spawn userns") > at("bind disk"));
+        assert_eq!(
+            calls[at("map user namespace")],
+            "map user namespace (2 mounts)"
+        );
+        assert!(at("map user namespace") > at("spawn userns"));
+        assert!(at("cgroup add") > at("map user namespace"));
+    }
+
+    #[test]
+    fn each_failing_step_undoes_what_came_before_in_reverse() {
+        let image = FakeImage::new("fail");
+        let cases: [(&str, &[&str]); 6] = [
+            ("create cgroup", &["sweep", "create cgroup FAILED"]),
+            (
+                "create staging dir",
+                &[
+                    "sweep",
+                    "create cgroup",
+                    "create staging dir FAILED",
+                    "cgroup destroy",
+                ],
+            ),
+            (
+                "attach loop",
+                &[
+                    "sweep",
+                    "create cgroup",
+                    "create staging dir",
+                    "attach loop FAILED",
+                    "remove staging dir",
+                    "cgroup destroy",
+                ],
+            ),
+            (
+                "mount image /dev/loop7",
+                &[
+                    "sweep",
+                    "create cgroup",
+                    "create staging dir",
+                    "attach loop",
+                    "mount image /dev/loop7 FAILED",
+                    "remove staging dir",
+                    "cgroup destroy",
+                ],
+            ),
+            (
+                "spawn",
+                &[
+                    "sweep",
+                    "create cgroup",
+                    "create staging dir",
+                    "attach loop",
+                    "mount image /dev/loop7",
+                    "spawn FAILED",
+                    "remove staging dir",
+                    "cgroup destroy",
+                ],
+            ),
+            (
+                "cgroup add",
+                &[
+                    "sweep",
+                    "create cgroup",
+                    "create staging dir",
+                    "attach loop",
+                    "mount image /dev/loop7",
+                    "spawn",
+                    "cgroup add FAILED",
+                    "kill",
+                    "wait",
+                    "remove staging dir",
+                    "cgroup destroy",
+                ],
+            ),
+        ];
+        for (failing, expected) in cases {
+            let mut sys = Recording::new(runs(exits(0), 0));
+            sys.fail = Some(failing);
+            let err = run_with(&sys, &image.spec()).unwrap_err();
+            assert!(err.to_string().contains(failing), "{failing}: {err}");
+            assert_eq!(sys.calls(), calls(expected), "when {failing} fails");
+        }
+    }
+
+    #[test]
+    fn a_failed_child_step_is_named_and_the_child_reaped_before_the_cgroup_goes() {
+        let image = FakeImage::new("child-fails");
+        let sys = Recording::new(ChildScript::FailsAt {
+            step: child::PIVOT_ROOT,
+            errno: libc::EINVAL,
+        });
+        let err = run_with(&sys, &image.spec()).unwrap_err().to_string();
+        assert!(err.contains("pivot_root"), "{err}");
+        assert!(
+            err.contains(&std::io::Error::from_raw_os_error(libc::EINVAL).to_string()),
+            "{err}"
+        );
+        let mut expected = SETUP.to_vec();
+        expected.extend([
+            "spawn",
+            "cgroup add",
+            "kill",
+            "wait",
+            "remove staging dir",
+            "cgroup destroy",
+        ]);
+        assert_eq!(sys.calls(), calls(&expected));
+    }
+
+    #[test]
+    fn a_child_gone_without_a_word_is_an_error_not_a_run() {
+        let image = FakeImage::new("vanishes");
+        let sys = Recording::new(ChildScript::Vanishes);
+        let err = run_with(&sys, &image.spec()).unwrap_err().to_string();
+        assert!(err.contains("ended before init"), "{err}");
+        assert!(err.contains("signal 9"), "{err}");
+        let calls = sys.calls();
+        assert_eq!(
+            calls.iter().filter(|c| *c == "wait").count(),
+            1,
+            "{calls:?}"
+        );
+        assert!(
+            !calls.contains(&"kill".to_string()),
+            "reaped already: {calls:?}"
+        );
+    }
+
+    #[test]
+    fn init_failure_is_a_failed_run_from_the_shared_interpreter() {
+        let image = FakeImage::new("init-fails");
+        let sys = Recording::new(runs(
+            vec![Marker::InitStarted, Marker::InitFailed(libc::ENOENT as u32)],
+            125 << 8,
+        ));
+        let report = run_with(&sys, &image.spec()).unwrap();
+        assert!(
+            matches!(&report.outcome, Outcome::Failed(why) if why.contains("twinbox-init failed")),
+            "{:?}",
+            report.outcome
+        );
+        let sys = Recording::new(runs(vec![Marker::InitStarted], 3 << 8));
+        let report = run_with(&sys, &image.spec()).unwrap();
+        assert!(
+            matches!(&report.outcome, Outcome::Failed(why) if why.contains("exited with status 3") && why.contains("init_started")),
+            "{:?}",
+            report.outcome
+        );
+    }
+
+    #[test]
+    fn bad_input_and_no_root_make_nothing() {
+        let sys = Recording::new(runs(exits(0), 0));
+        let missing = RunSpec::new("/nonexistent/rootfs.ext4", vec!["/bin/true".into()]);
+        let err = run_with(&sys, &missing).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/rootfs.ext4"), "{err}");
+        assert_eq!(sys.calls(), calls(&["sweep"]));
+        let mut sys = Recording::new(runs(exits(0), 0));
+        sys.root = false;
+        let image = FakeImage::new("no-root");
+        assert!(matches!(run_with(&sys, &image.spec()), Err(Error::NotRoot)));
+        assert!(sys.calls().is_empty());
+    }
 }

@@ -1,0 +1,237 @@
+//! The tests' [`Syscall`] double: writes every call to a log, fails the call it is told
+//! to, and plays a scripted child (reports on the channel, markers, output) instead of
+//! cloning one. The orchestration of `run.rs` runs on it unprivileged.
+
+use crate::cgroup::{CgroupManager, Layout, Limits, Stats};
+use crate::child::Prepared;
+use crate::syscall::{Loop, Reaped, Syscall};
+use crate::{userns, Error};
+use nix::sched::CloneFlags;
+use std::cell::RefCell;
+use std::os::fd::{OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use twinbox_proto::Marker;
+
+/// What the pretend child does once "cloned".
+#[derive(Clone, Debug)]
+pub enum ChildScript {
+    /// Reports ready, sends these markers and this output, then ends with `status`
+    /// (a wait status).
+    Runs {
+        markers: Vec<Marker>,
+        output: &'static str,
+        status: i32,
+    },
+    /// Reports that step `step` failed with `errno`, then exits 125.
+    FailsAt { step: u32, errno: i32 },
+    /// Ends (killed by SIGKILL) without a word on the channel.
+    Vanishes,
+}
+
+/// The shared call log.
+pub type Log = Rc<RefCell<Vec<String>>>;
+
+/// The double.
+pub struct Recording {
+    /// Every call, in order ("<call> FAILED" for the one made to fail).
+    pub log: Log,
+    /// The call that fails (by its log name), if any.
+    pub fail: Option<&'static str>,
+    /// The pretend child.
+    pub child: ChildScript,
+    /// What `is_root` answers.
+    pub root: bool,
+}
+
+/// A hybrid host's mountinfo: v1 cpu, memory, pids, devices.
+pub const HYBRID: &str = "\
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+36 31 0:33 / /sys/fs/cgroup/devices rw,relatime - cgroup cgroup rw,devices
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+";
+
+/// The pretend child's pid.
+pub const PID: i32 = 4242;
+
+impl Recording {
+    /// A double whose child runs `child`, failing nothing.
+    pub fn new(child: ChildScript) -> Self {
+        Self {
+            log: Rc::default(),
+            fail: None,
+            child,
+            root: true,
+        }
+    }
+
+    /// The calls made so far.
+    pub fn calls(&self) -> Vec<String> {
+        self.log.borrow().clone()
+    }
+
+    /// Logs `call`; Err if it is the one to fail.
+    fn call(&self, call: &str) -> Result<(), Error> {
+        record(&self.log, self.fail, call)
+    }
+}
+
+fn record(log: &Log, fail: Option<&str>, call: &str) -> Result<(), Error> {
+    if fail == Some(call) {
+        log.borrow_mut().push(format!("{call} FAILED"));
+        return Err(Error::Setup(format!("{call} failed (test double)")));
+    }
+    log.borrow_mut().push(call.to_owned());
+    Ok(())
+}
+
+fn write_all(fd: RawFd, bytes: &[u8]) {
+    // SAFETY: writes a buffer of ours to a pipe of the test (small: never blocks).
+    let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+    assert_eq!(n, bytes.len() as isize, "pretend child's write");
+}
+
+/// The cgroup of the double: logs membership and removal.
+struct FakeCgroup {
+    log: Log,
+    fail: Option<&'static str>,
+    destroyed: bool,
+}
+
+impl CgroupManager for FakeCgroup {
+    fn add(&self, pid: i32) -> Result<(), Error> {
+        assert_eq!(pid, PID);
+        record(&self.log, self.fail, "cgroup add")
+    }
+
+    fn stats(&self) -> Stats {
+        Stats::default()
+    }
+
+    fn destroy(&mut self) -> Result<(), Error> {
+        if !self.destroyed {
+            self.destroyed = true;
+            self.log.borrow_mut().push("cgroup destroy".into());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FakeCgroup {
+    fn drop(&mut self) {
+        let _ = self.destroy();
+    }
+}
+
+impl Syscall for Recording {
+    fn is_root(&self) -> bool {
+        self.root
+    }
+
+    fn mountinfo(&self) -> Result<String, Error> {
+        Ok(HYBRID.into())
+    }
+
+    fn sweep(&self, _mountinfo: &str) {
+        let _ = self.call("sweep");
+    }
+
+    fn create_cgroup(
+        &self,
+        layout: &Layout,
+        _name: &str,
+        limits: Limits,
+    ) -> Result<Box<dyn CgroupManager>, Error> {
+        assert!(matches!(layout, Layout::V1 { .. }));
+        assert!(!limits.devices.is_empty(), "no device allowlist");
+        self.call("create cgroup")?;
+        Ok(Box::new(FakeCgroup {
+            log: self.log.clone(),
+            fail: self.fail,
+            destroyed: false,
+        }))
+    }
+
+    fn create_dir(&self, path: &Path) -> Result<(), Error> {
+        assert!(path.starts_with(crate::sweep::STAGING_ROOT), "{path:?}");
+        self.call("create staging dir")
+    }
+
+    fn remove_dir(&self, _path: &Path) {
+        let _ = self.call("remove staging dir");
+    }
+
+    fn attach_loop(&self, _image: &Path) -> Result<Loop, Error> {
+        self.call("attach loop")?;
+        Ok(Loop {
+            path: PathBuf::from("/dev/loop7"),
+            _device: None,
+        })
+    }
+
+    fn mount_image(&self, device: &Path) -> Result<OwnedFd, Error> {
+        self.call(&format!("mount image {}", device.display()))?;
+        Ok(std::fs::File::open("/dev/null").unwrap().into())
+    }
+
+    fn bind_disk(&self, path: &Path, read_only: bool) -> Result<OwnedFd, Error> {
+        self.call(&format!("bind disk {} ro={read_only}", path.display()))?;
+        Ok(std::fs::File::open("/dev/null").unwrap().into())
+    }
+
+    fn spawn(&self, prepared: &Prepared, flags: CloneFlags) -> Result<i32, Error> {
+        let userns = flags.contains(CloneFlags::CLONE_NEWUSER);
+        self.call(if userns { "spawn userns" } else { "spawn" })?;
+        assert!(
+            prepared.seccomp.is_some(),
+            "the child must get a seccomp filter"
+        );
+        match &self.child {
+            ChildScript::Runs {
+                markers, output, ..
+            } => {
+                prepared.channel.ready();
+                for marker in markers {
+                    write_all(prepared.marker_fd, &marker.encode().to_le_bytes());
+                }
+                if let Some(fd) = prepared.output_fd {
+                    write_all(fd, output.as_bytes());
+                }
+            }
+            ChildScript::FailsAt { step, errno } => prepared.channel.failed(*step, *errno),
+            ChildScript::Vanishes => {}
+        }
+        Ok(PID)
+    }
+
+    fn map_user_namespace(&self, pid: i32, mounts: &[userns::Detached<'_>]) -> Result<(), Error> {
+        assert_eq!(pid, PID);
+        self.call(&format!("map user namespace ({} mounts)", mounts.len()))
+    }
+
+    fn kill(&self, pid: i32) {
+        assert_eq!(pid, PID);
+        let _ = self.call("kill");
+    }
+
+    fn wait(&self, pid: i32) -> Result<Reaped, Error> {
+        assert_eq!(pid, PID);
+        self.call("wait")?;
+        let status = match &self.child {
+            ChildScript::Runs { status, .. } => *status,
+            ChildScript::FailsAt { .. } => 125 << 8,
+            ChildScript::Vanishes => libc::SIGKILL,
+        };
+        Ok(Reaped {
+            status,
+            // SAFETY: an all-zero rusage is a valid value.
+            usage: unsafe { std::mem::zeroed() },
+        })
+    }
+
+    fn wait_loop_free(&self, device: &Path) -> bool {
+        let _ = self.call(&format!("wait loop free {}", device.display()));
+        true
+    }
+}
