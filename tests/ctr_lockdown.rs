@@ -286,12 +286,21 @@ fn benchmark_workloads_still_run_under_the_filter() {
         run sysbench_memory sysbench memory --memory-total-size=64M run
         run fio fio --name=lockdown --directory=/tmp --size=4M --bs=4k --rw=randrw \
             --ioengine=psync --runtime=1 --time_based --numjobs=2 --thread --group_reporting
+        run fio_direct fio --output-format=json --readonly --direct=1 --ioengine=psync \
+            --time_based --runtime=1 --size=8M --filename=/mnt/disk0 --name=randread-4k \
+            --rw=randread --bs=4k --stonewall --name=seqread-1m --rw=read --bs=1M --stonewall
         run microbench twinbox-microbench syscall fork exec
         run applets applets
         grep -h -E '^(syscall_ns|fork_us|exec_us):' /tmp/out.microbench
         grep -h 'events per second' /tmp/out.sysbench_cpu
     "#;
-    let out = sh(DEFAULT, script);
+    // The disk scenario's fio reads a scratch disk with O_DIRECT: give it one.
+    let disk = std::path::PathBuf::from("/var/tmp")
+        .join(format!("twinbox-lockdown-disk-{}", std::process::id()));
+    std::fs::write(&disk, vec![0u8; 8 << 20]).expect("write the scratch disk");
+    let disk_arg = format!("{}:ro", disk.display());
+    let out = sh(&["--disk", &disk_arg], script);
+    std::fs::remove_file(&disk).expect("remove the scratch disk");
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let text = stdout(&out);
     for name in [
@@ -299,6 +308,7 @@ fn benchmark_workloads_still_run_under_the_filter() {
         "sysbench_threads",
         "sysbench_memory",
         "fio",
+        "fio_direct",
         "microbench",
         "applets",
     ] {
