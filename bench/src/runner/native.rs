@@ -35,8 +35,11 @@ impl Runner for Native {
         let (program, args) = spec.argv.split_first().ok_or("no command given")?;
         let mut cmd = Command::new(program);
         cmd.args(args);
-        let done = process::run(
+        // No parent-death signal: the baseline start stays a posix_spawn (see
+        // process::run_dying_with).
+        let done = process::run_dying_with(
             cmd,
+            None,
             spec.spawn_ns,
             spec.output == OutputMode::Capture,
             spec.time_limit,

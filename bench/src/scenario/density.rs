@@ -169,10 +169,11 @@ pub fn run(caps: &Capabilities, ctx: &Context, workload: &[String]) -> Result<Me
     }
     // If the bench dies, twinbox's own instances get SIGTERM, on which they tear their
     // box down (cgroup, mounts, loop device) as on Ctrl-C; a plain process is killed.
-    let death = match instance {
+    // (Start-up speed does not matter here, so native instances get one too.)
+    let death = Some(match instance {
         Instance::HostProcess => Signal::SIGKILL,
         Instance::TwinboxCtr | Instance::TwinboxVm => Signal::SIGTERM,
-    };
+    });
     let before = quiet()?;
     let mut during: Vec<MemSample> = Vec::new();
     let finished = std::thread::scope(|scope| {
