@@ -12,7 +12,10 @@
 //!   `CLONE_NEWUSER` above all: a user namespace hands out every capability again, a door to
 //!   kernel code such as nf_tables and filesystem mounts); `personality` only for the values
 //!   moby allows; `socket` for every family but `AF_ALG` and `AF_VSOCK` (moby's choice: the
-//!   kernel crypto API and the host's vsock).
+//!   kernel crypto API and the host's vsock); `ioctl` for every request but `TIOCSTI` and
+//!   `TIOCLINUX` (beyond moby, as Flatpak and systemd-nspawn do): without `--tty` the
+//!   container's output is the host's terminal, and a character pushed into its input
+//!   queue is typed into the user's shell once the box is gone.
 //! - **Denied, among others**: `keyctl`/`add_key`/`request_key` (the key store is not
 //!   namespaced), `bpf`, `perf_event_open`, `userfaultfd`, `io_uring_*` (its operations run
 //!   out of seccomp's sight; newer moby denies it too), `kexec_*`, the module calls, the
@@ -82,6 +85,10 @@ pub const NAMESPACE_FLAGS: u64 = (libc::CLONE_NEWNS
 /// rest stay refused.
 pub const PERSONALITIES: [u64; 5] = [0x0, 0x8, 0x2_0000, 0x2_0008, 0xffff_ffff];
 
+/// `ioctl` requests refused: pushing input into a terminal (TIOCSTI) and the virtual
+/// console's selection and paste (TIOCLINUX).
+pub const DENIED_IOCTLS: [u64; 2] = [libc::TIOCSTI, libc::TIOCLINUX];
+
 /// Socket families refused: the kernel crypto API and vsock (a channel to the host that a
 /// network namespace does not cut), as in moby.
 pub const DENIED_SOCKET_FAMILIES: [u64; 2] = [libc::AF_ALG as u64, libc::AF_VSOCK as u64];
@@ -133,6 +140,19 @@ fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
     // x86_64 clone(flags, stack, parent_tid, child_tid, tls): flags come first.
     rules.insert(libc::SYS_clone, vec![no_namespaces()?]);
     rules.insert(libc::SYS_unshare, vec![no_namespaces()?]);
+    // The kernel reads the request as an unsigned int: compare the low word only, so high
+    // bits cannot smuggle TIOCSTI past an unequal 64-bit value.
+    let request_is_not =
+        |request: u64| SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, request);
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![SeccompRule::new(
+            DENIED_IOCTLS
+                .iter()
+                .map(|&r| request_is_not(r))
+                .collect::<Result<_, _>>()?,
+        )?],
+    );
     // personality takes an unsigned int: compare the low word only, as the kernel reads it.
     rules.insert(
         libc::SYS_personality,
@@ -223,7 +243,8 @@ mod x86_64 {
     /// Allowed whatever the arguments: moby's unconditional list for amd64, plus what moby
     /// allows for the capabilities the container keeps (`chroot` for CAP_SYS_CHROOT) and
     /// `ptrace`/`process_vm_*` (kernels >= 4.8 re-check seccomp after a tracer's changes).
-    /// `clone`, `unshare`, `personality` and `socket` are allowed with argument rules.
+    /// `clone`, `unshare`, `personality`, `socket` and `ioctl` are allowed with argument
+    /// rules.
     pub const ALLOWED: &[i64] = &[
         // Files and descriptors.
         libc::SYS_read,
@@ -248,7 +269,6 @@ mod x86_64 {
         libc::SYS_dup3,
         libc::SYS_fcntl,
         libc::SYS_flock,
-        libc::SYS_ioctl,
         libc::SYS_pipe,
         libc::SYS_pipe2,
         libc::SYS_sendfile,
@@ -709,6 +729,20 @@ mod tests {
                 [libc::AF_ALG as u64, libc::SOCK_SEQPACKET as u64, 0, 0, 0],
             )
         }),
+        // A bad fd: EBADF from the kernel (checked before the request).
+        ("ioctl(TIOCSTI)", || {
+            sys(libc::SYS_ioctl, [u64::MAX, libc::TIOCSTI, 0, 0, 0])
+        }),
+        // The same request with high bits set, which the kernel drops.
+        ("ioctl(TIOCSTI | 1 << 32)", || {
+            sys(
+                libc::SYS_ioctl,
+                [u64::MAX, libc::TIOCSTI | 1 << 32, 0, 0, 0],
+            )
+        }),
+        ("ioctl(TIOCLINUX)", || {
+            sys(libc::SYS_ioctl, [u64::MAX, libc::TIOCLINUX, 0, 0, 0])
+        }),
         // A null setup struct: EFAULT from the kernel.
         ("io_uring_setup", || {
             sys(libc::SYS_io_uring_setup, [1, 0, 0, 0, 0])
@@ -788,6 +822,26 @@ mod tests {
         }),
         ("personality(query)", || {
             sys(libc::SYS_personality, [0xffff_ffff, 0, 0, 0, 0])
+        }),
+        // FIONREAD on a pipe: any other ioctl still reaches the kernel.
+        ("ioctl(FIONREAD)", || {
+            let mut fds = [0i32; 2];
+            let r = sys(libc::SYS_pipe2, [fds.as_mut_ptr() as u64, 0, 0, 0, 0]);
+            if r < 0 {
+                return r;
+            }
+            let mut pending = -1i32;
+            let request = libc::FIONREAD;
+            sys(
+                libc::SYS_ioctl,
+                [
+                    fds[0] as u64,
+                    request,
+                    &mut pending as *mut i32 as u64,
+                    0,
+                    0,
+                ],
+            )
         }),
         ("socket(AF_UNIX)", || {
             sys(
