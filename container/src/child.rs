@@ -1,8 +1,9 @@
 //! What the cloned child does in its new namespaces, up to the exec of twinbox-init.
 //!
 //! Runs right after `clone` in a copy of the parent: it only walks data prepared by the
-//! parent ([`Prepared`]) and makes raw syscalls, so it never allocates (the parent may be
-//! multi-threaded). Progress and failures go to the parent over the channel
+//! parent ([`Prepared`]) and makes its calls through [`Syscall`] (whose real
+//! implementation is raw system calls), so it never allocates (the parent may be
+//! multi-threaded). The tests run [`main`] in-process on the recording double. Progress and failures go to the parent over the channel
 //! (`channel.rs`): ready just before exec, or the failed step's code and errno.
 //!
 //! Dying with the parent: the child asks for SIGKILL on its parent's death first thing,
@@ -14,6 +15,7 @@
 
 use crate::channel::ChildEnds;
 use crate::plan::{Plan, Step};
+use crate::syscall::{Errno, Syscall};
 use std::ffi::CString;
 use std::os::fd::RawFd;
 
@@ -113,280 +115,327 @@ pub struct Prepared {
     pub seccomp: Option<seccompiler::BpfProgram>,
 }
 
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+/// Child entry: returns only on failure, with the status to exit with (after telling the
+/// parent which step failed).
+pub fn main(p: &Prepared, sys: &dyn Syscall) -> isize {
+    match setup(p, sys) {
+        Ok(()) => {
+            p.channel.ready();
+            let errno = sys.exec(&p.init, &p.argv, &p.envp);
+            p.channel.failed(EXEC_INIT, errno as i32);
+        }
+        Err((step, errno)) => p.channel.failed(step, errno as i32),
+    }
+    125
 }
 
-/// Child entry: returns only on failure, with the status to exit with.
-pub fn main(p: &Prepared) -> isize {
-    let fail = |code: u32| -> isize {
-        p.channel.failed(code, errno());
-        125
-    };
-    // SAFETY: every call below is a plain syscall on data owned by `p` or the stack.
-    unsafe {
-        arm_parent_death_signal();
-        for fd in &p.parent_fds {
-            libc::close(*fd);
-        }
-        // EOF here means the parent died (our copy of its end is closed above).
-        if !p.channel.wait_for_release() {
-            return fail(WAIT_RELEASE);
-        }
+/// A step's result: the step's code and errno on failure.
+type StepResult = Result<(), (u32, Errno)>;
+
+/// Tags a call's error with its step code.
+fn at<T>(step: u32, result: Result<T, Errno>) -> Result<T, (u32, Errno)> {
+    result.map_err(|errno| (step, errno))
+}
+
+/// Everything up to the exec of init.
+fn setup(p: &Prepared, sys: &dyn Syscall) -> StepResult {
+    at(WAIT_RELEASE, sys.set_parent_death_signal())?;
+    for fd in &p.parent_fds {
+        sys.close(*fd);
+    }
+    // EOF here means the parent died (our copy of its end is closed above).
+    if !p.channel.wait_for_release() {
+        return Err((WAIT_RELEASE, Errno::EPIPE));
+    }
+    if p.user_namespace {
         // The maps are written now, but our credentials still hold host uid 0, which the
         // namespace does not map: switch to its root (host HOST_BASE) and drop the host's
-        // supplementary groups.
-        if p.user_namespace
-            && (libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setresgid(0, 0, 0) != 0
-                || libc::setresuid(0, 0, 0) != 0)
-        {
-            return fail(BECOME_ROOT);
-        }
-        // setresgid/setresuid cleared the parent-death signal.
-        if !rearm_and_check_parent(&p.channel) {
-            return fail(PARENT_GONE);
-        }
-        // Now inside the run's cgroup: the cgroup namespace is rooted there.
-        if libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
-            return fail(UNSHARE_CGROUP);
-        }
-        let none = std::ptr::null::<libc::c_char>();
-        let root = c"/";
-        if libc::mount(
-            none,
-            root.as_ptr(),
-            none,
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ) != 0
-        {
-            return fail(PRIVATE_ROOT);
-        }
-        for (i, step) in p.plan.steps.iter().enumerate() {
-            let ok = match step {
-                Step::Mount {
-                    source,
-                    target,
-                    fstype,
-                    flags,
-                    data,
-                } => {
-                    let opt = |s: &CString| if s.is_empty() { none } else { s.as_ptr() };
-                    libc::mount(
-                        opt(source),
-                        target.as_ptr(),
-                        opt(fstype),
-                        *flags,
-                        opt(data).cast(),
-                    ) == 0
-                }
-                Step::Mkdir(path) => {
-                    libc::mkdir(path.as_ptr(), 0o755) == 0 || errno() == libc::EEXIST
-                }
-                Step::Touch(path) => {
-                    let fd = libc::open(
-                        path.as_ptr(),
-                        libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
-                        0o644,
-                    );
-                    fd >= 0 && libc::close(fd) == 0
-                }
-                Step::Symlink { target, link } => {
-                    libc::symlink(target.as_ptr(), link.as_ptr()) == 0 || errno() == libc::EEXIST
-                }
-                Step::Attach { fd, target } => {
-                    libc::syscall(
-                        libc::SYS_move_mount,
-                        *fd,
-                        c"".as_ptr(),
-                        libc::AT_FDCWD,
-                        target.as_ptr(),
-                        MOVE_MOUNT_F_EMPTY_PATH,
-                    ) == 0
-                }
-                Step::Mask(path) => match file_type(path) {
-                    None => errno() == libc::ENOENT,
-                    Some(libc::S_IFDIR) => {
-                        libc::mount(
-                            c"tmpfs".as_ptr(),
-                            path.as_ptr(),
-                            c"tmpfs".as_ptr(),
-                            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                            std::ptr::null(),
-                        ) == 0
-                    }
-                    Some(_) => {
-                        libc::mount(
-                            c"/dev/null".as_ptr(),
-                            path.as_ptr(),
-                            none,
-                            libc::MS_BIND,
-                            std::ptr::null(),
-                        ) == 0
-                    }
-                },
-                Step::ReadOnly(path) => match file_type(path) {
-                    None => errno() == libc::ENOENT,
-                    Some(_) => {
-                        libc::mount(
-                            path.as_ptr(),
-                            path.as_ptr(),
-                            none,
-                            libc::MS_BIND | libc::MS_REC,
-                            std::ptr::null(),
-                        ) == 0
-                            && libc::mount(
-                                none,
-                                path.as_ptr(),
-                                none,
-                                libc::MS_BIND
-                                    | libc::MS_REMOUNT
-                                    | libc::MS_RDONLY
-                                    | libc::MS_NOSUID
-                                    | libc::MS_NODEV
-                                    | libc::MS_NOEXEC,
-                                std::ptr::null(),
-                            ) == 0
-                    }
-                },
-            };
-            if !ok {
-                return fail(FIRST_PLAN_STEP + i as u32);
-            }
-        }
-        if let Some(name) = &p.hostname {
-            if libc::sethostname(name.as_ptr(), name.as_bytes().len()) != 0 {
-                return fail(HOSTNAME);
-            }
-        }
-        if !loopback_up() {
-            return fail(LOOPBACK);
-        }
-        if libc::chdir(p.plan.new_root.as_ptr()) != 0 {
-            return fail(PIVOT_ROOT);
-        }
-        let dot = c".";
-        if libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) != 0 {
-            return fail(PIVOT_ROOT);
-        }
-        // The old root is stacked under the new one at "."; detach it.
-        if libc::umount2(dot.as_ptr(), libc::MNT_DETACH) != 0 {
-            return fail(DETACH_OLD_ROOT);
-        }
-        if libc::chdir(root.as_ptr()) != 0 {
-            return fail(DETACH_OLD_ROOT);
-        }
-        if libc::fcntl(p.marker_fd, libc::F_SETFD, 0) != 0 {
-            return fail(MARKER_FD);
-        }
-        if let Some(fd) = p.output_fd {
-            if libc::dup2(fd, 1) < 0 || libc::dup2(fd, 2) < 0 {
-                return fail(OUTPUT);
-            }
-            libc::close(fd);
-        }
-        for cap in &p.caps_to_drop {
-            if libc::prctl(libc::PR_CAPBSET_DROP, *cap as libc::c_ulong, 0, 0, 0) != 0
-                && errno() != libc::EINVAL
-            {
-                return fail(CAPABILITIES);
-            }
-        }
-        let header = CapHeader {
-            version: 0x2008_0522,
-            pid: 0,
-        };
-        let data = [
-            CapData {
-                effective: p.caps_keep[0],
-                permitted: p.caps_keep[0],
-                inheritable: p.caps_keep[0],
-            },
-            CapData {
-                effective: p.caps_keep[1],
-                permitted: p.caps_keep[1],
-                inheritable: p.caps_keep[1],
-            },
-        ];
-        if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) != 0 {
-            return fail(CAPABILITIES);
-        }
-        // capset is a credential change too; re-arming is cheap and keeps the rule simple.
-        if !rearm_and_check_parent(&p.channel) {
-            return fail(PARENT_GONE);
-        }
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-            return fail(NO_NEW_PRIVS);
-        }
-        // Last before exec: from here on only what the filter allows, exec included.
-        if let Some(filter) = &p.seccomp {
-            if seccompiler::apply_filter(filter).is_err() {
-                return fail(SECCOMP);
-            }
-        }
-        p.channel.ready();
-        libc::execve(p.init.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr());
-        fail(EXEC_INIT)
+        // supplementary groups. That clears the parent-death signal.
+        at(BECOME_ROOT, sys.become_root())?;
+        rearm(p, sys)?;
     }
-}
-
-/// Asks for SIGKILL when the parent dies (and with it, as PID 1, the whole container).
-unsafe fn arm_parent_death_signal() {
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // Now inside the run's cgroup: the cgroup namespace is rooted there.
+    at(UNSHARE_CGROUP, sys.unshare_cgroup())?;
+    at(
+        PRIVATE_ROOT,
+        sys.mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None),
+    )?;
+    for (i, step) in p.plan.steps.iter().enumerate() {
+        at(FIRST_PLAN_STEP + i as u32, carry_out(step, sys))?;
+    }
+    if let Some(name) = &p.hostname {
+        at(HOSTNAME, sys.sethostname(name))?;
+    }
+    at(LOOPBACK, sys.loopback_up())?;
+    at(PIVOT_ROOT, sys.chdir(&p.plan.new_root))?;
+    at(PIVOT_ROOT, sys.pivot_root(c".", c"."))?;
+    // The old root is stacked under the new one at "."; detach it.
+    at(DETACH_OLD_ROOT, sys.umount_detach(c"."))?;
+    at(DETACH_OLD_ROOT, sys.chdir(c"/"))?;
+    at(MARKER_FD, sys.keep_on_exec(p.marker_fd))?;
+    if let Some(fd) = p.output_fd {
+        at(OUTPUT, sys.dup2(fd, 1))?;
+        at(OUTPUT, sys.dup2(fd, 2))?;
+        sys.close(fd);
+    }
+    for cap in &p.caps_to_drop {
+        // EINVAL: a capability this kernel does not have.
+        match sys.drop_bounding_cap(*cap) {
+            Ok(()) | Err(Errno::EINVAL) => {}
+            Err(errno) => return Err((CAPABILITIES, errno)),
+        }
+    }
+    at(CAPABILITIES, sys.capset(p.caps_keep))?;
+    // capset is a credential change too; re-arming is cheap and keeps the rule simple.
+    rearm(p, sys)?;
+    at(NO_NEW_PRIVS, sys.no_new_privs())?;
+    // Last before exec: from here on only what the filter allows, exec included.
+    if let Some(filter) = &p.seccomp {
+        at(SECCOMP, sys.apply_seccomp(filter))?;
+    }
+    Ok(())
 }
 
 /// Re-arms the parent-death signal after a credential change cleared it, then checks the
 /// parent did not die in between (`getppid` cannot tell: it is 0 in a new pid namespace).
-unsafe fn rearm_and_check_parent(channel: &ChildEnds) -> bool {
-    // SAFETY: prctl with integer arguments.
-    unsafe { arm_parent_death_signal() };
-    channel.parent_alive()
+fn rearm(p: &Prepared, sys: &dyn Syscall) -> StepResult {
+    at(PARENT_GONE, sys.set_parent_death_signal())?;
+    if !p.channel.parent_alive() {
+        return Err((PARENT_GONE, Errno::ESRCH));
+    }
+    Ok(())
 }
 
-/// The `S_IFMT` bits of `path`, or None (errno set) when it cannot be stat'ed.
-unsafe fn file_type(path: &CString) -> Option<libc::mode_t> {
-    // SAFETY: stat into a zeroed struct on the stack.
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        (libc::stat(path.as_ptr(), &mut st) == 0).then_some(st.st_mode & libc::S_IFMT)
+/// One step of the mount plan.
+fn carry_out(step: &Step, sys: &dyn Syscall) -> Result<(), Errno> {
+    fn opt(s: &CString) -> Option<&std::ffi::CStr> {
+        (!s.is_empty()).then_some(s.as_c_str())
+    }
+    let exists_ok = |r: Result<(), Errno>| match r {
+        Err(Errno::EEXIST) => Ok(()),
+        r => r,
+    };
+    match step {
+        Step::Mount {
+            source,
+            target,
+            fstype,
+            flags,
+            data,
+        } => sys.mount(opt(source), target, opt(fstype), *flags, opt(data)),
+        Step::Mkdir(path) => exists_ok(sys.mkdir(path)),
+        Step::Touch(path) => sys.touch(path),
+        Step::Symlink { target, link } => exists_ok(sys.symlink(target, link)),
+        Step::Attach { fd, target } => sys.move_mount(*fd, target),
+        Step::Mask(path) => match sys.file_type(path) {
+            Err(Errno::ENOENT) => Ok(()),
+            Err(errno) => Err(errno),
+            Ok(libc::S_IFDIR) => sys.mount(
+                Some(c"tmpfs"),
+                path,
+                Some(c"tmpfs"),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                None,
+            ),
+            Ok(_) => sys.mount(Some(c"/dev/null"), path, None, libc::MS_BIND, None),
+        },
+        Step::ReadOnly(path) => match sys.file_type(path) {
+            Err(Errno::ENOENT) => Ok(()),
+            Err(errno) => Err(errno),
+            Ok(_) => {
+                sys.mount(Some(path), path, None, libc::MS_BIND | libc::MS_REC, None)?;
+                sys.mount(None, path, None, READ_ONLY_REMOUNT, None)
+            }
+        },
     }
 }
 
-/// `move_mount(2)`: the source is the fd itself.
-const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+/// Remounting a bind read-only, keeping the flags every API mount here has.
+const READ_ONLY_REMOUNT: libc::c_ulong = libc::MS_BIND
+    | libc::MS_REMOUNT
+    | libc::MS_RDONLY
+    | libc::MS_NOSUID
+    | libc::MS_NODEV
+    | libc::MS_NOEXEC;
 
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::{self, ChildSide, FromChild, ParentSide};
+    use crate::recording::{ChildScript, Recording};
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::path::Path;
+    use twinbox_spec::RunSpec;
 
-#[repr(C)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
+    const ROOT: &str = "/run/twinbox/ctr/t/root";
 
-/// Sets IFF_UP on `lo` of the new network namespace.
-fn loopback_up() -> bool {
-    // SAFETY: a datagram socket, an ifreq on the stack, SIOCGIFFLAGS/SIOCSIFFLAGS on it.
-    unsafe {
-        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if sock < 0 {
-            return false;
+    /// What `child::main` needs, as `run` prepares it, plus the test's ends of the pipes.
+    struct Setup {
+        prepared: Prepared,
+        parent: ParentSide,
+        _child: ChildSide,
+        _marker: (OwnedFd, OwnedFd),
+    }
+
+    fn setup(user_namespace: bool) -> Setup {
+        let (parent, child) = channel::channel().unwrap();
+        let marker = nix::unistd::pipe().unwrap();
+        let mut spec = RunSpec::new("/image.ext4", vec!["/bin/true".into()]);
+        spec.user_namespace = user_namespace;
+        let plan = crate::plan::build(Path::new("/run/twinbox/ctr/t"), 7, &[]).unwrap();
+        let prepared = crate::run::prepare(
+            &spec,
+            plan,
+            &child,
+            marker.1.as_raw_fd(),
+            None,
+            parent.raw_fds(),
+        )
+        .unwrap();
+        Setup {
+            prepared,
+            parent,
+            _child: child,
+            _marker: marker,
         }
-        let mut req: libc::ifreq = std::mem::zeroed();
-        for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
-            *d = *s as libc::c_char;
-        }
-        let ok = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) == 0 && {
-            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            libc::ioctl(sock, libc::SIOCSIFFLAGS, &req) == 0
+    }
+
+    fn double() -> Recording {
+        Recording::new(ChildScript::Vanishes)
+    }
+
+    fn position(calls: &[String], call: &str) -> usize {
+        calls
+            .iter()
+            .position(|c| c == call)
+            .unwrap_or_else(|| panic!("{call:?} not in {calls:#?}"))
+    }
+
+    #[test]
+    fn parent_death_signal_first_mounts_then_pivot_seccomp_last() {
+        let mut s = setup(false);
+        s.parent.release().unwrap();
+        let sys = double();
+        assert_eq!(main(&s.prepared, &sys), 125);
+        let calls = sys.calls();
+        assert_eq!(calls[0], "pdeathsig");
+        assert!(calls[1].starts_with("close "), "{calls:#?}");
+        let order = [
+            "unshare cgroup".to_string(),
+            "mount - on / (-)".into(),
+            "mount twinbox on /run/twinbox/ctr/t (tmpfs)".into(),
+            "move_mount /run/twinbox/ctr/t/lower".into(),
+            format!("mount proc on {ROOT}/proc (proc)"),
+            format!("mount /dev/null on {ROOT}/proc/keys (-)"),
+            format!("mount tmpfs on {ROOT}/sys/firmware (tmpfs) ro"),
+            format!("mount {ROOT}/proc/sys on {ROOT}/proc/sys (-)"),
+            format!("mount - on {ROOT}/proc/sys (-) ro"),
+            "sethostname twinbox".into(),
+            "lo up".into(),
+            format!("chdir {ROOT}"),
+            "pivot_root . .".into(),
+            "umount -l .".into(),
+            "chdir /".into(),
+            "keep marker fd".into(),
+            "capset 0xa00425fb 0x0".into(),
+            "no_new_privs".into(),
+            "seccomp".into(),
+            "exec /sbin/twinbox-init".into(),
+        ];
+        let at: Vec<usize> = order.iter().map(|c| position(&calls, c)).collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{calls:#?}");
+        // Re-armed after the capability change, and seccomp the very last before exec.
+        assert_eq!(
+            calls[position(&calls, "capset 0xa00425fb 0x0") + 1],
+            "pdeathsig"
+        );
+        assert_eq!(calls[calls.len() - 2], "seccomp");
+        assert!(
+            calls.iter().any(|c| c.starts_with("drop caps ..")),
+            "{calls:#?}"
+        );
+        // A path this kernel lacks is skipped, not an error.
+        assert!(!calls.iter().any(|c| c.contains("kcore")), "{calls:#?}");
+        drop(s._child);
+        assert_eq!(s.parent.receive(), FromChild::Ready);
+        assert_eq!(
+            s.parent.receive(),
+            FromChild::Failed {
+                step: EXEC_INIT,
+                errno: libc::ENOENT
+            }
+        );
+    }
+
+    #[test]
+    fn userns_takes_root_then_re_arms_before_anything_else() {
+        let mut s = setup(true);
+        s.parent.release().unwrap();
+        let sys = double();
+        main(&s.prepared, &sys);
+        let calls = sys.calls();
+        let root = position(&calls, "become root");
+        assert_eq!(calls[root + 1], "pdeathsig", "{calls:#?}");
+        assert_eq!(calls[root + 2], "unshare cgroup", "{calls:#?}");
+        assert!(calls[..root]
+            .iter()
+            .skip(1)
+            .all(|c| c.starts_with("close ")));
+    }
+
+    #[test]
+    fn a_failing_plan_step_is_reported_with_its_code_and_nothing_follows() {
+        let mut s = setup(false);
+        s.parent.release().unwrap();
+        let failing = format!("mount proc on {ROOT}/proc (proc)");
+        let mut sys = double();
+        sys.fail = Some(Box::leak(failing.clone().into_boxed_str()));
+        assert_eq!(main(&s.prepared, &sys), 125);
+        let calls = sys.calls();
+        assert_eq!(calls.last(), Some(&format!("{failing} FAILED")));
+        drop(s._child);
+        let FromChild::Failed { step, errno } = s.parent.receive() else {
+            panic!("no failure reported");
         };
-        libc::close(sock);
-        ok
+        assert_eq!(errno, libc::EPERM);
+        assert_eq!(
+            describe(step, &s.prepared.plan),
+            format!("mount proc (proc) on {ROOT}/proc")
+        );
+    }
+
+    #[test]
+    fn a_parent_dead_before_release_or_after_a_credential_change_stops_the_child() {
+        // Before the release: EOF on the channel, nothing mounted.
+        let s = setup(false);
+        let Setup {
+            prepared,
+            parent,
+            _child,
+            _marker,
+        } = s;
+        drop(parent);
+        let sys = double();
+        assert_eq!(main(&prepared, &sys), 125);
+        assert!(
+            sys.calls().iter().skip(1).all(|c| c.starts_with("close ")),
+            "{:#?}",
+            sys.calls()
+        );
+        // Released, then gone while the child became root: caught right after re-arming.
+        let mut s = setup(true);
+        s.parent.release().unwrap();
+        let Setup {
+            prepared,
+            parent,
+            _child,
+            _marker,
+        } = s;
+        drop(parent);
+        let sys = double();
+        assert_eq!(main(&prepared, &sys), 125);
+        let calls = sys.calls();
+        assert_eq!(calls.last().map(String::as_str), Some("pdeathsig"));
+        assert_eq!(calls[calls.len() - 2], "become root");
     }
 }

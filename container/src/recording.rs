@@ -4,10 +4,11 @@
 
 use crate::cgroup::{CgroupManager, Layout, Limits, Stats};
 use crate::child::Prepared;
-use crate::syscall::{Loop, Reaped, Syscall};
+use crate::syscall::{Errno, Loop, Reaped, Syscall};
 use crate::{userns, Error};
 use nix::sched::CloneFlags;
 use std::cell::RefCell;
+use std::ffi::CStr;
 use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -75,6 +76,15 @@ impl Recording {
     fn call(&self, call: &str) -> Result<(), Error> {
         record(&self.log, self.fail, call)
     }
+
+    /// Logs a call of the child; EPERM if it is the one to fail.
+    fn child_call(&self, call: String) -> Result<(), Errno> {
+        self.call(&call).map_err(|_| Errno::EPERM)
+    }
+}
+
+fn show(s: &CStr) -> std::borrow::Cow<'_, str> {
+    s.to_string_lossy()
 }
 
 fn record(log: &Log, fail: Option<&str>, call: &str) -> Result<(), Error> {
@@ -233,5 +243,142 @@ impl Syscall for Recording {
     fn wait_loop_free(&self, device: &Path) -> bool {
         let _ = self.call(&format!("wait loop free {}", device.display()));
         true
+    }
+
+    fn set_parent_death_signal(&self) -> Result<(), Errno> {
+        self.child_call("pdeathsig".into())
+    }
+
+    fn close(&self, fd: RawFd) {
+        // Logged only: the descriptors are the test's own.
+        let _ = self.child_call(format!("close {fd}"));
+    }
+
+    fn become_root(&self) -> Result<(), Errno> {
+        self.child_call("become root".into())
+    }
+
+    fn unshare_cgroup(&self) -> Result<(), Errno> {
+        self.child_call("unshare cgroup".into())
+    }
+
+    fn mount(
+        &self,
+        source: Option<&CStr>,
+        target: &CStr,
+        fstype: Option<&CStr>,
+        flags: libc::c_ulong,
+        _data: Option<&CStr>,
+    ) -> Result<(), Errno> {
+        let or_none = |s: Option<&CStr>| s.map_or("-".into(), |s| show(s).into_owned());
+        let ro = if flags & libc::MS_RDONLY != 0 {
+            " ro"
+        } else {
+            ""
+        };
+        self.child_call(format!(
+            "mount {} on {} ({}){ro}",
+            or_none(source),
+            show(target),
+            or_none(fstype)
+        ))
+    }
+
+    fn mkdir(&self, path: &CStr) -> Result<(), Errno> {
+        self.child_call(format!("mkdir {}", show(path)))
+    }
+
+    fn touch(&self, path: &CStr) -> Result<(), Errno> {
+        self.child_call(format!("touch {}", show(path)))
+    }
+
+    fn symlink(&self, target: &CStr, link: &CStr) -> Result<(), Errno> {
+        self.child_call(format!("symlink {} -> {}", show(link), show(target)))
+    }
+
+    fn move_mount(&self, _fd: RawFd, target: &CStr) -> Result<(), Errno> {
+        self.child_call(format!("move_mount {}", show(target)))
+    }
+
+    fn file_type(&self, path: &CStr) -> Result<libc::mode_t, Errno> {
+        // This pretend kernel has no /proc/kcore; acpi and firmware are directories.
+        let path = show(path);
+        if path.ends_with("/proc/kcore") {
+            Err(Errno::ENOENT)
+        } else if path.ends_with("/proc/acpi") || path.ends_with("/sys/firmware") {
+            Ok(libc::S_IFDIR)
+        } else {
+            Ok(libc::S_IFREG)
+        }
+    }
+
+    fn sethostname(&self, name: &CStr) -> Result<(), Errno> {
+        self.child_call(format!("sethostname {}", show(name)))
+    }
+
+    fn loopback_up(&self) -> Result<(), Errno> {
+        self.child_call("lo up".into())
+    }
+
+    fn chdir(&self, path: &CStr) -> Result<(), Errno> {
+        self.child_call(format!("chdir {}", show(path)))
+    }
+
+    fn pivot_root(&self, new_root: &CStr, put_old: &CStr) -> Result<(), Errno> {
+        self.child_call(format!("pivot_root {} {}", show(new_root), show(put_old)))
+    }
+
+    fn umount_detach(&self, path: &CStr) -> Result<(), Errno> {
+        self.child_call(format!("umount -l {}", show(path)))
+    }
+
+    fn keep_on_exec(&self, _fd: RawFd) -> Result<(), Errno> {
+        self.child_call("keep marker fd".into())
+    }
+
+    fn dup2(&self, _from: RawFd, to: RawFd) -> Result<(), Errno> {
+        self.child_call(format!("dup2 output to {to}"))
+    }
+
+    fn drop_bounding_cap(&self, cap: u32) -> Result<(), Errno> {
+        // One line for all of them: the count is what matters.
+        let mut log = self.log.borrow_mut();
+        match log.last_mut() {
+            Some(last) if last.starts_with("drop caps") => *last = format!("drop caps ..{cap}"),
+            _ => log.push(format!("drop caps ..{cap}")),
+        }
+        Ok(())
+    }
+
+    fn capset(&self, keep: [u32; 2]) -> Result<(), Errno> {
+        self.child_call(format!("capset {:#x} {:#x}", keep[0], keep[1]))
+    }
+
+    fn no_new_privs(&self) -> Result<(), Errno> {
+        self.child_call("no_new_privs".into())
+    }
+
+    fn apply_seccomp(&self, filter: &seccompiler::BpfProgram) -> Result<(), Errno> {
+        assert!(!filter.is_empty());
+        self.child_call("seccomp".into())
+    }
+
+    fn exec(
+        &self,
+        path: &CStr,
+        argv: &[*const libc::c_char],
+        envp: &[*const libc::c_char],
+    ) -> Errno {
+        assert!(
+            argv.last().is_some_and(|p| p.is_null()),
+            "argv ends in NULL"
+        );
+        assert!(
+            envp.last().is_some_and(|p| p.is_null()),
+            "envp ends in NULL"
+        );
+        let _ = self.child_call(format!("exec {}", show(path)));
+        // A pretend exec cannot replace the test: it "fails" like a missing init.
+        Errno::ENOENT
     }
 }

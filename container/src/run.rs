@@ -244,7 +244,7 @@ fn clone_flags(user_namespace: bool) -> CloneFlags {
 }
 
 /// Step 5: everything the child needs, allocated before `clone`.
-fn prepare(
+pub(crate) fn prepare(
     spec: &RunSpec,
     plan: plan::Plan,
     channel: &channel::ChildSide,

@@ -3,15 +3,21 @@
 //! `run.rs` writes each call to a log and plays a scripted child, so the orchestration —
 //! the order of the steps, the error paths, the order of cleanup — is tested without root.
 //!
+//! The child's calls (after `clone`, in its new namespaces) are here too, for the same
+//! reason: `child::main` runs in-process on the double, and its order (parent-death
+//! signal first and after every credential change, seccomp last) is tested. Their real
+//! implementation is raw system calls that never allocate.
+//!
 //! What is not here is unprivileged and runs as is in the tests too: reading the image's
 //! superblock, stat of `/dev` nodes, the pipes of the channel, compiling the seccomp
-//! filter. The child's own calls after `clone` are in `child.rs`.
+//! filter.
 
 use crate::cgroup::{self, CgroupManager, Layout, Limits};
 use crate::child::{self, Prepared};
 use crate::{detached, sweep, userns, Error};
 use nix::sched::CloneFlags;
-use std::os::fd::OwnedFd;
+use std::ffi::CStr;
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use twinbox_spec::image::LoopDevice;
 
@@ -34,7 +40,11 @@ pub struct Reaped {
     pub usage: libc::rusage,
 }
 
-/// The privileged calls of one container run, in the order the run makes them.
+/// An errno of one of the child's calls.
+pub type Errno = nix::errno::Errno;
+
+/// The privileged calls of one container run, in the order the run makes them: the
+/// parent's, then the child's.
 pub trait Syscall {
     /// Whether the caller is root (loop devices, mounts and cgroups need it).
     fn is_root(&self) -> bool;
@@ -69,6 +79,65 @@ pub trait Syscall {
     fn wait(&self, pid: i32) -> Result<Reaped, Error>;
     /// Waits (up to 2 s) until the loop device at `device` is free again.
     fn wait_loop_free(&self, device: &Path) -> bool;
+
+    // The child's calls, after clone. None may allocate.
+
+    /// SIGKILL when the parent dies.
+    fn set_parent_death_signal(&self) -> Result<(), Errno>;
+    /// Closes a descriptor (errors ignored: it is closed either way).
+    fn close(&self, fd: RawFd);
+    /// uid/gid 0 of the new user namespace, no supplementary groups.
+    fn become_root(&self) -> Result<(), Errno>;
+    /// A new cgroup namespace, rooted at the current cgroup.
+    fn unshare_cgroup(&self) -> Result<(), Errno>;
+    /// `mount(2)`.
+    fn mount(
+        &self,
+        source: Option<&CStr>,
+        target: &CStr,
+        fstype: Option<&CStr>,
+        flags: libc::c_ulong,
+        data: Option<&CStr>,
+    ) -> Result<(), Errno>;
+    /// A directory, mode 0755.
+    fn mkdir(&self, path: &CStr) -> Result<(), Errno>;
+    /// An empty file to mount onto (an existing one is fine).
+    fn touch(&self, path: &CStr) -> Result<(), Errno>;
+    /// A symbolic link `link` → `target`.
+    fn symlink(&self, target: &CStr, link: &CStr) -> Result<(), Errno>;
+    /// `move_mount(2)` of the detached mount `fd` onto `target`.
+    fn move_mount(&self, fd: RawFd, target: &CStr) -> Result<(), Errno>;
+    /// The `S_IFMT` bits of `path`.
+    fn file_type(&self, path: &CStr) -> Result<libc::mode_t, Errno>;
+    /// The UTS namespace's hostname.
+    fn sethostname(&self, name: &CStr) -> Result<(), Errno>;
+    /// IFF_UP on `lo` of the new network namespace.
+    fn loopback_up(&self) -> Result<(), Errno>;
+    /// `chdir(2)`.
+    fn chdir(&self, path: &CStr) -> Result<(), Errno>;
+    /// `pivot_root(2)`.
+    fn pivot_root(&self, new_root: &CStr, put_old: &CStr) -> Result<(), Errno>;
+    /// `umount2(path, MNT_DETACH)`.
+    fn umount_detach(&self, path: &CStr) -> Result<(), Errno>;
+    /// Clears close-on-exec on `fd` (the marker pipe init inherits).
+    fn keep_on_exec(&self, fd: RawFd) -> Result<(), Errno>;
+    /// `dup2(2)`.
+    fn dup2(&self, from: RawFd, to: RawFd) -> Result<(), Errno>;
+    /// Drops `cap` from the bounding set.
+    fn drop_bounding_cap(&self, cap: u32) -> Result<(), Errno>;
+    /// Effective, permitted and inheritable sets to `keep` (two 32-bit words).
+    fn capset(&self, keep: [u32; 2]) -> Result<(), Errno>;
+    /// `PR_SET_NO_NEW_PRIVS`.
+    fn no_new_privs(&self) -> Result<(), Errno>;
+    /// Installs the seccomp filter on this thread.
+    fn apply_seccomp(&self, filter: &seccompiler::BpfProgram) -> Result<(), Errno>;
+    /// `execve(2)`; returns only on failure.
+    fn exec(
+        &self,
+        path: &CStr,
+        argv: &[*const libc::c_char],
+        envp: &[*const libc::c_char],
+    ) -> Errno;
 }
 
 /// The calls, made.
@@ -141,7 +210,7 @@ impl Syscall for Real {
         // makes raw system calls until it execs or exits.
         let pid = unsafe {
             nix::sched::clone(
-                Box::new(|| child::main(prepared)),
+                Box::new(|| child::main(prepared, self)),
                 &mut stack,
                 flags,
                 Some(libc::SIGCHLD),
@@ -198,4 +267,216 @@ impl Syscall for Real {
         }
         false
     }
+
+    fn set_parent_death_signal(&self) -> Result<(), Errno> {
+        // SAFETY: prctl with integer arguments.
+        Errno::result(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) }).map(drop)
+    }
+
+    fn close(&self, fd: RawFd) {
+        // SAFETY: closes a descriptor number the caller owns in this process.
+        unsafe { libc::close(fd) };
+    }
+
+    fn become_root(&self) -> Result<(), Errno> {
+        // SAFETY: plain credential calls with integer arguments and a NULL list.
+        unsafe {
+            Errno::result(libc::setgroups(0, std::ptr::null()))?;
+            Errno::result(libc::setresgid(0, 0, 0))?;
+            Errno::result(libc::setresuid(0, 0, 0)).map(drop)
+        }
+    }
+
+    fn unshare_cgroup(&self) -> Result<(), Errno> {
+        // SAFETY: unshare with a flag.
+        Errno::result(unsafe { libc::unshare(libc::CLONE_NEWCGROUP) }).map(drop)
+    }
+
+    fn mount(
+        &self,
+        source: Option<&CStr>,
+        target: &CStr,
+        fstype: Option<&CStr>,
+        flags: libc::c_ulong,
+        data: Option<&CStr>,
+    ) -> Result<(), Errno> {
+        let ptr = |s: Option<&CStr>| s.map_or(std::ptr::null(), CStr::as_ptr);
+        // SAFETY: NUL-terminated strings or NULL, as mount(2) takes them.
+        Errno::result(unsafe {
+            libc::mount(
+                ptr(source),
+                target.as_ptr(),
+                ptr(fstype),
+                flags,
+                ptr(data).cast(),
+            )
+        })
+        .map(drop)
+    }
+
+    fn mkdir(&self, path: &CStr) -> Result<(), Errno> {
+        // SAFETY: a NUL-terminated path.
+        Errno::result(unsafe { libc::mkdir(path.as_ptr(), 0o755) }).map(drop)
+    }
+
+    fn touch(&self, path: &CStr) -> Result<(), Errno> {
+        // SAFETY: a NUL-terminated path; the descriptor is closed right away.
+        unsafe {
+            let fd = Errno::result(libc::open(
+                path.as_ptr(),
+                libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                0o644,
+            ))?;
+            Errno::result(libc::close(fd)).map(drop)
+        }
+    }
+
+    fn symlink(&self, target: &CStr, link: &CStr) -> Result<(), Errno> {
+        // SAFETY: NUL-terminated paths.
+        Errno::result(unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) }).map(drop)
+    }
+
+    fn move_mount(&self, fd: RawFd, target: &CStr) -> Result<(), Errno> {
+        // SAFETY: move_mount of our detached mount (the fd itself is the source) onto a
+        // NUL-terminated path.
+        Errno::result(unsafe {
+            libc::syscall(
+                libc::SYS_move_mount,
+                fd,
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                target.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            )
+        })
+        .map(drop)
+    }
+
+    fn file_type(&self, path: &CStr) -> Result<libc::mode_t, Errno> {
+        // SAFETY: stat into a zeroed struct on the stack.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            Errno::result(libc::stat(path.as_ptr(), &mut st))?;
+            Ok(st.st_mode & libc::S_IFMT)
+        }
+    }
+
+    fn sethostname(&self, name: &CStr) -> Result<(), Errno> {
+        // SAFETY: the name's bytes and their length.
+        Errno::result(unsafe { libc::sethostname(name.as_ptr(), name.to_bytes().len()) }).map(drop)
+    }
+
+    fn loopback_up(&self) -> Result<(), Errno> {
+        // SAFETY: a datagram socket, an ifreq on the stack, SIOCGIFFLAGS/SIOCSIFFLAGS on
+        // it, the socket closed on every path.
+        unsafe {
+            let sock = Errno::result(libc::socket(
+                libc::AF_INET,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                0,
+            ))?;
+            let mut req: libc::ifreq = std::mem::zeroed();
+            for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+                *d = *s as libc::c_char;
+            }
+            let result =
+                Errno::result(libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req)).and_then(|_| {
+                    req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+                    Errno::result(libc::ioctl(sock, libc::SIOCSIFFLAGS, &req))
+                });
+            libc::close(sock);
+            result.map(drop)
+        }
+    }
+
+    fn chdir(&self, path: &CStr) -> Result<(), Errno> {
+        // SAFETY: a NUL-terminated path.
+        Errno::result(unsafe { libc::chdir(path.as_ptr()) }).map(drop)
+    }
+
+    fn pivot_root(&self, new_root: &CStr, put_old: &CStr) -> Result<(), Errno> {
+        // SAFETY: NUL-terminated paths.
+        Errno::result(unsafe {
+            libc::syscall(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr())
+        })
+        .map(drop)
+    }
+
+    fn umount_detach(&self, path: &CStr) -> Result<(), Errno> {
+        // SAFETY: a NUL-terminated path.
+        Errno::result(unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) }).map(drop)
+    }
+
+    fn keep_on_exec(&self, fd: RawFd) -> Result<(), Errno> {
+        // SAFETY: F_SETFD on a descriptor of ours.
+        Errno::result(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }).map(drop)
+    }
+
+    fn dup2(&self, from: RawFd, to: RawFd) -> Result<(), Errno> {
+        // SAFETY: dup2 of descriptors of ours.
+        Errno::result(unsafe { libc::dup2(from, to) }).map(drop)
+    }
+
+    fn drop_bounding_cap(&self, cap: u32) -> Result<(), Errno> {
+        // SAFETY: prctl with integer arguments.
+        Errno::result(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) })
+            .map(drop)
+    }
+
+    fn capset(&self, keep: [u32; 2]) -> Result<(), Errno> {
+        let header = CapHeader {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let data = keep.map(|word| CapData {
+            effective: word,
+            permitted: word,
+            inheritable: word,
+        });
+        // SAFETY: capset with a v3 header and its two data words, on the stack.
+        Errno::result(unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) }).map(drop)
+    }
+
+    fn no_new_privs(&self) -> Result<(), Errno> {
+        // SAFETY: prctl with integer arguments.
+        Errno::result(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }).map(drop)
+    }
+
+    fn apply_seccomp(&self, filter: &seccompiler::BpfProgram) -> Result<(), Errno> {
+        // apply_filter neither allocates nor parses: it hands the program to the kernel.
+        seccompiler::apply_filter(filter).map_err(|_| Errno::last())
+    }
+
+    fn exec(
+        &self,
+        path: &CStr,
+        argv: &[*const libc::c_char],
+        envp: &[*const libc::c_char],
+    ) -> Errno {
+        // SAFETY: NULL-terminated argv and envp arrays of NUL-terminated strings that
+        // `Prepared` keeps alive.
+        unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        Errno::last()
+    }
+}
+
+/// `move_mount(2)`: the source is the fd itself.
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+/// `_LINUX_CAPABILITY_VERSION_3`: two 32-bit words per set.
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// `struct __user_cap_header_struct`.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+/// `struct __user_cap_data_struct`.
+#[repr(C)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
 }
