@@ -96,6 +96,17 @@ pub enum Error {
     Job(String),
     #[error("cannot start a VMM thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot open /proc/self/status or /proc/self/smaps to measure the run: {0}")]
+    Usage(std::io::Error),
+}
+
+/// How the caller wants a run done, beyond the spec.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// Put the caller's thread under the `Caller` seccomp filter once the VM runs. Only
+    /// for a caller that, after the run, just prints the report and exits (the CLI): the
+    /// filter stays on the thread for good.
+    pub lock_caller_thread: bool,
 }
 
 /// Runs `spec` in a microVM and reports how it went.
@@ -112,7 +123,17 @@ pub fn run_until<S: AsRawFd + ?Sized>(
     spec: &RunSpec,
     stop: Option<&S>,
 ) -> Result<RunReport, Error> {
+    run_with(spec, stop, RunOptions::default())
+}
+
+/// Like [`run_until`], with [`RunOptions`].
+pub fn run_with<S: AsRawFd + ?Sized>(
+    spec: &RunSpec,
+    stop: Option<&S>,
+    options: RunOptions,
+) -> Result<RunReport, Error> {
     let config = Config::check(spec)?;
+    let probe = usage::Probe::open().map_err(Error::Usage)?;
     let mut notes = Vec::new();
     if config.pvm {
         notes.push(PVM_NOTE.to_owned());
@@ -232,6 +253,9 @@ pub fn run_until<S: AsRawFd + ?Sized>(
     }
 
     // 7. Run until something ends it.
+    if options.lock_caller_thread {
+        config.seccomp.apply(seccomp::ThreadKind::Caller)?;
+    }
     let limit = spec
         .time_limit
         .or(config.pvm.then_some(PVM_DEFAULT_TIME_LIMIT));
@@ -241,13 +265,13 @@ pub fn run_until<S: AsRawFd + ?Sized>(
     //    is dropped (VM fd before the memory it maps).
     let event_loop_failure = running.events.as_ref().and_then(|e| e.failure());
     drop(running);
-    let guest_rss = usage::resident_kib_of(
+    let guest_rss = probe.resident_kib_of(
         &memory::host_ranges(&guest_memory)
             .iter()
             .map(|r| r.0)
             .collect::<Vec<_>>(),
     );
-    let peak = usage::peak_rss_kib();
+    let peak = probe.peak_rss_kib();
     drop(devices);
     drop(vm);
     drop(guest_memory);

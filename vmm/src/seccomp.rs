@@ -17,9 +17,10 @@
 //! (allowed, and logged by the kernel's audit: `dmesg | grep 'type=1326'` gives the
 //! syscall number) or `off`.
 //!
-//! The caller's thread (the CLI's main thread, or the bench's) is not filtered: it carries
-//! on after the run (the bench runs containers and peers next), and it handles no guest
-//! input.
+//! The caller's thread handles no guest input. It is filtered only when the caller says it
+//! will do nothing after the run but print the report and exit (the CLI, through
+//! [`crate::RunOptions`]); the bench's thread is not, since it runs containers and peers
+//! next.
 
 use kvm_bindings::{kvm_regs, kvm_translation, kvm_vcpu_events};
 use seccompiler::{
@@ -85,6 +86,11 @@ pub enum ThreadKind {
     EventLoop,
     /// The console writer: guest output to stdout.
     Console,
+    /// The caller's thread once the VM runs, when the caller opts in
+    /// ([`crate::RunOptions::lock_caller_thread`]): waits, stops and joins the others,
+    /// measures, tears down, and returns the report to a caller that then only prints it
+    /// and exits (the CLI).
+    Caller,
 }
 
 impl std::fmt::Display for ThreadKind {
@@ -93,6 +99,7 @@ impl std::fmt::Display for ThreadKind {
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::EventLoop => "event loop",
             ThreadKind::Console => "console",
+            ThreadKind::Caller => "caller",
         })
     }
 }
@@ -118,6 +125,9 @@ pub struct Filters {
     vcpu: Option<Arc<BpfProgram>>,
     event_loop: Option<Arc<BpfProgram>>,
     console: Option<Arc<BpfProgram>>,
+    caller: Option<Arc<BpfProgram>>,
+    /// Stacked on every kind's list: `openat` fails with EACCES (see [`refuse_open`]).
+    refuse_open: Option<Arc<BpfProgram>>,
 }
 
 impl Filters {
@@ -125,11 +135,7 @@ impl Filters {
     /// kernel cannot install filters at all, before any VM exists.
     pub fn new(mode: Mode) -> Result<Self, SeccompError> {
         if mode == Mode::Off {
-            return Ok(Self {
-                vcpu: None,
-                event_loop: None,
-                console: None,
-            });
+            return Ok(Self::none());
         }
         // SAFETY: PR_GET_SECCOMP takes no pointer arguments; it fails with EINVAL when the
         // kernel lacks CONFIG_SECCOMP.
@@ -141,6 +147,8 @@ impl Filters {
             vcpu: build(ThreadKind::Vcpu)?,
             event_loop: build(ThreadKind::EventLoop)?,
             console: build(ThreadKind::Console)?,
+            caller: build(ThreadKind::Caller)?,
+            refuse_open: Some(Arc::new(refuse_open()?)),
         })
     }
 
@@ -150,6 +158,8 @@ impl Filters {
             vcpu: None,
             event_loop: None,
             console: None,
+            caller: None,
+            refuse_open: None,
         }
     }
 
@@ -159,12 +169,15 @@ impl Filters {
             ThreadKind::Vcpu => &self.vcpu,
             ThreadKind::EventLoop => &self.event_loop,
             ThreadKind::Console => &self.console,
+            ThreadKind::Caller => &self.caller,
         };
-        match program {
-            None => Ok(()),
-            Some(program) => seccompiler::apply_filter(program)
-                .map_err(|source| SeccompError::Install { kind, source }),
+        // `refuse_open` first: installing a filter takes prctl and seccomp, which the
+        // thread's own list does not allow once it is in.
+        for program in [&self.refuse_open, program].into_iter().flatten() {
+            seccompiler::apply_filter(program)
+                .map_err(|source| SeccompError::Install { kind, source })?;
         }
+        Ok(())
     }
 }
 
@@ -216,6 +229,8 @@ fn common() -> BTreeMap<i64, Vec<SeccompRule>> {
             0,
         )])]
     };
+    // Allowed here, refused by the stacked `refuse_open` filter: see there.
+    any(&mut rules, &[libc::SYS_openat]);
     rules.insert(libc::SYS_mmap, not_exec());
     rules.insert(libc::SYS_mprotect, not_exec());
     // Debug builds check an fd is open before closing it (F_GETFD); nothing else.
@@ -261,8 +276,46 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
             ],
         ),
         ThreadKind::Console => any(&mut rules, &[libc::SYS_poll, libc::SYS_ppoll]),
+        // No open: the files it reads at the end (/proc/self/status, smaps) were opened
+        // before; tgkill is the vCPU kick; rt_sigaction is the CLI restoring SIGINT/SIGTERM.
+        ThreadKind::Caller => any(
+            &mut rules,
+            &[
+                libc::SYS_poll,
+                libc::SYS_ppoll,
+                libc::SYS_read,
+                libc::SYS_pread64,
+                libc::SYS_lseek,
+                libc::SYS_tgkill,
+                libc::SYS_getpid,
+                libc::SYS_getrusage,
+                libc::SYS_rt_sigaction,
+            ],
+        ),
     }
     rules
+}
+
+/// The second filter every VMM thread gets: `openat` fails with EACCES, everything else is
+/// left to the thread's list. glibc's `free()` may open /proc/sys/vm/overcommit_memory on
+/// any thread, once per process, when it trims a thread's heap; a kill there would be a
+/// VMM dying at random, and allowing the open would let a subverted device thread read
+/// host files. Refused, glibc assumes it may not shrink heaps and goes on. (With stacked
+/// filters the kernel takes the strictest answer: ERRNO beats the list's ALLOW.)
+fn refuse_open() -> Result<BpfProgram, SeccompError> {
+    let kind = ThreadKind::Caller; // only for the error message: the filter is shared
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|source| SeccompError::Build { kind, source })?;
+    let rules = [(libc::SYS_openat, vec![])].into_iter().collect();
+    SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        arch,
+    )
+    .and_then(BpfProgram::try_from)
+    .map_err(|source| SeccompError::Build { kind, source })
 }
 
 /// Compiles `kind`'s filter for this architecture.
@@ -283,6 +336,13 @@ fn compile(kind: ThreadKind, mode: Mode) -> Result<BpfProgram, SeccompError> {
 mod tests {
     use super::*;
 
+    const ALL: [ThreadKind; 4] = [
+        ThreadKind::Vcpu,
+        ThreadKind::EventLoop,
+        ThreadKind::Console,
+        ThreadKind::Caller,
+    ];
+
     #[test]
     fn ioctl_numbers_are_the_kernels() {
         assert_eq!(KVM_RUN(), 0xae80);
@@ -295,7 +355,7 @@ mod tests {
 
     #[test]
     fn every_kind_compiles_in_both_modes() {
-        for kind in [ThreadKind::Vcpu, ThreadKind::EventLoop, ThreadKind::Console] {
+        for kind in ALL {
             for mode in [Mode::Kill, Mode::Log] {
                 let program = compile(kind, mode).unwrap();
                 assert!(program.len() > 10, "{kind} filter is suspiciously short");
@@ -308,13 +368,15 @@ mod tests {
         let vcpu = rules(ThreadKind::Vcpu);
         let events = rules(ThreadKind::EventLoop);
         let console = rules(ThreadKind::Console);
+        let caller = rules(ThreadKind::Caller);
         assert!(vcpu.contains_key(&libc::SYS_ioctl));
         assert!(!events.contains_key(&libc::SYS_ioctl));
         assert!(!console.contains_key(&libc::SYS_ioctl));
+        assert!(!caller.contains_key(&libc::SYS_ioctl));
         assert!(events.contains_key(&libc::SYS_pwrite64));
         assert!(!vcpu.contains_key(&libc::SYS_pwrite64));
         for forbidden in [
-            libc::SYS_openat,
+            libc::SYS_open,
             libc::SYS_execve,
             libc::SYS_clone,
             libc::SYS_clone3,
@@ -322,7 +384,7 @@ mod tests {
             libc::SYS_ptrace,
             libc::SYS_mount,
         ] {
-            for list in [&vcpu, &events, &console] {
+            for list in [&vcpu, &events, &console, &caller] {
                 assert!(
                     !list.contains_key(&forbidden),
                     "syscall {forbidden} allowed"
@@ -336,7 +398,7 @@ mod tests {
     #[test]
     fn a_call_outside_the_list_kills_the_process() {
         let filters = Filters::new(Mode::Kill).unwrap();
-        for kind in [ThreadKind::Vcpu, ThreadKind::EventLoop, ThreadKind::Console] {
+        for kind in ALL {
             for forbidden in [true, false] {
                 // SAFETY: the child only installs a precompiled filter (prctl + seccomp),
                 // makes raw system calls and _exits: async-signal-safe after fork.
@@ -349,7 +411,21 @@ mod tests {
                                 // SAFETY: a plain system call.
                                 unsafe { libc::getppid() };
                             }
-                            0
+                            // SAFETY: openat of a NUL-terminated literal; must fail EACCES.
+                            let fd = unsafe {
+                                libc::openat(
+                                    libc::AT_FDCWD,
+                                    c"/proc/sys/vm/overcommit_memory".as_ptr(),
+                                    libc::O_RDONLY | libc::O_CLOEXEC,
+                                )
+                            };
+                            // SAFETY: reads errno of this thread.
+                            let errno = unsafe { *libc::__errno_location() };
+                            if fd == -1 && errno == libc::EACCES {
+                                0
+                            } else {
+                                4
+                            }
                         }
                         Err(_) => 3,
                     };
@@ -367,7 +443,8 @@ mod tests {
                 } else {
                     assert!(
                         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-                        "{kind}: allowed calls only, yet status {status:#x}"
+                        "{kind}: allowed calls only, and openat refused with EACCES (exit 4 \
+                         if not), yet status {status:#x}"
                     );
                 }
             }

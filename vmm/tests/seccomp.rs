@@ -1,7 +1,8 @@
-//! Every thread the VMM starts runs under its seccomp filter during a run: the kernel shows
+//! Every thread of the VMM runs under its seccomp filter during a run: the kernel shows
 //! `Seccomp: 2` (filter mode) in /proc/<pid>/task/<tid>/status for each vCPU, the event
-//! loop and the console writer, and the run still ends normally (teardown included) with
-//! the default kill-process action.
+//! loop, the console writer and the caller's thread (opted in, as the CLI does), and the
+//! run still ends normally (teardown, measurements, report) with the default kill-process
+//! action.
 //!
 //! NEEDS /dev/kvm (any flavour: PVM is fine, no Linux guest involved).
 
@@ -25,10 +26,11 @@ const CHILD_ENV: &str = "TWINBOX_SECCOMP_CHILD";
 #[test]
 #[ignore = "runs only as the child of the seccomp test"]
 fn child_vmm() {
-    if std::env::var_os(CHILD_ENV).is_none() {
+    let Some(dir) = std::env::var_os(CHILD_ENV).map(std::path::PathBuf::from) else {
         panic!("run only as the child of the seccomp test ({CHILD_ENV} unset)");
-    }
-    let dir = TempDir::new("seccomp-child");
+    };
+    // The parent made the directory and removes it: this process may open nothing after
+    // the run.
     let kernel = dir.join("guest.elf");
     std::fs::write(&kernel, elf(FLOOD)).unwrap();
     let root = dir.join("root.img");
@@ -39,11 +41,27 @@ fn child_vmm() {
     spec.vcpus = 2;
     spec.output = OutputMode::Inherit;
     spec.time_limit = Some(Duration::from_secs(4));
-    let report = vmm::run(&spec).expect("vmm::run");
-    match &report.outcome {
-        Outcome::Failed(why) if why.contains("time limit") => eprintln!("RUN-ENDED-CLEANLY"),
-        other => eprintln!("unexpected outcome {other:?}"),
-    }
+    // The caller's thread gets its filter too, as the CLI's does: a named thread, so the
+    // parent can find it, which after the run only prints and exits, as the CLI does.
+    let caller = std::thread::Builder::new()
+        .name("vmm-caller".into())
+        .spawn(move || {
+            let options = vmm::RunOptions {
+                lock_caller_thread: true,
+            };
+            let report =
+                vmm::run_with::<std::fs::File>(&spec, None, options).expect("vmm::run_with");
+            match (&report.outcome, report.usage.guest_memory_touched_kib) {
+                (Outcome::Failed(why), Some(kib)) if why.contains("time limit") && kib > 0 => {
+                    eprintln!("RUN-ENDED-CLEANLY")
+                }
+                (other, kib) => eprintln!("unexpected outcome {other:?}, guest memory {kib:?}"),
+            }
+            std::process::exit(0);
+        })
+        .unwrap();
+    let _ = caller.join();
+    unreachable!("the caller thread exits the process");
 }
 
 /// (thread name, Seccomp mode) of every thread of `pid`.
@@ -69,9 +87,10 @@ fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
 #[test]
 fn every_vmm_thread_runs_under_a_seccomp_filter() {
     require_kvm();
+    let dir = TempDir::new("seccomp");
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--ignored", "--exact", "child_vmm", "--nocapture"])
-        .env(CHILD_ENV, "1")
+        .env(CHILD_ENV, &dir.0)
         .env_remove(vmm::seccomp::MODE_ENV)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -86,7 +105,7 @@ fn every_vmm_thread_runs_under_a_seccomp_filter() {
     });
     // Wait until all four VMM threads exist and have had time to install their filters
     // (each does so first thing), then take that snapshot.
-    let wanted = ["vcpu0", "vcpu1", "vmm-events", "vmm-console"];
+    let wanted = ["vcpu0", "vcpu1", "vmm-events", "vmm-console", "vmm-caller"];
     let started = Instant::now();
     let modes = loop {
         let modes = seccomp_modes(child.id());
