@@ -72,7 +72,7 @@ pub(crate) const OWNER_FILE: &str = ".owner";
 /// contents) when dropped — on success, error and time-limit paths alike. If the bench is
 /// killed and cannot drop it, the next bench's [`super::sweep`] removes it.
 #[derive(Debug)]
-pub(crate) struct RunDir {
+pub struct RunDir {
     path: PathBuf,
     /// Holds the owner lock (released when the bench dies, whatever kills it).
     _owner: std::fs::File,
@@ -81,7 +81,7 @@ pub(crate) struct RunDir {
 impl RunDir {
     /// Creates `twinbox-bench.<what>.<pid>.<n>` (`create_dir` fails rather than reuse
     /// one) and takes its owner lock.
-    pub(crate) fn create(what: &str) -> Result<Self, String> {
+    pub fn create(what: &str) -> Result<Self, String> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let base = std::env::temp_dir();
         loop {
@@ -110,7 +110,7 @@ impl RunDir {
     }
 
     /// The directory.
-    pub(crate) fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         &self.path
     }
 }
