@@ -1030,4 +1030,71 @@ mod tests {
             program.len()
         );
     }
+
+    #[test]
+    fn x32_numbers_are_refused() {
+        // getpid through the x32 ABI (bit 30 of the number): the x86_64 audit arch, but a
+        // number no rule matches. Unfiltered it works (or ENOSYS without x32 support).
+        let probe: &[Probe] = &[("x32 getpid", || sys(0x4000_0000 | libc::SYS_getpid, [0; 5]))];
+        assert_ne!(probe_results(None, probe), [-(DENIED_ERRNO as i64)]);
+        assert_eq!(
+            probe_results(Some(&filter()), probe),
+            [-(DENIED_ERRNO as i64)]
+        );
+    }
+
+    /// Forks a child that (optionally filtered) makes getpid through `int 0x80`, the
+    /// 32-bit entry, and returns its wait status.
+    fn int80_getpid_status(filter: Option<&BpfProgram>) -> i32 {
+        // SAFETY: the child makes raw calls and leaves with _exit or dies of a signal.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: a stack rlimit; no core file for the expected SIGSYS.
+            unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
+            if let Some(filter) = filter {
+                if seccompiler::apply_filter(filter).is_err() {
+                    // SAFETY: leaves the forked child.
+                    unsafe { libc::_exit(99) };
+                }
+            }
+            let mut eax: u32 = 20; // __NR_getpid of i386
+                                   // SAFETY: int 0x80 with eax = getpid takes no pointers and clobbers only eax.
+            unsafe { std::arch::asm!("int 0x80", inout("eax") eax) };
+            // SAFETY: leaves the forked child.
+            unsafe { libc::_exit(if eax as i32 > 0 { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: reaps the child forked above.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        status
+    }
+
+    #[test]
+    fn the_32_bit_entry_kills_the_process() {
+        // Another audit arch: the filter's first check kills the process (SIGSYS) before a
+        // number is compared, so i386 numbers cannot slip past x86_64 rules. A kernel
+        // without IA-32 emulation faults the instruction itself (SIGSEGV) either way.
+        let unfiltered = int80_getpid_status(None);
+        let filtered = int80_getpid_status(Some(&filter()));
+        let by = |status: i32, signal: i32| {
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == signal
+        };
+        if by(unfiltered, libc::SIGSEGV) {
+            assert!(by(filtered, libc::SIGSEGV), "status {filtered:#x}");
+        } else {
+            assert!(
+                libc::WIFEXITED(unfiltered) && libc::WEXITSTATUS(unfiltered) == 0,
+                "unfiltered int 0x80 getpid: status {unfiltered:#x}"
+            );
+            assert!(
+                by(filtered, libc::SIGSYS),
+                "filtered int 0x80 getpid: status {filtered:#x}, not killed by SIGSYS"
+            );
+        }
+    }
 }
