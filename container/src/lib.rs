@@ -1,7 +1,8 @@
 //! The twinbox container: the image on a read-only autoclear loop device, an overlay with
 //! a tmpfs upper layer, `pivot_root` in new pid/mount/uts/ipc/net/cgroup namespaces, one
-//! cgroup per run (cpu quota, memory without swap, pids), runc's default capabilities, and
-//! twinbox-init as PID 1 reporting phases over a pipe.
+//! cgroup per run (cpu quota, memory without swap, pids, device allowlist), runc's masked
+//! and read-only paths, moby's capabilities without MKNOD, a seccomp allowlist, and
+//! twinbox-init as PID 1 reporting phases over a pipe. `run.rs` tells the story.
 
 mod caps;
 pub mod cgroup;
