@@ -45,11 +45,11 @@ fn run(args: CtrRunArgs, spawn_ns: u64) -> anyhow::Result<i32> {
     spec.pids_limit = args.pids;
     spec.disks = args.disks.clone();
     spec.user_namespace = args.userns;
-    // SIGINT/SIGTERM kill the container and tear it down; we then exit like a shell
-    // would (130/143).
+    // SIGINT/SIGTERM kill the container and tear it down (container::run holds a
+    // twinbox_spec::interrupt::Interrupt); we then exit like a shell would (130/143).
     let report = container::run(&spec)?;
     let status = args.run.finish(&report);
-    Ok(match container::interrupt::signal() {
+    Ok(match twinbox_spec::interrupt::received() {
         Some(signal) => 128 + signal,
         None => status,
     })
