@@ -8,6 +8,7 @@
 
 use crate::base64url;
 use std::fmt;
+use std::net::Ipv4Addr;
 
 /// Kernel command-line key that carries the job token in the VM.
 pub const JOB_CMDLINE_KEY: &str = "twinbox.job";
@@ -22,6 +23,7 @@ const TAG_MARKER_PORT: u8 = 4;
 const TAG_MARKER_FD: u8 = 5;
 const TAG_FLAGS: u8 = 6;
 const TAG_HOSTNAME: u8 = 7;
+const TAG_NET: u8 = 8;
 
 const FLAG_OVERLAY_ROOT: u32 = 1 << 0;
 const FLAG_POWER_OFF: u32 = 1 << 1;
@@ -36,6 +38,64 @@ pub enum MarkerChannel {
     Port(u16),
     /// `write` to this inherited file descriptor (the container).
     Fd(i32),
+}
+
+/// How init configures the box's one network interface (`eth0`): the box's end of a
+/// point-to-point link with the host, whose end is the gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The box's address.
+    pub address: Ipv4Addr,
+    /// Prefix length of the link (e.g. 30).
+    pub prefix_len: u8,
+    /// The host's end of the link, the default route.
+    pub gateway: Ipv4Addr,
+    /// Name server for `/etc/resolv.conf`, if the host has one the box can reach.
+    pub resolver: Option<Ipv4Addr>,
+}
+
+impl NetConfig {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(13);
+        out.extend_from_slice(&self.address.octets());
+        out.push(self.prefix_len);
+        out.extend_from_slice(&self.gateway.octets());
+        if let Some(resolver) = self.resolver {
+            out.extend_from_slice(&resolver.octets());
+        }
+        out
+    }
+
+    fn decode(value: &[u8]) -> Result<Self, JobError> {
+        let ip = |at: usize| Ipv4Addr::new(value[at], value[at + 1], value[at + 2], value[at + 3]);
+        let config = match value.len() {
+            9 => Self {
+                address: ip(0),
+                prefix_len: value[4],
+                gateway: ip(5),
+                resolver: None,
+            },
+            13 => Self {
+                address: ip(0),
+                prefix_len: value[4],
+                gateway: ip(5),
+                resolver: Some(ip(9)),
+            },
+            _ => return Err(JobError::BadLength(TAG_NET)),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), JobError> {
+        if self.prefix_len == 0 || self.prefix_len > 30 {
+            return Err(JobError::BadNet("prefix length must be 1..=30"));
+        }
+        if self.address == self.gateway {
+            return Err(JobError::BadNet("address and gateway are the same"));
+        }
+        Ok(())
+    }
 }
 
 /// Everything init needs to know to run one workload.
@@ -58,6 +118,8 @@ pub struct Job {
     pub power_off: bool,
     /// Hostname to set, if any.
     pub hostname: Option<String>,
+    /// The network interface to configure, if the box has one.
+    pub net: Option<NetConfig>,
 }
 
 impl Default for Job {
@@ -70,6 +132,7 @@ impl Default for Job {
             overlay_root: false,
             power_off: false,
             hostname: None,
+            net: None,
         }
     }
 }
@@ -95,6 +158,8 @@ pub enum JobError {
     EmptyArgv,
     /// An environment entry lacks `=`.
     BadEnv(String),
+    /// The network record does not describe a usable link.
+    BadNet(&'static str),
 }
 
 impl fmt::Display for JobError {
@@ -109,6 +174,7 @@ impl fmt::Display for JobError {
             Self::UnknownFlags(bits) => write!(f, "job token has unknown flags {bits:#x}"),
             Self::EmptyArgv => write!(f, "job has no command"),
             Self::BadEnv(entry) => write!(f, "environment entry {entry:?} has no '='"),
+            Self::BadNet(why) => write!(f, "job network: {why}"),
         }
     }
 }
@@ -160,6 +226,9 @@ impl Job {
         if let Some(hostname) = &self.hostname {
             check_string(hostname, "hostname")?;
         }
+        if let Some(net) = &self.net {
+            net.validate()?;
+        }
         Ok(())
     }
 
@@ -192,6 +261,9 @@ impl Job {
         if let Some(hostname) = &self.hostname {
             push_record(&mut out, TAG_HOSTNAME, hostname.as_bytes());
         }
+        if let Some(net) = &self.net {
+            push_record(&mut out, TAG_NET, &net.encode());
+        }
         Ok(base64url::encode(&out))
     }
 
@@ -218,6 +290,7 @@ impl Job {
                 TAG_ENV => job.env.push(text("environment entry")?),
                 TAG_CWD => job.cwd = text("working directory")?,
                 TAG_HOSTNAME => job.hostname = Some(text("hostname")?),
+                TAG_NET => job.net = Some(NetConfig::decode(value)?),
                 TAG_MARKER_PORT => {
                     let raw = value.try_into().map_err(|_| JobError::BadLength(tag))?;
                     job.marker = MarkerChannel::Port(u16::from_le_bytes(raw));
@@ -277,7 +350,44 @@ mod tests {
             overlay_root: true,
             power_off: true,
             hostname: Some("box-ü".into()),
+            net: Some(NetConfig {
+                address: Ipv4Addr::new(10, 201, 0, 2),
+                prefix_len: 30,
+                gateway: Ipv4Addr::new(10, 201, 0, 1),
+                resolver: Some(Ipv4Addr::new(127, 0, 0, 53)),
+            }),
         }
+    }
+
+    #[test]
+    fn network_records_round_trip_and_bad_ones_are_refused() {
+        let mut job = Job::new(["/bin/true"]);
+        let link = NetConfig {
+            address: Ipv4Addr::new(10, 201, 0, 6),
+            prefix_len: 30,
+            gateway: Ipv4Addr::new(10, 201, 0, 5),
+            resolver: None,
+        };
+        job.net = Some(link);
+        assert_eq!(Job::decode(&job.encode().unwrap()).unwrap().net, Some(link));
+        job.net = Some(NetConfig {
+            prefix_len: 31,
+            ..link
+        });
+        assert!(matches!(job.encode(), Err(JobError::BadNet(_))));
+        job.net = Some(NetConfig {
+            gateway: link.address,
+            ..link
+        });
+        assert!(matches!(job.encode(), Err(JobError::BadNet(_))));
+        // A record of the wrong size is refused, not read past.
+        let mut bytes = vec![VERSION];
+        push_record(&mut bytes, TAG_ARG, b"/bin/true");
+        push_record(&mut bytes, TAG_NET, &[10, 0, 0, 2, 30]);
+        assert_eq!(
+            Job::decode(&base64url::encode(&bytes)),
+            Err(JobError::BadLength(TAG_NET))
+        );
     }
 
     #[test]

@@ -12,5 +12,5 @@ pub mod base64url;
 pub mod job;
 pub mod marker;
 
-pub use job::{Job, JobError, MarkerChannel};
+pub use job::{Job, JobError, MarkerChannel, NetConfig};
 pub use marker::{ExitCode, Marker, MarkerError, PhaseCode, MARKER_PORT};
