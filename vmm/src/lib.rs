@@ -30,6 +30,7 @@ pub mod vcpu;
 pub(crate) mod console;
 pub(crate) mod devices;
 pub(crate) mod event_loop;
+pub mod jail;
 pub(crate) mod mptable;
 pub(crate) mod rootfs;
 pub mod seccomp;
@@ -92,6 +93,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
     #[error("job for twinbox-init: {0}")]
     Job(String),
     #[error("cannot start a VMM thread: {0}")]
@@ -107,6 +110,9 @@ pub struct RunOptions {
     /// for a caller that, after the run, just prints the report and exits (the CLI): the
     /// filter stays on the thread for good.
     pub lock_caller_thread: bool,
+    /// Start the guest-facing threads in the jail (`jail.rs`): empty root, new mount/IPC/
+    /// network namespaces, no capabilities, uid/gid 65534. Needs root.
+    pub jail: bool,
 }
 
 /// Runs `spec` in a microVM and reports how it went.
@@ -162,14 +168,19 @@ pub fn run_with<S: AsRawFd + ?Sized>(
     // Owns every thread besides this one from here on: any early return stops and joins
     // them (see `Running`).
     let mut running = Running::default();
+    // The guest-facing threads are started from the jail when asked (this thread, which
+    // opens every file, stays outside).
+    let jail = options.jail.then(jail::Jail::enter).transpose()?;
     let console_out: Box<dyn std::io::Write + Send> = match spec.output {
         OutputMode::Inherit => {
             let filters = config.seccomp.clone();
-            let (sink, writer) = console::StdoutWriter::start(move || {
-                filters
-                    .apply(seccomp::ThreadKind::Console)
-                    .map_err(|e| e.to_string())
-            })
+            let (sink, writer) = start(jail.as_ref(), move || {
+                console::StdoutWriter::start(move || {
+                    filters
+                        .apply(seccomp::ThreadKind::Console)
+                        .map_err(|e| e.to_string())
+                })
+            })?
             .map_err(Error::Thread)?;
             running.console = Some(writer);
             Box::new(console::Console::new(sink))
@@ -213,19 +224,19 @@ pub fn run_with<S: AsRawFd + ?Sized>(
 
     // A vCPU that stops on its own, or a dead event loop, ends the run through this.
     let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Thread)?;
+    let (subscribers, failed) = (
+        devices.subscribers.clone(),
+        exit_evt.try_clone().map_err(Error::Thread)?,
+    );
+    let filters = config.seccomp.clone();
     running.events = Some(
-        event_loop::EventLoop::start(
-            devices.subscribers.clone(),
-            exit_evt.try_clone().map_err(Error::Thread)?,
-            {
-                let filters = config.seccomp.clone();
-                move || {
-                    filters
-                        .apply(seccomp::ThreadKind::EventLoop)
-                        .map_err(|e| e.to_string())
-                }
-            },
-        )
+        start(jail.as_ref(), move || {
+            event_loop::EventLoop::start(subscribers, failed, move || {
+                filters
+                    .apply(seccomp::ThreadKind::EventLoop)
+                    .map_err(|e| e.to_string())
+            })
+        })?
         .map_err(Error::Thread)?,
     );
     let stop_flag = Arc::new(AtomicBool::new(false));
@@ -247,10 +258,11 @@ pub fn run_with<S: AsRawFd + ?Sized>(
             pvm_workarounds: config.pvm,
             seccomp: config.seccomp.clone(),
         };
-        running
-            .vcpus
-            .push(VcpuThread::spawn(fd, ctx).map_err(Error::Thread)?);
+        running.vcpus.push(
+            start(jail.as_ref(), move || VcpuThread::spawn(fd, ctx))?.map_err(Error::Thread)?,
+        );
     }
+    drop(jail); // its thread ends; the threads it started stay jailed
 
     // 7. Run until something ends it.
     if options.lock_caller_thread {
@@ -323,6 +335,18 @@ impl Drop for Running {
         self.events.take();
         // Last: what the stopped vCPUs queued is flushed (bounded, see console.rs).
         self.console.take();
+    }
+}
+
+/// Runs `start` (which starts a thread) on the jail's thread when there is a jail, so the
+/// new thread is jailed too; else here.
+fn start<T: Send + 'static>(
+    jail: Option<&jail::Jail>,
+    start: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Error> {
+    match jail {
+        Some(jail) => Ok(jail.run(start)?),
+        None => Ok(start()),
     }
 }
 

@@ -48,6 +48,7 @@ fn child_vmm() {
         .spawn(move || {
             let options = vmm::RunOptions {
                 lock_caller_thread: true,
+                ..Default::default()
             };
             let report =
                 vmm::run_with::<std::fs::File>(&spec, None, options).expect("vmm::run_with");

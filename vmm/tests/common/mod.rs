@@ -91,3 +91,11 @@ pub fn thread_names() -> Vec<String> {
         .map(|s| s.trim().to_owned())
         .collect()
 }
+
+/// Panics naming root when the test needs it.
+pub fn require_root() {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test needs root (new namespaces, mounts, uid changes)");
+    }
+}
