@@ -537,3 +537,49 @@ fn sigkill_of_the_cli_at_any_point_leaves_nothing_after_the_next_start() {
         }
     }
 }
+
+/// The cgroup2 hierarchy of this host: `/sys/fs/cgroup` (pure v2) or the hybrid's
+/// `/sys/fs/cgroup/unified`, from mountinfo.
+fn cgroup2_root() -> std::path::PathBuf {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let sep = fields.iter().position(|f| *f == "-")?;
+            (fields.get(sep + 1) == Some(&"cgroup2")).then(|| fields[4].into())
+        })
+        .expect("no cgroup2 mount on this host: the v2 device program cannot be tried")
+}
+
+#[test]
+fn cgroup_v2_device_program_admits_only_the_allowlist() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    common::require_root("a cgroup v2 device program");
+    let dir = cgroup2_root().join(format!("twinbox-devtest-{}", std::process::id()));
+    common::leaks::check_no_leaks("device program", || {
+        std::fs::create_dir(&dir).unwrap();
+        let rules =
+            container::cgroup::device_allowlist(std::path::Path::new("/dev"), &["null"]).unwrap();
+        let attached = container::device_program::attach(&dir, &rules);
+        let out = attached.as_ref().ok().map(|()| {
+            let script = format!(
+                "echo $$ > {}/cgroup.procs || exit 99; \
+                 (: < /dev/null) 2>/dev/null && echo null=ok || echo null=denied; \
+                 (: < /dev/kmsg) 2>/dev/null && echo kmsg=ok || echo kmsg=denied; \
+                 mknod /tmp/twinbox-devtest-$$ c 1 3 2>/dev/null && echo mknod=ok || echo mknod=denied; \
+                 rm -f /tmp/twinbox-devtest-$$",
+                dir.display()
+            );
+            Command::new("sh").args(["-c", &script]).output().unwrap()
+        });
+        let _ = std::fs::remove_dir(&dir);
+        attached.expect("attach the device program");
+        let out = out.unwrap();
+        let text = stdout(&out);
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        for line in ["null=ok", "kmsg=denied", "mknod=denied"] {
+            assert!(text.contains(line), "missing {line} in\n{}", describe(&out));
+        }
+    });
+}

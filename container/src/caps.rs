@@ -4,10 +4,10 @@
 //! Reference: moby's default set (`oci/caps/defaults.go`, what `docker run` grants; the
 //! config `runc spec` writes keeps only three and is not what containers run with), minus
 //! CAP_MKNOD, as podman's default does. moby keeps MKNOD and relies on the device cgroup to
-//! make a created node useless; this container has that allowlist only on cgroup v1 (no
-//! BPF device program for v2 is built), and none of the workloads makes device nodes, so
-//! a node cannot be created at all, whatever the cgroup layout. (Every mount but the bound
-//! nodes is `nodev` too: `plan.rs`.)
+//! make a created node useless; this container has that allowlist too (v1 controller or
+//! v2 BPF program), but none of the workloads makes device nodes, so one more layer costs
+//! nothing: a node cannot be created at all, even if an allowlist were missing. (Every
+//! mount but the bound nodes is `nodev` too: `plan.rs`.)
 
 /// The capabilities kept (CAP_* numbers from `<linux/capability.h>`).
 pub const DEFAULT: [(u32, &str); 13] = [

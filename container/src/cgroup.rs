@@ -4,9 +4,8 @@
 //! Devices: on v1 the devices controller denies everything (`devices.deny a`) and then
 //! allows only read and write of the nodes the plan binds into `/dev` plus devpts' ptmx
 //! and ptys, without `m`: no node can be created, and a node that exists anyway does not
-//! open. On cgroup v2 the same needs a BPF device program, which is not built: there the
-//! container relies on the absence of CAP_MKNOD and on `nodev` mounts, and the run says so
-//! in its notes ([`Layout::device_note`]).
+//! open. On cgroup v2 the same rules are a BPF device program attached to the run's
+//! cgroup (`device_program.rs`).
 //!
 //! Written here rather than taken from `libcgroups`/`cgroups-rs`: this host is *hybrid*
 //! (v1 controllers under /sys/fs/cgroup/<ctrl> plus an empty cgroup2 at
@@ -38,20 +37,6 @@ pub enum Layout {
         /// The devices controller's hierarchy.
         devices: PathBuf,
     },
-}
-
-impl Layout {
-    /// What a run on this layout must be told about its device confinement, if anything.
-    pub fn device_note(&self) -> Option<String> {
-        match self {
-            Layout::V1 { .. } => None,
-            Layout::V2(_) => Some(
-                "cgroup v2: no device allowlist (the BPF device program is not built); devices \
-                 are confined only by the dropped CAP_MKNOD and nodev mounts"
-                    .into(),
-            ),
-        }
-    }
 }
 
 /// Finds the layout from a `/proc/self/mountinfo` text. A cgroup2 mount is used when it is
@@ -179,7 +164,7 @@ pub struct Limits {
     pub memory_bytes: u64,
     /// Most tasks at once, if limited.
     pub pids: Option<u32>,
-    /// The devices the container may open (v1; see the module doc for v2).
+    /// The devices the container may open (v1 rules, or the v2 device program).
     pub devices: Vec<DeviceRule>,
 }
 
@@ -403,7 +388,8 @@ pub fn create(
                 if let Some(pids) = limits.pids {
                     write(&group.dir.join("pids.max"), &pids.to_string())?;
                 }
-                Ok(())
+                // Before any task joins: the allowlist is there from the first open.
+                crate::device_program::attach(&group.dir, &limits.devices)
             };
             if let Err(e) = set() {
                 group.destroy()?;
@@ -522,7 +508,6 @@ mod tests {
                 devices: "/sys/fs/cgroup/devices".into(),
             }
         );
-        assert_eq!(detect(HYBRID).unwrap().device_note(), None);
     }
 
     #[test]
@@ -537,11 +522,6 @@ mod tests {
         );
         let v2 = "30 23 0:27 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(detect(v2).unwrap(), Layout::V2("/sys/fs/cgroup".into()));
-        let note = detect(v2)
-            .unwrap()
-            .device_note()
-            .expect("v2 says it has no allowlist");
-        assert!(note.contains("no device allowlist"), "{note}");
     }
 
     #[test]

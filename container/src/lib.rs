@@ -9,6 +9,7 @@ pub mod cgroup;
 mod channel;
 mod child;
 mod detached;
+pub mod device_program;
 mod error;
 pub mod interrupt;
 mod plan;

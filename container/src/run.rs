@@ -64,7 +64,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     sys.sweep(&mountinfo);
     check(spec)?;
     let layout = cgroup::detect(&mountinfo)?;
-    let mut notes: Vec<String> = layout.device_note().into_iter().collect();
+    let mut notes = Vec::new();
     let name = run_name()?;
 
     // 3. The cgroup.
