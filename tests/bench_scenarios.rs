@@ -381,3 +381,53 @@ fn sigkill_of_the_bench_leaves_nothing_after_the_next_start() {
     assert_eq!(leftovers(BENCH_DIRS), dirs_before, "bench directories left");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn sigkill_during_density_tears_down_the_twinbox_instances() {
+    common::require_root("twinbox's container instances");
+    common::require_artifact(&twinbox_spec::artifacts::rootfs_image());
+    let out = std::env::temp_dir().join(format!("twinbox-bench-kill-d-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let host_before = common::leaks::HostResources::snapshot();
+    common::leaks::check_no_leaks("a SIGKILLed density bench", || {
+        let mut bench = Command::new(common::twinbox())
+            .args(["bench", "density", "--boxes", "container", "--runs", "5"])
+            .args(["--warmup", "0", "--density-instances", "3", "--out"])
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run twinbox bench");
+        let pid = bench.id() as i32;
+        let mut family = Vec::new();
+        // All three `twinbox ctr run` instances have their workload running.
+        let seen = wait_for(60, || {
+            family = descendants(pid);
+            family.iter().filter(|p| p.comm == "sleep").count() == 3
+        });
+        // Stopped, the workloads cannot end by themselves: only the instances' teardown
+        // (which kills the container) can end them.
+        for p in family.iter().filter(|p| p.comm == "sleep") {
+            // SAFETY: kill(2) of a process we just saw; a wrong pid only gets SIGSTOP.
+            unsafe { libc::kill(p.pid, libc::SIGSTOP) };
+        }
+        // SAFETY: the child is ours and not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        bench.wait().unwrap();
+        assert!(seen, "three container instances never ran: {family:?}");
+        let instances: Vec<&Proc> = family.iter().filter(|p| p.ppid == pid).collect();
+        assert_eq!(instances.len(), 3, "{family:?}");
+        // SIGTERM from the parent-death signal: each instance stops its container and
+        // tears it down (cgroup, mounts, loop device) before it exits.
+        assert!(
+            wait_for(20, || family.iter().all(|p| !alive(p))),
+            "left running: {:?}",
+            family.iter().filter(|p| alive(p)).collect::<Vec<_>>()
+        );
+        // The autoclear loop devices detach asynchronously after the last unmount.
+        wait_for(10, || {
+            common::leaks::HostResources::snapshot() == host_before
+        });
+    });
+    let _ = std::fs::remove_dir_all(&out);
+}
