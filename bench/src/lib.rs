@@ -2,6 +2,9 @@
 //! in twinbox's container and in twinbox's microVM, measured side by side.
 //!
 //! The story of a bench:
+//! 0. [`runner::sweep`] removes what a killed bench left (a runc container, per-run
+//!    directories); every runtime and peer this bench starts gets a parent-death signal,
+//!    so it dies with the bench ([`runner::process::die_with_bench`]);
 //! 1. [`scenario`] says what runs (`/bin/true`, the tiny guest, sysbench ...), which
 //!    boxes sit it out (decided from each runner's [`runner::Capabilities`]) and which
 //!    [`metric`]s come out of a [`twinbox_spec::RunReport`];
