@@ -101,29 +101,33 @@ fn proc_write_refusal(mode: &[&str]) -> &'static str {
 fn attacks(mode: &[&str]) -> Vec<Attack> {
     let (major, minor) = host_root_device();
     let proc_refusal = proc_write_refusal(mode);
-    // A kernel without CONFIG_MAGIC_SYSRQ has no trigger file, in the host or the box.
-    let sysrq_refusal = if std::path::Path::new("/proc/sysrq-trigger").exists() {
-        proc_refusal
-    } else {
-        "errno=2 at=open"
+    // A kernel without CONFIG_MODULES has no kernel.modprobe, one without
+    // CONFIG_MAGIC_SYSRQ no sysrq-trigger: then the file is missing in the box too, and
+    // that is all the attack can show on this host.
+    let proc_write = |path: &str, attack: &str, missing_at: &str| {
+        let refusal = if std::path::Path::new(path).exists() {
+            proc_refusal.to_string()
+        } else {
+            format!("errno=2 at={missing_at}")
+        };
+        format!("{attack} {refusal}")
     };
-    let expect = |attack: &str, refusal: &str| format!("{attack} {refusal}");
+    let write_back = |label, path: &str| {
+        probe(
+            label,
+            &format!("write-back {path}"),
+            proc_write(path, "write-back", "read"),
+        )
+    };
     vec![
         // /proc/sys and sysrq-trigger are read-only binds: refused at open.
-        probe(
-            "core_pattern",
-            "write-back /proc/sys/kernel/core_pattern",
-            expect("write-back", proc_refusal),
-        ),
-        probe(
-            "vm_sysctl",
-            "write-back /proc/sys/vm/overcommit_memory",
-            expect("write-back", proc_refusal),
-        ),
+        write_back("core_pattern", "/proc/sys/kernel/core_pattern"),
+        write_back("modprobe", "/proc/sys/kernel/modprobe"),
+        write_back("vm_sysctl", "/proc/sys/vm/overcommit_memory"),
         probe(
             "sysrq",
             "write /proc/sysrq-trigger h",
-            expect("write", sysrq_refusal),
+            proc_write("/proc/sysrq-trigger", "write", "open"),
         ),
         // No CAP_MKNOD (and on cgroup v1 no 'm' in the device allowlist): no node at all.
         Attack {
