@@ -350,15 +350,17 @@ fn supervise(
         if fds[0].revents != 0 {
             let mut buf = [0u8; 64];
             match read(marker_r, &mut buf) {
-                0 => marker_open = false,
-                n => log.feed(&buf[..n], monotonic_ns()),
+                Some(0) => marker_open = false,
+                Some(n) => log.feed(&buf[..n], monotonic_ns()),
+                None => {}
             }
         }
         if let (Some(r), true) = (output_r, fds[1].revents != 0) {
             let mut buf = [0u8; 4096];
             match read(r, &mut buf) {
-                0 => output_open = false,
-                n => captured.extend_from_slice(&buf[..n]),
+                Some(0) => output_open = false,
+                Some(n) => captured.extend_from_slice(&buf[..n]),
+                None => {}
             }
         }
         if let Some(signal) = interrupt.signal() {
@@ -379,11 +381,16 @@ fn pollin(fd: RawFd) -> libc::pollfd {
     }
 }
 
-/// One read; 0 on EOF or error (both end the stream).
-fn read(fd: &OwnedFd, buf: &mut [u8]) -> usize {
+/// One read: Some(0) on EOF or an error (both end the stream), None when a signal
+/// interrupted it (the loop looks at the signal, then reads again).
+fn read(fd: &OwnedFd, buf: &mut [u8]) -> Option<usize> {
     // SAFETY: reads into a buffer of ours, at most its length.
     let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    n.max(0) as usize
+    match n {
+        n if n >= 0 => Some(n as usize),
+        _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => None,
+        _ => Some(0),
+    }
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), Error> {
