@@ -29,7 +29,7 @@ pub const JAIL_ID: u32 = 65534;
 /// Why the jail could not be entered.
 #[derive(Debug, Error)]
 pub enum JailError {
-    #[error("--jail needs root (new namespaces, a private root, dropping to uid {JAIL_ID}): {step}: {source}")]
+    #[error("cannot jail the VMM's threads (which needs root): {step}: {source}")]
     Step {
         step: &'static str,
         source: std::io::Error,
@@ -153,13 +153,23 @@ fn lock_this_thread() -> Result<(), JailError> {
     check("enter the empty root", unsafe {
         libc::chdir(new_root.as_ptr()) as libc::c_long
     })?;
-    check("pivot_root", unsafe {
-        libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr())
-    })?;
-    // The old root is stacked on "." now: detach it, and the host's tree is gone.
-    check("detach the host's root", unsafe {
-        libc::umount2(dot.as_ptr(), libc::MNT_DETACH) as libc::c_long
-    })?;
+    // SAFETY: as above.
+    if unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } == 0 {
+        // The old root is stacked on "." now: detach it, and the host's tree is gone.
+        check("detach the host's root", unsafe {
+            libc::umount2(dot.as_ptr(), libc::MNT_DETACH) as libc::c_long
+        })?;
+    } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        // The host's root is an initramfs, which cannot be pivoted away from (the lab's
+        // is). chroot instead: the host's tree stays mounted in this namespace, out of
+        // reach of a thread that has no directory fd outside, no CAP_SYS_CHROOT and no
+        // way back to uid 0.
+        check("chroot", unsafe {
+            libc::chroot(dot.as_ptr()) as libc::c_long
+        })?;
+    } else {
+        check("pivot_root", -1)?;
+    }
     check("chdir /", unsafe {
         libc::chdir(root.as_ptr()) as libc::c_long
     })?;
