@@ -102,6 +102,11 @@ impl ParentSide {
         Ok(())
     }
 
+    /// The descriptor [`ParentSide::receive`] reads, to poll beside others.
+    pub fn status_fd(&self) -> RawFd {
+        self.status.as_raw_fd()
+    }
+
     /// Waits for the child's next report.
     pub fn receive(&self) -> FromChild {
         let mut record = [0u8; 8];

@@ -137,7 +137,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     parent.release()?;
 
     // 7. Sandbox ready, then init.
-    wait_ready(&parent, &mut child, &prepared, &mut log)?;
+    wait_ready(&parent, &mut child, &prepared, &interrupt, &mut log)?;
     log.timeline_mut().record(Phase::GuestEntry, monotonic_ns());
     // The child attached its copies; ours must go for the loop device to clear, and the
     // mount now holds the image: the device clears itself once the container is gone.
@@ -290,15 +290,31 @@ pub(crate) fn prepare(
 }
 
 /// Step 7: waits for the child's reports until the channel closes on exec. A failed
-/// step, or a child gone without reporting ready, is a setup error (the guards clean up).
+/// step, a child gone without reporting ready, or SIGINT/SIGTERM meanwhile is a setup
+/// error (the guards clean up).
 fn wait_ready(
     parent: &ParentSide,
     child: &mut ChildGuard<'_>,
     prepared: &Prepared,
+    interrupt: &Interrupt,
     log: &mut MarkerLog,
 ) -> Result<(), Error> {
     let mut ready = false;
     loop {
+        let mut fds = [
+            pollin(parent.status_fd()),
+            pollin(interrupt.fd().as_raw_fd()),
+        ];
+        // SAFETY: polls our own descriptors; EINTR just comes round again.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if let Some(signal) = interrupt.signal() {
+            return Err(Error::Setup(format!(
+                "interrupted by signal {signal} while the container started"
+            )));
+        }
+        if fds[0].revents == 0 {
+            continue;
+        }
         match parent.receive() {
             FromChild::Ready => {
                 ready = true;
