@@ -297,10 +297,11 @@ fn kill_bench_while(
     (found, family)
 }
 
-/// Runs a short native bench, whose start sweeps what killed benches left; its log.
-fn next_bench_start(out: &Path) -> String {
+/// Runs a short bench in `boxes`, whose start sweeps what killed benches left (and the
+/// container box's run, what killed container runs left); its log.
+fn next_bench_start(out: &Path, boxes: &str) -> String {
     let run = Command::new(common::twinbox())
-        .args(["bench", "startup", "--boxes", "native", "--runs", "1"])
+        .args(["bench", "startup", "--boxes", boxes, "--runs", "1"])
         .args(["--warmup", "0", "--out"])
         .arg(out)
         .output()
@@ -347,7 +348,7 @@ fn sigkill_of_the_bench_leaves_nothing_after_the_next_start() {
             alive(&container),
             "the container should outlive runc (else this test proves nothing)"
         );
-        let log = next_bench_start(&out);
+        let log = next_bench_start(&out, "native");
         assert!(log.contains("deleted"), "no runc container deleted:\n{log}");
         assert!(
             wait_for(5, || !alive(&container)),
@@ -365,7 +366,7 @@ fn sigkill_of_the_bench_leaves_nothing_after_the_next_start() {
             "QEMU outlived the killed bench: {qemu:?}"
         );
         // 3. The next start removes the directories the second bench left.
-        next_bench_start(&out);
+        next_bench_start(&out, "native");
         let survivors: Vec<&Proc> = in_runc
             .iter()
             .chain(&in_qemu)
@@ -425,6 +426,52 @@ fn sigkill_during_density_tears_down_the_twinbox_instances() {
             family.iter().filter(|p| alive(p)).collect::<Vec<_>>()
         );
         // The autoclear loop devices detach asynchronously after the last unmount.
+        wait_for(10, || {
+            common::leaks::HostResources::snapshot() == host_before
+        });
+    });
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn sigkill_during_an_in_process_container_run_leaves_nothing_after_the_next_start() {
+    common::require_root("twinbox's container box");
+    common::require_artifact(&twinbox_spec::artifacts::rootfs_image());
+    let out = std::env::temp_dir().join(format!("twinbox-bench-kill-c-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let host_before = common::leaks::HostResources::snapshot();
+    common::leaks::check_no_leaks("a bench SIGKILLed in a container run", || {
+        let mut bench = Command::new(common::twinbox())
+            .args(["bench", "memory", "--boxes", "container", "--runs", "20"])
+            .args(["--warmup", "0", "--out"])
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run twinbox bench");
+        let pid = bench.id() as i32;
+        let mut family = Vec::new();
+        // The container runs in the bench's own process: its init is the bench's child.
+        let seen = wait_for(60, || {
+            family = descendants(pid);
+            family.iter().any(|p| p.comm == "sleep")
+        });
+        for p in family.iter().filter(|p| p.comm == "sleep") {
+            // SAFETY: kill(2) of a process we just saw; a wrong pid only gets SIGSTOP.
+            unsafe { libc::kill(p.pid, libc::SIGSTOP) };
+        }
+        // SAFETY: the child is ours and not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        bench.wait().unwrap();
+        assert!(seen, "the container never ran its workload: {family:?}");
+        assert!(
+            wait_for(10, || family.iter().all(|p| !alive(p))),
+            "left running after the bench died: {:?}",
+            family.iter().filter(|p| alive(p)).collect::<Vec<_>>()
+        );
+        // What only a sweep can remove (the run's cgroup) goes at the next container run
+        // (container::run's own sweep).
+        next_bench_start(&out, "container");
         wait_for(10, || {
             common::leaks::HostResources::snapshot() == host_before
         });
