@@ -16,7 +16,6 @@
 //! 9. **report** — outcome from the WorkloadExited marker, timeline, usage, notes.
 
 // Public: what the CLI, the bench and vmm/tests use (see docs/ARCHITECTURE.md).
-pub mod boot;
 pub mod cpuid;
 pub mod interrupt;
 pub mod layout;
@@ -27,6 +26,7 @@ pub mod smoke;
 pub mod vcpu;
 
 // Internal: the details one module away from the story below.
+pub(crate) mod boot;
 pub(crate) mod console;
 pub(crate) mod devices;
 pub(crate) mod event_loop;

@@ -8,8 +8,6 @@ use linux_loader::cmdline::{Cmdline, Error as LoaderError};
 use thiserror::Error;
 use vm_memory::GuestAddress;
 
-pub use twinbox_spec::guest_cmdline::{BASE, PVM_EXTRA};
-
 /// Why the command line cannot be used.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum CmdlineError {
@@ -105,18 +103,19 @@ impl Default for KernelCmdline {
     }
 }
 
-/// Joins the parts with single spaces and checks the result against the kernel's limit.
-pub fn build(parts: &[&str]) -> Result<String, CmdlineError> {
-    let mut line = KernelCmdline::new();
-    for part in parts {
-        line.push(part)?;
-    }
-    line.into_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use twinbox_spec::guest_cmdline::BASE;
+
+    /// Joins the parts with single spaces, checked against the kernel's limit.
+    fn build(parts: &[&str]) -> Result<String, CmdlineError> {
+        let mut line = KernelCmdline::new();
+        for part in parts {
+            line.push(part)?;
+        }
+        line.into_string()
+    }
 
     #[test]
     fn parts_are_joined_with_single_spaces() {

@@ -70,8 +70,6 @@ pub struct KernelEntry {
     pub rip: u64,
     /// `setup_header` of a bzImage (copied into the zero page).
     pub setup_header: Option<setup_header>,
-    /// Image format.
-    pub format: KernelFormat,
 }
 
 /// An initrd placed in guest memory.
@@ -145,7 +143,6 @@ pub fn load_kernel(memory: &GuestMemoryMmap, path: &Path) -> Result<KernelEntry,
                 mode,
                 rip,
                 setup_header: None,
-                format,
             })
         }
         KernelFormat::BzImage => {
@@ -155,7 +152,6 @@ pub fn load_kernel(memory: &GuestMemoryMmap, path: &Path) -> Result<KernelEntry,
                 mode: EntryMode::Linux64,
                 rip: result.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET,
                 setup_header: result.setup_header,
-                format,
             })
         }
     }

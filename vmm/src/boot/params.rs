@@ -182,7 +182,6 @@ pub fn write_boot_info(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::boot::KernelFormat;
     use crate::regs::EntryMode;
 
     #[test]
@@ -228,7 +227,6 @@ mod tests {
             mode: EntryMode::Linux64,
             rip: 0x100_0000,
             setup_header: None,
-            format: KernelFormat::Elf,
         };
         let p = zero_page(
             &entry,
@@ -254,7 +252,6 @@ mod tests {
             mode: EntryMode::Pvh,
             rip: 0x100_0000,
             setup_header: None,
-            format: KernelFormat::Elf,
         };
         let at = write_boot_info(&memory, &entry, 10, None, 64 << 20).unwrap();
         assert_eq!(at, PVH_INFO_START);
