@@ -1,19 +1,26 @@
 //! The twinbox microVM monitor (see docs/ARCHITECTURE.md).
 //!
-//! [`run`] tells the whole story of one VM, top to bottom, in small named steps:
+//! [`run_with`] tells the whole story of one VM, top to bottom, in small named steps:
 //!
-//! 1. **config** — check the spec and the files (kernel, ext4 root, disks) before any VM
-//!    exists, so bad input costs nothing and leaves nothing behind;
+//! 1. **config** — check the spec, the files (kernel, ext4 root, disks) and guest memory
+//!    against host RAM, and compile the seccomp filters, before any VM exists, so bad input
+//!    costs nothing and leaves nothing behind;
 //! 2. **machine** — open /dev/kvm, create the VM (in-kernel irqchip + PIT);
 //! 3. **memory** — map guest RAM around the 32-bit MMIO gap and register it with KVM;
 //! 4. **kernel** — load vmlinux (PVH) or bzImage (64-bit protocol), initrd, MP table;
-//! 5. **devices** — serial, i8042, phase marker, virtio-blk root and extra disks; their
-//!    `virtio_mmio.device=` entries join the command line, which is written last;
+//! 5. **devices** — serial (through the console writer thread when it goes to stdout),
+//!    i8042, phase marker, virtio-blk root and extra disks; their `virtio_mmio.device=`
+//!    entries join the command line, which is written last;
 //! 6. **vCPUs** — CPUID, boot registers, one thread each; the device event loop thread;
-//! 7. **run** — wait for the guest to reset, a vCPU to stop, the time limit or a stop
-//!    request; phases arrive from init through the marker device meanwhile;
-//! 8. **teardown** — stop and join every thread, close the VM, unmap memory;
-//! 9. **report** — outcome from the WorkloadExited marker, timeline, usage, notes.
+//!    each thread installs its seccomp filter first; with [`RunOptions::jail`] they are
+//!    started from the jail (`jail.rs`);
+//! 7. **run** — wait for the guest to reset, a vCPU or the event loop to stop, the time
+//!    limit or a stop request; phases arrive from init through the marker device meanwhile;
+//! 8. **teardown** — stop and join every thread (one kick each, `immediate_exit`), close
+//!    the VM, unmap memory; every thread is owned by `Running`, whose drop does the same
+//!    on any early return;
+//! 9. **report** — timeline and outcome from init's markers through the one interpreter
+//!    both boxes share (`twinbox_spec::outcome`), usage, notes.
 
 // Public: what the CLI, the bench and vmm/tests use (see docs/ARCHITECTURE.md).
 pub mod cpuid;

@@ -287,7 +287,7 @@ pub fn boot_lapic(mut state: kvm_lapic_state) -> kvm_lapic_state {
     state
 }
 
-/// The identity map's page tables: PML4[0] → PDPT, PDPT[0] → PD, PD = 512 × 2 MiB pages
+/// The identity map's page tables: `PML4[0]` → PDPT, `PDPT[0]` → PD, PD = 512 × 2 MiB pages
 /// covering the first 1 GiB (kernel, zero page, command line, initrd live there).
 pub fn identity_page_tables() -> [(u64, Vec<u64>); 3] {
     let pd: Vec<u64> = (0..512u64).map(|i| (i << 21) | PDE_2M_PAGE).collect();
