@@ -1,2 +1,94 @@
 //! The host side of a box's network (issue 11): a race-free lease of a point-to-point
 //! link, the veth pair of a container and the tap of a microVM, and the NAT table.
+//!
+//! - [`lease`]: link `i` of the pool (default 10.201.0.0/16, `TWINBOX_NET_POOL`) is a /30,
+//!   host `.4i+1`, box `.4i+2`, reserved by a flock that dies with the process.
+//! - [`veth`]: a container's veth pair, host end `tb<i>`, box end `eth0` created directly
+//!   in the container's network namespace; it vanishes with that namespace.
+//! - [`tap`]: a VM's tap `tbt<i>` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, non-persistent); it
+//!   vanishes when the VMM's fd closes.
+//! - [`nat`]: `--net nat`, the one nftables table `ip twinbox` and ip_forward.
+//! - [`resolver`]: the host's name server, if a box can reach it.
+//!
+//! Netlink goes through `netlink-packet-route` / `netlink-packet-core` on a blocking
+//! `netlink-sys` socket, with a small request/ACK helper (`netlink.rs`). Not `rtnetlink`:
+//! it is async and would bring a tokio runtime into every box start, and start-up time is
+//! what twinbox measures (issue 13). Nothing here spawns `ip`.
+
+pub mod error;
+pub mod lease;
+pub mod nat;
+mod netlink;
+pub mod resolver;
+pub mod tap;
+pub mod veth;
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+pub use error::{Error, Result};
+pub use lease::{Lease, Pool};
+pub use resolver::{host_resolver, Resolver};
+pub use tap::Tap;
+pub use veth::Veth;
+
+/// A box's link as reports show it, so a caller can connect to the box.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkInfo {
+    /// The host end's interface name (`tb3`, `tbt3`).
+    pub host_interface: String,
+    /// The host end's address, the box's gateway.
+    pub host_address: Ipv4Addr,
+    /// The box's address, to connect to.
+    pub box_address: Ipv4Addr,
+    /// The link's prefix length (30).
+    pub prefix_len: u8,
+    /// The guest NIC's MAC (VM only), as `02:74:62:00:00:03`.
+    pub mac: Option<String>,
+    /// Whether the box's traffic is masqueraded out of the host (`--net nat`).
+    pub nat: bool,
+}
+
+impl LinkInfo {
+    /// The record for `lease` on host interface `host_interface`.
+    pub fn new(lease: &Lease, host_interface: &str, mac: Option<[u8; 6]>, nat: bool) -> Self {
+        Self {
+            host_interface: host_interface.to_string(),
+            host_address: lease.host_address(),
+            box_address: lease.box_address(),
+            prefix_len: lease.prefix_len(),
+            mac: mac.map(|m| format_mac(&m)),
+            nat,
+        }
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_info_round_trips_through_json() {
+        let info = LinkInfo {
+            host_interface: "tbt3".into(),
+            host_address: Ipv4Addr::new(10, 201, 0, 13),
+            box_address: Ipv4Addr::new(10, 201, 0, 14),
+            prefix_len: 30,
+            mac: Some(format_mac(&[0x02, 0x74, 0x62, 0, 0, 3])),
+            nat: true,
+        };
+        let json = serde_json::to_string(&info).unwrap();
+        assert!(json.contains(r#""box_address":"10.201.0.14""#), "{json}");
+        assert!(json.contains(r#""mac":"02:74:62:00:00:03""#), "{json}");
+        assert_eq!(serde_json::from_str::<LinkInfo>(&json).unwrap(), info);
+    }
+}

@@ -1,0 +1,202 @@
+//! A VM's link: a tap `tbt<i>` opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR and a
+//! 12-byte virtio-net header (`virtio_net_hdr_v1`, with `num_buffers`), carrying the
+//! lease's host address, up.
+//!
+//! The tap is not persistent: it exists only while its fd is open, so it vanishes with
+//! the VMM, SIGKILL included. The VMM reads and writes frames on [`Tap::file`], each
+//! preceded by the virtio-net header, and sets the offloads the guest negotiated with
+//! [`Tap::set_offload`].
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use crate::error::{Error, Result};
+use crate::lease::Lease;
+use crate::netlink::Rtnl;
+use crate::LinkInfo;
+
+/// The tun/tap control device.
+pub const TUN_DEVICE: &str = "/dev/net/tun";
+/// Size of the virtio-net header on every frame (virtio_net_hdr_v1 with num_buffers).
+pub const VNET_HDR_LEN: i32 = 12;
+
+/// Offload flags for [`Tap::set_offload`] (linux/if_tun.h `TUN_F_*`).
+pub mod offload {
+    /// The guest accepts and sends partial checksums (VIRTIO_NET_F_GUEST_CSUM / CSUM).
+    pub const CSUM: u32 = libc::TUN_F_CSUM;
+    /// TCP segmentation offload over IPv4.
+    pub const TSO4: u32 = libc::TUN_F_TSO4;
+    /// TCP segmentation offload over IPv6.
+    pub const TSO6: u32 = libc::TUN_F_TSO6;
+    /// TSO with ECN.
+    pub const TSO_ECN: u32 = libc::TUN_F_TSO_ECN;
+    /// UDP fragmentation offload.
+    pub const UFO: u32 = libc::TUN_F_UFO;
+}
+
+/// The tap's name for lease `index`.
+pub fn tap_name(index: u32) -> String {
+    format!("tbt{index}")
+}
+
+/// The guest NIC's MAC for lease `index`: locally administered, unicast, `02:74:62` ("tb")
+/// then the index in 24 bits, so each concurrent VM has its own.
+pub fn guest_mac(index: u32) -> [u8; 6] {
+    let [_, high, middle, low] = index.to_be_bytes();
+    [0x02, 0x74, 0x62, high, middle, low]
+}
+
+/// A non-persistent tap owned by this process; owns its lease. Dropping it closes the
+/// fd, which deletes the interface.
+#[derive(Debug)]
+pub struct Tap {
+    // Declared before `lease`: the interface goes before the lease is released.
+    file: File,
+    name: String,
+    lease: Lease,
+}
+
+impl Tap {
+    /// Create `tbt<index>` for `lease`, give it the host address /30 and bring it up.
+    pub fn create(lease: Lease) -> Result<Self> {
+        let name = tap_name(lease.index());
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(TUN_DEVICE)
+            .map_err(|source| match source.raw_os_error() {
+                Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => {
+                    Error::TunMissing { source }
+                }
+                _ => Error::tap("open /dev/net/tun", &name, source),
+            })?;
+        set_iff(&file, &name)?;
+        let header_len: libc::c_int = VNET_HDR_LEN;
+        // SAFETY: TUNSETVNETHDRSZ reads one c_int through the pointer, which lives on
+        // this stack frame for the call.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ as _, &header_len) };
+        if rc < 0 {
+            return Err(Error::tap(
+                "TUNSETVNETHDRSZ",
+                &name,
+                io::Error::last_os_error(),
+            ));
+        }
+        let tap = Self { file, name, lease };
+        let mut rtnl = Rtnl::open().map_err(|e| Error::netlink("socket", &tap.name, e))?;
+        let index = nix::net::if_::if_nametoindex(tap.name.as_str())
+            .map_err(|e| Error::netlink("if_nametoindex", &tap.name, e.into()))?;
+        rtnl.add_ipv4(index, tap.lease.host_address(), tap.lease.prefix_len())
+            .map_err(|e| Error::netlink("RTM_NEWADDR", &tap.name, e))?;
+        rtnl.set_up(index)
+            .map_err(|e| Error::netlink("RTM_SETLINK up", &tap.name, e))?;
+        tracing::debug!(interface = %tap.name, host = %tap.lease.host_address(),
+            r#box = %tap.lease.box_address(), "tap created");
+        Ok(tap)
+    }
+
+    /// The tap's interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The tap's fd (non-blocking): frames with a 12-byte virtio-net header in front.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The guest NIC's MAC for this link (for the device's config space).
+    pub fn mac(&self) -> [u8; 6] {
+        guest_mac(self.lease.index())
+    }
+
+    /// The lease the link was made for.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// Tell the tap which offloads the guest accepts (TUNSETOFFLOAD with [`offload`]
+    /// flags; 0 turns them all off).
+    pub fn set_offload(&self, flags: u32) -> Result<()> {
+        let flags = flags as libc::c_ulong;
+        // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is passed.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), libc::TUNSETOFFLOAD as _, flags) };
+        if rc < 0 {
+            return Err(Error::tap(
+                "TUNSETOFFLOAD",
+                &self.name,
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The report record of this link.
+    pub fn link_info(&self, nat: bool) -> LinkInfo {
+        LinkInfo::new(&self.lease, &self.name, Some(self.mac()), nat)
+    }
+}
+
+impl AsFd for Tap {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+/// TUNSETIFF: attach `file` to a new tap called `name`.
+fn set_iff(file: &File, name: &str) -> Result<()> {
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    // Names come from tap_name(): ASCII, at most 13 bytes, so they fit with the NUL.
+    for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes()) {
+        *slot = byte as libc::c_char;
+    }
+    request.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one ifreq, which lives on this stack frame.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF as _, &mut request) };
+    if rc < 0 {
+        let source = io::Error::last_os_error();
+        return Err(match source.raw_os_error() {
+            // EBUSY: a tap of that name is attached elsewhere; EINVAL: a non-tap device
+            // has the name.
+            Some(libc::EBUSY) | Some(libc::EINVAL) | Some(libc::EEXIST) => Error::InterfaceExists {
+                interface: name.to_string(),
+            },
+            _ => Error::tap("TUNSETIFF", name, source),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_macs_are_locally_administered_unicast_and_distinct() {
+        let first = guest_mac(0);
+        let last = guest_mac((1 << 22) - 1);
+        for mac in [first, last] {
+            assert_eq!(
+                mac[0] & 0x02,
+                0x02,
+                "{mac:02x?} is not locally administered"
+            );
+            assert_eq!(mac[0] & 0x01, 0, "{mac:02x?} is multicast");
+        }
+        assert_eq!(first, [0x02, 0x74, 0x62, 0, 0, 0]);
+        assert_eq!(guest_mac(0x01_02_03), [0x02, 0x74, 0x62, 1, 2, 3]);
+        assert_ne!(guest_mac(1), guest_mac(2));
+    }
+
+    #[test]
+    fn tap_names_fit_ifnamsiz_for_the_largest_pool() {
+        // A /8 pool has 2^22 links.
+        assert!(tap_name((1 << 22) - 1).len() < libc::IFNAMSIZ);
+        assert!(crate::veth::host_interface_name((1 << 22) - 1).len() < libc::IFNAMSIZ);
+    }
+}
