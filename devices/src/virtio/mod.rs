@@ -52,6 +52,7 @@
 pub mod block;
 mod events;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 
 use std::io;
@@ -64,6 +65,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use block::{Block, BlockError};
 pub use mmio::{MmioTransport, MMIO_WINDOW_LEN, NOTIFY_REG_OFFSET};
+pub use net::{Net, NetBackend, NetCounters, NetError, TYPE_NET};
 pub use rng::{Rng, RngError, TYPE_RNG};
 
 /// Device type: block device (virtio 1.1, 5).
