@@ -2,7 +2,7 @@
 //! symlink the child makes under a staging directory before `pivot_root`. Built (and
 //! every C string allocated) in the parent, so the child after `clone` only walks it.
 //!
-//! The lockdown follows runc's default spec: the [`MASKED`] paths of `/proc` and `/sys`
+//! The lockdown follows runc's and moby's default spec: the [`MASKED`] paths of `/proc` and `/sys`
 //! are hidden, the [`READ_ONLY`] ones cannot be written (a sysctl write checks only the
 //! euid, and container root is host root without `--userns`), and every mount is `nodev`
 //! except the bound device nodes themselves and devpts: a node the workload manages to
@@ -16,10 +16,14 @@ use std::path::{Path, PathBuf};
 /// allowlist admits exactly these, plus devpts' ptmx and ptys).
 pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
-/// runc's masked paths: `/dev/null` is bound over a file, an empty read-only tmpfs over a
+/// The masked paths of runc's and moby's default spec (moby's newer list: with
+/// `/proc/interrupts` and `/sys/devices/virtual/powercap`, whose energy counters are a
+/// side channel): `/dev/null` is bound over a file, an empty read-only tmpfs over a
 /// directory; a path this kernel does not have is skipped.
-pub const MASKED: [&str; 9] = [
+pub const MASKED: [&str; 12] = [
     "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
     "/proc/kcore",
     "/proc/keys",
     "/proc/latency_stats",
@@ -28,12 +32,12 @@ pub const MASKED: [&str; 9] = [
     "/proc/sched_debug",
     "/proc/scsi",
     "/sys/firmware",
+    "/sys/devices/virtual/powercap",
 ];
 
-/// runc's read-only paths: bound onto themselves, then remounted read-only; a path this
-/// kernel does not have is skipped.
-pub const READ_ONLY: [&str; 6] = [
-    "/proc/asound",
+/// The read-only paths of the same specs: bound onto themselves, then remounted
+/// read-only; a path this kernel does not have is skipped.
+pub const READ_ONLY: [&str; 5] = [
     "/proc/bus",
     "/proc/fs",
     "/proc/irq",
