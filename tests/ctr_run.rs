@@ -1,7 +1,9 @@
 //! `twinbox ctr run` against the real image: isolation seen from inside and outside,
-//! the overlay, limits (memory/OOM, pids, cpu), exit statuses, signals, bad input, and a
-//! leak check (mounts, loop devices, twinbox-* cgroups) around every run. Needs root and
-//! the built rootfs image; fails naming what is missing.
+//! the overlay, limits (memory/OOM, pids, cpu), exit statuses, signals, bad input,
+//! SIGKILL of the CLI at any point of start-up (nothing survives; the next start sweeps
+//! the named leftovers), the cgroup v2 device program, and a leak check (mounts, loop
+//! devices, twinbox-* cgroups) around every run. Needs root and the built rootfs image;
+//! fails naming what is missing. The attacks of issue 10 are in `ctr_lockdown.rs`.
 //!
 //! The tests share one lock: the leak check compares host snapshots, so runs of this file
 //! must not overlap.
