@@ -578,3 +578,5 @@ impl MutEventSubscriber for Net {
     }
 }
 
+#[cfg(test)]
+mod tests;
