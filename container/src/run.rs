@@ -215,15 +215,21 @@ fn check(spec: &RunSpec) -> Result<(), Error> {
     Ok(())
 }
 
-/// This run's name: the owner's pid and start time (for the sweep), and a counter.
+/// This run's name: the owner's pid, start time and pid namespace (for the sweep), and a
+/// counter.
 fn run_name() -> Result<String, Error> {
+    let proc = Path::new("/proc");
     let pid = std::process::id();
-    let start = sweep::start_time(Path::new("/proc"), pid).ok_or_else(|| {
+    let start = sweep::start_time(proc, pid).ok_or_else(|| {
         Error::Setup("cannot read this process's start time from /proc/self/stat".into())
+    })?;
+    let pid_namespace = sweep::pid_namespace(proc).ok_or_else(|| {
+        Error::Setup("cannot read this process's pid namespace from /proc/self/ns/pid".into())
     })?;
     Ok(sweep::run_name(
         pid,
         start,
+        pid_namespace,
         RUNS.fetch_add(1, Ordering::SeqCst),
     ))
 }

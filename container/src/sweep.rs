@@ -5,14 +5,13 @@
 //! device clears itself and detached mounts unmount when their fd closes. Two things are
 //! named objects on the host and outlive a SIGKILL of the CLI: the run's cgroups (one per
 //! controller hierarchy) and its staging directory (an empty mount point). Both carry the
-//! run's name, `twinbox-<pid>-<start>-<n>`: the owner's pid, its start time in clock ticks
-//! after boot (field 22 of `/proc/<pid>/stat`, so a reused pid is not mistaken for the
-//! owner) and the run's number in that process. A name whose owner is gone is swept: the
-//! tasks still in its cgroups are killed and the cgroups removed, the directory removed
-//! (only when empty: nothing is deleted recursively).
-//!
-//! Pids are this pid namespace's: a twinbox running in another pid namespace that shares
-//! the cgroup hierarchies would look dead from here.
+//! run's name, `twinbox-<pid>-<start>-<pidns>-<n>`: the owner's pid, its start time in
+//! clock ticks after boot (field 22 of `/proc/<pid>/stat`, so a reused pid is not mistaken
+//! for the owner), its pid namespace (the inode of `/proc/self/ns/pid`) and the run's
+//! number in that process. A name whose owner is gone is swept: the tasks still in its
+//! cgroups are killed and the cgroups removed, the directory removed (only when empty:
+//! nothing is deleted recursively). A run of another pid namespace sharing the cgroup
+//! hierarchies is never judged from here: its pids mean nothing in ours.
 
 use crate::cgroup;
 use std::fs;
@@ -33,11 +32,24 @@ pub struct Owner {
     /// Its start time (clock ticks after boot); None in the older `twinbox-<pid>-<n>`
     /// names, which can only be swept once the pid is free.
     pub start: Option<u64>,
+    /// Its pid namespace; None in older names (taken to be ours).
+    pub pid_namespace: Option<u64>,
 }
 
-/// The name of run `n` of the process `pid` started at `start`.
-pub fn run_name(pid: u32, start: u64, n: u32) -> String {
-    format!("{PREFIX}{pid}-{start}-{n}")
+/// The name of run `n` of the process `pid` started at `start` in `pid_namespace`.
+pub fn run_name(pid: u32, start: u64, pid_namespace: u64, n: u32) -> String {
+    format!("{PREFIX}{pid}-{start}-{pid_namespace}-{n}")
+}
+
+/// The pid namespace of the process reading `proc` (the inode `<proc>/self/ns/pid`
+/// links to, `pid:[N]`).
+pub fn pid_namespace(proc: &Path) -> Option<u64> {
+    let link = fs::read_link(proc.join("self/ns/pid")).ok()?;
+    link.to_str()?
+        .strip_prefix("pid:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// The owner recorded in a run name, or None for any other name.
@@ -52,14 +64,17 @@ pub fn owner_of(name: &str) -> Option<Owner> {
         })
         .collect::<Option<_>>()?;
     let pid = u32::try_from(*numbers.first()?).ok()?;
-    match numbers.len() {
-        2 => Some(Owner { pid, start: None }),
-        3 => Some(Owner {
-            pid,
-            start: Some(numbers[1]),
-        }),
-        _ => None,
-    }
+    let (start, pid_namespace) = match numbers.len() {
+        2 => (None, None),
+        3 => (Some(numbers[1]), None),
+        4 => (Some(numbers[1]), Some(numbers[2])),
+        _ => return None,
+    };
+    Some(Owner {
+        pid,
+        start,
+        pid_namespace,
+    })
 }
 
 /// Start time of `pid` (field 22 of `<proc>/<pid>/stat`), None when it does not exist.
@@ -70,9 +85,13 @@ pub fn start_time(proc: &Path, pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
-/// Whether the owner of a run still runs.
-fn alive(proc: &Path, owner: Owner) -> bool {
-    match (start_time(proc, owner.pid), owner.start) {
+/// Whether the owner of a run may still run: yes unless it is of our pid namespace and
+/// its pid is free or taken by a process started at another time.
+fn alive(places: &Places, owner: Owner) -> bool {
+    if owner.pid_namespace.is_some() && owner.pid_namespace != places.pid_namespace {
+        return true;
+    }
+    match (start_time(&places.proc, owner.pid), owner.start) {
         (None, _) => false,
         (Some(now), Some(recorded)) => now == recorded,
         // An old-style name: the pid is taken, perhaps by its owner.
@@ -85,6 +104,8 @@ fn alive(proc: &Path, owner: Owner) -> bool {
 pub struct Places {
     /// procfs, to tell live owners from dead ones.
     pub proc: PathBuf,
+    /// The sweeper's pid namespace: runs of others are left alone.
+    pub pid_namespace: Option<u64>,
     /// The root of every cgroup hierarchy (v1 controllers, cgroup2).
     pub cgroup_roots: Vec<PathBuf>,
     /// The directory holding the staging directories.
@@ -103,8 +124,10 @@ impl Places {
                 matches!(*fields.get(sep + 1)?, "cgroup" | "cgroup2").then(|| PathBuf::from(point))
             })
             .collect();
+        let proc = PathBuf::from("/proc");
         Self {
-            proc: PathBuf::from("/proc"),
+            pid_namespace: pid_namespace(&proc),
+            proc,
             cgroup_roots,
             staging: PathBuf::from(STAGING_ROOT),
         }
@@ -121,7 +144,7 @@ pub struct Swept {
 }
 
 /// Entries of `dir` named for a run whose owner is dead.
-fn orphans(dir: &Path, proc: &Path) -> Vec<PathBuf> {
+fn orphans(dir: &Path, places: &Places) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -129,7 +152,7 @@ fn orphans(dir: &Path, proc: &Path) -> Vec<PathBuf> {
         .flatten()
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .filter(|e| {
-            owner_of(&e.file_name().to_string_lossy()).is_some_and(|owner| !alive(proc, owner))
+            owner_of(&e.file_name().to_string_lossy()).is_some_and(|owner| !alive(places, owner))
         })
         .map(|e| e.path())
         .collect();
@@ -141,14 +164,14 @@ fn orphans(dir: &Path, proc: &Path) -> Vec<PathBuf> {
 pub fn sweep(places: &Places) -> Swept {
     let mut swept = Swept::default();
     for root in &places.cgroup_roots {
-        for dir in orphans(root, &places.proc) {
+        for dir in orphans(root, places) {
             match cgroup::kill_and_remove(&dir) {
                 Ok(()) => swept.removed.push(dir),
                 Err(e) => swept.failed.push(e.to_string()),
             }
         }
     }
-    for dir in orphans(&places.staging, &places.proc) {
+    for dir in orphans(&places.staging, places) {
         match fs::remove_dir(&dir) {
             Ok(()) => swept.removed.push(dir),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -164,28 +187,39 @@ mod tests {
 
     #[test]
     fn run_names_carry_their_owner() {
-        assert_eq!(run_name(42, 1234, 3), "twinbox-42-1234-3");
+        assert_eq!(run_name(42, 1234, 77, 3), "twinbox-42-1234-77-3");
+        assert_eq!(
+            owner_of("twinbox-42-1234-77-3"),
+            Some(Owner {
+                pid: 42,
+                start: Some(1234),
+                pid_namespace: Some(77),
+            })
+        );
         assert_eq!(
             owner_of("twinbox-42-1234-3"),
             Some(Owner {
                 pid: 42,
-                start: Some(1234)
+                start: Some(1234),
+                pid_namespace: None,
             })
         );
         assert_eq!(
             owner_of("twinbox-42-0"),
             Some(Owner {
                 pid: 42,
-                start: None
+                start: None,
+                pid_namespace: None,
             })
         );
+        assert!(pid_namespace(Path::new("/proc")).is_some());
         for other in [
             "twinbox",
             "twinbox-",
             "twinbox-ext4-42",
             "twinbox-ctr-bad-42",
             "twinbox-42",
-            "twinbox-42-1-2-3",
+            "twinbox-42-1-2-3-4",
             "twinbox-42--3",
             "twinbox-+4-1-2",
             "twinbox-99999999999-1-2",
@@ -241,6 +275,7 @@ mod tests {
         fn places(&self) -> Places {
             Places {
                 proc: self.proc(),
+                pid_namespace: Some(NS),
                 cgroup_roots: vec![self.0.join("cgroup/cpu"), self.0.join("cgroup/unified")],
                 staging: self.0.join("staging"),
             }
@@ -259,6 +294,9 @@ mod tests {
         }
     }
 
+    /// The fake sweeper's pid namespace.
+    const NS: u64 = 4026531836;
+
     #[test]
     fn dead_owners_runs_go_live_owners_runs_and_other_names_stay() {
         let root = FakeRoot::new("sweep");
@@ -271,6 +309,7 @@ mod tests {
             root.make("cgroup/cpu/twinbox-200-6000-1"),
             root.make("cgroup/cpu/twinbox-998-0"),
             root.make("staging/twinbox-999-4000-0"),
+            root.make(&format!("cgroup/unified/twinbox-997-1-{NS}-0")),
         ];
         let kept = [
             root.make("cgroup/cpu/twinbox-100-5000-0"),
@@ -279,6 +318,9 @@ mod tests {
             root.make("cgroup/cpu/twinbox-vm-999-1"),
             root.make("cgroup/cpu/system.slice"),
             root.make("staging/twinbox-ext4-999"),
+            // pid 996 is not in our namespace's proc, but the run is another namespace's.
+            root.make("cgroup/cpu/twinbox-996-1-12345-0"),
+            root.make(&format!("cgroup/cpu/twinbox-100-5000-{NS}-1")),
         ];
         let swept = sweep(&root.places());
         assert!(swept.failed.is_empty(), "{swept:?}");
