@@ -106,7 +106,8 @@ impl NetBackend {
         let n = match self.kind {
             // SAFETY: `IoBuf` has the layout of `struct iovec` (checked at compile time in
             // iov.rs) and every entry points into guest memory that the caller keeps
-            // mapped (see `IoBuf`); the kernel writes at most each entry's length.
+            // mapped (see `IoBuf`); the kernel writes at most each entry's length, and
+            // what it writes is only ever read as guest bytes.
             BackendKind::Tap => unsafe { libc::readv(self.fd.as_raw_fd(), iov, iov_count(bufs)) },
             BackendKind::Socket => {
                 // SAFETY: all-zero is a valid msghdr (no name, no control data).
@@ -134,7 +135,9 @@ impl NetBackend {
     pub(crate) fn write_frame(&self, bufs: &[IoBuf]) -> io::Result<usize> {
         let iov = bufs.as_ptr().cast::<libc::iovec>().cast_mut();
         let n = match self.kind {
-            // SAFETY: as in read_frame; the kernel only reads the buffers.
+            // SAFETY: as in read_frame (entries in guest memory kept mapped, or the TX
+            // header copy alive on the caller's stack across this call); the kernel
+            // only reads the buffers.
             BackendKind::Tap => unsafe { libc::writev(self.fd.as_raw_fd(), iov, iov_count(bufs)) },
             BackendKind::Socket => {
                 // SAFETY: all-zero is a valid msghdr.

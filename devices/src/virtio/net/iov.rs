@@ -9,8 +9,10 @@ pub(crate) const MAX_IOVS: usize = 2 * super::QUEUE_SIZE as usize;
 
 /// One host-virtual range inside guest memory, laid out exactly as `struct iovec` so a
 /// slice of them is passed to the kernel as is. Plain integers rather than a pointer, so
-/// the device stays `Send`; built only by [`push_guest_range`] from a mapping of the
-/// `GuestMemoryMmap` that the device holds for as long as it holds these.
+/// the device stays `Send`; built by [`push_guest_range`] from a mapping of the
+/// `GuestMemoryMmap` that the device holds for as long as it holds these (plain mmap
+/// regions: a Xen grant mapping would be unmapped when its guard drops), or by
+/// [`IoBuf::host`] for a buffer of the device's own.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct IoBuf {
@@ -24,6 +26,17 @@ const _: () = {
     assert!(std::mem::offset_of!(IoBuf, base) == std::mem::offset_of!(libc::iovec, iov_base));
     assert!(std::mem::offset_of!(IoBuf, len) == std::mem::offset_of!(libc::iovec, iov_len));
 };
+
+impl IoBuf {
+    /// An entry for a host buffer of the device's own (the TX header copy); valid only
+    /// while `buf` lives, so it is made right before the call that uses it.
+    pub(crate) fn host(buf: &[u8]) -> Self {
+        Self {
+            base: buf.as_ptr() as usize,
+            len: buf.len(),
+        }
+    }
+}
 
 /// Why a guest range cannot be turned into iovecs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -227,8 +227,9 @@ pub struct NetCounters {
     pub rx_runts: u64,
     /// Backend read failures other than EAGAIN.
     pub rx_backend_errors: u64,
-    /// Times RX stopped because the driver had no buffers posted; frames then wait in
-    /// the tap's queue, and the host kernel drops (and counts) what overflows it.
+    /// Times RX ran out of driver buffers and stopped watching the backend until the
+    /// driver's next RX kick; frames meanwhile wait in the tap's queue, and the host
+    /// kernel drops (and counts) what overflows it.
     pub rx_no_buffers: u64,
     /// Malformed RX chains.
     pub rx_dropped: DropCounts,
@@ -417,10 +418,9 @@ impl Net {
         if set.contains(EventSet::IN) {
             self.process_rx();
         }
-        if set.contains(EventSet::ERROR)
-            || (set.contains(EventSet::HANG_UP) && !set.contains(EventSet::IN))
-        {
-            // Nothing more will come; stop watching rather than spin on the condition.
+        if set.intersects(EventSet::ERROR | EventSet::HANG_UP) {
+            // Nothing more will come (what was readable has just been taken); stop
+            // watching rather than spin on the condition.
             tracing::warn!("virtio-net: backend reported {set:?}; no longer watching it");
             self.backend_closed = true;
         }

@@ -13,7 +13,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
 };
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use super::iov::{push_guest_range, IoBuf, RangeError, MAX_IOVS};
 use super::{
@@ -90,28 +90,33 @@ fn run_tx(
                     tracing::debug!("virtio-net: TX chain {head} dropped: {why:?}");
                     counters.tx_dropped.count(why);
                 }
-                Ok(len) => match backend.write_frame(&a.tx_iovs) {
-                    Ok(n) if n == len => {
-                        counters.tx_frames += 1;
-                        counters.tx_bytes += (len - VNET_HDR_LEN) as u64;
+                Ok((len, hdr)) => {
+                    // Entry 0 is the header as checked; `hdr` outlives the call.
+                    a.tx_iovs[0] = IoBuf::host(&hdr);
+                    let written = backend.write_frame(&a.tx_iovs);
+                    match written {
+                        Ok(n) if n == len => {
+                            counters.tx_frames += 1;
+                            counters.tx_bytes += (len - VNET_HDR_LEN) as u64;
+                        }
+                        Ok(n) => {
+                            tracing::debug!("virtio-net: backend took {n} of {len} bytes");
+                            counters.tx_backend_errors += 1;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            // Leave the chain available; EPOLLOUT brings us back to it.
+                            a.tx.go_to_previous_position();
+                            a.tx_iovs.clear();
+                            counters.tx_backend_full += 1;
+                            pass.blocked = true;
+                            return Ok(pass);
+                        }
+                        Err(e) => {
+                            tracing::debug!("virtio-net: backend refused a {len}-byte frame: {e}");
+                            counters.tx_backend_errors += 1;
+                        }
                     }
-                    Ok(n) => {
-                        tracing::debug!("virtio-net: backend took {n} of {len} bytes");
-                        counters.tx_backend_errors += 1;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        // Leave the chain available; EPOLLOUT brings us back to it.
-                        a.tx.go_to_previous_position();
-                        a.tx_iovs.clear();
-                        counters.tx_backend_full += 1;
-                        pass.blocked = true;
-                        return Ok(pass);
-                    }
-                    Err(e) => {
-                        tracing::debug!("virtio-net: backend refused a {len}-byte frame: {e}");
-                        counters.tx_backend_errors += 1;
-                    }
-                },
+                }
             }
             a.tx_iovs.clear();
             a.tx.add_used(&a.mem, head, 0).map_err(QueueBroken::Used)?;
@@ -128,39 +133,50 @@ fn run_tx(
     }
 }
 
-/// Checks a TX chain and appends its iovecs to `out`; returns its length (header
-/// included).
+/// Checks a TX chain and fills `out` with its iovecs: a placeholder at index 0 for the
+/// header, which is returned as a copy (the caller points entry 0 at that copy, so what
+/// is sent is what was checked, whatever the driver writes meanwhile), then the frame
+/// straight from guest memory. Returns the length (header included) and the header.
 fn parse_chain(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
     acked: u64,
     out: &mut Vec<IoBuf>,
-) -> Result<usize, ChainDrop> {
+) -> Result<(usize, [u8; VNET_HDR_LEN]), ChainDrop> {
     let mut total = 0usize;
     let mut hdr = [0u8; VNET_HDR_LEN];
     let mut descs = 0usize;
     let mut last_has_next = false;
+    out.push(IoBuf::default());
     for desc in chain {
         descs += 1;
         last_has_next = desc.has_next();
         if desc.is_write_only() {
             return Err(ChainDrop::WrongDirection);
         }
+        let len = desc.len() as usize;
+        let start = total;
         // Bounded: the descriptor iterator stops at 4 GiB in total.
-        total += desc.len() as usize;
+        total += len;
         if total > MAX_PACKET_LEN {
             return Err(ChainDrop::TooLong);
         }
-        push_guest_range(mem, desc.addr(), desc.len(), out, MAX_IOVS).map_err(|e| match e {
-            RangeError::OutsideMemory => ChainDrop::OutsideMemory,
-            RangeError::TooManySegments => ChainDrop::TooManySegments,
-        })?;
-        // The header may be split over descriptors: collect its bytes as they come.
-        let start = total - desc.len() as usize;
-        if start < VNET_HDR_LEN {
-            let n = (VNET_HDR_LEN - start).min(desc.len() as usize);
-            mem.read_slice(&mut hdr[start..start + n], desc.addr())
+        // The header may be split over descriptors: copy its bytes as they come.
+        let in_header = VNET_HDR_LEN.saturating_sub(start).min(len);
+        if in_header > 0 {
+            mem.read_slice(&mut hdr[start..start + in_header], desc.addr())
                 .map_err(|_| ChainDrop::OutsideMemory)?;
+        }
+        if in_header < len {
+            let addr = desc
+                .addr()
+                .checked_add(in_header as u64)
+                .ok_or(ChainDrop::OutsideMemory)?;
+            let rest = (len - in_header) as u32;
+            push_guest_range(mem, addr, rest, out, MAX_IOVS).map_err(|e| match e {
+                RangeError::OutsideMemory => ChainDrop::OutsideMemory,
+                RangeError::TooManySegments => ChainDrop::TooManySegments,
+            })?;
         }
     }
     if descs == 0 || last_has_next {
@@ -170,7 +186,7 @@ fn parse_chain(
         return Err(ChainDrop::HeaderTooShort);
     }
     check_header(&hdr, acked)?;
-    Ok(total)
+    Ok((total, hdr))
 }
 
 /// The driver may only ask for offloads it negotiated (virtio 1.1, 5.1.6.2.1): a
