@@ -11,7 +11,6 @@ mod child;
 mod detached;
 pub mod device_program;
 mod error;
-pub mod interrupt;
 mod plan;
 #[cfg(test)]
 mod recording;

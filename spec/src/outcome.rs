@@ -105,12 +105,14 @@ impl MarkerLog {
         self.init_failed
     }
 
-    /// The last phase reached so far.
+    /// The last phase the run reached so far. `TornDown` is the host's own end stamp, not
+    /// progress of the run, so it never counts (a box may stamp it before `finish`).
     pub fn last_phase(&self) -> Phase {
         self.timeline
             .stamps
             .iter()
             .map(|s| s.phase)
+            .filter(|phase| *phase != Phase::TornDown)
             .max()
             .unwrap_or(Phase::Spawn)
     }
@@ -208,7 +210,8 @@ mod tests {
 
     #[test]
     fn without_markers_the_box_end_and_last_phase_are_reported() {
-        let log = log_of(&[Marker::InitStarted]);
+        let mut log = log_of(&[Marker::InitStarted]);
+        log.timeline_mut().record(Phase::TornDown, 900);
         assert_eq!(
             log.finish(|| "time limit of 1.0 s reached".into()).outcome,
             Outcome::Failed(

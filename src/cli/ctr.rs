@@ -47,7 +47,17 @@ fn run(args: CtrRunArgs, spawn_ns: u64) -> anyhow::Result<i32> {
     spec.user_namespace = args.userns;
     // SIGINT/SIGTERM kill the container and tear it down (container::run holds a
     // twinbox_spec::interrupt::Interrupt); we then exit like a shell would (130/143).
-    let report = container::run(&spec)?;
+    let report = match container::run(&spec) {
+        Ok(report) => report,
+        // Stopped during start-up: the box is already torn down; exit as the signal says.
+        Err(error) => match twinbox_spec::interrupt::received() {
+            Some(signal) => {
+                eprintln!("twinbox: {error}");
+                return Ok(128 + signal);
+            }
+            None => return Err(error.into()),
+        },
+    };
     let status = args.run.finish(&report);
     Ok(match twinbox_spec::interrupt::received() {
         Some(signal) => 128 + signal,

@@ -1,5 +1,5 @@
 //! Leak checks around a run: what a run may create on the host (mounts, loop devices,
-//! cgroups, network namespaces, tap devices) must all be gone after it.
+//! cgroups, network namespaces, tap devices, staging directories) must all be gone after it.
 
 use std::fs;
 
@@ -11,6 +11,8 @@ pub struct HostResources {
     pub twinbox_cgroups: Vec<String>,
     pub netns: Vec<String>,
     pub links: Vec<String>,
+    /// The container's per-run staging directories.
+    pub staging: Vec<String>,
 }
 
 fn mount_points() -> Vec<String> {
@@ -82,6 +84,7 @@ impl HostResources {
             twinbox_cgroups: twinbox_cgroups(),
             netns: dir_names("/run/netns"),
             links: dir_names("/sys/class/net"),
+            staging: dir_names("/run/twinbox/ctr"),
         }
     }
 
@@ -103,6 +106,7 @@ impl HostResources {
             ),
             ("network namespaces", new(&self.netns, &after.netns)),
             ("network links", new(&self.links, &after.links)),
+            ("staging directories", new(&self.staging, &after.staging)),
         ];
         let leaked: Vec<String> = leaks
             .iter()
