@@ -17,5 +17,5 @@ pub mod run_spec;
 pub use outcome::{Finished, MarkerLog};
 pub use phase::{Phase, Timeline};
 pub use report::{BoxKind, Outcome, RunReport, Usage};
-pub use run_spec::{DiskSpec, RunSpec, SpecError};
+pub use run_spec::{DiskSpec, NetMode, RunSpec, SpecError};
 pub use twinbox_proto as proto;

@@ -40,6 +40,41 @@ impl std::str::FromStr for DiskSpec {
     }
 }
 
+/// The box's network (issue 11): none by default, so a box is as closed as without it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetMode {
+    /// `eth0` on a point-to-point link with the host: the host reaches the box and the box
+    /// the host, nothing further.
+    Link,
+    /// The link, and the box's traffic masqueraded out of the host's default route.
+    Nat,
+}
+
+impl std::str::FromStr for NetMode {
+    type Err = String;
+
+    /// Parses `link` or `nat`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "link" => Ok(Self::Link),
+            "nat" => Ok(Self::Nat),
+            other => Err(format!(
+                "--net {other:?}: use `--net` (a link with the host) or `--net nat` (and NAT out)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for NetMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Link => "link",
+            Self::Nat => "nat",
+        })
+    }
+}
+
 /// Where the workload's output goes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -88,6 +123,9 @@ pub struct RunSpec {
     pub time_limit: Option<Duration>,
     /// Where the workload's output goes.
     pub output: OutputMode,
+    /// The box's network; `None`: loopback only.
+    #[serde(default)]
+    pub net: Option<NetMode>,
 }
 
 /// A `RunSpec` that cannot run.
@@ -128,6 +166,7 @@ impl RunSpec {
             spawn_ns: crate::clock::monotonic_ns(),
             time_limit: None,
             output: OutputMode::Inherit,
+            net: None,
         }
     }
 
@@ -220,6 +259,17 @@ mod tests {
     fn job_gets_a_default_path() {
         let job = RunSpec::new("/img", vec!["true".into()]).job();
         assert!(job.env.iter().any(|e| e.starts_with("PATH=")));
+    }
+
+    #[test]
+    fn net_modes_parse_and_print() {
+        assert_eq!("link".parse::<NetMode>(), Ok(NetMode::Link));
+        assert_eq!("nat".parse::<NetMode>(), Ok(NetMode::Nat));
+        assert!("bridge"
+            .parse::<NetMode>()
+            .unwrap_err()
+            .contains("--net nat"));
+        assert_eq!(NetMode::Nat.to_string(), "nat");
     }
 
     #[test]
