@@ -17,9 +17,9 @@ use super::iov::IoBuf;
 pub enum BackendKind {
     /// A tap character device: `readv`/`writev`, offloads through `TUNSETOFFLOAD`.
     Tap,
-    /// A datagram socket: `recvmsg(MSG_TRUNC)` (so a too-long datagram reports its real
-    /// length, as a tap does) and `sendmsg(MSG_NOSIGNAL)` (a closed peer must not raise
-    /// SIGPIPE in the VMM); offloads cannot be set and need not be.
+    /// A datagram socket: `readv` as for a tap, `sendmsg(MSG_NOSIGNAL)` to write (a
+    /// closed peer must not raise SIGPIPE in the VMM); offloads cannot be set and need
+    /// not be.
     Socket,
 }
 
@@ -97,33 +97,21 @@ impl NetBackend {
         Ok(())
     }
 
-    /// Receives one frame (header included) into `bufs`. Returns the frame's full
-    /// length, which exceeds the buffers' total when it did not fit (the rest is lost):
-    /// a tap reports it that way, and a socket does with MSG_TRUNC. `Ok(0)` means the
-    /// peer of a socket hung up.
+    /// Receives one frame (header included) into `bufs`; returns the bytes copied (a
+    /// frame longer than `bufs` is cut, the rest lost, for a tap and a socket alike).
+    /// `Ok(0)` means the peer of a socket hung up.
     pub(crate) fn read_frame(&self, bufs: &[IoBuf]) -> io::Result<usize> {
-        let iov = bufs.as_ptr().cast::<libc::iovec>().cast_mut();
-        let n = match self.kind {
-            // SAFETY: `IoBuf` has the layout of `struct iovec` (checked at compile time in
-            // iov.rs) and every entry points into guest memory that the caller keeps
-            // mapped (see `IoBuf`); the kernel writes at most each entry's length, and
-            // what it writes is only ever read as guest bytes.
-            BackendKind::Tap => unsafe { libc::readv(self.fd.as_raw_fd(), iov, iov_count(bufs)) },
-            BackendKind::Socket => {
-                // SAFETY: all-zero is a valid msghdr (no name, no control data).
-                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-                msg.msg_iov = iov;
-                msg.msg_iovlen = bufs.len() as _;
-                // SAFETY: as for readv; msg lives across the call and names no other
-                // memory.
-                unsafe {
-                    libc::recvmsg(
-                        self.fd.as_raw_fd(),
-                        &mut msg,
-                        libc::MSG_TRUNC | libc::MSG_DONTWAIT,
-                    )
-                }
-            }
+        // SAFETY: `IoBuf` has the layout of `struct iovec` (checked at compile time in
+        // iov.rs); every entry points into guest memory that the caller keeps mapped, or
+        // at the caller's spill byte, borrowed mutably across this call (see `IoBuf`).
+        // The kernel writes at most each entry's length, and what it writes into guest
+        // memory is only ever read as guest bytes.
+        let n = unsafe {
+            libc::readv(
+                self.fd.as_raw_fd(),
+                bufs.as_ptr().cast::<libc::iovec>(),
+                iov_count(bufs),
+            )
         };
         if n < 0 {
             return Err(io::Error::last_os_error());

@@ -12,7 +12,7 @@ pub(crate) const MAX_IOVS: usize = 2 * super::QUEUE_SIZE as usize;
 /// the device stays `Send`; built by [`push_guest_range`] from a mapping of the
 /// `GuestMemoryMmap` that the device holds for as long as it holds these (plain mmap
 /// regions: a Xen grant mapping would be unmapped when its guard drops), or by
-/// [`IoBuf::host`] for a buffer of the device's own.
+/// [`IoBuf::host`] / [`IoBuf::host_mut`] for a buffer of the device's own.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct IoBuf {
@@ -28,11 +28,19 @@ const _: () = {
 };
 
 impl IoBuf {
-    /// An entry for a host buffer of the device's own (the TX header copy); valid only
-    /// while `buf` lives, so it is made right before the call that uses it.
+    /// An entry for a host buffer of the device's own that the kernel reads (the TX
+    /// header copy); valid only while `buf` lives, so made right before the call.
     pub(crate) fn host(buf: &[u8]) -> Self {
         Self {
             base: buf.as_ptr() as usize,
+            len: buf.len(),
+        }
+    }
+
+    /// Likewise for a buffer the kernel writes (the RX spill byte).
+    pub(crate) fn host_mut(buf: &mut [u8]) -> Self {
+        Self {
+            base: buf.as_mut_ptr() as usize,
             len: buf.len(),
         }
     }

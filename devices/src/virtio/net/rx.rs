@@ -12,7 +12,9 @@
 //! With no chain available RX stops: the backend fd is no longer watched and
 //! notifications are enabled, so the driver's next RX kick resumes it. A frame longer
 //! than the room offered is lost (the backend consumed it) and counted; the chains stay
-//! in the pool for the next one.
+//! in the pool for the next one. A tap's read returns the bytes it copied, not the
+//! frame's length, so each read offers one spare byte of the device's own after the
+//! guest's buffers: a frame that reaches it did not fit.
 
 use std::collections::VecDeque;
 
@@ -41,7 +43,7 @@ struct Held {
 
 /// RX chains popped from the queue, checked, and not yet used.
 pub(super) struct RxPool {
-    /// Iovecs of all held chains, in order.
+    /// Iovecs of all held chains, in order (plus, during a read, the spill byte).
     iovs: Vec<IoBuf>,
     chains: VecDeque<Held>,
     /// Total writable bytes held.
@@ -64,7 +66,7 @@ impl RxPool {
     /// An empty pool; `mergeable_room` as in the field. Allocates its arrays once.
     pub(super) fn new(mergeable_room: Option<usize>) -> Self {
         Self {
-            iovs: Vec::with_capacity(MAX_IOVS),
+            iovs: Vec::with_capacity(MAX_IOVS + 1),
             chains: VecDeque::with_capacity(usize::from(super::QUEUE_SIZE)),
             bytes: 0,
             descs: 0,
@@ -158,12 +160,17 @@ impl RxPool {
         }
     }
 
-    /// Where the next frame may go, and how many bytes that is.
-    fn target(&self) -> (&[IoBuf], usize) {
-        match (self.mergeable_room, self.chains.front()) {
-            (None, Some(first)) => (&self.iovs[..first.iovs], first.len as usize),
-            _ => (&self.iovs, self.bytes),
-        }
+    /// Reads the next frame into every chain held (without MRG_RXBUF the pool never
+    /// holds more than one) plus `spill`, a device byte after them: neither a tap nor a
+    /// socket says how long a frame was when it did not fit (both return what they
+    /// copied), so a frame that reaches `spill` is one that did not fit.
+    fn read(&mut self, backend: &NetBackend, spill: &mut [u8; 1]) -> std::io::Result<usize> {
+        debug_assert!(self.mergeable_room.is_some() || self.chains.len() <= 1);
+        // Within the capacity reserved in new(): no allocation.
+        self.iovs.push(IoBuf::host_mut(spill));
+        let result = backend.read_frame(&self.iovs);
+        self.iovs.pop();
+        result
     }
 
     /// Forgets the first `n` chains (used).
@@ -277,8 +284,9 @@ fn run_rx(
             counters.rx_no_buffers += 1;
             return Ok(RxStop::NoBuffers);
         }
-        let (bufs, room) = a.pool.target();
-        let n = match backend.read_frame(bufs) {
+        let mut spill = [0u8; 1];
+        let room = a.pool.bytes;
+        let n = match a.pool.read(backend, &mut spill) {
             Ok(0) => return Ok(RxStop::Closed),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {

@@ -610,6 +610,22 @@ fn rx_frame_too_big_for_the_buffers_is_counted_and_the_chain_reused() {
         "the same chain took the next frame"
     );
     assert_eq!(read_guest(&r.mem, BUF + 12, 50), frame(50, 2));
+
+    // One byte too long is caught (a tap's read says only what it copied: the device's
+    // spare byte after the buffers is what tells), an exact fit is not.
+    let head = r.rx.add(
+        &r.mem,
+        &[(BUF + 0x1000, 60, true), (BUF + 0x2000, 40, true)],
+    );
+    r.peer.send(&packet(&header(0, 0), &frame(89, 3))).unwrap();
+    r.peer.send(&packet(&header(0, 0), &frame(88, 4))).unwrap();
+    r.net.process_rx();
+    let c = r.net.counters();
+    assert_eq!((c.rx_truncated, c.rx_frames), (2, 2));
+    assert_eq!(r.rx.used(&r.mem, 1), (head, 100));
+    let mut got = read_guest(&r.mem, BUF + 0x1000 + 12, 48);
+    got.extend(read_guest(&r.mem, BUF + 0x2000, 40));
+    assert_eq!(got, frame(88, 4));
 }
 
 /// (what, chain, counter that must grow).
