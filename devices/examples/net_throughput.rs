@@ -130,7 +130,7 @@ fn run(frames: u64, frame_len: usize) {
         seen_used: 0,
     };
     let packet_len = VNET_HDR_LEN + frame_len;
-    mem.write_slice(&vec![0u8; VNET_HDR_LEN], GuestAddress(TX_BUF))
+    mem.write_slice(&[0u8; VNET_HDR_LEN], GuestAddress(TX_BUF))
         .unwrap();
     mem.write_slice(
         &vec![0x5a; frame_len],
