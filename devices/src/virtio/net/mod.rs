@@ -252,6 +252,8 @@ struct Active {
     interrupt: Arc<IrqTrigger>,
     acked: u64,
     event_idx: bool,
+    /// The driver takes partial checksums and DATA_VALID; if not, RX clears `flags`.
+    guest_csum: bool,
     /// RX chains popped and checked but not yet filled, with their iovecs.
     pool: rx::RxPool,
     /// Iovecs of the TX chain being sent; allocated once, cleared after each chain.
@@ -521,6 +523,7 @@ impl VirtioDevice for Net {
             interrupt,
             acked: acked_features,
             event_idx,
+            guest_csum: has(VIRTIO_NET_F_GUEST_CSUM),
         });
         self.broken = false;
         self.rx_waiting = false;

@@ -27,6 +27,11 @@ use super::{
     RX_QUEUE, VNET_HDR_LEN,
 };
 
+/// Header bytes the device writes after a read: `flags` (cleared when the driver did not
+/// negotiate GUEST_CSUM: the spec wants 0 there, and a tap may set DATA_VALID whatever
+/// its offloads), then both bytes of `num_buffers`.
+const FIXED_BYTES: [usize; 3] = [0, NUM_BUFFERS_OFFSET, NUM_BUFFERS_OFFSET + 1];
+
 /// One RX chain in the pool.
 #[derive(Clone, Copy, Debug)]
 struct Held {
@@ -37,8 +42,9 @@ struct Held {
     iovs: usize,
     /// Descriptors it took from the driver's table.
     descs: usize,
-    /// Guest addresses of the two bytes of `num_buffers` (the header may be split).
-    num_buffers_at: [GuestAddress; 2],
+    /// Guest addresses of the header bytes the device rewrites, [`FIXED_BYTES`] (the
+    /// header may be split over descriptors).
+    fixed_at: [GuestAddress; 3],
 }
 
 /// RX chains popped from the queue, checked, and not yet used.
@@ -102,7 +108,7 @@ impl RxPool {
         let mut len = 0u32;
         let mut descs = 0usize;
         let mut last_has_next = false;
-        let mut num_buffers_at = [GuestAddress(0); 2];
+        let mut fixed_at = [GuestAddress(0); 3];
         let parse = || -> Result<(), ChainDrop> {
             for desc in chain {
                 descs += 1;
@@ -116,8 +122,8 @@ impl RxPool {
                         RangeError::TooManySegments => ChainDrop::TooManySegments,
                     },
                 )?;
-                for (i, at) in num_buffers_at.iter_mut().enumerate() {
-                    let pos = (NUM_BUFFERS_OFFSET + i) as u32;
+                for (pos, at) in FIXED_BYTES.iter().zip(fixed_at.iter_mut()) {
+                    let pos = *pos as u32;
                     if (len..len.saturating_add(desc.len())).contains(&pos) {
                         // Inside a range just checked against guest memory: no overflow.
                         *at = GuestAddress(desc.addr().0 + u64::from(pos - len));
@@ -143,7 +149,7 @@ impl RxPool {
                     len,
                     iovs: self.iovs.len() - start,
                     descs,
-                    num_buffers_at,
+                    fixed_at,
                 });
                 self.bytes += len as usize;
                 self.descs += descs;
@@ -329,11 +335,15 @@ fn deliver(a: &mut Active, n: usize) -> Result<(), QueueBroken> {
     }
     // n ≤ room, so the chains held cover it; at most a queue's worth of them.
     let first = a.pool.chains[0];
-    let num_buffers = (chains as u16).to_le_bytes();
-    for (byte, at) in num_buffers.iter().zip(first.num_buffers_at) {
-        if let Err(e) = a.mem.write_obj(*byte, at) {
-            // Checked when the chain was popped; memory does not shrink.
-            tracing::error!("virtio-net: cannot write num_buffers at {at:?}: {e}");
+    let [lo, hi] = (chains as u16).to_le_bytes();
+    let bytes = [(0, !a.guest_csum), (1, true), (2, true)];
+    for ((i, write), value) in bytes.into_iter().zip([0, lo, hi]) {
+        let at = first.fixed_at[i];
+        if write {
+            if let Err(e) = a.mem.write_obj(value, at) {
+                // Checked when the chain was popped; memory does not shrink.
+                tracing::error!("virtio-net: cannot write the RX header at {at:?}: {e}");
+            }
         }
     }
     let mut left = n;

@@ -1,7 +1,8 @@
 //! virtio-net against hand-built split queues in real guest memory, with a Unix datagram
 //! socketpair as the tap: one datagram = one `virtio_net_hdr_v1` + frame.
 
-use std::os::fd::OwnedFd;
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
 
@@ -1018,4 +1019,73 @@ fn event_loop_drives_rx_tx_and_backpressure() {
     manager.run_with_timeout(0).unwrap();
     peer.send(&packet(&header(0, 0), &frame(10, 1))).unwrap();
     assert_eq!(manager.run_with_timeout(0).unwrap(), 0);
+}
+
+#[test]
+fn rx_header_flags_are_cleared_unless_guest_csum() {
+    // DATA_VALID from the host: kept for a driver that negotiated GUEST_CSUM, cleared
+    // (as the spec requires) for one that did not; num_buffers set either way.
+    for (features, want_flags) in [(ALL, 2u8), (PLAIN, 0), (PLAIN | MRG, 0)] {
+        let mut r = rig(features);
+        r.rx.add(&r.mem, &[(BUF, 4, true), (BUF + 0x100, 0x2_0000, true)]);
+        r.peer.send(&packet(&header(2, 0), &frame(40, 1))).unwrap();
+        r.net.process_rx();
+        assert_eq!(r.net.counters().rx_frames, 1, "{features:#x}");
+        let flags: u8 = r.mem.read_obj(GuestAddress(BUF)).unwrap();
+        assert_eq!(flags, want_flags, "{features:#x}");
+        // The header's tail is in the second buffer: num_buffers at its bytes 6 and 7.
+        let num_buffers: u16 = r.mem.read_obj(GuestAddress(BUF + 0x100 + 6)).unwrap();
+        assert_eq!(num_buffers, 1, "{features:#x}");
+    }
+}
+
+#[test]
+fn hung_up_backend_is_no_longer_watched() {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two fds into the array we own.
+    let ret = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(ret, 0);
+    // SAFETY: both fds were just created and belong to nothing else.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let net = Net::new(NetBackend::socket(ours).unwrap(), MAC).unwrap();
+    let net = Arc::new(Mutex::new(net));
+    let mut manager: EventManager<Arc<Mutex<Net>>> = EventManager::new().unwrap();
+    manager.add_subscriber(net.clone());
+    let mem = memory();
+    let mut rx = Ring::new(RX_RING, 16);
+    let tx = Ring::new(TX_RING, 16);
+    let irq = Arc::new(IrqTrigger::new().unwrap());
+    net.lock()
+        .unwrap()
+        .activate(mem.clone(), PLAIN, vec![rx.queue(), tx.queue()], irq)
+        .unwrap();
+    manager.run_with_timeout(0).unwrap();
+    for i in 0..4 {
+        rx.add(&mem, &[(BUF + 0x1000 * i, 2048, true)]);
+    }
+    let mut peer = std::fs::File::from(theirs);
+    peer.write_all(&packet(&header(0, 0), &frame(30, 1)))
+        .unwrap();
+    drop(peer);
+    for _ in 0..4 {
+        manager.run_with_timeout(100).unwrap();
+    }
+    assert_eq!(
+        rx.used_idx(&mem),
+        1,
+        "what was sent before the hang-up arrives"
+    );
+    assert_eq!(net.lock().unwrap().backend_interest(), EventSet::empty());
+    assert_eq!(
+        manager.run_with_timeout(0).unwrap(),
+        0,
+        "a hung-up backend does not spin the loop"
+    );
 }
