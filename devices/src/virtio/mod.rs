@@ -5,6 +5,9 @@
 //!   ([`crate::bus::BusDevice`] on the MMIO bus);
 //! - [`IrqTrigger`]: the interrupt status register plus the eventfd that raises the GSI;
 //! - [`block::Block`]: the virtio-blk device, which is also an event-manager subscriber;
+//! - [`net::Net`]: virtio-net over a tap ([`net::NetBackend`]), RX/TX queues plus the tap
+//!   fd on the event loop, offloads negotiated and set on the tap (wired like the block
+//!   device, device type 1, two queues: RX 0, TX 1);
 //! - [`rng::Rng`]: virtio-rng from the host's `/dev/urandom` (optional; same wiring as
 //!   the block device, device type 4; the guest kernel has `CONFIG_HW_RANDOM_VIRTIO`).
 //!

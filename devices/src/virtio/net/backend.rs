@@ -76,7 +76,7 @@ impl NetBackend {
         self.kind
     }
 
-    /// Sets the tap's offloads (`TUN_F_*`, see [`super::tap_offload_flags`]): what the
+    /// Sets the tap's offloads (`TUN_F_*`, see [`super::tap_offloads`]): what the
     /// kernel may hand us unsegmented or with a partial checksum. No-op for a socket.
     pub fn set_offload(&self, flags: u32) -> io::Result<()> {
         if self.kind != BackendKind::Tap {

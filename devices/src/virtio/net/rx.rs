@@ -6,8 +6,8 @@
 //! pool's first chain; with it, into as many chains as it needs, the pool first grown to
 //! hold the largest frame the backend may produce (64 KiB with guest TSO, else one MTU
 //! frame; a tap cannot be asked the length of its next frame). The header's
-//! `num_buffers` is then set to the number of chains used (1 without MRG_RXBUF: the tap
-//! leaves those two bytes alone).
+//! `num_buffers` is then set to the number of chains used (1 without MRG_RXBUF; a tap
+//! leaves those two bytes alone or zeroes them, depending on the kernel).
 //!
 //! With no chain available RX stops: the backend fd is no longer watched and
 //! notifications are enabled, so the driver's next RX kick resumes it. A frame longer
