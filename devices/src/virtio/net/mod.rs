@@ -130,9 +130,10 @@ pub fn tap_offloads(acked: u64) -> u32 {
 /// Why a net device cannot be created.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    /// The MAC address is a multicast (or broadcast) address.
-    #[error("MAC address {0} is not a unicast address")]
-    MulticastMac(String),
+    /// The MAC address is multicast (broadcast included) or all zeros, which no NIC may
+    /// use as its own.
+    #[error("MAC address {0} is not a valid unicast address")]
+    InvalidMac(String),
     /// An eventfd could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
@@ -303,8 +304,8 @@ pub struct Net {
 impl Net {
     /// A network device over `backend` whose config space shows `mac`.
     pub fn new(backend: NetBackend, mac: [u8; 6]) -> Result<Self, NetError> {
-        if mac[0] & 1 != 0 {
-            return Err(NetError::MulticastMac(format_mac(&mac)));
+        if mac[0] & 1 != 0 || mac == [0; 6] {
+            return Err(NetError::InvalidMac(format_mac(&mac)));
         }
         Ok(Self {
             backend,

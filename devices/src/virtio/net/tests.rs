@@ -282,7 +282,13 @@ fn bad_construction_is_refused() {
     assert_eq!(backend.kind(), BackendKind::Socket);
     assert!(matches!(
         Net::new(backend, [0x01, 0, 0, 0, 0, 1]),
-        Err(NetError::MulticastMac(m)) if m == "01:00:00:00:00:01"
+        Err(NetError::InvalidMac(m)) if m == "01:00:00:00:00:01"
+    ));
+    let (a, _b) = UnixDatagram::pair().unwrap();
+    let backend = NetBackend::socket(OwnedFd::from(a)).unwrap();
+    assert!(matches!(
+        Net::new(backend, [0; 6]),
+        Err(NetError::InvalidMac(_))
     ));
     // A socket is not a tap, and a regular file is neither.
     let (a, _b) = UnixDatagram::pair().unwrap();
@@ -1088,4 +1094,38 @@ fn hung_up_backend_is_no_longer_watched() {
         0,
         "a hung-up backend does not spin the loop"
     );
+}
+
+#[test]
+fn tap_kind_writes_with_writev_and_survives_a_refused_offload() {
+    // /dev/null is a character device like a tap: writes succeed, reads say EOF, and
+    // TUNSETOFFLOAD fails (ENOTTY), which must only be logged.
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .unwrap();
+    let backend = NetBackend::tap(OwnedFd::from(null)).unwrap();
+    assert_eq!(backend.kind(), BackendKind::Tap);
+    assert!(backend.set_offload(libc::TUN_F_CSUM).is_err());
+    let net = Arc::new(Mutex::new(Net::new(backend, MAC).unwrap()));
+    let mut manager: EventManager<Arc<Mutex<Net>>> = EventManager::new().unwrap();
+    manager.add_subscriber(net.clone());
+    let mem = memory();
+    let rx = Ring::new(RX_RING, 16);
+    let mut tx = Ring::new(TX_RING, 16);
+    let irq = Arc::new(IrqTrigger::new().unwrap());
+    net.lock()
+        .unwrap()
+        .activate(mem.clone(), ALL, vec![rx.queue(), tx.queue()], irq)
+        .unwrap();
+    manager.run_with_timeout(0).unwrap(); // activation: offloads refused, logged
+    let p = packet(&header(0, 0), &frame(500, 1));
+    mem.write_slice(&p, GuestAddress(BUF)).unwrap();
+    tx.add(&mem, &[(BUF, 12, false), (BUF + 12, 500, false)]);
+    net.lock().unwrap().process_tx();
+    let c = net.lock().unwrap().counters();
+    assert_eq!((c.tx_frames, c.tx_bytes), (1, 500));
+    assert_eq!(tx.used_idx(&mem), 1);
+    assert!(!net.lock().unwrap().needs_reset());
 }
