@@ -1,0 +1,212 @@
+//! Helpers for hostnet's root tests: a network namespace of the test's own, commands
+//! run inside it, host snapshots for leak checks, and a forked holder to SIGKILL.
+//! Traffic only ever goes to addresses of the test's own links.
+
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sched::{setns, CloneFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::waitpid;
+use nix::unistd::{fork, pipe, ForkResult, Pid};
+
+/// Fail (never skip) when the test is not root: it needs CAP_NET_ADMIN.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (CAP_NET_ADMIN, netns): run it as root under flock /tmp/twinbox-itest.lock"
+    );
+}
+
+/// A process sitting in a fresh network namespace, killed on drop.
+pub struct Netns {
+    child: Child,
+}
+
+impl Netns {
+    /// `unshare -n sleep 600`: the namespace lives as long as that process.
+    pub fn new() -> Self {
+        let child = Command::new("unshare")
+            .args(["--net", "sleep", "600"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn `unshare --net sleep` (util-linux)");
+        let netns = Self { child };
+        // unshare execs sleep only after the namespace exists: wait until /proc says so.
+        let host = std::fs::read_link("/proc/self/ns/net").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let theirs = std::fs::read_link(format!("/proc/{}/ns/net", netns.pid()));
+            if matches!(&theirs, Ok(link) if *link != host) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "unshare --net never entered a new namespace"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        netns
+    }
+
+    /// The pid whose namespace the box end goes into.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Run `ip ARGS` inside the namespace; panic with its stderr on failure.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let pid = self.pid().to_string();
+        let mut full = vec!["-t", &pid, "-n", "ip"];
+        full.extend_from_slice(args);
+        run("nsenter", &full)
+    }
+
+    /// Configure the box end the way init will: address, up, default route via the host.
+    pub fn configure_box(&self, address: Ipv4Addr, gateway: Ipv4Addr) {
+        self.ip(&["link", "set", "lo", "up"]);
+        self.ip(&["addr", "add", &format!("{address}/30"), "dev", "eth0"]);
+        self.ip(&["link", "set", "eth0", "up"]);
+        self.ip(&["route", "add", "default", "via", &gateway.to_string()]);
+    }
+
+    /// Run `f` on a thread that has joined the namespace (setns is per thread).
+    pub fn run_inside<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let ns = File::open(format!("/proc/{}/ns/net", self.pid())).expect("open the netns");
+        thread::spawn(move || {
+            setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns into the test's netns");
+            f()
+        })
+        .join()
+        .expect("thread inside the netns panicked")
+    }
+
+    /// Kill the namespace's only process, which ends the namespace.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run a command; its stdout, or a panic naming the command and its stderr.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `ip -o link` and `ip -o addr` of the host, for leak checks.
+pub fn host_links() -> String {
+    run("ip", &["-o", "link"])
+}
+
+/// `ip -o addr` of the host.
+pub fn host_addresses() -> String {
+    run("ip", &["-o", "addr"])
+}
+
+/// Whether an interface called exactly `name` is on the host.
+pub fn link_exists(name: &str) -> bool {
+    host_links().lines().any(|line| {
+        line.split(':')
+            .nth(1)
+            .map(|field| field.trim().split('@').next() == Some(name))
+            .unwrap_or(false)
+    })
+}
+
+/// Whether `address` is on any host interface.
+pub fn address_on_host(address: Ipv4Addr) -> bool {
+    let needle = format!(" {address}/");
+    host_addresses().lines().any(|line| line.contains(&needle))
+}
+
+/// Wait up to 5 s for `cond` (the kernel tears links down asynchronously after a netns dies).
+pub fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `busybox ping -c 1` in this thread's namespace; true when a reply came.
+pub fn ping(address: Ipv4Addr) -> bool {
+    Command::new("busybox")
+        .args(["ping", "-c", "1", "-W", "2", &address.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("busybox (for ping) is needed by this test")
+        .success()
+}
+
+/// A forked child that runs `setup` (which returns a u32 to report, e.g. a lease index,
+/// and keeps whatever it made alive by leaking it), reports, then waits to be killed.
+pub struct Holder {
+    pid: Pid,
+    /// What `setup` reported, or the error it printed.
+    pub report: Result<u32, String>,
+}
+
+impl Holder {
+    /// Fork and run `setup` in the child.
+    pub fn spawn(setup: impl FnOnce() -> Result<u32, String>) -> Self {
+        let (read_end, write_end) = pipe().unwrap();
+        let (mut reader, mut writer) = (File::from(read_end), File::from(write_end));
+        // SAFETY: the tests run with --test-threads=1; the child runs `setup`, writes to
+        // a pipe and sleeps until killed, never returning into the harness.
+        match unsafe { fork() }.expect("fork") {
+            ForkResult::Child => {
+                drop(reader);
+                let message = match setup() {
+                    Ok(value) => format!("ok {value}"),
+                    Err(error) => format!("err {error}"),
+                };
+                let _ = writer.write_all(message.as_bytes());
+                drop(writer);
+                loop {
+                    thread::sleep(Duration::from_secs(60));
+                }
+            }
+            ForkResult::Parent { child } => {
+                drop(writer);
+                let mut text = String::new();
+                reader.read_to_string(&mut text).unwrap();
+                let report = match text.split_once(' ') {
+                    Some(("ok", value)) => Ok(value.parse().unwrap()),
+                    Some(("err", error)) => Err(error.to_string()),
+                    _ => Err(format!("holder died before reporting: {text:?}")),
+                };
+                Self { pid: child, report }
+            }
+        }
+    }
+
+    /// SIGKILL the holder and reap it.
+    pub fn sigkill(self) {
+        kill(self.pid, Signal::SIGKILL).unwrap();
+        waitpid(self.pid, None).unwrap();
+    }
+}
