@@ -5,7 +5,9 @@
 //! 1. mount `/proc` and find the job ([`job_source`]),
 //! 2. open the marker channel ([`marker`]); in the VM, mount devtmpfs and adopt the console,
 //! 3. in the VM, stack a writable overlay over the read-only root ([`overlay_root`]),
-//! 4. mount the rest of a userland and set the hostname ([`mounts`]); report `InitStarted`,
+//! 4. mount the rest of a userland and set the hostname ([`mounts`]); when the job has a
+//!    network, bring up `eth0` with its address and default route and write resolv.conf
+//!    ([`net`]); report `InitStarted`,
 //! 5. fork and exec the workload ([`workload`]); report `WorkloadStarted`,
 //! 6. forward signals and reap until the workload exits ([`reaper`]); report
 //!    `WorkloadExited`, kill and reap what is left, print the exit line ([`console`]),
@@ -22,6 +24,7 @@ mod console;
 mod job_source;
 mod marker;
 mod mounts;
+mod net;
 mod overlay_root;
 mod power;
 mod reaper;
@@ -77,7 +80,7 @@ fn main() {
     power::finish(job.power_off, code.shell_status())
 }
 
-/// Steps 3 and 4: overlay root, mounts, hostname.
+/// Steps 3 and 4: overlay root, mounts, hostname, network.
 fn prepare(job: &Job, origin: Origin) -> Result<(), SysError> {
     if job.overlay_root {
         overlay_root::enter()?;
@@ -90,6 +93,13 @@ fn prepare(job: &Job, origin: Origin) -> Result<(), SysError> {
             unsafe { libc::sethostname(c_name.as_ptr(), name.len()) },
             || format!("set hostname {name:?}"),
         )?;
+    }
+    if let Some(config) = &job.net {
+        net::configure(config)?;
+        if origin == Origin::Container {
+            // The runtime lent CAP_NET_ADMIN for the step above only.
+            net::give_back_net_admin()?;
+        }
     }
     Ok(())
 }

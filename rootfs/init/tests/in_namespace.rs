@@ -47,6 +47,12 @@ struct Outcome {
 /// of it, the loop device included, goes away with the namespace), then runs init as
 /// PID 1 of new PID and UTS namespaces with `TWINBOX_JOB` set to `token`.
 fn boot(token: &str) -> Outcome {
+    boot_in(token, None)
+}
+
+/// [`boot`], with init in the named network namespace `netns` (`/run/netns/NAME`) when
+/// given, instead of the host's.
+fn boot_in(token: &str, netns: Option<&str>) -> Outcome {
     let image = image();
     let dir = tempdir();
     let script = r#"
@@ -59,7 +65,9 @@ fn boot(token: &str) -> Outcome {
         mkdir "$dir/rw/upper" "$dir/rw/work"
         mount -t overlay overlay -o "lowerdir=$dir/lower,upperdir=$dir/rw/upper,workdir=$dir/rw/work" "$dir/root"
         mount --rbind /dev "$dir/root/dev"
-        exec unshare --fork --pid --uts --kill-child -- chroot "$dir/root" /sbin/twinbox-init
+        enter=
+        if [ -n "$3" ]; then enter="nsenter --net=/run/netns/$3"; fi
+        exec $enter unshare --fork --pid --uts --kill-child -- chroot "$dir/root" /sbin/twinbox-init
     "#;
     let mut fds = [0; 2];
     // SAFETY: fds is a valid array of two ints.
@@ -72,6 +80,7 @@ fn boot(token: &str) -> Outcome {
         .args(["--mount", "--", "sh", "-c", script, "sh"])
         .arg(&dir)
         .arg(&image)
+        .arg(netns.unwrap_or(""))
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("TWINBOX_JOB", token)
@@ -271,4 +280,153 @@ fn signals_sent_to_init_reach_the_workload() {
     let out = boot(&job(&["sh", "-c", script]).encode().unwrap());
     assert_eq!(out.status, 9, "stderr: {}", out.stderr);
     assert_eq!(out.markers, started_and_exited(ExitCode::Exited(9)));
+}
+
+/// A network namespace made for one test with a veth pair: `eth0` (down, no address) in
+/// the box's namespace `tbinit<pid>`, its peer with the gateway address in a second
+/// namespace `tbinit<pid>p`, so nothing is added to the host's own network. Both
+/// namespaces, and with them the pair, are deleted on drop.
+struct TestLink {
+    netns: String,
+    peer_netns: String,
+}
+
+impl TestLink {
+    const GATEWAY: &'static str = "10.254.254.1";
+
+    fn new() -> Self {
+        let netns = format!("tbinit{}", std::process::id());
+        let link = Self {
+            peer_netns: format!("{netns}p"),
+            netns,
+        };
+        let gateway = format!("{}/30", Self::GATEWAY);
+        for args in [
+            vec!["netns", "add", &link.netns],
+            vec!["netns", "add", &link.peer_netns],
+            vec![
+                "link",
+                "add",
+                "tbinit-peer",
+                "netns",
+                &link.peer_netns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &link.netns,
+            ],
+            vec![
+                "-n",
+                &link.peer_netns,
+                "addr",
+                "add",
+                &gateway,
+                "dev",
+                "tbinit-peer",
+            ],
+            vec!["-n", &link.peer_netns, "link", "set", "tbinit-peer", "up"],
+        ] {
+            let out = Command::new("ip")
+                .args(&args)
+                .output()
+                .expect("run ip (iproute2)");
+            assert!(
+                out.status.success(),
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        link
+    }
+}
+
+impl Drop for TestLink {
+    fn drop(&mut self) {
+        for netns in [&self.netns, &self.peer_netns] {
+            let _ = Command::new("ip").args(["netns", "del", netns]).status();
+        }
+    }
+}
+
+#[test]
+fn net_brings_up_eth0_with_address_route_and_resolver_and_gives_back_net_admin() {
+    let link = TestLink::new();
+    let script = "ip -4 -o addr show dev eth0; ip route show default; \
+                  ip -o link show lo | grep -q 'UP' && echo lo-up; \
+                  cat /etc/resolv.conf; \
+                  ping -c 1 -W 5 10.254.254.1 >/dev/null && echo gateway-answers; \
+                  grep CapBnd /proc/self/status";
+    let job = Job {
+        net: Some(twinbox_proto::NetConfig {
+            address: "10.254.254.2".parse().unwrap(),
+            prefix_len: 30,
+            gateway: TestLink::GATEWAY.parse().unwrap(),
+            resolver: Some("192.0.2.53".parse().unwrap()),
+        }),
+        ..job(&["sh", "-c", script])
+    };
+    let out = boot_in(&job.encode().unwrap(), Some(&link.netns));
+    assert_eq!(
+        out.status, 0,
+        "stdout: {}\nstderr: {}",
+        out.stdout, out.stderr
+    );
+    assert_eq!(out.markers, started_and_exited(ExitCode::Exited(0)));
+    for expected in [
+        "inet 10.254.254.2/30",
+        "default via 10.254.254.1 dev eth0",
+        "lo-up",
+        "nameserver 192.0.2.53",
+        "gateway-answers",
+    ] {
+        assert!(
+            out.stdout.contains(expected),
+            "init did not configure the network: {expected:?} missing from\n{}\nstderr: {}",
+            out.stdout,
+            out.stderr
+        );
+    }
+    let bounding = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(|hex| u64::from_str_radix(hex.trim(), 16).expect("CapBnd is hex"))
+        .expect("CapBnd line");
+    assert_eq!(
+        bounding & (1 << 12),
+        0,
+        "CAP_NET_ADMIN is still in the workload's bounding set: {bounding:#x}"
+    );
+}
+
+#[test]
+fn net_without_an_eth0_is_init_failed_with_the_errno() {
+    let job = Job {
+        net: Some(twinbox_proto::NetConfig {
+            address: "10.254.254.2".parse().unwrap(),
+            prefix_len: 30,
+            gateway: TestLink::GATEWAY.parse().unwrap(),
+            resolver: None,
+        }),
+        ..job(&["true"])
+    };
+    // The host's network namespace has no eth0 of the box's (this host may well have an
+    // eth0 of its own, so the test gives init a fresh namespace with only lo).
+    let netns = format!("tbinit{}e", std::process::id());
+    let made = Command::new("ip").args(["netns", "add", &netns]).status();
+    assert!(made.is_ok_and(|s| s.success()), "ip netns add {netns}");
+    let out = boot_in(&job.encode().unwrap(), Some(&netns));
+    let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+    assert_eq!(out.status, 125, "stderr: {}", out.stderr);
+    assert_eq!(
+        out.markers,
+        vec![Marker::InitFailed(libc::ENODEV as u32)],
+        "stderr: {}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("eth0"), "{}", out.stderr);
 }
