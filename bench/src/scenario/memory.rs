@@ -32,8 +32,9 @@ impl Scenario for Memory {
 
     fn sits_out(&self, caps: &Capabilities) -> Option<&'static str> {
         (!caps.memory_in_report).then_some(
-            "its instance's memory is not in what it reports (an outside process), so \
-             the figure would not be comparable",
+            "its instance is a separate process the bench can only sample from outside \
+             (runc's container is not even its child), so its figure would not be \
+             comparable",
         )
     }
 
