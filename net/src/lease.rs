@@ -9,8 +9,9 @@
 //!
 //! A normal release unlinks the lock file while still holding the lock; a taker therefore
 //! checks, once locked, that the path still names the inode it locked and starts over if
-//! not (the classic flock + unlink protocol). After a SIGKILL the file stays, unlocked,
-//! and is reused by the next acquisition.
+//! not (the classic flock + unlink protocol). After a SIGKILL the file stays, unlocked:
+//! the next acquisition may reuse it, and every release sweeps such leftovers away under
+//! the same protocol (a leftover is a file whose lock can be taken).
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -258,25 +259,69 @@ impl Drop for Lease {
             }
         }
         drop(self.lock.take());
+        if let Some(dir) = self.path.parent() {
+            sweep(dir);
+        }
     }
 }
 
-/// Lock `path` without waiting; None when another lease holds it.
+/// Remove the lock files of links nobody holds (left by killed runs). Best effort: a
+/// file that cannot be locked is someone's lease and stays.
+fn sweep(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_lock = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .and_then(|name| name.strip_suffix(".lock"))
+            .is_some_and(|index| index.parse::<u32>().is_ok());
+        if !is_lock {
+            continue;
+        }
+        if let Ok(Some(lock)) = lock_existing(&path) {
+            match fs::remove_file(&path) {
+                Ok(()) => tracing::debug!(path = %path.display(), "stale lease lock removed"),
+                Err(error) => {
+                    tracing::debug!(path = %path.display(), %error, "stale lease lock kept")
+                }
+            }
+            drop(lock);
+        }
+    }
+}
+
+/// Lock `path`, creating it, without waiting; None when another lease holds it.
 fn try_lock(path: &Path) -> Result<Option<Flock<File>>> {
+    lock_file(path, true)
+}
+
+/// Lock `path` if it exists, without waiting; None when it is held or gone.
+fn lock_existing(path: &Path) -> Result<Option<Flock<File>>> {
+    lock_file(path, false)
+}
+
+fn lock_file(path: &Path, create: bool) -> Result<Option<Flock<File>>> {
     let lock_error = |source: io::Error| Error::LockFile {
         path: path.to_path_buf(),
         source,
     };
     loop {
-        let file = OpenOptions::new()
+        let file = match OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
+            .create(create)
             .truncate(false)
             .mode(0o600)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
-            .map_err(lock_error)?;
+        {
+            Ok(file) => file,
+            Err(error) if !create && error.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(lock_error(error)),
+        };
         let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => lock,
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
@@ -289,8 +334,10 @@ fn try_lock(path: &Path) -> Result<Option<Flock<File>>> {
             Ok(now) if now.ino() == locked.ino() && now.dev() == locked.dev() => {
                 return Ok(Some(lock))
             }
-            Ok(_) => continue,
-            Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+            Ok(_) if create => continue,
+            Err(error) if error.kind() == io::ErrorKind::NotFound && create => continue,
+            Ok(_) => return Ok(None),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(error) => return Err(lock_error(error)),
         }
     }
@@ -406,6 +453,30 @@ mod tests {
         fs::write(dir.path().join("0.lock"), b"").unwrap();
         let lease = Lease::acquire_in(dir.path(), &pool("10.99.0.0/28"), &[]).unwrap();
         assert_eq!(lease.index(), 0);
+    }
+
+    #[test]
+    fn a_release_sweeps_lock_files_nobody_holds_and_keeps_held_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool("10.99.0.0/24");
+        let held = Lease::acquire_in(dir.path(), &pool, &[]).unwrap();
+        let released = Lease::acquire_in(dir.path(), &pool, &[]).unwrap();
+        for stale in ["5.lock", "9.lock"] {
+            fs::write(dir.path().join(stale), b"").unwrap();
+        }
+        fs::write(dir.path().join("notes.txt"), b"").unwrap();
+        drop(released);
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["0.lock", "notes.txt"],
+            "held lock or foreign file touched, or stale kept"
+        );
+        assert_eq!(held.index(), 0);
     }
 
     #[test]

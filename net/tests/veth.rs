@@ -158,6 +158,9 @@ fn a_sigkilled_holder_leaves_no_veth_address_or_held_lock() {
         !address_on_host(again.host_address()),
         "address left after SIGKILL"
     );
+    drop(again);
+    let left = unheld_lock_files_after_a_sweep();
+    assert!(left.is_empty(), "lease lock files left: {left:?}");
 }
 
 #[test]
@@ -204,4 +207,49 @@ fn without_cap_net_admin_the_error_says_so() {
     holder.sigkill();
     let error = report.expect_err("nobody created a veth");
     assert!(error.starts_with("--net needs CAP_NET_ADMIN"), "{error}");
+}
+
+#[test]
+fn eight_concurrent_containers_get_eight_distinct_veths_and_leave_nothing() {
+    require_root();
+    let namespaces: Vec<Netns> = (0..8).map(|_| Netns::new()).collect();
+    let gate = Gate::new();
+    let mut holders: Vec<Holder> = namespaces
+        .iter()
+        .map(|netns| {
+            let pid = netns.pid();
+            Holder::start(Some(&gate), move || {
+                let veth = Veth::create(Lease::acquire().map_err(|e| e.to_string())?, pid)
+                    .map_err(|e| e.to_string())?;
+                let index = veth.lease().index();
+                std::mem::forget(veth);
+                Ok(index)
+            })
+        })
+        .collect();
+    gate.open(8);
+    holders.iter_mut().for_each(Holder::wait_report);
+    let mut indices: Vec<u32> = holders
+        .iter()
+        .map(|h| h.report.clone().expect("a holder failed"))
+        .collect();
+    indices.sort_unstable();
+    indices.dedup();
+    assert_eq!(
+        indices.len(),
+        8,
+        "links shared between containers: {indices:?}"
+    );
+    for holder in holders {
+        holder.sigkill();
+    }
+    for netns in namespaces {
+        netns.kill();
+    }
+    for index in indices {
+        let name = hostnet::veth::host_interface_name(index);
+        eventually(&format!("{name} gone"), || !link_exists(&name));
+    }
+    let left = unheld_lock_files_after_a_sweep();
+    assert!(left.is_empty(), "lease lock files left: {left:?}");
 }

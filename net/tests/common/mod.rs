@@ -162,24 +162,58 @@ pub fn ping(address: Ipv4Addr) -> bool {
         .success()
 }
 
+/// A start line for holders: children wait on it so they race each other for real.
+pub struct Gate {
+    read: File,
+    write: File,
+}
+
+impl Gate {
+    /// A closed gate.
+    pub fn new() -> Self {
+        let (read, write) = pipe().unwrap();
+        Self {
+            read: File::from(read),
+            write: File::from(write),
+        }
+    }
+
+    /// Let `n` waiting holders go at once.
+    pub fn open(mut self, n: usize) {
+        self.write.write_all(&vec![1u8; n]).unwrap();
+    }
+}
+
 /// A forked child that runs `setup` (which returns a u32 to report, e.g. a lease index,
 /// and keeps whatever it made alive by leaking it), reports, then waits to be killed.
 pub struct Holder {
     pid: Pid,
-    /// What `setup` reported, or the error it printed.
+    reader: Option<File>,
+    /// What `setup` reported, or the error it printed (after [`Holder::wait_report`]).
     pub report: Result<u32, String>,
 }
 
 impl Holder {
-    /// Fork and run `setup` in the child.
+    /// Fork, run `setup` in the child, and wait for its report.
     pub fn spawn(setup: impl FnOnce() -> Result<u32, String>) -> Self {
+        let mut holder = Self::start(None, setup);
+        holder.wait_report();
+        holder
+    }
+
+    /// Fork and run `setup` in the child once `gate` opens; read the report later.
+    pub fn start(gate: Option<&Gate>, setup: impl FnOnce() -> Result<u32, String>) -> Self {
         let (read_end, write_end) = pipe().unwrap();
-        let (mut reader, mut writer) = (File::from(read_end), File::from(write_end));
+        let (reader, mut writer) = (File::from(read_end), File::from(write_end));
         // SAFETY: the tests run with --test-threads=1; the child runs `setup`, writes to
         // a pipe and sleeps until killed, never returning into the harness.
         match unsafe { fork() }.expect("fork") {
             ForkResult::Child => {
                 drop(reader);
+                if let Some(gate) = gate {
+                    let mut byte = [0u8; 1];
+                    let _ = (&gate.read).read(&mut byte);
+                }
                 let message = match setup() {
                     Ok(value) => format!("ok {value}"),
                     Err(error) => format!("err {error}"),
@@ -190,18 +224,26 @@ impl Holder {
                     thread::sleep(Duration::from_secs(60));
                 }
             }
-            ForkResult::Parent { child } => {
-                drop(writer);
-                let mut text = String::new();
-                reader.read_to_string(&mut text).unwrap();
-                let report = match text.split_once(' ') {
-                    Some(("ok", value)) => Ok(value.parse().unwrap()),
-                    Some(("err", error)) => Err(error.to_string()),
-                    _ => Err(format!("holder died before reporting: {text:?}")),
-                };
-                Self { pid: child, report }
-            }
+            ForkResult::Parent { child } => Self {
+                pid: child,
+                reader: Some(reader),
+                report: Err("not reported yet".into()),
+            },
         }
+    }
+
+    /// Read what the child reported (EOF when it closed its end).
+    pub fn wait_report(&mut self) {
+        let Some(mut reader) = self.reader.take() else {
+            return;
+        };
+        let mut text = String::new();
+        reader.read_to_string(&mut text).unwrap();
+        self.report = match text.split_once(' ') {
+            Some(("ok", value)) => Ok(value.parse().unwrap()),
+            Some(("err", error)) => Err(error.to_string()),
+            _ => Err(format!("holder died before reporting: {text:?}")),
+        };
     }
 
     /// SIGKILL the holder and reap it.
@@ -209,4 +251,24 @@ impl Holder {
         kill(self.pid, Signal::SIGKILL).unwrap();
         waitpid(self.pid, None).unwrap();
     }
+}
+
+/// Lock files under /run/twinbox/net that nobody holds, after one release has swept:
+/// a leftover lease. (Files that are held belong to live runs and are not ours to judge.)
+pub fn unheld_lock_files_after_a_sweep() -> Vec<String> {
+    // Acquiring and dropping a lease runs the release sweep.
+    drop(hostnet::Lease::acquire().expect("lease for the sweep"));
+    let Ok(entries) = std::fs::read_dir(hostnet::lease::LOCK_DIR) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            let Ok(file) = File::open(entry.path()) else {
+                return false;
+            };
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok()
+        })
+        .map(|entry| entry.path().display().to_string())
+        .collect()
 }

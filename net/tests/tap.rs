@@ -1,0 +1,212 @@
+//! Root tests of the VM link: a tap with the host address, a frame through it with the
+//! 12-byte virtio-net header, offloads, and nothing left after drop or SIGKILL; eight
+//! concurrent holders get eight distinct links.
+//! Run: flock /tmp/twinbox-itest.lock cargo test -p hostnet --test tap -- --test-threads=1
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use hostnet::tap::{offload, VNET_HDR_LEN};
+use hostnet::{Lease, Tap};
+
+#[test]
+fn a_tap_has_the_host_address_is_up_takes_offloads_and_goes_on_drop() {
+    require_root();
+    let tap = Tap::create(Lease::acquire().expect("lease")).expect("tap");
+    let name = tap.name().to_string();
+    let host = tap.lease().host_address();
+    assert!(
+        name.starts_with("tbt") && name.len() <= 15,
+        "tap named {name}"
+    );
+    let shown = run("ip", &["-o", "addr", "show", "dev", &name]);
+    assert!(
+        shown.contains(&format!("inet {host}/30")),
+        "{name} lacks {host}/30: {shown}"
+    );
+    let link = run("ip", &["-d", "-o", "link", "show", "dev", &name]);
+    assert!(link.contains(",UP"), "{name} not up: {link}");
+    assert!(link.contains("tun type tap"), "{name} is not a tap: {link}");
+    assert!(
+        link.contains("vnet_hdr on"),
+        "{name} lacks IFF_VNET_HDR: {link}"
+    );
+    assert!(
+        !link.contains("persist on"),
+        "{name} must not be persistent: {link}"
+    );
+    tap.set_offload(offload::CSUM | offload::TSO4 | offload::TSO6 | offload::TSO_ECN)
+        .expect("TUNSETOFFLOAD with checksum and TSO");
+    tap.set_offload(0).expect("TUNSETOFFLOAD off");
+    let info = tap.link_info(false);
+    assert_eq!(info.host_interface, name);
+    assert_eq!(
+        info.mac.as_deref(),
+        Some(hostnet::format_mac(&tap.mac()).as_str())
+    );
+    drop(tap);
+    assert!(!link_exists(&name), "{name} left after drop");
+    assert!(!address_on_host(host), "{host} left after drop");
+}
+
+/// An ARP request for the host address written as the guest would (virtio-net header,
+/// then the frame) gets the kernel's ARP reply back through the same fd.
+#[test]
+fn an_arp_request_through_the_tap_gets_the_hosts_reply() {
+    require_root();
+    let tap = Tap::create(Lease::acquire().expect("lease")).expect("tap");
+    let (host, guest, mac) = (
+        tap.lease().host_address(),
+        tap.lease().box_address(),
+        tap.mac(),
+    );
+    let mut frame = vec![0u8; VNET_HDR_LEN as usize];
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&[0x08, 0x06]); // ARP
+    frame.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]); // Ethernet/IPv4, request
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&guest.octets());
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&host.octets());
+    tap.file()
+        .write_all(&frame)
+        .expect("write a frame to the tap");
+
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut buffer = [0u8; 2048];
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no ARP reply for {host} came back through the tap"
+        );
+        let n = match tap.file().read(&mut buffer) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Err(e) => panic!("read from the tap: {e}"),
+        };
+        let eth = &buffer[VNET_HDR_LEN as usize..n];
+        // Skip the IPv6 router solicitations and the like that a new link sends.
+        if eth.len() < 42 || eth[12..14] != [0x08, 0x06] || eth[20..22] != [0, 2] {
+            continue;
+        }
+        assert_eq!(eth[0..6], mac, "reply not addressed to the guest MAC");
+        assert_eq!(Ipv4Addr::new(eth[28], eth[29], eth[30], eth[31]), host);
+        assert_eq!(Ipv4Addr::new(eth[38], eth[39], eth[40], eth[41]), guest);
+        break;
+    }
+}
+
+#[test]
+fn a_sigkilled_holder_leaves_no_tap_address_or_held_lock() {
+    require_root();
+    let holder = Holder::spawn(|| {
+        let tap =
+            Tap::create(Lease::acquire().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        let index = tap.lease().index();
+        std::mem::forget(tap);
+        Ok(index)
+    });
+    let index = holder.report.clone().expect("holder made a tap");
+    let name = hostnet::tap::tap_name(index);
+    assert!(
+        link_exists(&name),
+        "{name} not there while its holder lives"
+    );
+    holder.sigkill();
+    eventually(&format!("{name} gone after SIGKILL"), || {
+        !link_exists(&name)
+    });
+    let again = Lease::acquire().expect("lease after SIGKILL");
+    assert_eq!(
+        again.index(),
+        index,
+        "the killed holder's link is still reserved"
+    );
+    assert!(
+        !address_on_host(again.host_address()),
+        "address left after SIGKILL"
+    );
+    drop(again);
+    let left = unheld_lock_files_after_a_sweep();
+    assert!(left.is_empty(), "lease lock files left: {left:?}");
+}
+
+#[test]
+fn eight_concurrent_holders_get_eight_distinct_links_and_leave_nothing() {
+    require_root();
+    let gate = Gate::new();
+    let mut holders: Vec<Holder> = (0..8)
+        .map(|_| {
+            Holder::start(Some(&gate), || {
+                let tap = Tap::create(Lease::acquire().map_err(|e| e.to_string())?)
+                    .map_err(|e| e.to_string())?;
+                let index = tap.lease().index();
+                std::mem::forget(tap);
+                Ok(index)
+            })
+        })
+        .collect();
+    gate.open(8);
+    holders.iter_mut().for_each(Holder::wait_report);
+    let mut indices: Vec<u32> = holders
+        .iter()
+        .map(|h| h.report.clone().expect("a holder failed"))
+        .collect();
+    indices.sort_unstable();
+    indices.dedup();
+    assert_eq!(
+        indices.len(),
+        8,
+        "links shared between holders: {indices:?}"
+    );
+    for index in &indices {
+        assert!(link_exists(&hostnet::tap::tap_name(*index)));
+    }
+    for holder in holders {
+        holder.sigkill();
+    }
+    for index in indices {
+        let name = hostnet::tap::tap_name(index);
+        eventually(&format!("{name} gone after SIGKILL"), || {
+            !link_exists(&name)
+        });
+    }
+    assert!(
+        !host_links().contains(": tbt"),
+        "taps left: {}",
+        host_links()
+    );
+    let left = unheld_lock_files_after_a_sweep();
+    assert!(left.is_empty(), "lease lock files left: {left:?}");
+}
+
+#[test]
+fn without_cap_net_admin_the_tap_error_says_so() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let lock_dir = dir.path().to_path_buf();
+    let holder = Holder::spawn(move || {
+        nix::unistd::setresuid(65534.into(), 65534.into(), 65534.into())
+            .map_err(|e| e.to_string())?;
+        let pool: hostnet::Pool = "10.201.0.0/16".parse().unwrap();
+        let lease = Lease::acquire_in(&lock_dir, &pool, &[]).map_err(|e| e.to_string())?;
+        Tap::create(lease).map(|_| 0).map_err(|e| e.to_string())
+    });
+    let report = holder.report.clone();
+    holder.sigkill();
+    let error = report.expect_err("nobody created a tap");
+    assert!(error.starts_with("--net needs CAP_NET_ADMIN"), "{error}");
+}
