@@ -132,28 +132,18 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
         return Err(Error::NoRuns);
     }
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
-    // What a killed bench left (runc containers, per-run directories) goes first.
+    // 1. What a killed bench left (a runc container, per-run directories) goes first.
     for line in runner::sweep::sweep() {
         tracing::warn!("{line}");
     }
-    // Declared before the runners, so dropped after them: runc and bwrap use the mount.
-    let wants_peer_runtimes = opts.peers
-        && opts
-            .scenarios
-            .iter()
-            .any(|s| s.sits_out(&runner::PEER_RUNTIME).is_none())
-        && ["runc", "bwrap"]
-            .iter()
-            .any(|b| runner::peer::in_path(b).is_some());
-    let peer_root = if wants_peer_runtimes {
-        Some(runner::peer_root::PeerRoot::mount(&opts.rootfs).map_err(Error::Peer)?)
-    } else {
-        None
-    };
-    // SIGINT/SIGTERM for the whole bench: recorded, and made readable on a fd that stops
-    // a VM run at once; host-process waits check the recorded signal. A box that installs
-    // its own (nested) handler for its run leaves the signal visible here too.
+    // 2. The image mounted for runc and bwrap; declared before the runners, so dropped
+    //    after them.
+    let peer_root = mount_peer_root(opts)?;
+    // 3. SIGINT/SIGTERM for the whole bench: recorded, and made readable on a fd that
+    //    stops a VM run at once; host-process waits check the recorded signal. A box that
+    //    installs its own (nested) handler for its run leaves the signal visible here too.
     let interrupt = twinbox_spec::interrupt::Interrupt::install().map_err(Error::Signals)?;
+    // 4. The boxes asked for, then the peers.
     let mut runners: Vec<Box<dyn Runner>> = Vec::new();
     for b in &opts.boxes {
         let stop = interrupt
@@ -162,33 +152,10 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
             .map_err(Error::Signals)?;
         runners.push(runner::by_name(b, Some(stop)).ok_or_else(|| Error::UnknownBox(b.clone()))?);
     }
-    if let Some(root) = &peer_root {
-        match runner::peer_runc::Runc::find(root.dir()).map_err(Error::Peer)? {
-            Some(r) => runners.push(Box::new(r)),
-            None => tracing::warn!("--peers: runc not in PATH, peer skipped"),
-        }
-        match runner::peer_bwrap::Bwrap::find(root.dir()) {
-            Some(b) => runners.push(Box::new(b)),
-            None => tracing::warn!("--peers: bwrap not in PATH, peer skipped"),
-        }
-    }
-    if opts.peers {
-        match runner::peer_qemu::QemuMicrovm::find() {
-            Some(q) => runners.push(Box::new(q)),
-            None => tracing::warn!("--peers: qemu-system-x86_64 not in PATH, peer skipped"),
-        }
-    }
-    if let Some(path) = &opts.firecracker {
-        let fc = runner::peer_firecracker::Firecracker::new(path).map_err(Error::Peer)?;
-        runners.push(Box::new(fc));
-    }
-    if let Some(path) = &opts.cloud_hypervisor {
-        let ch = runner::peer_cloud_hypervisor::CloudHypervisor::new(path).map_err(Error::Peer)?;
-        runners.push(Box::new(ch));
-    }
+    runners.extend(peers(opts, peer_root.as_ref())?);
+    // 5. What every run needs.
     let tiny = opts.out.join("tiny-guest.elf");
     tiny_guest::write_to(&tiny).map_err(io_err(&tiny))?;
-    let disk_path = opts.out.join("scratch-disk.img");
     let ctx = Context {
         rootfs: opts.rootfs.clone(),
         kernel: opts.kernel.clone(),
@@ -197,33 +164,17 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
         memory_mib: opts.memory_mib,
         vm_timeout: opts.vm_timeout,
         microbench: opts.rootfs.with_file_name("twinbox-microbench"),
-        disk: disk_path,
+        disk: opts.out.join("scratch-disk.img"),
         density_instances: opts.density_instances,
         twinbox_exe: opts.twinbox_exe.clone(),
     };
     let started_utc = utc_now();
     let host = twinbox_spec::host::describe();
+    // 6. Per scenario, the boxes that take part and those that sit it out (and why).
     let plan: Vec<Plan> = opts
         .scenarios
         .iter()
-        .map(|&scenario| {
-            let mut boxes = Vec::new();
-            let mut sat_out = Vec::new();
-            for r in &runners {
-                match scenario.sits_out(&r.capabilities()) {
-                    None => boxes.push(r.as_ref()),
-                    Some(why) => sat_out.push(SatOut {
-                        box_name: r.name().into(),
-                        reason: why.into(),
-                    }),
-                }
-            }
-            Plan {
-                scenario,
-                boxes,
-                sat_out,
-            }
-        })
+        .map(|&scenario| Plan::new(scenario, &runners))
         .collect();
     let total: usize = plan
         .iter()
@@ -236,6 +187,7 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
             .progress_chars("=> "),
     );
     let interrupted = || interrupt.signal();
+    // 7. Scenario by scenario, the boxes interleaved round by round.
     let mut scenarios = Vec::new();
     for p in plan {
         // What the scenario sets up (the scratch disk) lives while it runs, no longer.
@@ -271,11 +223,88 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
     })
 }
 
+/// The image mounted for the peer container runtimes, when `--peers` finds runc or bwrap
+/// and a scenario they take part in is asked for.
+fn mount_peer_root(opts: &Options) -> Result<Option<runner::peer_root::PeerRoot>, Error> {
+    let wanted = opts.peers
+        && opts
+            .scenarios
+            .iter()
+            .any(|s| s.sits_out(&runner::PEER_RUNTIME).is_none())
+        && [runner::peer_runc::NAME, runner::peer_bwrap::NAME]
+            .iter()
+            .any(|b| runner::peer::in_path(b).is_some());
+    if !wanted {
+        return Ok(None);
+    }
+    runner::peer_root::PeerRoot::mount(&opts.rootfs)
+        .map(Some)
+        .map_err(Error::Peer)
+}
+
+/// The peers asked for: with `--peers` those found in PATH (runc and bwrap over
+/// `peer_root`, QEMU microvm), and Firecracker and Cloud Hypervisor given by path. Adding a
+/// peer: its `runner/peer_<name>.rs`, and one entry here.
+fn peers(
+    opts: &Options,
+    peer_root: Option<&runner::peer_root::PeerRoot>,
+) -> Result<Vec<Box<dyn Runner>>, Error> {
+    let mut found: Vec<Box<dyn Runner>> = Vec::new();
+    let mut missing = |what: &str| tracing::warn!("--peers: {what} not in PATH, peer skipped");
+    if let Some(root) = peer_root {
+        match runner::peer_runc::Runc::find(root.dir()).map_err(Error::Peer)? {
+            Some(r) => found.push(Box::new(r)),
+            None => missing(runner::peer_runc::NAME),
+        }
+        match runner::peer_bwrap::Bwrap::find(root.dir()) {
+            Some(b) => found.push(Box::new(b)),
+            None => missing(runner::peer_bwrap::NAME),
+        }
+    }
+    if opts.peers {
+        match runner::peer_qemu::QemuMicrovm::find() {
+            Some(q) => found.push(Box::new(q)),
+            None => missing("qemu-system-x86_64"),
+        }
+    }
+    if let Some(path) = &opts.firecracker {
+        let fc = runner::peer_firecracker::Firecracker::new(path).map_err(Error::Peer)?;
+        found.push(Box::new(fc));
+    }
+    if let Some(path) = &opts.cloud_hypervisor {
+        let ch = runner::peer_cloud_hypervisor::CloudHypervisor::new(path).map_err(Error::Peer)?;
+        found.push(Box::new(ch));
+    }
+    Ok(found)
+}
+
 /// One scenario and the boxes that take part in it or sit it out.
 struct Plan<'a> {
     scenario: &'static dyn Scenario,
     boxes: Vec<&'a dyn Runner>,
     sat_out: Vec<SatOut>,
+}
+
+impl<'a> Plan<'a> {
+    /// Asks `scenario` about each of `runners`' capabilities.
+    fn new(scenario: &'static dyn Scenario, runners: &'a [Box<dyn Runner>]) -> Self {
+        let mut boxes = Vec::new();
+        let mut sat_out = Vec::new();
+        for r in runners {
+            match scenario.sits_out(&r.capabilities()) {
+                None => boxes.push(r.as_ref()),
+                Some(why) => sat_out.push(SatOut {
+                    box_name: r.name().into(),
+                    reason: why.into(),
+                }),
+            }
+        }
+        Self {
+            scenario,
+            boxes,
+            sat_out,
+        }
+    }
 }
 
 fn run_scenario(
