@@ -1,5 +1,7 @@
 //! The capabilities the container keeps. Everything else leaves the bounding set before
-//! init is executed, so neither init nor the workload can regain it.
+//! init is executed, so neither init nor the workload can regain it. The one exception
+//! is `--net`: CAP_NET_ADMIN is lent to init for configuring `eth0`, and init drops it
+//! from the bounding set and its own sets before the workload exists ([`for_init`]).
 //!
 //! Reference: moby's default set (`oci/caps/defaults.go`, what `docker run` grants; the
 //! config `runc spec` writes keeps only three and is not what containers run with), minus
@@ -25,6 +27,23 @@ pub const DEFAULT: [(u32, &str); 13] = [
     (29, "AUDIT_WRITE"),
     (31, "SETFCAP"),
 ];
+
+/// CAP_NET_ADMIN: lent to init with `--net` so it can configure `eth0`; init drops it
+/// from the bounding set and its own sets before it forks the workload
+/// (`rootfs/init/src/net.rs`), so the workload's capabilities do not change with `--net`.
+pub const NET_ADMIN: u32 = 12;
+
+/// What the child keeps for init: the bounding-set drops (up to `last_cap`) and the
+/// capset words; with `lend_net_admin`, CAP_NET_ADMIN on top of [`DEFAULT`].
+pub fn for_init(last_cap: u32, lend_net_admin: bool) -> (Vec<u32>, [u32; 2]) {
+    let mut drop = to_drop(last_cap);
+    let mut keep = default_mask();
+    if lend_net_admin {
+        drop.retain(|cap| *cap != NET_ADMIN);
+        keep[(NET_ADMIN / 32) as usize] |= 1 << (NET_ADMIN % 32);
+    }
+    (drop, keep)
+}
 
 /// The default set as the two 32-bit words `capset` takes.
 pub fn default_mask() -> [u32; 2] {
@@ -68,5 +87,17 @@ mod tests {
         assert_ne!(mask[0] & (1 << 31), 0);
         assert_eq!(mask[1], 0);
         assert_eq!(mask[0].count_ones() as usize, DEFAULT.len());
+    }
+
+    #[test]
+    fn net_admin_is_lent_only_with_a_network() {
+        let (drop, keep) = for_init(40, false);
+        assert!(drop.contains(&NET_ADMIN));
+        assert_eq!(keep, default_mask());
+        let (drop, keep) = for_init(40, true);
+        assert!(!drop.contains(&NET_ADMIN));
+        assert_eq!(drop.len(), 41 - DEFAULT.len() - 1);
+        assert_eq!(keep[0], default_mask()[0] | 1 << 12);
+        assert_eq!(keep[1], 0);
     }
 }

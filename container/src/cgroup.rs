@@ -8,7 +8,7 @@
 //! cgroup (`device_program.rs`).
 //!
 //! Written here rather than taken from `libcgroups`/`cgroups-rs`: this host is *hybrid*
-//! (v1 controllers under /sys/fs/cgroup/<ctrl> plus an empty cgroup2 at
+//! (v1 controllers under `/sys/fs/cgroup/<ctrl>` plus an empty cgroup2 at
 //! /sys/fs/cgroup/unified) and the run needs only three controllers and a handful of files,
 //! so a small [`CgroupManager`] with a v1 and a v2 backend is less code to trust than
 //! wiring a general manager (and its systemd/dbus features) into the deadline.

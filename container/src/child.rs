@@ -290,6 +290,7 @@ mod tests {
             marker.1.as_raw_fd(),
             None,
             parent.raw_fds(),
+            None,
         )
         .unwrap();
         Setup {

@@ -35,6 +35,9 @@ pub enum Error {
     /// The seccomp profile did not compile.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// The box's network (`--net`): no lease, no veth, no NAT table.
+    #[error(transparent)]
+    Net(#[from] hostnet::Error),
     /// A setup step failed (in the child: which step, and the errno).
     #[error("container setup failed: {0}")]
     Setup(String),

@@ -4,7 +4,7 @@
 
 use crate::cgroup::{CgroupManager, Layout, Limits, Stats};
 use crate::child::Prepared;
-use crate::syscall::{Errno, Loop, Reaped, Syscall};
+use crate::syscall::{Errno, Leased, Linked, Loop, Reaped, Syscall};
 use crate::{userns, Error};
 use nix::sched::CloneFlags;
 use std::cell::RefCell;
@@ -43,6 +43,36 @@ pub struct Recording {
     pub child: ChildScript,
     /// What `is_root` answers.
     pub root: bool,
+    /// What `host_resolver` answers.
+    pub resolver: hostnet::Resolver,
+    /// What the pretend child was given: its job and capability words, taken at spawn.
+    pub spawned: RefCell<Option<Spawned>>,
+}
+
+/// What `spawn` saw in the prepared child.
+#[derive(Clone, Debug)]
+pub struct Spawned {
+    /// The job init would get, decoded from TWINBOX_JOB.
+    pub job: twinbox_proto::Job,
+    /// The capset words.
+    pub caps_keep: [u32; 2],
+    /// The capabilities dropped from the bounding set.
+    pub caps_to_drop: Vec<u32>,
+}
+
+/// The link the double leases: link 3 of the default pool.
+pub const LINK: &str = "tb3";
+
+/// Logs `what` when dropped: stands for a resource whose release the tests follow.
+struct DropLog {
+    log: Log,
+    what: &'static str,
+}
+
+impl Drop for DropLog {
+    fn drop(&mut self) {
+        self.log.borrow_mut().push(self.what.into());
+    }
 }
 
 /// A hybrid host's mountinfo: v1 cpu, memory, pids, devices.
@@ -64,6 +94,8 @@ impl Recording {
             fail: None,
             child,
             root: true,
+            resolver: hostnet::Resolver::Reachable([192, 0, 2, 53].into()),
+            spawned: RefCell::new(None),
         }
     }
 
@@ -197,6 +229,16 @@ impl Syscall for Recording {
             prepared.seccomp.is_some(),
             "the child must get a seccomp filter"
         );
+        let token = prepared
+            .env_storage
+            .iter()
+            .find_map(|e| e.to_str().ok()?.strip_prefix("TWINBOX_JOB="))
+            .expect("init's environment carries the job");
+        *self.spawned.borrow_mut() = Some(Spawned {
+            job: twinbox_proto::Job::decode(token).expect("a valid job"),
+            caps_keep: prepared.caps_keep,
+            caps_to_drop: prepared.caps_to_drop.clone(),
+        });
         match &self.child {
             ChildScript::Runs {
                 markers, output, ..
@@ -243,6 +285,48 @@ impl Syscall for Recording {
     fn wait_loop_free(&self, device: &Path) -> bool {
         let _ = self.call(&format!("wait loop free {}", device.display()));
         true
+    }
+
+    fn lease_link(&self) -> Result<Leased, Error> {
+        self.call("lease link")?;
+        Ok(Leased {
+            config: twinbox_proto::NetConfig {
+                address: [10, 201, 0, 14].into(),
+                prefix_len: 30,
+                gateway: [10, 201, 0, 13].into(),
+                resolver: None,
+            },
+            pool: hostnet::lease::DEFAULT_POOL.parse().unwrap(),
+            held: Box::new(DropLog {
+                log: self.log.clone(),
+                what: "release lease",
+            }),
+        })
+    }
+
+    fn host_resolver(&self) -> hostnet::Resolver {
+        self.resolver.clone()
+    }
+
+    fn create_veth(&self, link: Leased, pid: i32) -> Result<Linked, Error> {
+        assert_eq!(pid, PID);
+        // On failure `link` drops here: the lease is released, as for real.
+        self.call(&format!("create veth {LINK}"))?;
+        Ok(Linked {
+            host_interface: LINK.into(),
+            // A tuple drops in order: the pair goes before its lease.
+            _held: Box::new((
+                DropLog {
+                    log: self.log.clone(),
+                    what: "delete veth",
+                },
+                link.held,
+            )),
+        })
+    }
+
+    fn apply_nat(&self, pool: &hostnet::Pool) -> Result<(), Error> {
+        self.call(&format!("apply nat {pool}"))
     }
 
     fn set_parent_death_signal(&self) -> Result<(), Errno> {

@@ -7,25 +7,29 @@
 //!    allowlist (`cgroup.rs`);
 //! 4. **rootfs** — the staging directory, the image on a read-only autoclear loop device,
 //!    the image and the disks as detached mounts, the mount plan (`plan.rs`);
-//! 5. **child** — the channel, the job, everything the child needs prepared; `clone`
-//!    into new pid/mnt/uts/ipc/net (and user) namespaces (`child.rs` runs there);
+//! 5. **child** — with `--net` a link leased (`hostnet`: its addresses go into the job);
+//!    the channel, the job, everything the child needs prepared; `clone` into new
+//!    pid/mnt/uts/ipc/net (and user) namespaces (`child.rs` runs there);
 //! 6. **admit** — with `--userns` the maps and idmapped mounts (`userns.rs`); the child
-//!    joins the cgroup; the child is released;
+//!    joins the cgroup; with `--net` the veth pair made into the child's network
+//!    namespace (`eth0` there, `tb<i>` on the host) and, with `--net nat`, the NAT table;
+//!    the child is released (init configures `eth0` from the job);
 //! 7. **ready** — the child reports the sandbox ready (or which step failed), then the
 //!    channel closes on the exec of init;
 //! 8. **run** — markers and output until init ends, a signal or the time limit;
-//! 9. **teardown** — reap, cgroup readout and removal, staging directory, loop device;
+//! 9. **teardown** — reap, the link (the pair goes with the namespace; the lease is
+//!    freed), cgroup readout and removal, staging directory, loop device;
 //! 10. **report** — outcome from the markers (`twinbox_spec::outcome`), timeline, usage.
 //!
 //! Every resource is held by a guard that releases it on every path (the child killed
-//! and reaped first, then the mounts, the loop device, the staging directory, the cgroup:
-//! the reverse of how they were taken), and every privileged call goes through
+//! and reaped first, then the link, the mounts, the loop device, the staging directory,
+//! the cgroup: the reverse of how they were taken), and every privileged call goes through
 //! [`Syscall`], so the tests below check the order of steps and cleanups without root.
 
 use crate::cgroup::{self, Limits};
 use crate::channel::{self, FromChild, ParentSide};
 use crate::child::{self, Prepared};
-use crate::syscall::{Loop, Real, Reaped, Syscall};
+use crate::syscall::{Leased, Linked, Loop, Real, Reaped, Syscall};
 use crate::{caps, plan, seccomp, sweep, userns, Error};
 use nix::sched::CloneFlags;
 use std::ffi::CString;
@@ -33,12 +37,12 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
-use twinbox_proto::MarkerChannel;
+use twinbox_proto::{MarkerChannel, NetConfig};
 use twinbox_spec::clock::monotonic_ns;
 use twinbox_spec::image;
 use twinbox_spec::interrupt::Interrupt;
 use twinbox_spec::outcome::MarkerLog;
-use twinbox_spec::run_spec::OutputMode;
+use twinbox_spec::run_spec::{NetMode, OutputMode};
 use twinbox_spec::{BoxKind, Outcome, Phase, RunReport, RunSpec, Usage};
 
 static RUNS: AtomicU32 = AtomicU32::new(0);
@@ -89,7 +93,21 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     let plan =
         plan::build(&staging.path, image_mount.as_raw_fd(), &disk_fds).map_err(Error::Setup)?;
 
-    // 5. The child.
+    // 5. The child. Its link first: the addresses travel in the job, sealed before clone.
+    let mut network = Network::None;
+    let mut net_config = None;
+    if spec.net.is_some() {
+        let leased = sys.lease_link()?;
+        let resolver = sys.host_resolver();
+        if let Some(reason) = resolver.reason() {
+            notes.push(format!("network: no resolver in the box: {reason}"));
+        }
+        net_config = Some(NetConfig {
+            resolver: resolver.address(),
+            ..leased.config
+        });
+        network = Network::Leased(leased);
+    }
     let (mut parent, child_side) = channel::channel()?;
     let (marker_r, marker_w) = pipe()?;
     let output = match spec.output {
@@ -106,6 +124,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
         marker_w.as_raw_fd(),
         output.as_ref().map(|(_, w)| w.as_raw_fd()),
         parent_fds,
+        net_config,
     )?;
     let interrupt =
         Interrupt::install().map_err(|e| Error::os("install the SIGINT/SIGTERM handlers", e))?;
@@ -119,7 +138,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     drop(marker_w);
     let output_r = output.map(|(r, _w)| r);
 
-    // 6. Admit the child: maps, cgroup, release.
+    // 6. Admit the child: maps, cgroup, link, release.
     if spec.user_namespace {
         let mut mounts = vec![userns::Detached {
             what: format!("the image mount of {}", spec.rootfs.display()),
@@ -134,6 +153,20 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
         sys.map_user_namespace(child.pid, &mounts)?;
     }
     group.add(child.pid)?;
+    if let (Some(mode), Some(config)) = (spec.net, net_config) {
+        let link = network.link(sys, child.pid)?;
+        if mode == NetMode::Nat {
+            sys.apply_nat(&link.pool)?;
+        }
+        notes.push(format!(
+            "network: eth0 {}/{} via {} (host {}){}",
+            config.address,
+            config.prefix_len,
+            config.gateway,
+            link.host_interface,
+            if mode == NetMode::Nat { ", nat" } else { "" }
+        ));
+    }
     parent.release()?;
 
     // 7. Sandbox ready, then init.
@@ -152,8 +185,10 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
         sys.kill(child.pid);
     }
 
-    // 9. Teardown, in order: the child, the cgroup, the staging directory, the loop device.
+    // 9. Teardown, in order: the child, the link, the cgroup, the staging directory, the
+    // loop device.
     let reaped = child.reap()?;
+    drop(network);
     drop(interrupt);
     // What init reported ends here (before the host's own torn-down stamp, so a failure
     // names the last phase init reached).
@@ -257,8 +292,10 @@ pub(crate) fn prepare(
     marker_fd: RawFd,
     output_fd: Option<RawFd>,
     parent_fds: Vec<RawFd>,
+    net: Option<NetConfig>,
 ) -> Result<Prepared, Error> {
     let mut job = spec.job();
+    job.net = net;
     job.marker = MarkerChannel::Fd(marker_fd);
     job.overlay_root = false;
     job.power_off = false;
@@ -276,6 +313,9 @@ pub(crate) fn prepare(
         spec.hostname.as_deref().unwrap_or("twinbox"),
         "hostname",
     )?);
+    // With a network, init needs CAP_NET_ADMIN to configure eth0; it gives it back before
+    // the workload starts.
+    let (caps_to_drop, caps_keep) = caps::for_init(caps::last_cap(), net.is_some());
     Ok(Prepared {
         plan,
         hostname,
@@ -286,8 +326,8 @@ pub(crate) fn prepare(
         init,
         envp,
         env_storage,
-        caps_to_drop: caps::to_drop(caps::last_cap()),
-        caps_keep: caps::default_mask(),
+        caps_to_drop,
+        caps_keep,
         user_namespace: spec.user_namespace,
         parent_fds,
         // Compiled here: the child after clone must not allocate.
@@ -458,6 +498,42 @@ impl<'s> StagingDir<'s> {
 impl Drop for StagingDir<'_> {
     fn drop(&mut self) {
         self.sys.remove_dir(&self.path);
+    }
+}
+
+/// The run's link: leased before the child exists, made into its network namespace
+/// before it is released. Declared before the child's guard, so on every path it goes
+/// after the child is reaped: the pair (usually gone with the namespace already), then
+/// the lease.
+enum Network {
+    /// No `--net`.
+    None,
+    /// Addresses reserved, no interface yet.
+    Leased(Leased),
+    /// The veth pair exists; held only to be dropped.
+    Linked { _link: Linked },
+}
+
+/// What the run reports about its made link.
+struct LinkFacts {
+    host_interface: String,
+    pool: hostnet::Pool,
+}
+
+impl Network {
+    /// Makes the leased link's veth pair into the network namespace of `pid`.
+    fn link(&mut self, sys: &dyn Syscall, pid: i32) -> Result<LinkFacts, Error> {
+        let Network::Leased(leased) = std::mem::replace(self, Network::None) else {
+            return Err(Error::Setup("no leased link to make".into()));
+        };
+        let pool = leased.pool;
+        let link = sys.create_veth(leased, pid)?;
+        let facts = LinkFacts {
+            host_interface: link.host_interface.clone(),
+            pool,
+        };
+        *self = Network::Linked { _link: link };
+        Ok(facts)
     }
 }
 
@@ -755,6 +831,146 @@ mod tests {
             "{:?}",
             report.outcome
         );
+    }
+
+    fn net_spec(image: &FakeImage, mode: NetMode) -> RunSpec {
+        let mut spec = image.spec();
+        spec.net = Some(mode);
+        spec
+    }
+
+    #[test]
+    fn net_leases_before_the_child_links_it_before_release_and_frees_it_after_reap() {
+        let image = FakeImage::new("net");
+        let sys = Recording::new(runs(exits(0), 0));
+        let report = run_with(&sys, &net_spec(&image, NetMode::Link)).unwrap();
+        let mut expected = SETUP.to_vec();
+        expected.extend([
+            "lease link",
+            "spawn",
+            "cgroup add",
+            "create veth tb3",
+            "wait",
+            "delete veth",
+            "release lease",
+            "cgroup destroy",
+            "remove staging dir",
+            "wait loop free /dev/loop7",
+        ]);
+        assert_eq!(sys.calls(), calls(&expected));
+        let spawned = sys.spawned.borrow().clone().expect("spawned");
+        assert_eq!(
+            spawned.job.net,
+            Some(NetConfig {
+                address: [10, 201, 0, 14].into(),
+                prefix_len: 30,
+                gateway: [10, 201, 0, 13].into(),
+                resolver: Some([192, 0, 2, 53].into()),
+            }),
+            "init must get the link and the host's resolver in its job"
+        );
+        assert_ne!(spawned.caps_keep[0] & 1 << caps::NET_ADMIN, 0);
+        assert!(!spawned.caps_to_drop.contains(&caps::NET_ADMIN));
+        assert!(
+            report
+                .notes
+                .contains(&"network: eth0 10.201.0.14/30 via 10.201.0.13 (host tb3)".into()),
+            "{:?}",
+            report.notes
+        );
+    }
+
+    #[test]
+    fn without_net_the_job_has_none_and_net_admin_is_not_lent() {
+        let image = FakeImage::new("no-net");
+        let sys = Recording::new(runs(exits(0), 0));
+        let report = run_with(&sys, &image.spec()).unwrap();
+        let spawned = sys.spawned.borrow().clone().expect("spawned");
+        assert_eq!(spawned.job.net, None);
+        assert_eq!(spawned.caps_keep, caps::default_mask());
+        assert!(spawned.caps_to_drop.contains(&caps::NET_ADMIN));
+        let calls = sys.calls();
+        assert!(
+            !calls
+                .iter()
+                .any(|c| c.contains("lease") || c.contains("veth")),
+            "{calls:?}"
+        );
+        assert!(
+            !report.notes.iter().any(|n| n.starts_with("network")),
+            "{:?}",
+            report.notes
+        );
+    }
+
+    #[test]
+    fn nat_installs_the_table_once_the_pair_exists_and_no_resolver_is_a_note() {
+        let image = FakeImage::new("nat");
+        let mut sys = Recording::new(runs(exits(0), 0));
+        sys.resolver = hostnet::Resolver::Unavailable("only the stub 127.0.0.53".into());
+        let report = run_with(&sys, &net_spec(&image, NetMode::Nat)).unwrap();
+        let calls = sys.calls();
+        let at = |call: &str| {
+            calls
+                .iter()
+                .position(|c| c == call)
+                .unwrap_or_else(|| panic!("{call} not in {calls:?}"))
+        };
+        assert_eq!(at("apply nat 10.201.0.0/16"), at("create veth tb3") + 1);
+        let spawned = sys.spawned.borrow().clone().expect("spawned");
+        assert_eq!(spawned.job.net.and_then(|n| n.resolver), None);
+        for note in [
+            "network: no resolver in the box: only the stub 127.0.0.53",
+            "network: eth0 10.201.0.14/30 via 10.201.0.13 (host tb3), nat",
+        ] {
+            assert!(report.notes.contains(&note.into()), "{:?}", report.notes);
+        }
+    }
+
+    #[test]
+    fn each_failing_network_step_frees_the_link_and_undoes_the_rest() {
+        let image = FakeImage::new("net-fail");
+        let before: Vec<&str> = SETUP.to_vec();
+        let tail = ["remove staging dir", "cgroup destroy"];
+        let cases: [(&str, Vec<&str>); 3] = [
+            ("lease link", vec!["lease link FAILED"]),
+            (
+                "create veth tb3",
+                vec![
+                    "lease link",
+                    "spawn",
+                    "cgroup add",
+                    "create veth tb3 FAILED",
+                    "release lease",
+                    "kill",
+                    "wait",
+                ],
+            ),
+            (
+                "apply nat 10.201.0.0/16",
+                vec![
+                    "lease link",
+                    "spawn",
+                    "cgroup add",
+                    "create veth tb3",
+                    "apply nat 10.201.0.0/16 FAILED",
+                    "kill",
+                    "wait",
+                    "delete veth",
+                    "release lease",
+                ],
+            ),
+        ];
+        for (failing, middle) in cases {
+            let mut sys = Recording::new(runs(exits(0), 0));
+            sys.fail = Some(failing);
+            let err = run_with(&sys, &net_spec(&image, NetMode::Nat)).unwrap_err();
+            assert!(err.to_string().contains(failing), "{failing}: {err}");
+            let mut expected = before.clone();
+            expected.extend(middle);
+            expected.extend(tail);
+            assert_eq!(sys.calls(), calls(&expected), "when {failing} fails");
+        }
     }
 
     #[test]

@@ -855,6 +855,50 @@ mod tests {
                 [libc::AF_INET as u64, libc::SOCK_DGRAM as u64, 0, 0, 0],
             )
         }),
+        // What init does with --net (rootfs/init/src/net.rs): interface ioctls on an
+        // AF_INET socket (the read one needs no privilege; the set ones are the same call
+        // with another request number, which the filter does not look at but for TIOCSTI
+        // and TIOCLINUX), then giving CAP_NET_ADMIN back with prctl and capget/capset.
+        ("ioctl(SIOCGIFFLAGS lo)", || {
+            let sock = sys(
+                libc::SYS_socket,
+                [libc::AF_INET as u64, libc::SOCK_DGRAM as u64, 0, 0, 0],
+            );
+            if sock < 0 {
+                return sock;
+            }
+            // SAFETY: ifreq is plain data; all zeroes is valid.
+            let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+            req.ifr_name[0] = b'l' as libc::c_char;
+            req.ifr_name[1] = b'o' as libc::c_char;
+            sys(
+                libc::SYS_ioctl,
+                [
+                    sock as u64,
+                    libc::SIOCGIFFLAGS,
+                    &mut req as *mut libc::ifreq as u64,
+                    0,
+                    0,
+                ],
+            )
+        }),
+        ("prctl(PR_CAPBSET_READ, CAP_NET_ADMIN)", || {
+            sys(libc::SYS_prctl, [libc::PR_CAPBSET_READ as u64, 12, 0, 0, 0])
+        }),
+        ("capget", || {
+            let mut header = [0x2008_0522u32, 0];
+            let mut data = [0u32; 6];
+            sys(
+                libc::SYS_capget,
+                [
+                    header.as_mut_ptr() as u64,
+                    data.as_mut_ptr() as u64,
+                    0,
+                    0,
+                    0,
+                ],
+            )
+        }),
     ];
 
     fn pipe() -> (OwnedFd, OwnedFd) {

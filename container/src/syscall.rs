@@ -16,6 +16,7 @@ use crate::cgroup::{self, CgroupManager, Layout, Limits};
 use crate::child::{self, Prepared};
 use crate::{detached, sweep, userns, Error};
 use nix::sched::CloneFlags;
+use std::any::Any;
 use std::ffi::CStr;
 use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -38,6 +39,26 @@ pub struct Reaped {
     pub status: i32,
     /// Its resource usage (the whole container: init reaps its descendants).
     pub usage: libc::rusage,
+}
+
+/// A link leased for the run but not made yet: its addresses, and what holds the lease.
+/// Dropping it frees the link.
+pub struct Leased {
+    /// The box's address, prefix and gateway, as init gets them (resolver not yet set).
+    pub config: twinbox_proto::NetConfig,
+    /// The pool the link came from (what `--net nat` masquerades).
+    pub pool: hostnet::Pool,
+    /// The lease (for real a `hostnet::Lease`).
+    pub held: Box<dyn Any>,
+}
+
+/// The link made: the veth pair between the host and the child's network namespace.
+/// Dropping it deletes the host end if it is still there, then frees the lease.
+pub struct Linked {
+    /// The host end's interface name.
+    pub host_interface: String,
+    /// The pair and its lease (for real a `hostnet::Veth`), held only to be dropped.
+    pub _held: Box<dyn Any>,
 }
 
 /// An errno of one of the child's calls.
@@ -79,6 +100,15 @@ pub trait Syscall {
     fn wait(&self, pid: i32) -> Result<Reaped, Error>;
     /// Waits (up to 2 s) until the loop device at `device` is free again.
     fn wait_loop_free(&self, device: &Path) -> bool;
+    /// Leases a free point-to-point link (`--net`); the lease dies with this process.
+    fn lease_link(&self) -> Result<Leased, Error>;
+    /// The name server the box should use, or why there is none.
+    fn host_resolver(&self) -> hostnet::Resolver;
+    /// Makes `link`'s veth pair: `eth0` in the network namespace of `pid`, the host end
+    /// addressed and up. On error the lease is freed and nothing is left.
+    fn create_veth(&self, link: Leased, pid: i32) -> Result<Linked, Error>;
+    /// Installs (or replaces) the one NAT table for `pool` (`--net nat`).
+    fn apply_nat(&self, pool: &hostnet::Pool) -> Result<(), Error>;
 
     // The child's calls, after clone. None may allocate.
 
@@ -266,6 +296,35 @@ impl Syscall for Real {
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
         false
+    }
+
+    fn lease_link(&self) -> Result<Leased, Error> {
+        let lease = hostnet::Lease::acquire()?;
+        Ok(Leased {
+            config: lease.net_config(None),
+            pool: lease.pool(),
+            held: Box::new(lease),
+        })
+    }
+
+    fn host_resolver(&self) -> hostnet::Resolver {
+        hostnet::host_resolver()
+    }
+
+    fn create_veth(&self, link: Leased, pid: i32) -> Result<Linked, Error> {
+        let lease = link
+            .held
+            .downcast::<hostnet::Lease>()
+            .map_err(|_| Error::Setup("the run's link is not held by a hostnet lease".into()))?;
+        let veth = hostnet::Veth::create(*lease, pid as u32)?;
+        Ok(Linked {
+            host_interface: veth.name().to_owned(),
+            _held: Box::new(veth),
+        })
+    }
+
+    fn apply_nat(&self, pool: &hostnet::Pool) -> Result<(), Error> {
+        Ok(hostnet::nat::apply(pool)?)
     }
 
     fn set_parent_death_signal(&self) -> Result<(), Errno> {
