@@ -88,6 +88,12 @@ struct Queue {
     closed: bool,
     /// The reader is gone (EPIPE or another write error): drop everything.
     broken: bool,
+    /// The writer is waiting for bytes: only then does a vCPU need to wake it (the
+    /// serial device writes one byte at a time, so a wake-up per byte would cost a futex
+    /// call per byte on the vCPU).
+    writer_waiting: bool,
+    /// vCPUs waiting for room.
+    sinks_waiting: usize,
 }
 
 #[derive(Default)]
@@ -112,15 +118,19 @@ impl Write for ConsoleSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let mut q = self.shared.lock();
         while !q.closed && !q.broken && q.bytes.len() + buf.len() > QUEUE_CAPACITY {
+            q.sinks_waiting += 1;
             q = self
                 .shared
                 .changed
                 .wait(q)
                 .unwrap_or_else(|p| p.into_inner());
+            q.sinks_waiting -= 1;
         }
         if !q.closed && !q.broken {
             q.bytes.extend(buf);
-            self.shared.changed.notify_all();
+            if q.writer_waiting {
+                self.shared.changed.notify_all();
+            }
         }
         Ok(buf.len())
     }
@@ -222,7 +232,9 @@ fn writer_loop(mut out: File, shared: &Shared) {
         {
             let mut q = shared.lock();
             while chunk.is_empty() && q.bytes.is_empty() && !q.closed {
+                q.writer_waiting = true;
                 q = shared.changed.wait(q).unwrap_or_else(|p| p.into_inner());
+                q.writer_waiting = false;
             }
             if chunk.is_empty() && q.bytes.is_empty() {
                 return; // closed, and everything written
@@ -238,7 +250,9 @@ fn writer_loop(mut out: File, shared: &Shared) {
             if chunk.is_empty() {
                 let n = q.bytes.len().min(CHUNK);
                 chunk.extend(q.bytes.drain(..n));
-                shared.changed.notify_all(); // room for a waiting vCPU
+                if q.sinks_waiting > 0 {
+                    shared.changed.notify_all(); // room for a waiting vCPU
+                }
             }
         }
         if !writable(&out, TICK) {
