@@ -250,7 +250,7 @@ fn peers(
     peer_root: Option<&runner::peer_root::PeerRoot>,
 ) -> Result<Vec<Box<dyn Runner>>, Error> {
     let mut found: Vec<Box<dyn Runner>> = Vec::new();
-    let mut missing = |what: &str| tracing::warn!("--peers: {what} not in PATH, peer skipped");
+    let missing = |what: &str| tracing::warn!("--peers: {what} not in PATH, peer skipped");
     if let Some(root) = peer_root {
         match runner::peer_runc::Runc::find(root.dir()).map_err(Error::Peer)? {
             Some(r) => found.push(Box::new(r)),
@@ -436,6 +436,46 @@ pub fn utc_from_unix(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A box that only says what it can do.
+    struct Fake(&'static str, runner::Capabilities);
+
+    impl Runner for Fake {
+        fn name(&self) -> &str {
+            self.0
+        }
+        fn capabilities(&self) -> runner::Capabilities {
+            self.1
+        }
+        fn run(&self, _: &twinbox_spec::RunSpec) -> Result<twinbox_spec::RunReport, String> {
+            Err("not run in this test".into())
+        }
+    }
+
+    #[test]
+    fn the_plan_asks_each_scenario_about_each_box() {
+        let runners: Vec<Box<dyn Runner>> = vec![
+            Box::new(Fake("native", runner::native::CAPABILITIES)),
+            Box::new(Fake("a-runtime", runner::PEER_RUNTIME)),
+            Box::new(Fake("a-vmm", runner::TINY_GUEST_VMM)),
+        ];
+        fn names(p: &Plan) -> Vec<String> {
+            p.boxes.iter().map(|b| b.name().to_string()).collect()
+        }
+        let memory = Plan::new(&scenario::Memory, &runners);
+        assert_eq!(names(&memory), ["native"]);
+        let out: Vec<&str> = memory.sat_out.iter().map(|s| s.box_name.as_str()).collect();
+        assert_eq!(out, ["a-runtime", "a-vmm"]);
+        assert!(memory.sat_out.iter().all(|s| !s.reason.is_empty()));
+        let vmm = Plan::new(&scenario::Vmm, &runners);
+        assert_eq!(names(&vmm), ["a-vmm"]);
+        let disk = Plan::new(&scenario::Disk, &runners);
+        assert_eq!(names(&disk), ["native", "a-runtime"]);
+        assert_eq!(
+            disk.sat_out[0].reason,
+            "boots only the tiny guest, not the image"
+        );
+    }
 
     #[test]
     fn utc_formatting() {
