@@ -184,10 +184,7 @@ impl Lease {
     /// Lease the first link of `pool` whose lock under `dir` is free and whose host
     /// address is not in `in_use` (addresses already on host interfaces).
     pub fn acquire_in(dir: &Path, pool: &Pool, in_use: &[Ipv4Addr]) -> Result<Self> {
-        fs::create_dir_all(dir).map_err(|source| Error::LockFile {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        fs::create_dir_all(dir).map_err(|source| lock_error(dir, source))?;
         for index in 0..pool.links() {
             let (host, guest) = pool.link(index).expect("index below pool.links()");
             if in_use.contains(&host) {
@@ -303,11 +300,23 @@ fn lock_existing(path: &Path) -> Result<Option<Flock<File>>> {
     lock_file(path, false)
 }
 
+/// A failure on a lock file or its directory; EACCES/EPERM mean the caller is not root.
+fn lock_error(path: &Path, source: io::Error) -> Error {
+    match source.raw_os_error() {
+        Some(libc::EACCES) | Some(libc::EPERM) => Error::NotPermitted {
+            call: "creating the lease lock",
+            interface: path.display().to_string(),
+            source,
+        },
+        _ => Error::LockFile {
+            path: path.to_path_buf(),
+            source,
+        },
+    }
+}
+
 fn lock_file(path: &Path, create: bool) -> Result<Option<Flock<File>>> {
-    let lock_error = |source: io::Error| Error::LockFile {
-        path: path.to_path_buf(),
-        source,
-    };
+    let lock_error = |source: io::Error| lock_error(path, source);
     loop {
         let file = match OpenOptions::new()
             .read(true)
@@ -405,6 +414,20 @@ mod tests {
         }
         assert_eq!(pool("192.168.77.0/28").links(), 4);
         assert_eq!(pool("172.31.0.0/16").links(), 16384);
+    }
+
+    #[test]
+    fn a_bad_twinbox_net_pool_names_the_variable() {
+        // The only unit test that touches this variable; nothing else here reads it.
+        std::env::set_var(POOL_ENV, "8.8.8.0/24");
+        let error = Pool::from_env().expect_err("public pool").to_string();
+        std::env::set_var(POOL_ENV, "10.77.0.0/20");
+        let custom = Pool::from_env();
+        std::env::remove_var(POOL_ENV);
+        assert!(error.contains("TWINBOX_NET_POOL=8.8.8.0/24"), "{error}");
+        assert!(error.contains("not a private range"), "{error}");
+        assert_eq!(custom.expect("a private /20").links(), 1024);
+        assert_eq!(Pool::from_env().unwrap().to_string(), DEFAULT_POOL);
     }
 
     #[test]

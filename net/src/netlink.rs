@@ -188,8 +188,14 @@ impl Rtnl {
 
     /// One datagram from the kernel, split into its netlink messages.
     fn receive(&mut self) -> io::Result<Vec<NetlinkMessage<RouteNetlinkMessage>>> {
-        let (datagram, _) = self.socket.recv_from_full()?;
-        split_messages(&datagram)
+        loop {
+            // A signal to the CLI (SIGINT/SIGTERM handlers) must not fail a request.
+            match self.socket.recv_from_full() {
+                Ok((datagram, _)) => return split_messages(&datagram),
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(error),
+            }
+        }
     }
 }
 

@@ -121,17 +121,8 @@ impl Tap {
     /// Tell the tap which offloads the guest accepts (TUNSETOFFLOAD with [`offload`]
     /// flags; 0 turns them all off).
     pub fn set_offload(&self, flags: u32) -> Result<()> {
-        let flags = flags as libc::c_ulong;
-        // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is passed.
-        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), libc::TUNSETOFFLOAD as _, flags) };
-        if rc < 0 {
-            return Err(Error::tap(
-                "TUNSETOFFLOAD",
-                &self.name,
-                io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
+        set_offload_on(self.file.as_fd(), flags)
+            .map_err(|source| Error::tap("TUNSETOFFLOAD", &self.name, source))
     }
 
     /// The report record of this link.
@@ -144,6 +135,17 @@ impl AsFd for Tap {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
     }
+}
+
+/// TUNSETOFFLOAD on any fd of a tap (e.g. a clone held by the virtio-net device).
+pub fn set_offload_on(fd: BorrowedFd<'_>, flags: u32) -> io::Result<()> {
+    let flags = flags as libc::c_ulong;
+    // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is passed.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD as _, flags) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// TUNSETIFF: attach `file` to a new tap called `name`.

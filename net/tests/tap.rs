@@ -42,6 +42,15 @@ fn a_tap_has_the_host_address_is_up_takes_offloads_and_goes_on_drop() {
     tap.set_offload(offload::CSUM | offload::TSO4 | offload::TSO6 | offload::TSO_ECN)
         .expect("TUNSETOFFLOAD with checksum and TSO");
     tap.set_offload(0).expect("TUNSETOFFLOAD off");
+    let error = tap
+        .set_offload(0x8000_0000)
+        .expect_err("an unknown offload bit");
+    assert!(
+        error
+            .to_string()
+            .starts_with(&format!("TUNSETOFFLOAD on tap {name}")),
+        "{error}"
+    );
     let info = tap.link_info(false);
     assert_eq!(info.host_interface, name);
     assert_eq!(
