@@ -29,6 +29,7 @@ pub mod layout;
 pub mod machine;
 pub mod memory;
 pub mod regs;
+pub mod seccomp;
 pub mod smoke;
 pub mod vcpu;
 
@@ -37,10 +38,9 @@ pub(crate) mod boot;
 pub(crate) mod console;
 pub(crate) mod devices;
 pub(crate) mod event_loop;
-pub mod jail;
+pub(crate) mod jail;
 pub(crate) mod mptable;
 pub(crate) mod rootfs;
-pub mod seccomp;
 pub(crate) mod usage;
 
 use crate::boot::cmdline::{self, KernelCmdline, VirtioMmioEntry};
