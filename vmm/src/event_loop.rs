@@ -152,4 +152,24 @@ mod tests {
         );
         assert!(failed.read().is_err(), "a clean stop is not a failure");
     }
+
+    /// A loop that cannot start (here: its setup hook fails, as a refused seccomp filter
+    /// would) says why and writes `failed`, which ends the run in the main thread.
+    #[test]
+    fn a_loop_that_fails_says_why_and_signals_the_run() {
+        let failed = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let events = EventLoop::start(vec![], failed.try_clone().unwrap(), || {
+            Err("no filter for you".into())
+        })
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while failed.read().is_err() {
+            assert!(Instant::now() < deadline, "failed was never written");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            events.failure().as_deref(),
+            Some("device event loop: no filter for you")
+        );
+    }
 }
