@@ -174,21 +174,34 @@ pub struct Lease {
 
 impl Lease {
     /// Lease a free link of the pool from TWINBOX_NET_POOL (default 10.201.0.0/16) under
-    /// /run/twinbox/net, skipping links whose host address is already on a host interface.
+    /// /run/twinbox/net, skipping links whose host address is already on a host interface
+    /// or whose interface name (`tb<i>`, `tbt<i>`) is taken: leftovers or foreign use.
     pub fn acquire() -> Result<Self> {
         let pool = Pool::from_env()?;
         let in_use = host_ipv4_addresses()?;
-        Self::acquire_in(Path::new(LOCK_DIR), &pool, &in_use)
+        Self::acquire_with(Path::new(LOCK_DIR), &pool, |index, host| {
+            in_use.contains(&host)
+                || interface_exists(&crate::veth::host_interface_name(index))
+                || interface_exists(&crate::tap::tap_name(index))
+        })
     }
 
     /// Lease the first link of `pool` whose lock under `dir` is free and whose host
     /// address is not in `in_use` (addresses already on host interfaces).
     pub fn acquire_in(dir: &Path, pool: &Pool, in_use: &[Ipv4Addr]) -> Result<Self> {
+        Self::acquire_with(dir, pool, |_, host| in_use.contains(&host))
+    }
+
+    fn acquire_with(
+        dir: &Path,
+        pool: &Pool,
+        taken: impl Fn(u32, Ipv4Addr) -> bool,
+    ) -> Result<Self> {
         fs::create_dir_all(dir).map_err(|source| lock_error(dir, source))?;
         for index in 0..pool.links() {
             let (host, guest) = pool.link(index).expect("index below pool.links()");
-            if in_use.contains(&host) {
-                tracing::debug!(index, %host, "link skipped: host address already on an interface");
+            if taken(index, host) {
+                tracing::debug!(index, %host, "link skipped: its address or interface name is in use on the host");
                 continue;
             }
             let path = dir.join(format!("{index}.lock"));
@@ -350,6 +363,11 @@ fn lock_file(path: &Path, create: bool) -> Result<Option<Flock<File>>> {
             Err(error) => return Err(lock_error(error)),
         }
     }
+}
+
+/// Whether an interface of that name exists in this network namespace.
+fn interface_exists(name: &str) -> bool {
+    nix::net::if_::if_nametoindex(name).is_ok()
 }
 
 /// Every IPv4 address on an interface of this network namespace.

@@ -253,3 +253,23 @@ fn eight_concurrent_containers_get_eight_distinct_veths_and_leave_nothing() {
     let left = unheld_lock_files_after_a_sweep();
     assert!(left.is_empty(), "lease lock files left: {left:?}");
 }
+
+#[test]
+fn a_link_whose_interface_name_is_taken_on_the_host_is_skipped() {
+    require_root();
+    let probe = Lease::acquire().expect("lease");
+    let index = probe.index();
+    drop(probe);
+    let foreign = hostnet::veth::host_interface_name(index);
+    run("ip", &["link", "add", &foreign, "type", "dummy"]);
+    let lease = Lease::acquire();
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", &foreign])
+        .output();
+    let lease = lease.expect("lease beside a foreign interface");
+    assert_ne!(
+        lease.index(),
+        index,
+        "leased link {index} although {foreign} exists on the host"
+    );
+}
