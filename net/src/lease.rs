@@ -4,14 +4,15 @@
 //! the box end `base + 4i + 2`. A lease of link `i` is an open file
 //! `/run/twinbox/net/<i>.lock` held with `flock(LOCK_EX | LOCK_NB)`. The lock lives in
 //! the open file description, so the kernel drops it when the process dies, SIGKILL
-//! included: no sweep is needed and no stale lease can block an index. The index also
+//! included: no stale lease can block an index, whatever is left on disk. The index also
 //! names the host interfaces (`tb<i>`, `tbt<i>`), so two runs never race for a name.
 //!
 //! A normal release unlinks the lock file while still holding the lock; a taker therefore
 //! checks, once locked, that the path still names the inode it locked and starts over if
 //! not (the classic flock + unlink protocol). After a SIGKILL the file stays, unlocked:
-//! the next acquisition may reuse it, and every release sweeps such leftovers away under
-//! the same protocol (a leftover is a file whose lock can be taken).
+//! the next acquisition may reuse it, and every release tidies such leftovers away under
+//! the same protocol (a leftover is a file whose lock can be taken); correctness never
+//! depends on that tidying.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
