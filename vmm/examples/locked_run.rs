@@ -49,6 +49,7 @@ fn main() {
     let options = vmm::RunOptions {
         lock_caller_thread: true,
         jail: true,
+        seccomp: None,
     };
     let status = match vmm::run_with(&spec, Some(&interrupt.fd()), options) {
         Ok(report) => {

@@ -120,6 +120,9 @@ pub struct RunOptions {
     /// Start the guest-facing threads in the jail (`jail.rs`): empty root, new mount/IPC/
     /// network namespaces, no capabilities, uid/gid 65534. Needs root.
     pub jail: bool,
+    /// What a system call outside a thread's seccomp list does; `None`: what
+    /// `TWINBOX_VMM_SECCOMP` says, else kill the process (see `seccomp.rs`).
+    pub seccomp: Option<seccomp::Mode>,
 }
 
 /// Runs `spec` in a microVM and reports how it went.
@@ -145,7 +148,7 @@ pub fn run_with<S: AsRawFd + ?Sized>(
     stop: Option<&S>,
     options: RunOptions,
 ) -> Result<RunReport, Error> {
-    let config = Config::check(spec)?;
+    let config = Config::check(spec, options)?;
     let probe = usage::Probe::open().map_err(Error::Usage)?;
     let mut notes = Vec::new();
     if config.pvm {
@@ -367,7 +370,7 @@ struct Config {
 }
 
 impl Config {
-    fn check(spec: &RunSpec) -> Result<Self, Error> {
+    fn check(spec: &RunSpec, options: RunOptions) -> Result<Self, Error> {
         spec.validate()?;
         memory::check_size(spec.memory_mib, memory::host_total_kib()?)?;
         let kernel = match &spec.kernel {
@@ -392,7 +395,10 @@ impl Config {
             kernel,
             initrd: spec.initrd.clone(),
             pvm: twinbox_spec::host::is_pvm(),
-            seccomp: seccomp::Filters::new(seccomp::Mode::from_env()?)?,
+            seccomp: seccomp::Filters::new(match options.seccomp {
+                Some(mode) => mode,
+                None => seccomp::Mode::from_env()?,
+            })?,
         })
     }
 }

@@ -18,8 +18,10 @@ use twinbox_spec::{Outcome, RunSpec};
 /// Writes 'x' to COM1 forever (see tests/teardown.rs).
 const FLOOD: &[u8] = &[0x66, 0xba, 0xf8, 0x03, 0xb0, 0x78, 0xee, 0xeb, 0xfd];
 
-/// Env var that turns this test binary into the child below.
+/// Env var that turns this test binary into the child below (value: its directory).
 const CHILD_ENV: &str = "TWINBOX_SECCOMP_CHILD";
+/// Set for a child whose run asks for no filters through `RunOptions::seccomp`.
+const OFF_ENV: &str = "TWINBOX_SECCOMP_CHILD_OFF";
 
 /// Not a test on its own: the VMM process the test below inspects. Boots the flooding
 /// guest on two vCPUs with its console on stdout for 4 s, then prints the outcome.
@@ -48,6 +50,8 @@ fn child_vmm() {
         .spawn(move || {
             let options = vmm::RunOptions {
                 lock_caller_thread: true,
+                // The escape hatch a CLI's --no-seccomp would set.
+                seccomp: std::env::var_os(OFF_ENV).map(|_| vmm::seccomp::Mode::Off),
                 ..Default::default()
             };
             let report =
@@ -85,18 +89,22 @@ fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
         .collect()
 }
 
-#[test]
-fn every_vmm_thread_runs_under_a_seccomp_filter() {
+/// The VMM threads of one child run, as (name, Seccomp mode) once all are up with the
+/// expected mode (or 3 s after they are all up), and whether the run ended normally.
+fn observe(filters_off: bool) -> (Vec<(String, String)>, bool, String, usize) {
     require_kvm();
     let dir = TempDir::new("seccomp");
-    let mut child = Command::new(std::env::current_exe().unwrap())
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
         .args(["--ignored", "--exact", "child_vmm", "--nocapture"])
         .env(CHILD_ENV, &dir.0)
         .env_remove(vmm::seccomp::MODE_ENV)
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    if filters_off {
+        command.env(OFF_ENV, "1");
+    }
+    let mut child = command.spawn().unwrap();
     // Drain the console so the guest keeps running (and the console thread keeps writing).
     let mut stdout = child.stdout.take().unwrap();
     let drain = std::thread::spawn(move || {
@@ -104,17 +112,17 @@ fn every_vmm_thread_runs_under_a_seccomp_filter() {
         let _ = stdout.read_to_end(&mut sink);
         sink.len()
     });
-    // Wait until all four VMM threads exist and have had time to install their filters
+    // Wait until all the VMM threads exist and have had time to install their filters
     // (each does so first thing), then take that snapshot.
-    let wanted = ["vcpu0", "vcpu1", "vmm-events", "vmm-console", "vmm-caller"];
+    let expected = if filters_off { "0" } else { "2" };
     let started = Instant::now();
     let modes = loop {
         let modes = seccomp_modes(child.id());
-        let all_there = wanted.iter().all(|w| modes.iter().any(|(n, _)| n == w));
-        let all_filtered = wanted
+        let all_there = WANTED.iter().all(|w| modes.iter().any(|(n, _)| n == w));
+        let all_set = WANTED
             .iter()
-            .all(|w| modes.iter().any(|(n, m)| n == w && m == "2"));
-        if all_filtered || (all_there && started.elapsed() > Duration::from_secs(3)) {
+            .all(|w| modes.iter().any(|(n, m)| n == w && m == expected));
+        if all_set || (all_there && started.elapsed() > Duration::from_secs(3)) {
             break modes;
         }
         if started.elapsed() > Duration::from_secs(30) || child.try_wait().unwrap().is_some() {
@@ -132,8 +140,17 @@ fn every_vmm_thread_runs_under_a_seccomp_filter() {
         .unwrap()
         .read_to_string(&mut stderr)
         .unwrap();
+    let ended = status.success() && stderr.contains("RUN-ENDED-CLEANLY");
+    (modes, ended, format!("{status}: {stderr}"), console_bytes)
+}
 
-    for want in wanted {
+/// The threads a run has: two vCPUs, the event loop, the console writer, the caller.
+const WANTED: [&str; 5] = ["vcpu0", "vcpu1", "vmm-events", "vmm-console", "vmm-caller"];
+
+#[test]
+fn every_vmm_thread_runs_under_a_seccomp_filter() {
+    let (modes, ended, how, console_bytes) = observe(false);
+    for want in WANTED {
         let (_, mode) = modes.iter().find(|(n, _)| n == want).unwrap();
         assert_eq!(
             mode, "2",
@@ -141,11 +158,22 @@ fn every_vmm_thread_runs_under_a_seccomp_filter() {
         );
     }
     assert!(
-        status.success() && stderr.contains("RUN-ENDED-CLEANLY"),
-        "the filtered VMM did not finish its run normally ({status}): {stderr}"
+        ended,
+        "the filtered VMM did not finish its run normally ({how})"
     );
     assert!(
         console_bytes > 0,
         "the console thread wrote nothing under its filter"
     );
+}
+
+/// The escape hatch: `RunOptions::seccomp = Some(Mode::Off)` runs without filters.
+#[test]
+fn run_options_can_turn_the_filters_off() {
+    let (modes, ended, how, _) = observe(true);
+    for want in WANTED {
+        let (_, mode) = modes.iter().find(|(n, _)| n == want).unwrap();
+        assert_eq!(mode, "0", "thread {want} filtered although asked not to");
+    }
+    assert!(ended, "the unfiltered VMM did not finish normally ({how})");
 }
