@@ -58,6 +58,8 @@ pub struct Options {
     pub vm_timeout: Duration,
     /// Boxes: `native`, `container`, `vm`.
     pub boxes: Vec<String>,
+    /// Run twinbox's VMM threads in its jail (as `twinbox vm run` does; needs root).
+    pub vm_jail: bool,
     /// The root filesystem image.
     pub rootfs: PathBuf,
     /// The guest kernel.
@@ -150,7 +152,8 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
             .fd()
             .try_clone_to_owned()
             .map_err(Error::Signals)?;
-        runners.push(runner::by_name(b, Some(stop)).ok_or_else(|| Error::UnknownBox(b.clone()))?);
+        let runner = runner::by_name(b, Some(stop), opts.vm_jail);
+        runners.push(runner.ok_or_else(|| Error::UnknownBox(b.clone()))?);
     }
     runners.extend(peers(opts, peer_root.as_ref())?);
     // 5. What every run needs.
@@ -218,6 +221,7 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
             rootfs: opts.rootfs.display().to_string(),
             kernel: opts.kernel.display().to_string(),
             density_instances: opts.density_instances,
+            vm_jail: opts.vm_jail,
         },
         scenarios,
     })

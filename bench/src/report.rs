@@ -122,11 +122,16 @@ pub fn report_from_results(r: &Results) -> String {
         );
     }
     let p = &r.params;
+    let jail = if p.vm_jail {
+        "twinbox's VMM threads jailed"
+    } else {
+        "twinbox's VMM threads not jailed"
+    };
     let _ = writeln!(
         out,
         "\ntwinbox {}; {} counted runs + {} warm-up per box and scenario, boxes interleaved \
-         round by round; {} vCPU, {} MiB; VM/peer time limit {:.0} s per run. Cells are \
-         median [p10–p90] (n successful runs); ratios are box median / reference median.\n",
+         round by round; {} vCPU, {} MiB; VM/peer time limit {:.0} s per run; {jail}. Cells \
+         are median [p10–p90] (n successful runs); ratios are box median / reference median.\n",
         r.twinbox_version, p.runs, p.warmup, p.vcpus, p.memory_mib, p.vm_timeout_s
     );
     let _ = writeln!(out, "## Headline\n\n{}", headline(r));

@@ -52,6 +52,9 @@ pub struct Params {
     /// Instances alive at once in the `density` scenario.
     #[serde(default)]
     pub density_instances: u32,
+    /// Whether twinbox's VMM threads ran in its jail (false in files from before it).
+    #[serde(default)]
+    pub vm_jail: bool,
 }
 
 /// One metric a scenario measures.
@@ -212,6 +215,7 @@ pub(crate) mod tests {
                 rootfs: "/img".into(),
                 kernel: "/vmlinux".into(),
                 density_instances: 4,
+                vm_jail: true,
             },
             scenarios: vec![ScenarioResult {
                 name: "cpu".into(),

@@ -46,6 +46,9 @@ pub struct BenchArgs {
     /// scenario's VM runs.
     #[arg(long, default_value_t = 30.0)]
     pub vm_timeout: f64,
+    /// Run twinbox's VM box without the VMM's jail (the jail needs root).
+    #[arg(long)]
+    pub no_jail: bool,
     /// Boxes to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "native,container,vm")]
     pub boxes: Vec<String>,
@@ -141,6 +144,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
         peers: args.peers,
         vm_timeout: Duration::from_secs_f64(args.vm_timeout),
         boxes: args.boxes,
+        vm_jail: !args.no_jail,
         rootfs,
         kernel,
         density_instances: args.density_instances,

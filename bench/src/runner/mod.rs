@@ -128,12 +128,19 @@ pub const PEER_RUNTIME: Capabilities = Capabilities {
 pub const BOX_NAMES: [&str; 3] = [native::NAME, container::NAME, vm::NAME];
 
 /// The runner for a box name given on the command line; the VM's run stops early when
-/// `stop` becomes readable.
-pub fn by_name(name: &str, stop: Option<std::os::fd::OwnedFd>) -> Option<Box<dyn Runner>> {
+/// `stop` becomes readable, and jails its VMM threads when `vm_jail`.
+pub fn by_name(
+    name: &str,
+    stop: Option<std::os::fd::OwnedFd>,
+    vm_jail: bool,
+) -> Option<Box<dyn Runner>> {
     match name {
         native::NAME => Some(Box::new(native::Native)),
         container::NAME => Some(Box::new(container::Container)),
-        vm::NAME => Some(Box::new(vm::Vm { stop })),
+        vm::NAME => Some(Box::new(vm::Vm {
+            stop,
+            jail: vm_jail,
+        })),
         _ => None,
     }
 }

@@ -1,7 +1,8 @@
-//! The microVM box: twinbox's own VMM (`vmm::run_until`), in this process (see
-//! [`super::marginal_rss`] for its peak RSS). The bench's interrupt fd
-//! ([`twinbox_spec::interrupt::Interrupt::fd`]) stops a run in progress, so Ctrl-C does
-//! not wait for a VM that will only end at its time limit.
+//! The microVM box: twinbox's own VMM (`vmm::run_with`), in this process (see
+//! [`super::marginal_rss`] for its peak RSS), its guest-facing threads in the VMM's jail
+//! unless the bench was told otherwise, so the bench measures the VMM as it ships. The
+//! bench's interrupt fd ([`twinbox_spec::interrupt::Interrupt::fd`]) stops a run in
+//! progress, so Ctrl-C does not wait for a VM that will only end at its time limit.
 
 use super::{Capabilities, DiskAt, Guest, Instance, Runner, TimeLimit};
 use std::os::fd::OwnedFd;
@@ -24,6 +25,8 @@ pub const CAPABILITIES: Capabilities = Capabilities {
 pub struct Vm {
     /// Readable once the bench is interrupted.
     pub stop: Option<OwnedFd>,
+    /// Start the VMM's guest-facing threads in its jail (needs root).
+    pub jail: bool,
 }
 
 impl Runner for Vm {
@@ -37,7 +40,13 @@ impl Runner for Vm {
 
     fn run(&self, spec: &RunSpec) -> Result<RunReport, String> {
         super::marginal_rss(|| {
-            vmm::run_until(spec, self.stop.as_ref()).map_err(|e| format!("vmm: {e}"))
+            let options = vmm::RunOptions {
+                jail: self.jail,
+                // The bench goes on after the run: its thread stays unfiltered.
+                lock_caller_thread: false,
+                ..vmm::RunOptions::default()
+            };
+            vmm::run_with(spec, self.stop.as_ref(), options).map_err(|e| format!("vmm: {e}"))
         })
     }
 }
