@@ -159,8 +159,10 @@ pub fn run_with<S: AsRawFd + ?Sized>(
     // 2–3. The machine and its memory.
     let kvm = machine::open_kvm()?;
     machine::check_vcpus(&kvm, spec.vcpus)?;
-    let vm = machine::create_vm(&kvm)?;
+    // Memory before the VM, so that on an early return (locals drop in reverse) the VM
+    // goes first and never outlives the memory registered with it.
     let guest_memory = memory::create(spec.memory_mib)?;
+    let vm = machine::create_vm(&kvm)?;
     memory::register(&vm, &guest_memory)?;
 
     // 4. Kernel, initrd, platform tables.
