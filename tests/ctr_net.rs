@@ -1,0 +1,765 @@
+//! `twinbox ctr run --net` against the real image (issue 11): the box sees `eth0` with its
+//! address and default route; the host and the box move 4 MiB of random bytes each way,
+//! checksums compared on both sides; 8 concurrent boxes get 8 distinct links; after a
+//! normal exit, SIGTERM and SIGKILL of the CLI no veth, network namespace, host address,
+//! held lease lock or nftables rule beyond the one documented `ip twinbox` table is left;
+//! a bad `--net` value, an exhausted pool and a missing CAP_NET_ADMIN are one line and exit
+//! 125. Each with and without `--userns` where the box's side differs.
+//!
+//! Traffic goes only between this host and the boxes the tests start (addresses of the
+//! 10.201.0.0/16 pool on links the runs make). Needs root, the built rootfs image,
+//! iproute2, nftables and util-linux's setpriv; fails naming what is missing. Runs must not
+//! overlap (the leak checks compare host snapshots): one lock for the file, and run it
+//! serialized with the other integration tests.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream};
+use std::os::unix::fs::MetadataExt;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Where hostnet keeps its lease lock files.
+const LEASE_DIR: &str = "/run/twinbox/net";
+/// 4 MiB, the size of each transfer.
+const BLOB: usize = 4 << 20;
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn image() -> String {
+    common::require_root("twinbox ctr run --net");
+    let image = common::require_artifact(&twinbox_spec::artifacts::rootfs_image());
+    image.display().to_string()
+}
+
+/// `twinbox ctr run --rootfs IMG ARGS -- /bin/sh -c SCRIPT`, not yet started.
+fn ctr(args: &[&str], script: &str) -> Command {
+    let mut command = Command::new(common::twinbox());
+    command
+        .args(["ctr", "run", "--rootfs", &image()])
+        .args(args)
+        .args(["--", "/bin/sh", "-c", script]);
+    command
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `--net`, plus `--userns` when asked.
+fn net_args(userns: bool) -> Vec<&'static str> {
+    let mut args = vec!["--net"];
+    if userns {
+        args.push("--userns");
+    }
+    args
+}
+
+/// The link a run reported in its `network:` note.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Link {
+    address: Ipv4Addr,
+    prefix_len: u8,
+    gateway: Ipv4Addr,
+    host_interface: String,
+}
+
+/// Parses `twinbox: note: network: eth0 A/P via G (host tbN)` from a run's stderr.
+fn link_note(stderr: &str) -> Option<Link> {
+    let line = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("twinbox: note: network: eth0 "))?;
+    let (cidr, rest) = line.split_once(" via ")?;
+    let (address, prefix_len) = cidr.split_once('/')?;
+    let (gateway, rest) = rest.split_once(" (host ")?;
+    let host_interface = rest.split(')').next()?;
+    Some(Link {
+        address: address.parse().ok()?,
+        prefix_len: prefix_len.parse().ok()?,
+        gateway: gateway.parse().ok()?,
+        host_interface: host_interface.to_owned(),
+    })
+}
+
+// ---- what a run may leave on the host's network ----------------------------------------
+
+/// The host's network state that a `--net` run touches, at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NetState {
+    /// IPv4 addresses on the host's interfaces (`ip -4 -o addr`: interface and CIDR).
+    addresses: BTreeSet<String>,
+    /// `nft list ruleset` without the `ip twinbox` table, which `--net nat` may leave by
+    /// design (documented in net/src/nat.rs).
+    ruleset_without_ours: String,
+    /// Lease lock files, and which of them some process holds locked.
+    lease_files: BTreeSet<String>,
+    held_leases: BTreeSet<String>,
+}
+
+fn run_tool(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} (needed by these tests): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The ruleset text with the `table ip twinbox { ... }` block cut out.
+fn without_our_table(ruleset: &str) -> String {
+    let mut kept = String::new();
+    let mut depth = 0usize;
+    let mut skipping = false;
+    for line in ruleset.lines() {
+        if !skipping && line.trim_start().starts_with("table ip twinbox ") {
+            skipping = true;
+            depth = 0;
+        }
+        if skipping {
+            depth += line.matches('{').count();
+            depth -= line.matches('}').count().min(depth);
+            if depth == 0 {
+                skipping = false;
+            }
+            continue;
+        }
+        kept.push_str(line);
+        kept.push('\n');
+    }
+    kept
+}
+
+/// Inodes (`maj:min:ino` as /proc/locks prints them, device in hex) with a lock on them.
+fn locked_inodes() -> BTreeSet<u64> {
+    std::fs::read_to_string("/proc/locks")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let field = line
+                .split_whitespace()
+                .find(|w| w.matches(':').count() == 2)?;
+            field.rsplit(':').next()?.parse().ok()
+        })
+        .collect()
+}
+
+impl NetState {
+    fn snapshot() -> Self {
+        let addresses = run_tool("ip", &["-4", "-o", "addr", "show"])
+            .lines()
+            .filter_map(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                Some(format!("{} {}", words.get(1)?, words.get(3)?))
+            })
+            .collect();
+        let locked = locked_inodes();
+        let mut lease_files = BTreeSet::new();
+        let mut held_leases = BTreeSet::new();
+        for entry in std::fs::read_dir(LEASE_DIR).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Ok(meta) = entry.metadata() {
+                if locked.contains(&meta.ino()) {
+                    held_leases.insert(name.clone());
+                }
+            }
+            lease_files.insert(name);
+        }
+        Self {
+            addresses,
+            ruleset_without_ours: without_our_table(&run_tool("nft", &["list", "ruleset"])),
+            lease_files,
+            held_leases,
+        }
+    }
+
+    /// What `after` holds that this snapshot did not; lease files left unlocked are
+    /// allowed only when `killed` (a SIGKILLed run cannot unlink its lock file; the next
+    /// acquisition of that index reuses it).
+    fn leaks(&self, after: &NetState, killed: bool) -> Vec<String> {
+        let mut leaks = Vec::new();
+        let new_addresses: Vec<_> = after.addresses.difference(&self.addresses).collect();
+        if !new_addresses.is_empty() {
+            leaks.push(format!("host addresses {new_addresses:?}"));
+        }
+        if after.ruleset_without_ours != self.ruleset_without_ours {
+            leaks.push(format!(
+                "nftables rules outside table ip twinbox:\nbefore:\n{}\nafter:\n{}",
+                self.ruleset_without_ours, after.ruleset_without_ours
+            ));
+        }
+        let held: Vec<_> = after.held_leases.difference(&self.held_leases).collect();
+        if !held.is_empty() {
+            leaks.push(format!("held lease locks {held:?}"));
+        }
+        let files: Vec<_> = after.lease_files.difference(&self.lease_files).collect();
+        if !killed && !files.is_empty() {
+            leaks.push(format!("lease lock files {files:?}"));
+        }
+        leaks
+    }
+}
+
+/// Host resources (common leak check) and network state, before a run.
+struct Before {
+    host: common::leaks::HostResources,
+    net: NetState,
+}
+
+impl Before {
+    fn now() -> Self {
+        Self {
+            host: common::leaks::HostResources::snapshot(),
+            net: NetState::snapshot(),
+        }
+    }
+
+    /// Fails naming what `what` left behind, after letting the kernel finish tearing
+    /// down network namespaces (their cleanup runs in a workqueue, after the last task).
+    fn assert_nothing_left(&self, what: &str, killed: bool) {
+        let settled = eventually(Duration::from_secs(5), || {
+            let now = common::leaks::HostResources::snapshot();
+            now.links == self.host.links
+                && now.netns == self.host.netns
+                && self.net.leaks(&NetState::snapshot(), killed).is_empty()
+        });
+        if !settled {
+            let leaks = self.net.leaks(&NetState::snapshot(), killed);
+            assert!(leaks.is_empty(), "{what} left {}", leaks.join("; "));
+        }
+        self.host
+            .assert_nothing_leaked(&common::leaks::HostResources::snapshot(), what);
+    }
+}
+
+/// Polls `done` every 20 ms until it holds or `limit` passes.
+fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if done() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---- a running box, read line by line ---------------------------------------------------
+
+/// A started CLI whose stdout lines arrive on a channel, and whose stderr is collected.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Running {
+    fn start(mut command: Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run twinbox");
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut stderr_pipe = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr_pipe.read_to_string(&mut text);
+            text
+        });
+        Self {
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    /// The rest of the first stdout line starting with `prefix`; fails after 30 s or
+    /// when the box ends first, with what it said.
+    fn expect_line(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => match line.strip_prefix(prefix) {
+                    Some(rest) => return rest.trim().to_owned(),
+                    None => seen.push(line),
+                },
+                Err(_) => break,
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        panic!(
+            "the box never printed {prefix:?}; stdout: {seen:?}\nstderr: {}",
+            self.take_stderr()
+        );
+    }
+
+    fn take_stderr(&mut self) -> String {
+        std::mem::replace(&mut self.stderr, std::thread::spawn(String::new))
+            .join()
+            .unwrap_or_default()
+    }
+
+    /// Waits for the CLI; its exit status and stderr.
+    fn finish(mut self) -> (Option<i32>, String) {
+        let status = self.child.wait().expect("wait for twinbox");
+        (status.code(), self.take_stderr())
+    }
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sha256sum (coreutils)");
+    let mut stdin = child.stdin.take().unwrap();
+    let data = bytes.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().expect("sha256sum");
+    writer.join().unwrap().expect("feed sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The first IPv4 name server of the host's resolv.conf outside 127/8, as hostnet's
+/// `host_resolver` chooses it for the box.
+fn reachable_host_resolver() -> Option<Ipv4Addr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver"))
+        .filter_map(|v| v.trim().parse::<Ipv4Addr>().ok())
+        .find(|a| !a.is_loopback() && !a.is_unspecified())
+}
+
+fn random_bytes(len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .expect("read /dev/urandom");
+    bytes
+}
+
+// ---- tests -----------------------------------------------------------------------------
+
+#[test]
+fn the_box_sees_eth0_with_its_address_default_route_and_resolver() {
+    let _serial = serial();
+    let script = "ip -4 -o addr show dev eth0; ip route show default; \
+                  ip -o link show lo | grep -q UP && echo lo-up; \
+                  grep -c nameserver /etc/resolv.conf; grep Cap /proc/self/status; \
+                  ls /sys/class/net";
+    for userns in [false, true] {
+        let what = format!("ctr run --net (userns: {userns})");
+        let before = Before::now();
+        let out = ctr(&net_args(userns), script)
+            .output()
+            .expect("run twinbox");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{what}: {}", describe(&out));
+        let link = link_note(&stderr)
+            .unwrap_or_else(|| panic!("{what}: no network note: {}", describe(&out)));
+        assert_eq!(link.prefix_len, 30, "{link:?}");
+        for expected in [
+            format!("inet {}/30", link.address),
+            format!("default via {} dev eth0", link.gateway),
+            "lo-up".to_string(),
+        ] {
+            assert!(
+                stdout.contains(&expected),
+                "{what}: {expected:?} missing: {}",
+                describe(&out)
+            );
+        }
+        // Only lo and eth0: the host's interfaces are not the box's.
+        let interfaces: BTreeSet<&str> = stdout
+            .lines()
+            .skip_while(|l| !l.starts_with("CapAmb"))
+            .skip(1)
+            .flat_map(str::split_whitespace)
+            .collect();
+        assert_eq!(
+            interfaces,
+            BTreeSet::from(["eth0", "lo"]),
+            "{what}: {}",
+            describe(&out)
+        );
+        // CAP_NET_ADMIN was lent to init for eth0 only: the workload has none of it.
+        for set in ["CapEff:", "CapBnd:", "CapPrm:"] {
+            let mask = stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(set))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+                .unwrap_or_else(|| panic!("{what}: no {set} line: {}", describe(&out)));
+            assert_eq!(mask & 1 << 12, 0, "{what}: {set} has CAP_NET_ADMIN");
+        }
+        // The host's resolver, when it has one a box can reach (what hostnet picks).
+        let host_resolver = reachable_host_resolver();
+        let expected_servers = if host_resolver.is_some() { "1" } else { "0" };
+        assert!(
+            stdout.lines().any(|l| l == expected_servers),
+            "{what}: expected {expected_servers} nameserver line(s) for {host_resolver:?}: {}",
+            describe(&out)
+        );
+        before.assert_nothing_left(&what, false);
+    }
+}
+
+#[test]
+fn host_and_box_move_4_mib_each_way_byte_exact() {
+    let _serial = serial();
+    // The box: say where it is, serve one echo connection (keeping a copy), then send its
+    // own 4 MiB to the host end, retrying until the test listens.
+    let script = r#"
+        set -e
+        echo "box $(ip -4 -o addr show dev eth0 | awk '{print $4}') $(ip route show default | awk '{print $3}')"
+        head -c 4194304 /dev/urandom > /tmp/out
+        echo "sent $(sha256sum < /tmp/out | cut -d' ' -f1)"
+        nc -l -p 7001 -e tee /tmp/got
+        echo "got $(sha256sum < /tmp/got | cut -d' ' -f1) $(wc -c < /tmp/got)"
+        gw=$(ip route show default | awk '{print $3}')
+        i=0
+        until nc "$gw" 7002 < /tmp/out; do
+            i=$((i + 1)); [ $i -lt 100 ] || exit 9; sleep 0.1
+        done
+        echo done
+    "#;
+    for userns in [false, true] {
+        let what = format!("TCP both ways (userns: {userns})");
+        let before = Before::now();
+        let mut running = Running::start(ctr(&net_args(userns), script));
+        let where_ = running.expect_line("box ");
+        let (cidr, gateway) = where_.split_once(' ').expect("box ADDR/LEN GW");
+        let address: Ipv4Addr = cidr.split('/').next().unwrap().parse().expect(cidr);
+        let gateway: Ipv4Addr = gateway.parse().expect(gateway);
+        let box_sent = running.expect_line("sent ");
+
+        // Host -> box: the echo server returns every byte; the box hashes what it got.
+        let blob = random_bytes(BLOB);
+        let echo_addr = SocketAddrV4::new(address, 7001);
+        let mut stream = None;
+        eventually(Duration::from_secs(20), || {
+            stream = TcpStream::connect_timeout(&echo_addr.into(), Duration::from_secs(2)).ok();
+            stream.is_some()
+        });
+        let stream =
+            stream.unwrap_or_else(|| panic!("{what}: cannot connect to the box at {echo_addr}"));
+        let mut writer = stream.try_clone().unwrap();
+        let to_send = blob.clone();
+        let sender = std::thread::spawn(move || {
+            writer.write_all(&to_send)?;
+            writer.shutdown(Shutdown::Write)
+        });
+        let mut echoed = Vec::with_capacity(BLOB);
+        (&stream).read_to_end(&mut echoed).expect("read the echo");
+        sender.join().unwrap().expect("send 4 MiB to the box");
+        assert!(
+            echoed == blob,
+            "{what}: the echo differs ({} of {} bytes back)",
+            echoed.len(),
+            blob.len()
+        );
+        let host_sum = sha256(&blob);
+        let box_got = running.expect_line("got ");
+        assert_eq!(
+            box_got,
+            format!("{host_sum} {BLOB}"),
+            "{what}: the box received other bytes than the host sent"
+        );
+
+        // Box -> host: a listener on the host end's address, exactly 4 MiB.
+        let listener = TcpListener::bind(SocketAddrV4::new(gateway, 7002))
+            .unwrap_or_else(|e| panic!("{what}: listen on the host end {gateway}:7002: {e}"));
+        let (mut conn, peer) = listener.accept().expect("the box connects");
+        assert_eq!(peer.ip(), std::net::IpAddr::V4(address), "{what}");
+        let mut received = vec![0u8; BLOB];
+        conn.read_exact(&mut received).expect("4 MiB from the box");
+        drop(conn);
+        assert_eq!(
+            sha256(&received),
+            box_sent,
+            "{what}: the host received other bytes than the box sent"
+        );
+        running.expect_line("done");
+        let (status, stderr) = running.finish();
+        assert_eq!(status, Some(0), "{what}: {stderr}");
+        let link = link_note(&stderr).unwrap_or_else(|| panic!("{what}: no note: {stderr}"));
+        assert_eq!((link.address, link.gateway), (address, gateway), "{what}");
+        before.assert_nothing_left(&what, false);
+    }
+}
+
+#[test]
+fn eight_concurrent_boxes_get_eight_distinct_links() {
+    let _serial = serial();
+    let before = Before::now();
+    let script = "ip -4 -o addr show dev eth0 | awk '{print \"inet \" $4}'; sleep 2";
+    let runs: Vec<Child> = (0..8)
+        .map(|_| {
+            ctr(&["--net"], script)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run twinbox")
+        })
+        .collect();
+    let mut links = Vec::new();
+    for run in runs {
+        let out = run.wait_with_output().expect("wait for twinbox");
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        let link = link_note(&String::from_utf8_lossy(&out.stderr))
+            .unwrap_or_else(|| panic!("no network note: {}", describe(&out)));
+        let seen = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            seen.contains(&format!("inet {}/30", link.address)),
+            "the box does not have the address its run reported: {}",
+            describe(&out)
+        );
+        links.push(link);
+    }
+    let addresses: BTreeSet<_> = links.iter().map(|l| l.address).collect();
+    let gateways: BTreeSet<_> = links.iter().map(|l| l.gateway).collect();
+    let interfaces: BTreeSet<_> = links.iter().map(|l| l.host_interface.clone()).collect();
+    assert_eq!(
+        (addresses.len(), gateways.len(), interfaces.len()),
+        (8, 8, 8),
+        "links shared between concurrent runs: {links:#?}"
+    );
+    // No two /30s overlap: distinct network addresses.
+    let networks: BTreeSet<u32> = links.iter().map(|l| u32::from(l.address) & !3).collect();
+    assert_eq!(networks.len(), 8, "{links:#?}");
+    before.assert_nothing_left("8 concurrent --net runs", false);
+}
+
+/// Host interfaces named like a box link's host end (`tb<N>`).
+fn host_ends() -> BTreeSet<String> {
+    std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n.strip_prefix("tb")
+                .is_some_and(|i| i.parse::<u32>().is_ok())
+        })
+        .collect()
+}
+
+#[test]
+fn sigterm_and_sigkill_of_the_cli_leave_no_link() {
+    let _serial = serial();
+    for (signal, killed) in [(libc::SIGTERM, false), (libc::SIGKILL, true)] {
+        for userns in [false, true] {
+            let what = format!("signal {signal} to ctr run --net (userns: {userns})");
+            let before = Before::now();
+            let ends_before = host_ends();
+            let mut running = Running::start(ctr(&net_args(userns), "echo up; exec sleep 60"));
+            running.expect_line("up");
+            let made: Vec<String> = host_ends().difference(&ends_before).cloned().collect();
+            assert_eq!(made.len(), 1, "{what}: the run's host end: {made:?}");
+            let pid = running.child.id();
+            // SAFETY: kill(2) of our own child.
+            unsafe { libc::kill(pid as i32, signal) };
+            let (status, stderr) = running.finish();
+            assert_eq!(
+                status,
+                (!killed).then_some(128 + signal),
+                "{what}: {stderr}"
+            );
+            if killed {
+                // The container dies with its CLI (parent-death signal) and its network
+                // namespace with it; the next start sweeps the cgroup and staging dir.
+                let out = Command::new(common::twinbox())
+                    .args(["ctr", "run", "--rootfs", &image(), "--", "/bin/true"])
+                    .output()
+                    .expect("run twinbox");
+                assert_eq!(out.status.code(), Some(0), "{what}: {}", describe(&out));
+            }
+            assert!(
+                eventually(Duration::from_secs(5), || !host_ends().contains(&made[0])),
+                "{what}: host end {} still there",
+                made[0]
+            );
+            before.assert_nothing_left(&what, killed);
+        }
+    }
+}
+
+/// Takes the lease locks of links 0..4 (a /28 pool's every link) as a run would, and
+/// frees them like hostnet does (unlink while locked) on drop.
+struct HeldLeases(Vec<(String, std::fs::File)>);
+
+impl HeldLeases {
+    fn take(count: u32) -> Self {
+        std::fs::create_dir_all(LEASE_DIR).unwrap();
+        let held = (0..count)
+            .map(|i| {
+                let path = format!("{LEASE_DIR}/{i}.lock");
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .unwrap();
+                // SAFETY: flock on a descriptor we own.
+                let r = unsafe {
+                    libc::flock(
+                        std::os::fd::AsRawFd::as_raw_fd(&file),
+                        libc::LOCK_EX | libc::LOCK_NB,
+                    )
+                };
+                assert_eq!(r, 0, "{path} is held by another process");
+                (path, file)
+            })
+            .collect();
+        Self(held)
+    }
+}
+
+impl Drop for HeldLeases {
+    fn drop(&mut self) {
+        for (path, _) in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Fails unless `out` is exit 125 with exactly one line on stderr containing `needle`.
+fn assert_one_line_125(out: &Output, needle: &str, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{what}: {}", describe(out));
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "{what}: not one line: {}",
+        describe(out)
+    );
+    assert!(
+        stderr.contains(needle),
+        "{what}: {needle:?} missing: {}",
+        describe(out)
+    );
+}
+
+#[test]
+fn bad_net_value_exhausted_pool_and_no_net_admin_are_one_line_125_and_leave_nothing() {
+    let _serial = serial();
+    let before = Before::now();
+    let out = ctr(&["--net", "bridge"], "true")
+        .output()
+        .expect("run twinbox");
+    assert_one_line_125(&out, "--net \"bridge\"", "malformed --net");
+    before.assert_nothing_left("malformed --net", false);
+
+    let before = Before::now();
+    {
+        let _held = HeldLeases::take(4);
+        let out = ctr(&["--net"], "true")
+            .env("TWINBOX_NET_POOL", "10.201.0.0/28")
+            .output()
+            .expect("run twinbox");
+        assert_one_line_125(&out, "exhausted", "exhausted pool");
+    }
+    before.assert_nothing_left("exhausted pool", false);
+
+    // Root without CAP_NET_ADMIN (setpriv drops it from the bounding set, so the exec'd
+    // CLI has it in no set): the veth is refused.
+    let before = Before::now();
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--bounding-set", "-net_admin", "--"])
+        .arg(common::twinbox())
+        .args([
+            "ctr",
+            "run",
+            "--rootfs",
+            &image(),
+            "--net",
+            "--",
+            "/bin/true",
+        ]);
+    let out = command.output().expect("setpriv (util-linux)");
+    assert_one_line_125(&out, "CAP_NET_ADMIN", "no CAP_NET_ADMIN");
+    before.assert_nothing_left("no CAP_NET_ADMIN", false);
+}
+
+#[test]
+fn without_net_the_box_has_only_lo() {
+    let _serial = serial();
+    let before = Before::now();
+    let out = ctr(&[], "ls /sys/class/net; ip -4 route")
+        .output()
+        .expect("run twinbox");
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["lo"],
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        link_note(&String::from_utf8_lossy(&out.stderr)).is_none(),
+        "{}",
+        describe(&out)
+    );
+    before.assert_nothing_left("ctr run without --net", false);
+}
+
+#[test]
+fn the_link_note_parses() {
+    let link = link_note(
+        "twinbox-init: workload exited with status 0\n\
+         twinbox: note: network: eth0 10.201.0.6/30 via 10.201.0.5 (host tb1), nat\n",
+    );
+    assert_eq!(
+        link,
+        Some(Link {
+            address: Ipv4Addr::new(10, 201, 0, 6),
+            prefix_len: 30,
+            gateway: Ipv4Addr::new(10, 201, 0, 5),
+            host_interface: "tb1".into(),
+        })
+    );
+    assert_eq!(
+        without_our_table(
+            "table inet f {\n}\ntable ip twinbox {\n\tchain a {\n\t}\n}\ntable ip x {\n}\n"
+        ),
+        "table inet f {\n}\ntable ip x {\n}\n"
+    );
+}
