@@ -217,12 +217,12 @@ fn scenario_section(out: &mut String, s: &ScenarioResult) {
 
 /// One row per scenario: its headline metric's median per box.
 pub fn headline(r: &Results) -> String {
+    // In the bench's box order (native first), boxes that took part in nothing left out.
     let mut boxes: Vec<String> = Vec::new();
-    for s in &r.scenarios {
-        for b in &s.boxes {
-            if !boxes.contains(b) {
-                boxes.push(b.clone());
-            }
+    let all = r.scenarios.iter().flat_map(|s| &s.boxes);
+    for b in r.params.boxes.iter().chain(all) {
+        if !boxes.contains(b) && r.scenarios.iter().any(|s| s.boxes.contains(b)) {
+            boxes.push(b.clone());
         }
     }
     let mut out = format!(
@@ -436,6 +436,21 @@ mod tests {
         assert!(
             text.contains("Not taking part:\n\n- firecracker: boots only the tiny guest"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn headline_columns_follow_the_bench_box_order() {
+        let mut r = sample();
+        let mut vmm = r.scenarios[0].clone();
+        vmm.name = "vmm".into();
+        vmm.boxes = vec!["vm".into()];
+        r.scenarios.insert(0, vmm);
+        r.params.boxes.push("bwrap".into());
+        let head = headline(&r);
+        assert!(
+            head.starts_with("| scenario | metric | native | container | vm |\n"),
+            "{head}"
         );
     }
 
