@@ -77,8 +77,11 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
                 .to_path_buf()
         });
         let written = bench::write_outputs(&results, &dir)?;
-        println!("{}", bench::report::headline(&results));
-        println!("report:  {}", written.report.display());
+        say(format_args!(
+            "{}\nreport:  {}",
+            bench::report::headline(&results),
+            written.report.display()
+        ));
         return Ok(0);
     }
     let scenarios = if args.scenarios.is_empty() {
@@ -161,13 +164,20 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
         Err(e) => return Err(e.into()),
     };
     let written = bench::write_outputs(&results, &out)?;
-    println!("{}", bench::report::headline(&results));
-    println!("report:  {}", written.report.display());
-    println!("results: {}", written.results.display());
-    println!(
-        "charts:  {} {}",
+    say(format_args!(
+        "{}\nreport:  {}\nresults: {}\ncharts:  {} {}",
+        bench::report::headline(&results),
+        written.report.display(),
+        written.results.display(),
         written.startup_svg.display(),
         written.overhead_svg.display()
-    );
+    ));
     Ok(0)
+}
+
+/// Prints to stdout; a reader that went away (`twinbox bench | head`) is not an error, the
+/// outputs are written already (`println!` would panic on the broken pipe).
+fn say(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{text}");
 }
