@@ -3,11 +3,13 @@
 //! checksums compared on both sides; 8 concurrent boxes get 8 distinct links; after a
 //! normal exit, SIGTERM and SIGKILL of the CLI no veth, network namespace, host address,
 //! held lease lock or nftables rule beyond the one documented `ip twinbox` table is left;
-//! a bad `--net` value, an exhausted pool and a missing CAP_NET_ADMIN are one line and exit
-//! 125. Each with and without `--userns` where the box's side differs.
+//! `--net nat` masquerades the box out of the host to a namespace the test made (and a plain
+//! link does not get there); a bad `--net` value, an exhausted pool and a missing
+//! CAP_NET_ADMIN are one line and exit 125. Each with and without `--userns` where the
+//! box's side differs.
 //!
-//! Traffic goes only between this host and the boxes the tests start (addresses of the
-//! 10.201.0.0/16 pool on links the runs make). Needs root, the built rootfs image,
+//! Traffic goes only between this host, the boxes the tests start (addresses of the
+//! 10.201.0.0/16 pool on links the runs make) and the test's own "outside" namespace. Needs root, the built rootfs image,
 //! iproute2, nftables and util-linux's setpriv; fails naming what is missing. Runs must not
 //! overlap (the leak checks compare host snapshots): one lock for the file, and run it
 //! serialized with the other integration tests.
@@ -762,4 +764,189 @@ fn the_link_note_parses() {
         ),
         "table inet f {\n}\ntable ip x {\n}\n"
     );
+}
+
+/// A network namespace standing for "the world outside the host", made by the test: a
+/// veth `tno<N>` on the host (10.254.253.1/30, not a `tb*` name, so the NAT table treats
+/// it as a way out) to `out0` (10.254.253.2/30) in the namespace. Deleted on drop.
+struct Outside {
+    netns: String,
+    host_end: String,
+}
+
+impl Outside {
+    const HOST: &'static str = "10.254.253.1";
+    const FAR: &'static str = "10.254.253.2";
+
+    fn new() -> Self {
+        let id = std::process::id() % 100_000;
+        let outside = Self {
+            netns: format!("tbnat{id}"),
+            host_end: format!("tno{id}"),
+        };
+        let host_cidr = format!("{}/30", Self::HOST);
+        let far_cidr = format!("{}/30", Self::FAR);
+        for args in [
+            vec!["netns", "add", &outside.netns],
+            vec![
+                "link",
+                "add",
+                &outside.host_end,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "out0",
+                "netns",
+                &outside.netns,
+            ],
+            vec!["addr", "add", &host_cidr, "dev", &outside.host_end],
+            vec!["link", "set", &outside.host_end, "up"],
+            vec![
+                "-n",
+                &outside.netns,
+                "addr",
+                "add",
+                &far_cidr,
+                "dev",
+                "out0",
+            ],
+            vec!["-n", &outside.netns, "link", "set", "out0", "up"],
+        ] {
+            run_tool("ip", &args);
+        }
+        outside
+    }
+
+    /// Accepts one TCP connection on FAR:`port` inside the namespace (a thread that
+    /// joined it) within `wait`, and sends back the peer's address. The thread ends either
+    /// way, so it does not keep the namespace alive.
+    fn accept_one(&self, port: u16, wait: Duration) -> mpsc::Receiver<Result<Ipv4Addr, String>> {
+        let (tx, rx) = mpsc::channel();
+        let path = format!("/run/netns/{}", self.netns);
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let result = (|| {
+                let ns = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+                // SAFETY: setns of this thread only (network namespaces are per thread).
+                let r = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET)
+                };
+                if r != 0 {
+                    return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
+                }
+                let far: Ipv4Addr = Outside::FAR.parse().unwrap();
+                let listener = TcpListener::bind(SocketAddrV4::new(far, port))
+                    .map_err(|e| format!("listen in {path}: {e}"))?;
+                listener
+                    .set_nonblocking(true)
+                    .map_err(|e| format!("nonblocking: {e}"))?;
+                let _ = ready_tx.send(());
+                let deadline = Instant::now() + wait;
+                let peer = loop {
+                    match listener.accept() {
+                        Ok((_conn, peer)) => break peer,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            if Instant::now() > deadline {
+                                return Err(format!("no connection within {wait:?}"));
+                            }
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        Err(e) => return Err(format!("accept: {e}")),
+                    }
+                };
+                match peer.ip() {
+                    std::net::IpAddr::V4(ip) => Ok(ip),
+                    other => Err(format!("IPv6 peer {other}")),
+                }
+            })();
+            let _ = ready_tx.send(());
+            let _ = tx.send(result);
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the outside listener starts");
+        rx
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        // Deleting the namespace takes the pair, host end included.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+#[test]
+fn nat_masquerades_the_box_out_of_the_host_and_link_does_not() {
+    let _serial = serial();
+    let forward_before = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+    let table_before = run_tool("nft", &["list", "tables"]).contains("table ip twinbox");
+    let before = Before::now();
+    {
+        let outside = Outside::new();
+        let script = format!(
+            "nc -w 5 {} 7003 </dev/null && echo reached || echo unreachable",
+            Outside::FAR
+        );
+        // With nat: the far side sees the host's address on the way out, not the box's.
+        let peer = outside.accept_one(7003, Duration::from_secs(30));
+        let out = ctr(&["--net", "nat"], &script)
+            .output()
+            .expect("run twinbox");
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        let note = link_note(&String::from_utf8_lossy(&out.stderr))
+            .unwrap_or_else(|| panic!("no network note: {}", describe(&out)));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("reached"),
+            "the box did not get out through NAT: {}",
+            describe(&out)
+        );
+        let seen = peer
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the outside listener answers")
+            .expect("the outside listener");
+        assert_eq!(
+            seen.to_string(),
+            Outside::HOST,
+            "the far side saw {seen}, not the host's address (box {})",
+            note.address
+        );
+        assert!(
+            run_tool("nft", &["list", "table", "ip", "twinbox"]).contains("masquerade"),
+            "no masquerade rule in table ip twinbox"
+        );
+
+        // With a plain link the box's packets leave unmasqueraded with a source the far
+        // side has no route back to, so nothing connects, though a listener is there. (The
+        // table of the nat run stays by design and would masquerade this run too: it is
+        // deleted first, to show the difference is the table.)
+        run_tool("nft", &["delete", "table", "ip", "twinbox"]);
+        let peer = outside.accept_one(7003, Duration::from_secs(4));
+        let out = ctr(&["--net"], &script.replace("-w 5", "-w 2"))
+            .output()
+            .expect("run twinbox");
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("unreachable"),
+            "without nat the box still got out: {}",
+            describe(&out)
+        );
+        let seen = peer
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the outside listener ends");
+        assert!(seen.is_err(), "without nat the far side saw {seen:?}");
+    }
+    // Put the host back as it was: ip_forward and the table are what --net nat changes.
+    if !table_before {
+        // Already gone when the plain-link half deleted it: quiet either way.
+        let _ = Command::new("nft")
+            .args(["delete", "table", "ip", "twinbox"])
+            .stderr(Stdio::null())
+            .status();
+    }
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", forward_before).unwrap();
+    before.assert_nothing_left("--net nat", false);
 }
