@@ -4,6 +4,9 @@
 #
 #   vmm/benches/boot-lab.sh [RUNS] [TWINBOX_BINARY]     (defaults: 20, target/release/twinbox)
 #
+# TWINBOX_VMM_SECCOMP (kill, log, off), when set, is passed to the runs in the lab, to
+# compare the VMM with and without its seccomp filters.
+#
 # Each run is `twinbox vm run --json -- /bin/true`; from its host-stamped timeline we take
 # spawn→init_started (boot to init), spawn→workload_exited, spawn→torn_down (whole run),
 # and the VMM's peak RSS without guest RAM. Prints every run, then median, min, max and
@@ -16,6 +19,7 @@ bin=${2:-$here/target/release/twinbox}
 [[ -x $bin ]] || { echo "boot-lab.sh: $bin missing — cargo build --release -p twinbox" >&2; exit 125; }
 
 script='
+'"${TWINBOX_VMM_SECCOMP:+export TWINBOX_VMM_SECCOMP=$TWINBOX_VMM_SECCOMP}"'
 ms() { echo $(( ($2 - $1) / 1000000 )); }
 for i in $(seq '"$runs"'); do
   twinbox vm run --json -- /bin/true > /tmp/r.json 2> /tmp/r.err || { echo "RUN-FAILED $i: $(cat /tmp/r.err)"; continue; }
