@@ -230,6 +230,9 @@ pub fn run_with<S: AsRawFd + ?Sized>(
         boot_info,
     };
     let vcpu_fds = machine::create_vcpus(&kvm, &vm, spec.vcpus, profile, entry)?;
+    // /dev/kvm itself is not needed any more: close it before any guest-facing thread
+    // shares this fd table.
+    drop(kvm);
     lock(&markers)
         .timeline_mut()
         .record_now(Phase::SandboxReady);
