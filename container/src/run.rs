@@ -234,6 +234,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
             oom_killed: stats.oom_killed,
         },
         notes,
+        network: None,
     })
 }
 

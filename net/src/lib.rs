@@ -23,44 +23,22 @@ pub mod resolver;
 pub mod tap;
 pub mod veth;
 
-use std::net::Ipv4Addr;
-
-use serde::{Deserialize, Serialize};
-
 pub use error::{Error, Result};
 pub use lease::{Lease, Pool};
 pub use resolver::{host_resolver, Resolver};
 pub use tap::Tap;
+pub use twinbox_spec::LinkInfo;
 pub use veth::Veth;
 
-/// A box's link as reports show it, so a caller can connect to the box.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LinkInfo {
-    /// The host end's interface name (`tb3`, `tbt3`).
-    pub host_interface: String,
-    /// The host end's address, the box's gateway.
-    pub host_address: Ipv4Addr,
-    /// The box's address, to connect to.
-    pub box_address: Ipv4Addr,
-    /// The link's prefix length (30).
-    pub prefix_len: u8,
-    /// The guest NIC's MAC (VM only), as `02:74:62:00:00:03`.
-    pub mac: Option<String>,
-    /// Whether the box's traffic is masqueraded out of the host (`--net nat`).
-    pub nat: bool,
-}
-
-impl LinkInfo {
-    /// The record for `lease` on host interface `host_interface`.
-    pub fn new(lease: &Lease, host_interface: &str, mac: Option<[u8; 6]>, nat: bool) -> Self {
-        Self {
-            host_interface: host_interface.to_string(),
-            host_address: lease.host_address(),
-            box_address: lease.box_address(),
-            prefix_len: lease.prefix_len(),
-            mac: mac.map(|m| format_mac(&m)),
-            nat,
-        }
+/// The report's record of `lease` on host interface `host_interface`.
+pub fn link_info(lease: &Lease, host_interface: &str, mac: Option<[u8; 6]>, nat: bool) -> LinkInfo {
+    LinkInfo {
+        host_interface: host_interface.to_string(),
+        host_address: lease.host_address(),
+        box_address: lease.box_address(),
+        prefix_len: lease.prefix_len(),
+        mac: mac.map(|m| format_mac(&m)),
+        nat,
     }
 }
 
@@ -75,6 +53,7 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     #[test]
     fn link_info_round_trips_through_json() {

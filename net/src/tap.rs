@@ -127,7 +127,7 @@ impl Tap {
 
     /// The report record of this link.
     pub fn link_info(&self, nat: bool) -> LinkInfo {
-        LinkInfo::new(&self.lease, &self.name, Some(self.mac()), nat)
+        crate::link_info(&self.lease, &self.name, Some(self.mac()), nat)
     }
 }
 

@@ -67,7 +67,7 @@ impl Veth {
 
     /// The report record of this link.
     pub fn link_info(&self, nat: bool) -> LinkInfo {
-        LinkInfo::new(&self.lease, &self.name, None, nat)
+        crate::link_info(&self.lease, &self.name, None, nat)
     }
 }
 

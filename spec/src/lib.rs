@@ -16,6 +16,6 @@ pub mod run_spec;
 
 pub use outcome::{Finished, MarkerLog};
 pub use phase::{Phase, Timeline};
-pub use report::{BoxKind, Outcome, RunReport, Usage};
+pub use report::{BoxKind, LinkInfo, Outcome, RunReport, Usage};
 pub use run_spec::{DiskSpec, NetMode, RunSpec, SpecError};
 pub use twinbox_proto as proto;

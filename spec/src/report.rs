@@ -3,6 +3,7 @@
 use crate::phase::Timeline;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::net::Ipv4Addr;
 
 /// Which kind of box ran the workload.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -81,6 +82,38 @@ pub struct Usage {
     pub oom_killed: bool,
 }
 
+/// A box's link with the host (`--net`), as reports show it, so a caller can connect to
+/// the box.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkInfo {
+    /// The host end's interface name (`tb3`, `tbt3`).
+    pub host_interface: String,
+    /// The host end's address, the box's gateway.
+    pub host_address: Ipv4Addr,
+    /// The box's address, to connect to.
+    pub box_address: Ipv4Addr,
+    /// The link's prefix length (30).
+    pub prefix_len: u8,
+    /// The guest NIC's MAC (VM only), as `02:74:62:00:00:03`.
+    pub mac: Option<String>,
+    /// Whether the box's traffic is masqueraded out of the host (`--net nat`).
+    pub nat: bool,
+}
+
+impl fmt::Display for LinkInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "eth0 {}/{} via {} (host {}{})",
+            self.box_address,
+            self.prefix_len,
+            self.host_address,
+            self.host_interface,
+            if self.nat { ", NAT out" } else { "" }
+        )
+    }
+}
+
 /// The result of one run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunReport {
@@ -93,6 +126,9 @@ pub struct RunReport {
     /// Facts a reader of the numbers must know (e.g. "host KVM is PVM: VM timings are not
     /// representative of VT-x/AMD-V hosts").
     pub notes: Vec<String>,
+    /// The box's network link, when it had one (`--net`).
+    #[serde(default)]
+    pub network: Option<LinkInfo>,
 }
 
 impl RunReport {
@@ -125,8 +161,22 @@ mod tests {
                 ..Usage::default()
             },
             notes: vec!["n".into()],
+            network: Some(LinkInfo {
+                host_interface: "tbt3".into(),
+                host_address: Ipv4Addr::new(10, 201, 0, 13),
+                box_address: Ipv4Addr::new(10, 201, 0, 14),
+                prefix_len: 30,
+                mac: Some("02:74:62:00:00:03".into()),
+                nat: true,
+            }),
         };
-        let back: RunReport = serde_json::from_str(&report.to_json()).unwrap();
+        let json = report.to_json();
+        assert!(json.contains(r#""box_address": "10.201.0.14""#), "{json}");
+        let back: RunReport = serde_json::from_str(&json).unwrap();
         assert_eq!(back, report);
+        assert_eq!(
+            report.network.unwrap().to_string(),
+            "eth0 10.201.0.14/30 via 10.201.0.13 (host tbt3, NAT out)"
+        );
     }
 }

@@ -325,6 +325,7 @@ pub fn run_with<S: AsRawFd + ?Sized>(
             ..Usage::default()
         },
         notes,
+        network: None,
     })
 }
 

@@ -51,6 +51,7 @@ impl Runner for Native {
             output: done.output,
             usage: done.usage,
             notes: vec!["host binary from PATH; peak RSS is the process's own".into()],
+            network: None,
         })
     }
 }

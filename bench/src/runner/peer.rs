@@ -140,6 +140,7 @@ pub(crate) fn peer_report(
         output: done.output,
         usage: done.usage,
         notes: vec![note.into()],
+        network: None,
     }
 }
 

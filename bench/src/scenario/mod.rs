@@ -301,6 +301,7 @@ pub(crate) mod tests {
                 ..Usage::default()
             },
             notes: vec![],
+            network: None,
         }
     }
 
