@@ -2,7 +2,8 @@
 //! a tmpfs upper layer, `pivot_root` in new pid/mount/uts/ipc/net/cgroup namespaces, one
 //! cgroup per run (cpu quota, memory without swap, pids, device allowlist), runc's masked
 //! and read-only paths, moby's capabilities without MKNOD, a seccomp allowlist, and
-//! twinbox-init as PID 1 reporting phases over a pipe. `run.rs` tells the story.
+//! twinbox-init as PID 1 reporting phases over a pipe; with `--net` a veth link to the
+//! host (leased and made by `hostnet`, configured by init). `run.rs` tells the story.
 
 mod caps;
 pub mod cgroup;

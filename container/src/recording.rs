@@ -313,7 +313,14 @@ impl Syscall for Recording {
         // On failure `link` drops here: the lease is released, as for real.
         self.call(&format!("create veth {LINK}"))?;
         Ok(Linked {
-            host_interface: LINK.into(),
+            info: hostnet::LinkInfo {
+                host_interface: LINK.into(),
+                host_address: link.config.gateway,
+                box_address: link.config.address,
+                prefix_len: link.config.prefix_len,
+                mac: None,
+                nat: false,
+            },
             // A tuple drops in order: the pair goes before its lease.
             _held: Box::new((
                 DropLog {

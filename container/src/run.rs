@@ -153,19 +153,14 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
         sys.map_user_namespace(child.pid, &mounts)?;
     }
     group.add(child.pid)?;
-    if let (Some(mode), Some(config)) = (spec.net, net_config) {
-        let link = network.link(sys, child.pid)?;
+    if let Some(mode) = spec.net {
+        let (mut info, pool) = network.link(sys, child.pid)?;
         if mode == NetMode::Nat {
-            sys.apply_nat(&link.pool)?;
+            sys.apply_nat(&pool)?;
+            info.nat = true;
         }
-        notes.push(format!(
-            "network: eth0 {}/{} via {} (host {}){}",
-            config.address,
-            config.prefix_len,
-            config.gateway,
-            link.host_interface,
-            if mode == NetMode::Nat { ", nat" } else { "" }
-        ));
+        // Until RunReport carries the link (`info` is what it will hold), a note.
+        notes.push(link_note(&info));
     }
     parent.release()?;
 
@@ -515,27 +510,35 @@ enum Network {
     Linked { _link: Linked },
 }
 
-/// What the run reports about its made link.
-struct LinkFacts {
-    host_interface: String,
-    pool: hostnet::Pool,
-}
-
 impl Network {
-    /// Makes the leased link's veth pair into the network namespace of `pid`.
-    fn link(&mut self, sys: &dyn Syscall, pid: i32) -> Result<LinkFacts, Error> {
+    /// Makes the leased link's veth pair into the network namespace of `pid`; the link
+    /// as reports show it, and the pool it came from.
+    fn link(
+        &mut self,
+        sys: &dyn Syscall,
+        pid: i32,
+    ) -> Result<(hostnet::LinkInfo, hostnet::Pool), Error> {
         let Network::Leased(leased) = std::mem::replace(self, Network::None) else {
             return Err(Error::Setup("no leased link to make".into()));
         };
         let pool = leased.pool;
         let link = sys.create_veth(leased, pid)?;
-        let facts = LinkFacts {
-            host_interface: link.host_interface.clone(),
-            pool,
-        };
+        let info = link.info.clone();
         *self = Network::Linked { _link: link };
-        Ok(facts)
+        Ok((info, pool))
     }
+}
+
+/// The report note of a made link: `network: eth0 ADDR/LEN via GW (host tbN)[, nat]`.
+fn link_note(info: &hostnet::LinkInfo) -> String {
+    format!(
+        "network: eth0 {}/{} via {} (host {}){}",
+        info.box_address,
+        info.prefix_len,
+        info.host_address,
+        info.host_interface,
+        if info.nat { ", nat" } else { "" }
+    )
 }
 
 /// The loop device, held until the child attached the image (then dropped early).

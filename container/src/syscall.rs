@@ -55,8 +55,8 @@ pub struct Leased {
 /// The link made: the veth pair between the host and the child's network namespace.
 /// Dropping it deletes the host end if it is still there, then frees the lease.
 pub struct Linked {
-    /// The host end's interface name.
-    pub host_interface: String,
+    /// The link as reports show it (`nat` false: the run sets it).
+    pub info: hostnet::LinkInfo,
     /// The pair and its lease (for real a `hostnet::Veth`), held only to be dropped.
     pub _held: Box<dyn Any>,
 }
@@ -318,7 +318,7 @@ impl Syscall for Real {
             .map_err(|_| Error::Setup("the run's link is not held by a hostnet lease".into()))?;
         let veth = hostnet::Veth::create(*lease, pid as u32)?;
         Ok(Linked {
-            host_interface: veth.name().to_owned(),
+            info: veth.link_info(false),
             _held: Box::new(veth),
         })
     }
