@@ -10,3 +10,6 @@ pub const BASE: &str = "console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda ro r
 /// mitigations (they issue `verw`, which PVM's emulator cannot run) and CPU features PVM's
 /// emulator lacks hidden.
 pub const PVM_EXTRA: &str = "mitigations=off noxsave clearcpuid=popcnt,rdtscp,invpcid,smap";
+
+/// The longest command line the guest kernel takes, with its NUL (x86 `COMMAND_LINE_SIZE`).
+pub const MAX_LEN: usize = 2048;

@@ -77,7 +77,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
                 .to_path_buf()
         });
         let written = bench::write_outputs(&results, &dir)?;
-        say(format_args!(
+        super::say(format_args!(
             "{}\nreport:  {}",
             bench::report::headline(&results),
             written.report.display()
@@ -164,7 +164,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
         Err(e) => return Err(e.into()),
     };
     let written = bench::write_outputs(&results, &out)?;
-    say(format_args!(
+    super::say(format_args!(
         "{}\nreport:  {}\nresults: {}\ncharts:  {} {}",
         bench::report::headline(&results),
         written.report.display(),
@@ -173,11 +173,4 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
         written.overhead_svg.display()
     ));
     Ok(0)
-}
-
-/// Prints to stdout; a reader that went away (`twinbox bench | head`) is not an error, the
-/// outputs are written already (`println!` would panic on the broken pipe).
-fn say(text: std::fmt::Arguments<'_>) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stdout(), "{text}");
 }

@@ -74,9 +74,12 @@ impl RunArgs {
         }
         if self.timings {
             eprint!("{}", report.timeline.render());
+            if let Some(link) = &report.network {
+                eprintln!("network: {link}");
+            }
         }
         if self.json {
-            println!("{}", report.to_json());
+            super::say(format_args!("{}", report.to_json()));
         }
         report.outcome.exit_status()
     }

@@ -240,7 +240,7 @@ fn all_checks() -> Vec<Check> {
 
 fn print_smoke() -> anyhow::Result<i32> {
     let report = vmm::smoke::run()?;
-    println!(
+    super::say(format_args!(
         "kvm smoke guest: out {:#x} <- {:#x}, halted: {}, setup {} µs, first exit {} µs ({})",
         report.port,
         report.value,
@@ -248,7 +248,7 @@ fn print_smoke() -> anyhow::Result<i32> {
         report.setup_us,
         report.first_exit_us,
         host::kvm_flavor().describe()
-    );
+    ));
     let expected = report.port == twinbox_spec::proto::MARKER_PORT
         && report.value == vmm::smoke::SMOKE_VALUE
         && report.halted;
@@ -263,7 +263,7 @@ pub fn main(args: DoctorArgs) -> anyhow::Result<i32> {
     let checks = all_checks();
     let failed = checks.iter().any(|c| c.verdict == Verdict::Fail);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&checks)?);
+        super::say(format_args!("{}", serde_json::to_string_pretty(&checks)?));
     } else {
         for check in &checks {
             let verdict = match check.verdict {
@@ -272,8 +272,11 @@ pub fn main(args: DoctorArgs) -> anyhow::Result<i32> {
                 Verdict::Fail => "FAIL",
             };
             match &check.advice {
-                Some(advice) => println!("{verdict} {:<14} {} — {advice}", check.name, check.found),
-                None => println!("{verdict} {:<14} {}", check.name, check.found),
+                Some(advice) => super::say(format_args!(
+                    "{verdict} {:<14} {} — {advice}",
+                    check.name, check.found
+                )),
+                None => super::say(format_args!("{verdict} {:<14} {}", check.name, check.found)),
             }
         }
     }

@@ -26,3 +26,10 @@ pub fn one_line(error: &anyhow::Error) -> String {
     }
     line
 }
+
+/// Prints a line to stdout; a reader that went away (`twinbox doctor | head`) is not an
+/// error (`println!` would panic on the broken pipe).
+pub fn say(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{text}");
+}

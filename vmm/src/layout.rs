@@ -36,7 +36,7 @@ pub const PDE_START: u64 = 0xb000;
 /// Kernel command line.
 pub const CMDLINE_START: u64 = 0x20000;
 /// Largest command line, including the NUL (the x86 kernel's COMMAND_LINE_SIZE).
-pub const CMDLINE_MAX_SIZE: usize = 2048;
+pub const CMDLINE_MAX_SIZE: usize = twinbox_spec::guest_cmdline::MAX_LEN;
 /// MP floating pointer + configuration table.
 pub const MPTABLE_START: u64 = 0x9fc00;
 /// End of usable low RAM (start of the EBDA/VGA/BIOS hole).

@@ -26,10 +26,6 @@ use twinbox_spec::guest_cmdline;
 use twinbox_spec::proto::{job::JOB_CMDLINE_KEY, ExitCode};
 use twinbox_spec::{Outcome, RunReport, RunSpec};
 
-/// The longest kernel command line an x86 Linux guest takes, NUL included
-/// (`COMMAND_LINE_SIZE`).
-const CMDLINE_MAX: usize = 2048;
-
 /// Name of this peer in tables.
 pub const NAME: &str = "qemu-microvm";
 
@@ -96,7 +92,7 @@ pub fn kernel_cmdline(spec: &RunSpec, pvm: bool) -> Result<String, String> {
     );
     parts.push(&job_arg);
     let err = |e: linux_loader::cmdline::Error| format!("kernel command line: {e}");
-    let mut line = Cmdline::new(CMDLINE_MAX).map_err(err)?;
+    let mut line = Cmdline::new(guest_cmdline::MAX_LEN).map_err(err)?;
     for part in parts {
         line.insert_str(part).map_err(err)?;
     }
@@ -249,7 +245,7 @@ mod tests {
         assert!(kernel_cmdline(&spec, true)
             .unwrap()
             .contains(guest_cmdline::PVM_EXTRA));
-        spec.cmdline_extra = Some("x".repeat(CMDLINE_MAX));
+        spec.cmdline_extra = Some("x".repeat(guest_cmdline::MAX_LEN));
         assert!(kernel_cmdline(&spec, false)
             .unwrap_err()
             .contains("kernel command line"));
