@@ -950,3 +950,30 @@ fn nat_masquerades_the_box_out_of_the_host_and_link_does_not() {
     std::fs::write("/proc/sys/net/ipv4/ip_forward", forward_before).unwrap();
     before.assert_nothing_left("--net nat", false);
 }
+
+#[test]
+fn sigkill_of_the_cli_at_any_point_of_a_net_start_leaves_no_link() {
+    let _serial = serial();
+    for userns in [false, true] {
+        for delay_ms in [0u64, 2, 5, 10, 15, 20, 30, 50, 100] {
+            let what = format!("SIGKILL after {delay_ms} ms of ctr run --net (userns: {userns})");
+            let before = Before::now();
+            let mut cli = ctr(&net_args(userns), "exec sleep 30")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("run twinbox");
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            cli.kill().expect("SIGKILL the CLI");
+            cli.wait().unwrap();
+            // The next start sweeps the killed run's cgroup and staging directory; the
+            // link goes with the container's network namespace, the lease with the CLI.
+            let out = Command::new(common::twinbox())
+                .args(["ctr", "run", "--rootfs", &image(), "--", "/bin/true"])
+                .output()
+                .expect("run twinbox");
+            assert_eq!(out.status.code(), Some(0), "{what}: {}", describe(&out));
+            before.assert_nothing_left(&what, true);
+        }
+    }
+}
