@@ -7,7 +7,8 @@
 # /usr/bin (also published beside the image, for native runs), the static twinbox-probe
 # at /usr/bin (the lockdown tests' attacks), a minimal /etc, /dev/console and /dev/null
 # nodes (so the kernel can give PID 1 a console before devtmpfs is mounted), and the
-# benchmark tools (fio, sysbench) with the shared libraries they load.
+# benchmark tools (fio, sysbench, iperf3 for the net scenario) with the shared libraries
+# they load.
 #
 # Cached: the key is a sha256 over this script, init's and the protocol's sources,
 # Cargo.lock, the toolchain version and the versions of the Debian packages copied in.
@@ -36,9 +37,9 @@ log() { echo "rootfs: $*" >&2; }
 readonly FS_UUID=6e1b0c5a-7d1e-4c8f-9a53-2f7b8e4d1c90
 readonly FS_LABEL=twinbox-root
 # Debian packages whose files are copied into the image (their versions enter the key).
-readonly PACKAGES=(busybox-static fio sysbench)
+readonly PACKAGES=(busybox-static fio sysbench iperf3 libiperf0)
 # Tools copied with their shared libraries.
-readonly TOOLS=(/usr/bin/fio /usr/bin/sysbench)
+readonly TOOLS=(/usr/bin/fio /usr/bin/sysbench /usr/bin/iperf3)
 
 "$repo/scripts/install-deps" >&2
 
