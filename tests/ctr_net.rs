@@ -225,8 +225,29 @@ struct Before {
     net: NetState,
 }
 
+/// Removes lease lock files no process holds (left by SIGKILLed runs), the way a lease is
+/// released (lock, unlink, unlock), so a file after a normal run is that run's leak.
+fn sweep_stale_leases() {
+    for entry in std::fs::read_dir(LEASE_DIR).into_iter().flatten().flatten() {
+        let Ok(file) = std::fs::OpenOptions::new().read(true).open(entry.path()) else {
+            continue;
+        };
+        // SAFETY: flock on a descriptor we own; it is released when `file` closes.
+        let locked = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        };
+        if locked == 0 {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 impl Before {
     fn now() -> Self {
+        sweep_stale_leases();
         Self {
             host: common::leaks::HostResources::snapshot(),
             net: NetState::snapshot(),
