@@ -96,6 +96,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     // 5. The child. Its link first: the addresses travel in the job, sealed before clone.
     let mut network = Network::None;
     let mut net_config = None;
+    let mut link_info = None;
     if spec.net.is_some() {
         let leased = sys.lease_link()?;
         let resolver = sys.host_resolver();
@@ -159,8 +160,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
             sys.apply_nat(&pool)?;
             info.nat = true;
         }
-        // Until RunReport carries the link (`info` is what it will hold), a note.
-        notes.push(link_note(&info));
+        link_info = Some(info);
     }
     parent.release()?;
 
@@ -229,7 +229,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
             oom_killed: stats.oom_killed,
         },
         notes,
-        network: None,
+        network: link_info,
     })
 }
 
@@ -527,18 +527,6 @@ impl Network {
         *self = Network::Linked { _link: link };
         Ok((info, pool))
     }
-}
-
-/// The report note of a made link: `network: eth0 ADDR/LEN via GW (host tbN)[, nat]`.
-fn link_note(info: &hostnet::LinkInfo) -> String {
-    format!(
-        "network: eth0 {}/{} via {} (host {}){}",
-        info.box_address,
-        info.prefix_len,
-        info.host_address,
-        info.host_interface,
-        if info.nat { ", nat" } else { "" }
-    )
 }
 
 /// The loop device, held until the child attached the image (then dropped early).
@@ -875,13 +863,12 @@ mod tests {
         );
         assert_ne!(spawned.caps_keep[0] & 1 << caps::NET_ADMIN, 0);
         assert!(!spawned.caps_to_drop.contains(&caps::NET_ADMIN));
-        assert!(
-            report
-                .notes
-                .contains(&"network: eth0 10.201.0.14/30 via 10.201.0.13 (host tb3)".into()),
-            "{:?}",
-            report.notes
+        let link = report.network.expect("the report names the link");
+        assert_eq!(
+            link.to_string(),
+            "eth0 10.201.0.14/30 via 10.201.0.13 (host tb3)"
         );
+        assert!(!link.nat);
     }
 
     #[test]
@@ -900,6 +887,7 @@ mod tests {
                 .any(|c| c.contains("lease") || c.contains("veth")),
             "{calls:?}"
         );
+        assert_eq!(report.network, None);
         assert!(
             !report.notes.iter().any(|n| n.starts_with("network")),
             "{:?}",
@@ -923,12 +911,14 @@ mod tests {
         assert_eq!(at("apply nat 10.201.0.0/16"), at("create veth tb3") + 1);
         let spawned = sys.spawned.borrow().clone().expect("spawned");
         assert_eq!(spawned.job.net.and_then(|n| n.resolver), None);
-        for note in [
-            "network: no resolver in the box: only the stub 127.0.0.53",
-            "network: eth0 10.201.0.14/30 via 10.201.0.13 (host tb3), nat",
-        ] {
-            assert!(report.notes.contains(&note.into()), "{:?}", report.notes);
-        }
+        assert!(
+            report
+                .notes
+                .contains(&"network: no resolver in the box: only the stub 127.0.0.53".into()),
+            "{:?}",
+            report.notes
+        );
+        assert!(report.network.expect("the report names the link").nat);
     }
 
     #[test]
