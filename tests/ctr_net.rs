@@ -42,11 +42,12 @@ fn image() -> String {
     image.display().to_string()
 }
 
-/// `twinbox ctr run --rootfs IMG ARGS -- /bin/sh -c SCRIPT`, not yet started.
+/// `twinbox ctr run --rootfs IMG --timings ARGS -- /bin/sh -c SCRIPT`, not yet started
+/// (`--timings` prints the run's link on stderr).
 fn ctr(args: &[&str], script: &str) -> Command {
     let mut command = Command::new(common::twinbox());
     command
-        .args(["ctr", "run", "--rootfs", &image()])
+        .args(["ctr", "run", "--rootfs", &image(), "--timings"])
         .args(args)
         .args(["--", "/bin/sh", "-c", script]);
     command
@@ -70,7 +71,7 @@ fn net_args(userns: bool) -> Vec<&'static str> {
     args
 }
 
-/// The link a run reported in its `network:` note.
+/// The link a run reported (`RunReport.network`, printed by `--timings`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Link {
     address: Ipv4Addr,
@@ -79,15 +80,15 @@ struct Link {
     host_interface: String,
 }
 
-/// Parses `twinbox: note: network: eth0 A/P via G (host tbN)` from a run's stderr.
-fn link_note(stderr: &str) -> Option<Link> {
+/// Parses `network: eth0 A/P via G (host tbN[, NAT out])` from a run's stderr.
+fn reported_link(stderr: &str) -> Option<Link> {
     let line = stderr
         .lines()
-        .find_map(|l| l.strip_prefix("twinbox: note: network: eth0 "))?;
+        .find_map(|l| l.strip_prefix("network: eth0 "))?;
     let (cidr, rest) = line.split_once(" via ")?;
     let (address, prefix_len) = cidr.split_once('/')?;
     let (gateway, rest) = rest.split_once(" (host ")?;
-    let host_interface = rest.split(')').next()?;
+    let host_interface = rest.split([')', ',']).next()?;
     Some(Link {
         address: address.parse().ok()?,
         prefix_len: prefix_len.parse().ok()?,
@@ -414,8 +415,8 @@ fn the_box_sees_eth0_with_its_address_default_route_and_resolver() {
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         assert_eq!(out.status.code(), Some(0), "{what}: {}", describe(&out));
-        let link = link_note(&stderr)
-            .unwrap_or_else(|| panic!("{what}: no network note: {}", describe(&out)));
+        let link = reported_link(&stderr)
+            .unwrap_or_else(|| panic!("{what}: no network line (--timings): {}", describe(&out)));
         assert_eq!(link.prefix_len, 30, "{link:?}");
         for expected in [
             format!("inet {}/30", link.address),
@@ -540,7 +541,8 @@ fn host_and_box_move_4_mib_each_way_byte_exact() {
         running.expect_line("done");
         let (status, stderr) = running.finish();
         assert_eq!(status, Some(0), "{what}: {stderr}");
-        let link = link_note(&stderr).unwrap_or_else(|| panic!("{what}: no note: {stderr}"));
+        let link = reported_link(&stderr)
+            .unwrap_or_else(|| panic!("{what}: no network line (--timings): {stderr}"));
         assert_eq!((link.address, link.gateway), (address, gateway), "{what}");
         before.assert_nothing_left(&what, false);
     }
@@ -564,8 +566,8 @@ fn eight_concurrent_boxes_get_eight_distinct_links() {
     for run in runs {
         let out = run.wait_with_output().expect("wait for twinbox");
         assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-        let link = link_note(&String::from_utf8_lossy(&out.stderr))
-            .unwrap_or_else(|| panic!("no network note: {}", describe(&out)));
+        let link = reported_link(&String::from_utf8_lossy(&out.stderr))
+            .unwrap_or_else(|| panic!("no network line (--timings): {}", describe(&out)));
         let seen = String::from_utf8_lossy(&out.stdout);
         assert!(
             seen.contains(&format!("inet {}/30", link.address)),
@@ -757,7 +759,7 @@ fn without_net_the_box_has_only_lo() {
         describe(&out)
     );
     assert!(
-        link_note(&String::from_utf8_lossy(&out.stderr)).is_none(),
+        reported_link(&String::from_utf8_lossy(&out.stderr)).is_none(),
         "{}",
         describe(&out)
     );
@@ -765,10 +767,10 @@ fn without_net_the_box_has_only_lo() {
 }
 
 #[test]
-fn the_link_note_parses() {
-    let link = link_note(
+fn the_reported_link_parses() {
+    let link = reported_link(
         "twinbox-init: workload exited with status 0\n\
-         twinbox: note: network: eth0 10.201.0.6/30 via 10.201.0.5 (host tb1), nat\n",
+         network: eth0 10.201.0.6/30 via 10.201.0.5 (host tb1, NAT out)\n",
     );
     assert_eq!(
         link,
@@ -918,8 +920,13 @@ fn nat_masquerades_the_box_out_of_the_host_and_link_does_not() {
             .output()
             .expect("run twinbox");
         assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-        let note = link_note(&String::from_utf8_lossy(&out.stderr))
-            .unwrap_or_else(|| panic!("no network note: {}", describe(&out)));
+        let note = reported_link(&String::from_utf8_lossy(&out.stderr))
+            .unwrap_or_else(|| panic!("no network line (--timings): {}", describe(&out)));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(", NAT out)"),
+            "the report does not say NAT: {}",
+            describe(&out)
+        );
         assert!(
             String::from_utf8_lossy(&out.stdout).contains("reached"),
             "the box did not get out through NAT: {}",
