@@ -33,7 +33,7 @@ pub struct CtrRunArgs {
     /// `--net` (or `--net link`) gives the container `eth0`, its end of a point-to-point
     /// veth link with the host: a /30 from 10.201.0.0/16 (or TWINBOX_NET_POOL), a default
     /// route via the host's end `tb<N>`, and the host's name server in /etc/resolv.conf.
-    /// The host reaches the box at the address in the `network:` note. `--net nat` also
+    /// `--timings` and `--json` print the link, so the host can reach the box. `--net nat` also
     /// masquerades the box's traffic out of the host's default route (the nftables table
     /// `ip twinbox`, and ip_forward on). Without `--net` the container has only `lo`.
     /// Needs CAP_NET_ADMIN. Put the command after `--`.
