@@ -35,6 +35,9 @@ pub enum Error {
     /// The seccomp profile did not compile.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// `--net` without CAP_NET_ADMIN, found before anything is made.
+    #[error("--net needs CAP_NET_ADMIN (it makes a veth pair and host addresses), which this process lacks — run as root with it")]
+    NoNetAdmin,
     /// The box's network (`--net`): no lease, no veth, no NAT table.
     #[error(transparent)]
     Net(#[from] hostnet::Error),

@@ -43,6 +43,8 @@ pub struct Recording {
     pub child: ChildScript,
     /// What `is_root` answers.
     pub root: bool,
+    /// What `can_admin_network` answers.
+    pub net_admin: bool,
     /// What `host_resolver` answers.
     pub resolver: hostnet::Resolver,
     /// What the pretend child was given: its job and capability words, taken at spawn.
@@ -94,6 +96,7 @@ impl Recording {
             fail: None,
             child,
             root: true,
+            net_admin: true,
             resolver: hostnet::Resolver::Reachable([192, 0, 2, 53].into()),
             spawned: RefCell::new(None),
         }
@@ -169,6 +172,10 @@ impl Drop for FakeCgroup {
 impl Syscall for Recording {
     fn is_root(&self) -> bool {
         self.root
+    }
+
+    fn can_admin_network(&self) -> bool {
+        self.net_admin
     }
 
     fn mountinfo(&self) -> Result<String, Error> {

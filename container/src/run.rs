@@ -1,8 +1,8 @@
 //! One container run. [`run`] tells the story top to bottom, in numbered steps:
 //!
 //! 1. **sweep** — remove what killed runs left behind (`sweep.rs`);
-//! 2. **check** — root, the spec, the image is ext4, the disks exist, the cgroup layout,
-//!    so bad input costs nothing and leaves nothing behind;
+//! 2. **check** — root, the spec, the image is ext4, the disks exist, CAP_NET_ADMIN with
+//!    `--net`, the cgroup layout, so bad input costs nothing and leaves nothing behind;
 //! 3. **cgroup** — the run's cgroup: cpu quota, memory without swap, pids, the device
 //!    allowlist (`cgroup.rs`);
 //! 4. **rootfs** — the staging directory, the image on a read-only autoclear loop device,
@@ -67,6 +67,9 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     let mountinfo = sys.mountinfo()?;
     sys.sweep(&mountinfo);
     check(spec)?;
+    if spec.net.is_some() && !sys.can_admin_network() {
+        return Err(Error::NoNetAdmin);
+    }
     let layout = cgroup::detect(&mountinfo)?;
     let mut notes = Vec::new();
     let name = run_name()?;
@@ -979,5 +982,11 @@ mod tests {
         let image = FakeImage::new("no-root");
         assert!(matches!(run_with(&sys, &image.spec()), Err(Error::NotRoot)));
         assert!(sys.calls().is_empty());
+        let mut sys = Recording::new(runs(exits(0), 0));
+        sys.net_admin = false;
+        let err = run_with(&sys, &net_spec(&image, NetMode::Link)).unwrap_err();
+        assert!(matches!(err, Error::NoNetAdmin), "{err}");
+        assert!(err.to_string().contains("CAP_NET_ADMIN"), "{err}");
+        assert_eq!(sys.calls(), calls(&["sweep"]));
     }
 }

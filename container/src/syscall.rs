@@ -69,6 +69,8 @@ pub type Errno = nix::errno::Errno;
 pub trait Syscall {
     /// Whether the caller is root (loop devices, mounts and cgroups need it).
     fn is_root(&self) -> bool;
+    /// Whether the caller has CAP_NET_ADMIN (`--net` makes a veth pair and addresses).
+    fn can_admin_network(&self) -> bool;
     /// The text of `/proc/self/mountinfo` (cgroup layout, sweep places).
     fn mountinfo(&self) -> Result<String, Error>;
     /// Removes the cgroups and staging directories of runs whose twinbox died.
@@ -176,6 +178,18 @@ pub struct Real;
 impl Syscall for Real {
     fn is_root(&self) -> bool {
         nix::unistd::geteuid().is_root()
+    }
+
+    fn can_admin_network(&self) -> bool {
+        // The effective set as the kernel shows it; unreadable counts as "yes", so the
+        // kernel's own refusal (one line from hostnet) remains the last word.
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+                u64::from_str_radix(hex.trim(), 16).ok()
+            })
+            .is_none_or(|effective| effective & 1 << crate::caps::NET_ADMIN != 0)
     }
 
     fn mountinfo(&self) -> Result<String, Error> {
