@@ -66,14 +66,32 @@ pub fn startup(r: &Results, path: &Path) -> Result<(), ChartError> {
     )
 }
 
-/// Overhead: for each scenario's headline metric, box median / native median.
+/// Overhead: for each scenario's charted metrics ([`crate::scenario::Scenario::charted`],
+/// the headline unless it says otherwise), box median / native median.
 pub fn overhead(r: &Results, path: &Path) -> Result<(), ChartError> {
     let mut bars: Vec<Stack> = Vec::new();
     for s in &r.scenarios {
-        let Some(m) = s.metrics.first() else { continue };
-        for b in s.boxes.iter().filter(|b| b.as_str() != native::NAME) {
-            if let Some(x) = ratio(s, &m.key, b, native::NAME) {
-                bars.push((format!("{}/{b}", s.name), vec![(b.clone(), x)]));
+        let charted: Vec<String> = match crate::scenario::by_name(&s.name) {
+            Some(scn) => scn.charted().iter().map(|m| m.key.to_string()).collect(),
+            None => s
+                .metrics
+                .first()
+                .map(|m| m.key.clone())
+                .into_iter()
+                .collect(),
+        };
+        // More than one metric of a scenario: each bar says which.
+        let labelled = charted.len() > 1;
+        for key in &charted {
+            for b in s.boxes.iter().filter(|b| b.as_str() != native::NAME) {
+                if let Some(x) = ratio(s, key, b, native::NAME) {
+                    let label = if labelled {
+                        format!("{}/{b} {key}", s.name)
+                    } else {
+                        format!("{}/{b}", s.name)
+                    };
+                    bars.push((label, vec![(b.clone(), x)]));
+                }
             }
         }
     }

@@ -70,9 +70,19 @@ pub const EXEC_US: Metric = Metric::lower("exec_us", "µs");
 pub const RANDREAD_4K_IOPS: Metric = Metric::higher("randread_4k_iops", "IOPS");
 /// fio 1 MiB sequential read bandwidth.
 pub const SEQREAD_1M_MIB_S: Metric = Metric::higher("seqread_1m_mib_s", "MiB/s");
+/// iperf3, one TCP stream, host sends to the box (Gbit/s arriving).
+pub const TCP_TO_BOX_GBIT_S: Metric = Metric::higher("tcp_to_box_gbit_s", "Gbit/s");
+/// iperf3 `-R`, one TCP stream, the box sends to the host (Gbit/s arriving).
+pub const TCP_FROM_BOX_GBIT_S: Metric = Metric::higher("tcp_from_box_gbit_s", "Gbit/s");
+/// TCP request/response transactions per second (1-byte messages, one connection).
+pub const TCP_RR_PER_S: Metric = Metric::higher("tcp_rr_per_s", "transactions/s");
+/// Median TCP request/response round trip.
+pub const TCP_RR_P50_US: Metric = Metric::lower("tcp_rr_p50_us", "µs");
+/// 99th percentile TCP request/response round trip.
+pub const TCP_RR_P99_US: Metric = Metric::lower("tcp_rr_p99_us", "µs");
 
 /// All of them (tests check that keys are unique).
-pub const ALL: [Metric; 14] = [
+pub const ALL: [Metric; 19] = [
     TO_TORN_DOWN_MS,
     TO_WORKLOAD_EXITED_MS,
     HOST_MEMORY_MIB,
@@ -87,6 +97,11 @@ pub const ALL: [Metric; 14] = [
     EXEC_US,
     RANDREAD_4K_IOPS,
     SEQREAD_1M_MIB_S,
+    TCP_TO_BOX_GBIT_S,
+    TCP_FROM_BOX_GBIT_S,
+    TCP_RR_PER_S,
+    TCP_RR_P50_US,
+    TCP_RR_P99_US,
 ];
 
 #[cfg(test)]

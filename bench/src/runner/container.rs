@@ -1,7 +1,7 @@
 //! The container box: twinbox's own container runtime (`container::run`), in this
 //! process (see [`super::marginal_rss`] for its peak RSS).
 
-use super::{Capabilities, DiskAt, Guest, Instance, Runner, TimeLimit};
+use super::{Capabilities, DiskAt, Guest, Instance, NetAt, Runner, TimeLimit};
 use twinbox_spec::{RunReport, RunSpec};
 
 /// Name of this box in tables and on the command line.
@@ -15,6 +15,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     disk_at: Some(DiskAt::Bind),
     host_binaries: false,
     time_limit: TimeLimit::Host,
+    net: NetAt::Link,
 };
 
 /// twinbox container runner.

@@ -5,6 +5,7 @@ use twinbox_spec::{RunReport, RunSpec};
 
 pub mod container;
 pub mod native;
+pub mod netns;
 pub mod peer;
 pub mod peer_bwrap;
 pub mod peer_cloud_hypervisor;
@@ -62,6 +63,19 @@ impl DiskAt {
     }
 }
 
+/// How a box reaches the network, as the `net` scenario needs to know it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetAt {
+    /// It is the host: servers listen on the host itself, clients reach them over
+    /// loopback (the native baseline).
+    Loopback,
+    /// With `RunSpec::net` it gets `eth0` on a point-to-point link whose other end, its
+    /// default gateway, is the host.
+    Link,
+    /// It cannot get a network; why.
+    Missing(&'static str),
+}
+
 /// How one instance of a box is started as a host process of its own (the `density`
 /// scenario starts K of them at once, as a user would).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,6 +115,8 @@ pub struct Capabilities {
     pub host_binaries: bool,
     /// Its time limit.
     pub time_limit: TimeLimit,
+    /// How it reaches the network.
+    pub net: NetAt,
 }
 
 /// What every peer VMM that boots only the tiny guest can do.
@@ -111,10 +127,12 @@ pub const TINY_GUEST_VMM: Capabilities = Capabilities {
     disk_at: None,
     host_binaries: false,
     time_limit: TimeLimit::Vm,
+    net: NetAt::Missing("boots only the tiny guest, not the image"),
 };
 
 /// What the peer container runtimes (runc, bwrap) can do: the image's workloads over the
 /// pre-mounted image, disks as binds; they are outside processes, so no memory figure.
+/// runc also takes a network namespace with a link ([`peer_runc::CAPABILITIES`]).
 pub const PEER_RUNTIME: Capabilities = Capabilities {
     guest: Guest::None,
     memory_in_report: false,
@@ -122,6 +140,9 @@ pub const PEER_RUNTIME: Capabilities = Capabilities {
     disk_at: Some(DiskAt::Bind),
     host_binaries: false,
     time_limit: TimeLimit::Vm,
+    net: NetAt::Missing(
+        "bubblewrap cannot join a network namespace made for it (--unshare-net gives only lo)",
+    ),
 };
 
 /// The boxes `--boxes` accepts.

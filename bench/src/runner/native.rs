@@ -1,7 +1,7 @@
 //! The baseline: the workload as a plain host process (the host's own binaries, found
 //! through PATH), no isolation at all.
 
-use super::{process, Capabilities, DiskAt, Guest, Instance, Runner, TimeLimit};
+use super::{process, Capabilities, DiskAt, Guest, Instance, NetAt, Runner, TimeLimit};
 use std::process::Command;
 use twinbox_spec::run_spec::OutputMode;
 use twinbox_spec::{BoxKind, RunReport, RunSpec};
@@ -17,6 +17,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     disk_at: Some(DiskAt::HostPath),
     host_binaries: true,
     time_limit: TimeLimit::Host,
+    net: NetAt::Loopback,
 };
 
 /// Host process runner.

@@ -38,6 +38,7 @@ pub const CAPABILITIES: super::Capabilities = super::Capabilities {
     disk_at: Some(super::DiskAt::VirtioBlk),
     host_binaries: false,
     time_limit: super::TimeLimit::Vm,
+    net: super::NetAt::Missing("the QEMU peer gets no tap and virtio-net-device yet"),
 };
 
 /// How QEMU runs guest code.

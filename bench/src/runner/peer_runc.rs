@@ -5,7 +5,9 @@
 //! mount namespaces, three capabilities, read-only root, no new privileges), changed only
 //! where the run asks for it: the workload's argv, no terminal, the mounted image as the
 //! root, hostname `twinbox`, the memory limit (and CPU quota when set) like twinbox's
-//! container, and the extra disks as binds at `/mnt/disk<N>` on a tmpfs `/mnt`. runc keeps its
+//! container, and the extra disks as binds at `/mnt/disk<N>` on a tmpfs `/mnt`. With
+//! `RunSpec::net` the container joins a network namespace the bench prepared with a link
+//! to the host ([`super::netns`]), given by path, as container engines do with CNI. runc keeps its
 //! state under a directory of ours (`--root`, a [`RunDir`]), removed at the end; `runc run` deletes the
 //! container when its process exits. If the bench is killed while a container runs, runc dies
 //! with it but the container (runc's child, not ours) does not: the next bench's
@@ -22,6 +24,13 @@ use twinbox_spec::{Outcome, RunReport, RunSpec};
 
 /// Name of this peer in tables.
 pub const NAME: &str = "runc";
+
+/// What runc can do: what every peer runtime can, and a network namespace with a link
+/// when the run asks for one.
+pub const CAPABILITIES: super::Capabilities = super::Capabilities {
+    net: super::NetAt::Link,
+    ..super::PEER_RUNTIME
+};
 
 /// runc runner.
 #[derive(Debug)]
@@ -68,13 +77,19 @@ impl Runc {
     }
 }
 
-/// runc's default config changed for one run (see the module docs).
+/// runc's default config changed for one run (see the module docs); with `netns`, the
+/// container joins that network namespace instead of getting an empty one.
 pub fn config_for(
     template: &serde_json::Value,
     rootfs: &Path,
     spec: &RunSpec,
+    netns: Option<&Path>,
 ) -> serde_json::Value {
     let mut c = template.clone();
+    if let (Some(path), Some(namespaces)) = (netns, c["linux"]["namespaces"].as_array_mut()) {
+        namespaces.retain(|n| n["type"] != "network");
+        namespaces.push(serde_json::json!({ "type": "network", "path": path }));
+    }
     c["process"]["terminal"] = false.into();
     c["process"]["args"] = spec.argv.clone().into();
     c["root"] = serde_json::json!({ "path": rootfs, "readonly": true });
@@ -126,7 +141,7 @@ impl Runner for Runc {
     }
 
     fn capabilities(&self) -> super::Capabilities {
-        super::PEER_RUNTIME
+        CAPABILITIES
     }
 
     fn run(&self, spec: &RunSpec) -> Result<RunReport, String> {
@@ -134,7 +149,18 @@ impl Runner for Runc {
         let id = format!("twinbox-bench-{}-{n}", std::process::id());
         let bundle_dir = RunDir::create("runc-bundle")?;
         let bundle = bundle_dir.path();
-        let config = config_for(&self.template, &self.rootfs, spec);
+        // With `spec.net`, a namespace of the bench's with a link to the host, as a CNI
+        // plugin would prepare it; it lives until this run's report is made.
+        let net = spec
+            .net
+            .map(|_| super::netns::BoxNet::create())
+            .transpose()?;
+        let config = config_for(
+            &self.template,
+            &self.rootfs,
+            spec,
+            net.as_ref().map(|n| n.path()),
+        );
         std::fs::write(bundle.join("config.json"), config.to_string())
             .map_err(|e| format!("{}: {e}", bundle.display()))?;
         let mut cmd = Command::new(&self.binary);
@@ -149,12 +175,14 @@ impl Runner for Runc {
             process::die_with_bench(&mut delete, Signal::SIGKILL);
             let _ = delete.output();
         }
-        Ok(peer_report(
+        let mut report = peer_report(
             NAME,
             done,
             "runc process start to exit; image pre-mounted by the bench",
             |outcome, _| outcome,
-        ))
+        );
+        report.network = net.as_ref().and_then(|n| n.link_info());
+        Ok(report)
     }
 }
 
@@ -179,7 +207,7 @@ mod tests {
             path: "/d.img".into(),
             read_only: true,
         }];
-        let c = config_for(&template, Path::new("/run/root"), &spec);
+        let c = config_for(&template, Path::new("/run/root"), &spec, None);
         assert_eq!(c["process"]["args"], serde_json::json!(["fio", "--x"]));
         assert_eq!(c["process"]["terminal"], false);
         assert_eq!(c["process"]["noNewPrivileges"], true);
@@ -193,5 +221,27 @@ mod tests {
         assert_eq!(mounts[1]["destination"], "/mnt");
         assert_eq!(mounts[2]["destination"], "/mnt/disk0");
         assert_eq!(mounts[2]["options"], serde_json::json!(["bind", "ro"]));
+    }
+
+    #[test]
+    fn a_given_network_namespace_replaces_runcs_empty_one() {
+        let template = serde_json::json!({
+            "linux": { "namespaces": [ { "type": "pid" }, { "type": "network" } ] }
+        });
+        let spec = RunSpec::new("/img", vec!["true".into()]);
+        let ns = Path::new("/proc/1/task/2/ns/net");
+        let c = config_for(&template, Path::new("/r"), &spec, Some(ns));
+        assert_eq!(
+            c["linux"]["namespaces"],
+            serde_json::json!([
+                { "type": "pid" },
+                { "type": "network", "path": "/proc/1/task/2/ns/net" }
+            ])
+        );
+        let c = config_for(&template, Path::new("/r"), &spec, None);
+        assert_eq!(
+            c["linux"]["namespaces"][1],
+            serde_json::json!({ "type": "network" })
+        );
     }
 }
