@@ -166,6 +166,14 @@ fn attacks(mode: &[&str]) -> Vec<Attack> {
         probe("io_uring", "io_uring_setup", "io_uring_setup errno=1"),
         // ENOSYS, so that libc falls back to clone, whose flags the filter can see.
         probe("clone3", "clone3", "clone3 errno=38"),
+        // init is not dumpable: the workload can neither trace it nor open its descriptors
+        // (the marker pipe), so it cannot forge phases or the exit status.
+        probe("ptrace_init", "ptrace-init", "ptrace-init errno=1"),
+        probe(
+            "init_fds",
+            "open-init-fds",
+            "open-init-fds errno=13 at=open",
+        ),
     ]
 }
 

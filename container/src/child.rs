@@ -51,6 +51,8 @@ pub const BECOME_ROOT: u32 = 13;
 pub const PARENT_GONE: u32 = 14;
 /// Installing the seccomp filter.
 pub const SECCOMP: u32 = 15;
+/// Leaving the CLI's session.
+pub const NEW_SESSION: u32 = 16;
 /// The code of the plan's first step.
 pub const FIRST_PLAN_STEP: u32 = 100;
 
@@ -72,6 +74,7 @@ pub fn describe(code: u32, plan: &Plan) -> String {
         BECOME_ROOT => "become root of the user namespace".into(),
         PARENT_GONE => "outlive the parent: it died during start-up".into(),
         SECCOMP => "install the seccomp filter".into(),
+        NEW_SESSION => "start a new session".into(),
         c if c >= FIRST_PLAN_STEP => plan
             .steps
             .get((c - FIRST_PLAN_STEP) as usize)
@@ -178,6 +181,10 @@ fn setup(p: &Prepared, sys: &dyn Syscall) -> StepResult {
         at(OUTPUT, sys.dup2(fd, 2))?;
         sys.close(fd);
     }
+    // Out of the CLI's session and process group, as runc does: init must not hold the
+    // user's terminal as its controlling tty (a box could push input into the user's shell
+    // with TIOCSTI), and a Ctrl-C meant for twinbox goes to twinbox, which stops the box.
+    at(NEW_SESSION, sys.new_session())?;
     for cap in &p.caps_to_drop {
         // EINVAL: a capability this kernel does not have.
         match sys.drop_bounding_cap(*cap) {
@@ -338,6 +345,7 @@ mod tests {
             "umount -l .".into(),
             "chdir /".into(),
             "keep marker fd".into(),
+            "setsid".into(),
             "capset 0xa00425fb 0x0".into(),
             "no_new_privs".into(),
             "seccomp".into(),

@@ -452,6 +452,10 @@ impl Syscall for Recording {
         self.child_call(format!("capset {:#x} {:#x}", keep[0], keep[1]))
     }
 
+    fn new_session(&self) -> Result<(), Errno> {
+        self.child_call("setsid".into())
+    }
+
     fn no_new_privs(&self) -> Result<(), Errno> {
         self.child_call("no_new_privs".into())
     }

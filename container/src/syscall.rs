@@ -159,6 +159,8 @@ pub trait Syscall {
     fn drop_bounding_cap(&self, cap: u32) -> Result<(), Errno>;
     /// Effective, permitted and inheritable sets to `keep` (two 32-bit words).
     fn capset(&self, keep: [u32; 2]) -> Result<(), Errno>;
+    /// `setsid(2)`: a new session without a controlling terminal.
+    fn new_session(&self) -> Result<(), Errno>;
     /// `PR_SET_NO_NEW_PRIVS`.
     fn no_new_privs(&self) -> Result<(), Errno>;
     /// Installs the seccomp filter on this thread.
@@ -508,6 +510,11 @@ impl Syscall for Real {
         });
         // SAFETY: capset with a v3 header and its two data words, on the stack.
         Errno::result(unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) }).map(drop)
+    }
+
+    fn new_session(&self) -> Result<(), Errno> {
+        // SAFETY: setsid takes no arguments.
+        Errno::result(unsafe { libc::setsid() }).map(drop)
     }
 
     fn no_new_privs(&self) -> Result<(), Errno> {

@@ -38,6 +38,11 @@ use sys::{check, cstring, SysError};
 use twinbox_proto::{Job, Marker, MarkerChannel, MARKER_PORT};
 
 fn main() {
+    // Not dumpable: the workload runs as the same uid but without CAP_SYS_PTRACE, so it
+    // can neither ptrace init nor open /proc/1/fd (init's marker pipe), and cannot forge
+    // phases or the exit status the host reads. (exec makes the workload dumpable again.)
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     // Outside a PID namespace (tests, debugging) orphans still come back to us.
     // SAFETY: getpid/prctl take no pointers.
     if unsafe { libc::getpid() } != 1 {

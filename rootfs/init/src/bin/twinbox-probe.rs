@@ -167,6 +167,42 @@ fn attack(args: &[String]) -> Result<Outcome, String> {
                 Err(refused) => refused,
             }
         }
+        "ptrace-init" => {
+            want(0)?;
+            // SAFETY: PTRACE_SEIZE of PID 1 with no options; refused unless init is
+            // dumpable (or we hold CAP_SYS_PTRACE): then nothing is attached.
+            single(unsafe { libc::ptrace(libc::PTRACE_SEIZE, 1, 0, 0) as libc::c_long })
+        }
+        "open-init-fds" => {
+            want(0)?;
+            // init's descriptors include the marker pipe: whoever opens one for writing can
+            // forge phases. Any descriptor that opens counts as a success of the attack.
+            let entries = match std::fs::read_dir("/proc/1/fd") {
+                Ok(entries) => entries,
+                Err(e) => {
+                    return Ok(Outcome::Refused {
+                        step: Some("list"),
+                        errno: e.raw_os_error().unwrap_or(0),
+                    })
+                }
+            };
+            let mut last = Outcome::Refused {
+                step: Some("list"),
+                errno: libc::ENOENT,
+            };
+            for entry in entries.flatten() {
+                match std::fs::OpenOptions::new().write(true).open(entry.path()) {
+                    Ok(_) => return Ok(Outcome::Ok),
+                    Err(e) => {
+                        last = Outcome::Refused {
+                            step: Some("open"),
+                            errno: e.raw_os_error().unwrap_or(0),
+                        }
+                    }
+                }
+            }
+            last
+        }
         "mount" => {
             want(0)?;
             single(mount_tmpfs(c"/mnt"))
