@@ -231,10 +231,11 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
 /// and a scenario they take part in is asked for.
 fn mount_peer_root(opts: &Options) -> Result<Option<runner::peer_root::PeerRoot>, Error> {
     let wanted = opts.peers
-        && opts
-            .scenarios
-            .iter()
-            .any(|s| s.sits_out(&runner::PEER_RUNTIME).is_none())
+        && opts.scenarios.iter().any(|s| {
+            [runner::PEER_RUNTIME, runner::peer_runc::CAPABILITIES]
+                .iter()
+                .any(|caps| s.sits_out(caps).is_none())
+        })
         && [runner::peer_runc::NAME, runner::peer_bwrap::NAME]
             .iter()
             .any(|b| runner::peer::in_path(b).is_some());

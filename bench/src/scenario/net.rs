@@ -218,7 +218,8 @@ pub fn server_argv(
 /// Two one-off iperf3 servers in the background, the request/response server in front
 /// (it announces readiness to `announce` with `token`), then the status of all three.
 /// iperf3 keeps its send buffer in a temporary file: where `/tmp` is read-only (runc's
-/// read-only root) `/dev/shm` takes it.
+/// read-only root) `/dev/shm` takes it. Tried by making a file, not with `test -w`, which
+/// busybox answers yes for root whatever the mount says.
 pub fn server_script(
     iperf3: &str,
     microbench: &str,
@@ -232,7 +233,7 @@ pub fn server_script(
         rr,
     } = ports;
     format!(
-        "[ -w /tmp ] || export TMPDIR=/dev/shm; \
+        "t=$(mktemp 2>/dev/null) && rm -f \"$t\" || export TMPDIR=/dev/shm; \
          {iperf3} -s -1 -p {forward} & f=$!; \
          {iperf3} -s -1 -p {reverse} & r=$!; \
          {microbench} --tcp-rr-server {rr} --announce {announce} {token} --wait {SERVER_WAIT_S}; \
