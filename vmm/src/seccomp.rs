@@ -7,8 +7,8 @@
 //! The lists come from `strace -f` of `twinbox vm run` (a Linux guest booting until its
 //! reset, with a virtio disk) and of the tiny-guest tests (virtqueue round trip, console
 //! flood, teardown), per thread, plus what Rust's runtime and glibc do on those threads
-//! after the filter is in: allocation (`mmap`/`mprotect`/`munmap`/`madvise`/`brk`, never
-//! with PROT_EXEC), futex waits, signal return (the vCPU kick; SIGINT/SIGTERM may land on
+//! after the filter is in: allocation (`mmap`/`mprotect`/`mremap`/`munmap`/`madvise`/`brk`,
+//! never with PROT_EXEC), futex waits, signal return (the vCPU kick; SIGINT/SIGTERM may land on
 //! any thread), `close`, and thread exit. `ioctl` is limited to the vCPU ioctls by number.
 //!
 //! A call outside the list kills the whole process (`SECCOMP_RET_KILL_PROCESS`): a VMM
@@ -207,6 +207,9 @@ fn common() -> BTreeMap<i64, Vec<SeccompRule>> {
         &mut rules,
         &[
             libc::SYS_brk,
+            // realloc of a block above glibc's mmap threshold moves the mapping (e.g. a
+            // captured console growing past 128 KiB on a vCPU thread).
+            libc::SYS_mremap,
             libc::SYS_munmap,
             libc::SYS_madvise,
             libc::SYS_futex,

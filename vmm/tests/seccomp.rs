@@ -177,3 +177,59 @@ fn run_options_can_turn_the_filters_off() {
     }
     assert!(ended, "the unfiltered VMM did not finish normally ({how})");
 }
+
+/// Env var for the capture child (value: its directory).
+const CAPTURE_ENV: &str = "TWINBOX_SECCOMP_CAPTURE_CHILD";
+
+/// Not a test on its own: floods a captured console (as the bench runs VMs) for 3 s.
+#[test]
+#[ignore = "runs only as the child of the capture test"]
+fn child_captured_flood() {
+    let Some(dir) = std::env::var_os(CAPTURE_ENV).map(std::path::PathBuf::from) else {
+        panic!("run only as the child of the capture test ({CAPTURE_ENV} unset)");
+    };
+    let kernel = dir.join("guest.elf");
+    std::fs::write(&kernel, elf(FLOOD)).unwrap();
+    let root = dir.join("root.img");
+    fake_root(&root);
+    let mut spec = RunSpec::new(&root, vec!["/bin/true".into()]);
+    spec.kernel = Some(kernel);
+    spec.memory_mib = 64;
+    spec.output = OutputMode::Capture;
+    spec.time_limit = Some(Duration::from_secs(3));
+    let report = vmm::run(&spec).expect("vmm::run");
+    eprintln!(
+        "CAPTURED {}",
+        report.output.map(|o| o.len()).unwrap_or_default()
+    );
+}
+
+/// A captured console grows a buffer on the vCPU thread: past glibc's mmap threshold
+/// (128 KiB) its reallocation moves the mapping with mremap, which the vCPU's filter must
+/// allow, or the process (the bench, which captures) dies of SIGSYS.
+#[test]
+fn a_large_captured_console_survives_the_vcpu_filter() {
+    require_kvm();
+    let dir = TempDir::new("seccomp-capture");
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "child_captured_flood",
+            "--nocapture",
+        ])
+        .env(CAPTURE_ENV, &dir.0)
+        .env_remove(vmm::seccomp::MODE_ENV)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let captured: usize = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("CAPTURED "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the child died ({}): {stderr}", out.status));
+    assert!(
+        captured > 256 << 10,
+        "only {captured} bytes captured: the test did not cross the mmap threshold"
+    );
+}
