@@ -220,6 +220,11 @@ fn common() -> BTreeMap<i64, Vec<SeccompRule>> {
             libc::SYS_close,
             libc::SYS_write,
             libc::SYS_clock_gettime,
+            // Not seen in the traces, harmless, and a library's first HashMap (its random
+            // keys) or a back-off sleep on one of these threads must not kill the VMM.
+            libc::SYS_getrandom,
+            libc::SYS_nanosleep,
+            libc::SYS_clock_nanosleep,
             libc::SYS_gettid,
             libc::SYS_exit,
             libc::SYS_exit_group,
