@@ -49,6 +49,10 @@ pub const RR_SECONDS: u32 = 3;
 const CONNECT_RETRIES: u32 = 100;
 /// Pause between two such retries.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// What the host-side clients take at most when all goes well, plus slack: added to a
+/// box's time limit.
+const CLIENTS_TIME: Duration =
+    Duration::from_secs((2 * (IPERF_SECONDS + IPERF_OMIT_S) + RR_SECONDS + 15) as u64);
 /// How long a box's servers wait for their client, seconds: a bound, never reached when
 /// the bench is alive (it ends them itself).
 const SERVER_WAIT_S: u32 = 120;
@@ -115,6 +119,9 @@ impl Scenario for Net {
         if caps.net == NetAt::Link {
             spec.net = Some(NetMode::Link);
         }
+        // The box lives through the whole measurement: its limit (`--vm-timeout` for VMs
+        // and peers, a start-up bound) gets the clients' time on top.
+        spec.time_limit = spec.time_limit.map(|t| t + CLIENTS_TIME);
     }
 
     fn extract(&self, _report: &RunReport) -> Result<Metrics, String> {
@@ -598,6 +605,10 @@ pub(crate) mod tests {
             Some(NetMode::Link)
         );
         assert_eq!(Net.spec(&c, &runner::native::CAPABILITIES).net, None);
+        // The 7 s VM limit of ctx() is a start-up bound: the measurement comes on top.
+        let runc = Net.spec(&c, &runner::peer_runc::CAPABILITIES);
+        assert_eq!(runc.time_limit, Some(c.vm_timeout + CLIENTS_TIME));
+        assert!(CLIENTS_TIME > Duration::from_secs(u64::from(2 * IPERF_SECONDS + RR_SECONDS)));
     }
 
     #[test]
