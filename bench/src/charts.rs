@@ -207,4 +207,22 @@ mod tests {
         assert!(svg.starts_with("<svg"));
         assert!(svg.contains("cpu/container"));
     }
+
+    #[test]
+    fn the_net_scenario_charts_throughput_and_round_trip() {
+        let dir = std::env::temp_dir().join(format!("bench-charts-net-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let r = crate::results::tests::sample_with_net();
+        overhead(&r, &dir.join("o.svg")).unwrap();
+        let svg = std::fs::read_to_string(dir.join("o.svg")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(svg.contains("net/container tcp_to_box_gbit_s"), "{svg}");
+        assert!(svg.contains("net/container tcp_rr_p50_us"), "{svg}");
+        assert!(
+            !svg.contains("tcp_rr_p99_us"),
+            "only the two charted metrics"
+        );
+        // Other scenarios keep their one unlabelled headline bar.
+        assert!(svg.contains("\ncpu/container\n"), "{svg}");
+    }
 }

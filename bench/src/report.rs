@@ -513,6 +513,22 @@ mod tests {
     }
 
     #[test]
+    fn the_network_claim_gives_each_box_beside_native_and_who_sat_out() {
+        let text = report_from_results(&crate::results::tests::sample_with_net());
+        assert!(text.contains("Felter et al."), "{text}");
+        assert!(
+            text.contains(
+                "native 10.00 µs (baseline), 20.00 / 20.00 Gbit/s; container 40.00 µs \
+                 (+30.0 µs vs native), 15.00 / 15.00 Gbit/s. Not measured: vm (no \
+                 virtio-net yet)."
+            ),
+            "{text}"
+        );
+        // Without a net scenario there is no network row.
+        assert!(!report_from_results(&sample()).contains("**Network:"));
+    }
+
+    #[test]
     fn phases_follow_the_metrics_not_the_name() {
         let r = sample();
         let cpu = r.scenario("cpu").unwrap();

@@ -251,6 +251,46 @@ pub(crate) mod tests {
         }
     }
 
+    /// [`sample`] with a `net` scenario: native and container measured (p50 10 and 40 µs,
+    /// 20 and 15 Gbit/s each way), the VM sitting out.
+    pub(crate) fn sample_with_net() -> Results {
+        use crate::metric;
+        use crate::scenario::Scenario;
+        let mut r = sample();
+        let run = |box_name: &str, round: u32, rtt: f64, gbit: f64| RunRecord {
+            box_name: box_name.into(),
+            round,
+            warmup: false,
+            metrics: BTreeMap::from([
+                (metric::TCP_TO_BOX_GBIT_S.key.to_string(), gbit),
+                (metric::TCP_FROM_BOX_GBIT_S.key.to_string(), gbit),
+                (metric::TCP_RR_PER_S.key.to_string(), 1e6 / rtt),
+                (metric::TCP_RR_P50_US.key.to_string(), rtt),
+                (metric::TCP_RR_P99_US.key.to_string(), 2.0 * rtt),
+            ]),
+            error: None,
+            report: None,
+        };
+        let net = crate::scenario::Net;
+        r.scenarios.push(ScenarioResult {
+            name: net.name().into(),
+            description: net.description().into(),
+            workload: net.workload(),
+            metrics: net.metrics().iter().map(|m| m.def()).collect(),
+            boxes: vec!["native".into(), "container".into()],
+            runs: vec![
+                run("native", 0, 10.0, 20.0),
+                run("container", 0, 40.0, 15.0),
+            ],
+            skipped: vec![],
+            sat_out: vec![SatOut {
+                box_name: "vm".into(),
+                reason: "no virtio-net yet".into(),
+            }],
+        });
+        r
+    }
+
     #[test]
     fn round_trips_through_json() {
         let results = sample();

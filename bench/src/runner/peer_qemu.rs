@@ -13,6 +13,12 @@
 //!   the i8042 reset (`reboot=k`), which `-no-reboot` turns into QEMU's exit 0;
 //! - `-serial stdio`: the guest console, where twinbox-init prints the workload's exit.
 //!
+//! With `RunSpec::net` the guest gets a link like twinbox's VM: the bench makes a tap
+//! (`hostnet`: leased /30, `tbt<i>` on the host, owned by the bench's fd, so it vanishes
+//! when the run ends or the bench dies), hands it to QEMU as an inherited fd
+//! (`-netdev tap,fd=3`, `-device virtio-net-device`, the MAC twinbox would give), and puts
+//! the link's addresses in the job, from which init configures `eth0`.
+//!
 //! QEMU ignores the writes to twinbox's marker port and to port 0x600, so the workload's
 //! status comes from init's console line; a Linux boot that never printed it (a panic
 //! also ends in a reset) is a failure, not a success.
@@ -20,10 +26,12 @@
 use super::peer::{peer_report, VMM_NOTE};
 use super::{process, Runner};
 use linux_loader::cmdline::Cmdline;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use twinbox_spec::guest_cmdline;
-use twinbox_spec::proto::{job::JOB_CMDLINE_KEY, ExitCode};
+use twinbox_spec::proto::{job::JOB_CMDLINE_KEY, ExitCode, NetConfig};
 use twinbox_spec::{Outcome, RunReport, RunSpec};
 
 /// Name of this peer in tables.
@@ -38,7 +46,7 @@ pub const CAPABILITIES: super::Capabilities = super::Capabilities {
     disk_at: Some(super::DiskAt::VirtioBlk),
     host_binaries: false,
     time_limit: super::TimeLimit::Vm,
-    net: super::NetAt::Missing("the QEMU peer gets no tap and virtio-net-device yet"),
+    net: super::NetAt::Link,
 };
 
 /// How QEMU runs guest code.
@@ -74,10 +82,12 @@ fn is_tiny_guest(kernel: &Path) -> bool {
 }
 
 /// The kernel command line: the guest command line contract ([`guest_cmdline`]: the
-/// base, the PVM extras when twinbox's VM gets them) and the job, as twinbox's VMM passes
-/// them (minus its own device entries, which QEMU adds for its devices).
-pub fn kernel_cmdline(spec: &RunSpec, pvm: bool) -> Result<String, String> {
+/// base, the PVM extras when twinbox's VM gets them) and the job (with `net`, the link
+/// init configures), as twinbox's VMM passes them (minus its own device entries, which
+/// QEMU adds for its devices).
+pub fn kernel_cmdline(spec: &RunSpec, pvm: bool, net: Option<NetConfig>) -> Result<String, String> {
     let mut job = spec.job();
+    job.net = net;
     job.overlay_root = true;
     job.power_off = true;
     let token = job.encode().map_err(|e| format!("job: {e}"))?;
@@ -102,8 +112,18 @@ pub fn kernel_cmdline(spec: &RunSpec, pvm: bool) -> Result<String, String> {
         .map_err(|_| "kernel command line: not UTF-8".into())
 }
 
-/// QEMU's arguments for one run.
-pub fn args(spec: &RunSpec, kernel: &Path, cmdline: &str, accel: Accel) -> Vec<String> {
+/// The fd number QEMU gets the tap on.
+pub const TAP_FD: i32 = 3;
+
+/// QEMU's arguments for one run; with `mac`, a virtio-net device on the tap at
+/// [`TAP_FD`].
+pub fn args(
+    spec: &RunSpec,
+    kernel: &Path,
+    cmdline: &str,
+    accel: Accel,
+    mac: Option<&str>,
+) -> Vec<String> {
     let mut a: Vec<String> = vec!["-M".into(), "microvm,acpi=off,pit=on,pic=on,rtc=on".into()];
     match accel {
         Accel::Kvm => {
@@ -142,6 +162,12 @@ pub fn args(spec: &RunSpec, kernel: &Path, cmdline: &str, accel: Accel) -> Vec<S
         a.push("-device".into());
         a.push(format!("virtio-blk-device,drive=disk{n}"));
     }
+    if let Some(mac) = mac {
+        a.push("-netdev".into());
+        a.push(format!("tap,id=net0,fd={TAP_FD},vhost=off"));
+        a.push("-device".into());
+        a.push(format!("virtio-net-device,netdev=net0,mac={mac}"));
+    }
     a.push("-kernel".into());
     a.push(kernel.display().to_string());
     a.push("-append".into());
@@ -177,16 +203,25 @@ impl Runner for QemuMicrovm {
     fn run(&self, spec: &RunSpec) -> Result<RunReport, String> {
         let kernel = spec.kernel.as_ref().ok_or("qemu peer needs a kernel")?;
         let pvm = twinbox_spec::host::is_pvm() && self.accel == Accel::Kvm;
-        let cmdline = kernel_cmdline(spec, pvm)?;
+        // Lives until QEMU has exited: the tap goes with the last fd.
+        let tap = match spec.net {
+            Some(_) => {
+                let lease = hostnet::Lease::acquire().map_err(|e| format!("network link: {e}"))?;
+                Some(hostnet::Tap::create(lease).map_err(|e| format!("tap: {e}"))?)
+            }
+            None => None,
+        };
+        let cmdline = kernel_cmdline(spec, pvm, tap.as_ref().map(|t| t.lease().net_config(None)))?;
+        let mac = tap.as_ref().map(|t| hostnet::format_mac(&t.mac()));
         let mut cmd = Command::new(&self.qemu);
-        cmd.args(args(spec, kernel, &cmdline, self.accel));
+        cmd.args(args(spec, kernel, &cmdline, self.accel, mac.as_deref()));
+        if let Some(tap) = &tap {
+            inherit_as(&mut cmd, tap.file().as_raw_fd(), TAP_FD);
+        }
         let done = process::run(cmd, spec.spawn_ns, true, spec.time_limit)?;
         let tiny = is_tiny_guest(kernel);
-        Ok(peer_report(
-            NAME,
-            done,
-            VMM_NOTE,
-            |process, console| match (process, exit_from_console(console)) {
+        let mut report = peer_report(NAME, done, VMM_NOTE, |process, console| {
+            match (process, exit_from_console(console)) {
                 (Outcome::Exited(0), Some(ExitCode::Exited(status))) => {
                     Outcome::Exited(i32::from(status))
                 }
@@ -202,8 +237,29 @@ impl Runner for QemuMicrovm {
                 (other, _) => {
                     Outcome::Failed(format!("qemu ended with {other:?}: {}", console.trim()))
                 }
-            },
-        ))
+            }
+        });
+        report.network = tap.as_ref().map(|t| t.link_info(false));
+        Ok(report)
+    }
+}
+
+/// Makes `fd` (close-on-exec here) the child's fd `target`, open across exec.
+fn inherit_as(cmd: &mut Command, fd: RawFd, target: RawFd) {
+    // SAFETY: the closure runs in the child between fork and exec and makes only
+    // async-signal-safe calls (dup2, fcntl) on fds that are open in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == target {
+                // dup2 onto itself keeps FD_CLOEXEC: clear it instead.
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, target) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
@@ -228,10 +284,11 @@ mod tests {
             path: "/d.img".into(),
             read_only: false,
         }];
-        let line = kernel_cmdline(&spec, false).unwrap();
+        let line = kernel_cmdline(&spec, false, None).unwrap();
         assert!(line.starts_with(guest_cmdline::BASE), "{line}");
         assert!(line.contains(" twinbox.job="), "{line}");
-        let a = args(&spec, Path::new("/vmlinux"), &line, Accel::Kvm);
+        let a = args(&spec, Path::new("/vmlinux"), &line, Accel::Kvm, None);
+        assert!(!a.iter().any(|x| x.contains("netdev")));
         let drives: Vec<_> = a.iter().filter(|x| x.starts_with("id=disk")).collect();
         assert_eq!(
             drives,
@@ -243,13 +300,43 @@ mod tests {
         assert!(a.windows(2).any(|w| w == ["-device", "i8042"]));
         assert!(a.contains(&"-enable-kvm".to_string()));
         assert_eq!(a[a.len() - 1], line);
-        assert!(kernel_cmdline(&spec, true)
+        assert!(kernel_cmdline(&spec, true, None)
             .unwrap()
             .contains(guest_cmdline::PVM_EXTRA));
         spec.cmdline_extra = Some("x".repeat(guest_cmdline::MAX_LEN));
-        assert!(kernel_cmdline(&spec, false)
+        assert!(kernel_cmdline(&spec, false, None)
             .unwrap_err()
             .contains("kernel command line"));
+    }
+
+    #[test]
+    fn a_link_is_a_virtio_net_device_on_the_inherited_tap_and_in_the_job() {
+        let spec = RunSpec::new("/img.ext4", vec!["/bin/true".into()]);
+        let net = NetConfig {
+            address: [10, 201, 0, 6].into(),
+            prefix_len: 30,
+            gateway: [10, 201, 0, 5].into(),
+            resolver: None,
+        };
+        let line = kernel_cmdline(&spec, false, Some(net)).unwrap();
+        let token = line.rsplit_once("twinbox.job=").unwrap().1;
+        let job = twinbox_spec::proto::Job::decode(token).unwrap();
+        assert_eq!(job.net, Some(net));
+        let a = args(
+            &spec,
+            Path::new("/k"),
+            &line,
+            Accel::Tcg,
+            Some("02:74:62:00:00:01"),
+        );
+        assert!(a
+            .windows(2)
+            .any(|w| w == ["-netdev", "tap,id=net0,fd=3,vhost=off"]));
+        assert!(a.windows(2).any(|w| w
+            == [
+                "-device",
+                "virtio-net-device,netdev=net0,mac=02:74:62:00:00:01"
+            ]));
     }
 
     #[test]
