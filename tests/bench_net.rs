@@ -227,3 +227,60 @@ fn net_scenario_measures_native_container_and_runc_and_leaves_nothing() {
     assert!(report.contains("Felter"), "the claim names its source");
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// The QEMU peer with a link, on our kernel and image, under TCG (this host's KVM may not
+/// boot Linux): a tap with virtio-net-device, init configures `eth0` from the job, and the
+/// net scenario's servers in the guest answer the host's clients.
+#[test]
+fn qemu_peer_gets_a_tap_link_and_serves_the_net_scenario() {
+    use bench::scenario::Scenario;
+    common::require_root("the QEMU peer's tap");
+    let rootfs = common::require_artifact(&twinbox_spec::artifacts::rootfs_image());
+    let kernel = common::require_artifact(&twinbox_spec::artifacts::kernel_vmlinux());
+    let qemu = bench::runner::peer_qemu::QemuMicrovm {
+        accel: bench::runner::peer_qemu::Accel::Tcg,
+        ..bench::runner::peer_qemu::QemuMicrovm::find()
+            .expect("qemu-system-x86_64 is not installed: run scripts/install-deps")
+    };
+    let ctx = bench::scenario::Context {
+        microbench: rootfs.with_file_name("twinbox-microbench"),
+        rootfs,
+        kernel,
+        tiny_kernel: "/nonexistent".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        // A software CPU boots Linux in seconds to tens of seconds.
+        vm_timeout: Duration::from_secs(180),
+        disk: "/nonexistent".into(),
+        density_instances: 1,
+        twinbox_exe: common::twinbox(),
+    };
+    let net_before = NetLeftovers::now();
+    let measured = common::leaks::check_no_leaks("the QEMU peer with a tap", || {
+        bench::scenario::Net.measure(&qemu, &ctx)
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !net_before.new_in(&NetLeftovers::now()).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left = net_before.new_in(&NetLeftovers::now());
+    assert!(left.is_empty(), "the QEMU peer left {}", left.join("; "));
+    let report = measured.report.as_ref();
+    assert!(
+        measured.error.is_none(),
+        "{}\nconsole: {}",
+        measured.error.as_deref().unwrap_or_default(),
+        report.and_then(|r| r.output.as_deref()).unwrap_or_default()
+    );
+    for m in bench::scenario::Net.metrics() {
+        let v = measured.metrics.get(m.key).copied();
+        assert!(v.is_some_and(|v| v > 0.0), "{}: {v:?}", m.key);
+    }
+    // Seen with --nocapture; software-CPU numbers, not a measurement.
+    println!("qemu-microvm (TCG) net: {:?}", measured.metrics);
+    let link = report
+        .and_then(|r| r.network.as_ref())
+        .expect("the run's link");
+    assert!(link.host_interface.starts_with("tbt"), "{link:?}");
+    assert!(link.mac.is_some(), "{link:?}");
+}
