@@ -225,6 +225,9 @@ pub fn server_argv(
 
 /// Two one-off iperf3 servers in the background, the request/response server in front
 /// (it announces readiness to `announce` with `token`), then the status of all three.
+/// Every server gives up after [`SERVER_WAIT_S`] (`timeout` for iperf3, `--wait` for the
+/// microbench), so a box whose bench vanished (a runc container outlives a SIGKILLed
+/// bench until the next bench's sweep) still ends by itself.
 /// iperf3 keeps its send buffer in a temporary file: where `/tmp` is read-only (runc's
 /// read-only root) `/dev/shm` takes it. Tried by making a file, not with `test -w`, which
 /// busybox answers yes for root whatever the mount says.
@@ -242,8 +245,8 @@ pub fn server_script(
     } = ports;
     format!(
         "t=$(mktemp 2>/dev/null) && rm -f \"$t\" || export TMPDIR=/dev/shm; \
-         {iperf3} -s -1 -p {forward} & f=$!; \
-         {iperf3} -s -1 -p {reverse} & r=$!; \
+         timeout {SERVER_WAIT_S} {iperf3} -s -1 -p {forward} & f=$!; \
+         timeout {SERVER_WAIT_S} {iperf3} -s -1 -p {reverse} & r=$!; \
          {microbench} --tcp-rr-server {rr} --announce {announce} {token} --wait {SERVER_WAIT_S}; \
          s=$?; wait $f; a=$?; wait $r; b=$?; \
          echo \"net servers: rr $s, iperf3 $a $b\"; \
@@ -632,8 +635,14 @@ pub(crate) mod tests {
             script.contains("twinbox-microbench --tcp-rr-server 5203 --announce gateway:"),
             "{script}"
         );
-        assert!(script.contains("iperf3 -s -1 -p 5201 &"), "{script}");
-        assert!(script.contains("iperf3 -s -1 -p 5202 &"), "{script}");
+        assert!(
+            script.contains("timeout 120 iperf3 -s -1 -p 5201 &"),
+            "{script}"
+        );
+        assert!(
+            script.contains("timeout 120 iperf3 -s -1 -p 5202 &"),
+            "{script}"
+        );
         assert_ne!(native.token, boxed.token);
     }
 
