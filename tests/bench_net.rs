@@ -284,3 +284,53 @@ fn qemu_peer_gets_a_tap_link_and_serves_the_net_scenario() {
     assert!(link.host_interface.starts_with("tbt"), "{link:?}");
     assert!(link.mac.is_some(), "{link:?}");
 }
+
+/// SIGTERM while the clients run against a container and runc: the bench stops (exit
+/// 143), the boxes end with it, and no link, namespace, lease, process or directory is
+/// left.
+#[test]
+fn sigterm_mid_measurement_ends_the_boxes_and_leaves_nothing() {
+    common::require_root("the container's and runc's network links");
+    common::require_artifact(&twinbox_spec::artifacts::rootfs_image());
+    let out = std::env::temp_dir().join(format!("twinbox-bench-net-int-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let dirs_before = bench_dirs();
+    let net_before = NetLeftovers::now();
+    common::leaks::check_no_leaks("an interrupted twinbox bench net", || {
+        let mut child = Command::new(common::twinbox())
+            .args(["bench", "net", "--runs", "5", "--warmup", "0"])
+            .args(["--boxes", "container", "--peers", "--out"])
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("run twinbox bench");
+        // Into the first or second run's iperf3 (each run takes ~11 s).
+        std::thread::sleep(Duration::from_secs(6));
+        // SAFETY: the child is ours and not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("twinbox bench net did not stop within 60 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(status.code(), Some(143), "exit status 128 + SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !net_before.new_in(&NetLeftovers::now()).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let left = net_before.new_in(&NetLeftovers::now());
+    assert!(
+        left.is_empty(),
+        "an interrupted bench left {}",
+        left.join("; ")
+    );
+    assert_eq!(bench_dirs(), dirs_before, "bench directories left behind");
+    let _ = std::fs::remove_dir_all(&out);
+}
