@@ -336,7 +336,25 @@ impl Setup {
         announce_wait: Duration,
         box_ended: &AtomicBool,
     ) -> Result<Metrics, String> {
-        let host = wait_for_announce(&self.rendezvous, &self.token, announce_wait, box_ended)?;
+        // Only loopback, or twinbox's link pool, may announce: the listener of a box run
+        // is on every host address, and nothing from elsewhere is even read.
+        let pool = if self.loopback {
+            None
+        } else {
+            Some(hostnet::Pool::from_env().map_err(|e| format!("network pool: {e}"))?)
+        };
+        let expected = |ip: IpAddr| match (ip, pool) {
+            (IpAddr::V4(v4), Some(pool)) => pool.contains(v4),
+            (ip, None) => ip.is_loopback(),
+            _ => false,
+        };
+        let host = wait_for_announce(
+            &self.rendezvous,
+            &self.token,
+            &expected,
+            announce_wait,
+            box_ended,
+        )?;
         let result = self.clients(host, microbench, box_ended);
         if result.is_err() {
             release_servers(host, self.ports);
@@ -379,6 +397,7 @@ fn token() -> String {
 fn wait_for_announce(
     listener: &TcpListener,
     token: &str,
+    expected: &dyn Fn(IpAddr) -> bool,
     limit: Duration,
     box_ended: &AtomicBool,
 ) -> Result<IpAddr, String> {
@@ -386,7 +405,7 @@ fn wait_for_announce(
     loop {
         match listener.accept() {
             Ok((mut conn, from)) => {
-                if read_token(&mut conn).as_deref() == Some(token) {
+                if expected(from.ip()) && read_token(&mut conn).as_deref() == Some(token) {
                     return Ok(from.ip());
                 }
                 tracing::debug!(%from, "net: a connection to the rendezvous without our token");
@@ -660,14 +679,35 @@ pub(crate) mod tests {
             ours.write_all(b"tok-1\n").unwrap();
         });
         let ended = AtomicBool::new(false);
-        let from = wait_for_announce(&listener, "tok-1", Duration::from_secs(10), &ended).unwrap();
+        let any = |_: IpAddr| true;
+        let from =
+            wait_for_announce(&listener, "tok-1", &any, Duration::from_secs(10), &ended).unwrap();
         assert_eq!(from, IpAddr::V4(Ipv4Addr::LOCALHOST));
         sender.join().unwrap();
         ended.store(true, Ordering::SeqCst);
-        let e = wait_for_announce(&listener, "tok-1", Duration::from_secs(10), &ended).unwrap_err();
+        let e = wait_for_announce(&listener, "tok-1", &any, Duration::from_secs(10), &ended)
+            .unwrap_err();
         assert!(e.contains("ended before"), "{e}");
         let quiet = AtomicBool::new(false);
-        let e = wait_for_announce(&listener, "x", Duration::from_millis(50), &quiet).unwrap_err();
+        let e =
+            wait_for_announce(&listener, "x", &any, Duration::from_millis(50), &quiet).unwrap_err();
+        assert!(e.contains("did not announce"), "{e}");
+        // The right token from an address that may not announce is not taken.
+        let sender = std::thread::spawn(move || {
+            use std::io::Write;
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.write_all(b"tok-2\n").unwrap();
+        });
+        let none = |_: IpAddr| false;
+        let e = wait_for_announce(
+            &listener,
+            "tok-2",
+            &none,
+            Duration::from_millis(500),
+            &quiet,
+        )
+        .unwrap_err();
+        sender.join().unwrap();
         assert!(e.contains("did not announce"), "{e}");
     }
 
