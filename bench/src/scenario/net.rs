@@ -133,7 +133,7 @@ impl Scenario for Net {
     fn measure(&self, runner: &dyn Runner, ctx: &Context) -> Measured {
         let caps = runner.capabilities();
         let mut spec = self.spec(ctx, &caps);
-        let setup = match Setup::new(&caps, ctx) {
+        let setup = match Setup::new(&caps) {
             Ok(s) => s,
             Err(e) => {
                 return Measured {
@@ -263,7 +263,7 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(caps: &Capabilities, _ctx: &Context) -> Result<Self, String> {
+    fn new(caps: &Capabilities) -> Result<Self, String> {
         let loopback = caps.net == NetAt::Loopback;
         // A box's link address is unknown until it runs, so its announce may arrive on any
         // host address; it is told apart by the token.
@@ -312,16 +312,16 @@ impl Setup {
     /// The workload: host binaries natively, the image's otherwise.
     fn box_argv(&self, caps: &Capabilities, ctx: &Context) -> Vec<String> {
         let port = self.rendezvous.local_addr().map_or(0, |a| a.port());
-        let (announce, microbench) = if self.loopback {
-            (
-                format!("127.0.0.1:{port}"),
-                ctx.microbench.display().to_string(),
-            )
+        let announce = if self.loopback {
+            format!("127.0.0.1:{port}")
         } else {
-            (format!("gateway:{port}"), "twinbox-microbench".to_string())
+            // In a box the default gateway is the host's end of its link.
+            format!("gateway:{port}")
         };
+        // The host has no microbench of its own: the copy beside the image is the very
+        // file the boxes run.
         let microbench = if caps.host_binaries {
-            microbench
+            ctx.microbench.display().to_string()
         } else {
             "twinbox-microbench".into()
         };
@@ -637,7 +637,7 @@ pub(crate) mod tests {
     #[test]
     fn native_runs_host_binaries_on_loopback_and_boxes_announce_to_their_gateway() {
         let c = ctx();
-        let native = Setup::new(&runner::native::CAPABILITIES, &c).unwrap();
+        let native = Setup::new(&runner::native::CAPABILITIES).unwrap();
         let argv = native.box_argv(&runner::native::CAPABILITIES, &c);
         let script = &argv[2];
         assert!(
@@ -648,7 +648,7 @@ pub(crate) mod tests {
         assert!(script.contains(&native.token), "{script}");
         let ports = native.ports.all();
         assert!(ports.iter().all(|p| *p > 0) && ports[0] != ports[1] && ports[1] != ports[2]);
-        let boxed = Setup::new(&runner::container::CAPABILITIES, &c).unwrap();
+        let boxed = Setup::new(&runner::container::CAPABILITIES).unwrap();
         let script = boxed.box_argv(&runner::container::CAPABILITIES, &c)[2].clone();
         assert!(
             script.contains("twinbox-microbench --tcp-rr-server 5203 --announce gateway:"),
