@@ -10,7 +10,7 @@ use twinbox_spec::artifacts;
 /// Options of `twinbox bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Scenarios to run: startup, vmm, cpu, memory, density, membw, syscall, disk
+    /// Scenarios to run: startup, vmm, cpu, memory, density, membw, syscall, disk, net
     /// (default: all, in that order).
     pub scenarios: Vec<String>,
     /// Counted runs per box and scenario.
@@ -173,4 +173,30 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
         written.overhead_svg.display()
     ));
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[derive(clap::Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    #[test]
+    fn help_names_every_scenario_in_order() {
+        let help = Wrapper::command().render_long_help().to_string();
+        let listed = help
+            .lines()
+            .find(|l| l.contains("Scenarios to run:"))
+            .expect("the scenarios argument's help");
+        let names: Vec<&str> = bench::scenario::ALL.iter().map(|s| s.name()).collect();
+        assert!(
+            listed.contains(&names.join(", ")),
+            "help says {listed:?}, the bench has {names:?}"
+        );
+    }
 }
