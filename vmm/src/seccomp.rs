@@ -44,6 +44,9 @@ ioctl_iowr_nr!(KVM_TRANSLATE, KVMIO, 0x85, kvm_translation);
 ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
 ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
 
+/// The tap ioctl the event loop may issue (`_IOW('T', 208, unsigned int)`, linux/if_tun.h).
+const TUNSETOFFLOAD: u32 = 0x4004_54d0;
+
 /// What a call outside a thread's list does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -270,19 +273,35 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
                     .collect(),
             );
         }
-        ThreadKind::EventLoop => any(
-            &mut rules,
-            &[
-                libc::SYS_epoll_wait,
-                libc::SYS_epoll_pwait,
-                libc::SYS_epoll_ctl,
-                libc::SYS_read,
-                libc::SYS_pread64,
-                libc::SYS_pwrite64,
-                libc::SYS_fdatasync,
-                libc::SYS_fsync,
-            ],
-        ),
+        ThreadKind::EventLoop => {
+            any(
+                &mut rules,
+                &[
+                    libc::SYS_epoll_wait,
+                    libc::SYS_epoll_pwait,
+                    libc::SYS_epoll_ctl,
+                    libc::SYS_read,
+                    libc::SYS_pread64,
+                    libc::SYS_pwrite64,
+                    libc::SYS_fdatasync,
+                    libc::SYS_fsync,
+                    // virtio-net: one frame per readv/writev on the tap, straight from and
+                    // into guest memory.
+                    libc::SYS_readv,
+                    libc::SYS_writev,
+                ],
+            );
+            // virtio-net sets the tap's offloads to what the guest acked, after each
+            // activation; no other ioctl.
+            rules.insert(
+                libc::SYS_ioctl,
+                vec![rule(vec![arg(
+                    1,
+                    SeccompCmpOp::Eq,
+                    u64::from(TUNSETOFFLOAD),
+                )])],
+            );
+        }
         ThreadKind::Console => any(&mut rules, &[libc::SYS_poll, libc::SYS_ppoll]),
         // No open: the files it reads at the end (/proc/self/status, smaps) were opened
         // before; tgkill is the vCPU kick; rt_sigaction is the CLI restoring SIGINT/SIGTERM.
@@ -372,13 +391,26 @@ mod tests {
     }
 
     #[test]
-    fn only_the_vcpu_may_ioctl_and_only_the_event_loop_may_touch_disks() {
+    fn tunsetoffload_is_the_kernels() {
+        assert_eq!(
+            TUNSETOFFLOAD as libc::c_ulong,
+            libc::TUNSETOFFLOAD as libc::c_ulong
+        );
+    }
+
+    #[test]
+    fn only_the_vcpu_and_the_tap_may_ioctl_and_only_the_event_loop_may_touch_disks() {
         let vcpu = rules(ThreadKind::Vcpu);
         let events = rules(ThreadKind::EventLoop);
         let console = rules(ThreadKind::Console);
         let caller = rules(ThreadKind::Caller);
         assert!(vcpu.contains_key(&libc::SYS_ioctl));
-        assert!(!events.contains_key(&libc::SYS_ioctl));
+        assert_eq!(
+            events.get(&libc::SYS_ioctl).map(Vec::len),
+            Some(1),
+            "the event loop may issue exactly one ioctl (TUNSETOFFLOAD)"
+        );
+        assert!(events.contains_key(&libc::SYS_writev) && events.contains_key(&libc::SYS_readv));
         assert!(!console.contains_key(&libc::SYS_ioctl));
         assert!(!caller.contains_key(&libc::SYS_ioctl));
         assert!(events.contains_key(&libc::SYS_pwrite64));
@@ -399,6 +431,79 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Runs `body` in a forked child under the event loop's filter (kill mode), with a pipe
+    /// made before the filter, and returns its wait status.
+    fn under_event_loop_filter(filters: &Filters, body: fn([i32; 2]) -> i32) -> i32 {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: the child installs a precompiled filter, makes raw system calls on its
+        // own fds and _exits: async-signal-safe after fork.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let code = match filters.apply(ThreadKind::EventLoop) {
+                Ok(()) => body(fds),
+                Err(_) => 3,
+            };
+            // SAFETY: ends the forked child without running the parent's atexit.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child, then closes the pipe we made.
+        unsafe {
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        status
+    }
+
+    /// What virtio-net does on the event loop passes the filter in kill mode: readv and
+    /// writev (on a pipe here, a tap in a run) and TUNSETOFFLOAD (on a closed fd here: the
+    /// kernel answers EBADF, the filter let it through); any other ioctl kills.
+    #[test]
+    fn the_event_loop_may_do_what_virtio_net_does_and_no_other_ioctl() {
+        let filters = Filters::new(Mode::Kill).unwrap();
+        let status = under_event_loop_filter(&filters, |fds| {
+            let mut byte = [7u8];
+            let iov = libc::iovec {
+                iov_base: byte.as_mut_ptr().cast(),
+                iov_len: 1,
+            };
+            // SAFETY: one iovec over a live one-byte buffer, on our own pipe.
+            let wrote = unsafe { libc::writev(fds[1], &iov, 1) };
+            // SAFETY: as above.
+            let read = unsafe { libc::readv(fds[0], &iov, 1) };
+            // SAFETY: an ioctl on an fd that is not open; no memory is passed.
+            let offload = unsafe { libc::ioctl(-1, libc::TUNSETOFFLOAD as _, 0) };
+            // SAFETY: reads errno of this thread.
+            let errno = unsafe { *libc::__errno_location() };
+            if wrote != 1 || read != 1 {
+                6
+            } else if offload != -1 || errno != libc::EBADF {
+                7
+            } else {
+                0
+            }
+        });
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "readv/writev/TUNSETOFFLOAD under the event-loop filter: status {status:#x} \
+             (SIGSYS = {}, exit 6 = readv/writev failed, 7 = TUNSETOFFLOAD not EBADF)",
+            libc::SIGSYS
+        );
+        let status = under_event_loop_filter(&filters, |_| {
+            // SAFETY: as above; TUNSETIFF is not on the list.
+            unsafe { libc::ioctl(-1, libc::TUNSETIFF as _, 0) };
+            0
+        });
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "TUNSETIFF on the event loop must kill (status {status:#x})"
+        );
     }
 
     /// Forks a child that installs `kind`'s filter and calls `getppid` (in no list): the
