@@ -5,12 +5,16 @@
 //! 1. **config** — check the spec, the files (kernel, ext4 root, disks) and guest memory
 //!    against host RAM, and compile the seccomp filters, before any VM exists, so bad input
 //!    costs nothing and leaves nothing behind;
+//!    1b. **network** (`--net`) — lease a /30, make the tap `tbt<i>` on the host (before
+//!    any thread is jailed), NAT with `--net nat`;
 //! 2. **machine** — open /dev/kvm, create the VM (in-kernel irqchip + PIT);
 //! 3. **memory** — map guest RAM around the 32-bit MMIO gap and register it with KVM;
 //! 4. **kernel** — load vmlinux (PVH) or bzImage (64-bit protocol), initrd, MP table;
 //! 5. **devices** — serial (through the console writer thread when it goes to stdout),
-//!    i8042, phase marker, virtio-blk root and extra disks; their `virtio_mmio.device=`
-//!    entries join the command line, which is written last;
+//!    i8042, phase marker, then through one registration each: virtio-blk root and extra
+//!    disks, virtio-net over the tap (`--net`, made in step 1b), virtio-rng; their
+//!    `virtio_mmio.device=` entries join the command line, which is written last, with the
+//!    link's addresses in the job;
 //! 6. **vCPUs** — CPUID, boot registers, one thread each; the device event loop thread;
 //!    each thread installs its seccomp filter first; with [`RunOptions::jail`] they are
 //!    started from the jail (`jail.rs`);
@@ -106,6 +110,8 @@ pub enum Error {
     Job(String),
     #[error("cannot start a VMM thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Net(#[from] hostnet::Error),
     #[error("cannot open /proc/self/status or /proc/self/smaps to measure the run: {0}")]
     Usage(std::io::Error),
 }
@@ -155,6 +161,14 @@ pub fn run_with<S: AsRawFd + ?Sized>(
         notes.push(PVM_NOTE.to_owned());
     }
     let cpu_before = usage::cpu_times_us();
+
+    // 1b. The network link (`--net`), in the host's network namespace and before any thread
+    //     is jailed (the jail has a network namespace of its own). The tap and its lease
+    //     are owned here and by the device's fd, so they vanish with the VMM, SIGKILL too.
+    let network = spec.net.map(Network::create).transpose()?;
+    if let Some(reason) = network.as_ref().and_then(|n| n.resolver_missing.clone()) {
+        notes.push(format!("network: no resolver in the box: {reason}"));
+    }
 
     // 2–3. The machine and its memory.
     let kvm = machine::open_kvm()?;
@@ -207,11 +221,17 @@ pub fn run_with<S: AsRawFd + ?Sized>(
             disks: &spec.disks,
             console: console_out,
             on_marker: marker_callback(markers.clone()),
+            net: network.as_ref().map(Network::device_link).transpose()?,
         },
     )?;
 
     // The command line comes last: it lists the devices.
-    let line = kernel_cmdline(spec, &config, &devices.cmdline_entries)?;
+    let line = kernel_cmdline(
+        spec,
+        &config,
+        &devices.cmdline_entries,
+        network.as_ref().map(|n| n.config),
+    )?;
     boot::params::write_cmdline(&guest_memory, &line)?;
     let ram = memory::total_size(&guest_memory);
     let boot_info =
@@ -302,6 +322,9 @@ pub fn run_with<S: AsRawFd + ?Sized>(
     drop(devices);
     drop(vm);
     drop(guest_memory);
+    // The device's tap fd went with the devices; this closes the last one (the interface
+    // goes) and then frees the lease.
+    let network = network.map(|n| n.info);
     let log = Arc::try_unwrap(markers)
         .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
         .unwrap_or_else(|shared| lock(&shared).clone());
@@ -325,8 +348,62 @@ pub fn run_with<S: AsRawFd + ?Sized>(
             ..Usage::default()
         },
         notes,
-        network: None,
+        network,
     })
+}
+
+/// 1b. The run's link with the host (`--net`): a leased /30, the tap `tbt<i>` addressed
+///     and up on the host, NAT with `--net nat`, and what init needs to configure eth0.
+struct Network {
+    /// Owns the interface (its fd) and the lease; dropped after the VM.
+    tap: hostnet::Tap,
+    /// eth0's address, gateway and resolver, for the job.
+    config: twinbox_spec::proto::NetConfig,
+    /// The link, for the report.
+    info: twinbox_spec::LinkInfo,
+    /// Why the box has no name server, if it has none.
+    resolver_missing: Option<String>,
+}
+
+impl Network {
+    fn create(mode: twinbox_spec::run_spec::NetMode) -> Result<Self, Error> {
+        let lease = hostnet::Lease::acquire()?;
+        let pool = lease.pool();
+        let resolver = hostnet::host_resolver();
+        let config = lease.net_config(resolver.address());
+        let tap = hostnet::Tap::create(lease)?;
+        let nat = mode == twinbox_spec::run_spec::NetMode::Nat;
+        if nat {
+            hostnet::nat::apply(&pool)?;
+        }
+        Ok(Self {
+            info: tap.link_info(nat),
+            config,
+            resolver_missing: resolver.reason().map(str::to_owned),
+            tap,
+        })
+    }
+
+    /// A second fd of the tap for the virtio-net device (the interface lives while either
+    /// is open).
+    fn device_link(&self) -> Result<devices::NetLink, Error> {
+        Ok(devices::NetLink {
+            tap: self
+                .tap
+                .file()
+                .try_clone()
+                .map_err(|e| {
+                    Error::Net(hostnet::Error::Tap {
+                        call: "dup",
+                        interface: self.tap.name().to_owned(),
+                        source: e,
+                    })
+                })?
+                .into(),
+            name: self.tap.name().to_owned(),
+            mac: self.tap.mac(),
+        })
+    }
 }
 
 /// The threads of a run besides the caller's: the console writer, the vCPUs and the device
@@ -433,8 +510,10 @@ fn kernel_cmdline(
     spec: &RunSpec,
     config: &Config,
     devices: &[VirtioMmioEntry],
+    net: Option<twinbox_spec::proto::NetConfig>,
 ) -> Result<String, Error> {
     let mut job = spec.job();
+    job.net = net;
     job.marker = MarkerChannel::Port(MARKER_PORT);
     job.overlay_root = true;
     job.power_off = true;

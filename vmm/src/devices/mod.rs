@@ -14,9 +14,14 @@ use crate::layout::{
 use crate::memory::GuestMemoryMmap;
 use crate::vcpu::IoHandler;
 use devices::bus::{Bus, SharedBusDevice as SharedDevice};
-use devices::virtio::{Block, IrqTrigger, MmioTransport, MMIO_WINDOW_LEN, NOTIFY_REG_OFFSET};
+use devices::virtio::{
+    Block, IrqTrigger, MmioTransport, Net, NetBackend, NetError, Rng, RngError, VirtioDevice,
+    MMIO_WINDOW_LEN, NOTIFY_REG_OFFSET,
+};
+use event_manager::MutEventSubscriber;
 use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::VmFd;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use thiserror::Error;
@@ -54,7 +59,16 @@ pub enum DeviceError {
         addr: u64,
         source: kvm_ioctls::Error,
     },
-    #[error("too many disks: at most {max} virtio devices fit the interrupt lines")]
+    #[error("{what}: tap not usable as a network backend: {source}")]
+    Tap {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Net { what: String, source: NetError },
+    #[error("virtio-rng: {source}")]
+    Rng { source: RngError },
+    #[error("too many disks: at most {max} virtio devices (disks, network card, entropy source) fit the interrupt lines")]
     TooManyDisks { max: u32 },
     #[error("cannot place {what} at {base:#x}: the range is taken")]
     Overlap { what: String, base: u64 },
@@ -100,6 +114,8 @@ pub struct DeviceConfig<'a> {
     pub console: Box<dyn std::io::Write + Send>,
     /// Called on the vCPU thread for each marker init writes.
     pub on_marker: Box<dyn FnMut(Result<Marker, MarkerError>) + Send>,
+    /// The network card's tap (`--net`), if any.
+    pub net: Option<NetLink>,
 }
 
 /// The attached devices.
@@ -148,6 +164,92 @@ fn insert(
             what: what.to_owned(),
             base,
         })
+}
+
+/// The network card's host end, opened (in the host's network namespace) before any VMM
+/// thread is jailed.
+pub struct NetLink {
+    /// The tap's fd (`IFF_TAP|IFF_NO_PI|IFF_VNET_HDR`, 12-byte header); the device owns it.
+    pub tap: OwnedFd,
+    /// The tap's interface name, for messages.
+    pub name: String,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+}
+
+/// What [`VirtioWiring::register_mmio_virtio`] needs and what it collects, one device at a
+/// time; devices take consecutive [`VirtioSlot`]s in registration order.
+struct VirtioWiring<'a> {
+    vm: &'a VmFd,
+    memory: &'a GuestMemoryMmap,
+    mmio: &'a mut Bus,
+    subscribers: Vec<Subscriber>,
+    cmdline_entries: Vec<VirtioMmioEntry>,
+    notify_evts: Vec<EventFd>,
+}
+
+impl VirtioWiring<'_> {
+    /// Wires one virtio device into the next free slot, in the five steps every virtio-mmio
+    /// device takes (the shape of Firecracker's `register_mmio_virtio`): its transport, one
+    /// ioeventfd per queue at the notify register with the queue index as datamatch, an
+    /// irqfd on the slot's GSI, the register window on the MMIO bus, the device on the event
+    /// loop, and its `virtio_mmio.device=` entry. The device does not know how it is wired.
+    fn register_mmio_virtio<D>(&mut self, what: &str, device: D) -> Result<(), DeviceError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        let slot = VirtioSlot::nth(self.cmdline_entries.len() as u32)?;
+        let eventfd_error = |source| DeviceError::EventFd {
+            what: what.to_owned(),
+            source,
+        };
+        // 1. The device, shared by its transport (vCPU side) and the event loop.
+        let device = Arc::new(Mutex::new(device));
+        let irq = Arc::new(IrqTrigger::new().map_err(eventfd_error)?);
+        let transport = MmioTransport::new(self.memory.clone(), device.clone(), irq.clone());
+        // 2. Queue kicks: one ioeventfd per queue at the notify register, datamatch = index;
+        //    the interrupt: an irqfd on the slot's line.
+        let addr = slot.base + NOTIFY_REG_OFFSET;
+        for (queue, evt) in transport
+            .queue_events()
+            .map_err(eventfd_error)?
+            .into_iter()
+            .enumerate()
+        {
+            self.vm
+                .register_ioevent(&evt, &IoEventAddress::Mmio(addr), queue as u32)
+                .map_err(|source| DeviceError::Ioeventfd {
+                    what: what.to_owned(),
+                    addr,
+                    source,
+                })?;
+            self.notify_evts.push(evt);
+        }
+        self.vm
+            .register_irqfd(irq.eventfd(), slot.gsi)
+            .map_err(|source| DeviceError::Irqfd {
+                what: what.to_owned(),
+                gsi: slot.gsi,
+                source,
+            })?;
+        // 3. The register window on the MMIO bus.
+        insert(
+            self.mmio,
+            what,
+            slot.base,
+            MMIO_WINDOW_LEN,
+            Arc::new(Mutex::new(transport)),
+        )?;
+        // 4. The event loop serves the same device.
+        self.subscribers.push(device);
+        // 5. The kernel finds it on its command line.
+        self.cmdline_entries.push(VirtioMmioEntry {
+            size: MMIO_WINDOW_LEN,
+            base: slot.base,
+            irq: slot.gsi,
+        });
+        Ok(())
+    }
 }
 
 /// Attaches every device of a twinbox VM.
@@ -206,15 +308,20 @@ pub fn attach(
         Arc::new(Mutex::new(marker)),
     )?;
 
-    // virtio-blk: the root image first (read-only), then each extra disk.
-    let mut subscribers: Vec<Subscriber> = Vec::new();
-    let mut cmdline_entries = Vec::new();
-    let mut notify_evts = Vec::new();
+    // virtio devices, one slot each in this order: the root image (read-only, /dev/vda),
+    // each extra disk, the network card, the entropy source. Disks come first so their
+    // names (vda, vdb, ...) do not depend on the other devices.
+    let mut virtio = VirtioWiring {
+        vm,
+        memory,
+        mmio: &mut mmio,
+        subscribers: Vec::new(),
+        cmdline_entries: Vec::new(),
+        notify_evts: Vec::new(),
+    };
     let disks = std::iter::once((config.rootfs, true))
         .chain(config.disks.iter().map(|d| (d.path.as_path(), d.read_only)));
-    for (index, (path, read_only)) in disks.enumerate() {
-        let slot = VirtioSlot::nth(index as u32)?;
-        let what = format!("virtio-blk {}", path.display());
+    for (path, read_only) in disks {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -224,54 +331,32 @@ pub fn attach(
                 source,
             })?;
         let id = path.file_name().and_then(|n| n.to_str()).unwrap_or("disk");
-        let block = Arc::new(Mutex::new(Block::new(file, read_only, id).map_err(
-            |source| DeviceError::Block {
-                path: path.into(),
-                source,
-            },
-        )?));
-        let irq = Arc::new(IrqTrigger::new().map_err(|source| DeviceError::EventFd {
+        let block = Block::new(file, read_only, id).map_err(|source| DeviceError::Block {
+            path: path.into(),
+            source,
+        })?;
+        virtio.register_mmio_virtio(&format!("virtio-blk {}", path.display()), block)?;
+    }
+    if let Some(link) = config.net {
+        let what = format!("virtio-net {}", link.name);
+        let backend = NetBackend::tap(link.tap).map_err(|source| DeviceError::Tap {
             what: what.clone(),
             source,
-        })?);
-        let transport = MmioTransport::new(memory.clone(), block.clone(), irq.clone());
-        // Queue kicks: one ioeventfd per queue at the notify register, datamatch = index.
-        let addr = slot.base + NOTIFY_REG_OFFSET;
-        let events = transport
-            .queue_events()
-            .map_err(|source| DeviceError::EventFd {
-                what: what.clone(),
-                source,
-            })?;
-        for (queue, evt) in events.into_iter().enumerate() {
-            vm.register_ioevent(&evt, &IoEventAddress::Mmio(addr), queue as u32)
-                .map_err(|source| DeviceError::Ioeventfd {
-                    what: what.clone(),
-                    addr,
-                    source,
-                })?;
-            notify_evts.push(evt);
-        }
-        vm.register_irqfd(irq.eventfd(), slot.gsi)
-            .map_err(|source| DeviceError::Irqfd {
-                what: what.clone(),
-                gsi: slot.gsi,
-                source,
-            })?;
-        insert(
-            &mut mmio,
-            &what,
-            slot.base,
-            MMIO_WINDOW_LEN,
-            Arc::new(Mutex::new(transport)),
-        )?;
-        subscribers.push(block);
-        cmdline_entries.push(VirtioMmioEntry {
-            size: MMIO_WINDOW_LEN,
-            base: slot.base,
-            irq: slot.gsi,
-        });
+        })?;
+        let net = Net::new(backend, link.mac).map_err(|source| DeviceError::Net {
+            what: what.clone(),
+            source,
+        })?;
+        virtio.register_mmio_virtio(&what, net)?;
     }
+    let rng = Rng::new().map_err(|source| DeviceError::Rng { source })?;
+    virtio.register_mmio_virtio("virtio-rng", rng)?;
+    let VirtioWiring {
+        subscribers,
+        cmdline_entries,
+        notify_evts,
+        ..
+    } = virtio;
 
     Ok(DeviceSet {
         io: Arc::new(IoBuses { pio, mmio }),
