@@ -307,6 +307,23 @@ fn a_run_with_net_holds_its_tap_while_it_runs_reports_the_link_and_leaves_nothin
     assert_eq!(link["nat"], false);
     before.assert_nothing_left("vm run --net ending at its time limit", false);
 
+    // --net nat: the same link, NAT on (the `ip twinbox` table is documented to stay).
+    let before = Before::now();
+    let out = vm(
+        &["--net", "nat", "--json", "--timeout", "2"],
+        &["/bin/sleep", "30"],
+    )
+    .output()
+    .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("--json is not JSON ({e}): {}", describe(&out)));
+    assert_eq!(report["network"]["nat"], true, "--net nat: {report}");
+    assert!(
+        run_tool("nft", &["list", "table", "ip", "twinbox"]).contains("masquerade"),
+        "--net nat installs the ip twinbox table"
+    );
+    before.assert_nothing_left("vm run --net nat", false);
+
     // SIGKILL of the VMM: the kernel closes the tap's fds (the interface goes) and the
     // lease's flock.
     let before = Before::now();

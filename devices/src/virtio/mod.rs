@@ -8,8 +8,9 @@
 //! - [`net::Net`]: virtio-net over a tap ([`net::NetBackend`]), RX/TX queues plus the tap
 //!   fd on the event loop, offloads negotiated and set on the tap (wired like the block
 //!   device, device type 1, two queues: RX 0, TX 1);
-//! - [`rng::Rng`]: virtio-rng from the host's `/dev/urandom` (optional; same wiring as
-//!   the block device, device type 4; the guest kernel has `CONFIG_HW_RANDOM_VIRTIO`).
+//! - [`rng::Rng`]: virtio-rng from the host's `/dev/urandom` (attached to every VM, the
+//!   guest's `/dev/hwrng`; same wiring as the block device, device type 4; the guest kernel
+//!   has `CONFIG_HW_RANDOM_VIRTIO`).
 //!
 //! # Threads
 //! The vCPU thread only touches registers (through the bus). The guest's queue kicks go to
