@@ -421,6 +421,32 @@ fn bad_net_value_exhausted_pool_and_no_net_admin_are_one_line_125_and_leave_noth
         .expect("setpriv (util-linux)");
     assert_one_line_125(&out, "CAP_NET_ADMIN", "no CAP_NET_ADMIN");
     before.assert_nothing_left("no CAP_NET_ADMIN", false);
+
+    // An unprivileged user hears about the capability, not about the lease directory.
+    let before = Before::now();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--",
+        ])
+        .arg(common::twinbox())
+        .args([
+            "vm",
+            "run",
+            "--rootfs",
+            &image(),
+            "--net",
+            "--",
+            "/bin/true",
+        ])
+        .output()
+        .expect("setpriv (util-linux)");
+    assert_one_line_125(&out, "CAP_NET_ADMIN", "unprivileged user");
+    before.assert_nothing_left("unprivileged user", false);
 }
 
 /// What the guest does in the link test: shows its address and route, serves one TCP

@@ -112,6 +112,8 @@ pub enum Error {
     Thread(std::io::Error),
     #[error(transparent)]
     Net(#[from] hostnet::Error),
+    #[error("--net needs CAP_NET_ADMIN (it makes a tap and a host address), which this process lacks — run as root with it")]
+    NoNetAdmin,
     #[error("cannot open /proc/self/status or /proc/self/smaps to measure the run: {0}")]
     Usage(std::io::Error),
 }
@@ -352,6 +354,21 @@ pub fn run_with<S: AsRawFd + ?Sized>(
     })
 }
 
+/// Whether this process has CAP_NET_ADMIN in its effective set, as the kernel shows it;
+/// unreadable counts as "yes", so the kernel's own refusal (one line from hostnet) stays
+/// the last word.
+fn has_net_admin() -> bool {
+    /// Its bit number (linux/capability.h).
+    const CAP_NET_ADMIN: u32 = 12;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_none_or(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
+}
+
 /// 1b. The run's link with the host (`--net`): a leased /30, the tap `tbt<i>` addressed
 ///     and up on the host, NAT with `--net nat`, and what init needs to configure eth0.
 struct Network {
@@ -367,6 +384,11 @@ struct Network {
 
 impl Network {
     fn create(mode: twinbox_spec::run_spec::NetMode) -> Result<Self, Error> {
+        // Checked first, so the user hears about the capability, not about the lease
+        // directory an unprivileged process cannot write.
+        if !has_net_admin() {
+            return Err(Error::NoNetAdmin);
+        }
         let lease = hostnet::Lease::acquire()?;
         let pool = lease.pool();
         let resolver = hostnet::host_resolver();
