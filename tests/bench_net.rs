@@ -1,8 +1,8 @@
 //! The bench's `net` scenario for real (issue 11): `twinbox bench net` with native, the
 //! container and, with `--peers`, runc — each box that has a network gives positive
-//! Gbit/s both ways, transactions/s and round trips; each box that has none (twinbox's VM
-//! until the VMM wires virtio-net, bubblewrap, QEMU without a tap) is reported as not run
-//! with its reason; and the run leaves no link, network namespace, host address, held
+//! Gbit/s both ways, transactions/s and round trips; each box that has none (bubblewrap,
+//! QEMU without a tap) is reported as not run with its reason, and a box that cannot boot
+//! here (twinbox's VM on a PVM host) fails with its reason; and the run leaves no link, network namespace, host address, held
 //! lease, process, mount or bench directory behind.
 //!
 //! Traffic stays on this machine: loopback for native, the 10.201.x.y links twinbox makes

@@ -19,9 +19,8 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     disk_at: Some(DiskAt::VirtioBlk),
     host_binaries: false,
     time_limit: TimeLimit::Vm,
-    // The virtio-net device exists (devices/src/virtio/net) but the VMM does not wire it
-    // yet; when it does, this becomes NetAt::Link.
-    net: NetAt::Missing("twinbox's VMM does not wire its virtio-net device yet (issue 11)"),
+    // virtio-net over a tap the VMM makes in the host's namespace before its jail.
+    net: NetAt::Link,
 };
 
 /// twinbox microVM runner.

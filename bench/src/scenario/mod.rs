@@ -430,7 +430,10 @@ pub(crate) mod tests {
             ("membw", image.to_vec()),
             ("syscall", image.to_vec()),
             ("disk", image.to_vec()),
-            ("net", vec!["native", "container", "runc", "qemu-microvm"]),
+            (
+                "net",
+                vec!["native", "container", "vm", "runc", "qemu-microvm"],
+            ),
         ];
         assert_eq!(table, expected);
         for s in ALL {
