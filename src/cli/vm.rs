@@ -49,6 +49,14 @@ pub struct VmRunArgs {
         default_missing_value = "link"
     )]
     pub net: Option<String>,
+    /// Run the VMM's guest-facing threads (vCPUs, event loop, console) outside its jail.
+    ///
+    /// By default they run jailed once the VM's files are open: an empty root in new
+    /// mount/IPC/network namespaces, no capabilities, uid/gid 65534. Use this only to debug
+    /// (the jail needs root). Every thread stays under its seccomp filter either way
+    /// (TWINBOX_VMM_SECCOMP=log|off relaxes those, for debugging).
+    #[arg(long)]
+    pub no_jail: bool,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -76,9 +84,16 @@ fn run(args: VmRunArgs, spawn_ns: u64) -> anyhow::Result<i32> {
         .transpose()
         .map_err(anyhow::Error::msg)?;
     // SIGINT/SIGTERM stop the VM cleanly; we then exit like a shell would (130/143).
-    let interrupt =
-        vmm::interrupt::Interrupt::install().context("cannot install signal handlers")?;
-    let report = vmm::run_until(&spec, Some(interrupt.eventfd()))?;
+    let interrupt = twinbox_spec::interrupt::Interrupt::install()
+        .context("cannot install signal handlers")?;
+    let options = vmm::RunOptions {
+        jail: !args.no_jail,
+        // After the run the CLI only prints the report and exits: its thread can stay
+        // under the caller's filter for good.
+        lock_caller_thread: true,
+        ..vmm::RunOptions::default()
+    };
+    let report = vmm::run_with(&spec, Some(&interrupt.fd()), options)?;
     let status = args.run.finish(&report);
     Ok(match interrupt.signal() {
         Some(signal) => 128 + signal,
