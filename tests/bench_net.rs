@@ -254,6 +254,7 @@ fn qemu_peer_gets_a_tap_link_and_serves_the_net_scenario() {
         disk: "/nonexistent".into(),
         density_instances: 1,
         twinbox_exe: common::twinbox(),
+        vm_jail: true,
     };
     let net_before = NetLeftovers::now();
     let measured = common::leaks::check_no_leaks("the QEMU peer with a tap", || {

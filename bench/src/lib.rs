@@ -170,6 +170,7 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
         disk: opts.out.join("scratch-disk.img"),
         density_instances: opts.density_instances,
         twinbox_exe: opts.twinbox_exe.clone(),
+        vm_jail: opts.vm_jail,
     };
     let started_utc = utc_now();
     let host = twinbox_spec::host::describe();

@@ -142,6 +142,9 @@ pub fn instance_command(
             c.args(["vm", "run", "--kernel"]).arg(&ctx.kernel);
             c.args(["--vcpus", &ctx.vcpus.to_string()]);
             c.args(["--timeout", &ctx.vm_timeout.as_secs_f64().to_string()]);
+            if !ctx.vm_jail {
+                c.arg("--no-jail");
+            }
             c
         }
     };
@@ -354,6 +357,16 @@ mod tests {
         assert_eq!(&vm[..4], ["/usr/bin/twinbox", "vm", "run", "--kernel"]);
         assert!(vm.windows(2).any(|p| p == ["--vcpus", "2"]));
         assert!(vm.windows(2).any(|p| p == ["--timeout", "7"]));
+        assert!(
+            !vm.contains(&"--no-jail".to_string()),
+            "jailed like the bench's own VM"
+        );
+        let unjailed = Context {
+            vm_jail: false,
+            ..ctx()
+        };
+        let vm = cmdline(&instance_command(Instance::TwinboxVm, &unjailed, &w).unwrap());
+        assert!(vm.contains(&"--no-jail".to_string()), "{vm:?}");
         assert!(run(&runner::PEER_RUNTIME, &c, &w).is_err());
     }
 

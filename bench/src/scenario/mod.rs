@@ -57,6 +57,8 @@ pub struct Context {
     pub density_instances: u32,
     /// The twinbox binary (the `density` scenario starts instances as processes).
     pub twinbox_exe: PathBuf,
+    /// Whether twinbox's VM runs its VMM threads jailed (also `density`'s `vm run`s).
+    pub vm_jail: bool,
 }
 
 /// Time limit of one native or container run: generous, it only stops a hang.
@@ -324,6 +326,7 @@ pub(crate) mod tests {
             disk: "/scratch.img".into(),
             density_instances: 3,
             twinbox_exe: PathBuf::from("/usr/bin/twinbox"),
+            vm_jail: true,
         }
     }
 
