@@ -84,8 +84,8 @@ fn run(args: VmRunArgs, spawn_ns: u64) -> anyhow::Result<i32> {
         .transpose()
         .map_err(anyhow::Error::msg)?;
     // SIGINT/SIGTERM stop the VM cleanly; we then exit like a shell would (130/143).
-    let interrupt = twinbox_spec::interrupt::Interrupt::install()
-        .context("cannot install signal handlers")?;
+    let interrupt =
+        twinbox_spec::interrupt::Interrupt::install().context("cannot install signal handlers")?;
     let options = vmm::RunOptions {
         jail: !args.no_jail,
         // After the run the CLI only prints the report and exits: its thread can stay
