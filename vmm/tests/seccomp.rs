@@ -181,7 +181,7 @@ fn run_options_can_turn_the_filters_off() {
 /// Env var for the capture child (value: its directory).
 const CAPTURE_ENV: &str = "TWINBOX_SECCOMP_CAPTURE_CHILD";
 
-/// Not a test on its own: floods a captured console (as the bench runs VMs) for 3 s.
+/// Not a test on its own: floods a captured console (as the bench runs VMs) for 5 s.
 #[test]
 #[ignore = "runs only as the child of the capture test"]
 fn child_captured_flood() {
@@ -196,7 +196,8 @@ fn child_captured_flood() {
     spec.kernel = Some(kernel);
     spec.memory_mib = 64;
     spec.output = OutputMode::Capture;
-    spec.time_limit = Some(Duration::from_secs(3));
+    // Long enough for a loaded PVM host, whose port exits are slow, to cross the threshold.
+    spec.time_limit = Some(Duration::from_secs(5));
     let report = vmm::run(&spec).expect("vmm::run");
     eprintln!(
         "CAPTURED {}",
@@ -228,8 +229,10 @@ fn a_large_captured_console_survives_the_vcpu_filter() {
         .find_map(|l| l.strip_prefix("CAPTURED "))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("the child died ({}): {stderr}", out.status));
+    // The buffer doubles: holding more than 128 KiB means it was reallocated from a
+    // 128 KiB block (mmapped, at glibc's threshold) to a 256 KiB one, which is the mremap.
     assert!(
-        captured > 256 << 10,
+        captured > 160 << 10,
         "only {captured} bytes captured: the test did not cross the mmap threshold"
     );
 }
