@@ -59,6 +59,10 @@ fn bad_files_and_sizes_are_one_line_and_125() {
     assert_refused(&["--rootfs", rootfs, "--vcpus", "0"], "--vcpus 0");
     assert_refused(&["--rootfs", rootfs, "--memory", "5"], "--memory 5");
     assert_refused(
+        &["--rootfs", rootfs, "--memory", "1048576"],
+        "more than this host's",
+    );
+    assert_refused(
         &["--rootfs", rootfs, "--disk", "/nonexistent/disk.img"],
         "/nonexistent/disk.img",
     );
