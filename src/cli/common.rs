@@ -32,6 +32,23 @@ pub struct RunArgs {
     /// Print the RunReport as JSON on stdout when done.
     #[arg(long)]
     pub json: bool,
+    /// Network: `--net` links the box with the host, `--net nat` also NATs it out.
+    ///
+    /// `--net` (or `--net link`) gives the box `eth0` on a point-to-point link with the host
+    /// (the container: one end of a veth pair, the host's end `tb<N>`; the VM: a virtio-net
+    /// card on a tap `tbt<N>` owned by the VMM): a /30 from 10.201.0.0/16 (or
+    /// TWINBOX_NET_POOL), a default route via the host's end, and the host's name server in
+    /// /etc/resolv.conf. `--timings` and `--json` print the link, so the host can reach the
+    /// box. `--net nat` also masquerades the box's traffic out of the host's default route
+    /// (the nftables table `ip twinbox`, and ip_forward on). Without `--net` the box has only
+    /// `lo`. Needs CAP_NET_ADMIN (and /dev/net/tun for the VM). Put the command after `--`.
+    #[arg(
+        long,
+        value_name = "link|nat",
+        num_args = 0..=1,
+        default_missing_value = "link"
+    )]
+    pub net: Option<String>,
     /// The command to run and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -54,6 +71,14 @@ impl RunArgs {
         spec.hostname = self.hostname.clone();
         spec.env = self.env.clone();
         spec.cwd = self.workdir.clone();
+        // Parsed here, not by clap, so a bad value is one line and exit 125 like other bad
+        // input (clap's own errors exit 2 with a usage screen).
+        spec.net = self
+            .net
+            .as_deref()
+            .map(str::parse::<twinbox_spec::NetMode>)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
         if let Some(seconds) = self.timeout {
             anyhow::ensure!(
                 seconds.is_finite() && seconds > 0.0,

@@ -28,22 +28,6 @@ pub struct CtrRunArgs {
     /// Run in a user namespace: container root is host uid/gid 100000 (0 100000 65536).
     #[arg(long)]
     pub userns: bool,
-    /// Network: `--net` links the box with the host, `--net nat` also NATs it out.
-    ///
-    /// `--net` (or `--net link`) gives the container `eth0`, its end of a point-to-point
-    /// veth link with the host: a /30 from 10.201.0.0/16 (or TWINBOX_NET_POOL), a default
-    /// route via the host's end `tb<N>`, and the host's name server in /etc/resolv.conf.
-    /// `--timings` and `--json` print the link, so the host can reach the box. `--net nat` also
-    /// masquerades the box's traffic out of the host's default route (the nftables table
-    /// `ip twinbox`, and ip_forward on). Without `--net` the container has only `lo`.
-    /// Needs CAP_NET_ADMIN. Put the command after `--`.
-    #[arg(
-        long,
-        value_name = "link|nat",
-        num_args = 0..=1,
-        default_missing_value = "link"
-    )]
-    pub net: Option<String>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -61,14 +45,6 @@ fn run(args: CtrRunArgs, spawn_ns: u64) -> anyhow::Result<i32> {
     spec.pids_limit = args.pids;
     spec.disks = args.disks.clone();
     spec.user_namespace = args.userns;
-    // Parsed here, not by clap, so a bad value is one line and exit 125 like other bad
-    // input (clap's own errors exit 2 with a usage screen).
-    spec.net = args
-        .net
-        .as_deref()
-        .map(str::parse::<twinbox_spec::run_spec::NetMode>)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
     // SIGINT/SIGTERM kill the container and tear it down (container::run holds a
     // twinbox_spec::interrupt::Interrupt); we then exit like a shell would (130/143).
     let report = match container::run(&spec) {

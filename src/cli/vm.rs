@@ -33,22 +33,6 @@ pub struct VmRunArgs {
     /// Appended to the kernel command line.
     #[arg(long, value_name = "ARGS")]
     pub cmdline_extra: Option<String>,
-    /// Network: `--net` links the VM with the host, `--net nat` also NATs it out.
-    ///
-    /// `--net` (or `--net link`) gives the guest `eth0`, a virtio-net card on a tap `tbt<N>`
-    /// owned by the VMM: a /30 from 10.201.0.0/16 (or TWINBOX_NET_POOL), a default route via
-    /// the host's end, and the host's name server in /etc/resolv.conf. `--timings` and
-    /// `--json` print the link, so the host can reach the box. `--net nat` also masquerades
-    /// the box's traffic out of the host's default route (the nftables table `ip twinbox`,
-    /// and ip_forward on). Without `--net` the VM has no network card. Needs CAP_NET_ADMIN
-    /// and /dev/net/tun. Put the command after `--`.
-    #[arg(
-        long,
-        value_name = "link|nat",
-        num_args = 0..=1,
-        default_missing_value = "link"
-    )]
-    pub net: Option<String>,
     /// Run the VMM's guest-facing threads (vCPUs, event loop, console) outside its jail.
     ///
     /// By default they run jailed once the VM's files are open: an empty root in new
@@ -75,14 +59,6 @@ fn run(args: VmRunArgs, spawn_ns: u64) -> anyhow::Result<i32> {
     spec.disks = args.disks.clone();
     spec.initrd = args.initrd.clone();
     spec.cmdline_extra = args.cmdline_extra.clone();
-    // Parsed here, not by clap, so a bad value is one line and exit 125 like other bad
-    // input (clap's own errors exit 2 with a usage screen).
-    spec.net = args
-        .net
-        .as_deref()
-        .map(str::parse::<twinbox_spec::run_spec::NetMode>)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
     // SIGINT/SIGTERM stop the VM cleanly; we then exit like a shell would (130/143).
     let interrupt =
         twinbox_spec::interrupt::Interrupt::install().context("cannot install signal handlers")?;
