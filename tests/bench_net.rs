@@ -11,13 +11,11 @@
 mod common;
 
 use bench::results::Results;
+use common::net;
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// Where hostnet keeps its lease lock files.
-const LEASE_DIR: &str = "/run/twinbox/net";
 
 /// What a `net` run could leave on the host beyond the common leak check.
 #[derive(Debug, PartialEq, Eq)]
@@ -32,37 +30,14 @@ struct NetLeftovers {
     held_leases: BTreeSet<String>,
 }
 
-fn locked_inodes() -> BTreeSet<u64> {
-    std::fs::read_to_string("/proc/locks")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| {
-            let field = line
-                .split_whitespace()
-                .find(|w| w.matches(':').count() == 2)?;
-            field.rsplit(':').next()?.parse().ok()
-        })
-        .collect()
-}
-
 impl NetLeftovers {
     fn now() -> Self {
-        let links = std::fs::read_dir("/sys/class/net")
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        let out = Command::new("ip")
-            .args(["-4", "-o", "addr", "show"])
-            .output()
-            .expect("ip (iproute2) is needed to list host addresses");
-        let pool_addresses = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| {
-                let w: Vec<&str> = l.split_whitespace().collect();
-                let (name, cidr) = (w.get(1)?, w.get(3)?);
-                cidr.starts_with("10.201.")
-                    .then(|| format!("{name} {cidr}"))
+        let pool_addresses = net::host_addresses()
+            .into_iter()
+            .filter(|a| {
+                a.split(' ')
+                    .nth(1)
+                    .is_some_and(|c| c.starts_with("10.201."))
             })
             .collect();
         let netns = std::fs::read_dir("/proc")
@@ -72,19 +47,20 @@ impl NetLeftovers {
             .filter_map(|e| std::fs::metadata(e.path().join("ns/net")).ok())
             .map(|m| m.ino())
             .collect();
-        let locked = locked_inodes();
-        let held_leases = std::fs::read_dir(LEASE_DIR)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.metadata().is_ok_and(|m| locked.contains(&m.ino())))
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
         Self {
-            links,
+            links: net::host_links(),
             pool_addresses,
             netns,
-            held_leases,
+            held_leases: net::Leases::now().held,
+        }
+    }
+
+    /// Waits up to 5 s until nothing is new since this snapshot (the kernel tears
+    /// network namespaces down after their last task is gone).
+    fn wait_until_gone(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.new_in(&Self::now()).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -149,10 +125,7 @@ fn net_scenario_measures_native_container_and_runc_and_leaves_nothing() {
         assert_eq!(status.code(), Some(0), "twinbox bench net exit status");
         // Network namespaces are torn down by the kernel after their last task is gone;
         // give that a moment before judging.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !net_before.new_in(&NetLeftovers::now()).is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        net_before.wait_until_gone();
     });
     let left = net_before.new_in(&NetLeftovers::now());
     assert!(
@@ -260,10 +233,7 @@ fn qemu_peer_gets_a_tap_link_and_serves_the_net_scenario() {
     let measured = common::leaks::check_no_leaks("the QEMU peer with a tap", || {
         bench::scenario::Net.measure(&qemu, &ctx)
     });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !net_before.new_in(&NetLeftovers::now()).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    net_before.wait_until_gone();
     let left = net_before.new_in(&NetLeftovers::now());
     assert!(left.is_empty(), "the QEMU peer left {}", left.join("; "));
     let report = measured.report.as_ref();
@@ -321,10 +291,7 @@ fn sigterm_mid_measurement_ends_the_boxes_and_leaves_nothing() {
             std::thread::sleep(Duration::from_millis(50));
         };
         assert_eq!(status.code(), Some(143), "exit status 128 + SIGTERM");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !net_before.new_in(&NetLeftovers::now()).is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        net_before.wait_until_gone();
     });
     let left = net_before.new_in(&NetLeftovers::now());
     assert!(

@@ -16,6 +16,7 @@
 
 mod common;
 
+use common::describe;
 use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Output};
 use std::sync::Mutex;
@@ -27,9 +28,7 @@ const DEFAULT: &[&str] = &[];
 const USERNS: &[&str] = &["--userns"];
 
 fn image() -> String {
-    common::require_root("twinbox ctr run");
-    let image = common::require_artifact(&twinbox_spec::artifacts::rootfs_image());
-    image.display().to_string()
+    common::rootfs_image("twinbox ctr run")
 }
 
 /// Runs `twinbox ctr run ARGS -- /bin/sh -c SCRIPT` with a leak check around it.
@@ -47,15 +46,6 @@ fn sh(args: &[&str], script: &str) -> Output {
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        stdout(out),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Major and minor of the block device holding the host's `/`.

@@ -16,10 +16,10 @@
 
 mod common;
 
+use common::{describe, net};
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream};
-use std::os::unix::fs::MetadataExt;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::sync::Mutex;
@@ -27,8 +27,6 @@ use std::time::{Duration, Instant};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Where hostnet keeps its lease lock files.
-const LEASE_DIR: &str = "/run/twinbox/net";
 /// 4 MiB, the size of each transfer.
 const BLOB: usize = 4 << 20;
 
@@ -37,9 +35,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn image() -> String {
-    common::require_root("twinbox ctr run --net");
-    let image = common::require_artifact(&twinbox_spec::artifacts::rootfs_image());
-    image.display().to_string()
+    common::rootfs_image("twinbox ctr run --net")
 }
 
 /// `twinbox ctr run --rootfs IMG --timings ARGS -- /bin/sh -c SCRIPT`, not yet started
@@ -51,15 +47,6 @@ fn ctr(args: &[&str], script: &str) -> Command {
         .args(args)
         .args(["--", "/bin/sh", "-c", script]);
     command
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// `--net`, plus `--userns` when asked.
@@ -108,88 +95,15 @@ struct NetState {
     /// design (documented in net/src/nat.rs).
     ruleset_without_ours: String,
     /// Lease lock files, and which of them some process holds locked.
-    lease_files: BTreeSet<String>,
-    held_leases: BTreeSet<String>,
-}
-
-fn run_tool(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} (needed by these tests): {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The ruleset text with the `table ip twinbox { ... }` block cut out.
-fn without_our_table(ruleset: &str) -> String {
-    let mut kept = String::new();
-    let mut depth = 0usize;
-    let mut skipping = false;
-    for line in ruleset.lines() {
-        if !skipping && line.trim_start().starts_with("table ip twinbox ") {
-            skipping = true;
-            depth = 0;
-        }
-        if skipping {
-            depth += line.matches('{').count();
-            depth -= line.matches('}').count().min(depth);
-            if depth == 0 {
-                skipping = false;
-            }
-            continue;
-        }
-        kept.push_str(line);
-        kept.push('\n');
-    }
-    kept
-}
-
-/// Inodes (`maj:min:ino` as /proc/locks prints them, device in hex) with a lock on them.
-fn locked_inodes() -> BTreeSet<u64> {
-    std::fs::read_to_string("/proc/locks")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| {
-            let field = line
-                .split_whitespace()
-                .find(|w| w.matches(':').count() == 2)?;
-            field.rsplit(':').next()?.parse().ok()
-        })
-        .collect()
+    leases: net::Leases,
 }
 
 impl NetState {
     fn snapshot() -> Self {
-        let addresses = run_tool("ip", &["-4", "-o", "addr", "show"])
-            .lines()
-            .filter_map(|l| {
-                let words: Vec<&str> = l.split_whitespace().collect();
-                Some(format!("{} {}", words.get(1)?, words.get(3)?))
-            })
-            .collect();
-        let locked = locked_inodes();
-        let mut lease_files = BTreeSet::new();
-        let mut held_leases = BTreeSet::new();
-        for entry in std::fs::read_dir(LEASE_DIR).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Ok(meta) = entry.metadata() {
-                if locked.contains(&meta.ino()) {
-                    held_leases.insert(name.clone());
-                }
-            }
-            lease_files.insert(name);
-        }
         Self {
-            addresses,
-            ruleset_without_ours: without_our_table(&run_tool("nft", &["list", "ruleset"])),
-            lease_files,
-            held_leases,
+            addresses: net::host_addresses(),
+            leases: net::Leases::now(),
+            ruleset_without_ours: net::ruleset_without_ours(),
         }
     }
 
@@ -198,7 +112,7 @@ impl NetState {
     /// acquisition of that index reuses it).
     fn leaks(&self, after: &NetState, killed: bool) -> Vec<String> {
         let mut leaks = Vec::new();
-        let new_addresses: Vec<_> = after.addresses.difference(&self.addresses).collect();
+        let new_addresses = net::added(&self.addresses, &after.addresses);
         if !new_addresses.is_empty() {
             leaks.push(format!("host addresses {new_addresses:?}"));
         }
@@ -208,51 +122,17 @@ impl NetState {
                 self.ruleset_without_ours, after.ruleset_without_ours
             ));
         }
-        let held: Vec<_> = after.held_leases.difference(&self.held_leases).collect();
-        if !held.is_empty() {
-            leaks.push(format!("held lease locks {held:?}"));
-        }
-        let files: Vec<_> = after.lease_files.difference(&self.lease_files).collect();
-        if !killed && !files.is_empty() {
-            leaks.push(format!("lease lock files {files:?}"));
-        }
+        leaks.extend(self.leases.leaks(&after.leases, killed));
         leaks
     }
 }
 
 /// Host resources (common leak check) and network state, before a run.
-struct Before {
-    host: common::leaks::HostResources,
-    net: NetState,
-}
-
-/// Removes lease lock files no process holds (left by SIGKILLed runs), the way a lease is
-/// released (lock, unlink, unlock), so a file after a normal run is that run's leak.
-fn sweep_stale_leases() {
-    for entry in std::fs::read_dir(LEASE_DIR).into_iter().flatten().flatten() {
-        let Ok(file) = std::fs::OpenOptions::new().read(true).open(entry.path()) else {
-            continue;
-        };
-        // SAFETY: flock on a descriptor we own; it is released when `file` closes.
-        let locked = unsafe {
-            libc::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                libc::LOCK_EX | libc::LOCK_NB,
-            )
-        };
-        if locked == 0 {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-}
+type Before = net::Before<NetState>;
 
 impl Before {
     fn now() -> Self {
-        sweep_stale_leases();
-        Self {
-            host: common::leaks::HostResources::snapshot(),
-            net: NetState::snapshot(),
-        }
+        Self::take(NetState::snapshot)
     }
 
     /// Fails naming what `what` left behind, after letting the kernel finish tearing
@@ -643,46 +523,6 @@ fn sigterm_and_sigkill_of_the_cli_leave_no_link() {
     }
 }
 
-/// Takes the lease locks of links 0..4 (a /28 pool's every link) as a run would, and
-/// frees them like hostnet does (unlink while locked) on drop.
-struct HeldLeases(Vec<(String, std::fs::File)>);
-
-impl HeldLeases {
-    fn take(count: u32) -> Self {
-        std::fs::create_dir_all(LEASE_DIR).unwrap();
-        let held = (0..count)
-            .map(|i| {
-                let path = format!("{LEASE_DIR}/{i}.lock");
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(&path)
-                    .unwrap();
-                // SAFETY: flock on a descriptor we own.
-                let r = unsafe {
-                    libc::flock(
-                        std::os::fd::AsRawFd::as_raw_fd(&file),
-                        libc::LOCK_EX | libc::LOCK_NB,
-                    )
-                };
-                assert_eq!(r, 0, "{path} is held by another process");
-                (path, file)
-            })
-            .collect();
-        Self(held)
-    }
-}
-
-impl Drop for HeldLeases {
-    fn drop(&mut self) {
-        for (path, _) in &self.0 {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
 /// Fails unless `out` is exit 125 with exactly one line on stderr containing `needle`.
 fn assert_one_line_125(out: &Output, needle: &str, what: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -712,7 +552,7 @@ fn bad_net_value_exhausted_pool_and_no_net_admin_are_one_line_125_and_leave_noth
 
     let before = Before::now();
     {
-        let _held = HeldLeases::take(4);
+        let _held = net::HeldLeases::take(4);
         let out = ctr(&["--net"], "true")
             .env("TWINBOX_NET_POOL", "10.201.0.0/28")
             .output()
@@ -782,7 +622,7 @@ fn the_reported_link_parses() {
         })
     );
     assert_eq!(
-        without_our_table(
+        net::without_our_table(
             "table inet f {\n}\ntable ip twinbox {\n\tchain a {\n\t}\n}\ntable ip x {\n}\n"
         ),
         "table inet f {\n}\ntable ip x {\n}\n"
@@ -836,7 +676,7 @@ impl Outside {
             ],
             vec!["-n", &outside.netns, "link", "set", "out0", "up"],
         ] {
-            run_tool("ip", &args);
+            net::run_tool("ip", &args);
         }
         outside
     }
@@ -906,7 +746,7 @@ impl Drop for Outside {
 fn nat_masquerades_the_box_out_of_the_host_and_link_does_not() {
     let _serial = serial();
     let forward_before = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
-    let table_before = run_tool("nft", &["list", "tables"]).contains("table ip twinbox");
+    let table_before = net::run_tool("nft", &["list", "tables"]).contains("table ip twinbox");
     let before = Before::now();
     {
         let outside = Outside::new();
@@ -943,7 +783,7 @@ fn nat_masquerades_the_box_out_of_the_host_and_link_does_not() {
             note.address
         );
         assert!(
-            run_tool("nft", &["list", "table", "ip", "twinbox"]).contains("masquerade"),
+            net::run_tool("nft", &["list", "table", "ip", "twinbox"]).contains("masquerade"),
             "no masquerade rule in table ip twinbox"
         );
 
@@ -951,7 +791,7 @@ fn nat_masquerades_the_box_out_of_the_host_and_link_does_not() {
         // side has no route back to, so nothing connects, though a listener is there. (The
         // table of the nat run stays by design and would masquerade this run too: it is
         // deleted first, to show the difference is the table.)
-        run_tool("nft", &["delete", "table", "ip", "twinbox"]);
+        net::run_tool("nft", &["delete", "table", "ip", "twinbox"]);
         let peer = outside.accept_one(7003, Duration::from_secs(4));
         let out = ctr(&["--net"], &script.replace("-w 5", "-w 2"))
             .output()

@@ -10,6 +10,7 @@
 
 mod common;
 
+use common::describe;
 use std::process::{Command, Output};
 use std::sync::Mutex;
 use twinbox_spec::{Outcome, Phase, RunReport};
@@ -17,9 +18,7 @@ use twinbox_spec::{Outcome, Phase, RunReport};
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn image() -> String {
-    common::require_root("twinbox ctr run");
-    let image = common::require_artifact(&twinbox_spec::artifacts::rootfs_image());
-    image.display().to_string()
+    common::rootfs_image("twinbox ctr run")
 }
 
 /// Runs `twinbox ctr run ARGS -- CMD...` with a leak check around it.
@@ -42,15 +41,6 @@ fn sh(args: &[&str], script: &str) -> Output {
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        stdout(out),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Fails unless the workload printed every one of `expected` (lines like `key=value`).

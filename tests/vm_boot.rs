@@ -7,26 +7,15 @@
 
 mod common;
 
-use common::lab::{Lab, LabOutput};
-use common::VmHost;
+use common::lab::LabOutput;
 
 /// Runs `script` where VMs boot Linux, with `lab_mem_mib` of lab RAM when in the lab.
 fn run_script(script: &str, lab_mem_mib: u32) -> LabOutput {
-    common::require_root("booting microVMs");
-    match common::vm_host() {
-        VmHost::Lab => Lab::new()
-            .with_twinbox()
-            .with_artifacts()
-            .mem_mib(lab_mem_mib)
-            .timeout_s(900)
-            .run(script),
-        VmHost::HostKvm => common::run_vm_script(script),
-    }
+    common::run_where_linux_boots(script, |lab| lab.mem_mib(lab_mem_mib).timeout_s(900))
 }
 
 fn value(out: &LabOutput, key: &str) -> String {
-    out.value(key)
-        .unwrap_or_else(|| panic!("{key} missing from the output:\n{}", out.output))
+    out.expect_value(key)
 }
 
 #[test]

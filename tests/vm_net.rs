@@ -24,28 +24,21 @@
 
 mod common;
 
-use common::lab::{Lab, LabOutput};
-use common::VmHost;
+use common::lab::LabOutput;
+use common::{describe, net};
 use std::collections::BTreeSet;
-use std::os::unix::fs::MetadataExt;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Where hostnet keeps its lease lock files.
-const LEASE_DIR: &str = "/run/twinbox/net";
-
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn image() -> String {
-    common::require_root("twinbox vm run --net");
-    common::require_artifact(&twinbox_spec::artifacts::rootfs_image())
-        .display()
-        .to_string()
+    common::rootfs_image("twinbox vm run --net")
 }
 
 /// `twinbox vm run --rootfs IMG ARGS -- CMD...`, not yet started.
@@ -59,38 +52,6 @@ fn vm(args: &[&str], cmd: &[&str]) -> Command {
     command
 }
 
-fn describe(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn run_tool(tool: &str, args: &[&str]) -> String {
-    let out = Command::new(tool)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{tool} is needed by this test: {e}"));
-    assert!(out.status.success(), "{tool} {args:?}: {}", describe(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Inodes with a lock on them, as /proc/locks lists them (`maj:min:ino`).
-fn locked_inodes() -> BTreeSet<u64> {
-    std::fs::read_to_string("/proc/locks")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| {
-            let field = line
-                .split_whitespace()
-                .find(|w| w.matches(':').count() == 2)?;
-            field.rsplit(':').next()?.parse().ok()
-        })
-        .collect()
-}
-
 /// What a VM's link could leave on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct NetState {
@@ -98,39 +59,15 @@ struct NetState {
     links: BTreeSet<String>,
     /// `interface address/prefix` of every IPv4 address.
     addresses: BTreeSet<String>,
-    lease_files: BTreeSet<String>,
-    held_leases: BTreeSet<String>,
+    leases: net::Leases,
 }
 
 impl NetState {
     fn snapshot() -> Self {
-        let links = std::fs::read_dir("/sys/class/net")
-            .expect("/sys/class/net")
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        let addresses = run_tool("ip", &["-4", "-o", "addr", "show"])
-            .lines()
-            .filter_map(|l| {
-                let words: Vec<&str> = l.split_whitespace().collect();
-                Some(format!("{} {}", words.get(1)?, words.get(3)?))
-            })
-            .collect();
-        let locked = locked_inodes();
-        let mut lease_files = BTreeSet::new();
-        let mut held_leases = BTreeSet::new();
-        for entry in std::fs::read_dir(LEASE_DIR).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if entry.metadata().is_ok_and(|m| locked.contains(&m.ino())) {
-                held_leases.insert(name.clone());
-            }
-            lease_files.insert(name);
-        }
         Self {
-            links,
-            addresses,
-            lease_files,
-            held_leases,
+            links: net::host_links(),
+            addresses: net::host_addresses(),
+            leases: net::Leases::now(),
         }
     }
 
@@ -144,39 +81,12 @@ impl NetState {
     }
 }
 
-/// Removes lease lock files no process holds (left by SIGKILLed runs, which cannot unlink
-/// theirs), the way hostnet releases a lease, so a file after a normal run is that run's.
-fn sweep_stale_leases() {
-    for entry in std::fs::read_dir(LEASE_DIR).into_iter().flatten().flatten() {
-        let Ok(file) = std::fs::File::open(entry.path()) else {
-            continue;
-        };
-        // SAFETY: flock on a descriptor we own; released when `file` closes.
-        let r = unsafe {
-            libc::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                libc::LOCK_EX | libc::LOCK_NB,
-            )
-        };
-        if r == 0 {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-}
-
 /// The host before a run.
-struct Before {
-    host: common::leaks::HostResources,
-    net: NetState,
-}
+type Before = net::Before<NetState>;
 
 impl Before {
     fn now() -> Self {
-        sweep_stale_leases();
-        Self {
-            host: common::leaks::HostResources::snapshot(),
-            net: NetState::snapshot(),
-        }
+        Self::take(NetState::snapshot)
     }
 
     /// Fails naming what `what` left: links, addresses, held leases, and lease files
@@ -184,25 +94,16 @@ impl Before {
     fn assert_nothing_left(&self, what: &str, killed: bool) {
         let after = NetState::snapshot();
         let mut leaks = Vec::new();
-        let new = |a: &BTreeSet<String>, b: &BTreeSet<String>| -> Vec<String> {
-            b.difference(a).cloned().collect()
-        };
+        let new = net::added::<String>;
         for (kind, items) in [
             ("links", new(&self.net.links, &after.links)),
             ("host addresses", new(&self.net.addresses, &after.addresses)),
-            (
-                "held lease locks",
-                new(&self.net.held_leases, &after.held_leases),
-            ),
         ] {
             if !items.is_empty() {
                 leaks.push(format!("{kind} {items:?}"));
             }
         }
-        let files = new(&self.net.lease_files, &after.lease_files);
-        if !killed && !files.is_empty() {
-            leaks.push(format!("lease lock files {files:?}"));
-        }
+        leaks.extend(self.net.leases.leaks(&after.leases, killed));
         assert!(leaks.is_empty(), "{what} left {}", leaks.join("; "));
         self.host
             .assert_nothing_leaked(&common::leaks::HostResources::snapshot(), what);
@@ -279,9 +180,9 @@ fn a_run_with_net_holds_its_tap_while_it_runs_reports_the_link_and_leaves_nothin
     let host_address = tap_address(&during, &tap);
     let lease = format!("{}.lock", tap.trim_start_matches("tbt"));
     assert!(
-        during.held_leases.contains(&lease),
+        during.leases.held.contains(&lease),
         "the run must hold lease {lease} while it runs: {:?}",
-        during.held_leases
+        during.leases.held
     );
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
@@ -319,7 +220,7 @@ fn a_run_with_net_holds_its_tap_while_it_runs_reports_the_link_and_leaves_nothin
         .unwrap_or_else(|e| panic!("--json is not JSON ({e}): {}", describe(&out)));
     assert_eq!(report["network"]["nat"], true, "--net nat: {report}");
     assert!(
-        run_tool("nft", &["list", "table", "ip", "twinbox"]).contains("masquerade"),
+        net::run_tool("nft", &["list", "table", "ip", "twinbox"]).contains("masquerade"),
         "--net nat installs the ip twinbox table"
     );
     before.assert_nothing_left("vm run --net nat", false);
@@ -343,44 +244,23 @@ fn a_run_with_net_holds_its_tap_while_it_runs_reports_the_link_and_leaves_nothin
     before.assert_nothing_left("vm run --net killed with SIGKILL", true);
 }
 
-/// Holds lease locks, as concurrent runs would.
-struct HeldLeases(Vec<std::fs::File>);
-
-impl HeldLeases {
-    fn take(count: u32) -> Self {
-        std::fs::create_dir_all(LEASE_DIR).unwrap();
-        Self(
-            (0..count)
-                .map(|i| {
-                    let path = format!("{LEASE_DIR}/{i}.lock");
-                    let file = std::fs::OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .create(true)
-                        .truncate(false)
-                        .open(&path)
-                        .unwrap();
-                    // SAFETY: flock on a descriptor we own.
-                    let r = unsafe {
-                        libc::flock(
-                            std::os::fd::AsRawFd::as_raw_fd(&file),
-                            libc::LOCK_EX | libc::LOCK_NB,
-                        )
-                    };
-                    assert_eq!(r, 0, "{path} is held by another process");
-                    file
-                })
-                .collect(),
-        )
-    }
-}
-
-impl Drop for HeldLeases {
-    fn drop(&mut self) {
-        for i in 0..self.0.len() {
-            let _ = std::fs::remove_file(format!("{LEASE_DIR}/{i}.lock"));
-        }
-    }
+/// `setpriv ARGS -- twinbox vm run --rootfs IMG --net -- /bin/true`, run to the end.
+fn vm_net_under_setpriv(setpriv: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args(setpriv)
+        .arg("--")
+        .arg(common::twinbox())
+        .args([
+            "vm",
+            "run",
+            "--rootfs",
+            &image(),
+            "--net",
+            "--",
+            "/bin/true",
+        ])
+        .output()
+        .expect("setpriv (util-linux)")
 }
 
 #[test]
@@ -394,7 +274,7 @@ fn bad_net_value_exhausted_pool_and_no_net_admin_are_one_line_125_and_leave_noth
 
     let before = Before::now();
     {
-        let _held = HeldLeases::take(4);
+        let _held = net::HeldLeases::take(4);
         let out = vm(&["--net"], &["/bin/true"])
             .env("TWINBOX_NET_POOL", "10.201.0.0/28")
             .output()
@@ -405,46 +285,13 @@ fn bad_net_value_exhausted_pool_and_no_net_admin_are_one_line_125_and_leave_noth
 
     // Root without CAP_NET_ADMIN: the tap is refused, and the lease goes with the error.
     let before = Before::now();
-    let out = Command::new("setpriv")
-        .args(["--bounding-set", "-net_admin", "--"])
-        .arg(common::twinbox())
-        .args([
-            "vm",
-            "run",
-            "--rootfs",
-            &image(),
-            "--net",
-            "--",
-            "/bin/true",
-        ])
-        .output()
-        .expect("setpriv (util-linux)");
+    let out = vm_net_under_setpriv(&["--bounding-set", "-net_admin"]);
     assert_one_line_125(&out, "CAP_NET_ADMIN", "no CAP_NET_ADMIN");
     before.assert_nothing_left("no CAP_NET_ADMIN", false);
 
     // An unprivileged user hears about the capability, not about the lease directory.
     let before = Before::now();
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid",
-            "65534",
-            "--regid",
-            "65534",
-            "--clear-groups",
-            "--",
-        ])
-        .arg(common::twinbox())
-        .args([
-            "vm",
-            "run",
-            "--rootfs",
-            &image(),
-            "--net",
-            "--",
-            "/bin/true",
-        ])
-        .output()
-        .expect("setpriv (util-linux)");
+    let out = vm_net_under_setpriv(&["--reuid", "65534", "--regid", "65534", "--clear-groups"]);
     assert_one_line_125(&out, "CAP_NET_ADMIN", "unprivileged user");
     before.assert_nothing_left("unprivileged user", false);
 }
@@ -544,22 +391,9 @@ echo KILL_LOCKS_AFTER=$(grep -c FLOCK /proc/locks)
 }
 
 fn run_lab(script: &str) -> LabOutput {
-    common::require_root("booting microVMs");
-    match common::vm_host() {
-        VmHost::Lab => Lab::new()
-            .with_twinbox()
-            .with_artifacts()
-            .bin("/usr/bin/iperf3")
-            .mem_mib(2048)
-            .timeout_s(1500)
-            .run(script),
-        VmHost::HostKvm => common::run_vm_script(script),
-    }
-}
-
-fn value(out: &LabOutput, key: &str) -> String {
-    out.value(key)
-        .unwrap_or_else(|| panic!("{key} missing from the output:\n{}", out.output))
+    common::run_where_linux_boots(script, |lab| {
+        lab.bin("/usr/bin/iperf3").mem_mib(2048).timeout_s(1500)
+    })
 }
 
 #[test]
@@ -570,7 +404,7 @@ fn guest_gets_its_link_host_and_guest_reach_each_other_iperf_moves_data_and_noth
         "/usr/bin/iperf3 missing (apt-get install iperf3): the lab's client"
     );
     let out = run_lab(&lab_script());
-    let v = |key: &str| value(&out, key);
+    let v = |key: &str| out.expect_value(key);
     let box_addr = v("BOX");
     let host_addr = v("GUEST_GW");
     assert_eq!(v("READY"), "ready", "the guest reached the host over TCP");

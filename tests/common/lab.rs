@@ -23,6 +23,12 @@ impl LabOutput {
             .next_back()
             .map(str::to_owned)
     }
+
+    /// The value of `KEY=VALUE`; fails naming the key, with the whole output, if missing.
+    pub fn expect_value(&self, key: &str) -> String {
+        self.value(key)
+            .unwrap_or_else(|| panic!("{key} missing from the output:\n{}", self.output))
+    }
 }
 
 /// A lab run being prepared.

@@ -6,8 +6,10 @@
 pub mod kvm;
 pub mod lab;
 pub mod leaks;
+pub mod net;
 
 use std::path::{Path, PathBuf};
+use std::process::Output;
 use twinbox_spec::host::KvmFlavor;
 
 /// The twinbox binary under test.
@@ -40,6 +42,25 @@ pub fn require_artifact(path: &Path) -> PathBuf {
     path.to_path_buf()
 }
 
+/// The built rootfs image, as a path string; fails unless root (`what` needs it) and the
+/// image exists.
+pub fn rootfs_image(what: &str) -> String {
+    require_root(what);
+    require_artifact(&twinbox_spec::artifacts::rootfs_image())
+        .display()
+        .to_string()
+}
+
+/// A finished command's status, stdout and stderr, for failure messages.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Where VM tests run: on the host's own KVM when it has hardware virtualization, else in
 /// the lab (QEMU TCG with software AMD-V), where a Linux guest boots at useful speed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +76,19 @@ pub fn vm_host() -> VmHost {
     match kvm::host_kvm() {
         KvmFlavor::Hardware { .. } | KvmFlavor::Nested { .. } => VmHost::HostKvm,
         _ => VmHost::Lab,
+    }
+}
+
+/// Runs `script` where VMs boot Linux (see [`vm_host`]): in the lab as `lab` prepares it
+/// (twinbox and the artifacts already in), else on the host's KVM.
+pub fn run_where_linux_boots(
+    script: &str,
+    lab: impl FnOnce(lab::Lab) -> lab::Lab,
+) -> lab::LabOutput {
+    require_root("booting microVMs");
+    match vm_host() {
+        VmHost::Lab => lab(lab::Lab::new().with_twinbox().with_artifacts()).run(script),
+        VmHost::HostKvm => run_vm_script(script),
     }
 }
 
