@@ -130,52 +130,24 @@ fn a_sigkilled_holder_leaves_no_tap_address_or_held_lock() {
         "{name} not there while its holder lives"
     );
     holder.sigkill();
-    eventually(&format!("{name} gone after SIGKILL"), || {
-        !link_exists(&name)
-    });
-    let again = Lease::acquire().expect("lease after SIGKILL");
-    assert_eq!(
-        again.index(),
-        index,
-        "the killed holder's link is still reserved"
-    );
-    assert!(
-        !address_on_host(again.host_address()),
-        "address left after SIGKILL"
-    );
-    drop(again);
-    let left = unheld_lock_files_after_a_sweep();
-    assert!(left.is_empty(), "lease lock files left: {left:?}");
+    assert_link_freed_after_sigkill(&name, index);
 }
 
 #[test]
 fn eight_concurrent_holders_get_eight_distinct_links_and_leave_nothing() {
     require_root();
-    let gate = Gate::new();
-    let mut holders: Vec<Holder> = (0..8)
+    let setups = (0..8)
         .map(|_| {
-            Holder::start(Some(&gate), || {
+            || {
                 let tap = Tap::create(Lease::acquire().map_err(|e| e.to_string())?)
                     .map_err(|e| e.to_string())?;
                 let index = tap.lease().index();
                 std::mem::forget(tap);
                 Ok(index)
-            })
+            }
         })
         .collect();
-    gate.open(8);
-    holders.iter_mut().for_each(Holder::wait_report);
-    let mut indices: Vec<u32> = holders
-        .iter()
-        .map(|h| h.report.clone().expect("a holder failed"))
-        .collect();
-    indices.sort_unstable();
-    indices.dedup();
-    assert_eq!(
-        indices.len(),
-        8,
-        "links shared between holders: {indices:?}"
-    );
+    let (holders, indices) = holders_racing(setups, "holders");
     for index in &indices {
         assert!(link_exists(&hostnet::tap::tap_name(*index)));
     }
@@ -193,29 +165,14 @@ fn eight_concurrent_holders_get_eight_distinct_links_and_leave_nothing() {
         "taps left: {}",
         host_links()
     );
-    let left = unheld_lock_files_after_a_sweep();
-    assert!(left.is_empty(), "lease lock files left: {left:?}");
+    assert_no_lease_files_left();
 }
 
 #[test]
 fn without_cap_net_admin_the_tap_error_says_so() {
     require_root();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
-    let lock_dir = dir.path().to_path_buf();
-    let holder = Holder::spawn(move || {
-        nix::unistd::setresuid(65534.into(), 65534.into(), 65534.into())
-            .map_err(|e| e.to_string())?;
-        let pool: hostnet::Pool = "10.201.0.0/16".parse().unwrap();
-        let lease = Lease::acquire_in(&lock_dir, &pool, &[]).map_err(|e| e.to_string())?;
-        Tap::create(lease).map(|_| 0).map_err(|e| e.to_string())
-    });
-    let report = holder.report.clone();
-    holder.sigkill();
+    let report =
+        unprivileged_report(|lease| Tap::create(lease).map(|_| 0).map_err(|e| e.to_string()));
     let error = report.expect_err("nobody created a tap");
     assert!(error.starts_with("--net needs CAP_NET_ADMIN"), "{error}");
 }

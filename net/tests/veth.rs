@@ -144,23 +144,8 @@ fn a_sigkilled_holder_leaves_no_veth_address_or_held_lock() {
     holder.sigkill();
     // The box's namespace dies with the run (the container's processes are killed).
     netns.kill();
-    eventually(&format!("{name} gone after SIGKILL"), || {
-        !link_exists(&name)
-    });
     // The lock died with the holder: the same index is free again.
-    let again = Lease::acquire().expect("lease after SIGKILL");
-    assert_eq!(
-        again.index(),
-        index,
-        "the killed holder's link is still reserved"
-    );
-    assert!(
-        !address_on_host(again.host_address()),
-        "address left after SIGKILL"
-    );
-    drop(again);
-    let left = unheld_lock_files_after_a_sweep();
-    assert!(left.is_empty(), "lease lock files left: {left:?}");
+    assert_link_freed_after_sigkill(&name, index);
 }
 
 #[test]
@@ -186,25 +171,10 @@ fn without_cap_net_admin_the_error_says_so() {
     require_root();
     let netns = Netns::new();
     let pid = netns.pid();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
-    let lock_dir = dir.path().to_path_buf();
-    let holder = Holder::spawn(move || {
-        nix::unistd::setresuid(65534.into(), 65534.into(), 65534.into())
-            .map_err(|e| e.to_string())?;
-        let pool: hostnet::Pool = "10.201.0.0/16".parse().unwrap();
-        let lease = Lease::acquire_in(&lock_dir, &pool, &[]).map_err(|e| e.to_string())?;
-        match Veth::create(lease, pid) {
-            Ok(_) => Ok(0),
-            Err(error) => Err(error.to_string()),
-        }
+    let report = unprivileged_report(|lease| match Veth::create(lease, pid) {
+        Ok(_) => Ok(0),
+        Err(error) => Err(error.to_string()),
     });
-    let report = holder.report.clone();
-    holder.sigkill();
     let error = report.expect_err("nobody created a veth");
     assert!(error.starts_with("--net needs CAP_NET_ADMIN"), "{error}");
 }
@@ -213,33 +183,20 @@ fn without_cap_net_admin_the_error_says_so() {
 fn eight_concurrent_containers_get_eight_distinct_veths_and_leave_nothing() {
     require_root();
     let namespaces: Vec<Netns> = (0..8).map(|_| Netns::new()).collect();
-    let gate = Gate::new();
-    let mut holders: Vec<Holder> = namespaces
+    let setups = namespaces
         .iter()
         .map(|netns| {
             let pid = netns.pid();
-            Holder::start(Some(&gate), move || {
+            move || {
                 let veth = Veth::create(Lease::acquire().map_err(|e| e.to_string())?, pid)
                     .map_err(|e| e.to_string())?;
                 let index = veth.lease().index();
                 std::mem::forget(veth);
                 Ok(index)
-            })
+            }
         })
         .collect();
-    gate.open(8);
-    holders.iter_mut().for_each(Holder::wait_report);
-    let mut indices: Vec<u32> = holders
-        .iter()
-        .map(|h| h.report.clone().expect("a holder failed"))
-        .collect();
-    indices.sort_unstable();
-    indices.dedup();
-    assert_eq!(
-        indices.len(),
-        8,
-        "links shared between containers: {indices:?}"
-    );
+    let (holders, indices) = holders_racing(setups, "containers");
     for holder in holders {
         holder.sigkill();
     }
@@ -250,8 +207,7 @@ fn eight_concurrent_containers_get_eight_distinct_veths_and_leave_nothing() {
         let name = hostnet::veth::host_interface_name(index);
         eventually(&format!("{name} gone"), || !link_exists(&name));
     }
-    let left = unheld_lock_files_after_a_sweep();
-    assert!(left.is_empty(), "lease lock files left: {left:?}");
+    assert_no_lease_files_left();
 }
 
 #[test]

@@ -272,3 +272,82 @@ pub fn unheld_lock_files_after_a_sweep() -> Vec<String> {
         .map(|entry| entry.path().display().to_string())
         .collect()
 }
+
+/// No lease lock file left unheld after a sweep (see [`unheld_lock_files_after_a_sweep`]).
+pub fn assert_no_lease_files_left() {
+    let left = unheld_lock_files_after_a_sweep();
+    assert!(left.is_empty(), "lease lock files left: {left:?}");
+}
+
+/// After the holder of link `index` (host interface `name`) was SIGKILLed: the interface
+/// goes, the lock died with the holder (the same index is free again), its address is
+/// not on the host and no lease file is left.
+pub fn assert_link_freed_after_sigkill(name: &str, index: u32) {
+    eventually(&format!("{name} gone after SIGKILL"), || !link_exists(name));
+    let again = hostnet::Lease::acquire().expect("lease after SIGKILL");
+    assert_eq!(
+        again.index(),
+        index,
+        "the killed holder's link is still reserved"
+    );
+    assert!(
+        !address_on_host(again.host_address()),
+        "address left after SIGKILL"
+    );
+    drop(again);
+    assert_no_lease_files_left();
+}
+
+/// Forks a holder for each of `setups` (each reports its link index), lets them go at
+/// once, and returns them with their indices, sorted; fails when one failed or two
+/// holders (`who`) share a link.
+pub fn holders_racing<F>(setups: Vec<F>, who: &str) -> (Vec<Holder>, Vec<u32>)
+where
+    F: FnOnce() -> Result<u32, String>,
+{
+    let gate = Gate::new();
+    let mut holders: Vec<Holder> = setups
+        .into_iter()
+        .map(|setup| Holder::start(Some(&gate), setup))
+        .collect();
+    let count = holders.len();
+    gate.open(count);
+    holders.iter_mut().for_each(Holder::wait_report);
+    let mut indices: Vec<u32> = holders
+        .iter()
+        .map(|h| h.report.clone().expect("a holder failed"))
+        .collect();
+    indices.sort_unstable();
+    indices.dedup();
+    assert_eq!(
+        indices.len(),
+        count,
+        "links shared between {who}: {indices:?}"
+    );
+    (holders, indices)
+}
+
+/// What `make` reported, run in a forked child that dropped root (uid 65534) with a lease
+/// from a scratch lock directory it may write (so only the link itself needs
+/// CAP_NET_ADMIN).
+pub fn unprivileged_report(
+    make: impl FnOnce(hostnet::Lease) -> Result<u32, String>,
+) -> Result<u32, String> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let lock_dir = dir.path().to_path_buf();
+    let holder = Holder::spawn(move || {
+        nix::unistd::setresuid(65534.into(), 65534.into(), 65534.into())
+            .map_err(|e| e.to_string())?;
+        let pool: hostnet::Pool = "10.201.0.0/16".parse().unwrap();
+        let lease = hostnet::Lease::acquire_in(&lock_dir, &pool, &[]).map_err(|e| e.to_string())?;
+        make(lease)
+    });
+    let report = holder.report.clone();
+    holder.sigkill();
+    report
+}
