@@ -8,16 +8,13 @@
 
 mod common;
 
-use common::{elf, fake_root, require_kvm, TempDir};
-use std::io::Read;
+use common::{
+    child_dir, child_test, drain_stdout, flooding_spec, read_stderr, require_kvm, TempDir,
+};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
-use twinbox_spec::run_spec::OutputMode;
-use twinbox_spec::{Outcome, RunSpec};
-
-/// Writes 'x' to COM1 forever (see tests/teardown.rs).
-const FLOOD: &[u8] = &[0x66, 0xba, 0xf8, 0x03, 0xb0, 0x78, 0xee, 0xeb, 0xfd];
+use twinbox_spec::Outcome;
 
 /// Env var that turns this test binary into the child below (value: its directory).
 const CHILD_ENV: &str = "TWINBOX_JAIL_CHILD";
@@ -26,19 +23,8 @@ const CHILD_ENV: &str = "TWINBOX_JAIL_CHILD";
 #[test]
 #[ignore = "runs only as the child of the jail test"]
 fn child_jailed_vmm() {
-    let Some(dir) = std::env::var_os(CHILD_ENV).map(PathBuf::from) else {
-        panic!("run only as the child of the jail test ({CHILD_ENV} unset)");
-    };
-    let kernel = dir.join("guest.elf");
-    std::fs::write(&kernel, elf(FLOOD)).unwrap();
-    let root = dir.join("root.img");
-    fake_root(&root);
-    let mut spec = RunSpec::new(&root, vec!["/bin/true".into()]);
-    spec.kernel = Some(kernel);
-    spec.memory_mib = 64;
-    spec.vcpus = 2;
-    spec.output = OutputMode::Inherit;
-    spec.time_limit = Some(Duration::from_secs(4));
+    let dir = child_dir(CHILD_ENV, "jail test");
+    let spec = flooding_spec(&dir);
     let options = vmm::RunOptions {
         jail: true,
         ..Default::default()
@@ -96,19 +82,13 @@ fn the_guest_facing_threads_run_jailed() {
     require_kvm();
     common::require_root();
     let dir = TempDir::new("jail");
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "child_jailed_vmm", "--nocapture"])
+    let mut child = child_test("child_jailed_vmm")
         .env(CHILD_ENV, &dir.0)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let drain = std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = stdout.read_to_end(&mut sink);
-        sink.len()
-    });
+    let drain = drain_stdout(&mut child);
     let jailed = ["vcpu0", "vcpu1", "vmm-events", "vmm-console"];
     let started = Instant::now();
     let (snapshot, caller) = loop {
@@ -152,13 +132,7 @@ fn the_guest_facing_threads_run_jailed() {
     };
     let status = child.wait().unwrap();
     let console_bytes = drain.join().unwrap();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let stderr = read_stderr(&mut child);
 
     let host_mnt = std::fs::read_link("/proc/self/ns/mnt").unwrap();
     let host_net = std::fs::read_link("/proc/self/ns/net").unwrap();

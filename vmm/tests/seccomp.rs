@@ -8,15 +8,14 @@
 
 mod common;
 
-use common::{elf, fake_root, require_kvm, TempDir};
-use std::io::Read;
-use std::process::{Command, Stdio};
+use common::{
+    child_dir, child_test, drain_stdout, flooding_spec, read_stderr, require_kvm, spec_in, TempDir,
+    FLOOD,
+};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 use twinbox_spec::run_spec::OutputMode;
-use twinbox_spec::{Outcome, RunSpec};
-
-/// Writes 'x' to COM1 forever (see tests/teardown.rs).
-const FLOOD: &[u8] = &[0x66, 0xba, 0xf8, 0x03, 0xb0, 0x78, 0xee, 0xeb, 0xfd];
+use twinbox_spec::Outcome;
 
 /// Env var that turns this test binary into the child below (value: its directory).
 const CHILD_ENV: &str = "TWINBOX_SECCOMP_CHILD";
@@ -28,21 +27,10 @@ const OFF_ENV: &str = "TWINBOX_SECCOMP_CHILD_OFF";
 #[test]
 #[ignore = "runs only as the child of the seccomp test"]
 fn child_vmm() {
-    let Some(dir) = std::env::var_os(CHILD_ENV).map(std::path::PathBuf::from) else {
-        panic!("run only as the child of the seccomp test ({CHILD_ENV} unset)");
-    };
+    let dir = child_dir(CHILD_ENV, "seccomp test");
     // The parent made the directory and removes it: this process may open nothing after
     // the run.
-    let kernel = dir.join("guest.elf");
-    std::fs::write(&kernel, elf(FLOOD)).unwrap();
-    let root = dir.join("root.img");
-    fake_root(&root);
-    let mut spec = RunSpec::new(&root, vec!["/bin/true".into()]);
-    spec.kernel = Some(kernel);
-    spec.memory_mib = 64;
-    spec.vcpus = 2;
-    spec.output = OutputMode::Inherit;
-    spec.time_limit = Some(Duration::from_secs(4));
+    let spec = flooding_spec(&dir);
     // The caller's thread gets its filter too, as the CLI's does: a named thread, so the
     // parent can find it, which after the run only prints and exits, as the CLI does.
     let caller = std::thread::Builder::new()
@@ -94,9 +82,8 @@ fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
 fn observe(filters_off: bool) -> (Vec<(String, String)>, bool, String, usize) {
     require_kvm();
     let dir = TempDir::new("seccomp");
-    let mut command = Command::new(std::env::current_exe().unwrap());
+    let mut command = child_test("child_vmm");
     command
-        .args(["--ignored", "--exact", "child_vmm", "--nocapture"])
         .env(CHILD_ENV, &dir.0)
         .env_remove(vmm::seccomp::MODE_ENV)
         .stdout(Stdio::piped())
@@ -106,12 +93,7 @@ fn observe(filters_off: bool) -> (Vec<(String, String)>, bool, String, usize) {
     }
     let mut child = command.spawn().unwrap();
     // Drain the console so the guest keeps running (and the console thread keeps writing).
-    let mut stdout = child.stdout.take().unwrap();
-    let drain = std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = stdout.read_to_end(&mut sink);
-        sink.len()
-    });
+    let drain = drain_stdout(&mut child);
     // Wait until all the VMM threads exist and have had time to install their filters
     // (each does so first thing), then take that snapshot.
     let expected = if filters_off { "0" } else { "2" };
@@ -133,13 +115,7 @@ fn observe(filters_off: bool) -> (Vec<(String, String)>, bool, String, usize) {
     };
     let status = child.wait().unwrap();
     let console_bytes = drain.join().unwrap();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let stderr = read_stderr(&mut child);
     let ended = status.success() && stderr.contains("RUN-ENDED-CLEANLY");
     (modes, ended, format!("{status}: {stderr}"), console_bytes)
 }
@@ -185,16 +161,8 @@ const CAPTURE_ENV: &str = "TWINBOX_SECCOMP_CAPTURE_CHILD";
 #[test]
 #[ignore = "runs only as the child of the capture test"]
 fn child_captured_flood() {
-    let Some(dir) = std::env::var_os(CAPTURE_ENV).map(std::path::PathBuf::from) else {
-        panic!("run only as the child of the capture test ({CAPTURE_ENV} unset)");
-    };
-    let kernel = dir.join("guest.elf");
-    std::fs::write(&kernel, elf(FLOOD)).unwrap();
-    let root = dir.join("root.img");
-    fake_root(&root);
-    let mut spec = RunSpec::new(&root, vec!["/bin/true".into()]);
-    spec.kernel = Some(kernel);
-    spec.memory_mib = 64;
+    let dir = child_dir(CAPTURE_ENV, "capture test");
+    let mut spec = spec_in(&dir, FLOOD);
     spec.output = OutputMode::Capture;
     // Long enough for a loaded PVM host, whose port exits are slow, to cross the threshold.
     spec.time_limit = Some(Duration::from_secs(5));
@@ -212,13 +180,7 @@ fn child_captured_flood() {
 fn a_large_captured_console_survives_the_vcpu_filter() {
     require_kvm();
     let dir = TempDir::new("seccomp-capture");
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "child_captured_flood",
-            "--nocapture",
-        ])
+    let out = child_test("child_captured_flood")
         .env(CAPTURE_ENV, &dir.0)
         .env_remove(vmm::seccomp::MODE_ENV)
         .output()

@@ -7,14 +7,10 @@
 
 mod common;
 
-use common::{elf, fake_root, require_kvm, require_root, TempDir};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use common::{child_dir, child_test, guest_files, require_kvm, require_root, TempDir, FLOOD};
+use std::process::Stdio;
 use std::time::Duration;
 use twinbox_spec::RunSpec;
-
-/// Writes 'x' to COM1 forever (see tests/teardown.rs).
-const FLOOD: &[u8] = &[0x66, 0xba, 0xf8, 0x03, 0xb0, 0x78, 0xee, 0xeb, 0xfd];
 
 /// Env var that turns this test binary into the child below (value: its directory).
 const CHILD_ENV: &str = "TWINBOX_SIGKILL_CHILD";
@@ -23,9 +19,7 @@ const CHILD_ENV: &str = "TWINBOX_SIGKILL_CHILD";
 #[test]
 #[ignore = "runs only as the child of the SIGKILL test"]
 fn child_vmm_to_kill() {
-    let Some(dir) = std::env::var_os(CHILD_ENV).map(PathBuf::from) else {
-        panic!("run only as the child of the SIGKILL test ({CHILD_ENV} unset)");
-    };
+    let dir = child_dir(CHILD_ENV, "SIGKILL test");
     let mut spec = RunSpec::new(dir.join("root.img"), vec!["/bin/true".into()]);
     spec.kernel = Some(dir.join("guest.elf"));
     spec.memory_mib = 64;
@@ -50,13 +44,11 @@ fn a_killed_vmm_leaves_no_mount_process_or_file() {
     require_kvm();
     require_root();
     let dir = TempDir::new("sigkill");
-    std::fs::write(dir.join("guest.elf"), elf(FLOOD)).unwrap();
-    fake_root(&dir.join("root.img"));
+    guest_files(&dir.0, FLOOD);
     let files_before = std::fs::read_dir(&dir.0).unwrap().count();
     let mounts_before = mountinfo();
     for delay_ms in [0u64, 1, 2, 5, 10, 15, 20, 30, 500] {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--ignored", "--exact", "child_vmm_to_kill", "--nocapture"])
+        let mut child = child_test("child_vmm_to_kill")
             .env(CHILD_ENV, &dir.0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

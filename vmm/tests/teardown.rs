@@ -9,15 +9,14 @@
 
 mod common;
 
-use common::{elf, fake_root, require_kvm, thread_names, TempDir};
-use std::io::Read;
-use std::process::{Command, Stdio};
+use common::{child_test, read_stderr, require_kvm, spec_in, thread_names, TempDir, FLOOD};
+use std::process::Stdio;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::channel;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use twinbox_spec::run_spec::OutputMode;
-use twinbox_spec::{Outcome, RunSpec};
+use twinbox_spec::Outcome;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::cpuid::Profile;
 use vmm::machine::{self, BootEntry};
@@ -28,15 +27,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// `eb fe`: jmp $ — never exits to the VMM on its own.
 const SPIN: &[u8] = &[0xeb, 0xfe];
-
-/// Writes 'x' to COM1 forever:
-/// ```text
-/// 66 ba f8 03   mov dx, 0x3f8
-/// b0 78         mov al, 'x'
-/// ee            out dx, al      <─┐
-/// eb fd         jmp -3 ───────────┘
-/// ```
-const FLOOD: &[u8] = &[0x66, 0xba, 0xf8, 0x03, 0xb0, 0x78, 0xee, 0xeb, 0xfd];
 
 /// Resets the machine at once through the i8042: `b0 fe e6 64` (mov al, 0xfe; out 0x64,
 /// al), then `f4 eb fd` (hlt; jmp hlt).
@@ -122,23 +112,11 @@ fn dropping_a_vcpu_thread_stops_a_spinning_guest_even_before_its_first_run() {
     }
 }
 
-/// A `RunSpec` for `code` with a stand-in root image in `dir`.
-fn spec_for(dir: &TempDir, code: &[u8]) -> RunSpec {
-    let kernel = dir.join("guest.elf");
-    std::fs::write(&kernel, elf(code)).unwrap();
-    let root = dir.join("root.img");
-    fake_root(&root);
-    let mut spec = RunSpec::new(&root, vec!["/bin/true".into()]);
-    spec.kernel = Some(kernel);
-    spec.memory_mib = 64;
-    spec
-}
-
 #[test]
 fn no_vmm_thread_outlives_a_run() {
     require_kvm();
     let dir = TempDir::new("teardown-threads");
-    let mut spec = spec_for(&dir, RESET);
+    let mut spec = spec_in(&dir.0, RESET);
     spec.vcpus = 2;
     spec.output = OutputMode::Inherit; // starts the console writer thread too
     spec.time_limit = Some(Duration::from_secs(60));
@@ -170,7 +148,7 @@ fn child_flooding_guest() {
         panic!("run only as the child of the console tests ({CHILD_ENV} unset)");
     };
     let dir = TempDir::new("teardown-flood");
-    let mut spec = spec_for(&dir, FLOOD);
+    let mut spec = spec_in(&dir.0, FLOOD);
     spec.output = OutputMode::Inherit;
     spec.time_limit = limit.parse().ok().map(Duration::from_secs);
     let interrupt = twinbox_spec::interrupt::Interrupt::install().unwrap();
@@ -182,13 +160,7 @@ fn child_flooding_guest() {
 
 /// Starts the child with its stdout on a pipe nobody reads; returns it and the pipe.
 fn start_child(limit: &str) -> (std::process::Child, std::process::ChildStdout) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "child_flooding_guest",
-            "--nocapture",
-        ])
+    let mut child = child_test("child_flooding_guest")
         .env(CHILD_ENV, limit)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -212,13 +184,7 @@ fn wait_child(mut child: std::process::Child, limit: Duration) -> (i32, String) 
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let stderr = read_stderr(&mut child);
     (status.code().unwrap_or(-1), stderr)
 }
 

@@ -9,6 +9,15 @@
 
 use std::path::{Path, PathBuf};
 
+/// Writes 'x' to COM1 forever:
+/// ```text
+/// 66 ba f8 03   mov dx, 0x3f8
+/// b0 78         mov al, 'x'
+/// ee            out dx, al      <─┐
+/// eb fd         jmp -3 ───────────┘
+/// ```
+pub const FLOOD: &[u8] = &[0x66, 0xba, 0xf8, 0x03, 0xb0, 0x78, 0xee, 0xeb, 0xfd];
+
 /// Guest-physical address of the segment (and of the code: the entry point).
 pub const LOAD: u64 = 0x10_0000;
 /// File offset of the code.
@@ -98,4 +107,66 @@ pub fn require_root() {
     if unsafe { libc::geteuid() } != 0 {
         panic!("this test needs root (new namespaces, mounts, uid changes)");
     }
+}
+
+/// Writes the guest `dir/guest.elf` around `code` and a stand-in root image
+/// `dir/root.img`; their paths.
+pub fn guest_files(dir: &Path, code: &[u8]) -> (PathBuf, PathBuf) {
+    let kernel = dir.join("guest.elf");
+    std::fs::write(&kernel, elf(code)).unwrap();
+    let root = dir.join("root.img");
+    fake_root(&root);
+    (kernel, root)
+}
+
+/// A `RunSpec` (64 MiB) for `code` with a stand-in root image, both written into `dir`.
+pub fn spec_in(dir: &Path, code: &[u8]) -> twinbox_spec::RunSpec {
+    let (kernel, root) = guest_files(dir, code);
+    let mut spec = twinbox_spec::RunSpec::new(&root, vec!["/bin/true".into()]);
+    spec.kernel = Some(kernel);
+    spec.memory_mib = 64;
+    spec
+}
+
+/// The directory the parent test (`parent`) gave this child process in `env`; the child
+/// runs only under its parent.
+pub fn child_dir(env: &str, parent: &str) -> PathBuf {
+    let Some(dir) = std::env::var_os(env).map(PathBuf::from) else {
+        panic!("run only as the child of the {parent} ({env} unset)");
+    };
+    dir
+}
+
+/// The flooding guest on two vCPUs with its console on stdout, for 4 s (what the jail and
+/// seccomp children run).
+pub fn flooding_spec(dir: &Path) -> twinbox_spec::RunSpec {
+    let mut spec = spec_in(dir, FLOOD);
+    spec.vcpus = 2;
+    spec.output = twinbox_spec::run_spec::OutputMode::Inherit;
+    spec.time_limit = Some(std::time::Duration::from_secs(4));
+    spec
+}
+
+/// This test binary running only its ignored test `name` (a child process of a test).
+pub fn child_test(name: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+    command.args(["--ignored", "--exact", name, "--nocapture"]);
+    command
+}
+
+/// Reads the child's piped stdout to its end on a thread; the thread gives the byte count.
+pub fn drain_stdout(child: &mut std::process::Child) -> std::thread::JoinHandle<usize> {
+    let mut stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut sink);
+        sink.len()
+    })
+}
+
+/// All of the child's piped stderr.
+pub fn read_stderr(child: &mut std::process::Child) -> String {
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    stderr
 }
