@@ -375,12 +375,50 @@ fn sigkill_of_the_bench_leaves_nothing_after_the_next_start() {
         assert!(survivors.is_empty(), "left running: {survivors:?}");
         // The peers' image mount goes with the last namespace that held it; the autoclear
         // loop device detaches right after, asynchronously.
-        wait_for(10, || {
-            common::leaks::HostResources::snapshot() == host_before
-        });
+        settle_to(&host_before);
     });
     assert_eq!(leftovers(BENCH_DIRS), dirs_before, "bench directories left");
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// Starts `twinbox ARGS --out OUT` (`args` split at spaces; output discarded), waits up
+/// to 60 s until `running` holds of the bench's descendants, SIGSTOPs their `sleep`
+/// workloads (so they cannot end on their own) and SIGKILLs the bench. Returns the
+/// bench's pid, the descendants last seen and whether `running` held.
+fn sigkill_bench_with_stopped_workloads(
+    args: &str,
+    out: &Path,
+    running: impl Fn(&[Proc]) -> bool,
+) -> (i32, Vec<Proc>, bool) {
+    let mut bench = Command::new(common::twinbox())
+        .args(args.split_whitespace())
+        .arg("--out")
+        .arg(out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run twinbox bench");
+    let pid = bench.id() as i32;
+    let mut family = Vec::new();
+    let seen = wait_for(60, || {
+        family = descendants(pid);
+        running(&family)
+    });
+    for p in family.iter().filter(|p| p.comm == "sleep") {
+        // SAFETY: kill(2) of a process we just saw; a wrong pid only gets SIGSTOP.
+        unsafe { libc::kill(p.pid, libc::SIGSTOP) };
+    }
+    // SAFETY: the child is ours and not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    bench.wait().unwrap();
+    (pid, family, seen)
+}
+
+/// Waits up to 10 s until the host's resources are what they were in `before` (autoclear
+/// loop devices detach asynchronously after the last unmount); the leak check after it
+/// judges.
+fn settle_to(before: &common::leaks::HostResources) {
+    wait_for(10, || common::leaks::HostResources::snapshot() == *before);
 }
 
 #[test]
@@ -391,30 +429,14 @@ fn sigkill_during_density_tears_down_the_twinbox_instances() {
     let _ = std::fs::remove_dir_all(&out);
     let host_before = common::leaks::HostResources::snapshot();
     common::leaks::check_no_leaks("a SIGKILLed density bench", || {
-        let mut bench = Command::new(common::twinbox())
-            .args(["bench", "density", "--boxes", "container", "--runs", "5"])
-            .args(["--warmup", "0", "--density-instances", "3", "--out"])
-            .arg(&out)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("run twinbox bench");
-        let pid = bench.id() as i32;
-        let mut family = Vec::new();
-        // All three `twinbox ctr run` instances have their workload running.
-        let seen = wait_for(60, || {
-            family = descendants(pid);
-            family.iter().filter(|p| p.comm == "sleep").count() == 3
-        });
-        // Stopped, the workloads cannot end by themselves: only the instances' teardown
-        // (which kills the container) can end them.
-        for p in family.iter().filter(|p| p.comm == "sleep") {
-            // SAFETY: kill(2) of a process we just saw; a wrong pid only gets SIGSTOP.
-            unsafe { libc::kill(p.pid, libc::SIGSTOP) };
-        }
-        // SAFETY: the child is ours and not yet reaped.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        bench.wait().unwrap();
+        // All three `twinbox ctr run` instances have their workload running; stopped,
+        // the workloads cannot end by themselves: only the instances' teardown (which
+        // kills the container) can end them.
+        let (pid, family, seen) = sigkill_bench_with_stopped_workloads(
+            "bench density --boxes container --runs 5 --warmup 0 --density-instances 3",
+            &out,
+            |family| family.iter().filter(|p| p.comm == "sleep").count() == 3,
+        );
         assert!(seen, "three container instances never ran: {family:?}");
         let instances: Vec<&Proc> = family.iter().filter(|p| p.ppid == pid).collect();
         assert_eq!(instances.len(), 3, "{family:?}");
@@ -426,9 +448,7 @@ fn sigkill_during_density_tears_down_the_twinbox_instances() {
             family.iter().filter(|p| alive(p)).collect::<Vec<_>>()
         );
         // The autoclear loop devices detach asynchronously after the last unmount.
-        wait_for(10, || {
-            common::leaks::HostResources::snapshot() == host_before
-        });
+        settle_to(&host_before);
     });
     let _ = std::fs::remove_dir_all(&out);
 }
@@ -441,28 +461,12 @@ fn sigkill_during_an_in_process_container_run_leaves_nothing_after_the_next_star
     let _ = std::fs::remove_dir_all(&out);
     let host_before = common::leaks::HostResources::snapshot();
     common::leaks::check_no_leaks("a bench SIGKILLed in a container run", || {
-        let mut bench = Command::new(common::twinbox())
-            .args(["bench", "memory", "--boxes", "container", "--runs", "20"])
-            .args(["--warmup", "0", "--out"])
-            .arg(&out)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("run twinbox bench");
-        let pid = bench.id() as i32;
-        let mut family = Vec::new();
         // The container runs in the bench's own process: its init is the bench's child.
-        let seen = wait_for(60, || {
-            family = descendants(pid);
-            family.iter().any(|p| p.comm == "sleep")
-        });
-        for p in family.iter().filter(|p| p.comm == "sleep") {
-            // SAFETY: kill(2) of a process we just saw; a wrong pid only gets SIGSTOP.
-            unsafe { libc::kill(p.pid, libc::SIGSTOP) };
-        }
-        // SAFETY: the child is ours and not yet reaped.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        bench.wait().unwrap();
+        let (_, family, seen) = sigkill_bench_with_stopped_workloads(
+            "bench memory --boxes container --runs 20 --warmup 0",
+            &out,
+            |family| family.iter().any(|p| p.comm == "sleep"),
+        );
         assert!(seen, "the container never ran its workload: {family:?}");
         assert!(
             wait_for(10, || family.iter().all(|p| !alive(p))),
@@ -472,9 +476,7 @@ fn sigkill_during_an_in_process_container_run_leaves_nothing_after_the_next_star
         // What only a sweep can remove (the run's cgroup) goes at the next container run
         // (container::run's own sweep).
         next_bench_start(&out, "container");
-        wait_for(10, || {
-            common::leaks::HostResources::snapshot() == host_before
-        });
+        settle_to(&host_before);
     });
     let _ = std::fs::remove_dir_all(&out);
 }
