@@ -110,8 +110,7 @@ fn net_scenario_measures_native_container_and_runc_and_leaves_nothing() {
             "{tool} is not installed: run scripts/install-deps"
         );
     }
-    let out = std::env::temp_dir().join(format!("twinbox-bench-net-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let out = common::fresh_dir("twinbox-bench-net");
     let dirs_before = bench_dirs();
     let net_before = NetLeftovers::now();
     common::leaks::check_no_leaks("twinbox bench net", || {
@@ -263,8 +262,7 @@ fn qemu_peer_gets_a_tap_link_and_serves_the_net_scenario() {
 fn sigterm_mid_measurement_ends_the_boxes_and_leaves_nothing() {
     common::require_root("the container's and runc's network links");
     common::require_artifact(&twinbox_spec::artifacts::rootfs_image());
-    let out = std::env::temp_dir().join(format!("twinbox-bench-net-int-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let out = common::fresh_dir("twinbox-bench-net-int");
     let dirs_before = bench_dirs();
     let net_before = NetLeftovers::now();
     common::leaks::check_no_leaks("an interrupted twinbox bench net", || {

@@ -50,8 +50,7 @@ fn syscall_disk_density_with_runc_and_bwrap() {
     common::require_artifact(&twinbox_spec::artifacts::rootfs_image());
     require_tool("runc");
     require_tool("bwrap");
-    let out = std::env::temp_dir().join(format!("twinbox-bench-scn-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let out = common::fresh_dir("twinbox-bench-scn");
     let dirs_before = leftovers(BENCH_DIRS);
     common::leaks::check_no_leaks("twinbox bench with peers", || {
         let status = Command::new(common::twinbox())
@@ -146,8 +145,7 @@ fn sigterm_stops_the_bench_and_leaves_nothing_behind() {
     common::require_root("the bench's container boxes and peers");
     common::require_artifact(&twinbox_spec::artifacts::rootfs_image());
     common::require_artifact(&twinbox_spec::artifacts::kernel_vmlinux());
-    let out = std::env::temp_dir().join(format!("twinbox-bench-int-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let out = common::fresh_dir("twinbox-bench-int");
     let dirs_before = leftovers(BENCH_DIRS);
     common::leaks::check_no_leaks("an interrupted twinbox bench", || {
         // Long enough (20 rounds of 3 s cpu runs, VM limit 120 s) that only the signal
@@ -319,8 +317,7 @@ fn sigkill_of_the_bench_leaves_nothing_after_the_next_start() {
     require_tool("runc");
     require_tool("bwrap");
     require_tool("qemu-system-x86_64");
-    let out = std::env::temp_dir().join(format!("twinbox-bench-kill-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let out = common::fresh_dir("twinbox-bench-kill");
     let dirs_before = leftovers(BENCH_DIRS);
     let host_before = common::leaks::HostResources::snapshot();
     common::leaks::check_no_leaks("SIGKILLed benches, after the next start", || {
@@ -425,8 +422,7 @@ fn settle_to(before: &common::leaks::HostResources) {
 fn sigkill_during_density_tears_down_the_twinbox_instances() {
     common::require_root("twinbox's container instances");
     common::require_artifact(&twinbox_spec::artifacts::rootfs_image());
-    let out = std::env::temp_dir().join(format!("twinbox-bench-kill-d-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let out = common::fresh_dir("twinbox-bench-kill-d");
     let host_before = common::leaks::HostResources::snapshot();
     common::leaks::check_no_leaks("a SIGKILLed density bench", || {
         // All three `twinbox ctr run` instances have their workload running; stopped,
@@ -457,8 +453,7 @@ fn sigkill_during_density_tears_down_the_twinbox_instances() {
 fn sigkill_during_an_in_process_container_run_leaves_nothing_after_the_next_start() {
     common::require_root("twinbox's container box");
     common::require_artifact(&twinbox_spec::artifacts::rootfs_image());
-    let out = std::env::temp_dir().join(format!("twinbox-bench-kill-c-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let out = common::fresh_dir("twinbox-bench-kill-c");
     let host_before = common::leaks::HostResources::snapshot();
     common::leaks::check_no_leaks("a bench SIGKILLed in a container run", || {
         // The container runs in the bench's own process: its init is the bench's child.

@@ -51,6 +51,13 @@ pub fn rootfs_image(what: &str) -> String {
         .to_string()
 }
 
+/// `<temp dir>/<name>-<pid>`, emptied of what an earlier run left there (it may not exist).
+pub fn fresh_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 /// A finished command's status, stdout and stderr, for failure messages.
 pub fn describe(out: &Output) -> String {
     format!(
