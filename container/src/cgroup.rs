@@ -16,6 +16,7 @@
 use crate::Error;
 use std::fs;
 use std::path::{Path, PathBuf};
+use twinbox_spec::cgroup_run::{self, Hierarchies};
 
 /// CFS period used for `--cpus` (the kernel default, 100 ms).
 pub const CPU_PERIOD_US: u64 = 100_000;
@@ -39,41 +40,17 @@ pub enum Layout {
     },
 }
 
-/// Finds the layout from a `/proc/self/mountinfo` text. A cgroup2 mount is used when it is
-/// at `/sys/fs/cgroup` (pure v2); otherwise every needed v1 controller must be mounted.
+/// Finds the layout from a `/proc/self/mountinfo` text (parsed by
+/// `twinbox_spec::cgroup_run::Hierarchies`, which the VMM's cgroup reads too). A cgroup2
+/// mount is used when it is at `/sys/fs/cgroup` (pure v2); otherwise every needed v1
+/// controller must be mounted.
 pub fn detect(mountinfo: &str) -> Result<Layout, Error> {
-    let mut v2 = None;
-    let (mut cpu, mut memory, mut pids, mut devices) = (None, None, None, None);
-    for line in mountinfo.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else {
-            continue;
-        };
-        let (Some(point), Some(fstype), Some(options)) =
-            (fields.get(4), fields.get(sep + 1), fields.get(sep + 3))
-        else {
-            continue;
-        };
-        match *fstype {
-            "cgroup2" if *point == "/sys/fs/cgroup" => v2 = Some(PathBuf::from(point)),
-            "cgroup" => {
-                for option in options.split(',') {
-                    match option {
-                        "cpu" => cpu = Some(PathBuf::from(point)),
-                        "memory" => memory = Some(PathBuf::from(point)),
-                        "pids" => pids = Some(PathBuf::from(point)),
-                        "devices" => devices = Some(PathBuf::from(point)),
-                        _ => {}
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    if let Some(root) = v2 {
+    let found = Hierarchies::parse(mountinfo);
+    if let Some(root) = found.unified {
         return Ok(Layout::V2(root));
     }
-    match (cpu, memory, pids, devices) {
+    let get = |c: &str| found.v1(c).map(Path::to_path_buf);
+    match (get("cpu"), get("memory"), get("pids"), get("devices")) {
         (Some(cpu), Some(memory), Some(pids), Some(devices)) => Ok(Layout::V1 {
             cpu,
             memory,
@@ -235,41 +212,13 @@ fn mkdir(path: &Path) -> Result<(), Error> {
     })
 }
 
-/// Kills every task listed in `procs` until it is empty, then removes `dir`.
+/// Kills every task listed in `procs` until it is empty, then removes `dir` (the sweep's
+/// own removal, `twinbox_spec::cgroup_run::kill_and_remove`).
 pub(crate) fn kill_and_remove(dir: &Path) -> Result<(), Error> {
-    if !dir.exists() {
-        return Ok(());
-    }
-    let procs = dir.join("cgroup.procs");
-    for _ in 0..500 {
-        let pids: Vec<i32> = fs::read_to_string(&procs)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect();
-        if pids.is_empty() {
-            break;
-        }
-        for pid in pids {
-            // SAFETY: plain kill(2) of a task of our cgroup.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    // rmdir can fail with EBUSY for a moment after the last task died.
-    let mut last = None;
-    for _ in 0..200 {
-        match fs::remove_dir(dir) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => last = Some(e),
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    Err(Error::Cgroup {
+    cgroup_run::kill_and_remove(dir).map_err(|source| Error::Cgroup {
         path: dir.to_owned(),
         what: "remove".into(),
-        source: last.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EBUSY)),
+        source,
     })
 }
 

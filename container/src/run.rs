@@ -35,7 +35,6 @@ use nix::sched::CloneFlags;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 use twinbox_proto::{MarkerChannel, NetConfig};
 use twinbox_spec::clock::monotonic_ns;
@@ -44,8 +43,6 @@ use twinbox_spec::interrupt::Interrupt;
 use twinbox_spec::outcome::MarkerLog;
 use twinbox_spec::run_spec::{NetMode, OutputMode};
 use twinbox_spec::{BoxKind, Outcome, Phase, RunReport, RunSpec, Usage};
-
-static RUNS: AtomicU32 = AtomicU32::new(0);
 
 /// Path of init inside the image.
 pub const INIT: &str = "/sbin/twinbox-init";
@@ -250,22 +247,9 @@ fn check(spec: &RunSpec) -> Result<(), Error> {
 }
 
 /// This run's name: the owner's pid, start time and pid namespace (for the sweep), and a
-/// counter.
+/// counter (shared with the VMM's runs in this process).
 fn run_name() -> Result<String, Error> {
-    let proc = Path::new("/proc");
-    let pid = std::process::id();
-    let start = sweep::start_time(proc, pid).ok_or_else(|| {
-        Error::Setup("cannot read this process's start time from /proc/self/stat".into())
-    })?;
-    let pid_namespace = sweep::pid_namespace(proc).ok_or_else(|| {
-        Error::Setup("cannot read this process's pid namespace from /proc/self/ns/pid".into())
-    })?;
-    Ok(sweep::run_name(
-        pid,
-        start,
-        pid_namespace,
-        RUNS.fetch_add(1, Ordering::SeqCst),
-    ))
+    sweep::next_run_name().map_err(Error::Setup)
 }
 
 /// The namespaces of the child: pid, mount, uts, ipc, net, and user with `--userns`

@@ -4,6 +4,7 @@
 //! `RunSpec` and return a `RunReport`: that symmetry is the product.
 
 pub mod artifacts;
+pub mod cgroup_run;
 pub mod clock;
 pub mod guest_cmdline;
 pub mod host;
