@@ -41,6 +41,16 @@ pub struct VmRunArgs {
     /// (TWINBOX_VMM_SECCOMP=log|off relaxes those, for debugging).
     #[arg(long)]
     pub no_jail: bool,
+    /// Run the VMM outside a cgroup of its own.
+    ///
+    /// By default (as root) the VMM process moves into a fresh cgroup for the run: memory
+    /// limited to guest RAM plus an overhead (32 MiB + 1/64 of guest RAM), no swap, a few
+    /// tasks, so a VMM that grows beyond its guest is OOM-killed instead of eating the host.
+    /// It moves back and removes the cgroup when the run ends; a killed run's cgroup is
+    /// removed by the next twinbox run. Use this where no cgroup can be made (no writable memory and pids
+    /// hierarchies).
+    #[arg(long)]
+    pub no_cgroup: bool,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -69,7 +79,16 @@ fn run(args: VmRunArgs, spawn_ns: u64) -> anyhow::Result<i32> {
         lock_caller_thread: true,
         ..vmm::RunOptions::default()
     };
-    let report = vmm::run_with(&spec, Some(&interrupt.fd()), options)?;
+    // This process is the VMM alone: it may move itself into the run's cgroup. Root only:
+    // another user cannot make cgroups, and keeps hearing first about what it lacks
+    // (/dev/kvm, CAP_NET_ADMIN).
+    // SAFETY: geteuid has no arguments and cannot fail.
+    let own_cgroup = !args.no_cgroup && unsafe { libc::geteuid() } == 0;
+    let report = if own_cgroup {
+        vmm::run_in_own_cgroup(&spec, Some(&interrupt.fd()), options)?
+    } else {
+        vmm::run_with(&spec, Some(&interrupt.fd()), options)?
+    };
     let status = args.run.finish(&report);
     Ok(match interrupt.signal() {
         Some(signal) => 128 + signal,

@@ -5,6 +5,9 @@
 //! 1. **config** — check the spec, the files (kernel, ext4 root, disks) and guest memory
 //!    against host RAM, and compile the seccomp filters, before any VM exists, so bad input
 //!    costs nothing and leaves nothing behind;
+//!    1a. **cgroup** ([`run_in_own_cgroup`]) — sweep what killed runs left, then move this
+//!    process into a fresh cgroup sized to guest RAM plus overhead (`cgroup.rs`), before
+//!    guest memory exists; it moves back and removes the cgroup when the run ends;
 //!    1b. **network** (`--net`) — lease a /30, make the tap `tbt<i>` on the host (before
 //!    any thread is jailed), NAT with `--net nat`;
 //! 2. **machine** — open /dev/kvm, create the VM (in-kernel irqchip + PIT);
@@ -27,6 +30,7 @@
 //!    both boxes share (`twinbox_spec::outcome`), usage, notes.
 
 // Public: what the CLI, the bench and vmm/tests use (see docs/ARCHITECTURE.md).
+pub mod cgroup;
 pub mod cpuid;
 pub mod layout;
 pub mod machine;
@@ -105,6 +109,8 @@ pub enum Error {
     Seccomp(#[from] seccomp::SeccompError),
     #[error(transparent)]
     Jail(#[from] jail::JailError),
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
     #[error("job for twinbox-init: {0}")]
     Job(String),
     #[error("cannot start a VMM thread: {0}")]
@@ -155,13 +161,45 @@ pub fn run_with<S: AsRawFd + ?Sized>(
     stop: Option<&S>,
     options: RunOptions,
 ) -> Result<RunReport, Error> {
-    let config = Config::check(spec, options)?;
+    run_inner(spec, stop, options, false)
+}
+
+/// Like [`run_with`], with this whole process moved into a cgroup of its own for the run
+/// (`cgroup.rs`): memory limited to guest RAM plus [`cgroup::overhead_mib`], no swap, a few
+/// tasks; moved back and the cgroup removed at the end, on every path; a killed run's
+/// cgroup is swept by the next run of either box. Only for a caller that is the VMM alone
+/// (the CLI), never a bench or a test running VMs in-process: it is its own entry point,
+/// not a [`RunOptions`] field a default could set, so that such a caller cannot move
+/// itself by accident. Needs root and the memory and pids controllers.
+pub fn run_in_own_cgroup<S: AsRawFd + ?Sized>(
+    spec: &RunSpec,
+    stop: Option<&S>,
+    options: RunOptions,
+) -> Result<RunReport, Error> {
+    run_inner(spec, stop, options, true)
+}
+
+/// [`run_with`], in the VMM's own cgroup when `own_cgroup`.
+fn run_inner<S: AsRawFd + ?Sized>(
+    spec: &RunSpec,
+    stop: Option<&S>,
+    options: RunOptions,
+    own_cgroup: bool,
+) -> Result<RunReport, Error> {
+    let config = Config::check(spec, options, own_cgroup)?;
     let probe = usage::Probe::open().map_err(Error::Usage)?;
     let mut notes = Vec::new();
     if config.pvm {
         notes.push(PVM_NOTE.to_owned());
     }
     let cpu_before = usage::cpu_times_us();
+
+    // 1a. The VMM's cgroup, before guest memory exists, so that all of it is charged
+    //     there. Declared first among the run's resources, it drops last: the process
+    //     leaves the cgroup once everything else is gone, on every path.
+    let _cgroup = own_cgroup
+        .then(|| cgroup::VmmCgroup::enter(cgroup::Limits::for_vm(spec.memory_mib, spec.vcpus)))
+        .transpose()?;
 
     // 1b. The network link (`--net`), in the host's network namespace and before any thread
     //     is jailed (the jail has a network namespace of its own). The tap and its lease
@@ -476,7 +514,7 @@ struct Config {
 }
 
 impl Config {
-    fn check(spec: &RunSpec, options: RunOptions) -> Result<Self, Error> {
+    fn check(spec: &RunSpec, options: RunOptions, own_cgroup: bool) -> Result<Self, Error> {
         spec.validate()?;
         memory::check_size(spec.memory_mib, memory::host_total_kib()?)?;
         let kernel = match &spec.kernel {
@@ -497,14 +535,19 @@ impl Config {
         if let Some(initrd) = &spec.initrd {
             rootfs::check_openable("initrd", initrd, false)?;
         }
+        let mode = match options.seccomp {
+            Some(mode) => mode,
+            None => seccomp::Mode::from_env()?,
+        };
+        let mut filters = seccomp::Filters::new(mode)?;
+        if own_cgroup && options.lock_caller_thread {
+            filters = filters.caller_removes_cgroup(mode)?;
+        }
         Ok(Self {
             kernel,
             initrd: spec.initrd.clone(),
             pvm: twinbox_spec::host::is_pvm(),
-            seccomp: seccomp::Filters::new(match options.seccomp {
-                Some(mode) => mode,
-                None => seccomp::Mode::from_env()?,
-            })?,
+            seccomp: filters,
         })
     }
 }

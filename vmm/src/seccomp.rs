@@ -155,6 +155,19 @@ impl Filters {
         })
     }
 
+    /// The same filters, with rmdir(2) added to the caller's list (nothing for
+    /// [`Mode::Off`]): a run in its own cgroup (`cgroup.rs`) removes the cgroup's
+    /// directories from the caller's thread after the VM. It moves back to its original
+    /// cgroups by write(2) on files opened before, so rmdir is the only addition; it
+    /// removes empty directories only, and the caller's thread is never guest-facing.
+    pub fn caller_removes_cgroup(mut self, mode: Mode) -> Result<Self, SeccompError> {
+        if self.caller.is_some() {
+            let program = compile_with(ThreadKind::Caller, mode, &[libc::SYS_rmdir])?;
+            self.caller = Some(Arc::new(program));
+        }
+        Ok(self)
+    }
+
     /// No filters (for callers that run threads outside a VM run, such as tests).
     pub fn none() -> Self {
         Self {
@@ -347,6 +360,15 @@ fn refuse_open() -> Result<BpfProgram, SeccompError> {
 
 /// Compiles `kind`'s filter for this architecture.
 fn compile(kind: ThreadKind, mode: Mode) -> Result<BpfProgram, SeccompError> {
+    compile_with(kind, mode, &[])
+}
+
+/// Compiles `kind`'s filter with `extra` calls allowed unconditionally.
+fn compile_with(
+    kind: ThreadKind,
+    mode: Mode,
+    extra: &[libc::c_long],
+) -> Result<BpfProgram, SeccompError> {
     let mismatch = match mode {
         Mode::Log => SeccompAction::Log,
         _ => SeccompAction::KillProcess,
@@ -354,7 +376,9 @@ fn compile(kind: ThreadKind, mode: Mode) -> Result<BpfProgram, SeccompError> {
     let arch = std::env::consts::ARCH
         .try_into()
         .map_err(|source| SeccompError::Build { kind, source })?;
-    SeccompFilter::new(rules(kind), mismatch, SeccompAction::Allow, arch)
+    let mut rules = rules(kind);
+    any(&mut rules, extra);
+    SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)
         .and_then(BpfProgram::try_from)
         .map_err(|source| SeccompError::Build { kind, source })
 }
@@ -560,6 +584,53 @@ mod tests {
                          if not), yet status {status:#x}"
                     );
                 }
+            }
+        }
+    }
+
+    /// rmdir(2) kills the caller under its plain filter, and is allowed (here: ENOENT) under
+    /// the filter of a run in its own cgroup; no other kind gains it.
+    #[test]
+    fn only_a_caller_in_its_own_cgroup_may_rmdir() {
+        let plain = Filters::new(Mode::Kill).unwrap();
+        let cgroup = plain.clone().caller_removes_cgroup(Mode::Kill).unwrap();
+        for (filters, kind, allowed) in [
+            (&plain, ThreadKind::Caller, false),
+            (&cgroup, ThreadKind::Caller, true),
+            (&cgroup, ThreadKind::EventLoop, false),
+        ] {
+            // SAFETY: the child only installs a precompiled filter, makes a raw system call
+            // and _exits: async-signal-safe after fork.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0, "fork failed");
+            if pid == 0 {
+                let code = match filters.apply(kind) {
+                    // SAFETY: rmdir of a NUL-terminated literal that does not exist.
+                    Ok(()) => {
+                        match unsafe { libc::rmdir(c"/nonexistent-twinbox-rmdir".as_ptr()) } {
+                            // SAFETY: reads errno of this thread.
+                            -1 if unsafe { *libc::__errno_location() } == libc::ENOENT => 0,
+                            _ => 4,
+                        }
+                    }
+                    Err(_) => 3,
+                };
+                // SAFETY: ends the forked child without running the parent's atexit.
+                unsafe { libc::_exit(code) };
+            }
+            let mut status = 0;
+            // SAFETY: waits for our own child.
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            if allowed {
+                assert!(
+                    libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                    "{kind}: rmdir should reach the kernel (status {status:#x})"
+                );
+            } else {
+                assert!(
+                    libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+                    "{kind}: rmdir should die of SIGSYS (status {status:#x})"
+                );
             }
         }
     }
