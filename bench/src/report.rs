@@ -512,7 +512,10 @@ mod tests {
         // report pointed every user at a notes file of a development machine).
         let claims = text.split("## Claims checked").nth(1).unwrap();
         let intro = claims.lines().find(|l| !l.trim().is_empty()).unwrap();
-        assert!(!intro.contains('/'), "the claims intro names a path: {intro}");
+        assert!(
+            !intro.contains('/'),
+            "the claims intro names a path: {intro}"
+        );
         assert!(!claims.contains(".md"), "the claims cite a file:\n{claims}");
     }
 
