@@ -6,7 +6,9 @@
 //! or run a child of it: run them one at a time (`--test-threads=1`).
 //!
 //! NEEDS root, /dev/kvm (any flavour: PVM is fine, no Linux guest involved) and the memory
-//! and pids cgroup controllers. Helpers are local on purpose (tests/common is shared).
+//! and pids cgroup controllers.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,38 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use twinbox_spec::RunSpec;
 use vmm::cgroup::{overhead_mib, Limits, VmmCgroup};
-
-/// Guest-physical address of the ELF's segment and code.
-const LOAD: u64 = 0x10_0000;
-/// File offset of the code.
-const CODE: usize = 0x100;
-
-/// An ELF64 executable whose single segment holds `code` at its entry point (the 64-bit
-/// boot protocol: long mode, the first GiB identity-mapped).
-fn elf(code: &[u8]) -> Vec<u8> {
-    let len = CODE + code.len();
-    let mut f = vec![0u8; len];
-    let mut put = |at: usize, v: &[u8]| f[at..at + v.len()].copy_from_slice(v);
-    put(0, b"\x7fELF\x02\x01\x01");
-    put(16, &2u16.to_le_bytes()); // ET_EXEC
-    put(18, &62u16.to_le_bytes()); // EM_X86_64
-    put(20, &1u32.to_le_bytes()); // e_version
-    put(24, &(LOAD + CODE as u64).to_le_bytes()); // e_entry
-    put(32, &0x40u64.to_le_bytes()); // e_phoff
-    put(52, &64u16.to_le_bytes()); // e_ehsize
-    put(54, &56u16.to_le_bytes()); // e_phentsize
-    put(56, &1u16.to_le_bytes()); // e_phnum
-    put(58, &64u16.to_le_bytes()); // e_shentsize
-    put(0x40, &1u32.to_le_bytes()); // PT_LOAD
-    put(0x44, &7u32.to_le_bytes()); // RWX
-    put(0x50, &LOAD.to_le_bytes()); // p_vaddr
-    put(0x58, &LOAD.to_le_bytes()); // p_paddr
-    put(0x60, &(len as u64).to_le_bytes()); // p_filesz
-    put(0x68, &(len as u64).to_le_bytes()); // p_memsz
-    put(0x70, &4u64.to_le_bytes()); // p_align
-    put(CODE, code);
-    f
-}
 
 /// Writes one byte to every 4 KiB page from 2 MiB to `end`, then resets the machine
 /// through the i8042 (which ends the run) and halts.
@@ -83,17 +53,9 @@ impl Drop for TempDir {
     }
 }
 
-/// A 4 KiB file that passes the VMM's ext4 check (no guest here reads it).
-fn fake_root(path: &Path) {
-    let mut bytes = vec![0u8; 4096];
-    bytes[1080..1082].copy_from_slice(&0xef53u16.to_le_bytes());
-    std::fs::write(path, bytes).unwrap();
-}
-
 fn require_root_and_kvm() {
-    // SAFETY: geteuid has no arguments and cannot fail.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "these tests need root");
-    kvm_ioctls::Kvm::new().unwrap_or_else(|e| panic!("these tests need /dev/kvm: {e}"));
+    common::require_root();
+    common::require_kvm();
 }
 
 /// This process's memory cgroup (from /proc/self/cgroup).
@@ -140,8 +102,8 @@ fn a_guest_touching_all_its_ram_runs_to_its_end_in_its_cgroup() {
     const GUEST_MIB: u32 = 256;
     let dir = TempDir::new("touch");
     let kernel = dir.0.join("guest.elf");
-    std::fs::write(&kernel, elf(&touch_all(GUEST_MIB << 20))).unwrap();
-    fake_root(&dir.0.join("root.img"));
+    std::fs::write(&kernel, common::elf(&touch_all(GUEST_MIB << 20))).unwrap();
+    common::fake_root(&dir.0.join("root.img"));
     let mut spec = RunSpec::new(dir.0.join("root.img"), vec!["/bin/true".into()]);
     spec.kernel = Some(kernel);
     spec.memory_mib = GUEST_MIB;
