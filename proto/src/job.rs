@@ -27,7 +27,9 @@ const TAG_NET: u8 = 8;
 
 const FLAG_OVERLAY_ROOT: u32 = 1 << 0;
 const FLAG_POWER_OFF: u32 = 1 << 1;
-const KNOWN_FLAGS: u32 = FLAG_OVERLAY_ROOT | FLAG_POWER_OFF;
+const FLAG_TTY: u32 = 1 << 2;
+const FLAG_VERBOSE: u32 = 1 << 3;
+const KNOWN_FLAGS: u32 = FLAG_OVERLAY_ROOT | FLAG_POWER_OFF | FLAG_TTY | FLAG_VERBOSE;
 
 /// Where init writes its phase markers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +122,15 @@ pub struct Job {
     pub hostname: Option<String>,
     /// The network interface to configure, if the box has one.
     pub net: Option<NetConfig>,
+    /// The workload runs on a terminal (`-t`): in the container init makes its inherited
+    /// stdin (the pty slave the runtime made) the workload's controlling terminal; in the
+    /// VM init allocates a pty pair itself and relays it to the stdin and stdout ports
+    /// (see [`crate::stdio`]).
+    pub tty: bool,
+    /// Init prints its own progress lines (e.g. the exit line) on its stderr: in the
+    /// container the workload's stderr, in the VM the serial console. Without it init
+    /// speaks only when it fails, so the workload's streams carry the workload alone.
+    pub verbose: bool,
 }
 
 impl Default for Job {
@@ -133,6 +144,8 @@ impl Default for Job {
             power_off: false,
             hostname: None,
             net: None,
+            tty: false,
+            verbose: false,
         }
     }
 }
@@ -257,6 +270,12 @@ impl Job {
         if self.power_off {
             flags |= FLAG_POWER_OFF;
         }
+        if self.tty {
+            flags |= FLAG_TTY;
+        }
+        if self.verbose {
+            flags |= FLAG_VERBOSE;
+        }
         push_record(&mut out, TAG_FLAGS, &flags.to_le_bytes());
         if let Some(hostname) = &self.hostname {
             push_record(&mut out, TAG_HOSTNAME, hostname.as_bytes());
@@ -307,6 +326,8 @@ impl Job {
                     }
                     job.overlay_root = flags & FLAG_OVERLAY_ROOT != 0;
                     job.power_off = flags & FLAG_POWER_OFF != 0;
+                    job.tty = flags & FLAG_TTY != 0;
+                    job.verbose = flags & FLAG_VERBOSE != 0;
                 }
                 other => return Err(JobError::UnknownTag(other)),
             }
@@ -356,6 +377,8 @@ mod tests {
                 gateway: Ipv4Addr::new(10, 201, 0, 1),
                 resolver: Some(Ipv4Addr::new(127, 0, 0, 53)),
             }),
+            tty: true,
+            verbose: true,
         }
     }
 

@@ -18,5 +18,5 @@ pub mod run_spec;
 pub use outcome::{Finished, MarkerLog};
 pub use phase::{Phase, Timeline};
 pub use report::{BoxKind, LinkInfo, Outcome, RunReport, Usage};
-pub use run_spec::{DiskSpec, NetMode, RunSpec, SpecError};
+pub use run_spec::{DiskSpec, NetMode, RunSpec, SpecError, StdinMode};
 pub use twinbox_proto as proto;

@@ -76,6 +76,18 @@ impl std::fmt::Display for NetMode {
 }
 
 /// Where the workload's output goes.
+/// Where the workload's stdin comes from, in both boxes alike.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StdinMode {
+    /// End of input at once, as from `/dev/null` (library callers, the bench, and the CLI
+    /// when its stdin is a terminal and neither `-i` nor `-t` was given).
+    #[default]
+    Null,
+    /// The caller's stdin (fd 0), until its end of input.
+    Inherit,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OutputMode {
@@ -126,6 +138,20 @@ pub struct RunSpec {
     /// The box's network; `None`: loopback only.
     #[serde(default)]
     pub net: Option<NetMode>,
+    /// The workload's stdin.
+    #[serde(default)]
+    pub stdin: StdinMode,
+    /// `-t`: the workload runs on a pty inside the box, relayed to the caller's terminal
+    /// (raw mode, window size passed through and resizes forwarded).
+    #[serde(default)]
+    pub tty: bool,
+    /// The VM's serial console (kernel log, init's own lines) saved to this file; without
+    /// it the console is discarded unless `verbose`.
+    #[serde(default)]
+    pub console_log: Option<PathBuf>,
+    /// Init's own progress lines on stderr; in the VM also the serial console.
+    #[serde(default)]
+    pub verbose: bool,
 }
 
 /// A `RunSpec` that cannot run.
@@ -167,6 +193,10 @@ impl RunSpec {
             time_limit: None,
             output: OutputMode::Inherit,
             net: None,
+            stdin: StdinMode::Null,
+            tty: false,
+            console_log: None,
+            verbose: false,
         }
     }
 
