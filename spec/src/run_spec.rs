@@ -236,6 +236,8 @@ impl RunSpec {
             env,
             cwd: self.cwd.clone(),
             hostname: self.hostname.clone(),
+            tty: self.tty,
+            verbose: self.verbose,
             ..twinbox_proto::Job::default()
         }
     }

@@ -2,8 +2,19 @@
 //! lines.
 
 use clap::Args;
+use std::io::IsTerminal;
 use std::path::PathBuf;
-use twinbox_spec::{RunReport, RunSpec};
+use twinbox_spec::{RunReport, RunSpec, StdinMode};
+
+/// Where the workload's stdin comes from: twinbox's own, unless it is a terminal nobody
+/// asked to attach (`-i`/`-t`).
+fn stdin_mode(attach_terminal: bool, stdin_is_terminal: bool) -> StdinMode {
+    if stdin_is_terminal && !attach_terminal {
+        StdinMode::Null
+    } else {
+        StdinMode::Inherit
+    }
+}
 
 /// Options every `run` subcommand takes.
 #[derive(Args, Debug, Clone)]
@@ -49,6 +60,27 @@ pub struct RunArgs {
         default_missing_value = "link"
     )]
     pub net: Option<String>,
+    /// Keep stdin attached even when it is a terminal.
+    ///
+    /// The workload reads twinbox's stdin in both boxes (`... | twinbox vm run -- wc -l`);
+    /// its end is the workload's end of input. When stdin is a terminal and neither `-i`
+    /// nor `-t` is given, the workload gets end of input at once instead, so a command that
+    /// reads stdin does not silently take over the terminal.
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Run the workload on a pseudo-terminal inside the box (`-it -- /bin/sh`: a shell).
+    ///
+    /// The box gets a pty of its own (the container: a pty of its devpts as the workload's
+    /// controlling terminal; the VM: init allocates it in the guest), relayed to this
+    /// terminal in raw mode: window size passed in and resizes forwarded, Ctrl-C goes to the
+    /// workload, not to twinbox. stdout and stderr arrive merged on stdout, as on any
+    /// terminal. The terminal is restored when the run ends.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Print twinbox-init's own lines on stderr (and, for the VM, the serial console with
+    /// the kernel log); without it stdout and stderr carry the workload's output alone.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
     /// The command to run and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -71,6 +103,9 @@ impl RunArgs {
         spec.hostname = self.hostname.clone();
         spec.env = self.env.clone();
         spec.cwd = self.workdir.clone();
+        spec.tty = self.tty;
+        spec.verbose = self.verbose;
+        spec.stdin = stdin_mode(self.interactive || self.tty, std::io::stdin().is_terminal());
         // Parsed here, not by clap, so a bad value is one line and exit 125 like other bad
         // input (clap's own errors exit 2 with a usage screen).
         spec.net = self
@@ -107,5 +142,18 @@ impl RunArgs {
             super::say(format_args!("{}", report.to_json()));
         }
         report.outcome.exit_status()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_terminal_is_attached_only_when_asked_and_anything_else_always() {
+        assert_eq!(stdin_mode(false, true), StdinMode::Null);
+        assert_eq!(stdin_mode(true, true), StdinMode::Inherit);
+        assert_eq!(stdin_mode(false, false), StdinMode::Inherit);
+        assert_eq!(stdin_mode(true, false), StdinMode::Inherit);
     }
 }

@@ -33,6 +33,10 @@ pub struct VmRunArgs {
     /// Appended to the kernel command line.
     #[arg(long, value_name = "ARGS")]
     pub cmdline_extra: Option<String>,
+    /// Save the serial console (the kernel log and twinbox-init's own lines) to FILE. It is
+    /// never mixed into the workload's stdout; without this (or `--verbose`) it is dropped.
+    #[arg(long, value_name = "FILE")]
+    pub console_log: Option<PathBuf>,
     /// Run the VMM's guest-facing threads (vCPUs, event loop, console) outside its jail.
     ///
     /// By default they run jailed once the VM's files are open: an empty root in new
@@ -69,6 +73,7 @@ fn run(args: VmRunArgs, spawn_ns: u64) -> anyhow::Result<i32> {
     spec.disks = args.disks.clone();
     spec.initrd = args.initrd.clone();
     spec.cmdline_extra = args.cmdline_extra.clone();
+    spec.console_log = args.console_log.clone();
     // SIGINT/SIGTERM stop the VM cleanly; we then exit like a shell would (130/143).
     let interrupt =
         twinbox_spec::interrupt::Interrupt::install().context("cannot install signal handlers")?;
