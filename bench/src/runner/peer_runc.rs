@@ -153,7 +153,7 @@ impl Runner for Runc {
         // plugin would prepare it; it lives until this run's report is made.
         let net = spec
             .net
-            .map(|_| super::netns::BoxNet::create())
+            .map(super::netns::BoxNet::create)
             .transpose()?;
         let config = config_for(
             &self.template,
