@@ -13,6 +13,7 @@ use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use twinbox_proto::Marker;
+use twinbox_spec::NetMode;
 
 /// What the pretend child does once "cloned".
 #[derive(Clone, Debug)]
@@ -294,8 +295,11 @@ impl Syscall for Recording {
         true
     }
 
-    fn lease_link(&self) -> Result<Leased, Error> {
-        self.call("lease link")?;
+    fn lease_link(&self, mode: NetMode) -> Result<Leased, Error> {
+        self.call(match mode {
+            NetMode::Link => "lease link",
+            NetMode::Nat => "lease nat link",
+        })?;
         Ok(Leased {
             config: twinbox_proto::NetConfig {
                 address: [10, 201, 0, 14].into(),
@@ -303,7 +307,6 @@ impl Syscall for Recording {
                 gateway: [10, 201, 0, 13].into(),
                 resolver: None,
             },
-            pool: hostnet::lease::DEFAULT_POOL.parse().unwrap(),
             held: Box::new(DropLog {
                 log: self.log.clone(),
                 what: "release lease",
@@ -339,8 +342,8 @@ impl Syscall for Recording {
         })
     }
 
-    fn apply_nat(&self, pool: &hostnet::Pool) -> Result<(), Error> {
-        self.call(&format!("apply nat {pool}"))
+    fn apply_nat(&self) -> Result<(), Error> {
+        self.call("apply nat")
     }
 
     fn set_parent_death_signal(&self) -> Result<(), Errno> {

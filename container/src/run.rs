@@ -97,8 +97,8 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     let mut network = Network::None;
     let mut net_config = None;
     let mut link_info = None;
-    if spec.net.is_some() {
-        let leased = sys.lease_link()?;
+    if let Some(mode) = spec.net {
+        let leased = sys.lease_link(mode)?;
         let resolver = sys.host_resolver();
         if let Some(reason) = resolver.reason() {
             notes.push(format!("network: no resolver in the box: {reason}"));
@@ -155,9 +155,9 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     }
     group.add(child.pid)?;
     if let Some(mode) = spec.net {
-        let (mut info, pool) = network.link(sys, child.pid)?;
+        let mut info = network.link(sys, child.pid)?;
         if mode == NetMode::Nat {
-            sys.apply_nat(&pool)?;
+            sys.apply_nat()?;
             info.nat = true;
         }
         link_info = Some(info);
@@ -499,20 +499,15 @@ enum Network {
 
 impl Network {
     /// Makes the leased link's veth pair into the network namespace of `pid`; the link
-    /// as reports show it, and the pool it came from.
-    fn link(
-        &mut self,
-        sys: &dyn Syscall,
-        pid: i32,
-    ) -> Result<(hostnet::LinkInfo, hostnet::Pool), Error> {
+    /// as reports show it.
+    fn link(&mut self, sys: &dyn Syscall, pid: i32) -> Result<hostnet::LinkInfo, Error> {
         let Network::Leased(leased) = std::mem::replace(self, Network::None) else {
             return Err(Error::Setup("no leased link to make".into()));
         };
-        let pool = leased.pool;
         let link = sys.create_veth(leased, pid)?;
         let info = link.info.clone();
         *self = Network::Linked { _link: link };
-        Ok((info, pool))
+        Ok(info)
     }
 }
 
@@ -895,7 +890,7 @@ mod tests {
                 .position(|c| c == call)
                 .unwrap_or_else(|| panic!("{call} not in {calls:?}"))
         };
-        assert_eq!(at("apply nat 10.201.0.0/16"), at("create veth tb3") + 1);
+        assert_eq!(at("apply nat"), at("create veth tb3") + 1);
         let spawned = sys.spawned.borrow().clone().expect("spawned");
         assert_eq!(spawned.job.net.and_then(|n| n.resolver), None);
         assert!(
@@ -914,11 +909,11 @@ mod tests {
         let before: Vec<&str> = SETUP.to_vec();
         let tail = ["remove staging dir", "cgroup destroy"];
         let cases: [(&str, Vec<&str>); 3] = [
-            ("lease link", vec!["lease link FAILED"]),
+            ("lease nat link", vec!["lease nat link FAILED"]),
             (
                 "create veth tb3",
                 vec![
-                    "lease link",
+                    "lease nat link",
                     "spawn",
                     "cgroup add",
                     "create veth tb3 FAILED",
@@ -928,13 +923,13 @@ mod tests {
                 ],
             ),
             (
-                "apply nat 10.201.0.0/16",
+                "apply nat",
                 vec![
-                    "lease link",
+                    "lease nat link",
                     "spawn",
                     "cgroup add",
                     "create veth tb3",
-                    "apply nat 10.201.0.0/16 FAILED",
+                    "apply nat FAILED",
                     "kill",
                     "wait",
                     "delete veth",

@@ -21,6 +21,7 @@ use std::ffi::CStr;
 use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use twinbox_spec::image::LoopDevice;
+use twinbox_spec::NetMode;
 
 /// The image attached to a loop device: its path, and (for real) the device, which
 /// clears itself once this and every mount of it are gone.
@@ -46,8 +47,6 @@ pub struct Reaped {
 pub struct Leased {
     /// The box's address, prefix and gateway, as init gets them (resolver not yet set).
     pub config: twinbox_proto::NetConfig,
-    /// The pool the link came from (what `--net nat` masquerades).
-    pub pool: hostnet::Pool,
     /// The lease (for real a `hostnet::Lease`).
     pub held: Box<dyn Any>,
 }
@@ -102,15 +101,16 @@ pub trait Syscall {
     fn wait(&self, pid: i32) -> Result<Reaped, Error>;
     /// Waits (up to 2 s) until the loop device at `device` is free again.
     fn wait_loop_free(&self, device: &Path) -> bool;
-    /// Leases a free point-to-point link (`--net`); the lease dies with this process.
-    fn lease_link(&self) -> Result<Leased, Error>;
+    /// Leases a free point-to-point link for `mode` (`--net`, `--net nat`: the host end's
+    /// name and forwarding follow it); the lease dies with this process.
+    fn lease_link(&self, mode: NetMode) -> Result<Leased, Error>;
     /// The name server the box should use, or why there is none.
     fn host_resolver(&self) -> hostnet::Resolver;
     /// Makes `link`'s veth pair: `eth0` in the network namespace of `pid`, the host end
     /// addressed and up. On error the lease is freed and nothing is left.
     fn create_veth(&self, link: Leased, pid: i32) -> Result<Linked, Error>;
-    /// Installs (or replaces) the one NAT table for `pool` (`--net nat`).
-    fn apply_nat(&self, pool: &hostnet::Pool) -> Result<(), Error>;
+    /// Installs (or replaces) the one NAT table (`--net nat`).
+    fn apply_nat(&self) -> Result<(), Error>;
 
     // The child's calls, after clone. None may allocate.
 
@@ -314,11 +314,10 @@ impl Syscall for Real {
         false
     }
 
-    fn lease_link(&self) -> Result<Leased, Error> {
-        let lease = hostnet::Lease::acquire()?;
+    fn lease_link(&self, mode: NetMode) -> Result<Leased, Error> {
+        let lease = hostnet::Lease::acquire(mode)?;
         Ok(Leased {
             config: lease.net_config(None),
-            pool: lease.pool(),
             held: Box::new(lease),
         })
     }
@@ -339,8 +338,8 @@ impl Syscall for Real {
         })
     }
 
-    fn apply_nat(&self, pool: &hostnet::Pool) -> Result<(), Error> {
-        Ok(hostnet::nat::apply(pool)?)
+    fn apply_nat(&self) -> Result<(), Error> {
+        Ok(hostnet::nat::apply()?)
     }
 
     fn set_parent_death_signal(&self) -> Result<(), Errno> {
