@@ -151,6 +151,12 @@ pub trait Syscall {
     fn pivot_root(&self, new_root: &CStr, put_old: &CStr) -> Result<(), Errno>;
     /// `umount2(path, MNT_DETACH)`.
     fn umount_detach(&self, path: &CStr) -> Result<(), Errno>;
+    /// Opens `path` (close-on-exec, never as a controlling terminal).
+    fn open(&self, path: &CStr, flags: libc::c_int) -> Result<RawFd, Errno>;
+    /// A pty pair on the devpts whose `ptmx` is `ptmx`: the master unlocked, and its slave
+    /// opened through the master (`TIOCGPTPEER`, no path lookup), both close-on-exec and
+    /// neither a controlling terminal. Returns (master, slave).
+    fn open_pty(&self, ptmx: &CStr) -> Result<(RawFd, RawFd), Errno>;
     /// Clears close-on-exec on `fd` (the marker pipe init inherits).
     fn keep_on_exec(&self, fd: RawFd) -> Result<(), Errno>;
     /// `dup2(2)`.
@@ -479,6 +485,32 @@ impl Syscall for Real {
     fn umount_detach(&self, path: &CStr) -> Result<(), Errno> {
         // SAFETY: a NUL-terminated path.
         Errno::result(unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) }).map(drop)
+    }
+
+    fn open(&self, path: &CStr, flags: libc::c_int) -> Result<RawFd, Errno> {
+        // SAFETY: a NUL-terminated path; the descriptor is the caller's.
+        Errno::result(unsafe {
+            libc::open(path.as_ptr(), flags | libc::O_CLOEXEC | libc::O_NOCTTY)
+        })
+    }
+
+    fn open_pty(&self, ptmx: &CStr) -> Result<(RawFd, RawFd), Errno> {
+        let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+        // SAFETY: a NUL-terminated path; TIOCSPTLCK reads an int of ours, TIOCGPTPEER
+        // takes open flags; the master is closed again if the slave cannot be had.
+        unsafe {
+            let master = Errno::result(libc::open(ptmx.as_ptr(), flags))?;
+            let unlock: libc::c_int = 0;
+            let slave = Errno::result(libc::ioctl(master, libc::TIOCSPTLCK, &unlock))
+                .and_then(|_| Errno::result(libc::ioctl(master, libc::TIOCGPTPEER, flags)));
+            match slave {
+                Ok(slave) => Ok((master, slave)),
+                Err(errno) => {
+                    libc::close(master);
+                    Err(errno)
+                }
+            }
+        }
     }
 
     fn keep_on_exec(&self, fd: RawFd) -> Result<(), Errno> {

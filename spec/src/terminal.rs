@@ -63,17 +63,25 @@ pub fn set_window_size(fd: BorrowedFd<'_>, size: WindowSize) -> io::Result<()> {
     Ok(())
 }
 
+/// The caller's stdin, stdout and stderr (fds 0, 1, 2), for as long as the process lives.
+pub fn caller_stdio() -> [BorrowedFd<'static>; 3] {
+    // SAFETY: fds 0-2 are open for the life of the process: the Rust runtime opens
+    // /dev/null on any that was closed at start, and twinbox never closes them.
+    [0, 1, 2].map(|fd| unsafe { BorrowedFd::borrow_raw(fd) })
+}
+
+/// The caller's terminal: the first of its stdin, stdout and stderr that is one.
+pub fn caller_terminal() -> Option<BorrowedFd<'static>> {
+    caller_stdio().into_iter().find(|fd| fd.is_terminal())
+}
+
 /// The size of the caller's terminal: the first of stdin, stdout, stderr that is a
 /// terminal with a size (a pty nobody sized reports 0x0, which is no size).
 pub fn caller_window_size() -> Option<WindowSize> {
-    [
-        io::stdin().as_fd(),
-        io::stdout().as_fd(),
-        io::stderr().as_fd(),
-    ]
-    .into_iter()
-    .filter(|fd| fd.is_terminal())
-    .find_map(|fd| window_size(fd).ok().filter(|s| s.rows > 0 && s.cols > 0))
+    caller_stdio()
+        .into_iter()
+        .filter(|fd| fd.is_terminal())
+        .find_map(|fd| window_size(fd).ok().filter(|s| s.rows > 0 && s.cols > 0))
 }
 
 /// The terminal `fd` in raw mode (`cfmakeraw`: no echo, no line editing, no signals from
