@@ -852,3 +852,87 @@ fn event_loop_reads_on_epollin_resumes_on_epollout_and_never_spins() {
         "no spin on a hung-up pipe"
     );
 }
+
+/// The wiring the VMM does (`register_mmio_virtio`): the transport on an MMIO bus, the
+/// device on an event loop; a driver negotiates, sets up all ten queues, goes DRIVER_OK
+/// and sends DEVICE_READY through a QueueNotify write.
+#[test]
+fn linux_style_probe_through_the_mmio_transport_and_event_loop() {
+    use crate::bus::Bus;
+    use crate::virtio::{MmioTransport, MMIO_WINDOW_LEN};
+    const BASE: u64 = 0xd000_0000;
+    let rd = |bus: &Bus, offset: u64| {
+        let mut data = [0u8; 4];
+        assert!(bus.read(BASE + offset, &mut data));
+        u32::from_le_bytes(data)
+    };
+    let wr = |bus: &Bus, offset: u64, value: u32| {
+        assert!(bus.write(BASE + offset, &value.to_le_bytes()));
+    };
+    let (control_r, _control_w) = pipe();
+    let (stdin_r, _stdin_w) = pipe();
+    let (_stdout_r, stdout_w) = pipe();
+    let (_stderr_r, stderr_w) = pipe();
+    let console = Console::stdio(control_r, stdin_r, stdout_w, stderr_w).unwrap();
+    let mut guest = Guest::new(console.queue_max_sizes());
+    let console = Arc::new(Mutex::new(console));
+    let irq = Arc::new(IrqTrigger::new().unwrap());
+    let transport = MmioTransport::new(guest.mem.clone(), console.clone(), irq.clone());
+    let mut bus = Bus::new();
+    bus.insert(BASE, MMIO_WINDOW_LEN, Arc::new(Mutex::new(transport)))
+        .unwrap();
+    let mut manager: EventManager<Subscriber> = EventManager::new().unwrap();
+    manager.add_subscriber(console.clone());
+
+    assert_eq!(rd(&bus, 0x008), TYPE_CONSOLE);
+    wr(&bus, 0x070, 1);
+    wr(&bus, 0x070, 1 | 2);
+    let mut offered = 0u64;
+    for sel in 0..2 {
+        wr(&bus, 0x014, sel);
+        offered |= u64::from(rd(&bus, 0x010)) << (32 * sel);
+    }
+    let wanted = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | 1 << VIRTIO_CONSOLE_F_MULTIPORT;
+    assert_eq!(offered, wanted);
+    for sel in 0..2 {
+        wr(&bus, 0x024, sel);
+        wr(&bus, 0x020, (wanted >> (32 * sel)) as u32);
+    }
+    wr(&bus, 0x070, 1 | 2 | 8);
+    // virtio_cread_feature(MULTIPORT, max_nr_ports): config offset 4.
+    assert_eq!(rd(&bus, 0x104), 4);
+    for (q, ring) in guest.rings.iter().enumerate() {
+        wr(&bus, 0x030, q as u32);
+        assert_eq!(rd(&bus, 0x034), u32::from(ring.size));
+        wr(&bus, 0x038, u32::from(ring.size));
+        for (reg, addr) in [
+            (0x080, ring.base),
+            (0x090, ring.base + 0x1000),
+            (0x0a0, ring.base + 0x2000),
+        ] {
+            wr(&bus, reg, addr as u32);
+            wr(&bus, reg + 4, (addr >> 32) as u32);
+        }
+        wr(&bus, 0x044, 1);
+    }
+    wr(&bus, 0x030, 10);
+    assert_eq!(rd(&bus, 0x034), 0, "no eleventh queue");
+    wr(&bus, 0x070, 1 | 2 | 8 | 4);
+    assert_eq!(rd(&bus, 0x070), 1 | 2 | 8 | 4);
+    manager.run_with_timeout(1000).unwrap(); // activation
+
+    guest.post_rx(CONTROL_RX_QUEUE, 16, 4096);
+    guest.send(
+        CONTROL_TX_QUEUE,
+        &msg(BAD_ID, DEVICE_READY, 1).to_bytes(),
+        1,
+    );
+    wr(&bus, 0x050, CONTROL_TX_QUEUE as u32);
+    manager.run_with_timeout(1000).unwrap();
+    let adds: Vec<ControlMsg> = guest.control_in().into_iter().map(|(m, _)| m).collect();
+    assert_eq!(
+        adds,
+        (0..4).map(|id| msg(id, PORT_ADD, 1)).collect::<Vec<_>>()
+    );
+    assert_ne!(rd(&bus, 0x060) & INTERRUPT_USED_RING, 0);
+}
