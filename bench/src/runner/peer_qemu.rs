@@ -306,7 +306,10 @@ mod tests {
         let token = line.rsplit_once("twinbox.job=").unwrap().1;
         let job = twinbox_spec::proto::Job::decode(token).unwrap();
         assert_eq!(job.net, Some(net));
-        assert!(job.verbose, "without it init prints no closing line to read the status from");
+        assert!(
+            job.verbose,
+            "without it init prints no closing line to read the status from"
+        );
         let a = args(
             &spec,
             Path::new("/k"),
