@@ -130,12 +130,19 @@ fn load(store: &Store, args: &LoadArgs) -> Result<i32> {
         say(format_args!("{}", serde_json::to_string_pretty(&value)?));
         return Ok(0);
     }
-    say(format_args!("image    {} ({})", image.id, image.format().name()));
+    say(format_args!(
+        "image    {} ({})",
+        image.id,
+        image.format().name()
+    ));
     say(format_args!("names    {}", image.names.join(", ")));
     say(format_args!("command  {:?}", image.config.command(&[])));
     say(format_args!("env      {:?}", image.config.env(&[])));
     say(format_args!("workdir  {}", image.config.working_dir()));
-    say(format_args!("user     {}:{} (from {:?})", user.uid, user.gid, image.config.user));
+    say(format_args!(
+        "user     {}:{} (from {:?})",
+        user.uid, user.gid, image.config.user
+    ));
     for (i, dir) in layers.iter().enumerate() {
         say(format_args!("layer {i}  {}", dir.display()));
     }
@@ -187,13 +194,19 @@ fn ls(store: &Store, args: &LsArgs) -> Result<i32> {
         ));
     }
     if !listing.disks.is_empty() {
-        say(format_args!("VM DISK                                    SIZE"));
+        say(format_args!(
+            "VM DISK                                    SIZE"
+        ));
         for (path, bytes, stale) in &listing.disks {
             let name = path.file_name().unwrap_or_default().to_string_lossy();
             say(format_args!(
                 "{name}  {:>9}{}",
                 human(*bytes),
-                if *stale { "  (stale: prune removes it)" } else { "" }
+                if *stale {
+                    "  (stale: prune removes it)"
+                } else {
+                    ""
+                }
             ));
         }
     }
