@@ -28,6 +28,8 @@ mod fsat;
 mod open;
 mod source;
 mod store;
+#[cfg(test)]
+mod testutil;
 mod unpack;
 
 pub use config::{read_merged, resolve_user, ResolvedUser, RunConfig, DEFAULT_PATH};

@@ -272,7 +272,10 @@ impl Store {
             images,
             layers,
             disks,
-            tmp_bytes: du(&self.root.join("tmp"), &mut HashSet::new()),
+            tmp_bytes: dir_names(&self.root.join("tmp"))
+                .iter()
+                .map(|n| du(&self.root.join("tmp").join(n), &mut HashSet::new()))
+                .sum(),
             total_bytes: du(&self.root, &mut HashSet::new()),
         })
     }
@@ -508,7 +511,14 @@ impl Store {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         };
-        let tmp = refs.join(format!(".{}.{}.tmp", image.id.hex(), std::process::id()));
+        // Unique per process and call: two threads may record the same image at once.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = refs.join(format!(
+            ".{}.{}.{seq}.tmp",
+            image.id.hex(),
+            std::process::id()
+        ));
         let json = serde_json::to_vec_pretty(&record).expect("a record serializes");
         std::fs::write(&tmp, json).map_err(io(&tmp, "cannot write"))?;
         std::fs::rename(&tmp, &path).map_err(io(&path, "cannot write"))
@@ -686,4 +696,378 @@ fn du(path: &Path, seen: &mut HashSet<(u64, u64)>) -> u64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{add_oci_image, docker_archive, layer, require_root, E};
+    use crate::ImageSpec;
+
+    fn base() -> Vec<u8> {
+        layer(&[
+            E::Dir("etc/", 0o755),
+            E::File(
+                "etc/passwd",
+                b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+                0o644,
+            ),
+            E::File("etc/motd", b"hello", 0o644),
+            E::Dir("var/cache/", 0o755),
+            E::File("var/cache/old", b"old", 0o644),
+            E::File("bin/tool", b"tool", 0o755),
+            E::Hard("bin/tool2", "bin/tool"),
+        ])
+    }
+
+    fn top(tag: &str) -> Vec<u8> {
+        layer(&[
+            E::File("etc/.wh.motd", b"", 0o644),
+            E::File("var/cache/.wh..wh..opq", b"", 0o644),
+            E::File("var/cache/new", b"new", 0o644),
+            E::File(
+                "etc/passwd",
+                b"root:x:0:0:root:/root:/bin/sh\napp:x:2000:2000::/srv:/bin/sh\n",
+                0o644,
+            ),
+            E::File(&format!("tag-{tag}"), tag.as_bytes(), 0o644),
+        ])
+    }
+
+    struct Setup {
+        _t: tempfile::TempDir,
+        layout: PathBuf,
+        store: Store,
+    }
+
+    fn setup() -> Setup {
+        require_root();
+        let t = tempfile::tempdir().unwrap();
+        let layout = t.path().join("layout");
+        std::fs::create_dir(&layout).unwrap();
+        add_oci_image(&layout, "a:1", &[base(), top("a")]);
+        add_oci_image(&layout, "b:1", &[base(), top("b")]);
+        let store = Store::new(t.path().join("cache"));
+        Setup {
+            _t: t,
+            layout,
+            store,
+        }
+    }
+
+    fn spec(path: &Path, reference: &str) -> ImageSpec {
+        ImageSpec {
+            path: path.to_owned(),
+            reference: Some(reference.to_owned()),
+        }
+    }
+
+    /// No layer, disk or unfinished work in the cache.
+    fn cache_is_clean(store: &Store) {
+        for dir in ["layers/sha256", "ext4", "tmp"] {
+            assert_eq!(
+                dir_names(&store.root.join(dir)),
+                Vec::<String>::new(),
+                "{dir}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_shared_base_layer_is_stored_once() {
+        let s = setup();
+        let a = Image::open(&spec(&s.layout, "a:1")).unwrap();
+        let b = Image::open(&spec(&s.layout, "b:1")).unwrap();
+        let (la, lb) = (s.store.layers(&a).unwrap(), s.store.layers(&b).unwrap());
+        assert_eq!(la.dirs[0], lb.dirs[0]);
+        assert_ne!(la.dirs[1], lb.dirs[1]);
+        assert_eq!(dir_names(&s.store.root.join("layers/sha256")).len(), 3);
+        assert_eq!(la.dirs[0], s.store.layer_dir(&Digest::of(&base())));
+        assert_eq!(
+            la.overlay_lowerdir().unwrap(),
+            format!("{}:{}", la.dirs[1].display(), la.dirs[0].display())
+        );
+        let user = a.config.resolve_user(&la.dirs).unwrap();
+        assert_eq!(
+            (user.uid, user.gid, user.home.as_str()),
+            (2000, 2000, "/srv"),
+            "the top layer's passwd"
+        );
+        let sizes = s.store.sizes(&a).unwrap();
+        assert_eq!(sizes.layer_count, 2);
+        assert!(sizes.layers_bytes_on_disk > 0 && sizes.layers_bytes_in_archive > 0);
+        let listing = s.store.list().unwrap();
+        assert_eq!(listing.images.len(), 2);
+        assert!(listing.layers.iter().any(|(_, _, uses)| *uses == 2));
+    }
+
+    #[test]
+    fn several_images_need_a_reference() {
+        let s = setup();
+        let e = Image::open(&ImageSpec::parse(s.layout.to_str().unwrap()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("holds 2 images") && e.contains("a:1") && e.contains("b:1"),
+            "{e}"
+        );
+        let e = Image::open(&spec(&s.layout, "c:1"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no image matches \"c:1\"") && e.contains("a:1, b:1"),
+            "{e}"
+        );
+        let a = Image::open(&spec(&s.layout, "a:1")).unwrap();
+        let by_digest = Image::open(&spec(
+            &s.layout,
+            &a.manifest_digest.as_ref().unwrap().to_string(),
+        ))
+        .unwrap();
+        assert_eq!(by_digest.id, a.id);
+        let by_id = Image::open(&spec(&s.layout, &a.id.hex()[..12])).unwrap();
+        assert_eq!(by_id.manifest_digest, a.manifest_digest);
+    }
+
+    #[test]
+    fn a_corrupt_layer_blob_is_named_and_nothing_is_left() {
+        let s = setup();
+        let a = Image::open(&spec(&s.layout, "a:1")).unwrap();
+        let blob = s
+            .layout
+            .join("blobs/sha256")
+            .join(a.layers[1].blob_digest.as_ref().unwrap().hex());
+        let mut bytes = std::fs::read(&blob).unwrap();
+        let last = bytes.len() - 9;
+        bytes[last] ^= 0xff;
+        std::fs::write(&blob, &bytes).unwrap();
+        let e = s.store.layers(&a).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "blob {} is corrupt",
+                a.layers[1].blob_digest.as_ref().unwrap()
+            )),
+            "{e}"
+        );
+        // The good base layer stays; the bad one left nothing.
+        assert_eq!(
+            dir_names(&s.store.root.join("layers/sha256")),
+            vec![a.layers[0].diff_id.hex().to_owned()]
+        );
+        assert_eq!(dir_names(&s.store.root.join("tmp")), Vec::<String>::new());
+        bytes.truncate(100);
+        std::fs::write(&blob, &bytes).unwrap();
+        let e = s.store.layers(&a).unwrap_err().to_string();
+        assert!(e.contains("100 bytes, the manifest says"), "{e}");
+    }
+
+    #[test]
+    fn a_wrong_diff_id_is_caught_after_unpacking_into_tmp() {
+        require_root();
+        let t = tempfile::tempdir().unwrap();
+        let tar = t.path().join("d.tar");
+        // The config names `base()`, the archive holds another tar under its name.
+        let config_layers = vec![base()];
+        docker_archive(&tar, "x:1", &config_layers, &["layer.tar"]);
+        // Rewrite with a different layer body but the same config.
+        let other = layer(&[E::File("evil", b"evil", 0o644)]);
+        let config = crate::testutil::config_json(&config_layers, "amd64");
+        let mut b = tar::Builder::new(std::fs::File::create(&tar).unwrap());
+        let config_name = format!("{}.json", Digest::of(&config).hex());
+        let manifest = serde_json::json!([{"Config": config_name, "RepoTags": ["x:1"], "Layers": ["layer.tar"]}]);
+        for (name, data) in [
+            ("manifest.json", serde_json::to_vec(&manifest).unwrap()),
+            (config_name.as_str(), config),
+            ("layer.tar", other),
+        ] {
+            let mut h = tar::Header::new_gnu();
+            h.set_path(name).unwrap();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append(&h, &data[..]).unwrap();
+        }
+        b.finish().unwrap();
+        drop(b);
+        let store = Store::new(t.path().join("cache"));
+        let image = Image::open(&ImageSpec::parse(tar.to_str().unwrap())).unwrap();
+        let e = store.layers(&image).unwrap_err().to_string();
+        assert!(
+            e.contains("blob layer.tar is corrupt") && e.contains("diff_id"),
+            "{e}"
+        );
+        cache_is_clean(&store);
+    }
+
+    #[test]
+    fn docker_archive_names_outside_the_archive_are_refused() {
+        require_root();
+        let t = tempfile::tempdir().unwrap();
+        for name in ["../layer.tar", "/etc/passwd", "a/../../b.tar"] {
+            let tar = t.path().join("d.tar");
+            docker_archive(&tar, "x:1", &[base()], &[name]);
+            let e = Image::open(&ImageSpec::parse(tar.to_str().unwrap()))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("outside the archive") || e.contains("absolute path"),
+                "{name}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_blobs_truncated_archives_and_other_platforms_are_one_line_errors() {
+        let s = setup();
+        let a = Image::open(&spec(&s.layout, "a:1")).unwrap();
+        std::fs::remove_file(s.layout.join("blobs/sha256").join(a.id.hex())).unwrap();
+        let e = Image::open(&spec(&s.layout, "a:1"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("config {} is missing", a.id)), "{e}");
+
+        let t = tempfile::tempdir().unwrap();
+        let tar = t.path().join("d.tar");
+        docker_archive(&tar, "x:1", &[base()], &["layer.tar"]);
+        let bytes = std::fs::read(&tar).unwrap();
+        std::fs::write(&tar, &bytes[..bytes.len() / 2]).unwrap();
+        let e = Image::open(&ImageSpec::parse(tar.to_str().unwrap()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("truncated") || e.contains("missing"), "{e}");
+        assert!(!e.contains('\n'));
+
+        let arm = t.path().join("arm");
+        std::fs::create_dir(&arm).unwrap();
+        add_oci_image(&arm, "arm:1", &[base()]);
+        let config = crate::testutil::config_json(&[base()], "arm64");
+        // Point the manifest at an arm64 config.
+        let image = Image::open(&ImageSpec::parse(arm.to_str().unwrap())).unwrap();
+        let manifest_path = arm
+            .join("blobs/sha256")
+            .join(image.manifest_digest.as_ref().unwrap().hex());
+        let mut manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+        let cd = Digest::of(&config);
+        std::fs::write(arm.join("blobs/sha256").join(cd.hex()), &config).unwrap();
+        manifest["config"] = serde_json::json!({"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd.to_string(), "size": config.len()});
+        let mbytes = serde_json::to_vec(&manifest).unwrap();
+        let md = Digest::of(&mbytes);
+        std::fs::write(arm.join("blobs/sha256").join(md.hex()), &mbytes).unwrap();
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md.to_string(), "size": mbytes.len()}]});
+        std::fs::write(arm.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+        let e = Image::open(&ImageSpec::parse(arm.to_str().unwrap()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("the image is linux/arm64; twinbox runs linux/amd64 only"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_same_layer_in_another_compression_is_stored_once() {
+        let s = setup();
+        let a = Image::open(&spec(&s.layout, "a:1")).unwrap();
+        let oci = s.store.layers(&a).unwrap();
+        let tar = s._t.path().join("d.tar");
+        docker_archive(&tar, "a:docker", &[base(), top("a")], &["0.tar", "1.tar"]);
+        let d = Image::open(&ImageSpec::parse(tar.to_str().unwrap())).unwrap();
+        assert_eq!(d.id, a.id, "same config, same image id");
+        let docker = s.store.layers(&d).unwrap();
+        assert_eq!(oci.dirs, docker.dirs);
+        assert_eq!(dir_names(&s.store.root.join("layers/sha256")).len(), 2);
+    }
+
+    #[test]
+    fn concurrent_unpacks_of_one_layer_agree() {
+        let s = setup();
+        let dirs: Vec<Vec<PathBuf>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let a = Image::open(&spec(&s.layout, "a:1")).unwrap();
+                        s.store.layers(&a).unwrap().dirs
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(dirs.windows(2).all(|w| w[0] == w[1]));
+        assert_eq!(dir_names(&s.store.root.join("layers/sha256")).len(), 2);
+        assert_eq!(dir_names(&s.store.root.join("tmp")), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_vm_disk_applies_whiteouts_and_opaque_dirs() {
+        let s = setup();
+        let a = Image::open(&spec(&s.layout, "a:1")).unwrap();
+        let disk = s.store.ext4(&a).unwrap();
+        assert_eq!(disk.path, s.store.disk_path(&a.id));
+        let debugfs = |cmd: &str| {
+            let out = std::process::Command::new("debugfs")
+                .args(["-R", cmd])
+                .arg(&disk.path)
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                .output()
+                .expect("debugfs (e2fsprogs) is installed");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr)
+        };
+        assert!(debugfs("cat /etc/passwd").contains("app:x:2000"));
+        assert!(debugfs("stat /etc/motd").contains("File not found"));
+        assert!(debugfs("stat /var/cache/old").contains("File not found"));
+        assert!(debugfs("cat /var/cache/new").starts_with("new"));
+        assert!(
+            !debugfs("ea_list /var/cache").contains("trusted"),
+            "overlay xattrs stay out"
+        );
+        assert!(
+            debugfs("stat /bin/tool2").contains("Links: 2"),
+            "hard links kept"
+        );
+        // Built once: a second call reuses it.
+        let mtime = std::fs::metadata(&disk.path).unwrap().modified().unwrap();
+        drop(disk);
+        let again = s.store.ext4(&a).unwrap();
+        assert_eq!(
+            std::fs::metadata(&again.path).unwrap().modified().unwrap(),
+            mtime
+        );
+        assert_eq!(dir_names(&s.store.root.join("tmp")), Vec::<String>::new());
+    }
+
+    #[test]
+    fn rm_keeps_shared_layers_and_prune_frees_the_rest() {
+        let s = setup();
+        let a = Image::open(&spec(&s.layout, "a:1")).unwrap();
+        let b = Image::open(&spec(&s.layout, "b:1")).unwrap();
+        drop(s.store.ext4(&a).unwrap());
+        drop(s.store.layers(&b).unwrap());
+        // A box holding the cache blocks rm and prune.
+        let held = s.store.shared().unwrap();
+        assert!(s.store.prune().unwrap_err().to_string().contains("in use"));
+        drop(held);
+        let removed = s.store.remove("a:1").unwrap();
+        assert_eq!(removed.layers, vec![a.layers[1].diff_id.hex().to_owned()]);
+        assert_eq!(removed.disks.len(), 1);
+        assert!(
+            s.store.layer_dir(&a.layers[0].diff_id).is_dir(),
+            "b still uses the base"
+        );
+        let e = s.store.remove("a:1").unwrap_err().to_string();
+        assert!(e.contains("no cached image matches"), "{e}");
+        // A record gone by hand leaves orphans, which prune finds.
+        std::fs::remove_file(
+            s.store
+                .root
+                .join("refs")
+                .join(format!("{}.json", b.id.hex())),
+        )
+        .unwrap();
+        let pruned = s.store.prune().unwrap();
+        assert_eq!(pruned.layers.len(), 2);
+        cache_is_clean(&s.store);
+    }
 }

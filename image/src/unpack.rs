@@ -77,7 +77,12 @@ pub(crate) fn unpack(layer: impl Read, dest: &Path, label: &str) -> Result<Unpac
     // Directory mtimes last: creating their children moved them.
     for (path, time) in std::mem::take(&mut u.dir_times).into_iter().rev() {
         let comps = fsat::components(&path).unwrap_or_default();
-        let dir = fsat::walk(&u.root, &comps, false).map_err(|e| u.walk_error(&path, e))?;
+        let dir = match fsat::walk(&u.root, &comps, false) {
+            Ok(dir) => dir,
+            // A later entry replaced the directory: nothing to date.
+            Err(WalkError::NotDir(_) | WalkError::Missing(_)) => continue,
+            Err(e) => return Err(u.walk_error(&path, e)),
+        };
         rfs::futimens(&dir, &time).map_err(|e| u.sys(&path, "cannot set mtime", e))?;
     }
     Ok(u.stats)
@@ -443,5 +448,252 @@ impl ImageError {
             },
             other => other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{layer, require_root, E};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    use std::path::PathBuf;
+
+    /// A scratch directory with the layer directory inside it, so a test can check that
+    /// nothing appeared beside the layer.
+    fn scratch() -> (tempfile::TempDir, PathBuf) {
+        require_root();
+        let t = tempfile::tempdir().unwrap();
+        let dest = t.path().join("layer");
+        std::fs::create_dir(&dest).unwrap();
+        (t, dest)
+    }
+
+    fn run(entries: &[E<'_>]) -> (tempfile::TempDir, PathBuf, Result<UnpackStats>) {
+        let (t, dest) = scratch();
+        let r = unpack(&layer(entries)[..], &dest, "test layer");
+        (t, dest, r)
+    }
+
+    fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+        let fd = rustix::fs::open(path, OFlags::RDONLY | OFlags::NOFOLLOW, Mode::empty()).unwrap();
+        crate::fsat::get_xattr(&fd, name).unwrap()
+    }
+
+    /// Only `layer` (and nothing else) exists beside the layer directory.
+    fn nothing_beside(t: &tempfile::TempDir) {
+        let names: Vec<_> = std::fs::read_dir(t.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("layer")]);
+    }
+
+    #[test]
+    fn files_dirs_owners_modes_and_mtimes_are_kept() {
+        let (_t, d, r) = run(&[
+            E::Dir("usr/", 0o755),
+            E::Dir("usr/bin/", 0o750),
+            E::FileX("usr/bin/su", b"#!", 0o4755, (0, 0), &[]),
+            E::FileX("home/app/data", b"x", 0o2640, (1000, 1001), &[]),
+            E::Dir("/abs/", 0o700),
+        ]);
+        r.unwrap();
+        let su = std::fs::metadata(d.join("usr/bin/su")).unwrap();
+        assert_eq!(su.permissions().mode() & 0o7777, 0o4755, "setuid kept");
+        assert_eq!(su.mtime(), 1_600_000_000);
+        let data = std::fs::metadata(d.join("home/app/data")).unwrap();
+        assert_eq!((data.uid(), data.gid()), (1000, 1001));
+        assert_eq!(
+            data.permissions().mode() & 0o7777,
+            0o2640,
+            "setgid kept after chown"
+        );
+        let bin = std::fs::metadata(d.join("usr/bin")).unwrap();
+        assert_eq!(bin.permissions().mode() & 0o7777, 0o750);
+        assert_eq!(
+            bin.mtime(),
+            1_600_000_000,
+            "directory mtime set after its children"
+        );
+        // A leading '/' is relative to the layer.
+        assert!(d.join("abs").is_dir());
+    }
+
+    #[test]
+    fn dot_dot_paths_are_refused_and_nothing_escapes() {
+        for path in ["../escape", "a/../../escape", "./../escape"] {
+            let (t, _d, r) = run(&[E::File(path, b"pwned", 0o644)]);
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("'..'"), "{path}: {e}");
+            nothing_beside(&t);
+        }
+    }
+
+    #[test]
+    fn symlinks_are_created_as_is_and_never_followed() {
+        let before = std::fs::read("/etc/passwd").unwrap();
+        let (t, d, r) = run(&[
+            E::Sym("a", "/etc"),
+            E::File("a/passwd", b"root::0:0::/:/bin/sh\n", 0o644),
+        ]);
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("entry 'a/passwd'") && e.contains("never followed"),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read("/etc/passwd").unwrap(),
+            before,
+            "host /etc/passwd untouched"
+        );
+        assert_eq!(
+            std::fs::read_link(d.join("a")).unwrap(),
+            PathBuf::from("/etc")
+        );
+        nothing_beside(&t);
+
+        // Relative escapes through a symlink fail the same way.
+        let (t, _d, r) = run(&[E::Sym("up", "../../.."), E::File("up/tmp/x", b"x", 0o644)]);
+        assert!(r.unwrap_err().to_string().contains("never followed"));
+        nothing_beside(&t);
+
+        // A file replacing a symlink replaces the link, never writes its target.
+        let (t, d, r) = run(&[E::Sym("f", "/etc/passwd"), E::File("f", b"mine", 0o644)]);
+        r.unwrap();
+        assert_eq!(std::fs::read(d.join("f")).unwrap(), b"mine");
+        assert_eq!(std::fs::read("/etc/passwd").unwrap(), before);
+        nothing_beside(&t);
+    }
+
+    #[test]
+    fn hard_links_only_to_earlier_entries_of_the_layer() {
+        let (_t, d, r) = run(&[E::File("bin/a", b"same", 0o755), E::Hard("bin/b", "bin/a")]);
+        r.unwrap();
+        let (a, b) = (
+            std::fs::metadata(d.join("bin/a")).unwrap(),
+            std::fs::metadata(d.join("bin/b")).unwrap(),
+        );
+        assert_eq!(a.ino(), b.ino());
+
+        // '/etc/passwd' means the layer's own etc/passwd, which is not there.
+        let (t, _d, r) = run(&[E::Hard("stolen", "/etc/passwd")]);
+        assert!(r.unwrap_err().to_string().contains("not an earlier entry"));
+        nothing_beside(&t);
+        let (t, _d, r) = run(&[E::Hard("stolen", "../../etc/passwd")]);
+        assert!(r.unwrap_err().to_string().contains("'..'"));
+        nothing_beside(&t);
+        let (t, _d, r) = run(&[E::Sym("etc", "/etc"), E::Hard("stolen", "etc/passwd")]);
+        assert!(r.unwrap_err().to_string().contains("never followed"));
+        nothing_beside(&t);
+    }
+
+    #[test]
+    fn whiteouts_and_opaque_dirs_take_overlayfs_form() {
+        let (_t, d, r) = run(&[
+            E::Dir("etc/", 0o755),
+            E::File("etc/.wh.motd", b"", 0o644),
+            E::Dir("var/cache/", 0o755),
+            E::File("var/cache/.wh..wh..opq", b"", 0o644),
+            E::File("var/cache/new", b"n", 0o644),
+            E::File("x/.wh..wh.plnk", b"", 0o644),
+        ]);
+        let stats = r.unwrap();
+        let w = std::fs::symlink_metadata(d.join("etc/motd")).unwrap();
+        assert!(w.file_type().is_char_device());
+        assert_eq!((w.rdev(), w.uid(), w.gid()), (0, 0, 0));
+        assert!(!d.join("etc/.wh.motd").exists());
+        assert_eq!(
+            xattr(&d.join("var/cache"), OPAQUE_XATTR).as_deref(),
+            Some(&b"y"[..])
+        );
+        assert!(!d.join("var/cache/.wh..wh..opq").exists());
+        assert!(d.join("var/cache/new").is_file());
+        assert!(
+            !d.join("x/.wh..wh.plnk").exists(),
+            "aufs bookkeeping skipped"
+        );
+        assert_eq!((stats.whiteouts, stats.opaque_dirs), (1, 1));
+    }
+
+    #[test]
+    fn device_nodes_and_fifos_are_made() {
+        let (_t, d, r) = run(&[
+            E::Node("dev/null", EntryType::Char, 1, 3),
+            E::Node("dev/loop0", EntryType::Block, 7, 0),
+            E::Node("run/fifo", EntryType::Fifo, 0, 0),
+        ]);
+        r.unwrap();
+        let null = std::fs::symlink_metadata(d.join("dev/null")).unwrap();
+        assert!(null.file_type().is_char_device());
+        assert_eq!(null.rdev(), rustix::fs::makedev(1, 3));
+        assert_eq!(
+            null.permissions().mode() & 0o7777,
+            0o620,
+            "mode despite the umask"
+        );
+        assert!(std::fs::symlink_metadata(d.join("dev/loop0"))
+            .unwrap()
+            .file_type()
+            .is_block_device());
+        assert!(std::fs::symlink_metadata(d.join("run/fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo());
+    }
+
+    #[test]
+    fn xattrs_keep_capability_and_user_drop_trusted_and_others() {
+        // vfs_cap_data revision 2, effective, CAP_NET_RAW (13) permitted.
+        let mut cap = Vec::new();
+        for word in [0x0200_0001u32, 1 << 13, 0, 0, 0] {
+            cap.extend_from_slice(&word.to_le_bytes());
+        }
+        let (_t, d, r) = run(&[E::FileX(
+            "bin/ping",
+            b"elf",
+            0o755,
+            (0, 0),
+            &[
+                ("security.capability", &cap),
+                ("user.origin", b"test"),
+                ("trusted.overlay.opaque", b"y"),
+                ("security.selinux", b"system_u:object_r:bin_t:s0"),
+            ],
+        )]);
+        let stats = r.unwrap();
+        let p = d.join("bin/ping");
+        assert_eq!(
+            xattr(&p, "security.capability"),
+            Some(cap),
+            "set after chown, so kept"
+        );
+        assert_eq!(xattr(&p, "user.origin").as_deref(), Some(&b"test"[..]));
+        assert_eq!(xattr(&p, "trusted.overlay.opaque"), None);
+        assert_eq!(stats.xattrs_dropped, 2);
+    }
+
+    #[test]
+    fn later_entries_replace_earlier_ones() {
+        let (_t, d, r) = run(&[
+            E::File("p", b"file", 0o644),
+            E::Dir("p/", 0o755),
+            E::File("p/inner", b"i", 0o644),
+            E::Dir("q/", 0o755),
+            E::File("q/inner", b"i", 0o644),
+            E::File("q", b"now a file", 0o644),
+        ]);
+        r.unwrap();
+        assert!(d.join("p/inner").is_file());
+        assert_eq!(std::fs::read(d.join("q")).unwrap(), b"now a file");
+    }
+
+    #[test]
+    fn a_truncated_layer_is_an_error() {
+        let (_t, dest) = scratch();
+        let full = layer(&[E::File("big", &[7u8; 10_000], 0o644)]);
+        let e = unpack(&full[..5000], &dest, "test layer")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test layer: "), "{e}");
     }
 }
