@@ -452,7 +452,7 @@ impl Store {
             BufReader::new(image.read_layer(layer)?),
             &label,
         )?);
-        let stats = unpack::unpack(&mut stream, &work.path, &label)?;
+        let stats = unpack::unpack(ClosedTar::new(&mut stream), &work.path, &label)?;
         let (diff_id, bytes) = stream.finish().map_err(|e| ImageError::Malformed {
             path: label.clone().into(),
             what: format!("unreadable layer: {e}"),
@@ -623,6 +623,48 @@ impl Drop for TmpDir {
                 tracing::warn!("cannot remove {}: {e}", self.path.display());
             }
         }
+    }
+}
+
+/// Ends a layer stream with the tar framing its writer may have left out: zeros to the
+/// next 512-byte record and two zero records. umoci 0.4.7 (Debian bookworm's) writes
+/// layers that stop right after the last file's data, which Go's tar reader (containerd,
+/// podman, umoci itself) accepts and the tar crate does not. It is safe because the bytes
+/// the tar reader gets beyond the stream are only zeros and the real stream below is
+/// hashed against the config's diff_id: a layer cut short inside a file fails that check,
+/// and its partial unpack is thrown away.
+struct ClosedTar<R> {
+    inner: R,
+    read: u64,
+    /// Zeros still to give after the inner EOF (`None` before it).
+    tail: Option<u64>,
+}
+
+impl<R: Read> ClosedTar<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            read: 0,
+            tail: None,
+        }
+    }
+}
+
+impl<R: Read> Read for ClosedTar<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.tail.is_none() {
+            let n = self.inner.read(buf)?;
+            if n > 0 || buf.is_empty() {
+                self.read += n as u64;
+                return Ok(n);
+            }
+            self.tail = Some((512 - self.read % 512) % 512 + 1024);
+        }
+        let left = self.tail.as_mut().expect("set above");
+        let n = (*left).min(buf.len() as u64) as usize;
+        buf[..n].fill(0);
+        *left -= n as u64;
+        Ok(n)
     }
 }
 
@@ -978,6 +1020,32 @@ mod tests {
         let docker = s.store.layers(&d).unwrap();
         assert_eq!(oci.dirs, docker.dirs);
         assert_eq!(dir_names(&s.store.root.join("layers/sha256")).len(), 2);
+    }
+
+    #[test]
+    fn a_layer_without_its_final_tar_framing_unpacks_a_cut_one_does_not() {
+        require_root();
+        let full = layer(&[E::File("a", b"1234", 0o644), E::File("b", b"56", 0o644)]);
+        // As umoci 0.4.7 writes it: the last file's data, then nothing.
+        let unframed = full[..512 * 3 + 2].to_vec();
+        let cut = full[..512 * 3 + 1].to_vec();
+        let t = tempfile::tempdir().unwrap();
+        for (name, body, ok) in [("unframed", unframed, true), ("cut", cut, false)] {
+            let tar = t.path().join(format!("{name}.tar"));
+            docker_archive(&tar, "x:1", &[body], &["layer.tar"]);
+            let store = Store::new(t.path().join(name));
+            let image = Image::open(&ImageSpec::parse(tar.to_str().unwrap())).unwrap();
+            // The cut layer's diff_id is of the cut bytes: only the zero fill could hide
+            // the missing byte, and the file comes out short, never zero-padded unnoticed.
+            let r = store.layers(&image);
+            if ok {
+                let dirs = r.unwrap().dirs;
+                assert_eq!(std::fs::read(dirs[0].join("b")).unwrap(), b"56");
+            } else {
+                let got = r.map(|l| std::fs::read(l.dirs[0].join("b")).unwrap());
+                assert!(got.is_err() || got.unwrap() != b"56", "{name}");
+            }
+        }
     }
 
     #[test]
