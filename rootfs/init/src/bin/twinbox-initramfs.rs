@@ -154,7 +154,10 @@ mod tests {
         let total = bytes.len();
         let mut out = Vec::new();
         loop {
-            assert!((total - bytes.len()).is_multiple_of(4), "header not aligned");
+            assert!(
+                (total - bytes.len()).is_multiple_of(4),
+                "header not aligned"
+            );
             assert_eq!(&bytes[..6], b"070701");
             let field = |i: usize| {
                 let text = std::str::from_utf8(&bytes[6 + 8 * i..14 + 8 * i]).unwrap();
