@@ -72,6 +72,16 @@ impl RunConfig {
         out
     }
 
+    /// [`RunConfig::env`] plus `HOME` from the resolved user's passwd entry when neither
+    /// the image nor the user sets it, as Docker does.
+    pub fn env_for(&self, user_env: &[String], user: &ResolvedUser) -> Vec<String> {
+        let mut env = self.env(user_env);
+        if !env.iter().any(|e| e.starts_with("HOME=")) {
+            env.push(format!("HOME={}", user.home));
+        }
+        env
+    }
+
     /// The working directory: `WorkingDir`, `/` when unset (as Docker).
     pub fn working_dir(&self) -> &str {
         if self.working_dir.is_empty() {
@@ -301,6 +311,11 @@ mod tests {
         );
         assert_eq!(RunConfig::default().env(&[]), vec![DEFAULT_PATH]);
         assert_eq!(c.working_dir(), "/srv");
+        let user = resolve_user("app", Some(PASSWD), Some(GROUP)).unwrap();
+        assert!(c.env_for(&[], &user).contains(&"HOME=/home/app".to_owned()));
+        assert!(c
+            .env_for(&["HOME=/x".into()], &user)
+            .contains(&"HOME=/x".to_owned()));
         assert_eq!(RunConfig::default().working_dir(), "/");
     }
 

@@ -126,8 +126,14 @@ impl Image {
     }
 
     /// Opens a layer's blob for reading.
+    ///
+    /// Reads stop one byte past the size the manifest gives, so a blob that is longer
+    /// (or a layout entry that is a symlink to an endless device) fails the size check
+    /// instead of being read forever.
     pub(crate) fn read_layer(&self, layer: &Layer) -> Result<Box<dyn Read + Send>> {
-        self.source.read(&layer.member)
+        Ok(Box::new(
+            self.source.read(&layer.member)?.take(layer.blob_size + 1),
+        ))
     }
 }
 

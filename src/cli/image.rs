@@ -121,7 +121,7 @@ fn load(store: &Store, args: &LoadArgs) -> Result<i32> {
             "ext4": disk,
             "config": image.config,
             "command": image.config.command(&[]),
-            "env": image.config.env(&[]),
+            "env": image.config.env_for(&[], &user),
             "working_dir": image.config.working_dir(),
             "user": user,
             "sizes": sizes,
@@ -137,7 +137,10 @@ fn load(store: &Store, args: &LoadArgs) -> Result<i32> {
     ));
     say(format_args!("names    {}", image.names.join(", ")));
     say(format_args!("command  {:?}", image.config.command(&[])));
-    say(format_args!("env      {:?}", image.config.env(&[])));
+    say(format_args!(
+        "env      {:?}",
+        image.config.env_for(&[], &user)
+    ));
     say(format_args!("workdir  {}", image.config.working_dir()));
     say(format_args!(
         "user     {}:{} (from {:?})",
