@@ -140,6 +140,42 @@ pub fn init(path: &Path) -> Result<OwnedFd, Error> {
     Ok(fd)
 }
 
+/// Checks that the image (its detached mount `image`) leaves [`crate::plan::INIT_DIR`]
+/// to twinbox: absent or a directory. A symlink there would make the plan mount the init
+/// directory wherever it points (the plan's paths are resolved on the host side, before
+/// `pivot_root`, and the image is never trusted to steer them); a file would fail later
+/// with a less telling error. The image is read-only, so the answer cannot change.
+pub fn check_init_dir(image: &OwnedFd) -> Result<(), Error> {
+    let name = crate::plan::INIT_DIR.trim_start_matches('/');
+    let c_name = CString::new(name).unwrap_or_default();
+    // SAFETY: fstatat relative to our mount fd, into a zeroed stat on the stack.
+    let (r, st) = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        let r = libc::fstatat(
+            image.as_raw_fd(),
+            c_name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        );
+        (r, st)
+    };
+    if r != 0 {
+        let err = std::io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENOENT) => Ok(()),
+            _ => Err(Error::os(format!("look at the image's /{name}"), err)),
+        };
+    }
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFDIR => Ok(()),
+        kind => Err(Error::Setup(format!(
+            "the image has /{name} as a {}: twinbox mounts its own init at {} — remove it from the image",
+            if kind == libc::S_IFLNK { "symlink" } else { "non-directory" },
+            crate::plan::INIT
+        ))),
+    }
+}
+
 /// `open_tree(OPEN_TREE_CLONE)` of `path`: a detached bind, close-on-exec.
 fn open_tree(path: &Path) -> Result<OwnedFd, Error> {
     let c = c_path(path)?;

@@ -263,6 +263,10 @@ impl Syscall for Recording {
         Ok(std::fs::File::open("/dev/null").unwrap().into())
     }
 
+    fn check_init_dir(&self, _image: &OwnedFd) -> Result<(), Error> {
+        self.call("check init dir")
+    }
+
     fn spawn(&self, prepared: &Prepared, flags: CloneFlags) -> Result<i32, Error> {
         let userns = flags.contains(CloneFlags::CLONE_NEWUSER);
         self.call(if userns { "spawn userns" } else { "spawn" })?;

@@ -91,6 +91,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     // Mounted here, as host root, detached: the child attaches them (inside its device
     // allowlist it could not open the loop device; in a user namespace not mount ext4).
     let image_mount = sys.mount_image(&device_path)?;
+    sys.check_init_dir(&image_mount)?;
     let init_mount = sys.bind_init(&host_init)?;
     let disk_mounts = spec
         .disks
@@ -668,12 +669,13 @@ mod tests {
     }
 
     /// The calls of a run that gets as far as the child, before any failure.
-    const SETUP: [&str; 6] = [
+    const SETUP: [&str; 7] = [
         "sweep",
         "create cgroup",
         "create staging dir",
         "attach loop",
         "mount image /dev/loop7",
+        "check init dir",
         "bind init",
     ];
 
@@ -781,6 +783,7 @@ mod tests {
                     "create staging dir",
                     "attach loop",
                     "mount image /dev/loop7",
+                    "check init dir",
                     "bind init FAILED",
                     "remove staging dir",
                     "cgroup destroy",
@@ -794,6 +797,7 @@ mod tests {
                     "create staging dir",
                     "attach loop",
                     "mount image /dev/loop7",
+                    "check init dir",
                     "bind init",
                     "spawn FAILED",
                     "remove staging dir",
@@ -808,6 +812,7 @@ mod tests {
                     "create staging dir",
                     "attach loop",
                     "mount image /dev/loop7",
+                    "check init dir",
                     "bind init",
                     "spawn",
                     "cgroup add FAILED",
@@ -1162,7 +1167,8 @@ mod tests {
         run_with(&sys, &image.spec()).unwrap();
         let calls = sys.calls();
         let at = |call: &str| calls.iter().position(|c| c == call).unwrap();
-        assert!(at("mount image /dev/loop7") < at("bind init"));
+        assert!(at("mount image /dev/loop7") < at("check init dir"));
+        assert!(at("check init dir") < at("bind init"));
         assert!(at("bind init") < at("spawn"));
         assert_eq!(INIT, "/.twinbox/init");
     }

@@ -95,6 +95,8 @@ pub trait Syscall {
     fn host_init(&self) -> Result<PathBuf, Error>;
     /// A detached read-only, private bind of the host's init (`detached::init`).
     fn bind_init(&self, path: &Path) -> Result<OwnedFd, Error>;
+    /// Refuses an image whose `/.twinbox` is not a directory (`detached::check_init_dir`).
+    fn check_init_dir(&self, image: &OwnedFd) -> Result<(), Error>;
     /// Clones the child into new namespaces (`flags`); it runs `child::main(prepared)`.
     fn spawn(&self, prepared: &Prepared, flags: CloneFlags) -> Result<i32, Error>;
     /// Writes the child's uid/gid maps and idmaps the detached mounts to its namespace.
@@ -271,6 +273,10 @@ impl Syscall for Real {
 
     fn bind_init(&self, path: &Path) -> Result<OwnedFd, Error> {
         detached::init(path)
+    }
+
+    fn check_init_dir(&self, image: &OwnedFd) -> Result<(), Error> {
+        detached::check_init_dir(image)
     }
 
     fn spawn(&self, prepared: &Prepared, flags: CloneFlags) -> Result<i32, Error> {
