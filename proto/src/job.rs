@@ -127,7 +127,7 @@ impl JobUser {
     }
 
     fn decode(value: &[u8]) -> Result<Self, JobError> {
-        if value.len() < 8 || value.len() % 4 != 0 || value.len() / 4 - 2 > MAX_GROUPS {
+        if value.len() < 8 || !value.len().is_multiple_of(4) || value.len() / 4 - 2 > MAX_GROUPS {
             return Err(JobError::BadLength(TAG_USER));
         }
         let mut ids = value
