@@ -1,5 +1,10 @@
 //! What the cloned child does in its new namespaces, up to the exec of twinbox-init.
 //!
+//! Its stdio: with `-t` a pty of the container's own devpts (the master goes to the
+//! parent over the channel, the slave becomes fds 0-2, which init makes the workload's
+//! controlling terminal); otherwise stdin is `/dev/null` of the container unless the
+//! caller's is inherited, and stdout/stderr are the caller's or the capture pipe.
+//!
 //! Runs right after `clone` in a copy of the parent: it only walks data prepared by the
 //! parent ([`Prepared`]) and makes its calls through [`Syscall`] (whose real
 //! implementation is raw system calls), so it never allocates (the parent may be
@@ -53,6 +58,10 @@ pub const PARENT_GONE: u32 = 14;
 pub const SECCOMP: u32 = 15;
 /// Leaving the CLI's session.
 pub const NEW_SESSION: u32 = 16;
+/// Making the container's pty and handing its master to the parent (`-t`).
+pub const TERMINAL: u32 = 17;
+/// Putting `/dev/null` on stdin.
+pub const STDIN: u32 = 18;
 /// The code of the plan's first step.
 pub const FIRST_PLAN_STEP: u32 = 100;
 
@@ -75,6 +84,11 @@ pub fn describe(code: u32, plan: &Plan) -> String {
         PARENT_GONE => "outlive the parent: it died during start-up".into(),
         SECCOMP => "install the seccomp filter".into(),
         NEW_SESSION => "start a new session".into(),
+        TERMINAL => format!(
+            "allocate the container's terminal on {}",
+            PTMX.to_string_lossy()
+        ),
+        STDIN => "open /dev/null as stdin".into(),
         c if c >= FIRST_PLAN_STEP => plan
             .steps
             .get((c - FIRST_PLAN_STEP) as usize)
@@ -96,6 +110,10 @@ pub struct Prepared {
     pub marker_fd: RawFd,
     /// When capturing output: write end to put on stdout and stderr.
     pub output_fd: Option<RawFd>,
+    /// `-t`: a pty of the container's devpts as fds 0-2, its master sent to the parent.
+    pub tty: bool,
+    /// Without `-t`: stdin is `/dev/null` (true) or the caller's, inherited (false).
+    pub null_stdin: bool,
     /// Path of init inside the new root.
     pub init: CString,
     /// init's argv (NULL-terminated).
@@ -176,6 +194,13 @@ fn setup(p: &Prepared, sys: &dyn Syscall) -> StepResult {
     at(DETACH_OLD_ROOT, sys.umount_detach(c"."))?;
     at(DETACH_OLD_ROOT, sys.chdir(c"/"))?;
     at(MARKER_FD, sys.keep_on_exec(p.marker_fd))?;
+    if p.tty {
+        terminal(p, sys)?;
+    } else if p.null_stdin {
+        // The container's /dev/null (inside the device allowlist), not a host descriptor.
+        let null = at(STDIN, sys.open(c"/dev/null", libc::O_RDWR))?;
+        at(STDIN, stdio_onto(sys, null, &[0]))?;
+    }
     if let Some(fd) = p.output_fd {
         at(OUTPUT, sys.dup2(fd, 1))?;
         at(OUTPUT, sys.dup2(fd, 2))?;
@@ -199,6 +224,37 @@ fn setup(p: &Prepared, sys: &dyn Syscall) -> StepResult {
     // Last before exec: from here on only what the filter allows, exec included.
     if let Some(filter) = &p.seccomp {
         at(SECCOMP, sys.apply_seccomp(filter))?;
+    }
+    Ok(())
+}
+
+/// The container's `ptmx`, seen after `pivot_root`: its own devpts instance (mounted
+/// `newinstance` by the plan), so the pty is numbered and named inside the box.
+pub const PTMX: &std::ffi::CStr = c"/dev/pts/ptmx";
+
+/// `-t`: a pty on the container's devpts; the master to the parent, the slave as fds 0-2.
+/// Made after `pivot_root` (the path is the box's) and before `setsid`, so the child,
+/// still in the CLI's session, never gets it as its own controlling terminal.
+fn terminal(p: &Prepared, sys: &dyn Syscall) -> StepResult {
+    let (master, slave) = at(TERMINAL, sys.open_pty(PTMX))?;
+    let sent = p.channel.send_terminal(master);
+    // The parent's copy is the one that counts: ours would keep the pty open after the
+    // box is gone (and init must not inherit it: it is close-on-exec too).
+    sys.close(master);
+    at(TERMINAL, sent)?;
+    at(TERMINAL, stdio_onto(sys, slave, &[0, 1, 2]))
+}
+
+/// Puts `fd` on each of `targets` and closes it, unless it already is one of them (the
+/// lowest free number may be 0-2 when the caller had them closed).
+fn stdio_onto(sys: &dyn Syscall, fd: RawFd, targets: &[RawFd]) -> Result<(), Errno> {
+    for &target in targets {
+        if target != fd {
+            sys.dup2(fd, target)?;
+        }
+    }
+    if !targets.contains(&fd) {
+        sys.close(fd);
     }
     Ok(())
 }
@@ -272,7 +328,7 @@ mod tests {
     use crate::recording::{ChildScript, Recording};
     use std::os::fd::{AsRawFd, OwnedFd};
     use std::path::Path;
-    use twinbox_spec::RunSpec;
+    use twinbox_spec::{RunSpec, StdinMode};
 
     const ROOT: &str = "/run/twinbox/ctr/t/root";
 
@@ -285,10 +341,14 @@ mod tests {
     }
 
     fn setup(user_namespace: bool) -> Setup {
+        setup_with(|spec| spec.user_namespace = user_namespace)
+    }
+
+    fn setup_with(adjust: impl FnOnce(&mut RunSpec)) -> Setup {
         let (parent, child) = channel::channel().unwrap();
         let marker = nix::unistd::pipe().unwrap();
         let mut spec = RunSpec::new("/image.ext4", vec!["/bin/true".into()]);
-        spec.user_namespace = user_namespace;
+        adjust(&mut spec);
         let plan = crate::plan::build(Path::new("/run/twinbox/ctr/t"), 7, &[]).unwrap();
         let prepared = crate::run::prepare(
             &spec,
@@ -345,6 +405,9 @@ mod tests {
             "umount -l .".into(),
             "chdir /".into(),
             "keep marker fd".into(),
+            // Stdin is the box's /dev/null unless inherited.
+            "open /dev/null".into(),
+            "dup2 to 0".into(),
             "setsid".into(),
             "capset 0xa00425fb 0x0".into(),
             "no_new_privs".into(),
@@ -366,14 +429,97 @@ mod tests {
         // A path this kernel lacks is skipped, not an error.
         assert!(!calls.iter().any(|c| c.contains("kcore")), "{calls:#?}");
         drop(s._child);
-        assert_eq!(s.parent.receive(), FromChild::Ready);
-        assert_eq!(
+        assert!(matches!(s.parent.receive(), FromChild::Ready));
+        assert!(matches!(
             s.parent.receive(),
             FromChild::Failed {
                 step: EXEC_INIT,
                 errno: libc::ENOENT
             }
+        ));
+    }
+
+    #[test]
+    fn an_inherited_stdin_is_left_alone() {
+        let mut s = setup_with(|spec| spec.stdin = StdinMode::Inherit);
+        s.parent.release().unwrap();
+        let sys = double();
+        main(&s.prepared, &sys);
+        let calls = sys.calls();
+        assert!(
+            !calls
+                .iter()
+                .any(|c| c.starts_with("open") || c.starts_with("dup2")),
+            "{calls:#?}"
         );
+    }
+
+    #[test]
+    fn tty_makes_the_pty_in_the_box_sends_the_master_and_gives_init_the_slave() {
+        let mut s = setup_with(|spec| {
+            spec.tty = true;
+            spec.stdin = StdinMode::Inherit;
+        });
+        assert!(s.prepared.tty);
+        s.parent.release().unwrap();
+        let sys = double();
+        main(&s.prepared, &sys);
+        let calls = sys.calls();
+        let fds: Vec<i32> = sys
+            .opened
+            .borrow()
+            .iter()
+            .map(|fd| fd.as_raw_fd())
+            .collect();
+        let [master, slave] = fds[..] else {
+            panic!("one pty pair: {fds:?}");
+        };
+        let pty = position(&calls, "open pty /dev/pts/ptmx");
+        assert_eq!(calls[pty - 1], "keep marker fd");
+        assert_eq!(
+            calls[pty + 1..pty + 7],
+            [
+                format!("close {master}"),
+                "dup2 to 0".into(),
+                "dup2 to 1".into(),
+                "dup2 to 2".into(),
+                format!("close {slave}"),
+                "setsid".into(),
+            ],
+            "the master is the parent's alone, the slave init's stdio, before setsid"
+        );
+        assert!(
+            position(&calls, "pivot_root . .") < position(&calls, "open pty /dev/pts/ptmx"),
+            "the pty must come from the box's devpts"
+        );
+        assert!(!calls.iter().any(|c| c == "open /dev/null"), "{calls:#?}");
+        drop(s._child);
+        assert!(matches!(s.parent.receive(), FromChild::Terminal(Ok(_))));
+        assert!(matches!(s.parent.receive(), FromChild::Ready));
+    }
+
+    #[test]
+    fn a_pty_that_cannot_be_made_is_reported_and_nothing_follows() {
+        let mut s = setup_with(|spec| spec.tty = true);
+        s.parent.release().unwrap();
+        let mut sys = double();
+        sys.fail = Some("open pty /dev/pts/ptmx");
+        assert_eq!(main(&s.prepared, &sys), 125);
+        let calls = sys.calls();
+        assert_eq!(
+            calls.last().map(String::as_str),
+            Some("open pty /dev/pts/ptmx FAILED")
+        );
+        drop(s._child);
+        let FromChild::Failed { step, errno } = s.parent.receive() else {
+            panic!("no failure reported");
+        };
+        assert_eq!((step, errno), (TERMINAL, libc::EPERM));
+        assert_eq!(
+            describe(step, &s.prepared.plan),
+            "allocate the container's terminal on /dev/pts/ptmx"
+        );
+        assert!(matches!(s.parent.receive(), FromChild::Closed));
     }
 
     #[test]

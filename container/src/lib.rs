@@ -19,6 +19,7 @@ mod run;
 pub mod seccomp;
 pub mod sweep;
 mod syscall;
+mod tty;
 mod userns;
 
 pub use error::Error;

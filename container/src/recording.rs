@@ -13,6 +13,7 @@ use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use twinbox_proto::Marker;
+use twinbox_spec::NetMode;
 
 /// What the pretend child does once "cloned".
 #[derive(Clone, Debug)]
@@ -26,6 +27,8 @@ pub enum ChildScript {
     },
     /// Reports that step `step` failed with `errno`, then exits 125.
     FailsAt { step: u32, errno: i32 },
+    /// With `-t`: sends its terminal's master, then fails like `FailsAt`.
+    FailsAfterTerminal { step: u32, errno: i32 },
     /// Ends (killed by SIGKILL) without a word on the channel.
     Vanishes,
 }
@@ -49,6 +52,8 @@ pub struct Recording {
     pub resolver: hostnet::Resolver,
     /// What the pretend child was given: its job and capability words, taken at spawn.
     pub spawned: RefCell<Option<Spawned>>,
+    /// Descriptors the child's pretend `open`s returned (real, so they can be sent).
+    pub opened: RefCell<Vec<OwnedFd>>,
 }
 
 /// What `spawn` saw in the prepared child.
@@ -60,6 +65,10 @@ pub struct Spawned {
     pub caps_keep: [u32; 2],
     /// The capabilities dropped from the bounding set.
     pub caps_to_drop: Vec<u32>,
+    /// Whether the child makes a pty.
+    pub tty: bool,
+    /// Whether the child puts /dev/null on stdin.
+    pub null_stdin: bool,
 }
 
 /// The link the double leases: link 3 of the default pool.
@@ -99,12 +108,21 @@ impl Recording {
             net_admin: true,
             resolver: hostnet::Resolver::Reachable([192, 0, 2, 53].into()),
             spawned: RefCell::new(None),
+            opened: RefCell::new(Vec::new()),
         }
     }
 
     /// The calls made so far.
     pub fn calls(&self) -> Vec<String> {
         self.log.borrow().clone()
+    }
+
+    /// Keeps a descriptor the pretend kernel handed out (closed with the double); its
+    /// number for the child.
+    fn keep(&self, fd: OwnedFd) -> RawFd {
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        self.opened.borrow_mut().push(fd);
+        raw
     }
 
     /// Logs `call`; Err if it is the one to fail.
@@ -245,7 +263,24 @@ impl Syscall for Recording {
             job: twinbox_proto::Job::decode(token).expect("a valid job"),
             caps_keep: prepared.caps_keep,
             caps_to_drop: prepared.caps_to_drop.clone(),
+            tty: prepared.tty,
+            null_stdin: prepared.null_stdin,
         });
+        // With -t the real child sends its pty's master before anything else it reports;
+        // here the slave goes at once, so the parent's relay sees the hangup of a box that
+        // has ended.
+        let sends_terminal = prepared.tty
+            && matches!(
+                self.child,
+                ChildScript::Runs { .. } | ChildScript::FailsAfterTerminal { .. }
+            );
+        if sends_terminal {
+            let pty = nix::pty::openpty(None, None).expect("openpty");
+            prepared
+                .channel
+                .send_terminal(std::os::fd::AsRawFd::as_raw_fd(&pty.master))
+                .expect("send the terminal");
+        }
         match &self.child {
             ChildScript::Runs {
                 markers, output, ..
@@ -258,7 +293,10 @@ impl Syscall for Recording {
                     write_all(fd, output.as_bytes());
                 }
             }
-            ChildScript::FailsAt { step, errno } => prepared.channel.failed(*step, *errno),
+            ChildScript::FailsAt { step, errno }
+            | ChildScript::FailsAfterTerminal { step, errno } => {
+                prepared.channel.failed(*step, *errno)
+            }
             ChildScript::Vanishes => {}
         }
         Ok(PID)
@@ -279,7 +317,7 @@ impl Syscall for Recording {
         self.call("wait")?;
         let status = match &self.child {
             ChildScript::Runs { status, .. } => *status,
-            ChildScript::FailsAt { .. } => 125 << 8,
+            ChildScript::FailsAt { .. } | ChildScript::FailsAfterTerminal { .. } => 125 << 8,
             ChildScript::Vanishes => libc::SIGKILL,
         };
         Ok(Reaped {
@@ -294,8 +332,11 @@ impl Syscall for Recording {
         true
     }
 
-    fn lease_link(&self) -> Result<Leased, Error> {
-        self.call("lease link")?;
+    fn lease_link(&self, mode: NetMode) -> Result<Leased, Error> {
+        self.call(match mode {
+            NetMode::Link => "lease link",
+            NetMode::Nat => "lease nat link",
+        })?;
         Ok(Leased {
             config: twinbox_proto::NetConfig {
                 address: [10, 201, 0, 14].into(),
@@ -303,7 +344,6 @@ impl Syscall for Recording {
                 gateway: [10, 201, 0, 13].into(),
                 resolver: None,
             },
-            pool: hostnet::lease::DEFAULT_POOL.parse().unwrap(),
             held: Box::new(DropLog {
                 log: self.log.clone(),
                 what: "release lease",
@@ -339,8 +379,8 @@ impl Syscall for Recording {
         })
     }
 
-    fn apply_nat(&self, pool: &hostnet::Pool) -> Result<(), Error> {
-        self.call(&format!("apply nat {pool}"))
+    fn apply_nat(&self) -> Result<(), Error> {
+        self.call("apply nat")
     }
 
     fn set_parent_death_signal(&self) -> Result<(), Errno> {
@@ -430,12 +470,23 @@ impl Syscall for Recording {
         self.child_call(format!("umount -l {}", show(path)))
     }
 
+    fn open(&self, path: &CStr, _flags: libc::c_int) -> Result<RawFd, Errno> {
+        self.child_call(format!("open {}", show(path)))?;
+        Ok(self.keep(std::fs::File::open("/dev/null").unwrap().into()))
+    }
+
+    fn open_pty(&self, ptmx: &CStr) -> Result<(RawFd, RawFd), Errno> {
+        self.child_call(format!("open pty {}", show(ptmx)))?;
+        let pty = nix::pty::openpty(None, None).expect("openpty");
+        Ok((self.keep(pty.master), self.keep(pty.slave)))
+    }
+
     fn keep_on_exec(&self, _fd: RawFd) -> Result<(), Errno> {
         self.child_call("keep marker fd".into())
     }
 
     fn dup2(&self, _from: RawFd, to: RawFd) -> Result<(), Errno> {
-        self.child_call(format!("dup2 output to {to}"))
+        self.child_call(format!("dup2 to {to}"))
     }
 
     fn drop_bounding_cap(&self, cap: u32) -> Result<(), Errno> {

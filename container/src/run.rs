@@ -15,8 +15,10 @@
 //!    namespace (`eth0` there, `tb<i>` on the host) and, with `--net nat`, the NAT table;
 //!    the child is released (init configures `eth0` from the job);
 //! 7. **ready** — the child reports the sandbox ready (or which step failed), then the
-//!    channel closes on the exec of init;
-//! 8. **run** — markers and output until init ends, a signal or the time limit;
+//!    channel closes on the exec of init; with `-t` it sends the master of the pty it made
+//!    on the box's devpts first, which gets the caller's window size before init runs;
+//! 8. **run** — markers and output until init ends, a signal or the time limit; with `-t`
+//!    the pty relayed to the caller (`tty.rs`: raw mode, resizes) until its master hangs up;
 //! 9. **teardown** — reap, the link (the pair goes with the namespace; the lease is
 //!    freed), cgroup readout and removal, staging directory, loop device;
 //! 10. **report** — outcome from the markers (`twinbox_spec::outcome`), timeline, usage.
@@ -30,18 +32,19 @@ use crate::cgroup::{self, Limits};
 use crate::channel::{self, FromChild, ParentSide};
 use crate::child::{self, Prepared};
 use crate::syscall::{Leased, Linked, Loop, Real, Reaped, Syscall};
-use crate::{caps, plan, seccomp, sweep, userns, Error};
+use crate::{caps, plan, seccomp, sweep, tty, userns, Error};
 use nix::sched::CloneFlags;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use twinbox_proto::{MarkerChannel, NetConfig};
 use twinbox_spec::clock::monotonic_ns;
 use twinbox_spec::image;
 use twinbox_spec::interrupt::Interrupt;
 use twinbox_spec::outcome::MarkerLog;
-use twinbox_spec::run_spec::{NetMode, OutputMode};
+use twinbox_spec::run_spec::{NetMode, OutputMode, StdinMode};
+use twinbox_spec::terminal::{self, ResizeWatcher};
 use twinbox_spec::{BoxKind, Outcome, Phase, RunReport, RunSpec, Usage};
 
 /// Path of init inside the image.
@@ -97,8 +100,8 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     let mut network = Network::None;
     let mut net_config = None;
     let mut link_info = None;
-    if spec.net.is_some() {
-        let leased = sys.lease_link()?;
+    if let Some(mode) = spec.net {
+        let leased = sys.lease_link(mode)?;
         let resolver = sys.host_resolver();
         if let Some(reason) = resolver.reason() {
             notes.push(format!("network: no resolver in the box: {reason}"));
@@ -129,6 +132,13 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     )?;
     let interrupt =
         Interrupt::install().map_err(|e| Error::os("install the SIGINT/SIGTERM handlers", e))?;
+    // Before the child: a resize from here on is forwarded once the relay runs.
+    let mut watcher = None;
+    if spec.tty && terminal::caller_window_size().is_some() {
+        watcher = ResizeWatcher::install()
+            .inspect_err(|e| notes.push(format!("terminal resizes not forwarded: {e}")))
+            .ok();
+    }
     let mut child = ChildGuard {
         sys,
         pid: sys.spawn(&prepared, clone_flags(spec.user_namespace))?,
@@ -155,17 +165,25 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     }
     group.add(child.pid)?;
     if let Some(mode) = spec.net {
-        let (mut info, pool) = network.link(sys, child.pid)?;
+        let mut info = network.link(sys, child.pid)?;
         if mode == NetMode::Nat {
-            sys.apply_nat(&pool)?;
+            sys.apply_nat()?;
             info.nat = true;
         }
         link_info = Some(info);
     }
     parent.release()?;
 
-    // 7. Sandbox ready, then init.
-    wait_ready(&parent, &mut child, &prepared, &interrupt, &mut log)?;
+    // 7. Sandbox ready (with -t, its terminal first), then init.
+    let mut pty = None;
+    wait_ready(
+        &parent, &mut child, &prepared, &interrupt, &mut log, &mut pty,
+    )?;
+    if spec.tty && pty.is_none() {
+        return Err(Error::Setup(
+            "the container started without sending its terminal".into(),
+        ));
+    }
     log.timeline_mut().record(Phase::GuestEntry, monotonic_ns());
     // The child attached its copies; ours must go for the loop device to clear, and the
     // mount now holds the image: the device clears itself once the container is gone.
@@ -174,8 +192,25 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     drop(device.0.take());
 
     // 8. Until init ends, a signal or the time limit.
-    let (captured, stop_reason) =
-        supervise(spec, &marker_r, output_r.as_ref(), &interrupt, &mut log);
+    let mut session = match &pty {
+        Some(master) => Some(tty::Session::start(
+            master,
+            spec.stdin,
+            &interrupt,
+            watcher.as_ref(),
+        )?),
+        None => None,
+    };
+    let (captured, stop_reason) = supervise(
+        spec,
+        &marker_r,
+        output_r.as_ref(),
+        session.as_mut(),
+        &interrupt,
+        &mut log,
+    );
+    // The caller's terminal is restored before anything else can print.
+    drop(session);
     if stop_reason.is_some() {
         sys.kill(child.pid);
     }
@@ -184,6 +219,8 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     // loop device.
     let reaped = child.reap()?;
     drop(network);
+    drop(pty);
+    drop(watcher);
     drop(interrupt);
     // What init reported ends here (before the host's own torn-down stamp, so a failure
     // names the last phase init reached).
@@ -236,6 +273,11 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
 /// Step 2: the spec, the image and the disks, before anything is made.
 fn check(spec: &RunSpec) -> Result<(), Error> {
     spec.validate()?;
+    if spec.tty && spec.output == OutputMode::Capture {
+        return Err(Error::Setup(
+            "a terminal (-t) goes to the caller, its output cannot be captured".into(),
+        ));
+    }
     image::check_ext4(&spec.rootfs)?;
     for disk in &spec.disks {
         std::fs::metadata(&disk.path).map_err(|source| Error::Disk {
@@ -305,6 +347,8 @@ pub(crate) fn prepare(
         channel: channel.ends(),
         marker_fd,
         output_fd,
+        tty: spec.tty,
+        null_stdin: spec.stdin == StdinMode::Null,
         argv: [init.as_ptr(), std::ptr::null()],
         init,
         envp,
@@ -318,7 +362,8 @@ pub(crate) fn prepare(
     })
 }
 
-/// Step 7: waits for the child's reports until the channel closes on exec. A failed
+/// Step 7: waits for the child's reports until the channel closes on exec; the pty's
+/// master, if one comes, goes into `pty` (sized like the caller's terminal). A failed
 /// step, a child gone without reporting ready, or SIGINT/SIGTERM meanwhile is a setup
 /// error (the guards clean up).
 fn wait_ready(
@@ -327,6 +372,7 @@ fn wait_ready(
     prepared: &Prepared,
     interrupt: &Interrupt,
     log: &mut MarkerLog,
+    pty: &mut Option<OwnedFd>,
 ) -> Result<(), Error> {
     let mut ready = false;
     loop {
@@ -345,6 +391,11 @@ fn wait_ready(
             continue;
         }
         match parent.receive() {
+            FromChild::Terminal(master) => {
+                let master =
+                    master.map_err(|e| Error::os("receive the container's terminal", e))?;
+                *pty = Some(tty::adopt(master)?);
+            }
             FromChild::Ready => {
                 ready = true;
                 log.timeline_mut()
@@ -369,12 +420,14 @@ fn wait_ready(
     }
 }
 
-/// Step 8: reads markers and captured output until both pipes close, a signal arrives or
-/// the time limit passes; returns the output and why the run was stopped, if it was.
+/// Step 8: reads markers and captured output until both pipes close and the terminal
+/// session (`-t`) is finished, a signal arrives or the time limit passes; returns the
+/// output and why the run was stopped, if it was.
 fn supervise(
     spec: &RunSpec,
     marker_r: &OwnedFd,
     output_r: Option<&OwnedFd>,
+    mut session: Option<&mut tty::Session<'_>>,
     interrupt: &Interrupt,
     log: &mut MarkerLog,
 ) -> (Vec<u8>, Option<String>) {
@@ -382,7 +435,7 @@ fn supervise(
     let started = Instant::now();
     let mut marker_open = true;
     let mut output_open = output_r.is_some();
-    while marker_open || output_open {
+    while marker_open || output_open || session.as_ref().is_some_and(|s| !s.finished()) {
         let fd_if = |open: bool, fd: RawFd| if open { fd } else { -1 };
         let mut fds = [
             pollin(fd_if(marker_open, marker_r.as_raw_fd())),
@@ -390,8 +443,14 @@ fn supervise(
             pollin(interrupt.fd().as_raw_fd()),
         ];
         // The timeout only bounds how late a time limit is noticed.
-        // SAFETY: polls our own descriptors.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        match session.as_deref_mut() {
+            // The terminal's descriptors are polled with ours, and what is ready moved.
+            Some(session) => session.poll(&mut fds, Duration::from_millis(100)),
+            // SAFETY: polls our own descriptors.
+            None => unsafe {
+                libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100);
+            },
+        }
         if fds[0].revents != 0 {
             let mut buf = [0u8; 64];
             match read(marker_r, &mut buf) {
@@ -499,20 +558,15 @@ enum Network {
 
 impl Network {
     /// Makes the leased link's veth pair into the network namespace of `pid`; the link
-    /// as reports show it, and the pool it came from.
-    fn link(
-        &mut self,
-        sys: &dyn Syscall,
-        pid: i32,
-    ) -> Result<(hostnet::LinkInfo, hostnet::Pool), Error> {
+    /// as reports show it.
+    fn link(&mut self, sys: &dyn Syscall, pid: i32) -> Result<hostnet::LinkInfo, Error> {
         let Network::Leased(leased) = std::mem::replace(self, Network::None) else {
             return Err(Error::Setup("no leased link to make".into()));
         };
-        let pool = leased.pool;
         let link = sys.create_veth(leased, pid)?;
         let info = link.info.clone();
         *self = Network::Linked { _link: link };
-        Ok((info, pool))
+        Ok(info)
     }
 }
 
@@ -812,6 +866,95 @@ mod tests {
         );
     }
 
+    #[test]
+    fn stdin_is_null_unless_inherited_and_the_job_carries_tty_and_verbose() {
+        let image = FakeImage::new("stdin");
+        let sys = Recording::new(runs(exits(0), 0));
+        run_with(&sys, &image.spec()).unwrap();
+        let spawned = sys.spawned.borrow().clone().expect("spawned");
+        assert!(spawned.null_stdin && !spawned.tty);
+        assert!(!spawned.job.tty && !spawned.job.verbose);
+        let sys = Recording::new(runs(exits(0), 0));
+        let mut spec = image.spec();
+        spec.stdin = StdinMode::Inherit;
+        spec.verbose = true;
+        run_with(&sys, &spec).unwrap();
+        let spawned = sys.spawned.borrow().clone().expect("spawned");
+        assert!(!spawned.null_stdin);
+        assert!(spawned.job.verbose && !spawned.job.tty);
+    }
+
+    #[test]
+    fn a_tty_run_relays_the_terminal_until_it_hangs_up_then_tears_down_as_usual() {
+        let image = FakeImage::new("tty");
+        let sys = Recording::new(runs(exits(3), 0));
+        let mut spec = image.spec();
+        spec.tty = true;
+        let report = run_with(&sys, &spec).unwrap();
+        assert_eq!(report.outcome, Outcome::Exited(3));
+        let mut expected = SETUP.to_vec();
+        expected.extend([
+            "spawn",
+            "cgroup add",
+            "wait",
+            "cgroup destroy",
+            "remove staging dir",
+            "wait loop free /dev/loop7",
+        ]);
+        assert_eq!(sys.calls(), calls(&expected));
+        let spawned = sys.spawned.borrow().clone().expect("spawned");
+        assert!(spawned.tty && spawned.job.tty);
+    }
+
+    #[test]
+    fn a_tty_cannot_be_captured_and_the_refusal_makes_nothing() {
+        let image = FakeImage::new("tty-capture");
+        let sys = Recording::new(runs(exits(0), 0));
+        let mut spec = image.spec();
+        spec.tty = true;
+        spec.output = OutputMode::Capture;
+        let err = run_with(&sys, &spec).unwrap_err().to_string();
+        assert!(err.contains("-t"), "{err}");
+        assert_eq!(sys.calls(), calls(&["sweep"]));
+    }
+
+    #[test]
+    fn a_failing_terminal_step_or_a_failure_after_it_cleans_up_like_any_child_failure() {
+        let image = FakeImage::new("tty-fails");
+        let mut spec = image.spec();
+        spec.tty = true;
+        for (script, named) in [
+            (
+                ChildScript::FailsAt {
+                    step: child::TERMINAL,
+                    errno: libc::ENOSPC,
+                },
+                "allocate the container's terminal",
+            ),
+            (
+                ChildScript::FailsAfterTerminal {
+                    step: child::CAPABILITIES,
+                    errno: libc::EPERM,
+                },
+                "drop capabilities",
+            ),
+        ] {
+            let sys = Recording::new(script);
+            let err = run_with(&sys, &spec).unwrap_err().to_string();
+            assert!(err.contains(named), "{err}");
+            let mut expected = SETUP.to_vec();
+            expected.extend([
+                "spawn",
+                "cgroup add",
+                "kill",
+                "wait",
+                "remove staging dir",
+                "cgroup destroy",
+            ]);
+            assert_eq!(sys.calls(), calls(&expected), "{named}");
+        }
+    }
+
     fn net_spec(image: &FakeImage, mode: NetMode) -> RunSpec {
         let mut spec = image.spec();
         spec.net = Some(mode);
@@ -895,7 +1038,7 @@ mod tests {
                 .position(|c| c == call)
                 .unwrap_or_else(|| panic!("{call} not in {calls:?}"))
         };
-        assert_eq!(at("apply nat 10.201.0.0/16"), at("create veth tb3") + 1);
+        assert_eq!(at("apply nat"), at("create veth tb3") + 1);
         let spawned = sys.spawned.borrow().clone().expect("spawned");
         assert_eq!(spawned.job.net.and_then(|n| n.resolver), None);
         assert!(
@@ -914,11 +1057,11 @@ mod tests {
         let before: Vec<&str> = SETUP.to_vec();
         let tail = ["remove staging dir", "cgroup destroy"];
         let cases: [(&str, Vec<&str>); 3] = [
-            ("lease link", vec!["lease link FAILED"]),
+            ("lease nat link", vec!["lease nat link FAILED"]),
             (
                 "create veth tb3",
                 vec![
-                    "lease link",
+                    "lease nat link",
                     "spawn",
                     "cgroup add",
                     "create veth tb3 FAILED",
@@ -928,13 +1071,13 @@ mod tests {
                 ],
             ),
             (
-                "apply nat 10.201.0.0/16",
+                "apply nat",
                 vec![
-                    "lease link",
+                    "lease nat link",
                     "spawn",
                     "cgroup add",
                     "create veth tb3",
-                    "apply nat 10.201.0.0/16 FAILED",
+                    "apply nat FAILED",
                     "kill",
                     "wait",
                     "delete veth",

@@ -21,6 +21,7 @@ use std::ffi::CStr;
 use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use twinbox_spec::image::LoopDevice;
+use twinbox_spec::NetMode;
 
 /// The image attached to a loop device: its path, and (for real) the device, which
 /// clears itself once this and every mount of it are gone.
@@ -46,8 +47,6 @@ pub struct Reaped {
 pub struct Leased {
     /// The box's address, prefix and gateway, as init gets them (resolver not yet set).
     pub config: twinbox_proto::NetConfig,
-    /// The pool the link came from (what `--net nat` masquerades).
-    pub pool: hostnet::Pool,
     /// The lease (for real a `hostnet::Lease`).
     pub held: Box<dyn Any>,
 }
@@ -102,15 +101,16 @@ pub trait Syscall {
     fn wait(&self, pid: i32) -> Result<Reaped, Error>;
     /// Waits (up to 2 s) until the loop device at `device` is free again.
     fn wait_loop_free(&self, device: &Path) -> bool;
-    /// Leases a free point-to-point link (`--net`); the lease dies with this process.
-    fn lease_link(&self) -> Result<Leased, Error>;
+    /// Leases a free point-to-point link for `mode` (`--net`, `--net nat`: the host end's
+    /// name and forwarding follow it); the lease dies with this process.
+    fn lease_link(&self, mode: NetMode) -> Result<Leased, Error>;
     /// The name server the box should use, or why there is none.
     fn host_resolver(&self) -> hostnet::Resolver;
     /// Makes `link`'s veth pair: `eth0` in the network namespace of `pid`, the host end
     /// addressed and up. On error the lease is freed and nothing is left.
     fn create_veth(&self, link: Leased, pid: i32) -> Result<Linked, Error>;
-    /// Installs (or replaces) the one NAT table for `pool` (`--net nat`).
-    fn apply_nat(&self, pool: &hostnet::Pool) -> Result<(), Error>;
+    /// Installs (or replaces) the one NAT table (`--net nat`).
+    fn apply_nat(&self) -> Result<(), Error>;
 
     // The child's calls, after clone. None may allocate.
 
@@ -151,6 +151,12 @@ pub trait Syscall {
     fn pivot_root(&self, new_root: &CStr, put_old: &CStr) -> Result<(), Errno>;
     /// `umount2(path, MNT_DETACH)`.
     fn umount_detach(&self, path: &CStr) -> Result<(), Errno>;
+    /// Opens `path` (close-on-exec, never as a controlling terminal).
+    fn open(&self, path: &CStr, flags: libc::c_int) -> Result<RawFd, Errno>;
+    /// A pty pair on the devpts whose `ptmx` is `ptmx`: the master unlocked, and its slave
+    /// opened through the master (`TIOCGPTPEER`, no path lookup), both close-on-exec and
+    /// neither a controlling terminal. Returns (master, slave).
+    fn open_pty(&self, ptmx: &CStr) -> Result<(RawFd, RawFd), Errno>;
     /// Clears close-on-exec on `fd` (the marker pipe init inherits).
     fn keep_on_exec(&self, fd: RawFd) -> Result<(), Errno>;
     /// `dup2(2)`.
@@ -314,11 +320,10 @@ impl Syscall for Real {
         false
     }
 
-    fn lease_link(&self) -> Result<Leased, Error> {
-        let lease = hostnet::Lease::acquire()?;
+    fn lease_link(&self, mode: NetMode) -> Result<Leased, Error> {
+        let lease = hostnet::Lease::acquire(mode)?;
         Ok(Leased {
             config: lease.net_config(None),
-            pool: lease.pool(),
             held: Box::new(lease),
         })
     }
@@ -339,8 +344,8 @@ impl Syscall for Real {
         })
     }
 
-    fn apply_nat(&self, pool: &hostnet::Pool) -> Result<(), Error> {
-        Ok(hostnet::nat::apply(pool)?)
+    fn apply_nat(&self) -> Result<(), Error> {
+        Ok(hostnet::nat::apply()?)
     }
 
     fn set_parent_death_signal(&self) -> Result<(), Errno> {
@@ -480,6 +485,32 @@ impl Syscall for Real {
     fn umount_detach(&self, path: &CStr) -> Result<(), Errno> {
         // SAFETY: a NUL-terminated path.
         Errno::result(unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) }).map(drop)
+    }
+
+    fn open(&self, path: &CStr, flags: libc::c_int) -> Result<RawFd, Errno> {
+        // SAFETY: a NUL-terminated path; the descriptor is the caller's.
+        Errno::result(unsafe {
+            libc::open(path.as_ptr(), flags | libc::O_CLOEXEC | libc::O_NOCTTY)
+        })
+    }
+
+    fn open_pty(&self, ptmx: &CStr) -> Result<(RawFd, RawFd), Errno> {
+        let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+        // SAFETY: a NUL-terminated path; TIOCSPTLCK reads an int of ours, TIOCGPTPEER
+        // takes open flags; the master is closed again if the slave cannot be had.
+        unsafe {
+            let master = Errno::result(libc::open(ptmx.as_ptr(), flags))?;
+            let unlock: libc::c_int = 0;
+            let slave = Errno::result(libc::ioctl(master, libc::TIOCSPTLCK, &unlock))
+                .and_then(|_| Errno::result(libc::ioctl(master, libc::TIOCGPTPEER, flags)));
+            match slave {
+                Ok(slave) => Ok((master, slave)),
+                Err(errno) => {
+                    libc::close(master);
+                    Err(errno)
+                }
+            }
+        }
     }
 
     fn keep_on_exec(&self, fd: RawFd) -> Result<(), Errno> {

@@ -8,7 +8,8 @@
 //! - [`serial`]: COM1 8250 UART (the guest console);
 //! - [`i8042`]: just enough of the keyboard controller for the guest to reset the machine;
 //! - [`marker`]: the phase-marker port twinbox-init writes to;
-//! - [`virtio`]: virtio-mmio transport and virtio-blk (wiring steps in its module docs).
+//! - [`virtio`]: virtio-mmio transport, virtio-blk, virtio-net, virtio-rng and the
+//!   multiport virtio-console (wiring steps in its module docs).
 
 pub mod bus;
 pub mod i8042;

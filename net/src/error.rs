@@ -100,10 +100,10 @@ pub enum Error {
         detail: String,
     },
     /// A sysctl could not be written.
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", path.display())]
     Sysctl {
         /// The /proc/sys path.
-        path: &'static str,
+        path: PathBuf,
         /// The errno.
         source: io::Error,
     },

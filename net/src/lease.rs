@@ -5,7 +5,9 @@
 //! `/run/twinbox/net/<i>.lock` held with `flock(LOCK_EX | LOCK_NB)`. The lock lives in
 //! the open file description, so the kernel drops it when the process dies, SIGKILL
 //! included: no stale lease can block an index, whatever is left on disk. The index also
-//! names the host interfaces (`tb<i>`, `tbt<i>`), so two runs never race for a name.
+//! names the host interfaces (`tb<i>`, `tbt<i>`, `tbn<i>`, `tbnt<i>`: `ifname.rs`), so two
+//! runs never race for a name. A lease carries its link's mode (`--net` or `--net nat`),
+//! which picks the name and whether the host end forwards.
 //!
 //! A normal release unlinks the lock file while still holding the lock; a taker therefore
 //! checks, once locked, that the path still names the inode it locked and starts over if
@@ -23,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use nix::fcntl::{Flock, FlockArg};
+use twinbox_spec::NetMode;
 
 use crate::error::{Error, Result};
 use crate::netlink::Rtnl;
@@ -168,6 +171,7 @@ pub struct Lease {
     lock: Option<Flock<File>>,
     path: PathBuf,
     pool: Pool,
+    mode: NetMode,
     index: u32,
     host: Ipv4Addr,
     guest: Ipv4Addr,
@@ -175,27 +179,28 @@ pub struct Lease {
 
 impl Lease {
     /// Lease a free link of the pool from TWINBOX_NET_POOL (default 10.201.0.0/16) under
-    /// /run/twinbox/net, skipping links whose host address is already on a host interface
-    /// or whose interface name (`tb<i>`, `tbt<i>`) is taken: leftovers or foreign use.
-    pub fn acquire() -> Result<Self> {
+    /// /run/twinbox/net for a box in `mode`, skipping links whose host address is already
+    /// on a host interface or any of whose interface names (`ifname::all`) is taken:
+    /// leftovers or foreign use.
+    pub fn acquire(mode: NetMode) -> Result<Self> {
         let pool = Pool::from_env()?;
         let in_use = host_ipv4_addresses()?;
-        Self::acquire_with(Path::new(LOCK_DIR), &pool, |index, host| {
-            in_use.contains(&host)
-                || interface_exists(&crate::veth::host_interface_name(index))
-                || interface_exists(&crate::tap::tap_name(index))
+        Self::acquire_with(Path::new(LOCK_DIR), &pool, mode, |index, host| {
+            in_use.contains(&host) || crate::ifname::all(index).any(|name| interface_exists(&name))
         })
     }
 
     /// Lease the first link of `pool` whose lock under `dir` is free and whose host
-    /// address is not in `in_use` (addresses already on host interfaces).
-    pub fn acquire_in(dir: &Path, pool: &Pool, in_use: &[Ipv4Addr]) -> Result<Self> {
-        Self::acquire_with(dir, pool, |_, host| in_use.contains(&host))
+    /// address is not in `in_use` (addresses already on host interfaces), for a box in
+    /// `mode`.
+    pub fn acquire_in(dir: &Path, pool: &Pool, mode: NetMode, in_use: &[Ipv4Addr]) -> Result<Self> {
+        Self::acquire_with(dir, pool, mode, |_, host| in_use.contains(&host))
     }
 
     fn acquire_with(
         dir: &Path,
         pool: &Pool,
+        mode: NetMode,
         taken: impl Fn(u32, Ipv4Addr) -> bool,
     ) -> Result<Self> {
         fs::create_dir_all(dir).map_err(|source| lock_error(dir, source))?;
@@ -212,6 +217,7 @@ impl Lease {
                     lock: Some(lock),
                     path,
                     pool: *pool,
+                    mode,
                     index,
                     host,
                     guest,
@@ -224,9 +230,14 @@ impl Lease {
         })
     }
 
-    /// The link's index in the pool; it also names the host interface.
+    /// The link's index in the pool; with the mode it names the host interface.
     pub fn index(&self) -> u32 {
         self.index
+    }
+
+    /// Whether the box behind this link may reach beyond the host (`--net nat`).
+    pub fn mode(&self) -> NetMode {
+        self.mode
     }
 
     /// The host's end of the link (the box's gateway).
@@ -453,8 +464,8 @@ mod tests {
     fn leases_take_the_lowest_free_link_and_release_it_on_drop() {
         let dir = tempfile::tempdir().unwrap();
         let pool = pool("10.99.0.0/28");
-        let first = Lease::acquire_in(dir.path(), &pool, &[]).unwrap();
-        let second = Lease::acquire_in(dir.path(), &pool, &[]).unwrap();
+        let first = Lease::acquire_in(dir.path(), &pool, NetMode::Link, &[]).unwrap();
+        let second = Lease::acquire_in(dir.path(), &pool, NetMode::Link, &[]).unwrap();
         assert_eq!((first.index(), second.index()), (0, 1));
         assert_eq!(second.host_address(), Ipv4Addr::new(10, 99, 0, 5));
         assert_eq!(second.box_address(), Ipv4Addr::new(10, 99, 0, 6));
@@ -463,7 +474,7 @@ mod tests {
             !dir.path().join("0.lock").exists(),
             "released lock file left behind"
         );
-        let again = Lease::acquire_in(dir.path(), &pool, &[]).unwrap();
+        let again = Lease::acquire_in(dir.path(), &pool, NetMode::Link, &[]).unwrap();
         assert_eq!(again.index(), 0, "a released link is leased again");
     }
 
@@ -471,7 +482,13 @@ mod tests {
     fn a_link_whose_host_address_is_on_an_interface_is_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let pool = pool("10.99.0.0/28");
-        let lease = Lease::acquire_in(dir.path(), &pool, &[Ipv4Addr::new(10, 99, 0, 1)]).unwrap();
+        let lease = Lease::acquire_in(
+            dir.path(),
+            &pool,
+            NetMode::Link,
+            &[Ipv4Addr::new(10, 99, 0, 1)],
+        )
+        .unwrap();
         assert_eq!(lease.index(), 1);
     }
 
@@ -480,9 +497,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pool = pool("10.99.0.0/28");
         let _held: Vec<Lease> = (0..4)
-            .map(|_| Lease::acquire_in(dir.path(), &pool, &[]).unwrap())
+            .map(|_| Lease::acquire_in(dir.path(), &pool, NetMode::Link, &[]).unwrap())
             .collect();
-        let error = Lease::acquire_in(dir.path(), &pool, &[]).expect_err("pool of 4 is full");
+        let error = Lease::acquire_in(dir.path(), &pool, NetMode::Link, &[])
+            .expect_err("pool of 4 is full");
         assert_eq!(
             error.to_string(),
             "address pool 10.99.0.0/28 exhausted: 4 links in use (set TWINBOX_NET_POOL to a larger private CIDR)"
@@ -493,7 +511,8 @@ mod tests {
     fn a_lock_file_left_by_a_killed_holder_is_reused() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("0.lock"), b"").unwrap();
-        let lease = Lease::acquire_in(dir.path(), &pool("10.99.0.0/28"), &[]).unwrap();
+        let lease =
+            Lease::acquire_in(dir.path(), &pool("10.99.0.0/28"), NetMode::Link, &[]).unwrap();
         assert_eq!(lease.index(), 0);
     }
 
@@ -501,8 +520,8 @@ mod tests {
     fn a_release_sweeps_lock_files_nobody_holds_and_keeps_held_ones() {
         let dir = tempfile::tempdir().unwrap();
         let pool = pool("10.99.0.0/24");
-        let held = Lease::acquire_in(dir.path(), &pool, &[]).unwrap();
-        let released = Lease::acquire_in(dir.path(), &pool, &[]).unwrap();
+        let held = Lease::acquire_in(dir.path(), &pool, NetMode::Link, &[]).unwrap();
+        let released = Lease::acquire_in(dir.path(), &pool, NetMode::Link, &[]).unwrap();
         for stale in ["5.lock", "9.lock"] {
             fs::write(dir.path().join(stale), b"").unwrap();
         }
@@ -524,7 +543,8 @@ mod tests {
     #[test]
     fn net_config_points_the_box_at_the_host() {
         let dir = tempfile::tempdir().unwrap();
-        let lease = Lease::acquire_in(dir.path(), &pool("10.99.0.0/28"), &[]).unwrap();
+        let lease =
+            Lease::acquire_in(dir.path(), &pool("10.99.0.0/28"), NetMode::Link, &[]).unwrap();
         let resolver = Some(Ipv4Addr::new(192, 0, 2, 53));
         assert_eq!(
             lease.net_config(resolver),
@@ -558,7 +578,7 @@ mod tests {
                 ForkResult::Child => {
                     let mut byte = [0u8; 1];
                     let _ = go_read.read(&mut byte);
-                    let code = match Lease::acquire_in(dir.path(), &pool, &[]) {
+                    let code = match Lease::acquire_in(dir.path(), &pool, NetMode::Link, &[]) {
                         Ok(lease) => {
                             let _ = report_write.write_all(&lease.index().to_le_bytes());
                             let _ = done_read.read(&mut byte);

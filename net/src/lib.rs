@@ -3,10 +3,13 @@
 //!
 //! - [`lease`]: link `i` of the pool (default 10.201.0.0/16, `TWINBOX_NET_POOL`) is a /30,
 //!   host `.4i+1`, box `.4i+2`, reserved by a flock that dies with the process.
+//! - [`ifname`]: the host ends' names: `tb<i>`/`tbt<i>` for `--net`, `tbn<i>`/`tbnt<i>`
+//!   for `--net nat`.
 //! - [`veth`]: a container's veth pair, host end `tb<i>`, box end `eth0` created directly
 //!   in the container's network namespace; it vanishes with that namespace.
 //! - [`tap`]: a VM's tap `tbt<i>` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, non-persistent); it
 //!   vanishes when the VMM's fd closes.
+//! - [`forwarding`]: a link-mode host end never forwards; a NAT one does.
 //! - [`nat`]: `--net nat`, the one nftables table `ip twinbox` and ip_forward.
 //! - [`resolver`]: the host's name server, if a box can reach it.
 //!
@@ -16,6 +19,8 @@
 //! what twinbox measures (issue 13). Nothing here spawns `ip`.
 
 pub mod error;
+pub mod forwarding;
+pub mod ifname;
 pub mod lease;
 pub mod nat;
 mod netlink;
@@ -27,7 +32,7 @@ pub use error::{Error, Result};
 pub use lease::{Lease, Pool};
 pub use resolver::{host_resolver, Resolver};
 pub use tap::Tap;
-pub use twinbox_spec::LinkInfo;
+pub use twinbox_spec::{LinkInfo, NetMode};
 pub use veth::Veth;
 
 /// The report's record of `lease` on host interface `host_interface`.

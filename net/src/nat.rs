@@ -1,4 +1,5 @@
-//! `--net nat`: masquerade the boxes' traffic out of the host.
+//! `--net nat`: masquerade the NAT boxes' traffic out of the host, and keep every other
+//! box on its link.
 //!
 //! What this changes on the host, exactly:
 //! - the nftables table `ip twinbox`, replaced as a whole in one atomic `nft` transaction
@@ -7,24 +8,35 @@
 //!   table ip twinbox {
 //!       chain postrouting {
 //!           type nat hook postrouting priority srcnat; policy accept;
-//!           ip saddr <pool> oifname != "tb*" masquerade
+//!           iifname "tbn*" oifname != "tb*" masquerade
 //!       }
 //!       chain forward {
 //!           type filter hook forward priority filter; policy accept;
-//!           iifname "tb*" accept
-//!           oifname "tb*" accept
+//!           iifname "tbn*" oifname != "tb*" accept
+//!           iifname != "tb*" oifname "tbn*" ct state established,related accept
+//!           iifname "tb*" drop
+//!           oifname "tb*" drop
 //!       }
 //!   }
 //!   ```
-//!   `tb*` matches the host ends of every box link (veth `tb<i>`, tap `tbt<i>`), so only
-//!   traffic from the pool leaving through any other interface is rewritten, and
-//!   box-to-host traffic keeps its address;
+//!   `tb*` is every box link's host end, `tbn*` the NAT ones (`ifname.rs`: veth `tbn<i>`,
+//!   tap `tbnt<i>`; plain `--net` links are `tb<i>`, `tbt<i>`). So only a NAT box's traffic
+//!   leaving through a non-box interface is forwarded and rewritten, only replies to its
+//!   connections come back in, and nothing is forwarded from or to any other box link:
+//!   not a plain `--net` box's (it reaches the host alone, table or not), not box to box.
+//!   The rules name interfaces, not address pools, so runs with different pools
+//!   (`TWINBOX_NET_POOL`) install the same table and never undo each other. Box-to-host
+//!   traffic is not forwarded and is untouched. Other interfaces whose names start with
+//!   `tb` are treated as box links too;
 //! - `net.ipv4.ip_forward` set to 1 (left at 1 by [`remove`]: other software on the host
-//!   may rely on it by then).
+//!   may rely on it by then). The kernel copies that write to every interface's
+//!   `forwarding`, so the plain `--net` host ends are set back to 0 right after
+//!   (`forwarding.rs`); each box's host end has its own `forwarding` (1 for NAT, 0 for
+//!   plain links) from its creation on, with or without this table.
 //!
 //! The table stays after the run (it matches nothing without boxes); [`remove`] deletes it.
 //! An accept here cannot override a drop in another table on the same hook (for example
-//! a firewall whose forward policy is drop): such a host must allow `tb*` itself.
+//! a firewall whose forward policy is drop): such a host must allow `tbn*` itself.
 //!
 //! Written with the `nftables` crate, which builds the ruleset as typed JSON and hands it
 //! to `nft -j -f -`: nftables' own netlink wire format is unstable between versions and
@@ -33,29 +45,31 @@
 
 use std::borrow::Cow;
 use std::io;
+use std::path::PathBuf;
 
 use nftables::batch::Batch;
-use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
+use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, CT};
 use nftables::helper::{self, NftablesError};
 use nftables::schema::{Chain, NfListObject, Nftables, Rule, Table};
-use nftables::stmt::{Accept, Match, Operator, Statement};
+use nftables::stmt::{Accept, Drop, Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use crate::error::{Error, Result};
-use crate::lease::Pool;
 
 /// The table's name (family `ip`).
 pub const TABLE: &str = "twinbox";
 /// The pattern that matches the host end of every box link.
 pub const INTERFACE_PATTERN: &str = "tb*";
+/// The pattern that matches the host end of every `--net nat` box link.
+pub const NAT_INTERFACE_PATTERN: &str = "tbn*";
 /// The sysctl turned on by [`apply`].
 pub const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
-/// Install (or replace) the `ip twinbox` table for `pool` and turn on ip_forward.
-pub fn apply(pool: &Pool) -> Result<()> {
+/// Install (or replace) the `ip twinbox` table and turn on ip_forward.
+pub fn apply() -> Result<()> {
     enable_ip_forward()?;
-    run_nft("apply", &ruleset(pool))?;
-    tracing::debug!(%pool, "nat table ip twinbox applied");
+    run_nft("apply", &ruleset())?;
+    tracing::debug!("nat table ip twinbox applied");
     Ok(())
 }
 
@@ -69,7 +83,7 @@ pub fn remove() -> Result<()> {
 }
 
 /// The whole transaction [`apply`] sends: create-if-missing, delete, then the table anew.
-pub fn ruleset(pool: &Pool) -> Nftables<'static> {
+pub fn ruleset() -> Nftables<'static> {
     let mut batch = Batch::new();
     batch.add(NfListObject::Table(table()));
     batch.delete(NfListObject::Table(table()));
@@ -86,33 +100,43 @@ pub fn ruleset(pool: &Pool) -> Nftables<'static> {
         NfHook::Forward,
         0, // filter
     )));
-    let pool_prefix = Expression::Named(NamedExpression::Prefix(Prefix {
-        addr: Box::new(Expression::String(Cow::Owned(pool.base().to_string()))),
-        len: u32::from(pool.prefix_len()),
-    }));
-    batch.add(NfListObject::Rule(rule(
-        "postrouting",
+    let from_nat_box_out = || {
         vec![
-            matches(
-                Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-                    PayloadField {
-                        protocol: "ip".into(),
-                        field: "saddr".into(),
-                    },
-                ))),
-                Operator::EQ,
-                pool_prefix,
-            ),
-            matches(meta(MetaKey::Oifname), Operator::NEQ, ours()),
-            Statement::Masquerade(None),
-        ],
-    )));
+            matches(meta(MetaKey::Iifname), Operator::EQ, nat_boxes()),
+            matches(meta(MetaKey::Oifname), Operator::NEQ, boxes()),
+        ]
+    };
+    let mut masquerade = from_nat_box_out();
+    masquerade.push(Statement::Masquerade(None));
+    batch.add(NfListObject::Rule(rule("postrouting", masquerade)));
+
+    let mut out = from_nat_box_out();
+    out.push(accept());
+    let replies = vec![
+        matches(meta(MetaKey::Iifname), Operator::NEQ, boxes()),
+        matches(meta(MetaKey::Oifname), Operator::EQ, nat_boxes()),
+        matches(
+            Expression::Named(NamedExpression::CT(CT {
+                key: "state".into(),
+                family: None,
+                dir: None,
+            })),
+            Operator::IN,
+            Expression::List(vec![
+                Expression::String("established".into()),
+                Expression::String("related".into()),
+            ]),
+        ),
+        accept(),
+    ];
+    batch.add(NfListObject::Rule(rule("forward", out)));
+    batch.add(NfListObject::Rule(rule("forward", replies)));
     for key in [MetaKey::Iifname, MetaKey::Oifname] {
         batch.add(NfListObject::Rule(rule(
             "forward",
             vec![
-                matches(meta(key), Operator::EQ, ours()),
-                Statement::Accept(Some(Accept {})),
+                matches(meta(key), Operator::EQ, boxes()),
+                Statement::Drop(Some(Drop {})),
             ],
         )));
     }
@@ -162,13 +186,23 @@ fn meta(key: MetaKey) -> Expression<'static> {
     Expression::Named(NamedExpression::Meta(Meta { key }))
 }
 
-fn ours() -> Expression<'static> {
-    Expression::String(INTERFACE_PATTERN.into())
+fn boxes() -> Expression<'static> {
+    Expression::String(Cow::Borrowed(INTERFACE_PATTERN))
 }
 
+fn nat_boxes() -> Expression<'static> {
+    Expression::String(Cow::Borrowed(NAT_INTERFACE_PATTERN))
+}
+
+fn accept() -> Statement<'static> {
+    Statement::Accept(Some(Accept {}))
+}
+
+/// Turn ip_forward on; when that takes a write, close the plain links' forwarding again,
+/// which the write opened (see `forwarding.rs`).
 fn enable_ip_forward() -> Result<()> {
     let sysctl_error = |source| Error::Sysctl {
-        path: IP_FORWARD,
+        path: PathBuf::from(IP_FORWARD),
         source,
     };
     let now = std::fs::read_to_string(IP_FORWARD).map_err(sysctl_error)?;
@@ -183,6 +217,7 @@ fn enable_ip_forward() -> Result<()> {
                 _ => sysctl_error(source),
             }
         })?;
+        crate::forwarding::close_link_mode_interfaces();
     }
     Ok(())
 }
@@ -213,11 +248,28 @@ fn run_nft(action: &'static str, ruleset: &Nftables<'_>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
+
+    /// The rules of `chain`, each as the list of its statements.
+    fn rules(json: &Value, chain: &str) -> Vec<Vec<Value>> {
+        json["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c.get("add")?.get("rule"))
+            .filter(|r| r["chain"] == chain)
+            .map(|r| r["expr"].as_array().unwrap().clone())
+            .collect()
+    }
+
+    /// `iifname == "tbn*"` and the like, as nft's JSON spells a match.
+    fn on(key: &str, op: &str, pattern: &str) -> Value {
+        serde_json::json!({"match": {"left": {"meta": {"key": key}}, "op": op, "right": pattern}})
+    }
 
     #[test]
-    fn the_ruleset_replaces_the_table_atomically_and_masquerades_only_the_pool() {
-        let pool: Pool = "10.201.0.0/16".parse().unwrap();
-        let json = serde_json::to_value(ruleset(&pool)).unwrap();
+    fn the_ruleset_replaces_the_table_atomically() {
+        let json = serde_json::to_value(ruleset()).unwrap();
         let commands = json["nftables"].as_array().expect("a command list");
         let verbs: Vec<&str> = commands
             .iter()
@@ -230,18 +282,64 @@ mod tests {
         );
         let text = json.to_string();
         for needle in [
-            r#""addr":"10.201.0.0","len":16"#,
-            r#""op":"!=","right":"tb*""#,
-            r#""masquerade":null"#,
             r#""hook":"postrouting""#,
             r#""hook":"forward""#,
             r#""name":"twinbox""#,
+            r#""policy":"accept""#,
         ] {
             assert!(text.contains(needle), "ruleset lacks {needle}: {text}");
         }
         assert!(
             !text.contains("ip6"),
             "the table must be family ip only: {text}"
+        );
+    }
+
+    #[test]
+    fn only_nat_links_leaving_the_host_are_masqueraded_whatever_the_pool() {
+        let json = serde_json::to_value(ruleset()).unwrap();
+        assert_eq!(
+            rules(&json, "postrouting"),
+            [vec![
+                on("iifname", "==", "tbn*"),
+                on("oifname", "!=", "tb*"),
+                serde_json::json!({"masquerade": null}),
+            ]]
+        );
+        assert!(
+            !json.to_string().contains("saddr"),
+            "a pool in the table would make two pools replace each other's rule"
+        );
+    }
+
+    #[test]
+    fn forwarding_lets_nat_boxes_out_replies_in_and_drops_every_other_box_link() {
+        let json = serde_json::to_value(ruleset()).unwrap();
+        let accept = serde_json::json!({"accept": {}});
+        let drop = serde_json::json!({"drop": {}});
+        let established = serde_json::json!({"match": {
+            "left": {"ct": {"key": "state"}},
+            "op": "in",
+            "right": ["established", "related"],
+        }});
+        assert_eq!(
+            rules(&json, "forward"),
+            [
+                vec![
+                    on("iifname", "==", "tbn*"),
+                    on("oifname", "!=", "tb*"),
+                    accept.clone()
+                ],
+                vec![
+                    on("iifname", "!=", "tb*"),
+                    on("oifname", "==", "tbn*"),
+                    established,
+                    accept
+                ],
+                vec![on("iifname", "==", "tb*"), drop.clone()],
+                vec![on("oifname", "==", "tb*"), drop],
+            ],
+            "order matters: the drops come after the two NAT accepts"
         );
     }
 }

@@ -1,6 +1,7 @@
-//! A VM's link: a tap `tbt<i>` opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR and a
-//! 12-byte virtio-net header (`virtio_net_hdr_v1`, with `num_buffers`), carrying the
-//! lease's host address, up.
+//! A VM's link: a tap `tbt<i>` (`tbnt<i>` for `--net nat`) opened with IFF_TAP |
+//! IFF_NO_PI | IFF_VNET_HDR and a 12-byte virtio-net header (`virtio_net_hdr_v1`, with
+//! `num_buffers`), carrying the lease's host address, forwarding only for NAT
+//! (`forwarding.rs`), up.
 //!
 //! The tap is not persistent: it exists only while its fd is open, so it vanishes with
 //! the VMM, SIGKILL included. The VMM reads and writes frames on [`Tap::file`], each
@@ -12,7 +13,10 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use twinbox_spec::NetMode;
+
 use crate::error::{Error, Result};
+use crate::ifname::{self, Kind};
 use crate::lease::Lease;
 use crate::netlink::Rtnl;
 use crate::LinkInfo;
@@ -36,9 +40,9 @@ pub mod offload {
     pub const UFO: u32 = libc::TUN_F_UFO;
 }
 
-/// The tap's name for lease `index`.
-pub fn tap_name(index: u32) -> String {
-    format!("tbt{index}")
+/// The tap's name for lease `index` in `mode`.
+pub fn tap_name(index: u32, mode: NetMode) -> String {
+    ifname::name(Kind::Tap, mode, index)
 }
 
 /// The guest NIC's MAC for lease `index`: locally administered, unicast, `02:74:62` ("tb")
@@ -59,9 +63,10 @@ pub struct Tap {
 }
 
 impl Tap {
-    /// Create `tbt<index>` for `lease`, give it the host address /30 and bring it up.
+    /// Create `tbt<index>` (`tbnt<index>`) for `lease`, give it the host address /30 and
+    /// forwarding as the lease's mode allows, and bring it up.
     pub fn create(lease: Lease) -> Result<Self> {
-        let name = tap_name(lease.index());
+        let name = tap_name(lease.index(), lease.mode());
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -91,6 +96,7 @@ impl Tap {
             .map_err(|e| Error::netlink("if_nametoindex", &tap.name, e.into()))?;
         rtnl.add_ipv4(index, tap.lease.host_address(), tap.lease.prefix_len())
             .map_err(|e| Error::netlink("RTM_NEWADDR", &tap.name, e))?;
+        crate::forwarding::set(&tap.name, crate::forwarding::allowed(tap.lease.mode()))?;
         rtnl.set_up(index)
             .map_err(|e| Error::netlink("RTM_SETLINK up", &tap.name, e))?;
         tracing::debug!(interface = %tap.name, host = %tap.lease.host_address(),
@@ -198,7 +204,9 @@ mod tests {
     #[test]
     fn tap_names_fit_ifnamsiz_for_the_largest_pool() {
         // A /8 pool has 2^22 links.
-        assert!(tap_name((1 << 22) - 1).len() < libc::IFNAMSIZ);
-        assert!(crate::veth::host_interface_name((1 << 22) - 1).len() < libc::IFNAMSIZ);
+        for mode in [NetMode::Link, NetMode::Nat] {
+            assert!(tap_name((1 << 22) - 1, mode).len() < libc::IFNAMSIZ);
+            assert!(crate::veth::host_interface_name((1 << 22) - 1, mode).len() < libc::IFNAMSIZ);
+        }
     }
 }

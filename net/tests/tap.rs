@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hostnet::tap::{offload, VNET_HDR_LEN};
-use hostnet::{Lease, Tap};
+use hostnet::{Lease, NetMode, Tap};
 
 #[test]
 fn a_tap_has_the_host_address_is_up_takes_offloads_and_goes_on_drop() {
     require_root();
-    let tap = Tap::create(Lease::acquire().expect("lease")).expect("tap");
+    let tap = Tap::create(Lease::acquire(NetMode::Link).expect("lease")).expect("tap");
     let name = tap.name().to_string();
     let host = tap.lease().host_address();
     assert!(
@@ -67,7 +67,7 @@ fn a_tap_has_the_host_address_is_up_takes_offloads_and_goes_on_drop() {
 #[test]
 fn an_arp_request_through_the_tap_gets_the_hosts_reply() {
     require_root();
-    let tap = Tap::create(Lease::acquire().expect("lease")).expect("tap");
+    let tap = Tap::create(Lease::acquire(NetMode::Link).expect("lease")).expect("tap");
     let (host, guest, mac) = (
         tap.lease().host_address(),
         tap.lease().box_address(),
@@ -117,14 +117,14 @@ fn an_arp_request_through_the_tap_gets_the_hosts_reply() {
 fn a_sigkilled_holder_leaves_no_tap_address_or_held_lock() {
     require_root();
     let holder = Holder::spawn(|| {
-        let tap =
-            Tap::create(Lease::acquire().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        let tap = Tap::create(Lease::acquire(NetMode::Link).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
         let index = tap.lease().index();
         std::mem::forget(tap);
         Ok(index)
     });
     let index = holder.report.clone().expect("holder made a tap");
-    let name = hostnet::tap::tap_name(index);
+    let name = hostnet::tap::tap_name(index, NetMode::Link);
     assert!(
         link_exists(&name),
         "{name} not there while its holder lives"
@@ -139,7 +139,7 @@ fn eight_concurrent_holders_get_eight_distinct_links_and_leave_nothing() {
     let setups = (0..8)
         .map(|_| {
             || {
-                let tap = Tap::create(Lease::acquire().map_err(|e| e.to_string())?)
+                let tap = Tap::create(Lease::acquire(NetMode::Link).map_err(|e| e.to_string())?)
                     .map_err(|e| e.to_string())?;
                 let index = tap.lease().index();
                 std::mem::forget(tap);
@@ -149,13 +149,13 @@ fn eight_concurrent_holders_get_eight_distinct_links_and_leave_nothing() {
         .collect();
     let (holders, indices) = holders_racing(setups, "holders");
     for index in &indices {
-        assert!(link_exists(&hostnet::tap::tap_name(*index)));
+        assert!(link_exists(&hostnet::tap::tap_name(*index, NetMode::Link)));
     }
     for holder in holders {
         holder.sigkill();
     }
     for index in indices {
-        let name = hostnet::tap::tap_name(index);
+        let name = hostnet::tap::tap_name(index, NetMode::Link);
         eventually(&format!("{name} gone after SIGKILL"), || {
             !link_exists(&name)
         });

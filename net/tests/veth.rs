@@ -9,13 +9,14 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use common::*;
-use hostnet::{Lease, Veth};
+use hostnet::{Lease, NetMode, Veth};
 
 #[test]
 fn host_and_box_reach_each_other_by_ping_and_tcp_over_the_veth() {
     require_root();
     let netns = Netns::new();
-    let veth = Veth::create(Lease::acquire().expect("lease"), netns.pid()).expect("veth");
+    let veth =
+        Veth::create(Lease::acquire(NetMode::Link).expect("lease"), netns.pid()).expect("veth");
     let (host, boxed) = (veth.lease().host_address(), veth.lease().box_address());
     let name = veth.name().to_string();
     assert!(
@@ -111,7 +112,8 @@ fn host_and_box_reach_each_other_by_ping_and_tcp_over_the_veth() {
 fn the_host_end_goes_with_the_namespace_and_a_later_drop_is_quiet() {
     require_root();
     let netns = Netns::new();
-    let veth = Veth::create(Lease::acquire().expect("lease"), netns.pid()).expect("veth");
+    let veth =
+        Veth::create(Lease::acquire(NetMode::Link).expect("lease"), netns.pid()).expect("veth");
     let name = veth.name().to_string();
     let host = veth.lease().host_address();
     assert!(link_exists(&name));
@@ -129,14 +131,17 @@ fn a_sigkilled_holder_leaves_no_veth_address_or_held_lock() {
     let netns = Netns::new();
     let pid = netns.pid();
     let holder = Holder::spawn(move || {
-        let veth = Veth::create(Lease::acquire().map_err(|e| e.to_string())?, pid)
-            .map_err(|e| e.to_string())?;
+        let veth = Veth::create(
+            Lease::acquire(NetMode::Link).map_err(|e| e.to_string())?,
+            pid,
+        )
+        .map_err(|e| e.to_string())?;
         let index = veth.lease().index();
         std::mem::forget(veth);
         Ok(index)
     });
     let index = holder.report.clone().expect("holder made a veth");
-    let name = hostnet::veth::host_interface_name(index);
+    let name = hostnet::veth::host_interface_name(index, NetMode::Link);
     assert!(
         link_exists(&name),
         "{name} not there while its holder lives"
@@ -154,7 +159,8 @@ fn a_process_that_is_gone_is_one_clear_error() {
     let netns = Netns::new();
     let pid = netns.pid();
     netns.kill();
-    let error = Veth::create(Lease::acquire().expect("lease"), pid).expect_err("dead pid");
+    let error =
+        Veth::create(Lease::acquire(NetMode::Link).expect("lease"), pid).expect_err("dead pid");
     let text = error.to_string();
     assert!(text.contains(&format!("no process {pid}")), "{text}");
     let name = text
@@ -188,8 +194,11 @@ fn eight_concurrent_containers_get_eight_distinct_veths_and_leave_nothing() {
         .map(|netns| {
             let pid = netns.pid();
             move || {
-                let veth = Veth::create(Lease::acquire().map_err(|e| e.to_string())?, pid)
-                    .map_err(|e| e.to_string())?;
+                let veth = Veth::create(
+                    Lease::acquire(NetMode::Link).map_err(|e| e.to_string())?,
+                    pid,
+                )
+                .map_err(|e| e.to_string())?;
                 let index = veth.lease().index();
                 std::mem::forget(veth);
                 Ok(index)
@@ -204,7 +213,7 @@ fn eight_concurrent_containers_get_eight_distinct_veths_and_leave_nothing() {
         netns.kill();
     }
     for index in indices {
-        let name = hostnet::veth::host_interface_name(index);
+        let name = hostnet::veth::host_interface_name(index, NetMode::Link);
         eventually(&format!("{name} gone"), || !link_exists(&name));
     }
     assert_no_lease_files_left();
@@ -213,13 +222,13 @@ fn eight_concurrent_containers_get_eight_distinct_veths_and_leave_nothing() {
 #[test]
 fn a_link_whose_interface_name_is_taken_on_the_host_is_skipped() {
     require_root();
-    let probe = Lease::acquire().expect("lease");
+    let probe = Lease::acquire(NetMode::Link).expect("lease");
     let index = probe.index();
     drop(probe);
-    let foreign = hostnet::veth::host_interface_name(index);
+    let foreign = hostnet::veth::host_interface_name(index, NetMode::Link);
     // A bridge: always built in, unlike the dummy driver on some kernels.
     run("ip", &["link", "add", &foreign, "type", "bridge"]);
-    let lease = Lease::acquire();
+    let lease = Lease::acquire(NetMode::Link);
     let _ = std::process::Command::new("ip")
         .args(["link", "del", &foreign])
         .output();

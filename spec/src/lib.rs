@@ -14,6 +14,7 @@ pub mod outcome;
 pub mod phase;
 pub mod report;
 pub mod run_spec;
+pub mod terminal;
 
 pub use outcome::{Finished, MarkerLog};
 pub use phase::{Phase, Timeline};

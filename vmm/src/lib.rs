@@ -443,14 +443,13 @@ impl Network {
         if !has_net_admin() {
             return Err(Error::NoNetAdmin);
         }
-        let lease = hostnet::Lease::acquire()?;
-        let pool = lease.pool();
+        let lease = hostnet::Lease::acquire(mode)?;
         let resolver = hostnet::host_resolver();
         let config = lease.net_config(resolver.address());
         let tap = hostnet::Tap::create(lease)?;
         let nat = mode == twinbox_spec::run_spec::NetMode::Nat;
         if nat {
-            hostnet::nat::apply(&pool)?;
+            hostnet::nat::apply()?;
         }
         Ok(Self {
             info: tap.link_info(nat),

@@ -38,9 +38,9 @@ pub struct BoxNet {
 type Addressing = (Ipv4Addr, u8, Ipv4Addr);
 
 impl BoxNet {
-    /// Leases a link, makes the namespace and the veth, and configures `eth0` and `lo`
-    /// inside; one line saying what failed otherwise.
-    pub fn create() -> Result<Self, String> {
+    /// Leases a link for `mode`, makes the namespace and the veth, and configures `eth0`
+    /// and `lo` inside; one line saying what failed otherwise.
+    pub fn create(mode: twinbox_spec::NetMode) -> Result<Self, String> {
         let (tid_tx, tid_rx) = mpsc::channel::<Result<i32, String>>();
         let (cfg_tx, cfg_rx) = mpsc::channel::<Addressing>();
         let (done_tx, done_rx) = mpsc::channel::<Result<(), String>>();
@@ -60,7 +60,7 @@ impl BoxNet {
             .recv()
             .map_err(|_| "the network namespace thread ended early".to_string())??;
         net.path = PathBuf::from(format!("/proc/{}/task/{tid}/ns/net", std::process::id()));
-        let lease = hostnet::Lease::acquire().map_err(|e| format!("network link: {e}"))?;
+        let lease = super::peer::lease_link(mode)?;
         let addressing = (
             lease.box_address(),
             lease.prefix_len(),

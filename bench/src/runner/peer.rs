@@ -10,6 +10,16 @@ use twinbox_spec::{BoxKind, Outcome, RunReport};
 /// The note of every peer VMM's report.
 pub const VMM_NOTE: &str = "process start to process exit; peak RSS includes guest RAM touched";
 
+/// A link lease for a peer's box in `mode`, and with `--net nat` the NAT table, as
+/// twinbox's own boxes get them; one line saying what failed otherwise.
+pub(crate) fn lease_link(mode: twinbox_spec::NetMode) -> Result<hostnet::Lease, String> {
+    let lease = hostnet::Lease::acquire(mode).map_err(|e| format!("network link: {e}"))?;
+    if mode == twinbox_spec::NetMode::Nat {
+        hostnet::nat::apply().map_err(|e| format!("network NAT: {e}"))?;
+    }
+    Ok(lease)
+}
+
 /// Finds `name` in PATH.
 pub fn in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;

@@ -208,8 +208,8 @@ impl Runner for QemuMicrovm {
         let pvm = twinbox_spec::host::is_pvm() && self.accel == Accel::Kvm;
         // Lives until QEMU has exited: the tap goes with the last fd.
         let tap = match spec.net {
-            Some(_) => {
-                let lease = hostnet::Lease::acquire().map_err(|e| format!("network link: {e}"))?;
+            Some(mode) => {
+                let lease = super::peer::lease_link(mode)?;
                 Some(hostnet::Tap::create(lease).map_err(|e| format!("tap: {e}"))?)
             }
             None => None,

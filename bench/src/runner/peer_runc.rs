@@ -151,10 +151,7 @@ impl Runner for Runc {
         let bundle = bundle_dir.path();
         // With `spec.net`, a namespace of the bench's with a link to the host, as a CNI
         // plugin would prepare it; it lives until this run's report is made.
-        let net = spec
-            .net
-            .map(|_| super::netns::BoxNet::create())
-            .transpose()?;
+        let net = spec.net.map(super::netns::BoxNet::create).transpose()?;
         let config = config_for(
             &self.template,
             &self.rootfs,

@@ -11,6 +11,11 @@
 //! - [`rng::Rng`]: virtio-rng from the host's `/dev/urandom` (attached to every VM, the
 //!   guest's `/dev/hwrng`; same wiring as the block device, device type 4; the guest kernel
 //!   has `CONFIG_HW_RANDOM_VIRTIO`).
+//! - [`console::Console`]: virtio-console with MULTIPORT, named ports between host pipe
+//!   ends and the guest's `/dev/vport*` (the workload's stdio and the control stream; same
+//!   wiring, device type 3, `2 * (ports + 1)` queues, the port fds on the event loop; the
+//!   VMM calls [`Console::flush_output`] at teardown; guest kernel:
+//!   `CONFIG_VIRTIO_CONSOLE`).
 //!
 //! # Threads
 //! The vCPU thread only touches registers (through the bus). The guest's queue kicks go to
@@ -54,6 +59,7 @@
 //! report DEVICE_NEEDS_RESET (plus a config-change interrupt) until the driver resets it.
 
 pub mod block;
+pub mod console;
 mod events;
 pub mod mmio;
 pub mod net;
@@ -68,6 +74,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use block::{Block, BlockError};
+pub use console::{Console, ConsoleCounters, ConsoleError, HostEnd, Port, TYPE_CONSOLE};
 pub use mmio::{MmioTransport, MMIO_WINDOW_LEN, NOTIFY_REG_OFFSET};
 pub use net::{Net, NetBackend, NetCounters, NetError, TYPE_NET};
 pub use rng::{Rng, RngError, TYPE_RNG};

@@ -257,7 +257,7 @@ impl Holder {
 /// a leftover lease. (Files that are held belong to live runs and are not ours to judge.)
 pub fn unheld_lock_files_after_a_sweep() -> Vec<String> {
     // Acquiring and dropping a lease runs the release sweep.
-    drop(hostnet::Lease::acquire().expect("lease for the sweep"));
+    drop(hostnet::Lease::acquire(hostnet::NetMode::Link).expect("lease for the sweep"));
     let Ok(entries) = std::fs::read_dir(hostnet::lease::LOCK_DIR) else {
         return Vec::new();
     };
@@ -284,7 +284,7 @@ pub fn assert_no_lease_files_left() {
 /// not on the host and no lease file is left.
 pub fn assert_link_freed_after_sigkill(name: &str, index: u32) {
     eventually(&format!("{name} gone after SIGKILL"), || !link_exists(name));
-    let again = hostnet::Lease::acquire().expect("lease after SIGKILL");
+    let again = hostnet::Lease::acquire(hostnet::NetMode::Link).expect("lease after SIGKILL");
     assert_eq!(
         again.index(),
         index,
@@ -344,7 +344,8 @@ pub fn unprivileged_report(
         nix::unistd::setresuid(65534.into(), 65534.into(), 65534.into())
             .map_err(|e| e.to_string())?;
         let pool: hostnet::Pool = "10.201.0.0/16".parse().unwrap();
-        let lease = hostnet::Lease::acquire_in(&lock_dir, &pool, &[]).map_err(|e| e.to_string())?;
+        let lease = hostnet::Lease::acquire_in(&lock_dir, &pool, hostnet::NetMode::Link, &[])
+            .map_err(|e| e.to_string())?;
         make(lease)
     });
     let report = holder.report.clone();

@@ -32,6 +32,13 @@ pub fn exit_line(code: ExitCode) -> String {
     }
 }
 
+/// What init says when the workload has ended: the exit line, only with `verbose`, so
+/// that without it the workload's streams (in the container, init's stderr is the
+/// workload's) carry the workload alone. Failures are printed whatever `verbose` says.
+pub fn closing_line(verbose: bool, code: ExitCode) -> Option<String> {
+    verbose.then(|| exit_line(code))
+}
+
 /// In the VM, the kernel leaves fds 0-2 closed when the root filesystem had no
 /// `/dev/console` when init started. Once `/dev` is mounted, open the console onto any of
 /// them that is still closed so init's messages are seen.
@@ -74,6 +81,19 @@ mod tests {
         assert_eq!(
             exit_line(ExitCode::Signaled(9)),
             "workload killed by signal 9"
+        );
+    }
+
+    #[test]
+    fn the_exit_line_is_said_only_when_verbose() {
+        assert_eq!(closing_line(false, ExitCode::Exited(3)), None);
+        assert_eq!(
+            closing_line(true, ExitCode::Exited(3)).as_deref(),
+            Some("workload exited with status 3")
+        );
+        assert_eq!(
+            closing_line(true, ExitCode::Signaled(9)).as_deref(),
+            Some("workload killed by signal 9")
         );
     }
 }

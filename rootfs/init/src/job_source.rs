@@ -1,8 +1,10 @@
-//! Where init finds its job: the `TWINBOX_JOB` environment variable (container) or
-//! `twinbox.job=` on the kernel command line (VM).
+//! Where init finds its job: the `TWINBOX_JOB` environment variable (container),
+//! `twinbox.job=` on the kernel command line (a VM booted by a peer VMM), or, when the
+//! command line says `twinbox.ports=1`, a frame on the VM's control port ([`crate::ports`]).
 
 use std::fmt;
 use twinbox_proto::job::{JOB_CMDLINE_KEY, JOB_ENV_VAR};
+use twinbox_proto::stdio::PORTS_CMDLINE_FLAG;
 use twinbox_proto::{Job, JobError};
 
 /// Which kind of box init is running in, as told by where the job came from.
@@ -12,6 +14,15 @@ pub enum Origin {
     Container,
     /// The job came from `/proc/cmdline`: a kernel booted us.
     Vm,
+}
+
+/// Where the job is, before it is read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A token, from the environment (container) or the kernel command line (VM).
+    Token(String, Origin),
+    /// The VM's control port: the command line has [`PORTS_CMDLINE_FLAG`] and no token.
+    Ports,
 }
 
 /// Why no job could be had.
@@ -41,7 +52,8 @@ impl fmt::Display for JobSourceError {
         match self {
             Self::Missing => write!(
                 f,
-                "no job: set {JOB_ENV_VAR} or boot with {JOB_CMDLINE_KEY}=TOKEN on the kernel command line"
+                "no job: set {JOB_ENV_VAR}, or boot with {JOB_CMDLINE_KEY}=TOKEN or \
+                 {PORTS_CMDLINE_FLAG} on the kernel command line"
             ),
             Self::Cmdline(err) => write!(f, "cannot read /proc/cmdline: {err}"),
             Self::Garbled(Origin::Container, err) => write!(f, "bad {JOB_ENV_VAR}: {err}"),
@@ -50,29 +62,38 @@ impl fmt::Display for JobSourceError {
     }
 }
 
-/// Decodes the job from an environment value or, failing that, a kernel command line.
-/// Pure, so it is unit-tested; [`find`] feeds it the real sources.
-pub fn from_sources(
+/// Where the job is: an environment value wins, then a command-line token, then the
+/// ports flag (a token wins over the flag, so a peer VMM's command line never waits for
+/// ports it does not have). Pure, so it is unit-tested; [`find`] feeds it the real sources.
+pub fn locate(
     env_token: Option<&str>,
     cmdline: impl FnOnce() -> Result<String, String>,
-) -> Result<(Job, Origin), JobSourceError> {
-    let (token, origin) = match env_token {
-        Some(token) => (token.to_owned(), Origin::Container),
-        None => {
-            let cmdline = cmdline().map_err(JobSourceError::Cmdline)?;
-            let token = Job::token_from_cmdline(&cmdline).ok_or(JobSourceError::Missing)?;
-            (token.to_owned(), Origin::Vm)
-        }
-    };
-    Job::decode(&token)
-        .map(|job| (job, origin))
-        .map_err(|err| JobSourceError::Garbled(origin, err))
+) -> Result<Source, JobSourceError> {
+    if let Some(token) = env_token {
+        return Ok(Source::Token(token.to_owned(), Origin::Container));
+    }
+    let cmdline = cmdline().map_err(JobSourceError::Cmdline)?;
+    if let Some(token) = Job::token_from_cmdline(&cmdline) {
+        return Ok(Source::Token(token.to_owned(), Origin::Vm));
+    }
+    if cmdline
+        .split_ascii_whitespace()
+        .any(|word| word == PORTS_CMDLINE_FLAG)
+    {
+        return Ok(Source::Ports);
+    }
+    Err(JobSourceError::Missing)
 }
 
-/// Finds the job of this boot. `/proc` must be mounted for the VM case.
-pub fn find() -> Result<(Job, Origin), JobSourceError> {
+/// Decodes a token found by [`locate`].
+pub fn decode(token: &str, origin: Origin) -> Result<Job, JobSourceError> {
+    Job::decode(token).map_err(|err| JobSourceError::Garbled(origin, err))
+}
+
+/// Finds where the job of this boot is. `/proc` must be mounted for the VM case.
+pub fn find() -> Result<Source, JobSourceError> {
     let env = std::env::var(JOB_ENV_VAR).ok();
-    from_sources(env.as_deref(), || {
+    locate(env.as_deref(), || {
         std::fs::read_to_string("/proc/cmdline").map_err(|e| e.to_string())
     })
 }
@@ -90,10 +111,17 @@ pub fn likely_origin() -> Origin {
 mod tests {
     use super::*;
 
+    fn token_job(source: Source) -> (Job, Origin) {
+        match source {
+            Source::Token(token, origin) => (decode(&token, origin).unwrap(), origin),
+            Source::Ports => panic!("ports instead of a token"),
+        }
+    }
+
     #[test]
     fn env_wins_over_cmdline() {
         let token = Job::new(["true"]).encode().unwrap();
-        let (job, origin) = from_sources(Some(&token), || panic!("cmdline read")).unwrap();
+        let (job, origin) = token_job(locate(Some(&token), || panic!("cmdline read")).unwrap());
         assert_eq!(
             (job.argv, origin),
             (vec!["true".to_owned()], Origin::Container)
@@ -104,24 +132,45 @@ mod tests {
     fn cmdline_is_used_without_env() {
         let token = Job::new(["sh", "-c", "echo 'a b'"]).encode().unwrap();
         let line = format!("console=ttyS0 reboot=k twinbox.job={token} quiet\n");
-        let (job, origin) = from_sources(None, || Ok(line)).unwrap();
+        let (job, origin) = token_job(locate(None, || Ok(line)).unwrap());
         assert_eq!(origin, Origin::Vm);
         assert_eq!(job.argv[2], "echo 'a b'");
     }
 
     #[test]
+    fn the_ports_flag_is_used_only_without_a_token() {
+        let line = "console=ttyS0 twinbox.ports=1 quiet\n".to_owned();
+        assert_eq!(locate(None, || Ok(line)), Ok(Source::Ports));
+        // A peer VMM's command line (token) never waits for ports, flag or not.
+        let token = Job::new(["true"]).encode().unwrap();
+        let both = format!("twinbox.ports=1 twinbox.job={token}");
+        assert!(matches!(
+            locate(None, || Ok(both)),
+            Ok(Source::Token(_, Origin::Vm))
+        ));
+        for near_miss in ["twinbox.ports=0", "twinbox.ports=1x", "xtwinbox.ports=1"] {
+            assert_eq!(
+                locate(None, || Ok(near_miss.into())),
+                Err(JobSourceError::Missing),
+                "{near_miss}"
+            );
+        }
+    }
+
+    #[test]
     fn missing_and_garbled_are_distinct_errors() {
-        let missing = from_sources(None, || Ok("console=ttyS0".into())).unwrap_err();
+        let missing = locate(None, || Ok("console=ttyS0".into())).unwrap_err();
         assert_eq!(missing, JobSourceError::Missing);
         assert_eq!(missing.errno(), libc::ENOENT);
-        let garbled = from_sources(Some("!!"), || Ok(String::new())).unwrap_err();
+        assert!(missing.to_string().contains("twinbox.ports=1"), "{missing}");
+        let garbled = decode("!!", Origin::Container).unwrap_err();
         assert!(matches!(
             garbled,
             JobSourceError::Garbled(Origin::Container, _)
         ));
         assert_eq!(garbled.errno(), libc::EINVAL);
         assert!(garbled.to_string().starts_with("bad TWINBOX_JOB: "));
-        let unreadable = from_sources(None, || Err("No such file".into())).unwrap_err();
+        let unreadable = locate(None, || Err("No such file".into())).unwrap_err();
         assert_eq!(
             unreadable.to_string(),
             "cannot read /proc/cmdline: No such file"

@@ -45,22 +45,27 @@ pub const DEV_VM: MountSpec = MountSpec {
     required: true,
 };
 
-/// The rest, in mount order. `/sys` is read-only in a container, because sysfs there
-/// would otherwise let the workload retune the host's devices.
-pub fn userland(origin: Origin) -> Vec<MountSpec> {
+/// `/sys`, read-only in a container, because sysfs there would otherwise let the workload
+/// retune the host's devices. The VM with ports mounts it early, to find the ports.
+pub fn sys(origin: Origin) -> MountSpec {
     let sys_ro = if origin == Origin::Container {
         libc::MS_RDONLY
     } else {
         0
     };
+    MountSpec {
+        target: "/sys",
+        fstype: "sysfs",
+        flags: NOSUID_NODEV | libc::MS_NOEXEC | sys_ro,
+        data: "",
+        required: false,
+    }
+}
+
+/// The rest, in mount order.
+pub fn userland(origin: Origin) -> Vec<MountSpec> {
     vec![
-        MountSpec {
-            target: "/sys",
-            fstype: "sysfs",
-            flags: NOSUID_NODEV | libc::MS_NOEXEC | sys_ro,
-            data: "",
-            required: false,
-        },
+        sys(origin),
         MountSpec {
             target: "/dev/pts",
             fstype: "devpts",

@@ -2,11 +2,13 @@
 //! the workload.
 //!
 //! The kernel drops signals to PID 1 whose disposition is the default, but it queues
-//! *blocked* ones. So init blocks SIGCHLD and the signals it forwards, and takes them one
-//! at a time with `sigwaitinfo` (the approach of tini): no handlers, no async-signal
-//! safety concerns, and no race between "child exited" and "start waiting".
+//! *blocked* ones. So init blocks SIGCHLD and the signals it forwards and reads them from
+//! a `signalfd` (the approach of tini, with a descriptor instead of `sigwaitinfo` so the
+//! VM's tty relay shares the same `poll`): no handlers, no async-signal safety concerns,
+//! and no race between "child exited" and "start waiting".
 
-use crate::sys::SysError;
+use crate::sys::{self, SysError};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr;
 use twinbox_proto::ExitCode;
 
@@ -20,16 +22,17 @@ pub const FORWARDED: [libc::c_int; 6] = [
     libc::SIGUSR2,
 ];
 
-/// The blocked signal set init waits on.
+/// The blocked signals init waits on, readable from a descriptor.
 pub struct Signals {
-    set: libc::sigset_t,
+    fd: OwnedFd,
 }
 
 impl Signals {
-    /// Blocks SIGCHLD and [`FORWARDED`] in init. The workload unblocks them after fork.
+    /// Blocks SIGCHLD and [`FORWARDED`] in init and opens a non-blocking, close-on-exec
+    /// `signalfd` for them. The workload unblocks them after fork.
     pub fn block() -> Result<Self, SysError> {
         // SAFETY: sigset manipulation on a local, then sigprocmask/signal on our process.
-        unsafe {
+        let set = unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGCHLD);
@@ -42,29 +45,76 @@ impl Signals {
             if libc::sigprocmask(libc::SIG_BLOCK, &set, ptr::null_mut()) != 0 {
                 return Err(SysError::last("block signals"));
             }
-            Ok(Self { set })
-        }
+            set
+        };
+        // SAFETY: set is an initialised sigset; the result is checked.
+        let fd = sys::check(
+            unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) },
+            || "open a signalfd".to_owned(),
+        )?;
+        // SAFETY: signalfd just returned this fresh descriptor; it gets one owner. Above
+        // stdio: init may start with 0-2 closed (VM without /dev/console).
+        let fd = sys::above_stdio(unsafe { OwnedFd::from_raw_fd(fd) })?;
+        Ok(Self { fd })
     }
 
-    /// Waits for the next blocked signal.
-    fn next(&self) -> Result<libc::c_int, SysError> {
+    /// Takes every pending signal; calls `each` with its number.
+    fn take(&self, mut each: impl FnMut(libc::c_int)) -> Result<(), SysError> {
+        // SAFETY: an all-zero signalfd_siginfo is a valid value of this plain C struct.
+        let mut infos: [libc::signalfd_siginfo; 8] = unsafe { std::mem::zeroed() };
         loop {
-            // SAFETY: self.set is an initialised sigset; no siginfo is requested.
-            let signal = unsafe { libc::sigwaitinfo(&self.set, ptr::null_mut()) };
-            if signal >= 0 {
-                return Ok(signal);
+            // SAFETY: infos is a writable buffer of exactly this many bytes.
+            let n = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    infos.as_mut_ptr().cast(),
+                    std::mem::size_of_val(&infos),
+                )
+            };
+            if n < 0 {
+                let err = SysError::last("read the signalfd");
+                match err.errno {
+                    libc::EINTR => continue,
+                    libc::EAGAIN => return Ok(()),
+                    _ => return Err(err),
+                }
             }
-            let err = SysError::last("wait for signals");
-            if err.errno != libc::EINTR {
-                return Err(err);
+            let count = n as usize / std::mem::size_of::<libc::signalfd_siginfo>();
+            for info in &infos[..count] {
+                each(info.ssi_signo as libc::c_int);
+            }
+            if count < infos.len() {
+                return Ok(());
             }
         }
     }
 }
 
-/// Reaps children until `workload` exits, forwarding signals to it meanwhile. Other
-/// children (orphans re-parented to PID 1) are reaped and forgotten.
-pub fn wait_for(workload: libc::pid_t, signals: &Signals) -> Result<ExitCode, SysError> {
+/// Descriptors the wait loop polls besides the signals (the VM's tty relay), so init
+/// relays and reaps in one thread.
+pub trait Watch {
+    /// Appends the `pollfd`s for the next `poll` (`fd` -1 for a slot with nothing to do).
+    fn interest(&self, fds: &mut Vec<libc::pollfd>);
+    /// Acts on their results: the entries [`Watch::interest`] appended, in order.
+    fn ready(&mut self, fds: &[libc::pollfd]);
+}
+
+/// Nothing to watch: the workload has its stdio directly.
+pub struct Nothing;
+
+impl Watch for Nothing {
+    fn interest(&self, _: &mut Vec<libc::pollfd>) {}
+    fn ready(&mut self, _: &[libc::pollfd]) {}
+}
+
+/// Reaps children until `workload` exits, forwarding signals to it and serving `watch`
+/// meanwhile. Other children (orphans re-parented to PID 1) are reaped and forgotten.
+pub fn wait_for(
+    workload: libc::pid_t,
+    signals: &Signals,
+    watch: &mut dyn Watch,
+) -> Result<ExitCode, SysError> {
+    let mut fds = Vec::new();
     loop {
         // SIGCHLDs coalesce: reap everything that is dead before waiting again.
         loop {
@@ -85,11 +135,24 @@ pub fn wait_for(workload: libc::pid_t, signals: &Signals) -> Result<ExitCode, Sy
                 return Err(err);
             }
         }
-        let signal = signals.next()?;
-        if signal != libc::SIGCHLD {
-            // SAFETY: sending a signal to our own child; ESRCH if it just died is fine.
-            unsafe { libc::kill(workload, signal) };
+        fds.clear();
+        fds.push(libc::pollfd {
+            fd: signals.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        watch.interest(&mut fds);
+        sys::poll(&mut fds, -1)?;
+        if fds[0].revents != 0 {
+            signals.take(|signal| {
+                if signal != libc::SIGCHLD {
+                    // SAFETY: sending a signal to our own child; ESRCH if it just died
+                    // is fine.
+                    unsafe { libc::kill(workload, signal) };
+                }
+            })?;
         }
+        watch.ready(&fds[1..]);
     }
 }
 

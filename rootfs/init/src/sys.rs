@@ -4,6 +4,7 @@
 use std::ffi::CString;
 use std::fmt;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// A failed system call, with what it was doing and the errno it returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,4 +67,77 @@ pub fn check(ret: libc::c_int, what: impl FnOnce() -> String) -> Result<libc::c_
 pub fn cstring(text: &str) -> Result<CString, SysError> {
     CString::new(text)
         .map_err(|_| SysError::new(format!("{text:?} contains a NUL byte"), libc::EINVAL))
+}
+
+/// Moves `fd` to a number of 3 or more (close-on-exec), so that putting the workload's
+/// stdio in place with `dup2` onto 0-2 can never overwrite another of its sources: in
+/// the VM, fds 0-2 of init are closed when the kernel found no `/dev/console`.
+pub fn above_stdio(fd: OwnedFd) -> Result<OwnedFd, SysError> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new one or -1.
+    let moved = check(
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) },
+        || format!("move fd {} above stdio", fd.as_raw_fd()),
+    )?;
+    // SAFETY: fcntl just returned this fresh descriptor; it gets exactly one owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(moved) })
+}
+
+/// Opens `path` with `flags` (close-on-exec and no controlling terminal added), above
+/// stdio.
+pub fn open(path: &str, flags: libc::c_int) -> Result<OwnedFd, SysError> {
+    let c_path = cstring(path)?;
+    // SAFETY: c_path is NUL-terminated; the result is checked.
+    let fd = check(
+        unsafe { libc::open(c_path.as_ptr(), flags | libc::O_CLOEXEC | libc::O_NOCTTY) },
+        || format!("open {path}"),
+    )?;
+    // SAFETY: open just returned this fresh descriptor; it gets exactly one owner.
+    above_stdio(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sets `O_NONBLOCK` on `fd`'s open file (shared with every dup of it).
+pub fn set_nonblocking(fd: &impl AsRawFd) -> Result<(), SysError> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: F_GETFL/F_SETFL only read and edit the open file's status flags.
+    unsafe {
+        let flags = check(libc::fcntl(raw, libc::F_GETFL), || {
+            format!("get flags of fd {raw}")
+        })?;
+        check(
+            libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK),
+            || format!("make fd {raw} non-blocking"),
+        )?;
+    }
+    Ok(())
+}
+
+/// `poll(2)` over `fds`, retried on `EINTR`; returns how many have events.
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> Result<usize, SysError> {
+    loop {
+        // SAFETY: fds is a valid, exclusively borrowed slice of pollfd of this length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = SysError::last("poll");
+        if err.errno != libc::EINTR {
+            return Err(err);
+        }
+    }
+}
+
+/// A `pollfd` waiting for `events` on `fd`, or an ignored slot (`fd` -1) when there is
+/// nothing to wait for, so a caller's slots keep fixed positions.
+pub fn pollfd(fd: Option<&impl AsRawFd>, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd {
+        fd: match fd {
+            Some(fd) if events != 0 => fd.as_raw_fd(),
+            _ => -1,
+        },
+        events,
+        revents: 0,
+    }
 }

@@ -10,6 +10,7 @@
 use crate::console::write_stderr;
 use crate::sys::{cstring, strerror, SysError};
 use std::ffi::CString;
+use std::os::fd::RawFd;
 use std::ptr;
 use twinbox_proto::Job;
 
@@ -26,10 +27,19 @@ pub const EXIT_CANNOT_RUN: i32 = 126;
 /// Where the workload's stdin, stdout and stderr go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stdio {
-    /// Keep the fds init inherited (the container runtime's pipes or terminal).
+    /// Keep the fds init inherited (the container runtime's pipes).
     Inherit,
+    /// Keep the fds init inherited, a pty slave the runtime made (`-t`), and make it the
+    /// controlling terminal.
+    InheritTerminal,
     /// Open `/dev/console` (the VM's ttyS0) for all three (not as controlling tty).
     Console,
+    /// These descriptors as stdin, stdout and stderr (the VM's ports). They must be 3 or
+    /// above (see [`crate::sys::above_stdio`]) and close-on-exec in init.
+    Fds([RawFd; 3]),
+    /// This pty slave as all three and as the controlling terminal (the VM's `-t`); 3 or
+    /// above, close-on-exec in init.
+    Terminal(RawFd),
 }
 
 /// A workload ready to be forked: all strings already in C form.
@@ -128,8 +138,15 @@ impl Prepared {
         unsafe {
             reset_signals();
             libc::setsid();
-            if self.stdio == Stdio::Console {
-                attach_console();
+            match self.stdio {
+                Stdio::Inherit => {}
+                Stdio::InheritTerminal => take_terminal(),
+                Stdio::Console => attach_console(),
+                Stdio::Fds(fds) => attach(fds),
+                Stdio::Terminal(fd) => {
+                    attach([fd; 3]);
+                    take_terminal();
+                }
             }
             if libc::chdir(self.cwd.as_ptr()) != 0 {
                 let errno = *libc::__errno_location();
@@ -232,6 +249,51 @@ unsafe fn attach_console() {
         if fd > 2 {
             libc::close(fd);
         }
+    }
+}
+
+/// Puts `fds` at 0, 1 and 2 (their dups lose close-on-exec). The sources are 3 or above,
+/// so no `dup2` overwrites a later one's source. A failure ends the child with 126 and a
+/// line on whatever stderr it has by then.
+///
+/// # Safety
+/// Only in the forked child.
+unsafe fn attach(fds: [RawFd; 3]) {
+    for (target, fd) in (0..).zip(fds) {
+        // SAFETY: dup2 on descriptors of this process.
+        if unsafe { libc::dup2(fd, target) } < 0 {
+            // SAFETY: reading errno right after the failed call.
+            let errno = unsafe { *libc::__errno_location() };
+            write_stderr(&format!(
+                "cannot set up fd {target} of the workload: {}",
+                strerror(errno)
+            ));
+            // SAFETY: ends the child without running anything of the parent's.
+            unsafe { libc::_exit(EXIT_CANNOT_RUN) };
+        }
+    }
+}
+
+/// Makes stdin, a terminal, the controlling terminal of the child's new session, so the
+/// terminal's Ctrl-C and hangup reach the workload's foreground process group. If init
+/// itself still has it as its controlling terminal (a runtime that did not open it with
+/// `O_NOCTTY`), only stealing it (arg 1, needs `CAP_SYS_ADMIN`) works. A failure is one
+/// line on stderr and the workload runs without a controlling terminal.
+///
+/// # Safety
+/// Only in the forked child, after `setsid`.
+unsafe fn take_terminal() {
+    // SAFETY: TIOCSCTTY takes an int by value.
+    let taken = unsafe {
+        libc::ioctl(0, libc::TIOCSCTTY, 0) == 0 || libc::ioctl(0, libc::TIOCSCTTY, 1) == 0
+    };
+    if !taken {
+        // SAFETY: reading errno right after the failed call.
+        let errno = unsafe { *libc::__errno_location() };
+        write_stderr(&format!(
+            "cannot make stdin the controlling terminal: {}",
+            strerror(errno)
+        ));
     }
 }
 

@@ -172,6 +172,7 @@ fn runs_the_job_with_its_arguments_env_cwd_and_hostname() {
     let job = Job {
         cwd: "/root".into(),
         hostname: Some("box-ü".into()),
+        verbose: true,
         env: vec!["PATH=/bin:/usr/bin".into(), "Q=a \"b\" 'c'".into()],
         ..job(&[
             "sh",
@@ -200,6 +201,20 @@ fn runs_the_job_with_its_arguments_env_cwd_and_hostname() {
 }
 
 #[test]
+fn without_verbose_the_streams_carry_the_workload_alone() {
+    let out = boot(
+        &job(&["sh", "-c", "echo out; echo err >&2; exit 2"])
+            .encode()
+            .unwrap(),
+    );
+    assert_eq!(
+        (out.status, out.stdout.as_str(), out.stderr.as_str()),
+        (2, "out\n", "err\n")
+    );
+    assert_eq!(out.markers, started_and_exited(ExitCode::Exited(2)));
+}
+
+#[test]
 fn the_workload_does_not_inherit_the_marker_fd_and_sees_a_userland() {
     let script = "test ! -e /proc/self/fd/5 && grep -q ' /tmp tmpfs' /proc/mounts && \
                   grep -q ' /sys sysfs ro' /proc/mounts && test \"$$\" = 2";
@@ -220,7 +235,11 @@ fn exec_failures_and_signals_map_like_shells() {
     );
     assert_eq!(out.markers, started_and_exited(ExitCode::Exited(127)));
 
-    let out = boot(&job(&["sh", "-c", "kill -KILL $$"]).encode().unwrap());
+    let killed = Job {
+        verbose: true,
+        ..job(&["sh", "-c", "kill -KILL $$"])
+    };
+    let out = boot(&killed.encode().unwrap());
     assert_eq!(out.status, 128 + 9);
     assert!(
         out.stderr

@@ -88,6 +88,8 @@ fn vm_job(argv: &[&str]) -> Job {
         power_off: true,
         overlay_root: true,
         hostname: Some("vmbox".into()),
+        // The tests read the exit line, which init prints only when verbose.
+        verbose: true,
         ..Job::new(argv.iter().copied())
     }
 }
