@@ -279,7 +279,6 @@ fn run_inner<S: AsRawFd + ?Sized>(
         spec,
         &config,
         &devices.cmdline_entries,
-        (!devices.has_stdio_ports).then_some(&job),
     )?;
     boot::params::write_cmdline(&guest_memory, &line)?;
     let ram = memory::total_size(&guest_memory);
@@ -365,7 +364,7 @@ fn run_inner<S: AsRawFd + ?Sized>(
     let guest_stdio = running.stdio.take();
     drop(running);
     // What the workload wrote just before the end and the device had not moved yet.
-    devices.flush_output(&guest_memory);
+    devices.flush_output();
     let guest_rss = probe.resident_kib_of(
         &memory::host_ranges(&guest_memory)
             .iter()
@@ -609,7 +608,6 @@ fn kernel_cmdline(
     spec: &RunSpec,
     config: &Config,
     devices: &[VirtioMmioEntry],
-    job_on_cmdline: Option<&twinbox_spec::proto::Job>,
 ) -> Result<String, Error> {
     let mut line = KernelCmdline::new();
     line.push(guest_cmdline::BASE)?;
@@ -620,16 +618,7 @@ fn kernel_cmdline(
         line.push_virtio_mmio(*device)?;
     }
     line.push(spec.cmdline_extra.as_deref().unwrap_or_default())?;
-    match job_on_cmdline {
-        Some(job) => {
-            let token = job.encode().map_err(|e| Error::Job(e.to_string()))?;
-            line.push(&format!(
-                "{}={token}",
-                twinbox_spec::proto::job::JOB_CMDLINE_KEY
-            ))?;
-        }
-        None => line.push(twinbox_spec::proto::stdio::PORTS_CMDLINE_FLAG)?,
-    }
+    line.push(twinbox_spec::proto::stdio::PORTS_CMDLINE_FLAG)?;
     Ok(line.into_string()?)
 }
 
