@@ -328,7 +328,7 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
                 vec![rule(vec![arg(
                     1,
                     SeccompCmpOp::Eq,
-                    libc::TIOCGWINSZ as u64,
+                    libc::TIOCGWINSZ,
                 )])],
             );
         }
