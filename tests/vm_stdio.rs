@@ -86,7 +86,12 @@ fn streams_are_separate_and_byte_exact_stdin_flows_and_an_interactive_shell_work
     });
     let v = |key: &str| out.expect_value(key);
     let blob = v("BLOB_SUM");
-    assert_eq!(v("CAT_STATUS"), "7", "the workload's status:\n{}", out.output);
+    assert_eq!(
+        v("CAT_STATUS"),
+        "7",
+        "the workload's status:\n{}",
+        out.output
+    );
     assert_eq!(v("OUT_SUM"), blob, "8 MiB in and back out on stdout");
     assert_eq!(
         v("ERR_TEXT"),
@@ -95,7 +100,11 @@ fn streams_are_separate_and_byte_exact_stdin_flows_and_an_interactive_shell_work
         out.output
     );
     assert_eq!(v("ERR2_SUM"), blob, "8 MiB out on stderr");
-    assert_eq!(v("OUT2_BYTES"), "0", "stdout empty when only stderr is written");
+    assert_eq!(
+        v("OUT2_BYTES"),
+        "0",
+        "stdout empty when only stderr is written"
+    );
     assert_eq!(v("STDIN_COUNT"), "8388608", "wc -c of 8 MiB of stdin");
     assert_eq!(v("CLOSED_STDIN_BYTES"), "0");
     assert_eq!(v("HELLO_STATUS"), "0");
@@ -105,10 +114,22 @@ fn streams_are_separate_and_byte_exact_stdin_flows_and_an_interactive_shell_work
         "0",
         "nothing of init or the kernel on stderr"
     );
-    assert_eq!(v("CONSOLE_HAS_KERNEL"), "yes", "--console-log has the kernel log");
+    assert_eq!(
+        v("CONSOLE_HAS_KERNEL"),
+        "yes",
+        "--console-log has the kernel log"
+    );
     assert_eq!(v("CONSOLE_EXIT_LINE"), "absent-without-verbose");
-    assert_eq!(v("VERBOSE_EXIT_LINE"), "stderr", "--verbose shows init's lines");
-    assert_eq!(v("VERBOSE_OUT_BYTES"), "0", "even verbose, stdout stays clean");
+    assert_eq!(
+        v("VERBOSE_EXIT_LINE"),
+        "stderr",
+        "--verbose shows init's lines"
+    );
+    assert_eq!(
+        v("VERBOSE_OUT_BYTES"),
+        "0",
+        "even verbose, stdout stays clean"
+    );
     assert_eq!(v("LONG_LEN"), "5000", "a 5,000-character argument runs");
     assert_eq!(v("TTY_ANSWER"), "42", "{}", out.output);
     assert_eq!(v("TTY_CTRL_C"), "reached-workload", "{}", out.output);

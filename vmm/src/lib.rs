@@ -275,11 +275,7 @@ fn run_inner<S: AsRawFd + ?Sized>(
     )?;
 
     // The command line comes last: it lists the devices.
-    let line = kernel_cmdline(
-        spec,
-        &config,
-        &devices.cmdline_entries,
-    )?;
+    let line = kernel_cmdline(spec, &config, &devices.cmdline_entries)?;
     boot::params::write_cmdline(&guest_memory, &line)?;
     let ram = memory::total_size(&guest_memory);
     let boot_info =

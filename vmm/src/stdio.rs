@@ -106,7 +106,7 @@ impl GuestStdio {
         }
         let s = stop.clone();
         pumps.push(spawn(
-            "vmm-stdio-control",
+            "vmm-control",
             Box::new(move || control_pump(File::from(control_host), wire, winch, &s)),
         )?);
 
@@ -134,7 +134,10 @@ impl GuestStdio {
                 None => Box::new(File::from(caller_fd(fd)?)),
             };
             let s = stop.clone();
-            pumps.push(spawn(name, Box::new(move || output_pump(File::from(from), to, &s)))?);
+            pumps.push(spawn(
+                name,
+                Box::new(move || output_pump(File::from(from), to, &s)),
+            )?);
         }
 
         Ok((
@@ -328,7 +331,14 @@ fn control_pump(mut to: File, first: Vec<u8>, winch: Option<OwnedFd>, stop: &Eve
         return;
     }
     let Some(winch) = winch else {
-        while !wait(stop.as_fd_borrowed(), libc::POLLIN, stop, Duration::from_secs(3600)).1 {}
+        while !wait(
+            stop.as_fd_borrowed(),
+            libc::POLLIN,
+            stop,
+            Duration::from_secs(3600),
+        )
+        .1
+        {}
         return;
     };
     let mut winch = File::from(winch);

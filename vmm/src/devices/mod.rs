@@ -15,8 +15,8 @@ use crate::memory::GuestMemoryMmap;
 use crate::vcpu::IoHandler;
 use devices::bus::{Bus, SharedBusDevice as SharedDevice};
 use devices::virtio::{
-    Block, Console, IrqTrigger, MmioTransport, Net, NetBackend, NetError, Rng, RngError, VirtioDevice,
-    MMIO_WINDOW_LEN, NOTIFY_REG_OFFSET,
+    Block, Console, IrqTrigger, MmioTransport, Net, NetBackend, NetError, Rng, RngError,
+    VirtioDevice, MMIO_WINDOW_LEN, NOTIFY_REG_OFFSET,
 };
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::IoEventAddress;
