@@ -3,8 +3,8 @@
 //! checksums compared on both sides; 8 concurrent boxes get 8 distinct links; after a
 //! normal exit, SIGTERM and SIGKILL of the CLI no veth, network namespace, host address,
 //! held lease lock or nftables rule beyond the one documented `ip twinbox` table is left;
-//! `--net nat` masquerades the box out of the host to a namespace the test made (and a plain
-//! link does not get there); a bad `--net` value, an exhausted pool and a missing
+//! `--net nat` masquerades the box out of the host to a namespace the test made, and a plain
+//! link does not get there even with the nat run's table in place; a bad `--net` value, an exhausted pool and a missing
 //! CAP_NET_ADMIN are one line and exit 125. Each with and without `--userns` where the
 //! box's side differs.
 //!
@@ -787,11 +787,14 @@ fn nat_masquerades_the_box_out_of_the_host_and_link_does_not() {
             "no masquerade rule in table ip twinbox"
         );
 
-        // With a plain link the box's packets leave unmasqueraded with a source the far
-        // side has no route back to, so nothing connects, though a listener is there. (The
-        // table of the nat run stays by design and would masquerade this run too: it is
-        // deleted first, to show the difference is the table.)
-        net::run_tool("nft", &["delete", "table", "ip", "twinbox"]);
+        // With a plain link the box reaches the host and nothing beyond it, though the nat
+        // run's table stays installed (by design) and ip_forward is on: its host end does
+        // not forward and the table forwards only NAT links. So nothing connects, though a
+        // listener is there.
+        assert!(
+            net::run_tool("nft", &["list", "tables"]).contains("table ip twinbox"),
+            "the nat run's table is gone"
+        );
         let peer = outside.accept_one(7003, Duration::from_secs(4));
         let out = ctr(&["--net"], &script.replace("-w 5", "-w 2"))
             .output()
@@ -799,21 +802,33 @@ fn nat_masquerades_the_box_out_of_the_host_and_link_does_not() {
         assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
         assert!(
             String::from_utf8_lossy(&out.stdout).contains("unreachable"),
-            "without nat the box still got out: {}",
+            "a plain --net box got out beside the nat table: {}",
             describe(&out)
         );
         let seen = peer
             .recv_timeout(Duration::from_secs(10))
             .expect("the outside listener ends");
         assert!(seen.is_err(), "without nat the far side saw {seen:?}");
+        // The same box still reaches its host end (its gateway) on that link. The
+        // listener closes what it accepts, so the box's nc ends.
+        let host = TcpListener::bind("0.0.0.0:0").expect("listen on the host");
+        let port = host.local_addr().unwrap().port();
+        std::thread::spawn(move || drop(host.accept()));
+        let out = ctr(
+            &["--net"],
+            &format!("nc -w 5 \"$(ip route | awk '/default/ {{print $3}}')\" {port} </dev/null && echo reached"),
+        )
+        .output()
+        .expect("run twinbox");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("reached"),
+            "a plain --net box did not reach the host: {}",
+            describe(&out)
+        );
     }
     // Put the host back as it was: ip_forward and the table are what --net nat changes.
     if !table_before {
-        // Already gone when the plain-link half deleted it: quiet either way.
-        let _ = Command::new("nft")
-            .args(["delete", "table", "ip", "twinbox"])
-            .stderr(Stdio::null())
-            .status();
+        net::run_tool("nft", &["delete", "table", "ip", "twinbox"]);
     }
     std::fs::write("/proc/sys/net/ipv4/ip_forward", forward_before).unwrap();
     before.assert_nothing_left("--net nat", false);

@@ -181,9 +181,14 @@ impl Lease {
     /// Lease a free link of the pool from TWINBOX_NET_POOL (default 10.201.0.0/16) under
     /// /run/twinbox/net for a box in `mode`, skipping links whose host address is already
     /// on a host interface or any of whose interface names (`ifname::all`) is taken:
-    /// leftovers or foreign use.
+    /// leftovers or foreign use. Persistent taps of dead runs are deleted first
+    /// ([`crate::tap::sweep_persistent`]).
     pub fn acquire(mode: NetMode) -> Result<Self> {
         let pool = Pool::from_env()?;
+        // A killed run's persistent tap would keep its link's index taken for good.
+        for line in crate::tap::sweep_persistent() {
+            tracing::debug!("{line}");
+        }
         let in_use = host_ipv4_addresses()?;
         Self::acquire_with(Path::new(LOCK_DIR), &pool, mode, |index, host| {
             in_use.contains(&host) || crate::ifname::all(index).any(|name| interface_exists(&name))
@@ -284,6 +289,35 @@ impl Drop for Lease {
         if let Some(dir) = self.path.parent() {
             sweep(dir);
         }
+    }
+}
+
+/// The lease lock of one link, taken only to clean up after a dead holder: held while
+/// it lives, then released the way a lease is (unlink while locked).
+#[derive(Debug)]
+pub(crate) struct Unheld {
+    lock: Option<Flock<File>>,
+    path: PathBuf,
+}
+
+impl Unheld {
+    /// Link `index`'s lock under [`LOCK_DIR`] if no lease holds it (the file is made if
+    /// it is missing); None when a live lease has it.
+    pub(crate) fn take(index: u32) -> Result<Option<Self>> {
+        let dir = Path::new(LOCK_DIR);
+        fs::create_dir_all(dir).map_err(|source| lock_error(dir, source))?;
+        let path = dir.join(format!("{index}.lock"));
+        Ok(try_lock(&path)?.map(|lock| Self {
+            lock: Some(lock),
+            path,
+        }))
+    }
+}
+
+impl Drop for Unheld {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+        drop(self.lock.take());
     }
 }
 

@@ -8,7 +8,8 @@
 //! - [`veth`]: a container's veth pair, host end `tb<i>`, box end `eth0` created directly
 //!   in the container's network namespace; it vanishes with that namespace.
 //! - [`tap`]: a VM's tap `tbt<i>` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, non-persistent); it
-//!   vanishes when the VMM's fd closes.
+//!   vanishes when the VMM's fd closes. A persistent one for a VMM that opens its tap by
+//!   name (Firecracker), deleted on drop and swept once its lease is free.
 //! - [`forwarding`]: a link-mode host end never forwards; a NAT one does.
 //! - [`nat`]: `--net nat`, the one nftables table `ip twinbox` and ip_forward.
 //! - [`resolver`]: the host's name server, if a box can reach it.
@@ -31,7 +32,7 @@ pub mod veth;
 pub use error::{Error, Result};
 pub use lease::{Lease, Pool};
 pub use resolver::{host_resolver, Resolver};
-pub use tap::Tap;
+pub use tap::{PersistentTap, Tap};
 pub use twinbox_spec::{LinkInfo, NetMode};
 pub use veth::Veth;
 

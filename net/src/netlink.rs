@@ -92,6 +92,37 @@ impl Rtnl {
         self.ack(RouteNetlinkMessage::SetLink(message), 0)
     }
 
+    /// Set interface `index`'s alias (IFLA_IFALIAS, `ip link show`'s "alias" line).
+    pub(crate) fn set_alias(&mut self, index: u32, alias: &str) -> io::Result<()> {
+        let mut message = LinkMessage::default();
+        message.header.index = index;
+        message.attributes = vec![LinkAttribute::IfAlias(alias.to_string())];
+        self.ack(RouteNetlinkMessage::SetLink(message), 0)
+    }
+
+    /// Every interface of this namespace: its name and alias, if it has one.
+    pub(crate) fn links(&mut self) -> io::Result<Vec<(String, Option<String>)>> {
+        let mut found = Vec::new();
+        for message in self.dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))? {
+            let RouteNetlinkMessage::NewLink(link) = message else {
+                continue;
+            };
+            let mut name = None;
+            let mut alias = None;
+            for attribute in link.attributes {
+                match attribute {
+                    LinkAttribute::IfName(n) => name = Some(n),
+                    LinkAttribute::IfAlias(a) => alias = Some(a),
+                    _ => {}
+                }
+            }
+            if let Some(name) = name {
+                found.push((name, alias));
+            }
+        }
+        Ok(found)
+    }
+
     /// Delete the interface called `name` in this namespace.
     pub(crate) fn delete_link(&mut self, name: &str) -> io::Result<()> {
         let mut message = LinkMessage::default();

@@ -7,6 +7,13 @@
 //! the VMM, SIGKILL included. The VMM reads and writes frames on [`Tap::file`], each
 //! preceded by the virtio-net header, and sets the offloads the guest negotiated with
 //! [`Tap::set_offload`].
+//!
+//! [`PersistentTap`] is for a VMM that opens its tap by name (Firecracker's
+//! `host_dev_name`): a non-multiqueue tap held by our fd would refuse its attach (EBUSY),
+//! so that one is made persistent (TUNSETPERSIST) and our fd closed. It no longer dies
+//! with a process, so it carries the alias [`PERSISTENT_ALIAS`] (set before it is made
+//! persistent, so an unmarked one never outlives its creator), is deleted on drop, and
+//! [`sweep_persistent`] deletes those whose lease nobody holds any more (a killed run's).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -20,6 +27,10 @@ use crate::ifname::{self, Kind};
 use crate::lease::Lease;
 use crate::netlink::Rtnl;
 use crate::LinkInfo;
+
+/// The alias (IFLA_IFALIAS) that marks a persistent tap as twinbox's own: only such taps
+/// are ever swept.
+pub const PERSISTENT_ALIAS: &str = "twinbox persistent tap";
 
 /// The tun/tap control device.
 pub const TUN_DEVICE: &str = "/dev/net/tun";
@@ -67,17 +78,7 @@ impl Tap {
     /// forwarding as the lease's mode allows, and bring it up.
     pub fn create(lease: Lease) -> Result<Self> {
         let name = tap_name(lease.index(), lease.mode());
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open(TUN_DEVICE)
-            .map_err(|source| match source.raw_os_error() {
-                Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => {
-                    Error::TunMissing { source }
-                }
-                _ => Error::tap("open /dev/net/tun", &name, source),
-            })?;
+        let file = open_tun(&name)?;
         set_iff(&file, &name)?;
         let header_len: libc::c_int = VNET_HDR_LEN;
         // SAFETY: TUNSETVNETHDRSZ reads one c_int through the pointer, which lives on
@@ -137,6 +138,110 @@ impl Tap {
     }
 }
 
+/// A persistent tap `tbt<i>` (`tbnt<i>`) that no fd of ours holds, for a VMM that attaches
+/// to it by name with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR; owns its lease. Dropping it
+/// deletes the interface, then frees the lease.
+#[derive(Debug)]
+pub struct PersistentTap {
+    name: String,
+    lease: Lease,
+}
+
+impl PersistentTap {
+    /// Create the tap for `lease` as [`Tap::create`] does (address, forwarding, up), but
+    /// persistent, marked [`PERSISTENT_ALIAS`], and with our fd closed.
+    pub fn create(lease: Lease) -> Result<Self> {
+        let name = tap_name(lease.index(), lease.mode());
+        let file = open_tun(&name)?;
+        set_iff(&file, &name)?;
+        let mut rtnl = Rtnl::open().map_err(|e| Error::netlink("socket", &name, e))?;
+        let index = nix::net::if_::if_nametoindex(name.as_str())
+            .map_err(|e| Error::netlink("if_nametoindex", &name, e.into()))?;
+        // Marked while the interface still dies with our fd: a kill before TUNSETPERSIST
+        // leaves nothing, a kill after it leaves a tap the sweep recognises.
+        rtnl.set_alias(index, PERSISTENT_ALIAS)
+            .map_err(|e| Error::netlink("RTM_SETLINK alias", &name, e))?;
+        let on: libc::c_ulong = 1;
+        // SAFETY: TUNSETPERSIST takes its argument by value; no memory is passed.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETPERSIST as _, on) } < 0 {
+            let source = io::Error::last_os_error();
+            return Err(Error::tap("TUNSETPERSIST", &name, source));
+        }
+        // From here on Drop deletes the interface on every path.
+        let tap = Self { name, lease };
+        drop(file);
+        rtnl.add_ipv4(index, tap.lease.host_address(), tap.lease.prefix_len())
+            .map_err(|e| Error::netlink("RTM_NEWADDR", &tap.name, e))?;
+        crate::forwarding::set(&tap.name, crate::forwarding::allowed(tap.lease.mode()))?;
+        rtnl.set_up(index)
+            .map_err(|e| Error::netlink("RTM_SETLINK up", &tap.name, e))?;
+        tracing::debug!(interface = %tap.name, host = %tap.lease.host_address(),
+            r#box = %tap.lease.box_address(), "persistent tap created");
+        Ok(tap)
+    }
+
+    /// The tap's interface name (what the VMM opens).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The guest NIC's MAC for this link.
+    pub fn mac(&self) -> [u8; 6] {
+        guest_mac(self.lease.index())
+    }
+
+    /// The lease the link was made for.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// The report record of this link.
+    pub fn link_info(&self) -> LinkInfo {
+        let nat = self.lease.mode() == NetMode::Nat;
+        crate::link_info(&self.lease, &self.name, Some(self.mac()), nat)
+    }
+}
+
+impl Drop for PersistentTap {
+    fn drop(&mut self) {
+        match Rtnl::open().and_then(|mut rtnl| rtnl.delete_link(&self.name)) {
+            Ok(()) => tracing::debug!(interface = %self.name, "persistent tap deleted"),
+            Err(error) => {
+                tracing::warn!(interface = %self.name, %error, "persistent tap not deleted")
+            }
+        }
+    }
+}
+
+/// Delete the persistent taps of dead runs: interfaces with a tap name of ours
+/// ([`crate::ifname`]) and the [`PERSISTENT_ALIAS`] whose link's lease no process holds
+/// (its lock is taken for the deletion, so no new lease of that link can race it). Other
+/// interfaces, taps of live runs included, are never touched. Best effort; one line per
+/// tap deleted or kept, for a log.
+pub fn sweep_persistent() -> Vec<String> {
+    let Ok(links) = Rtnl::open().and_then(|mut rtnl| rtnl.links()) else {
+        return Vec::new();
+    };
+    let mut done = Vec::new();
+    for (name, alias) in links {
+        let Some((ifname::Kind::Tap, _, index)) = ifname::parse(&name) else {
+            continue;
+        };
+        if alias.as_deref() != Some(PERSISTENT_ALIAS) {
+            continue;
+        }
+        match crate::lease::Unheld::take(index) {
+            Ok(Some(_unheld)) => match Rtnl::open().and_then(|mut rtnl| rtnl.delete_link(&name)) {
+                Ok(()) => done.push(format!("deleted tap {name}: its run is gone")),
+                Err(error) => done.push(format!("cannot delete tap {name}: {error}")),
+            },
+            Ok(None) => {}
+            Err(error) => done.push(format!("kept tap {name}: {error}")),
+        }
+    }
+    done
+}
+
 impl AsFd for Tap {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
@@ -152,6 +257,21 @@ pub fn set_offload_on(fd: BorrowedFd<'_>, flags: u32) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// A fresh fd of /dev/net/tun (close-on-exec, non-blocking), for tap `name`.
+fn open_tun(name: &str) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(TUN_DEVICE)
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => {
+                Error::TunMissing { source }
+            }
+            _ => Error::tap("open /dev/net/tun", name, source),
+        })
 }
 
 /// TUNSETIFF: attach `file` to a new tap called `name`.

@@ -1,6 +1,7 @@
 //! Root tests of the VM link: a tap with the host address, a frame through it with the
 //! 12-byte virtio-net header, offloads, and nothing left after drop or SIGKILL; eight
-//! concurrent holders get eight distinct links.
+//! concurrent holders get eight distinct links; a persistent tap (for a VMM that opens it
+//! by name) takes such an attach, goes on drop, and after a SIGKILL with the next lease.
 //! Run: flock /tmp/twinbox-itest.lock cargo test -p hostnet --test tap -- --test-threads=1
 
 mod common;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hostnet::tap::{offload, VNET_HDR_LEN};
-use hostnet::{Lease, NetMode, Tap};
+use hostnet::{Lease, NetMode, PersistentTap, Tap};
 
 #[test]
 fn a_tap_has_the_host_address_is_up_takes_offloads_and_goes_on_drop() {
@@ -175,4 +176,100 @@ fn without_cap_net_admin_the_tap_error_says_so() {
         unprivileged_report(|lease| Tap::create(lease).map(|_| 0).map_err(|e| e.to_string()));
     let error = report.expect_err("nobody created a tap");
     assert!(error.starts_with("--net needs CAP_NET_ADMIN"), "{error}");
+}
+
+/// Attach to tap `name` by name the way Firecracker does (`Tap::open_named`:
+/// IFF_TAP | IFF_NO_PI | IFF_VNET_HDR on a fresh /dev/net/tun fd); the fd, or the errno.
+fn attach_by_name(name: &str) -> Result<std::fs::File, std::io::Error> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes()) {
+        *slot = byte as libc::c_char;
+    }
+    request.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one ifreq on this stack frame.
+    if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF as _, &mut request) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+/// `ip -o link show NAME` (its alias, if any, is on that line).
+fn link_line(name: &str) -> String {
+    run("ip", &["-o", "link", "show", name])
+}
+
+#[test]
+fn a_persistent_tap_takes_an_attach_by_name_survives_it_and_goes_on_drop() {
+    require_root();
+    let tap = PersistentTap::create(Lease::acquire(NetMode::Nat).expect("lease")).expect("tap");
+    let name = tap.name().to_owned();
+    assert!(name.starts_with("tbnt"), "{name}");
+    assert!(
+        link_line(&name).contains(hostnet::tap::PERSISTENT_ALIAS),
+        "{}",
+        link_line(&name)
+    );
+    assert!(address_on_host(tap.lease().host_address()));
+    let forwarding = std::fs::read_to_string(hostnet::forwarding::path(&name)).unwrap();
+    assert_eq!(forwarding.trim(), "1", "a NAT tap must forward");
+    // What Firecracker does with host_dev_name; twice, as two runs of a VMM would.
+    for _ in 0..2 {
+        let attached = attach_by_name(&name).expect("attach to the persistent tap by name");
+        drop(attached);
+        assert!(link_exists(&name), "{name} went with the VMM's fd");
+    }
+    let held = attach_by_name(&name).expect("attach");
+    let second = attach_by_name(&name).expect_err("a second attach while one holds it");
+    assert_eq!(second.raw_os_error(), Some(libc::EBUSY), "{second}");
+    drop(held);
+    let host = tap.lease().host_address();
+    drop(tap);
+    assert!(!link_exists(&name), "{name} left after drop");
+    assert!(!address_on_host(host), "{host} left after drop");
+    assert_no_lease_files_left();
+}
+
+/// A killed holder's persistent tap stays (nothing deletes it with the process) until
+/// the next lease acquisition, which deletes it because its lease is free; a persistent
+/// tap with one of our names but without our alias is not ours and stays.
+#[test]
+fn a_sigkilled_holders_persistent_tap_goes_with_the_next_lease_and_a_foreign_one_stays() {
+    require_root();
+    let holder = Holder::spawn(|| {
+        let tap = PersistentTap::create(Lease::acquire(NetMode::Link).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        let index = tap.lease().index();
+        std::mem::forget(tap);
+        Ok(index)
+    });
+    let index = holder.report.clone().expect("holder made a persistent tap");
+    let name = hostnet::tap::tap_name(index, NetMode::Link);
+    holder.sigkill();
+    assert!(
+        link_exists(&name),
+        "{name} went with its holder: not persistent"
+    );
+    // A foreign persistent tap with a name of ours, at a high index no test reaches.
+    let foreign = hostnet::tap::tap_name(9999, NetMode::Link);
+    run("ip", &["tuntap", "add", "dev", &foreign, "mode", "tap"]);
+    let swept = {
+        let lease = Lease::acquire(NetMode::Link).expect("lease after SIGKILL");
+        (lease.index(), link_exists(&name))
+    };
+    let foreign_stayed = link_exists(&foreign);
+    run("ip", &["link", "del", &foreign]);
+    assert_eq!(swept, (index, false), "the dead run's tap was not swept");
+    assert!(foreign_stayed, "a tap without our alias was swept");
+    assert!(
+        hostnet::tap::sweep_persistent().is_empty(),
+        "nothing is left to sweep"
+    );
+    assert_no_lease_files_left();
 }

@@ -11,7 +11,8 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use twinbox_proto::{ExitCode, Job, Marker, MarkerChannel};
+use twinbox_proto::stdio::{PORTS, PORTS_CMDLINE_FLAG};
+use twinbox_proto::{ExitCode, Frame, Job, Marker, MarkerChannel};
 
 /// The fd number the marker pipe gets in init, as a container runtime would pass it.
 const MARKER_FD: i32 = 5;
@@ -53,8 +54,20 @@ fn boot(token: &str) -> Outcome {
 /// [`boot`], with init in the named network namespace `netns` (`/run/netns/NAME`) when
 /// given, instead of the host's.
 fn boot_in(token: &str, netns: Option<&str>) -> Outcome {
-    let image = image();
     let dir = tempdir();
+    boot_dir(Some(token), netns, &dir, None)
+}
+
+/// [`boot_in`] in `dir`, which may hold what [`boot_with_ports`] prepared; without a
+/// token init is booted the VM-with-ports way. With `terminal` (a pty slave) that is
+/// init's stdin, stdout and stderr, as a runtime gives it for `-t`, instead of pipes.
+fn boot_dir(
+    token: Option<&str>,
+    netns: Option<&str>,
+    dir: &std::path::Path,
+    terminal: Option<&OwnedFd>,
+) -> Outcome {
+    let image = image();
     let script = r#"
         set -e
         dir=$1 img=$2
@@ -64,6 +77,14 @@ fn boot_in(token: &str, netns: Option<&str>) -> Outcome {
         mount -t tmpfs tmpfs "$dir/rw"
         mkdir "$dir/rw/upper" "$dir/rw/work"
         mount -t overlay overlay -o "lowerdir=$dir/lower,upperdir=$dir/rw/upper,workdir=$dir/rw/work" "$dir/root"
+        if [ -n "$4" ]; then
+            # The VM with ports: the test's /dev (FIFOs for the ports) and
+            # /sys/class/virtio-ports, and a /proc/cmdline saying twinbox.ports=1.
+            mount --bind "$dir/dev" "$dir/root/dev"
+            mount --bind "$dir/sys" "$dir/root/sys"
+            exec unshare --fork --pid --uts --kill-child --mount-proc="$dir/root/proc" -- \
+                sh -c 'mount --bind "$1/cmdline" "$1/root/proc/cmdline" && exec chroot "$1/root" /sbin/twinbox-init' sh "$dir"
+        fi
         mount --rbind /dev "$dir/root/dev"
         enter=
         if [ -n "$3" ]; then enter="nsenter --net=/run/netns/$3"; fi
@@ -78,15 +99,22 @@ fn boot_in(token: &str, netns: Option<&str>) -> Outcome {
     let mut command = Command::new("unshare");
     command
         .args(["--mount", "--", "sh", "-c", script, "sh"])
-        .arg(&dir)
+        .arg(dir)
         .arg(&image)
         .arg(netns.unwrap_or(""))
+        .arg(if token.is_none() { "ports" } else { "" })
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("TWINBOX_JOB", token)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if let Some(slave) = terminal {
+        let stdio = || Stdio::from(slave.try_clone().unwrap());
+        command.stdin(stdio()).stdout(stdio()).stderr(stdio());
+    }
+    if let Some(token) = token {
+        command.env("TWINBOX_JOB", token);
+    }
     // SAFETY: dup2 is async-signal-safe; it gives the child the marker pipe at MARKER_FD
     // without CLOEXEC, which is how a runtime hands it to init.
     unsafe {
@@ -108,7 +136,7 @@ fn boot_in(token: &str, netns: Option<&str>) -> Outcome {
     let output = child.wait_with_output().expect("wait for init");
     let mut bytes = Vec::new();
     std::fs::File::from(reader).read_to_end(&mut bytes).unwrap();
-    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(dir).ok();
     assert_no_loop_device_left(&image);
     Outcome {
         status: output.status.code().unwrap_or(-1),
@@ -448,4 +476,165 @@ fn net_without_an_eth0_is_init_failed_with_the_errno() {
         out.stderr
     );
     assert!(out.stderr.contains("eth0"), "{}", out.stderr);
+}
+
+/// What the VM's ports carried in one boot: the host's side of stdout and stderr.
+struct PortOutput {
+    stdout: String,
+    stderr: String,
+}
+
+/// Boots init the way twinbox's VM does, with `twinbox.ports=1` and no token: the four
+/// ports are FIFOs in a fake `/dev`, named in a fake `/sys/class/virtio-ports` (numbered
+/// backwards, so only the names can match them), `frames` wait on the control port and
+/// `stdin` on the stdin port. The host's ends stay open for the whole boot, as the VMM's
+/// do; init's stderr stands in for the serial console.
+fn boot_with_ports(frames: &[Frame], stdin: &[u8]) -> (Outcome, PortOutput) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempdir();
+    std::fs::create_dir_all(dir.join("dev")).unwrap();
+    std::fs::write(
+        dir.join("cmdline"),
+        format!("console=ttyS0 quiet {PORTS_CMDLINE_FLAG}\n"),
+    )
+    .unwrap();
+    let mut ends = Vec::new();
+    for (id, name) in PORTS.iter().enumerate() {
+        let node = format!("vport9p{}", 3 - id);
+        let class = dir.join("sys/class/virtio-ports").join(&node);
+        std::fs::create_dir_all(&class).unwrap();
+        std::fs::write(class.join("name"), format!("{name}\n")).unwrap();
+        let fifo = dir.join("dev").join(&node);
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: c_path is NUL-terminated.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // Host → guest ports: read-write, so init's read-only open does not wait and
+        // nothing reads EOF early. Guest → host: a non-blocking reader.
+        let mut options = std::fs::OpenOptions::new();
+        if id < 2 {
+            options.read(true).write(true);
+        } else {
+            options.read(true).custom_flags(libc::O_NONBLOCK);
+        }
+        ends.push(options.open(&fifo).unwrap());
+    }
+    for frame in frames {
+        ends[0].write_all(&frame.encode().unwrap()).unwrap();
+    }
+    ends[1].write_all(stdin).unwrap();
+    let outcome = boot_dir(None, None, &dir, None);
+    let read = |file: &mut std::fs::File| {
+        let mut bytes = Vec::new();
+        let _ = file.read_to_end(&mut bytes); // ends at EOF: every writer is gone
+        String::from_utf8_lossy(&bytes).replace('\r', "")
+    };
+    let output = PortOutput {
+        stdout: read(&mut ends[2]),
+        stderr: read(&mut ends[3]),
+    };
+    (outcome, output)
+}
+
+#[test]
+fn vm_ports_carry_the_job_and_the_three_streams_apart_from_init() {
+    // Longer than any kernel command line (2048 bytes): the job is not capped any more.
+    let long = "x".repeat(5000);
+    let job = job(&[
+        "sh",
+        "-c",
+        r#"echo out; echo err >&2; read line; echo "in=$line len=${#1}"; exit 4"#,
+        "sh",
+        &long,
+    ]);
+    let (out, ports) = boot_with_ports(&[Frame::Job(job)], b"hello\n");
+    assert_eq!(
+        (out.status, ports.stdout.as_str(), ports.stderr.as_str()),
+        (4, "out\nin=hello len=5000\n", "err\n"),
+        "console: {}",
+        out.stderr
+    );
+    // Not verbose: nothing of init anywhere, the console included.
+    assert_eq!((out.stdout.as_str(), out.stderr.as_str()), ("", ""));
+    assert_eq!(out.markers, started_and_exited(ExitCode::Exited(4)));
+}
+
+#[test]
+fn vm_ports_with_tty_run_the_workload_on_a_relayed_pty() {
+    let job = Job {
+        tty: true,
+        verbose: true,
+        ..job(&[
+            "sh",
+            "-c",
+            r#"stty size; tty; test -t 2 && echo stderr-is-tty; read line; echo "line=$line"; exit 3"#,
+        ])
+    };
+    let frames = [Frame::Job(job), Frame::WindowSize { rows: 12, cols: 34 }];
+    let (out, ports) = boot_with_ports(&frames, b"hi\n");
+    assert_eq!(out.status, 3, "console: {}", out.stderr);
+    for expected in [
+        "12 34\n",
+        "/dev/pts/0\n",
+        "stderr-is-tty\n",
+        "hi\n",
+        "line=hi\n",
+    ] {
+        assert!(
+            ports.stdout.contains(expected),
+            "{expected:?} missing from {:?}; console: {}",
+            ports.stdout,
+            out.stderr
+        );
+    }
+    assert_eq!(ports.stderr, "", "with a tty everything is on stdout");
+    // Verbose: the exit line, on the console only.
+    assert_eq!(
+        out.stderr, "twinbox-init: workload exited with status 3\n",
+        "stdout port: {:?}",
+        ports.stdout
+    );
+    assert_eq!(out.markers, started_and_exited(ExitCode::Exited(3)));
+}
+
+/// A pty pair (master, slave), as a runtime makes for `-t`.
+fn pty_pair() -> (OwnedFd, OwnedFd) {
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two fds through valid pointers; the rest may be null.
+    let made = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(made, 0);
+    // SAFETY: openpty just returned these two fresh descriptors; each gets one owner.
+    unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
+}
+
+/// Boots `job` with a pty slave as init's stdio; returns the status and what the
+/// master read.
+fn boot_on_pty(job: &Job) -> (i32, String) {
+    let (master, slave) = pty_pair();
+    let out = boot_dir(Some(&job.encode().unwrap()), None, &tempdir(), Some(&slave));
+    drop(slave);
+    let mut seen = Vec::new();
+    let _ = std::fs::File::from(master).read_to_end(&mut seen); // ends with EIO
+    (out.status, String::from_utf8_lossy(&seen).replace('\r', ""))
+}
+
+#[test]
+fn a_tty_job_gets_the_runtimes_pty_as_its_controlling_terminal() {
+    let script = "(: </dev/tty) 2>/dev/null && echo ctty=yes || echo ctty=no; exit 6";
+    let tty_job = Job {
+        tty: true,
+        ..job(&["sh", "-c", script])
+    };
+    assert_eq!(boot_on_pty(&tty_job), (6, "ctty=yes\n".to_owned()));
+    // The same workload without -t has no controlling terminal: the check means it.
+    let plain = job(&["sh", "-c", script]);
+    assert_eq!(boot_on_pty(&plain), (6, "ctty=no\n".to_owned()));
 }
