@@ -111,6 +111,8 @@ pub enum Error {
     Jail(#[from] jail::JailError),
     #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
+    #[error("-t: the caller's terminal: {0}")]
+    Terminal(std::io::Error),
     #[error("--console-log {path}: {source}")]
     ConsoleLog {
         path: PathBuf,
@@ -199,6 +201,34 @@ fn run_inner<S: AsRawFd + ?Sized>(
     }
     let cpu_before = usage::cpu_times_us();
 
+    // -t: the caller's terminal is raw for the run (Ctrl-C becomes a byte for the guest's
+    //     pty, not our SIGINT) and resizes are forwarded. Raw mode lives under an
+    //     Interrupt of its own, so SIGINT/SIGTERM end the run normally and the terminal
+    //     is restored on every path (declared in this order, the guard drops first).
+    let tty_interrupt = spec
+        .tty
+        .then(twinbox_spec::interrupt::Interrupt::install)
+        .transpose()
+        .map_err(Error::Thread)?;
+    let _raw_terminal = match &tty_interrupt {
+        Some(interrupt) => twinbox_spec::terminal::RawMode::enable(
+            twinbox_spec::terminal::caller_stdio()[0],
+            interrupt,
+        )
+        .map_err(Error::Terminal)?,
+        None => None,
+    };
+    let resizes = spec
+        .tty
+        .then(twinbox_spec::terminal::ResizeWatcher::install)
+        .transpose()
+        .map_err(Error::Terminal)?;
+    let resized = resizes
+        .as_ref()
+        .map(|w| w.fd().try_clone_to_owned())
+        .transpose()
+        .map_err(Error::Terminal)?;
+
     // 1a. The VMM's cgroup, before guest memory exists, so that all of it is charged
     //     there. Declared first among the run's resources, it drops last: the process
     //     leaves the cgroup once everything else is gone, on every path.
@@ -250,7 +280,7 @@ fn run_inner<S: AsRawFd + ?Sized>(
             stdio::GuestStdio::start(
                 &spec,
                 &job,
-                None,
+                resized,
                 Arc::new(move || {
                     filters
                         .apply(seccomp::ThreadKind::Console)

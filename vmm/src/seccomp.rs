@@ -330,22 +330,32 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
         }
         // No open: the files it reads at the end (/proc/self/status, smaps) were opened
         // before; tgkill is the vCPU kick; rt_sigaction is the CLI restoring SIGINT/SIGTERM.
-        ThreadKind::Caller => any(
-            &mut rules,
-            &[
-                libc::SYS_poll,
-                libc::SYS_ppoll,
-                libc::SYS_read,
-                libc::SYS_pread64,
-                libc::SYS_lseek,
-                libc::SYS_tgkill,
-                libc::SYS_getpid,
-                libc::SYS_getrusage,
-                libc::SYS_rt_sigaction,
-                // The stdio console's flush at teardown writes the workload's last output.
-                libc::SYS_writev,
-            ],
-        ),
+        ThreadKind::Caller => {
+            any(
+                &mut rules,
+                &[
+                    libc::SYS_poll,
+                    libc::SYS_ppoll,
+                    libc::SYS_read,
+                    libc::SYS_pread64,
+                    libc::SYS_lseek,
+                    libc::SYS_tgkill,
+                    libc::SYS_getpid,
+                    libc::SYS_getrusage,
+                    libc::SYS_rt_sigaction,
+                    // The stdio console's flush at teardown writes the workload's last output.
+                    libc::SYS_writev,
+                ],
+            );
+            // -t: restoring the caller's terminal settings at the end (tcsetattr).
+            rules.insert(
+                libc::SYS_ioctl,
+                [libc::TCSETS, libc::TCSETSW, libc::TCSETSF]
+                    .iter()
+                    .map(|op| rule(vec![arg(1, SeccompCmpOp::Eq, *op)]))
+                    .collect(),
+            );
+        }
     }
     rules
 }
@@ -455,7 +465,11 @@ mod tests {
             Some(1),
             "the console threads may issue exactly one ioctl (TIOCGWINSZ)"
         );
-        assert!(!caller.contains_key(&libc::SYS_ioctl));
+        assert_eq!(
+            caller.get(&libc::SYS_ioctl).map(Vec::len),
+            Some(3),
+            "the caller may only set terminal attributes (restoring -t's raw mode)"
+        );
         assert!(events.contains_key(&libc::SYS_pwrite64));
         // A captured run's output buffer grows on a stdio pump past glibc's mmap threshold:
         // its reallocation is an mremap, which must not kill the bench that captures.

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use twinbox_spec::proto::stdio::Frame;
 use twinbox_spec::proto::Job;
 use twinbox_spec::run_spec::{OutputMode, StdinMode};
+use twinbox_spec::terminal::caller_window_size;
 use twinbox_spec::RunSpec;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -98,7 +99,10 @@ impl GuestStdio {
         let (control_guest, control_host) = pipe(Side::Read)?;
         let mut frames = vec![Frame::Job(job.clone())];
         if spec.tty {
-            frames.extend(window_size().map(|(rows, cols)| Frame::WindowSize { rows, cols }));
+            frames.extend(caller_window_size().map(|ws| Frame::WindowSize {
+                rows: ws.rows,
+                cols: ws.cols,
+            }));
         }
         let mut wire = Vec::new();
         for frame in frames {
@@ -241,17 +245,6 @@ fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The caller's terminal size (rows, cols), from whichever of fds 0–2 is a terminal.
-pub(crate) fn window_size() -> Option<(u16, u16)> {
-    (0..=2).find_map(|fd| {
-        // SAFETY: winsize is plain data; TIOCGWINSZ fills it or fails.
-        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-        // SAFETY: ws is a valid winsize for the kernel to fill.
-        (unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0)
-            .then_some((ws.ws_row, ws.ws_col))
-    })
-}
-
 /// Waits until `fd` has `events` or `stop` fires or `timeout` passes. Returns
 /// (fd ready, stop fired).
 fn wait(fd: BorrowedFd<'_>, events: i16, stop: &EventFd, timeout: Duration) -> (bool, bool) {
@@ -352,10 +345,13 @@ fn control_pump(mut to: File, first: Vec<u8>, winch: Option<OwnedFd>, stop: &Eve
         }
         let mut drain = [0u8; 64];
         let _ = winch.read(&mut drain);
-        if let Some((rows, cols)) = window_size() {
-            let frame = Frame::WindowSize { rows, cols }
-                .encode()
-                .expect("a window-size frame always encodes");
+        if let Some(ws) = caller_window_size() {
+            let frame = Frame::WindowSize {
+                rows: ws.rows,
+                cols: ws.cols,
+            }
+            .encode()
+            .expect("a window-size frame always encodes");
             if !write_all_until_stop(&mut to, &frame, stop) {
                 return;
             }
