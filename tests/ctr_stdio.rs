@@ -419,6 +419,32 @@ fn the_terminal_comes_back_cooked_and_a_tty_without_a_terminal_stdin_still_runs(
         };
         assert_eq!(after.c_lflag & ICANON_ECHO, ICANON_ECHO, "left raw");
     });
+    // SIGTERM to twinbox mid-session: the box is stopped and the terminal restored too.
+    common::leaks::check_no_leaks("ctr run -it -- sleep 100, SIGTERM", || {
+        let term = Terminal::spawn(
+            ctr(&["-it"], &["sleep", "100"]),
+            WindowSize { rows: 24, cols: 80 },
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while term.settings().c_lflag & ICANON_ECHO != 0 {
+            assert!(Instant::now() < deadline, "never raw");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let master = term.master.try_clone().unwrap();
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(term.child.id() as i32, libc::SIGTERM) };
+        assert_eq!(
+            term.wait(Duration::from_secs(20)),
+            Some(128 + libc::SIGTERM)
+        );
+        // SAFETY: an all-zero termios is valid; tcgetattr fills it from our descriptor.
+        let after = unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            libc::tcgetattr(master.as_raw_fd(), &mut t);
+            t
+        };
+        assert_eq!(after.c_lflag & ICANON_ECHO, ICANON_ECHO, "left raw");
+    });
     // -t with stdin and stdout pipes: the pty is made all the same, output comes merged.
     let out = run(
         "ctr run -t with pipes",

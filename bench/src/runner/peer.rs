@@ -68,6 +68,32 @@ pub(crate) fn peer_outcome(what: &str, outcome: Outcome, output: &str) -> Outcom
     }
 }
 
+/// Whether `kernel` is the bench's tiny guest (which prints nothing and needs no disk).
+pub(crate) fn is_tiny_guest(kernel: &Path) -> bool {
+    std::fs::read(kernel).is_ok_and(|bytes| bytes == crate::tiny_guest::elf())
+}
+
+/// The outcome of a peer VMM that booted twinbox's kernel and image (`tiny`: the tiny
+/// guest): such a VMM has no marker device, so the workload's status is the one init
+/// printed on the console; a process that exited 0 without that line (a kernel panic also
+/// ends in a reset) failed, except for the tiny guest, which prints nothing.
+pub(crate) fn guest_outcome(what: &str, process: Outcome, console: &str, tiny: bool) -> Outcome {
+    use twinbox_spec::proto::ExitCode;
+    match (process, super::peer_qemu::exit_from_console(console)) {
+        (Outcome::Exited(0), Some(ExitCode::Exited(status))) => Outcome::Exited(i32::from(status)),
+        (Outcome::Exited(0), Some(ExitCode::Signaled(signal))) => {
+            Outcome::Signaled(i32::from(signal))
+        }
+        (Outcome::Exited(0), None) if tiny => Outcome::Exited(0),
+        (Outcome::Exited(0), None) => Outcome::Failed(format!(
+            "{what} exited but init never reported the workload's end: {}",
+            console.trim()
+        )),
+        (Outcome::Failed(why), _) => Outcome::Failed(why),
+        (other, _) => Outcome::Failed(format!("{what} ended with {other:?}: {}", console.trim())),
+    }
+}
+
 /// Prefix of every directory the bench makes under the system temp dir:
 /// `twinbox-bench.<what>.<pid>.<n>` (dots, so no name a user or a test picks by hand,
 /// like `twinbox-bench-results`, looks like one).

@@ -23,7 +23,7 @@
 //! status comes from init's console line; a Linux boot that never printed it (a panic
 //! also ends in a reset) is a failure, not a success.
 
-use super::peer::{peer_report, VMM_NOTE};
+use super::peer::{guest_outcome, is_tiny_guest, peer_report, VMM_NOTE};
 use super::{process, Runner};
 use linux_loader::cmdline::Cmdline;
 use std::os::fd::{AsRawFd, RawFd};
@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use twinbox_spec::guest_cmdline;
 use twinbox_spec::proto::{job::JOB_CMDLINE_KEY, ExitCode, NetConfig};
-use twinbox_spec::{Outcome, RunReport, RunSpec};
+use twinbox_spec::{RunReport, RunSpec};
 
 /// Name of this peer in tables.
 pub const NAME: &str = "qemu-microvm";
@@ -74,11 +74,6 @@ impl QemuMicrovm {
             accel: Accel::Kvm,
         })
     }
-}
-
-/// Whether `kernel` is the bench's tiny guest (which prints nothing).
-fn is_tiny_guest(kernel: &Path) -> bool {
-    std::fs::read(kernel).is_ok_and(|bytes| bytes == crate::tiny_guest::elf())
 }
 
 /// The kernel command line: the guest command line contract ([`guest_cmdline`]: the
@@ -224,25 +219,11 @@ impl Runner for QemuMicrovm {
         let done = process::run(cmd, spec.spawn_ns, true, spec.time_limit)?;
         let tiny = is_tiny_guest(kernel);
         let mut report = peer_report(NAME, done, VMM_NOTE, |process, console| {
-            match (process, exit_from_console(console)) {
-                (Outcome::Exited(0), Some(ExitCode::Exited(status))) => {
-                    Outcome::Exited(i32::from(status))
-                }
-                (Outcome::Exited(0), Some(ExitCode::Signaled(signal))) => {
-                    Outcome::Signaled(i32::from(signal))
-                }
-                (Outcome::Exited(0), None) if tiny => Outcome::Exited(0),
-                (Outcome::Exited(0), None) => Outcome::Failed(format!(
-                    "qemu exited but init never reported the workload's end: {}",
-                    console.trim()
-                )),
-                (Outcome::Failed(why), _) => Outcome::Failed(why),
-                (other, _) => {
-                    Outcome::Failed(format!("qemu ended with {other:?}: {}", console.trim()))
-                }
-            }
+            guest_outcome("qemu", process, console, tiny)
         });
-        report.network = tap.as_ref().map(|t| t.link_info(false));
+        report.network = tap
+            .as_ref()
+            .map(|t| t.link_info(spec.net == Some(twinbox_spec::NetMode::Nat)));
         Ok(report)
     }
 }

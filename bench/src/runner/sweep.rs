@@ -6,7 +6,10 @@
 //! - its per-run directories ([`RunDir`]s: runc's state and bundles, Firecracker's
 //!   config, the peers' mount point);
 //! - a runc container that was running: runc forks the container's init, which is not
-//!   our child, so runc's death does not end it, and its cgroup and runc state stay.
+//!   our child, so runc's death does not end it, and its cgroup and runc state stay;
+//! - the persistent tap of a Firecracker run (Firecracker opens its tap by name, so no fd
+//!   of ours holds it): `hostnet::tap::sweep_persistent` deletes it once its link's
+//!   lease is free, which the bench's death makes it.
 //!
 //! Every [`RunDir`] holds an owner lock while its bench lives. [`sweep`] looks at the
 //! bench directories in the temp dir, and for each whose lock it can take (its owner is
@@ -26,9 +29,12 @@ use std::process::{Command, Stdio};
 pub const RUNC_STATE: &str = "state";
 
 /// Removes what dead benches left in the system temp dir (runc from PATH cleans their
-/// runc containers); returns one line per directory removed or kept, for the log.
+/// runc containers) and the persistent taps of Firecracker runs whose bench is dead;
+/// returns one line per directory or tap removed or kept, for the log.
 pub fn sweep() -> Vec<String> {
-    sweep_in(&std::env::temp_dir(), in_path("runc").as_deref())
+    let mut done = sweep_in(&std::env::temp_dir(), in_path("runc").as_deref());
+    done.extend(hostnet::tap::sweep_persistent());
+    done
 }
 
 /// [`sweep`] of the bench directories in `dir`, with `runc` as the runc binary.

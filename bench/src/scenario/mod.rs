@@ -339,7 +339,10 @@ pub(crate) mod tests {
             (runner::peer_runc::NAME, runner::peer_runc::CAPABILITIES),
             (runner::peer_bwrap::NAME, runner::PEER_RUNTIME),
             (runner::peer_qemu::NAME, runner::peer_qemu::CAPABILITIES),
-            (runner::peer_firecracker::NAME, runner::TINY_GUEST_VMM),
+            (
+                runner::peer_firecracker::NAME,
+                runner::peer_firecracker::CAPABILITIES,
+            ),
             (runner::peer_cloud_hypervisor::NAME, runner::TINY_GUEST_VMM),
         ]
     }
@@ -420,7 +423,15 @@ pub(crate) mod tests {
                 (s.name(), boxes)
             })
             .collect();
-        let image = ["native", "container", "vm", "runc", "bwrap", "qemu-microvm"];
+        let image = [
+            "native",
+            "container",
+            "vm",
+            "runc",
+            "bwrap",
+            "qemu-microvm",
+            "firecracker",
+        ];
         let expected: Vec<(&str, Vec<&str>)> = vec![
             ("startup", image.to_vec()),
             (
@@ -435,7 +446,14 @@ pub(crate) mod tests {
             ("disk", image.to_vec()),
             (
                 "net",
-                vec!["native", "container", "vm", "runc", "qemu-microvm"],
+                vec![
+                    "native",
+                    "container",
+                    "vm",
+                    "runc",
+                    "qemu-microvm",
+                    "firecracker",
+                ],
             ),
         ];
         assert_eq!(table, expected);
@@ -446,7 +464,8 @@ pub(crate) mod tests {
                 }
             }
         }
-        assert!(!takes_part(&Cpu, "firecracker"));
+        assert!(takes_part(&Cpu, "firecracker"));
+        assert!(!takes_part(&Cpu, "cloud-hypervisor"));
         assert!(takes_part(&Disk, "bwrap"));
     }
 
