@@ -637,6 +637,12 @@ fn kernel_cmdline(
 ) -> Result<String, Error> {
     let mut line = KernelCmdline::new();
     line.push(guest_cmdline::BASE)?;
+    if spec.console_log.is_some() || spec.verbose {
+        // Someone reads the console: the kernel's informational messages too, not only
+        // `quiet`'s warnings (a later loglevel= wins). It costs boot time (each byte is a
+        // port exit), which is why it is not the default.
+        line.push("loglevel=7")?;
+    }
     if config.pvm {
         line.push(guest_cmdline::PVM_EXTRA)?;
     }

@@ -127,8 +127,8 @@ impl GuestStdio {
 
         // stdout and stderr: to the caller's, or both into the report.
         let captured = (spec.output == OutputMode::Capture).then(Captured::default);
-        let (stdout_host, stdout_guest) = pipe(Side::Write)?;
-        let (stderr_host, stderr_guest) = pipe(Side::Write)?;
+        let (stdout_guest, stdout_host) = pipe(Side::Write)?;
+        let (stderr_guest, stderr_host) = pipe(Side::Write)?;
         for (name, from, fd) in [
             ("vmm-stdout", stdout_host, 1),
             ("vmm-stderr", stderr_host, 2),
@@ -404,5 +404,79 @@ impl AsFdBorrowed for EventFd {
     fn as_fd_borrowed(&self) -> BorrowedFd<'_> {
         // SAFETY: the eventfd outlives the borrow, which lives no longer than `self`.
         unsafe { BorrowedFd::borrow_raw(self.as_raw_fd()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twinbox_spec::proto::FrameReader;
+
+    fn no_filter() -> OnStart {
+        Arc::new(|| Ok(()))
+    }
+
+    /// What the device would do: read the control and stdin ends, write the output ends.
+    #[test]
+    fn the_device_ends_carry_the_job_in_and_the_workload_output_out() {
+        let mut spec = RunSpec::new("/img", vec!["/bin/echo".into(), "x".repeat(5000)]);
+        spec.output = OutputMode::Capture;
+        let job = spec.job();
+        let (stdio, ends) = GuestStdio::start(&spec, &job, None, no_filter()).unwrap();
+
+        // The job arrives whole on the control port's end (non-blocking: poll first).
+        let mut control = File::from(ends.control);
+        let mut frames = FrameReader::new();
+        let mut buf = [0u8; 4096];
+        let got = loop {
+            let stop = EventFd::new(0).unwrap();
+            wait(control.as_fd(), libc::POLLIN, &stop, Duration::from_secs(5));
+            let n = control.read(&mut buf).unwrap();
+            frames.feed(&buf[..n]);
+            if let Some(frame) = frames.next_frame().unwrap() {
+                break frame;
+            }
+        };
+        assert_eq!(got, Frame::Job(job));
+
+        // stdin is Null: its end reads end of input at once.
+        let mut stdin = File::from(ends.stdin);
+        assert_eq!(stdin.read(&mut buf).unwrap(), 0);
+
+        // Output written on the device's ends is captured, stdout and stderr both.
+        File::from(ends.stdout).write_all(b"out\n").unwrap();
+        File::from(ends.stderr).write_all(b"").unwrap();
+        assert_eq!(stdio.finish().as_deref(), Some("out\n"));
+    }
+
+    #[test]
+    fn every_byte_value_passes_through_an_output_pump() {
+        let mut spec = RunSpec::new("/img", vec!["true".into()]);
+        spec.output = OutputMode::Capture;
+        let (stdio, ends) = GuestStdio::start(&spec, &spec.job(), None, no_filter()).unwrap();
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(3 << 20).collect();
+        let mut out = File::from(ends.stdout);
+        let writer = std::thread::spawn(move || {
+            let mut rest = &bytes[..];
+            let stop = EventFd::new(0).unwrap();
+            while !rest.is_empty() {
+                wait(out.as_fd(), libc::POLLOUT, &stop, Duration::from_secs(5));
+                match out.write(rest) {
+                    Ok(n) => rest = &rest[n..],
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            bytes
+        });
+        let sent = writer.join().unwrap();
+        drop(ends.stderr);
+        let captured = stdio.finish().unwrap();
+        // Capture keeps text (lossy UTF-8); compare the length of a lossless prefix instead.
+        assert_eq!(
+            captured.len(),
+            String::from_utf8_lossy(&sent).len(),
+            "everything written was captured"
+        );
     }
 }
