@@ -85,8 +85,8 @@ pub fn kernel_cmdline(spec: &RunSpec, pvm: bool, net: Option<NetConfig>) -> Resu
     job.net = net;
     job.overlay_root = true;
     job.power_off = true;
-    // No marker device here: the outcome is init's exit line on the console, which init
-    // prints only when verbose.
+    // A peer has no marker device: the workload's status is init's closing console line,
+    // which init prints only for a verbose job.
     job.verbose = true;
     let token = job.encode().map_err(|e| format!("job: {e}"))?;
     let job_arg = format!("{JOB_CMDLINE_KEY}={token}");
@@ -306,6 +306,10 @@ mod tests {
         let token = line.rsplit_once("twinbox.job=").unwrap().1;
         let job = twinbox_spec::proto::Job::decode(token).unwrap();
         assert_eq!(job.net, Some(net));
+        assert!(
+            job.verbose,
+            "without it init prints no closing line to read the status from"
+        );
         let a = args(
             &spec,
             Path::new("/k"),

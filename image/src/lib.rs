@@ -1,0 +1,1 @@
+//! OCI and Docker images for both boxes (issue 15).
