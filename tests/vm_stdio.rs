@@ -32,6 +32,8 @@ echo ERR_TEXT=$(base64 -w0 < /tmp/err)
 
 twinbox vm run -- /bin/sh -c 'cat >&2' < /tmp/blob > /tmp/out2 2> /tmp/err2
 echo ERR2_SUM=$(sha256sum < /tmp/err2 | cut -d' ' -f1)
+echo ERR2_BYTES=$(wc -c < /tmp/err2)
+cmp /tmp/blob /tmp/err2 >/dev/null || echo ERR2_TAIL=$(tail -c 300 /tmp/err2 | base64 -w0)
 echo OUT2_BYTES=$(wc -c < /tmp/out2)
 
 echo STDIN_COUNT=$(twinbox vm run -- wc -c < /tmp/blob | tr -d ' ')
@@ -99,7 +101,13 @@ fn streams_are_separate_and_byte_exact_stdin_flows_and_an_interactive_shell_work
         "stderr holds exactly the workload's `err-line\\n`:\n{}",
         out.output
     );
-    assert_eq!(v("ERR2_SUM"), blob, "8 MiB out on stderr");
+    assert_eq!(
+        v("ERR2_SUM"),
+        blob,
+        "8 MiB out on stderr; got {} bytes ending in (base64) {:?}",
+        v("ERR2_BYTES"),
+        out.value("ERR2_TAIL")
+    );
     assert_eq!(
         v("OUT2_BYTES"),
         "0",

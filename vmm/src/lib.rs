@@ -390,7 +390,7 @@ fn run_inner<S: AsRawFd + ?Sized>(
     let guest_stdio = running.stdio.take();
     drop(running);
     // What the workload wrote just before the end and the device had not moved yet.
-    devices.flush_output();
+    notes.extend(devices.flush_output());
     let guest_rss = probe.resident_kib_of(
         &memory::host_ranges(&guest_memory)
             .iter()

@@ -387,18 +387,36 @@ pub fn attach(
 }
 
 /// How long the teardown waits for the caller's readers to take the workload's last
-/// output (a reader that takes nothing must not hold the run's end).
-const OUTPUT_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// output (a reader that takes nothing must not hold the run's end for ever; one that is
+/// merely slow, e.g. on a loaded host, must not lose the tail).
+const OUTPUT_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl DeviceSet {
     /// Writes out what the guest queued on its output ports and the device has not moved
     /// yet (the workload's last words before init powered off), then closes them so the
     /// stdio pumps see their end. Called after the vCPUs and the event loop stopped.
-    pub fn flush_output(&self) {
+    /// Returns a note for the report when output was lost.
+    pub fn flush_output(&self) -> Option<String> {
         let mut console = self.console.lock().unwrap_or_else(|p| p.into_inner());
         let flushed = console.flush_output(std::time::Instant::now() + OUTPUT_FLUSH_LIMIT);
-        if !flushed.complete {
-            tracing::warn!("workload output: the reader took nothing for {OUTPUT_FLUSH_LIMIT:?}; the rest is dropped");
+        // Output ports only: stdout and stderr, ids 2 and 3 (proto::stdio::PORTS).
+        let discarded: u64 = console
+            .counters()
+            .ports
+            .iter()
+            .skip(2)
+            .map(|p| p.discarded_bytes)
+            .sum();
+        match (flushed.complete, discarded) {
+            (true, 0) => None,
+            (complete, bytes) => Some(format!(
+                "workload output incomplete: {bytes} bytes discarded{}",
+                if complete {
+                    " (the reader of stdout or stderr went away)"
+                } else {
+                    "; the reader took nothing for 10 s at the end"
+                }
+            )),
         }
     }
 }
