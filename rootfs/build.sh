@@ -3,7 +3,9 @@
 # points $CACHE/rootfs/current at it. Prints the image path on stdout (logs go to stderr).
 #
 # Contents: busybox-static (/bin/busybox + applet links), the static twinbox-init at
-# /sbin/twinbox-init (/sbin/init links to it), the static twinbox-microbench at
+# /sbin/twinbox-init (/sbin/init links to it; the same file rootfs/build-init.sh publishes
+# as its own artifact, which both boxes run by default, so the copy here is only for
+# peers and runtimes that start init from the image), the static twinbox-microbench at
 # /usr/bin (also published beside the image, for native runs), the static twinbox-probe
 # at /usr/bin (the lockdown tests' attacks), a minimal /etc, /dev/console and /dev/null
 # nodes (so the kernel can give PID 1 a console before devtmpfs is mounted), and the
@@ -45,13 +47,17 @@ readonly TOOLS=(/usr/bin/fio /usr/bin/sysbench /usr/bin/iperf3)
 
 # ---- cache key -------------------------------------------------------------------------
 key_inputs() {
-  (cd "$repo" && sha256sum rootfs/build.sh Cargo.lock \
+  (cd "$repo" && sha256sum rootfs/build.sh rootfs/build-init.sh Cargo.lock \
     rootfs/init/Cargo.toml proto/Cargo.toml $(find rootfs/init/src proto/src -type f | LC_ALL=C sort))
   dpkg-query -W -f='${Package} ${Version}\n' "${PACKAGES[@]}"
   rustc -V
 }
 key=$(key_inputs | sha256sum | cut -c1-16)
 out_dir=$cache/rootfs/$key
+# The init artifacts first, cached or not, so `rootfs/build.sh` alone leaves both boxes
+# able to run any image (the init they bring is published there, not in the image).
+initramfs=$("$repo/rootfs/build-init.sh")
+init_bin=$(dirname "$initramfs")/twinbox-init
 image=$out_dir/rootfs.ext4
 
 point_current() {
@@ -72,12 +78,12 @@ staging=$work/staging
 started=$(date +%s.%N)
 
 # ---- twinbox-init, static --------------------------------------------------------------
-# Explicit --target so +crt-static does not reach build scripts/proc macros; its own target
-# dir so these RUSTFLAGS do not invalidate the shared one.
-log "building twinbox-init (static)"
+# build-init.sh published the stripped init (and the initramfs) as their own artifact
+# above; the image gets the very same file. The crate's other binaries come from the same static
+# build in $cache/init-target; cargo makes sure they are current (a no-op when
+# build-init.sh just built them).
 (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
   -p twinbox-init --target x86_64-unknown-linux-gnu --target-dir "$cache/init-target")
-init_bin=$cache/init-target/x86_64-unknown-linux-gnu/release/twinbox-init
 microbench_bin=$cache/init-target/x86_64-unknown-linux-gnu/release/twinbox-microbench
 probe_bin=$cache/init-target/x86_64-unknown-linux-gnu/release/twinbox-probe
 if ! file "$init_bin" "$microbench_bin" "$probe_bin" | grep -c static | grep -qx 3; then
@@ -95,7 +101,6 @@ chmod 1777 "$staging/tmp" "$staging/var/tmp"
 chmod 0700 "$staging/root"
 
 install -m 0755 "$init_bin" "$staging/sbin/twinbox-init"
-strip --strip-all "$staging/sbin/twinbox-init"
 ln -s twinbox-init "$staging/sbin/init"
 # The syscall/fork/exec micro-benchmark (rootfs/init/src/bin); the same stripped file is
 # published next to the image for the bench's native runs.

@@ -32,6 +32,9 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Check this host: KVM flavour, root, cgroups, overlayfs, loop, tun, artifacts.
     Doctor(cli::doctor::DoctorArgs),
+    /// The cache of OCI/Docker images: load, ls, rm, prune.
+    #[command(subcommand)]
+    Image(cli::image::ImageCommand),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Command::Ctr(command) => cli::ctr::main(command, spawn_ns),
         Command::Bench(args) => cli::bench::main(args),
         Command::Doctor(args) => cli::doctor::main(args),
+        Command::Image(command) => cli::image::main(command),
     };
     match result {
         Ok(status) => ExitCode::from(status.clamp(0, 255) as u8),

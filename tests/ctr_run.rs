@@ -109,7 +109,7 @@ fn isolation_seen_from_inside_and_the_overlay_vanishes() {
     assert_reported(
         &out,
         &[
-            "pid1=/sbin/twinbox-init",
+            "pid1=/.twinbox/init",
             "host=boxtest",
             "cgroupfs=0",
             "nets=lo\n",

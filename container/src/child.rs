@@ -78,7 +78,7 @@ pub fn describe(code: u32, plan: &Plan) -> String {
         MARKER_FD => "pass the marker fd".into(),
         CAPABILITIES => "drop capabilities".into(),
         NO_NEW_PRIVS => "set no_new_privs".into(),
-        EXEC_INIT => "exec /sbin/twinbox-init".into(),
+        EXEC_INIT => format!("exec {}", crate::run::INIT),
         OUTPUT => "redirect output".into(),
         BECOME_ROOT => "become root of the user namespace".into(),
         PARENT_GONE => "outlive the parent: it died during start-up".into(),
@@ -349,7 +349,7 @@ mod tests {
         let marker = nix::unistd::pipe().unwrap();
         let mut spec = RunSpec::new("/image.ext4", vec!["/bin/true".into()]);
         adjust(&mut spec);
-        let plan = crate::plan::build(Path::new("/run/twinbox/ctr/t"), 7, &[]).unwrap();
+        let plan = crate::plan::build(Path::new("/run/twinbox/ctr/t"), 7, 6, &[]).unwrap();
         let prepared = crate::run::prepare(
             &spec,
             plan,
@@ -412,7 +412,7 @@ mod tests {
             "capset 0xa00425fb 0x0".into(),
             "no_new_privs".into(),
             "seccomp".into(),
-            "exec /sbin/twinbox-init".into(),
+            format!("exec {}", crate::run::INIT),
         ];
         let at: Vec<usize> = order.iter().map(|c| position(&calls, c)).collect();
         assert!(at.windows(2).all(|w| w[0] < w[1]), "{calls:#?}");

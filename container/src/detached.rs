@@ -1,4 +1,4 @@
-//! The image and the extra disks as *detached* mounts, made by the parent (still host
+//! The image, the host's init and the extra disks as *detached* mounts, made by the parent (still host
 //! root, in the host's mount namespace) and attached by the child with `move_mount`.
 //!
 //! Why the parent and not the child: the child runs inside the run's cgroup, whose device
@@ -120,9 +120,64 @@ pub fn ext4(device: &Path) -> Result<OwnedFd, Error> {
     Ok(unsafe { OwnedFd::from_raw_fd(mnt as i32) })
 }
 
-/// A detached bind of `path` (an extra disk file): `nodev`, `nosuid`, read-only when
-/// asked, close-on-exec.
-pub fn bind(path: &Path, read_only: bool) -> Result<OwnedFd, Error> {
+/// A detached bind of the host's twinbox-init (one file, nothing around it): read-only,
+/// `nosuid`, `nodev`, and private, so no later mount on the host's side of that file
+/// propagates into the box (a plain clone would join the peer group of a shared host
+/// mount). The child attaches it at `run::INIT`.
+pub fn init(path: &Path) -> Result<OwnedFd, Error> {
+    let fd = open_tree(path)?;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID,
+        attr_clr: 0,
+        propagation: libc::MS_PRIVATE,
+        userns_fd: 0,
+    };
+    set_attr(
+        &fd,
+        &attr,
+        &format!("make the bind of {} read-only and private", path.display()),
+    )?;
+    Ok(fd)
+}
+
+/// Checks that the image (its detached mount `image`) leaves [`crate::plan::INIT_DIR`]
+/// to twinbox: absent or a directory. A symlink there would make the plan mount the init
+/// directory wherever it points (the plan's paths are resolved on the host side, before
+/// `pivot_root`, and the image is never trusted to steer them); a file would fail later
+/// with a less telling error. The image is read-only, so the answer cannot change.
+pub fn check_init_dir(image: &OwnedFd) -> Result<(), Error> {
+    let name = crate::plan::INIT_DIR.trim_start_matches('/');
+    let c_name = CString::new(name).unwrap_or_default();
+    // SAFETY: fstatat relative to our mount fd, into a zeroed stat on the stack.
+    let (r, st) = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        let r = libc::fstatat(
+            image.as_raw_fd(),
+            c_name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        );
+        (r, st)
+    };
+    if r != 0 {
+        let err = std::io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENOENT) => Ok(()),
+            _ => Err(Error::os(format!("look at the image's /{name}"), err)),
+        };
+    }
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFDIR => Ok(()),
+        kind => Err(Error::Setup(format!(
+            "the image has /{name} as a {}: twinbox mounts its own init at {} — remove it from the image",
+            if kind == libc::S_IFLNK { "symlink" } else { "non-directory" },
+            crate::plan::INIT
+        ))),
+    }
+}
+
+/// `open_tree(OPEN_TREE_CLONE)` of `path`: a detached bind, close-on-exec.
+fn open_tree(path: &Path) -> Result<OwnedFd, Error> {
     let c = c_path(path)?;
     // SAFETY: open_tree with a valid C string; the fd is owned right after.
     let fd = unsafe {
@@ -137,7 +192,13 @@ pub fn bind(path: &Path, read_only: bool) -> Result<OwnedFd, Error> {
         return Err(last(format!("bind {} (detached)", path.display())));
     }
     // SAFETY: open_tree returned this fd and nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A detached bind of `path` (an extra disk file): `nodev`, `nosuid`, read-only when
+/// asked, close-on-exec.
+pub fn bind(path: &Path, read_only: bool) -> Result<OwnedFd, Error> {
+    let fd = open_tree(path)?;
     let rdonly = if read_only { MOUNT_ATTR_RDONLY } else { 0 };
     let attr = MountAttr {
         attr_set: MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID | rdonly,

@@ -16,6 +16,9 @@ pub enum Error {
     /// The image is unusable or its loop device could not be attached.
     #[error(transparent)]
     Image(#[from] twinbox_spec::image::ImageError),
+    /// The host's twinbox-init, which every box runs as PID 1, is not built.
+    #[error("twinbox-init not found at {} — build it with scripts/build-artifacts (the container runs the host's init, never the image's)", .0.display())]
+    NoInit(PathBuf),
     /// An extra disk cannot be used.
     #[error("disk {path}: {source}")]
     Disk {

@@ -45,6 +45,13 @@ pub const READ_ONLY: [&str; 5] = [
     "/proc/sysrq-trigger",
 ];
 
+/// The directory of twinbox's own files inside the container: a small tmpfs of the
+/// runtime's, read-only once its mount point is made, over whatever the image has there.
+pub const INIT_DIR: &str = "/.twinbox";
+/// Where the host's twinbox-init appears inside the container, bound read-only onto an
+/// empty file of [`INIT_DIR`]: the image never supplies PID 1 and needs no mount point.
+pub const INIT: &str = "/.twinbox/init";
+
 /// Where extra disk `n` appears inside the container: `/mnt/disk<n>` (a bind mount of the
 /// host file, read-only for `:ro`), mirroring `/dev/vdb...` in the VM.
 pub fn disk_path(n: usize) -> String {
@@ -109,8 +116,9 @@ pub struct Plan {
 }
 
 /// Plans the container's filesystem under `staging` (an empty host directory) from the
-/// detached mount of the image and one detached bind per extra disk, in order.
-pub fn build(staging: &Path, image: RawFd, disks: &[RawFd]) -> Result<Plan, String> {
+/// detached mount of the image, the detached bind of the host's init and one detached
+/// bind per extra disk, in order.
+pub fn build(staging: &Path, image: RawFd, init: RawFd, disks: &[RawFd]) -> Result<Plan, String> {
     let s = p(staging);
     if s.contains('\0') {
         return Err(format!("path {staging:?} contains a NUL byte"));
@@ -211,6 +219,32 @@ pub fn build(staging: &Path, image: RawFd, disks: &[RawFd]) -> Result<Plan, Stri
         nosuid_nodev,
         "mode=0755",
     ));
+    // The host's init: its directory is made in the overlay's upper layer when the image
+    // lacks it (the image is never written), then covered by a tmpfs of ours before
+    // anything is created in it, so no symlink of the image can steer the file made
+    // below onto a host path; the tmpfs goes read-only, and the bind on the file is
+    // read-only, nosuid, nodev and private (detached.rs).
+    let init_dir = format!("{root}{INIT_DIR}");
+    steps.push(Step::Mkdir(c(&init_dir)));
+    steps.push(mount(
+        "twinbox",
+        init_dir.clone(),
+        "tmpfs",
+        nosuid_nodev | libc::MS_NOEXEC,
+        "mode=0755,size=4k",
+    ));
+    steps.push(Step::Touch(c(format!("{root}{INIT}"))));
+    steps.push(mount(
+        "",
+        init_dir,
+        "",
+        libc::MS_REMOUNT | libc::MS_RDONLY | nosuid_nodev | libc::MS_NOEXEC,
+        "",
+    ));
+    steps.push(Step::Attach {
+        fd: init,
+        target: c(format!("{root}{INIT}")),
+    });
     if !disks.is_empty() {
         steps.push(Step::Mkdir(c(format!("{root}/mnt"))));
     }
@@ -288,7 +322,7 @@ mod tests {
 
     #[test]
     fn overlay_over_the_detached_image_then_api_filesystems() {
-        let plan = build(Path::new("/tmp/s"), 7, &[]).unwrap();
+        let plan = build(Path::new("/tmp/s"), 7, 6, &[]).unwrap();
         let t = targets(&plan);
         assert_eq!(t[0], "tmpfs:/tmp/s");
         assert_eq!(t[1], "overlay:/tmp/s/root");
@@ -321,7 +355,7 @@ mod tests {
 
     #[test]
     fn every_mount_is_nodev_but_the_bound_nodes_and_devpts() {
-        let plan = build(Path::new("/s"), 3, &[4]).unwrap();
+        let plan = build(Path::new("/s"), 3, 5, &[4]).unwrap();
         let mut exempt = Vec::new();
         for step in &plan.steps {
             let Step::Mount {
@@ -349,7 +383,7 @@ mod tests {
 
     #[test]
     fn runc_masked_and_read_only_paths_come_after_proc_and_sys() {
-        let plan = build(Path::new("/s"), 3, &[]).unwrap();
+        let plan = build(Path::new("/s"), 3, 5, &[]).unwrap();
         let sys = plan
             .steps
             .iter()
@@ -379,7 +413,7 @@ mod tests {
 
     #[test]
     fn disks_are_attached_under_mnt_in_order() {
-        let plan = build(Path::new("/s"), 7, &[8, 9]).unwrap();
+        let plan = build(Path::new("/s"), 7, 6, &[8, 9]).unwrap();
         for (n, fd) in [8, 9].into_iter().enumerate() {
             let target = c(format!("/s/root/mnt/disk{n}"));
             let touch = position(&plan, &Step::Touch(target.clone()));
@@ -389,7 +423,51 @@ mod tests {
     }
 
     #[test]
+    fn the_host_init_is_bound_onto_a_file_of_a_read_only_tmpfs_of_ours() {
+        let plan = build(Path::new("/s"), 7, 6, &[]).unwrap();
+        let dir = c("/s/root/.twinbox");
+        let file = c("/s/root/.twinbox/init");
+        let mkdir = position(&plan, &Step::Mkdir(dir.clone()));
+        let tmpfs = plan
+            .steps
+            .iter()
+            .position(|s| matches!(s, Step::Mount { target, fstype, .. } if *target == dir && fstype.to_str() == Ok("tmpfs")))
+            .unwrap();
+        let touch = position(&plan, &Step::Touch(file.clone()));
+        let read_only = plan
+            .steps
+            .iter()
+            .position(|s| matches!(s, Step::Mount { target, flags, .. } if *target == dir && flags & libc::MS_REMOUNT != 0))
+            .unwrap();
+        let attach = position(
+            &plan,
+            &Step::Attach {
+                fd: 6,
+                target: file,
+            },
+        );
+        // The file is made only on our tmpfs, never through the image's own entries.
+        assert!(mkdir < tmpfs && tmpfs < touch && touch < read_only && read_only < attach);
+        let Step::Mount { flags, .. } = &plan.steps[read_only] else {
+            unreachable!()
+        };
+        assert_ne!(flags & libc::MS_RDONLY, 0);
+        let overlay = plan
+            .steps
+            .iter()
+            .position(
+                |s| matches!(s, Step::Mount { fstype, .. } if fstype.to_str() == Ok("overlay")),
+            )
+            .unwrap();
+        assert!(
+            overlay < mkdir,
+            "the directory goes into the overlay's upper layer"
+        );
+        assert_eq!(format!("/s/root{INIT}"), "/s/root/.twinbox/init");
+    }
+
+    #[test]
     fn nul_in_paths_is_refused() {
-        assert!(build(Path::new("/s\0x"), 3, &[]).is_err());
+        assert!(build(Path::new("/s\0x"), 3, 5, &[]).is_err());
     }
 }

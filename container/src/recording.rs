@@ -94,6 +94,9 @@ pub const HYBRID: &str = "\
 39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
 ";
 
+/// Where the double says the host's init is.
+pub const HOST_INIT: &str = "/cache/init/0123456789abcdef/twinbox-init";
+
 /// The pretend child's pid.
 pub const PID: i32 = 4242;
 
@@ -245,6 +248,23 @@ impl Syscall for Recording {
     fn bind_disk(&self, path: &Path, read_only: bool) -> Result<OwnedFd, Error> {
         self.call(&format!("bind disk {} ro={read_only}", path.display()))?;
         Ok(std::fs::File::open("/dev/null").unwrap().into())
+    }
+
+    fn host_init(&self) -> Result<PathBuf, Error> {
+        match self.fail {
+            Some("host init") => Err(Error::NoInit(PathBuf::from(HOST_INIT))),
+            _ => Ok(PathBuf::from(HOST_INIT)),
+        }
+    }
+
+    fn bind_init(&self, path: &Path) -> Result<OwnedFd, Error> {
+        assert_eq!(path, Path::new(HOST_INIT));
+        self.call("bind init")?;
+        Ok(std::fs::File::open("/dev/null").unwrap().into())
+    }
+
+    fn check_init_dir(&self, _image: &OwnedFd) -> Result<(), Error> {
+        self.call("check init dir")
     }
 
     fn spawn(&self, prepared: &Prepared, flags: CloneFlags) -> Result<i32, Error> {

@@ -2,11 +2,13 @@
 //!
 //! 1. **sweep** — remove what killed runs left behind (`sweep.rs`);
 //! 2. **check** — root, the spec, the image is ext4, the disks exist, CAP_NET_ADMIN with
-//!    `--net`, the cgroup layout, so bad input costs nothing and leaves nothing behind;
+//!    `--net`, the cgroup layout, the host's init is built, so bad input costs nothing and
+//!    leaves nothing behind;
 //! 3. **cgroup** — the run's cgroup: cpu quota, memory without swap, pids, the device
 //!    allowlist (`cgroup.rs`);
 //! 4. **rootfs** — the staging directory, the image on a read-only autoclear loop device,
-//!    the image and the disks as detached mounts, the mount plan (`plan.rs`);
+//!    the image, the host's init and the disks as detached mounts, the mount plan
+//!    (`plan.rs`);
 //! 5. **child** — with `--net` a link leased (`hostnet`: its addresses go into the job);
 //!    the channel, the job, everything the child needs prepared; `clone` into new
 //!    pid/mnt/uts/ipc/net (and user) namespaces (`child.rs` runs there);
@@ -47,8 +49,9 @@ use twinbox_spec::run_spec::{NetMode, OutputMode, StdinMode};
 use twinbox_spec::terminal::{self, ResizeWatcher};
 use twinbox_spec::{BoxKind, Outcome, Phase, RunReport, RunSpec, Usage};
 
-/// Path of init inside the image.
-pub const INIT: &str = "/sbin/twinbox-init";
+/// Path of init inside the container: the host's twinbox-init, bound read-only there by
+/// the runtime (`plan.rs`), whatever the image holds.
+pub const INIT: &str = plan::INIT;
 
 /// Runs `spec` in a container and reports how it went. Setup problems are errors; the
 /// workload's own failures are the report's outcome.
@@ -67,6 +70,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     let mountinfo = sys.mountinfo()?;
     sys.sweep(&mountinfo);
     check(spec)?;
+    let host_init = sys.host_init()?;
     if spec.net.is_some() && !sys.can_admin_network() {
         return Err(Error::NoNetAdmin);
     }
@@ -87,14 +91,21 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     // Mounted here, as host root, detached: the child attaches them (inside its device
     // allowlist it could not open the loop device; in a user namespace not mount ext4).
     let image_mount = sys.mount_image(&device_path)?;
+    sys.check_init_dir(&image_mount)?;
+    let init_mount = sys.bind_init(&host_init)?;
     let disk_mounts = spec
         .disks
         .iter()
         .map(|d| sys.bind_disk(&d.path, d.read_only))
         .collect::<Result<Vec<_>, _>>()?;
     let disk_fds: Vec<RawFd> = disk_mounts.iter().map(AsRawFd::as_raw_fd).collect();
-    let plan =
-        plan::build(&staging.path, image_mount.as_raw_fd(), &disk_fds).map_err(Error::Setup)?;
+    let plan = plan::build(
+        &staging.path,
+        image_mount.as_raw_fd(),
+        init_mount.as_raw_fd(),
+        &disk_fds,
+    )
+    .map_err(Error::Setup)?;
 
     // 5. The child. Its link first: the addresses travel in the job, sealed before clone.
     let mut network = Network::None;
@@ -188,6 +199,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     // The child attached its copies; ours must go for the loop device to clear, and the
     // mount now holds the image: the device clears itself once the container is gone.
     drop(image_mount);
+    drop(init_mount);
     drop(disk_mounts);
     drop(device.0.take());
 
@@ -657,12 +669,14 @@ mod tests {
     }
 
     /// The calls of a run that gets as far as the child, before any failure.
-    const SETUP: [&str; 5] = [
+    const SETUP: [&str; 7] = [
         "sweep",
         "create cgroup",
         "create staging dir",
         "attach loop",
         "mount image /dev/loop7",
+        "check init dir",
+        "bind init",
     ];
 
     fn calls(expected: &[&str]) -> Vec<String> {
@@ -727,7 +741,7 @@ mod tests {
     #[test]
     fn each_failing_step_undoes_what_came_before_in_reverse() {
         let image = FakeImage::new("fail");
-        let cases: [(&str, &[&str]); 6] = [
+        let cases: [(&str, &[&str]); 7] = [
             ("create cgroup", &["sweep", "create cgroup FAILED"]),
             (
                 "create staging dir",
@@ -762,6 +776,20 @@ mod tests {
                 ],
             ),
             (
+                "bind init",
+                &[
+                    "sweep",
+                    "create cgroup",
+                    "create staging dir",
+                    "attach loop",
+                    "mount image /dev/loop7",
+                    "check init dir",
+                    "bind init FAILED",
+                    "remove staging dir",
+                    "cgroup destroy",
+                ],
+            ),
+            (
                 "spawn",
                 &[
                     "sweep",
@@ -769,6 +797,8 @@ mod tests {
                     "create staging dir",
                     "attach loop",
                     "mount image /dev/loop7",
+                    "check init dir",
+                    "bind init",
                     "spawn FAILED",
                     "remove staging dir",
                     "cgroup destroy",
@@ -782,6 +812,8 @@ mod tests {
                     "create staging dir",
                     "attach loop",
                     "mount image /dev/loop7",
+                    "check init dir",
+                    "bind init",
                     "spawn",
                     "cgroup add FAILED",
                     "kill",
@@ -1115,5 +1147,29 @@ mod tests {
         assert!(matches!(err, Error::NoNetAdmin), "{err}");
         assert!(err.to_string().contains("CAP_NET_ADMIN"), "{err}");
         assert_eq!(sys.calls(), calls(&["sweep"]));
+        // No init built on the host: one line naming it and the way to build it.
+        let mut sys = Recording::new(runs(exits(0), 0));
+        sys.fail = Some("host init");
+        let err = run_with(&sys, &image.spec()).unwrap_err().to_string();
+        assert!(
+            err.starts_with("twinbox-init not found at /cache/init/"),
+            "{err}"
+        );
+        assert!(err.contains("scripts/build-artifacts"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        assert_eq!(sys.calls(), calls(&["sweep"]));
+    }
+
+    #[test]
+    fn the_host_init_is_bound_after_the_image_and_given_to_the_plan() {
+        let image = FakeImage::new("init-bind");
+        let sys = Recording::new(runs(exits(0), 0));
+        run_with(&sys, &image.spec()).unwrap();
+        let calls = sys.calls();
+        let at = |call: &str| calls.iter().position(|c| c == call).unwrap();
+        assert!(at("mount image /dev/loop7") < at("check init dir"));
+        assert!(at("check init dir") < at("bind init"));
+        assert!(at("bind init") < at("spawn"));
+        assert_eq!(INIT, "/.twinbox/init");
     }
 }

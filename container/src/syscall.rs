@@ -91,6 +91,12 @@ pub trait Syscall {
     fn mount_image(&self, device: &Path) -> Result<OwnedFd, Error>;
     /// A detached bind of the disk file `path` (nodev, nosuid, read-only when asked).
     fn bind_disk(&self, path: &Path, read_only: bool) -> Result<OwnedFd, Error>;
+    /// The host's twinbox-init the box runs (found before anything is made).
+    fn host_init(&self) -> Result<PathBuf, Error>;
+    /// A detached read-only, private bind of the host's init (`detached::init`).
+    fn bind_init(&self, path: &Path) -> Result<OwnedFd, Error>;
+    /// Refuses an image whose `/.twinbox` is not a directory (`detached::check_init_dir`).
+    fn check_init_dir(&self, image: &OwnedFd) -> Result<(), Error>;
     /// Clones the child into new namespaces (`flags`); it runs `child::main(prepared)`.
     fn spawn(&self, prepared: &Prepared, flags: CloneFlags) -> Result<i32, Error>;
     /// Writes the child's uid/gid maps and idmaps the detached mounts to its namespace.
@@ -252,6 +258,25 @@ impl Syscall for Real {
 
     fn bind_disk(&self, path: &Path, read_only: bool) -> Result<OwnedFd, Error> {
         detached::bind(path, read_only)
+    }
+
+    fn host_init(&self) -> Result<PathBuf, Error> {
+        let path = twinbox_spec::artifacts::init_binary();
+        // The keyed file behind `current`: a rebuild that moves the link meanwhile does
+        // not change what this run binds.
+        let resolved = std::fs::canonicalize(&path)
+            .ok()
+            .filter(|p| p.is_file())
+            .ok_or(Error::NoInit(path))?;
+        Ok(resolved)
+    }
+
+    fn bind_init(&self, path: &Path) -> Result<OwnedFd, Error> {
+        detached::init(path)
+    }
+
+    fn check_init_dir(&self, image: &OwnedFd) -> Result<(), Error> {
+        detached::check_init_dir(image)
     }
 
     fn spawn(&self, prepared: &Prepared, flags: CloneFlags) -> Result<i32, Error> {

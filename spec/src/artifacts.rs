@@ -5,6 +5,7 @@
 //! ```text
 //! $TWINBOX_CACHE (default /var/cache/twinbox)
 //! ├── kernel/current/{vmlinux,bzImage,config}   guest-kernel/build.sh
+//! ├── init/current/{twinbox-init,initramfs.cpio} rootfs/build-init.sh
 //! ├── rootfs/current/rootfs.ext4                rootfs/build.sh
 //! └── lab/current/{vmlinuz,initramfs-base...}   lab/build.sh
 //! ```
@@ -31,6 +32,18 @@ pub fn kernel_vmlinux() -> PathBuf {
 /// The built compressed guest kernel.
 pub fn kernel_bzimage() -> PathBuf {
     cache_dir().join("kernel/current/bzImage")
+}
+
+/// twinbox's static init, which the container binds read-only into every box (the
+/// image need not carry one).
+pub fn init_binary() -> PathBuf {
+    cache_dir().join("init/current/twinbox-init")
+}
+
+/// The initramfs holding [`init_binary`] as `/init`, which the VMM boots every VM with
+/// unless given another initrd: it mounts the root disk and switches to it.
+pub fn initramfs() -> PathBuf {
+    cache_dir().join("init/current/initramfs.cpio")
 }
 
 /// The built root filesystem image.

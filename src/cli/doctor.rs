@@ -182,6 +182,8 @@ fn check_artifacts() -> Vec<Check> {
     [
         ("guest kernel", artifacts::kernel_vmlinux()),
         ("guest bzImage", artifacts::kernel_bzimage()),
+        ("twinbox-init", artifacts::init_binary()),
+        ("initramfs", artifacts::initramfs()),
         ("rootfs image", artifacts::rootfs_image()),
         ("lab kernel", artifacts::lab_dir().join("vmlinuz")),
     ]

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod common;
 pub mod ctr;
 pub mod doctor;
+pub mod image;
 pub mod vm;
 
 /// Exit status when twinbox itself fails (bad input, missing artifact, setup error), as

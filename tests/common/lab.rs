@@ -66,9 +66,12 @@ impl Lab {
         self
     }
 
-    /// Copies the built guest kernel and rootfs in (TWINBOX_CACHE=/cache in the lab).
+    /// Copies the built guest kernel, init with its initramfs, and rootfs in
+    /// (TWINBOX_CACHE=/cache in the lab).
     pub fn with_artifacts(mut self) -> Self {
         super::require_artifact(&twinbox_spec::artifacts::kernel_vmlinux());
+        super::require_artifact(&twinbox_spec::artifacts::init_binary());
+        super::require_artifact(&twinbox_spec::artifacts::initramfs());
         super::require_artifact(&twinbox_spec::artifacts::rootfs_image());
         self.artifacts = true;
         self

@@ -573,9 +573,18 @@ impl Config {
         for disk in &spec.disks {
             rootfs::check_openable("disk", &disk.path, !disk.read_only)?;
         }
-        if let Some(initrd) = &spec.initrd {
-            rootfs::check_openable("initrd", initrd, false)?;
-        }
+        // Without --initrd, twinbox's initramfs: its /init (the kernel's default rdinit, so
+        // the command line needs nothing) mounts root= under an overlay and switches to
+        // it, so the image need not carry twinbox-init (rootfs/init/src/initramfs.rs).
+        let initrd = match &spec.initrd {
+            Some(path) => path.clone(),
+            None => twinbox_spec::artifacts::require(
+                &twinbox_spec::artifacts::initramfs(),
+                "twinbox's initramfs",
+            )
+            .map_err(Error::MissingArtifact)?,
+        };
+        rootfs::check_openable("initrd", &initrd, false)?;
         let mode = match options.seccomp {
             Some(mode) => mode,
             None => seccomp::Mode::from_env()?,
@@ -586,7 +595,7 @@ impl Config {
         }
         Ok(Self {
             kernel,
-            initrd: spec.initrd.clone(),
+            initrd: Some(initrd),
             pvm: twinbox_spec::host::is_pvm(),
             seccomp: filters,
         })

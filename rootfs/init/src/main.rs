@@ -2,6 +2,8 @@
 //! container.
 //!
 //! The story of one boot, each step one module away:
+//! 0. started as `/init` of twinbox's initramfs (the VM's default): mount `/proc`, then
+//!    the root disk under a tmpfs overlay, and switch to it ([`initramfs`]),
 //! 1. mount `/proc` and find the job ([`job_source`]): in the environment (container), on
 //!    the kernel command line (a VM booted by a peer VMM), or — with `twinbox.ports=1` —
 //!    on the control port of twinbox's VM, for which init mounts devtmpfs and sysfs
@@ -9,6 +11,7 @@
 //! 2. open the marker channel ([`marker`]); in the VM, mount devtmpfs and adopt the console
 //!    (if step 1 did not already),
 //! 3. in the VM, stack a writable overlay over the read-only root ([`overlay_root`]),
+//!    unless step 0 did,
 //! 4. mount the rest of a userland and set the hostname ([`mounts`]); when the job has a
 //!    network, bring up `eth0` with its address and default route and write resolv.conf
 //!    ([`net`]); report `InitStarted`,
@@ -29,6 +32,10 @@
 //! subcommand here.
 
 mod console;
+mod initramfs;
+// Shared with the archive writer (bin/twinbox-initramfs.rs), which uses all of it.
+#[allow(dead_code)]
+mod initramfs_layout;
 mod job_source;
 mod marker;
 mod mounts;
@@ -92,6 +99,13 @@ fn main() {
     if let Err(err) = mounts::ensure(&mounts::PROC) {
         fail_without_job(&err.to_string(), err.errno);
     }
+    // Started from twinbox's initramfs: the real root first (initramfs.rs).
+    let root_overlaid = initramfs::detect() == initramfs::Start::OnInitramfs;
+    if root_overlaid {
+        if let Err(err) = initramfs::switch_root() {
+            fail_without_job(&err.to_string(), err.errno);
+        }
+    }
     let (job, origin, streams) = find_job();
     let mut markers = match MarkerWriter::open(job.marker) {
         Ok(writer) => writer,
@@ -103,7 +117,7 @@ fn main() {
         }
         adopt_console_if_stdio_closed();
     }
-    if let Err(err) = prepare(&job, origin) {
+    if let Err(err) = prepare(&job, origin, root_overlaid) {
         fail(&job, &mut markers, &err);
     }
     markers.send(Marker::InitStarted);
@@ -166,9 +180,10 @@ fn job_from_ports() -> Result<(Job, StdioPorts, Control<std::fs::File>, Vec<WinS
     Ok((job, stdio, control, sizes))
 }
 
-/// Steps 3 and 4: overlay root, mounts, hostname, network.
-fn prepare(job: &Job, origin: Origin) -> Result<(), SysError> {
-    if job.overlay_root {
+/// Steps 3 and 4: overlay root (unless the initramfs stacked it already), mounts,
+/// hostname, network.
+fn prepare(job: &Job, origin: Origin, root_overlaid: bool) -> Result<(), SysError> {
+    if job.overlay_root && !root_overlaid {
         overlay_root::enter()?;
     }
     mounts::ensure_all(&mounts::userland(origin))?;
