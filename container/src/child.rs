@@ -349,7 +349,13 @@ mod tests {
         let marker = nix::unistd::pipe().unwrap();
         let mut spec = RunSpec::new("/image.ext4", vec!["/bin/true".into()]);
         adjust(&mut spec);
-        let plan = crate::plan::build(Path::new("/run/twinbox/ctr/t"), 7, 6, &[]).unwrap();
+        let plan = crate::plan::build(
+            Path::new("/run/twinbox/ctr/t"),
+            &crate::plan::Lower::Image(7),
+            6,
+            &[],
+        )
+        .unwrap();
         let prepared = crate::run::prepare(
             &spec,
             plan,

@@ -176,6 +176,85 @@ pub fn check_init_dir(image: &OwnedFd) -> Result<(), Error> {
     }
 }
 
+/// A detached bind of one unpacked layer directory of an OCI image (`--image`): read-only,
+/// `nodev`, `nosuid` like the ext4 image's mount, and private, so nothing mounted later
+/// on the host's side of the cache reaches the box. The child attaches it as one of the
+/// overlay's lower directories (`plan::Lower::Layers`).
+pub fn layer(path: &Path) -> Result<OwnedFd, Error> {
+    let fd = open_tree(path)?;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID,
+        attr_clr: 0,
+        propagation: libc::MS_PRIVATE,
+        userns_fd: 0,
+    };
+    set_attr(
+        &fd,
+        &attr,
+        &format!(
+            "make the bind of layer {} read-only and private",
+            path.display()
+        ),
+    )?;
+    Ok(fd)
+}
+
+/// [`check_init_dir`] for an image given as layers (lowest first): what the overlay will
+/// show at [`crate::plan::INIT_DIR`] is the topmost layer's entry of that name, unless a
+/// layer above has a whiteout there (a 0:0 character device) or an opaque root. Absent,
+/// whited out or a directory is fine; a symlink or a file is refused, before the child
+/// exists.
+pub fn check_layers_init_dir(layers: &[std::path::PathBuf]) -> Result<(), Error> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let name = crate::plan::INIT_DIR.trim_start_matches('/');
+    for layer in layers.iter().rev() {
+        match std::fs::symlink_metadata(layer.join(name)) {
+            Ok(meta) => {
+                let kind = meta.file_type();
+                if kind.is_dir() || (kind.is_char_device() && meta.rdev() == 0) {
+                    return Ok(());
+                }
+                return Err(Error::Setup(format!(
+                    "the image has /{name} as a {} (layer {}): twinbox mounts its own init at {} — remove it from the image",
+                    if kind.is_symlink() { "symlink" } else { "non-directory" },
+                    layer.display(),
+                    crate::plan::INIT
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::os(
+                    format!("look at /{name} in layer {}", layer.display()),
+                    e,
+                ))
+            }
+        }
+        // An opaque root hides every layer below it.
+        if is_opaque(layer) {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Whether `dir` carries overlayfs's `trusted.overlay.opaque=y`.
+fn is_opaque(dir: &Path) -> bool {
+    let Ok(path) = c_path(dir) else {
+        return false;
+    };
+    let mut value = [0u8; 1];
+    // SAFETY: lgetxattr into a one-byte buffer of ours with its length.
+    let n = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    n == 1 && value[0] == b'y'
+}
+
 /// `open_tree(OPEN_TREE_CLONE)` of `path`: a detached bind, close-on-exec.
 fn open_tree(path: &Path) -> Result<OwnedFd, Error> {
     let c = c_path(path)?;
@@ -212,4 +291,40 @@ pub fn bind(path: &Path, read_only: bool) -> Result<OwnedFd, Error> {
         &format!("set nodev,nosuid on the bind of {}", path.display()),
     )?;
     Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_topmost_layer_with_a_twinbox_entry_decides() {
+        let base = std::env::temp_dir().join(format!("twinbox-layers-{}", std::process::id()));
+        let layer = |name: &str| {
+            let dir = base.join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            dir
+        };
+        let (low, mid, top) = (layer("low"), layer("mid"), layer("top"));
+        // None has it: fine.
+        assert!(check_layers_init_dir(&[low.clone(), mid.clone(), top.clone()]).is_ok());
+        // A symlink low, a directory above it: the overlay shows the directory.
+        std::os::unix::fs::symlink("/etc", low.join(".twinbox")).unwrap();
+        std::fs::create_dir(mid.join(".twinbox")).unwrap();
+        assert!(check_layers_init_dir(&[low.clone(), mid.clone(), top.clone()]).is_ok());
+        // The symlink alone, or a file on top, is refused in one line naming the layer.
+        let err = check_layers_init_dir(&[low.clone(), top.clone()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("symlink") && err.contains("low"), "{err}");
+        std::fs::write(top.join(".twinbox"), "").unwrap();
+        let err = check_layers_init_dir(&[low, mid, top])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("non-directory") && !err.contains('\n'),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }

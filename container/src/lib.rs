@@ -1,5 +1,5 @@
-//! The twinbox container: the image on a read-only autoclear loop device, an overlay with
-//! a tmpfs upper layer, `pivot_root` in new pid/mount/uts/ipc/net/cgroup namespaces, one
+//! The twinbox container: the image on a read-only autoclear loop device (or an OCI
+//! image's layers as overlayfs lower directories), an overlay with a tmpfs upper layer, `pivot_root` in new pid/mount/uts/ipc/net/cgroup namespaces, one
 //! cgroup per run (cpu quota, memory without swap, pids, device allowlist), runc's masked
 //! and read-only paths, moby's capabilities without MKNOD, a seccomp allowlist, and
 //! twinbox-init as PID 1 reporting phases over a pipe; with `--net` a veth link to the

@@ -106,6 +106,16 @@ fn mount(source: &str, target: String, fstype: &str, flags: libc::c_ulong, data:
     }
 }
 
+/// What the overlay's lower layer is made of: detached mounts the parent made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lower {
+    /// The ext4 image, one read-only mount (`--rootfs`, the built-in image).
+    Image(RawFd),
+    /// An OCI image's layers, lowest first (`--image`): one read-only bind each, stacked
+    /// as overlayfs lower directories as Docker's overlay2 does, no copy, no flattening.
+    Layers(Vec<RawFd>),
+}
+
 /// The plan and where the new root ends up.
 #[derive(Debug)]
 pub struct Plan {
@@ -116,9 +126,9 @@ pub struct Plan {
 }
 
 /// Plans the container's filesystem under `staging` (an empty host directory) from the
-/// detached mount of the image, the detached bind of the host's init and one detached
-/// bind per extra disk, in order.
-pub fn build(staging: &Path, image: RawFd, init: RawFd, disks: &[RawFd]) -> Result<Plan, String> {
+/// detached mount(s) of the root (`lower`), the detached bind of the host's init and one
+/// detached bind per extra disk, in order.
+pub fn build(staging: &Path, lower: &Lower, init: RawFd, disks: &[RawFd]) -> Result<Plan, String> {
     let s = p(staging);
     if s.contains('\0') {
         return Err(format!("path {staging:?} contains a NUL byte"));
@@ -126,26 +136,51 @@ pub fn build(staging: &Path, image: RawFd, init: RawFd, disks: &[RawFd]) -> Resu
     let root = format!("{s}/root");
     let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
     let mut steps = vec![
-        // Everything of the run lives on this tmpfs, in the child's mount namespace only.
+        // Everything of the run lives on this tmpfs, in the child's mount namespace only;
+        // the overlay's upper layer with it, fresh for every run.
         mount("twinbox", s.clone(), "tmpfs", nosuid_nodev, "mode=0755"),
         Step::Mkdir(c(format!("{s}/lower"))),
         Step::Mkdir(c(format!("{s}/upper"))),
         Step::Mkdir(c(format!("{s}/work"))),
         Step::Mkdir(c(&root)),
-        Step::Attach {
-            fd: image,
-            target: c(format!("{s}/lower")),
-        },
-        // Not nosuid: set-id programs of the image behave as in any container (and gain
-        // nothing under no_new_privs); nodev: no device node of the image opens.
-        mount(
-            "overlay",
-            root.clone(),
-            "overlay",
-            libc::MS_NODEV,
-            &format!("lowerdir={s}/lower,upperdir={s}/upper,workdir={s}/work"),
-        ),
     ];
+    let lowerdir = match lower {
+        Lower::Image(fd) => {
+            steps.push(Step::Attach {
+                fd: *fd,
+                target: c(format!("{s}/lower")),
+            });
+            format!("{s}/lower")
+        }
+        // lower/0 is the base layer; overlayfs takes the topmost first. Short names keep
+        // the option well inside a page however long the cache's path is. An image without
+        // layers gets the empty directory.
+        Lower::Layers(fds) if fds.is_empty() => format!("{s}/lower"),
+        Lower::Layers(fds) => {
+            for (n, fd) in fds.iter().enumerate() {
+                let target = format!("{s}/lower/{n}");
+                steps.push(Step::Mkdir(c(&target)));
+                steps.push(Step::Attach {
+                    fd: *fd,
+                    target: c(target),
+                });
+            }
+            (0..fds.len())
+                .rev()
+                .map(|n| format!("{s}/lower/{n}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        }
+    };
+    // Not nosuid: set-id programs of the image behave as in any container (and gain
+    // nothing under no_new_privs); nodev: no device node of the image opens.
+    steps.push(mount(
+        "overlay",
+        root.clone(),
+        "overlay",
+        libc::MS_NODEV,
+        &format!("lowerdir={lowerdir},upperdir={s}/upper,workdir={s}/work"),
+    ));
     for dir in ["proc", "sys", "dev", "tmp", "run"] {
         steps.push(Step::Mkdir(c(format!("{root}/{dir}"))));
     }
@@ -322,7 +357,7 @@ mod tests {
 
     #[test]
     fn overlay_over_the_detached_image_then_api_filesystems() {
-        let plan = build(Path::new("/tmp/s"), 7, 6, &[]).unwrap();
+        let plan = build(Path::new("/tmp/s"), &Lower::Image(7), 6, &[]).unwrap();
         let t = targets(&plan);
         assert_eq!(t[0], "tmpfs:/tmp/s");
         assert_eq!(t[1], "overlay:/tmp/s/root");
@@ -355,7 +390,13 @@ mod tests {
 
     #[test]
     fn every_mount_is_nodev_but_the_bound_nodes_and_devpts() {
-        let plan = build(Path::new("/s"), 3, 5, &[4]).unwrap();
+        for lower in [Lower::Image(3), Lower::Layers(vec![6, 7])] {
+            every_mount_is_nodev_with(&lower);
+        }
+    }
+
+    fn every_mount_is_nodev_with(lower: &Lower) {
+        let plan = build(Path::new("/s"), lower, 5, &[4]).unwrap();
         let mut exempt = Vec::new();
         for step in &plan.steps {
             let Step::Mount {
@@ -383,7 +424,7 @@ mod tests {
 
     #[test]
     fn runc_masked_and_read_only_paths_come_after_proc_and_sys() {
-        let plan = build(Path::new("/s"), 3, 5, &[]).unwrap();
+        let plan = build(Path::new("/s"), &Lower::Image(3), 5, &[]).unwrap();
         let sys = plan
             .steps
             .iter()
@@ -413,7 +454,7 @@ mod tests {
 
     #[test]
     fn disks_are_attached_under_mnt_in_order() {
-        let plan = build(Path::new("/s"), 7, 6, &[8, 9]).unwrap();
+        let plan = build(Path::new("/s"), &Lower::Image(7), 6, &[8, 9]).unwrap();
         for (n, fd) in [8, 9].into_iter().enumerate() {
             let target = c(format!("/s/root/mnt/disk{n}"));
             let touch = position(&plan, &Step::Touch(target.clone()));
@@ -424,7 +465,7 @@ mod tests {
 
     #[test]
     fn the_host_init_is_bound_onto_a_file_of_a_read_only_tmpfs_of_ours() {
-        let plan = build(Path::new("/s"), 7, 6, &[]).unwrap();
+        let plan = build(Path::new("/s"), &Lower::Image(7), 6, &[]).unwrap();
         let dir = c("/s/root/.twinbox");
         let file = c("/s/root/.twinbox/init");
         let mkdir = position(&plan, &Step::Mkdir(dir.clone()));
@@ -467,7 +508,53 @@ mod tests {
     }
 
     #[test]
+    fn image_layers_are_stacked_topmost_first_each_on_a_short_name_of_its_own() {
+        let plan = build(Path::new("/s"), &Lower::Layers(vec![10, 11, 12]), 6, &[]).unwrap();
+        let overlay = plan
+            .steps
+            .iter()
+            .position(
+                |s| matches!(s, Step::Mount { fstype, .. } if fstype.to_str() == Ok("overlay")),
+            )
+            .unwrap();
+        for (n, fd) in [10, 11, 12].into_iter().enumerate() {
+            let target = c(format!("/s/lower/{n}"));
+            let mkdir = position(&plan, &Step::Mkdir(target.clone()));
+            let attach = position(&plan, &Step::Attach { fd, target });
+            assert!(mkdir < attach && attach < overlay);
+        }
+        let Step::Mount { data, flags, .. } = &plan.steps[overlay] else {
+            unreachable!()
+        };
+        assert_eq!(
+            data.to_str().unwrap(),
+            "lowerdir=/s/lower/2:/s/lower/1:/s/lower/0,upperdir=/s/upper,workdir=/s/work"
+        );
+        assert_ne!(flags & libc::MS_NODEV, 0);
+        // Everything after the root is the same as for an ext4 image.
+        let image = build(Path::new("/s"), &Lower::Image(7), 6, &[]).unwrap();
+        let after = |plan: &Plan| {
+            let at = plan
+                .steps
+                .iter()
+                .position(
+                    |s| matches!(s, Step::Mount { fstype, .. } if fstype.to_str() == Ok("overlay")),
+                )
+                .unwrap();
+            plan.steps[at + 1..].to_vec()
+        };
+        assert_eq!(after(&plan), after(&image));
+        // No layers: the empty directory is the lower layer.
+        let empty = build(Path::new("/s"), &Lower::Layers(vec![]), 6, &[]).unwrap();
+        assert!(empty
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::Mount { data, .. }
+            if data.to_str() == Ok("lowerdir=/s/lower,upperdir=/s/upper,workdir=/s/work"))));
+    }
+
+    #[test]
     fn nul_in_paths_is_refused() {
-        assert!(build(Path::new("/s\0x"), 3, 5, &[]).is_err());
+        assert!(build(Path::new("/s\0x"), &Lower::Image(3), 5, &[]).is_err());
     }
 }

@@ -69,6 +69,10 @@ pub struct Spawned {
     pub tty: bool,
     /// Whether the child puts /dev/null on stdin.
     pub null_stdin: bool,
+    /// The options of the plan's overlay mount (its lower directories).
+    pub overlay: String,
+    /// How many detached mounts the plan attaches (root, init, disks).
+    pub attaches: usize,
 }
 
 /// The link the double leases: link 3 of the default pool.
@@ -245,6 +249,15 @@ impl Syscall for Recording {
         Ok(std::fs::File::open("/dev/null").unwrap().into())
     }
 
+    fn bind_layer(&self, path: &Path) -> Result<OwnedFd, Error> {
+        self.call(&format!("bind layer {}", path.display()))?;
+        Ok(std::fs::File::open("/dev/null").unwrap().into())
+    }
+
+    fn check_layers_init_dir(&self, layers: &[PathBuf]) -> Result<(), Error> {
+        self.call(&format!("check init dir ({} layers)", layers.len()))
+    }
+
     fn bind_disk(&self, path: &Path, read_only: bool) -> Result<OwnedFd, Error> {
         self.call(&format!("bind disk {} ro={read_only}", path.display()))?;
         Ok(std::fs::File::open("/dev/null").unwrap().into())
@@ -285,6 +298,25 @@ impl Syscall for Recording {
             caps_to_drop: prepared.caps_to_drop.clone(),
             tty: prepared.tty,
             null_stdin: prepared.null_stdin,
+            overlay: prepared
+                .plan
+                .steps
+                .iter()
+                .find_map(|step| match step {
+                    crate::plan::Step::Mount { fstype, data, .. }
+                        if fstype.to_str() == Ok("overlay") =>
+                    {
+                        Some(data.to_string_lossy().into_owned())
+                    }
+                    _ => None,
+                })
+                .expect("the plan mounts an overlay"),
+            attaches: prepared
+                .plan
+                .steps
+                .iter()
+                .filter(|step| matches!(step, crate::plan::Step::Attach { .. }))
+                .count(),
         });
         // With -t the real child sends its pty's master before anything else it reports;
         // here the slave goes at once, so the parent's relay sees the hangup of a box that

@@ -6,9 +6,10 @@
 //!    leaves nothing behind;
 //! 3. **cgroup** — the run's cgroup: cpu quota, memory without swap, pids, the device
 //!    allowlist (`cgroup.rs`);
-//! 4. **rootfs** — the staging directory, the image on a read-only autoclear loop device,
-//!    the image, the host's init and the disks as detached mounts, the mount plan
-//!    (`plan.rs`);
+//! 4. **rootfs** — the staging directory, the image on a read-only autoclear loop device
+//!    (or, for an OCI image's layers, one read-only bind per layer: overlayfs lower
+//!    directories, no loop device), the image, the host's init and the disks as detached
+//!    mounts, the mount plan (`plan.rs`);
 //! 5. **child** — with `--net` a link leased (`hostnet`: its addresses go into the job);
 //!    the channel, the job, everything the child needs prepared; `clone` into new
 //!    pid/mnt/uts/ipc/net (and user) namespaces (`child.rs` runs there);
@@ -86,12 +87,28 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
 
     // 4. The root filesystem, ready to attach.
     let staging = StagingDir::create(sys, plan::staging_dir(&name))?;
-    let mut device = LoopGuard(Some(sys.attach_loop(&spec.rootfs)?));
-    let device_path = device.path().to_owned();
     // Mounted here, as host root, detached: the child attaches them (inside its device
     // allowlist it could not open the loop device; in a user namespace not mount ext4).
-    let image_mount = sys.mount_image(&device_path)?;
-    sys.check_init_dir(&image_mount)?;
+    let mut device = LoopGuard(None);
+    let root_mounts = match &spec.rootfs_layers {
+        None => {
+            device.0 = Some(sys.attach_loop(&spec.rootfs)?);
+            let image_mount = sys.mount_image(device.path())?;
+            sys.check_init_dir(&image_mount)?;
+            RootMounts::Image(image_mount)
+        }
+        // An image's layers: one read-only bind each, stacked by the child's overlay.
+        Some(layers) => {
+            sys.check_layers_init_dir(layers)?;
+            RootMounts::Layers(
+                layers
+                    .iter()
+                    .map(|dir| sys.bind_layer(dir))
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
+        }
+    };
+    let device_path = device.path().to_owned();
     let init_mount = sys.bind_init(&host_init)?;
     let disk_mounts = spec
         .disks
@@ -101,7 +118,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     let disk_fds: Vec<RawFd> = disk_mounts.iter().map(AsRawFd::as_raw_fd).collect();
     let plan = plan::build(
         &staging.path,
-        image_mount.as_raw_fd(),
+        &root_mounts.lower(),
         init_mount.as_raw_fd(),
         &disk_fds,
     )
@@ -162,10 +179,13 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
 
     // 6. Admit the child: maps, cgroup, link, release.
     if spec.user_namespace {
-        let mut mounts = vec![userns::Detached {
-            what: format!("the image mount of {}", spec.rootfs.display()),
-            fd: &image_mount,
-        }];
+        let mut mounts = Vec::new();
+        if let RootMounts::Image(image_mount) = &root_mounts {
+            mounts.push(userns::Detached {
+                what: format!("the image mount of {}", spec.rootfs.display()),
+                fd: image_mount,
+            });
+        }
         for (disk, fd) in spec.disks.iter().zip(&disk_mounts) {
             mounts.push(userns::Detached {
                 what: format!("the bind of {}", disk.path.display()),
@@ -198,7 +218,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     log.timeline_mut().record(Phase::GuestEntry, monotonic_ns());
     // The child attached its copies; ours must go for the loop device to clear, and the
     // mount now holds the image: the device clears itself once the container is gone.
-    drop(image_mount);
+    drop(root_mounts);
     drop(init_mount);
     drop(disk_mounts);
     drop(device.0.take());
@@ -241,7 +261,8 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     group.destroy()?;
     drop(group);
     drop(staging);
-    let freed = sys.wait_loop_free(&device_path);
+    // An image's layers took no loop device.
+    let freed = spec.rootfs_layers.is_some() || sys.wait_loop_free(&device_path);
     finished.timeline.record(Phase::TornDown, monotonic_ns());
     if !freed {
         notes.push(format!(
@@ -290,7 +311,17 @@ fn check(spec: &RunSpec) -> Result<(), Error> {
             "a terminal (-t) goes to the caller, its output cannot be captured".into(),
         ));
     }
-    image::check_ext4(&spec.rootfs)?;
+    match &spec.rootfs_layers {
+        None => image::check_ext4(&spec.rootfs)?,
+        // The layers' whiteouts and opaque markers are 0:0 devices and trusted.*
+        // xattrs, which overlayfs honours only for a mounter that is root on the host.
+        Some(_) if spec.user_namespace => {
+            return Err(Error::Setup(
+                "--userns with --image is not supported yet (an image's layers carry overlayfs markers only host root may mount): drop --userns".into(),
+            ))
+        }
+        Some(_) => {}
+    }
     for disk in &spec.disks {
         std::fs::metadata(&disk.path).map_err(|source| Error::Disk {
             path: disk.path.clone(),
@@ -579,6 +610,25 @@ impl Network {
         let info = link.info.clone();
         *self = Network::Linked { _link: link };
         Ok(info)
+    }
+}
+
+/// The parent's detached mounts of the root: closed once the child attached them (or on
+/// any early return, which unmounts them: they belong to no namespace).
+enum RootMounts {
+    /// The ext4 image's mount.
+    Image(OwnedFd),
+    /// One bind per layer of an OCI image, lowest first.
+    Layers(Vec<OwnedFd>),
+}
+
+impl RootMounts {
+    /// The plan's view: the descriptors the child attaches.
+    fn lower(&self) -> plan::Lower {
+        match self {
+            Self::Image(fd) => plan::Lower::Image(fd.as_raw_fd()),
+            Self::Layers(fds) => plan::Lower::Layers(fds.iter().map(AsRawFd::as_raw_fd).collect()),
+        }
     }
 }
 
@@ -1156,6 +1206,95 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("scripts/build-artifacts"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        assert_eq!(sys.calls(), calls(&["sweep"]));
+    }
+
+    fn layers_spec(image: &FakeImage) -> RunSpec {
+        let mut spec = image.spec();
+        spec.rootfs_layers = Some(vec![
+            "/c/l/base".into(),
+            "/c/l/mid".into(),
+            "/c/l/top".into(),
+        ]);
+        spec.user = Some(twinbox_spec::WorkloadUser {
+            uid: 1000,
+            gid: 1000,
+            groups: vec![27],
+        });
+        spec
+    }
+
+    #[test]
+    fn an_image_s_layers_are_bound_and_stacked_without_a_loop_device() {
+        let image = FakeImage::new("layers");
+        let sys = Recording::new(runs(exits(3), 0));
+        let report = run_with(&sys, &layers_spec(&image)).unwrap();
+        assert_eq!(report.outcome, Outcome::Exited(3));
+        assert_eq!(
+            sys.calls(),
+            calls(&[
+                "sweep",
+                "create cgroup",
+                "create staging dir",
+                "check init dir (3 layers)",
+                "bind layer /c/l/base",
+                "bind layer /c/l/mid",
+                "bind layer /c/l/top",
+                "bind init",
+                "spawn",
+                "cgroup add",
+                "wait",
+                "cgroup destroy",
+                "remove staging dir",
+            ])
+        );
+        let spawned = sys.spawned.borrow().clone().expect("spawned");
+        // Topmost first, each on a short name in the staging tmpfs; the upper is fresh.
+        assert!(
+            spawned.overlay.starts_with("lowerdir=/run/twinbox/ctr/")
+                && spawned.overlay.contains("/lower/2:")
+                && spawned.overlay.contains("/lower/1:")
+                && spawned.overlay.contains("/lower/0,upperdir="),
+            "{}",
+            spawned.overlay
+        );
+        assert_eq!(spawned.attaches, 3 + 1, "three layers and init");
+        let user = spawned.job.user.expect("the job carries the user");
+        assert_eq!((user.uid, user.gid, user.groups), (1000, 1000, vec![27]));
+        assert!(!report.notes.iter().any(|n| n.contains("still attached")));
+    }
+
+    #[test]
+    fn a_failing_layer_bind_undoes_the_earlier_ones_and_the_rest() {
+        let image = FakeImage::new("layers-fail");
+        let mut sys = Recording::new(runs(exits(0), 0));
+        sys.fail = Some("bind layer /c/l/mid");
+        let err = run_with(&sys, &layers_spec(&image)).unwrap_err();
+        assert!(err.to_string().contains("bind layer /c/l/mid"), "{err}");
+        assert_eq!(
+            sys.calls(),
+            calls(&[
+                "sweep",
+                "create cgroup",
+                "create staging dir",
+                "check init dir (3 layers)",
+                "bind layer /c/l/base",
+                "bind layer /c/l/mid FAILED",
+                "remove staging dir",
+                "cgroup destroy",
+            ])
+        );
+    }
+
+    #[test]
+    fn layers_with_userns_are_refused_before_anything_is_made() {
+        let image = FakeImage::new("layers-userns");
+        let sys = Recording::new(runs(exits(0), 0));
+        let mut spec = layers_spec(&image);
+        spec.user_namespace = true;
+        let err = run_with(&sys, &spec).unwrap_err().to_string();
+        assert!(err.contains("--userns with --image"), "{err}");
         assert!(!err.contains('\n'), "{err}");
         assert_eq!(sys.calls(), calls(&["sweep"]));
     }

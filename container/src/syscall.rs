@@ -89,6 +89,12 @@ pub trait Syscall {
     fn attach_loop(&self, image: &Path) -> Result<Loop, Error>;
     /// Mounts the ext4 on `device` as a detached mount (read-only, nodev, nosuid).
     fn mount_image(&self, device: &Path) -> Result<OwnedFd, Error>;
+    /// A detached bind of one layer directory of an OCI image (read-only, nodev, nosuid,
+    /// private; `detached::layer`).
+    fn bind_layer(&self, path: &Path) -> Result<OwnedFd, Error>;
+    /// Refuses layers whose merged `/.twinbox` is not a directory
+    /// (`detached::check_layers_init_dir`).
+    fn check_layers_init_dir(&self, layers: &[PathBuf]) -> Result<(), Error>;
     /// A detached bind of the disk file `path` (nodev, nosuid, read-only when asked).
     fn bind_disk(&self, path: &Path, read_only: bool) -> Result<OwnedFd, Error>;
     /// The host's twinbox-init the box runs (found before anything is made).
@@ -254,6 +260,14 @@ impl Syscall for Real {
 
     fn mount_image(&self, device: &Path) -> Result<OwnedFd, Error> {
         detached::ext4(device)
+    }
+
+    fn bind_layer(&self, path: &Path) -> Result<OwnedFd, Error> {
+        detached::layer(path)
+    }
+
+    fn check_layers_init_dir(&self, layers: &[PathBuf]) -> Result<(), Error> {
+        detached::check_layers_init_dir(layers)
     }
 
     fn bind_disk(&self, path: &Path, read_only: bool) -> Result<OwnedFd, Error> {

@@ -24,6 +24,7 @@ const TAG_MARKER_FD: u8 = 5;
 const TAG_FLAGS: u8 = 6;
 const TAG_HOSTNAME: u8 = 7;
 const TAG_NET: u8 = 8;
+const TAG_USER: u8 = 9;
 
 const FLAG_OVERLAY_ROOT: u32 = 1 << 0;
 const FLAG_POWER_OFF: u32 = 1 << 1;
@@ -100,6 +101,47 @@ impl NetConfig {
     }
 }
 
+/// The workload's identity (an image's `User`), set by init in the workload's process
+/// right before `execve`: supplementary groups, then gid, then uid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobUser {
+    /// The user id.
+    pub uid: u32,
+    /// The primary group id.
+    pub gid: u32,
+    /// Supplementary group ids (may be empty: then the workload has none).
+    pub groups: Vec<u32>,
+}
+
+/// Most supplementary groups a job may carry (Linux's `NGROUPS_MAX`).
+pub const MAX_GROUPS: usize = 65536;
+
+impl JobUser {
+    /// uid, gid, then each supplementary gid: little-endian `u32`s.
+    fn encode(&self) -> Vec<u8> {
+        [self.uid, self.gid]
+            .iter()
+            .chain(&self.groups)
+            .flat_map(|id| id.to_le_bytes())
+            .collect()
+    }
+
+    fn decode(value: &[u8]) -> Result<Self, JobError> {
+        if value.len() < 8 || !value.len().is_multiple_of(4) || value.len() / 4 - 2 > MAX_GROUPS {
+            return Err(JobError::BadLength(TAG_USER));
+        }
+        let mut ids = value
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        let (uid, gid) = (ids.next().unwrap_or(0), ids.next().unwrap_or(0));
+        Ok(Self {
+            uid,
+            gid,
+            groups: ids.collect(),
+        })
+    }
+}
+
 /// Everything init needs to know to run one workload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Job {
@@ -131,6 +173,9 @@ pub struct Job {
     /// container the workload's stderr, in the VM the serial console. Without it init
     /// speaks only when it fails, so the workload's streams carry the workload alone.
     pub verbose: bool,
+    /// Run the workload as this user (`--image` with a `User`); `None`: as init's own
+    /// user, root. A token without the record decodes to `None`.
+    pub user: Option<JobUser>,
 }
 
 impl Default for Job {
@@ -146,6 +191,7 @@ impl Default for Job {
             net: None,
             tty: false,
             verbose: false,
+            user: None,
         }
     }
 }
@@ -173,6 +219,8 @@ pub enum JobError {
     BadEnv(String),
     /// The network record does not describe a usable link.
     BadNet(&'static str),
+    /// More supplementary groups than Linux takes.
+    TooManyGroups(usize),
 }
 
 impl fmt::Display for JobError {
@@ -188,6 +236,12 @@ impl fmt::Display for JobError {
             Self::EmptyArgv => write!(f, "job has no command"),
             Self::BadEnv(entry) => write!(f, "environment entry {entry:?} has no '='"),
             Self::BadNet(why) => write!(f, "job network: {why}"),
+            Self::TooManyGroups(n) => {
+                write!(
+                    f,
+                    "job user has {n} supplementary groups, at most {MAX_GROUPS}"
+                )
+            }
         }
     }
 }
@@ -242,6 +296,11 @@ impl Job {
         if let Some(net) = &self.net {
             net.validate()?;
         }
+        if let Some(user) = &self.user {
+            if user.groups.len() > MAX_GROUPS {
+                return Err(JobError::TooManyGroups(user.groups.len()));
+            }
+        }
         Ok(())
     }
 
@@ -283,6 +342,9 @@ impl Job {
         if let Some(net) = &self.net {
             push_record(&mut out, TAG_NET, &net.encode());
         }
+        if let Some(user) = &self.user {
+            push_record(&mut out, TAG_USER, &user.encode());
+        }
         Ok(base64url::encode(&out))
     }
 
@@ -310,6 +372,7 @@ impl Job {
                 TAG_CWD => job.cwd = text("working directory")?,
                 TAG_HOSTNAME => job.hostname = Some(text("hostname")?),
                 TAG_NET => job.net = Some(NetConfig::decode(value)?),
+                TAG_USER => job.user = Some(JobUser::decode(value)?),
                 TAG_MARKER_PORT => {
                     let raw = value.try_into().map_err(|_| JobError::BadLength(tag))?;
                     job.marker = MarkerChannel::Port(u16::from_le_bytes(raw));
@@ -379,7 +442,61 @@ mod tests {
             }),
             tty: true,
             verbose: true,
+            user: Some(JobUser {
+                uid: 1000,
+                gid: 1000,
+                groups: vec![10, 4_000_000_000],
+            }),
         }
+    }
+
+    #[test]
+    fn the_user_round_trips_and_a_token_without_it_still_decodes() {
+        let mut job = Job::new(["/bin/id"]);
+        // A token as hosts wrote it before the user record: no user, run as root.
+        let mut old = vec![VERSION];
+        push_record(&mut old, TAG_ARG, b"/bin/id");
+        push_record(&mut old, TAG_CWD, b"/");
+        push_record(&mut old, TAG_FLAGS, &0u32.to_le_bytes());
+        assert_eq!(Job::decode(&base64url::encode(&old)).unwrap(), job);
+        for groups in [vec![], vec![0], vec![1, 2, 3]] {
+            job.user = Some(JobUser {
+                uid: 65534,
+                gid: 0,
+                groups,
+            });
+            assert_eq!(Job::decode(&job.encode().unwrap()).unwrap(), job);
+        }
+        // The record is uid, gid, groups as little-endian u32s.
+        let user = JobUser {
+            uid: 1,
+            gid: 2,
+            groups: vec![3],
+        };
+        assert_eq!(user.encode(), [1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0]);
+        // Short, ragged or oversized records are refused, not read past.
+        for bad in [&[1u8, 0, 0, 0][..], &[0; 9], &[0; 10]] {
+            let mut bytes = vec![VERSION];
+            push_record(&mut bytes, TAG_ARG, b"/bin/id");
+            push_record(&mut bytes, TAG_USER, bad);
+            assert_eq!(
+                Job::decode(&base64url::encode(&bytes)),
+                Err(JobError::BadLength(TAG_USER))
+            );
+        }
+        let mut bytes = vec![VERSION];
+        push_record(&mut bytes, TAG_ARG, b"/bin/id");
+        push_record(&mut bytes, TAG_USER, &vec![0; 8 + 4 * (MAX_GROUPS + 1)]);
+        assert_eq!(
+            Job::decode(&base64url::encode(&bytes)),
+            Err(JobError::BadLength(TAG_USER))
+        );
+        job.user = Some(JobUser {
+            uid: 0,
+            gid: 0,
+            groups: vec![0; MAX_GROUPS + 1],
+        });
+        assert_eq!(job.encode(), Err(JobError::TooManyGroups(MAX_GROUPS + 1)));
     }
 
     #[test]

@@ -16,6 +16,6 @@ pub mod job;
 pub mod marker;
 pub mod stdio;
 
-pub use job::{Job, JobError, MarkerChannel, NetConfig};
+pub use job::{Job, JobError, JobUser, MarkerChannel, NetConfig};
 pub use marker::{ExitCode, Marker, MarkerError, PhaseCode, MARKER_PORT};
 pub use stdio::{Frame, FrameError, FrameReader};

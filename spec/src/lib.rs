@@ -19,5 +19,5 @@ pub mod terminal;
 pub use outcome::{Finished, MarkerLog};
 pub use phase::{Phase, Timeline};
 pub use report::{BoxKind, LinkInfo, Outcome, RunReport, Usage};
-pub use run_spec::{DiskSpec, NetMode, RunSpec, SpecError, StdinMode};
+pub use run_spec::{DiskSpec, NetMode, RunSpec, SpecError, StdinMode, WorkloadUser};
 pub use twinbox_proto as proto;

@@ -98,11 +98,32 @@ pub enum OutputMode {
     Capture,
 }
 
+/// Who the workload runs as (an image's `User`, resolved on the host against the
+/// image's `/etc/passwd` and `/etc/group`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadUser {
+    /// The user id.
+    pub uid: u32,
+    /// The primary group id.
+    pub gid: u32,
+    /// Supplementary group ids.
+    pub groups: Vec<u32>,
+}
+
 /// One run: the image, the workload and the size of the box.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunSpec {
-    /// The root filesystem image (ext4), shared by both boxes.
+    /// The root filesystem image (ext4), shared by both boxes. With `rootfs_layers` the
+    /// container does not read it (it names the image in messages).
     pub rootfs: PathBuf,
+    /// The container's root as overlayfs layers instead of `rootfs` (`--image`): the
+    /// directories of an image's unpacked layers, lowest first, as
+    /// `twinbox_image::Layers::dirs`; a fresh upper layer per run.
+    #[serde(default)]
+    pub rootfs_layers: Option<Vec<PathBuf>>,
+    /// Run the workload as this user; `None`: as root.
+    #[serde(default)]
+    pub user: Option<WorkloadUser>,
     /// Guest kernel (VM only): ELF vmlinux or bzImage.
     pub kernel: Option<PathBuf>,
     /// Initial ramdisk (VM only).
@@ -176,6 +197,8 @@ impl RunSpec {
     pub fn new(rootfs: impl Into<PathBuf>, argv: Vec<String>) -> Self {
         Self {
             rootfs: rootfs.into(),
+            rootfs_layers: None,
+            user: None,
             kernel: None,
             initrd: None,
             cmdline_extra: None,
@@ -238,6 +261,11 @@ impl RunSpec {
             hostname: self.hostname.clone(),
             tty: self.tty,
             verbose: self.verbose,
+            user: self.user.as_ref().map(|u| twinbox_proto::JobUser {
+                uid: u.uid,
+                gid: u.gid,
+                groups: u.groups.clone(),
+            }),
             ..twinbox_proto::Job::default()
         }
     }
@@ -291,6 +319,25 @@ mod tests {
     fn job_gets_a_default_path() {
         let job = RunSpec::new("/img", vec!["true".into()]).job();
         assert!(job.env.iter().any(|e| e.starts_with("PATH=")));
+    }
+
+    #[test]
+    fn the_job_carries_the_user_and_an_older_spec_without_layers_or_user_still_reads() {
+        let mut spec = RunSpec::new("/img", vec!["id".into()]);
+        assert_eq!(spec.job().user, None);
+        spec.user = Some(WorkloadUser {
+            uid: 1000,
+            gid: 100,
+            groups: vec![10],
+        });
+        let user = spec.job().user.unwrap();
+        assert_eq!((user.uid, user.gid, user.groups), (1000, 100, vec![10]));
+        let mut json: serde_json::Value = serde_json::to_value(&spec).unwrap();
+        let object = json.as_object_mut().unwrap();
+        object.remove("rootfs_layers");
+        object.remove("user");
+        let old: RunSpec = serde_json::from_value(json).unwrap();
+        assert_eq!((old.rootfs_layers, old.user), (None, None));
     }
 
     #[test]

@@ -1,10 +1,31 @@
 //! Arguments and output shared by `vm run` and `ctr run`, so the two print comparable
 //! lines.
 
+use anyhow::Context;
 use clap::Args;
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use twinbox_spec::{RunReport, RunSpec, StdinMode};
+use twinbox_image::{Ext4Disk, Image, ImageSpec, Layers, Store};
+use twinbox_spec::{RunReport, RunSpec, StdinMode, WorkloadUser};
+
+/// Which form of an `--image` a box mounts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageForm {
+    /// The unpacked layers, as overlayfs lower directories (the container).
+    Layers,
+    /// One ext4 built from the layers, as the root disk (the VM).
+    Ext4,
+}
+
+/// An `--image`'s files in the cache, kept for the whole run: they hold the cache's
+/// shared lock, so `twinbox image rm`/`prune` cannot take them away meanwhile.
+#[allow(dead_code)] // held, never read
+pub enum ImageHold {
+    /// The layers the container stacks.
+    Layers(Layers),
+    /// The VM's root disk (and its layers).
+    Disk(Ext4Disk),
+}
 
 /// Where the workload's stdin comes from: twinbox's own, unless it is a terminal nobody
 /// asked to attach (`-i`/`-t`).
@@ -22,6 +43,17 @@ pub struct RunArgs {
     /// Root filesystem image (ext4). Default: the one built by scripts/build-artifacts.
     #[arg(long, value_name = "IMG")]
     pub rootfs: Option<PathBuf>,
+    /// Run an OCI/Docker image: a docker-archive (`docker save`), an oci-archive or an
+    /// OCI layout directory, with `@TAG` or `@DIGEST` when it holds several.
+    ///
+    /// Its layers are verified and unpacked once into the cache (`twinbox image ls`); the
+    /// container stacks them as overlayfs lower directories under a fresh upper layer,
+    /// the VM boots one ext4 built from them. The image's config is honoured as `docker
+    /// run` does: Entrypoint + Cmd (a command after `--` replaces Cmd, and may be left
+    /// out), Env (`-e` on top), WorkingDir (unless `--workdir`), User. Not with
+    /// `--rootfs`.
+    #[arg(long, value_name = "PATH[@REF]")]
+    pub image: Option<String>,
     /// Memory in MiB (VM: guest RAM; container: memory limit).
     #[arg(long, value_name = "MiB", default_value_t = 128)]
     pub memory: u32,
@@ -31,9 +63,10 @@ pub struct RunArgs {
     /// Environment variable for the workload (repeatable).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     pub env: Vec<String>,
-    /// Working directory of the workload inside the box.
-    #[arg(long, value_name = "DIR", default_value = "/")]
-    pub workdir: String,
+    /// Working directory of the workload inside the box. Default: `/`, or the image's
+    /// WorkingDir with `--image`.
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<String>,
     /// Kill the box after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<f64>,
@@ -81,14 +114,29 @@ pub struct RunArgs {
     /// the kernel log); without it stdout and stderr carry the workload's output alone.
     #[arg(short = 'v', long)]
     pub verbose: bool,
-    /// The command to run and its arguments, after `--`.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// The command to run and its arguments, after `--` (with `--image`: optional, it
+    /// replaces the image's Cmd).
+    #[arg(last = true, required_unless_present = "image", value_name = "CMD")]
     pub command: Vec<String>,
 }
 
 impl RunArgs {
     /// A RunSpec from these options; box-specific fields are filled in by the caller.
-    pub fn to_spec(&self, spawn_ns: u64) -> anyhow::Result<RunSpec> {
+    /// With `--image`, its root in `form` and what holds it in the cache for the run.
+    pub fn to_spec(
+        &self,
+        spawn_ns: u64,
+        form: ImageForm,
+    ) -> anyhow::Result<(RunSpec, Option<ImageHold>)> {
+        if let Some(image) = &self.image {
+            anyhow::ensure!(
+                self.rootfs.is_none(),
+                "--image and --rootfs both name the root: give one of them"
+            );
+            let (mut spec, hold) = self.image_spec(image, form)?;
+            self.fill(&mut spec, spawn_ns)?;
+            return Ok((spec, Some(hold)));
+        }
         let rootfs = match &self.rootfs {
             Some(path) => path.clone(),
             None => twinbox_spec::artifacts::require(
@@ -98,11 +146,64 @@ impl RunArgs {
             .map_err(anyhow::Error::msg)?,
         };
         let mut spec = RunSpec::new(rootfs, self.command.clone());
+        spec.env = self.env.clone();
+        spec.cwd = self.workdir.clone().unwrap_or_else(|| "/".into());
+        self.fill(&mut spec, spawn_ns)?;
+        Ok((spec, None))
+    }
+
+    /// The root, workload and user of `--image`, as `docker run` makes them from the
+    /// image's config.
+    fn image_spec(&self, text: &str, form: ImageForm) -> anyhow::Result<(RunSpec, ImageHold)> {
+        let context = || format!("--image {text}");
+        let image = Image::open(&ImageSpec::parse(text)).with_context(context)?;
+        let store = Store::default_location();
+        let (hold, dirs) = match form {
+            ImageForm::Layers => {
+                let layers = store.layers(&image).with_context(context)?;
+                let dirs = layers.dirs.clone();
+                (ImageHold::Layers(layers), dirs)
+            }
+            ImageForm::Ext4 => {
+                let disk = store.ext4(&image).with_context(context)?;
+                let dirs = disk.layers.dirs.clone();
+                (ImageHold::Disk(disk), dirs)
+            }
+        };
+        let config = &image.config;
+        let argv = config.command(&self.command);
+        anyhow::ensure!(
+            !argv.is_empty(),
+            "--image {text}: the image names no command (no Entrypoint or Cmd): put one after `--`"
+        );
+        let user = config.resolve_user(&dirs).with_context(context)?;
+        let rootfs = match &hold {
+            ImageHold::Disk(disk) => disk.path.clone(),
+            // The container reads the layers; the path names the image in messages.
+            ImageHold::Layers(_) => image.source_path().to_owned(),
+        };
+        let mut spec = RunSpec::new(rootfs, argv);
+        if form == ImageForm::Layers {
+            spec.rootfs_layers = Some(dirs);
+        }
+        spec.env = config.env_for(&self.env, &user);
+        spec.cwd = self
+            .workdir
+            .clone()
+            .unwrap_or_else(|| config.working_dir().to_owned());
+        spec.user = Some(WorkloadUser {
+            uid: user.uid,
+            gid: user.gid,
+            groups: user.additional_gids,
+        });
+        Ok((spec, hold))
+    }
+
+    /// The options that do not depend on where the root comes from.
+    fn fill(&self, spec: &mut RunSpec, spawn_ns: u64) -> anyhow::Result<()> {
         spec.spawn_ns = spawn_ns;
         spec.memory_mib = self.memory;
         spec.hostname = self.hostname.clone();
-        spec.env = self.env.clone();
-        spec.cwd = self.workdir.clone();
         spec.tty = self.tty;
         spec.verbose = self.verbose;
         spec.stdin = stdin_mode(self.interactive || self.tty, std::io::stdin().is_terminal());
@@ -121,7 +222,7 @@ impl RunArgs {
             );
             spec.time_limit = Some(std::time::Duration::from_secs_f64(seconds));
         }
-        Ok(spec)
+        Ok(())
     }
 
     /// Prints what `--timings`/`--json` asked for and returns the workload's status.

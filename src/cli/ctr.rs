@@ -1,6 +1,6 @@
 //! `twinbox ctr run`: one workload in a container made from the same image the VM boots.
 
-use super::common::RunArgs;
+use super::common::{ImageForm, RunArgs};
 use clap::{Args, Subcommand};
 use twinbox_spec::DiskSpec;
 
@@ -40,7 +40,12 @@ pub fn main(command: CtrCommand, spawn_ns: u64) -> anyhow::Result<i32> {
 }
 
 fn run(args: CtrRunArgs, spawn_ns: u64) -> anyhow::Result<i32> {
-    let mut spec = args.run.to_spec(spawn_ns)?;
+    anyhow::ensure!(
+        !(args.userns && args.run.image.is_some()),
+        "--userns with --image is not supported yet (an image's layers carry overlayfs markers only host root may mount): drop --userns"
+    );
+    // `_image` holds the layers in the cache until the run is over.
+    let (mut spec, _image) = args.run.to_spec(spawn_ns, ImageForm::Layers)?;
     spec.cpus = args.cpus;
     spec.pids_limit = args.pids;
     spec.disks = args.disks.clone();

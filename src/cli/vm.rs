@@ -1,6 +1,6 @@
 //! `twinbox vm run`: one workload in a microVM booted by twinbox's own VMM.
 
-use super::common::RunArgs;
+use super::common::{ImageForm, RunArgs};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
@@ -67,7 +67,8 @@ pub fn main(command: VmCommand, spawn_ns: u64) -> anyhow::Result<i32> {
 }
 
 fn run(args: VmRunArgs, spawn_ns: u64) -> anyhow::Result<i32> {
-    let mut spec = args.run.to_spec(spawn_ns)?;
+    // `_image` holds the image's disk in the cache until the run is over.
+    let (mut spec, _image) = args.run.to_spec(spawn_ns, ImageForm::Ext4)?;
     spec.kernel = args.kernel.clone();
     spec.vcpus = args.vcpus;
     spec.disks = args.disks.clone();

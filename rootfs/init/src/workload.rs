@@ -1,9 +1,10 @@
 //! Starting the workload: everything is converted to C strings before `fork`, so the
 //! child only makes system calls between `fork` and `execve`.
 //!
-//! The child gets a new session, the job's working directory, exactly the job's
-//! environment, default signal dispositions and an empty signal mask, and `execvp`
-//! semantics (a command without a slash is searched in the job's `PATH`; a file the
+//! The child gets a new session, the job's working directory, the job's user (an image's
+//! `User`: supplementary groups, gid, uid, in that order, after everything that needs
+//! root and right before exec), exactly the job's environment, default signal
+//! dispositions and an empty signal mask, and `execvp` semantics (a command without a slash is searched in the job's `PATH`; a file the
 //! kernel cannot execute is run by `/bin/sh`). On failure it prints what a shell would and
 //! exits 127 (not found) or 126 (found but cannot be run).
 
@@ -12,7 +13,7 @@ use crate::sys::{cstring, strerror, SysError};
 use std::ffi::CString;
 use std::os::fd::RawFd;
 use std::ptr;
-use twinbox_proto::Job;
+use twinbox_proto::{Job, JobUser};
 
 /// `PATH` when the job's environment has none (what `execvp` in glibc falls back to, plus
 /// the sbin directories because init runs as root).
@@ -53,6 +54,67 @@ pub struct Prepared {
     env: Vec<CString>,
     cwd: CString,
     stdio: Stdio,
+    user: Option<JobUser>,
+}
+
+/// The calls that give the workload its user, behind a trait so their order is tested.
+/// Each returns 0 or an errno.
+pub trait IdentityCalls {
+    /// `setgroups(2)`: exactly these supplementary groups.
+    fn setgroups(&mut self, groups: &[libc::gid_t]) -> i32;
+    /// `setgid(2)`.
+    fn setgid(&mut self, gid: libc::gid_t) -> i32;
+    /// `setuid(2)`: last, since it gives up the right to make the other two.
+    fn setuid(&mut self, uid: libc::uid_t) -> i32;
+}
+
+/// The kernel's calls; used in the forked child only (no allocation, plain syscalls).
+struct Kernel;
+
+fn errno_of(r: libc::c_int) -> i32 {
+    if r == 0 {
+        0
+    } else {
+        // SAFETY: reading errno right after the failed call.
+        unsafe { *libc::__errno_location() }
+    }
+}
+
+impl IdentityCalls for Kernel {
+    fn setgroups(&mut self, groups: &[libc::gid_t]) -> i32 {
+        // SAFETY: a pointer and length of a slice that outlives the call.
+        errno_of(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })
+    }
+
+    fn setgid(&mut self, gid: libc::gid_t) -> i32 {
+        // SAFETY: plain syscall.
+        errno_of(unsafe { libc::setgid(gid) })
+    }
+
+    fn setuid(&mut self, uid: libc::uid_t) -> i32 {
+        // SAFETY: plain syscall.
+        errno_of(unsafe { libc::setuid(uid) })
+    }
+}
+
+/// Becomes `user`: groups, then gid, then uid (each needs the rights the next one takes
+/// away). Stops at the first failure: which call and its errno.
+pub fn become_user(
+    calls: &mut impl IdentityCalls,
+    user: &JobUser,
+) -> Result<(), (&'static str, i32)> {
+    match calls.setgroups(&user.groups) {
+        0 => {}
+        errno => return Err(("setgroups", errno)),
+    }
+    match calls.setgid(user.gid) {
+        0 => {}
+        errno => return Err(("setgid", errno)),
+    }
+    match calls.setuid(user.uid) {
+        0 => Ok(()),
+        errno => Err(("setuid", errno)),
+    }
 }
 
 /// The `PATH` value in a `KEY=VALUE` environment, if any (the last one wins, like getenv
@@ -115,6 +177,7 @@ impl Prepared {
             env: cstrings(&job.env)?,
             cwd: cstring(&job.cwd)?,
             stdio,
+            user: job.user.clone(),
         })
     }
 
@@ -156,6 +219,18 @@ impl Prepared {
                     strerror(errno)
                 ));
                 libc::_exit(EXIT_CANNOT_RUN);
+            }
+            // The job's user last: the terminal and the directory above may need root.
+            if let Some(user) = &self.user {
+                if let Err((call, errno)) = become_user(&mut Kernel, user) {
+                    write_stderr(&format!(
+                        "cannot run as user {}:{}: {call}: {}",
+                        user.uid,
+                        user.gid,
+                        strerror(errno)
+                    ));
+                    libc::_exit(EXIT_CANNOT_RUN);
+                }
             }
             // execvp: ENOENT/ENOTDIR move on to the next PATH entry, EACCES too but is
             // remembered, anything else stops the search.
@@ -444,6 +519,91 @@ mod tests {
         let status = run(&job);
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(status, ExitCode::Exited(5));
+    }
+
+    /// Records the identity calls; fails the one named.
+    struct Recorder {
+        calls: Vec<String>,
+        fail: Option<&'static str>,
+    }
+
+    impl Recorder {
+        fn call(&mut self, name: &'static str, what: String) -> i32 {
+            self.calls.push(what);
+            if self.fail == Some(name) {
+                libc::EPERM
+            } else {
+                0
+            }
+        }
+    }
+
+    impl IdentityCalls for Recorder {
+        fn setgroups(&mut self, groups: &[libc::gid_t]) -> i32 {
+            self.call("setgroups", format!("setgroups {groups:?}"))
+        }
+        fn setgid(&mut self, gid: libc::gid_t) -> i32 {
+            self.call("setgid", format!("setgid {gid}"))
+        }
+        fn setuid(&mut self, uid: libc::uid_t) -> i32 {
+            self.call("setuid", format!("setuid {uid}"))
+        }
+    }
+
+    #[test]
+    fn the_user_is_taken_groups_then_gid_then_uid_stopping_at_a_failure() {
+        let user = JobUser {
+            uid: 1000,
+            gid: 100,
+            groups: vec![10, 20],
+        };
+        let mut rec = Recorder {
+            calls: Vec::new(),
+            fail: None,
+        };
+        assert_eq!(become_user(&mut rec, &user), Ok(()));
+        assert_eq!(
+            rec.calls,
+            ["setgroups [10, 20]", "setgid 100", "setuid 1000"]
+        );
+        for (fail, made) in [("setgroups", 1), ("setgid", 2), ("setuid", 3)] {
+            let mut rec = Recorder {
+                calls: Vec::new(),
+                fail: Some(fail),
+            };
+            assert_eq!(become_user(&mut rec, &user), Err((fail, libc::EPERM)));
+            assert_eq!(rec.calls.len(), made, "{fail}: {:?}", rec.calls);
+        }
+        // No groups is an empty list, never "keep the ones init has".
+        let mut rec = Recorder {
+            calls: Vec::new(),
+            fail: None,
+        };
+        let alone = JobUser {
+            groups: vec![],
+            ..user
+        };
+        assert_eq!(become_user(&mut rec, &alone), Ok(()));
+        assert_eq!(rec.calls[0], "setgroups []");
+    }
+
+    #[test]
+    fn a_real_workload_runs_as_the_jobs_user_after_entering_its_directory() {
+        // SAFETY: geteuid has no arguments and cannot fail.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root");
+        // /root is closed to uid 65534: the directory is entered before the user is taken.
+        let script =
+            r#"test "$(id -u):$(id -g):$(id -G)" = "65534:65534:65534 7" && test "$(pwd)" = /root"#;
+        let job = Job {
+            cwd: "/root".into(),
+            user: Some(JobUser {
+                uid: 65534,
+                gid: 65534,
+                groups: vec![7],
+            }),
+            ..sh(script, &["PATH=/usr/bin:/bin"])
+        };
+        assert_eq!(run(&job), ExitCode::Exited(0));
     }
 
     #[test]
