@@ -33,10 +33,13 @@ pub struct BenchArgs {
     /// same kernel and image as twinbox's VM). Peers sit out memory and density.
     #[arg(long)]
     pub peers: bool,
-    /// Also measure this Firecracker binary as a peer VMM (tiny guest).
+    /// Also measure this Firecracker binary as a peer VMM (the tiny guest, and our kernel
+    /// and image where Linux boots). Without it: $TWINBOX_FIRECRACKER, or with `--peers`
+    /// `firecracker` in PATH.
     #[arg(long, value_name = "PATH")]
     pub firecracker: Option<PathBuf>,
-    /// Also measure this Cloud Hypervisor binary as a peer VMM (tiny guest).
+    /// Also measure this Cloud Hypervisor binary as a peer VMM (tiny guest). Without it:
+    /// $TWINBOX_CLOUD_HYPERVISOR, or with `--peers` `cloud-hypervisor` in PATH.
     #[arg(long, value_name = "PATH")]
     pub cloud_hypervisor: Option<PathBuf>,
     /// Instances alive at once in the density scenario.
@@ -152,8 +155,18 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
         kernel,
         density_instances: args.density_instances,
         twinbox_exe: std::env::current_exe().context("finding the twinbox binary")?,
-        firecracker: args.firecracker,
-        cloud_hypervisor: args.cloud_hypervisor,
+        firecracker: peer_vmm(
+            args.firecracker,
+            "TWINBOX_FIRECRACKER",
+            "firecracker",
+            args.peers,
+        ),
+        cloud_hypervisor: peer_vmm(
+            args.cloud_hypervisor,
+            "TWINBOX_CLOUD_HYPERVISOR",
+            "cloud-hypervisor",
+            args.peers,
+        ),
     };
     let results = match bench::run(&opts) {
         Ok(results) => results,
@@ -199,4 +212,23 @@ mod tests {
             "help says {listed:?}, the bench has {names:?}"
         );
     }
+}
+
+/// A peer VMM's binary: the flag, else the environment variable, else (with `--peers`)
+/// the program in PATH. When `--peers` finds none, one line says its runs will not happen,
+/// so a missing peer is never mistaken for a measured one.
+fn peer_vmm(flag: Option<PathBuf>, env: &str, program: &str, peers: bool) -> Option<PathBuf> {
+    let found = flag
+        .or_else(|| std::env::var_os(env).map(PathBuf::from))
+        .or_else(|| {
+            peers
+                .then(|| bench::runner::peer::in_path(program))
+                .flatten()
+        });
+    if found.is_none() && peers {
+        eprintln!(
+            "twinbox: --peers: no {program} (give --{program} PATH, {env}, or put it in PATH): its runs do not happen"
+        );
+    }
+    found
 }

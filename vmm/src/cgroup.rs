@@ -53,9 +53,10 @@ pub fn overhead_mib(memory_mib: u32) -> u64 {
 }
 
 /// Tasks the VMM may have besides its vCPUs: the caller's thread, the jail's, the event
-/// loop, the console writer; and as many again for the short-lived (a thread being joined
-/// while its successor starts, a helper a library may start).
-pub const EXTRA_TASKS: u32 = 8;
+/// loop, two serial-console writers, four stdio pumps; and as many again for the
+/// short-lived (a thread being joined while its successor starts, a helper a library may
+/// start).
+pub const EXTRA_TASKS: u32 = 20;
 
 /// The limits of a VM's cgroup, in the units the kernel files take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -393,7 +394,7 @@ mod tests {
                     "0".into(),
                     false
                 ),
-                ("/sys/fs/cgroup/pids/pids.max".into(), "10".into(), true),
+                ("/sys/fs/cgroup/pids/pids.max".into(), "22".into(), true),
             ]
         );
         let v2: Vec<(&str, String)> = settings(&Layout::V2("/c".into()), l)
@@ -405,7 +406,7 @@ mod tests {
             [
                 ("memory.max", bytes),
                 ("memory.swap.max", "0".into()),
-                ("pids.max", "10".into())
+                ("pids.max", "22".into())
             ]
         );
     }

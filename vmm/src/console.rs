@@ -1,10 +1,12 @@
-//! Where the guest's serial console goes: our stdout, or a buffer for the report.
+//! Where the guest's serial console (kernel log, init's own lines) goes: the
+//! `--console-log` file and/or stderr with `--verbose` (never the workload's stdout, which
+//! has its own port: stdio.rs); and the buffer the report's captured output uses.
 //!
 //! The serial device runs on a vCPU thread, so its writer must never block in a system
 //! call the VMM cannot interrupt: a `write(2)` to a full pipe whose reader went away
 //! would hold the vCPU — and with it the run's time limit and SIGTERM — forever. So the
 //! vCPU only appends to a bounded in-memory queue ([`ConsoleSink`]); one `vmm-console`
-//! thread ([`StdoutWriter`]) moves the queue to stdout, writing only what `poll` says
+//! thread ([`StdoutWriter`]) per destination moves the queue there, writing only what `poll` says
 //! fits, in chunks of at most `PIPE_BUF` (a pipe write that size never blocks once poll
 //! says POLLOUT).
 //!
@@ -17,7 +19,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -47,6 +49,30 @@ impl Write for Captured {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Several console destinations at once (`--console-log` and `--verbose`), or none: the
+/// console is then dropped.
+#[derive(Default)]
+pub struct Tee(Vec<ConsoleSink>);
+
+impl Tee {
+    pub fn push(&mut self, sink: ConsoleSink) {
+        self.0.push(sink);
+    }
+}
+
+impl Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for sink in &mut self.0 {
+            sink.write_all(buf)?;
+        }
         Ok(buf.len())
     }
 
@@ -149,15 +175,8 @@ pub struct StdoutWriter {
 }
 
 impl StdoutWriter {
-    /// Starts the writer on a duplicate of this process's stdout; `on_start` runs first on
-    /// the new thread (the VMM installs the thread's seccomp filter there).
-    pub fn start(
-        on_start: impl FnOnce() -> Result<(), String> + Send + 'static,
-    ) -> std::io::Result<(ConsoleSink, Self)> {
-        Self::start_on(std::io::stdout().as_fd().try_clone_to_owned()?, on_start)
-    }
-
-    /// Starts the writer on `out`; `on_start` as for [`StdoutWriter::start`]. If it fails,
+    /// Starts the writer on `out`; `on_start` runs first on the new thread (the VMM installs
+    /// the thread's seccomp filter there). If it fails,
     /// guest output is dropped (the guest is never held up by it).
     pub fn start_on(
         out: OwnedFd,

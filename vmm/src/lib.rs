@@ -48,13 +48,14 @@ pub(crate) mod event_loop;
 pub(crate) mod jail;
 pub(crate) mod mptable;
 pub(crate) mod rootfs;
+pub(crate) mod stdio;
 pub(crate) mod usage;
 
 use crate::boot::cmdline::{self, KernelCmdline, VirtioMmioEntry};
 use crate::cpuid::Profile;
 use crate::machine::BootEntry;
 use crate::vcpu::{VcpuContext, VcpuStop, VcpuThread};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::channel;
@@ -64,7 +65,6 @@ use thiserror::Error;
 use twinbox_spec::clock::monotonic_ns;
 use twinbox_spec::guest_cmdline;
 use twinbox_spec::proto::{Marker, MarkerChannel, MARKER_PORT};
-use twinbox_spec::run_spec::OutputMode;
 use twinbox_spec::{BoxKind, MarkerLog, Phase, RunReport, RunSpec, SpecError, Usage};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -111,6 +111,13 @@ pub enum Error {
     Jail(#[from] jail::JailError),
     #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
+    #[error("-t: the caller's terminal: {0}")]
+    Terminal(std::io::Error),
+    #[error("--console-log {path}: {source}")]
+    ConsoleLog {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("job for twinbox-init: {0}")]
     Job(String),
     #[error("cannot start a VMM thread: {0}")]
@@ -194,6 +201,34 @@ fn run_inner<S: AsRawFd + ?Sized>(
     }
     let cpu_before = usage::cpu_times_us();
 
+    // -t: the caller's terminal is raw for the run (Ctrl-C becomes a byte for the guest's
+    //     pty, not our SIGINT) and resizes are forwarded. Raw mode lives under an
+    //     Interrupt of its own, so SIGINT/SIGTERM end the run normally and the terminal
+    //     is restored on every path (declared in this order, the guard drops first).
+    let tty_interrupt = spec
+        .tty
+        .then(twinbox_spec::interrupt::Interrupt::install)
+        .transpose()
+        .map_err(Error::Thread)?;
+    let _raw_terminal = match &tty_interrupt {
+        Some(interrupt) => twinbox_spec::terminal::RawMode::enable(
+            twinbox_spec::terminal::caller_stdio()[0],
+            interrupt,
+        )
+        .map_err(Error::Terminal)?,
+        None => None,
+    };
+    let resizes = spec
+        .tty
+        .then(twinbox_spec::terminal::ResizeWatcher::install)
+        .transpose()
+        .map_err(Error::Terminal)?;
+    let resized = resizes
+        .as_ref()
+        .map(|w| w.fd().try_clone_to_owned())
+        .transpose()
+        .map_err(Error::Terminal)?;
+
     // 1a. The VMM's cgroup, before guest memory exists, so that all of it is charged
     //     there. Declared first among the run's resources, it drops last: the process
     //     leaves the cgroup once everything else is gone, on every path.
@@ -229,29 +264,33 @@ fn run_inner<S: AsRawFd + ?Sized>(
 
     // 5. Devices; the marker callback stamps phases on the vCPU thread that wrote them.
     let markers = Arc::new(Mutex::new(MarkerLog::new(spec.spawn_ns)));
-    let captured = console::Captured::default();
     // Owns every thread besides this one from here on: any early return stops and joins
     // them (see `Running`).
     let mut running = Running::default();
     // The guest-facing threads are started from the jail when asked (this thread, which
     // opens every file, stays outside).
     let jail = options.jail.then(jail::Jail::enter).transpose()?;
-    let console_out: Box<dyn std::io::Write + Send> = match spec.output {
-        OutputMode::Inherit => {
-            let filters = config.seccomp.clone();
-            let (sink, writer) = start(jail.as_ref(), move || {
-                console::StdoutWriter::start(move || {
+    let console_out = serial_console(spec, jail.as_ref(), &config.seccomp, &mut running)?;
+    // The workload's stdio and the job travel over the console device's ports (see
+    // stdio.rs); the pumps run jailed like the other guest-facing threads.
+    let job = guest_job(spec, network.as_ref().map(|n| n.config))?;
+    let (guest_stdio, stdio_ends) = {
+        let (spec, job, filters) = (spec.clone(), job.clone(), config.seccomp.clone());
+        start(jail.as_ref(), move || {
+            stdio::GuestStdio::start(
+                &spec,
+                &job,
+                resized,
+                Arc::new(move || {
                     filters
                         .apply(seccomp::ThreadKind::Console)
                         .map_err(|e| e.to_string())
-                })
-            })?
-            .map_err(Error::Thread)?;
-            running.console = Some(writer);
-            Box::new(console::Console::new(sink))
-        }
-        OutputMode::Capture => Box::new(console::Console::new(captured.clone())),
+                }),
+            )
+        })?
+        .map_err(Error::Thread)?
     };
+    running.stdio = Some(guest_stdio);
     let devices = devices::attach(
         &vm,
         &guest_memory,
@@ -261,16 +300,12 @@ fn run_inner<S: AsRawFd + ?Sized>(
             console: console_out,
             on_marker: marker_callback(markers.clone()),
             net: network.as_ref().map(Network::device_link).transpose()?,
+            stdio: stdio_ends,
         },
     )?;
 
     // The command line comes last: it lists the devices.
-    let line = kernel_cmdline(
-        spec,
-        &config,
-        &devices.cmdline_entries,
-        network.as_ref().map(|n| n.config),
-    )?;
+    let line = kernel_cmdline(spec, &config, &devices.cmdline_entries)?;
     boot::params::write_cmdline(&guest_memory, &line)?;
     let ram = memory::total_size(&guest_memory);
     let boot_info =
@@ -352,7 +387,10 @@ fn run_inner<S: AsRawFd + ?Sized>(
     // 8. Teardown: threads first, then the guest's memory is measured, then everything
     //    is dropped (VM fd before the memory it maps).
     let event_loop_failure = running.events.as_ref().and_then(|e| e.failure());
+    let guest_stdio = running.stdio.take();
     drop(running);
+    // What the workload wrote just before the end and the device had not moved yet.
+    notes.extend(devices.flush_output());
     let guest_rss = probe.resident_kib_of(
         &memory::host_ranges(&guest_memory)
             .iter()
@@ -363,6 +401,8 @@ fn run_inner<S: AsRawFd + ?Sized>(
     drop(devices);
     drop(vm);
     drop(guest_memory);
+    // The device's pipe ends are closed now: the pumps drain what is left and end.
+    let captured = guest_stdio.and_then(stdio::GuestStdio::finish);
     // The device's tap fd went with the devices; this closes the last one (the interface
     // goes) and then frees the lease.
     let network = network.map(|n| n.info);
@@ -380,7 +420,7 @@ fn run_inner<S: AsRawFd + ?Sized>(
         box_kind: BoxKind::Vm,
         outcome: finished.outcome,
         timeline: finished.timeline,
-        output: (spec.output == OutputMode::Capture).then(|| captured.text()),
+        output: captured,
         usage: Usage {
             runtime_peak_rss_kib: peak.zip(guest_rss).map(|(p, g)| p.saturating_sub(g)),
             guest_memory_touched_kib: guest_rss,
@@ -470,24 +510,26 @@ impl Network {
 /// event loop. Dropping it stops and joins them all, on every path out of `run_until`.
 #[derive(Default)]
 struct Running {
-    console: Option<console::StdoutWriter>,
+    /// The serial console's writers (the `--console-log` file, stderr with `--verbose`).
+    console: Vec<console::StdoutWriter>,
     vcpus: Vec<VcpuThread>,
     events: Option<event_loop::EventLoop>,
+    /// The stdio pumps; taken out before the drop on the normal path (see `run_inner`).
+    stdio: Option<stdio::GuestStdio>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         // The console first: a vCPU waiting for room in its queue goes on, and reaches
         // the KVM_RUN its kick makes return.
-        if let Some(console) = &self.console {
-            console.close();
-        }
+        self.console.iter().for_each(console::StdoutWriter::close);
         // Kick all, then join each: the vCPUs stop in parallel.
         self.vcpus.iter().for_each(VcpuThread::kick);
         self.vcpus.clear();
         self.events.take();
-        // Last: what the stopped vCPUs queued is flushed (bounded, see console.rs).
-        self.console.take();
+        // Then what the stopped vCPUs queued is flushed (bounded, see console.rs).
+        self.console.clear();
+        self.stdio.take();
     }
 }
 
@@ -580,20 +622,36 @@ fn marker_callback(
 }
 
 /// The kernel command line: base, PVM options, devices, the caller's extra, job token.
-fn kernel_cmdline(
+/// The job init runs, as the VMM hands it over on the control port.
+fn guest_job(
     spec: &RunSpec,
-    config: &Config,
-    devices: &[VirtioMmioEntry],
     net: Option<twinbox_spec::proto::NetConfig>,
-) -> Result<String, Error> {
+) -> Result<twinbox_spec::proto::Job, Error> {
     let mut job = spec.job();
     job.net = net;
     job.marker = MarkerChannel::Port(MARKER_PORT);
     job.overlay_root = true;
     job.power_off = true;
-    let token = job.encode().map_err(|e| Error::Job(e.to_string()))?;
+    job.validate().map_err(|e| Error::Job(e.to_string()))?;
+    Ok(job)
+}
+
+/// The kernel command line: base options, the devices, the caller's extra words, and the
+/// flag that tells init its job comes over the control port (so the job's size is not
+/// capped by the command line's 2 KiB).
+fn kernel_cmdline(
+    spec: &RunSpec,
+    config: &Config,
+    devices: &[VirtioMmioEntry],
+) -> Result<String, Error> {
     let mut line = KernelCmdline::new();
     line.push(guest_cmdline::BASE)?;
+    if spec.console_log.is_some() || spec.verbose {
+        // Someone reads the console: the kernel's informational messages too, not only
+        // `quiet`'s warnings (a later loglevel= wins). It costs boot time (each byte is a
+        // port exit), which is why it is not the default.
+        line.push("loglevel=7")?;
+    }
     if config.pvm {
         line.push(guest_cmdline::PVM_EXTRA)?;
     }
@@ -601,13 +659,50 @@ fn kernel_cmdline(
         line.push_virtio_mmio(*device)?;
     }
     line.push(spec.cmdline_extra.as_deref().unwrap_or_default())?;
-    // The job goes last: init finds it by key, and a reader of the console sees the
-    // devices first.
-    line.push(&format!(
-        "{}={token}",
-        twinbox_spec::proto::job::JOB_CMDLINE_KEY
-    ))?;
+    line.push(twinbox_spec::proto::stdio::PORTS_CMDLINE_FLAG)?;
     Ok(line.into_string()?)
+}
+
+/// Where the serial console (kernel log, init's own lines) goes: the `--console-log`
+/// file, stderr with `--verbose`, both, or nowhere. Never the workload's stdout. Each
+/// destination gets a writer thread (see console.rs), so a vCPU never blocks on it.
+fn serial_console(
+    spec: &RunSpec,
+    jail: Option<&jail::Jail>,
+    filters: &seccomp::Filters,
+    running: &mut Running,
+) -> Result<Box<dyn std::io::Write + Send>, Error> {
+    let mut targets = Vec::new();
+    if let Some(path) = &spec.console_log {
+        let file = std::fs::File::create(path).map_err(|source| Error::ConsoleLog {
+            path: path.clone(),
+            source,
+        })?;
+        targets.push(std::os::fd::OwnedFd::from(file));
+    }
+    if spec.verbose {
+        targets.push(
+            std::io::stderr()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(Error::Thread)?,
+        );
+    }
+    let mut sinks = console::Tee::default();
+    for target in targets {
+        let filters = filters.clone();
+        let (sink, writer) = start(jail, move || {
+            console::StdoutWriter::start_on(target, move || {
+                filters
+                    .apply(seccomp::ThreadKind::Console)
+                    .map_err(|e| e.to_string())
+            })
+        })?
+        .map_err(Error::Thread)?;
+        running.console.push(writer);
+        sinks.push(sink);
+    }
+    Ok(Box::new(console::Console::new(sinks)))
 }
 
 fn write_mptable(memory: &memory::GuestMemoryMmap, vcpus: u32) -> Result<(), Error> {

@@ -87,7 +87,8 @@ pub enum ThreadKind {
     Vcpu,
     /// The device event loop: virtqueues, disk I/O, interrupts.
     EventLoop,
-    /// The console writer: guest output to stdout.
+    /// The console writers (serial console to `--console-log`/stderr) and the stdio pumps
+    /// (the workload's streams between the caller's fds and the console device's pipes).
     Console,
     /// The caller's thread once the VM runs, when the caller opts in
     /// ([`crate::RunOptions::lock_caller_thread`]): waits, stops and joins the others,
@@ -315,23 +316,46 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
                 )])],
             );
         }
-        ThreadKind::Console => any(&mut rules, &[libc::SYS_poll, libc::SYS_ppoll]),
+        ThreadKind::Console => {
+            // read: the stdin pump reads the caller's stdin, the output pumps their pipes.
+            any(
+                &mut rules,
+                &[libc::SYS_poll, libc::SYS_ppoll, libc::SYS_read],
+            );
+            // The control pump reads the caller's terminal size after a resize (`-t`).
+            rules.insert(
+                libc::SYS_ioctl,
+                vec![rule(vec![arg(1, SeccompCmpOp::Eq, libc::TIOCGWINSZ)])],
+            );
+        }
         // No open: the files it reads at the end (/proc/self/status, smaps) were opened
         // before; tgkill is the vCPU kick; rt_sigaction is the CLI restoring SIGINT/SIGTERM.
-        ThreadKind::Caller => any(
-            &mut rules,
-            &[
-                libc::SYS_poll,
-                libc::SYS_ppoll,
-                libc::SYS_read,
-                libc::SYS_pread64,
-                libc::SYS_lseek,
-                libc::SYS_tgkill,
-                libc::SYS_getpid,
-                libc::SYS_getrusage,
-                libc::SYS_rt_sigaction,
-            ],
-        ),
+        ThreadKind::Caller => {
+            any(
+                &mut rules,
+                &[
+                    libc::SYS_poll,
+                    libc::SYS_ppoll,
+                    libc::SYS_read,
+                    libc::SYS_pread64,
+                    libc::SYS_lseek,
+                    libc::SYS_tgkill,
+                    libc::SYS_getpid,
+                    libc::SYS_getrusage,
+                    libc::SYS_rt_sigaction,
+                    // The stdio console's flush at teardown writes the workload's last output.
+                    libc::SYS_writev,
+                ],
+            );
+            // -t: restoring the caller's terminal settings at the end (tcsetattr).
+            rules.insert(
+                libc::SYS_ioctl,
+                [libc::TCSETS, libc::TCSETSW, libc::TCSETSF]
+                    .iter()
+                    .map(|op| rule(vec![arg(1, SeccompCmpOp::Eq, *op)]))
+                    .collect(),
+            );
+        }
     }
     rules
 }
@@ -423,7 +447,8 @@ mod tests {
     }
 
     #[test]
-    fn only_the_vcpu_and_the_tap_may_ioctl_and_only_the_event_loop_may_touch_disks() {
+    fn only_the_vcpu_the_tap_and_the_window_size_may_ioctl_and_only_the_event_loop_may_touch_disks()
+    {
         let vcpu = rules(ThreadKind::Vcpu);
         let events = rules(ThreadKind::EventLoop);
         let console = rules(ThreadKind::Console);
@@ -435,9 +460,20 @@ mod tests {
             "the event loop may issue exactly one ioctl (TUNSETOFFLOAD)"
         );
         assert!(events.contains_key(&libc::SYS_writev) && events.contains_key(&libc::SYS_readv));
-        assert!(!console.contains_key(&libc::SYS_ioctl));
-        assert!(!caller.contains_key(&libc::SYS_ioctl));
+        assert_eq!(
+            console.get(&libc::SYS_ioctl).map(Vec::len),
+            Some(1),
+            "the console threads may issue exactly one ioctl (TIOCGWINSZ)"
+        );
+        assert_eq!(
+            caller.get(&libc::SYS_ioctl).map(Vec::len),
+            Some(3),
+            "the caller may only set terminal attributes (restoring -t's raw mode)"
+        );
         assert!(events.contains_key(&libc::SYS_pwrite64));
+        // A captured run's output buffer grows on a stdio pump past glibc's mmap threshold:
+        // its reallocation is an mremap, which must not kill the bench that captures.
+        assert!(console.contains_key(&libc::SYS_mremap));
         assert!(!vcpu.contains_key(&libc::SYS_pwrite64));
         for forbidden in [
             libc::SYS_open,

@@ -53,9 +53,16 @@ impl Drop for TempDir {
     }
 }
 
-fn require_root_and_kvm() {
+/// A run in its own cgroup moves this whole process — every test thread, and any child
+/// process started meanwhile — into that cgroup, so these tests must not overlap: one
+/// test's child or directory would otherwise land in, or keep busy, another's cgroup.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Checks root and KVM, and holds the lock above for the rest of the test.
+fn require_root_and_kvm() -> std::sync::MutexGuard<'static, ()> {
     common::require_root();
     common::require_kvm();
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// This process's memory cgroup (from /proc/self/cgroup).
@@ -98,7 +105,7 @@ struct Seen {
 
 #[test]
 fn a_guest_touching_all_its_ram_runs_to_its_end_in_its_cgroup() {
-    require_root_and_kvm();
+    let _one_at_a_time = require_root_and_kvm();
     const GUEST_MIB: u32 = 256;
     let dir = TempDir::new("touch");
     let kernel = dir.0.join("guest.elf");
@@ -201,7 +208,7 @@ fn child_vmm_that_grows() {
 
 #[test]
 fn a_vmm_growing_past_its_limit_is_oom_killed_and_its_cgroup_swept() {
-    require_root_and_kvm();
+    let _one_at_a_time = require_root_and_kvm();
     let child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--ignored",
@@ -234,7 +241,7 @@ fn a_vmm_growing_past_its_limit_is_oom_killed_and_its_cgroup_swept() {
 
 #[test]
 fn a_cgroup_that_cannot_be_made_leaves_nothing_and_names_the_fix() {
-    require_root_and_kvm();
+    let _one_at_a_time = require_root_and_kvm();
     let before = memory_cgroup();
     // A layout whose pids hierarchy does not exist: the memory directory is made, then
     // the pids one fails; the error names --no-cgroup and the memory one is gone again.

@@ -9,7 +9,8 @@
 mod common;
 
 use common::{
-    child_dir, child_test, drain_stdout, flooding_spec, read_stderr, require_kvm, TempDir,
+    child_dir, child_test, console_log_bytes, drain_stdout, flooding_spec, read_stderr,
+    require_kvm, TempDir,
 };
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -89,7 +90,15 @@ fn the_guest_facing_threads_run_jailed() {
         .spawn()
         .unwrap();
     let drain = drain_stdout(&mut child);
-    let jailed = ["vcpu0", "vcpu1", "vmm-events", "vmm-console"];
+    let jailed = [
+        "vcpu0",
+        "vcpu1",
+        "vmm-events",
+        "vmm-console",
+        "vmm-stdout",
+        "vmm-stderr",
+        "vmm-control",
+    ];
     let started = Instant::now();
     let (snapshot, caller) = loop {
         let all = tasks(child.id());
@@ -131,7 +140,8 @@ fn the_guest_facing_threads_run_jailed() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let status = child.wait().unwrap();
-    let console_bytes = drain.join().unwrap();
+    drain.join().unwrap();
+    let console_bytes = console_log_bytes(&dir.0);
     let stderr = read_stderr(&mut child);
 
     let host_mnt = std::fs::read_link("/proc/self/ns/mnt").unwrap();

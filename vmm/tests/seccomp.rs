@@ -9,12 +9,11 @@
 mod common;
 
 use common::{
-    child_dir, child_test, drain_stdout, flooding_spec, read_stderr, require_kvm, spec_in, TempDir,
-    FLOOD,
+    child_dir, child_test, console_log_bytes, drain_stdout, flooding_spec, read_stderr,
+    require_kvm, TempDir,
 };
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use twinbox_spec::run_spec::OutputMode;
 use twinbox_spec::Outcome;
 
 /// Env var that turns this test binary into the child below (value: its directory).
@@ -79,7 +78,7 @@ fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
 
 /// The VMM threads of one child run, as (name, Seccomp mode) once all are up with the
 /// expected mode (or 3 s after they are all up), and whether the run ended normally.
-fn observe(filters_off: bool) -> (Vec<(String, String)>, bool, String, usize) {
+fn observe(filters_off: bool) -> (Vec<(String, String)>, bool, String, u64) {
     require_kvm();
     let dir = TempDir::new("seccomp");
     let mut command = child_test("child_vmm");
@@ -114,14 +113,25 @@ fn observe(filters_off: bool) -> (Vec<(String, String)>, bool, String, usize) {
         std::thread::sleep(Duration::from_millis(20));
     };
     let status = child.wait().unwrap();
-    let console_bytes = drain.join().unwrap();
+    drain.join().unwrap();
+    let console_bytes = console_log_bytes(&dir.0);
     let stderr = read_stderr(&mut child);
     let ended = status.success() && stderr.contains("RUN-ENDED-CLEANLY");
     (modes, ended, format!("{status}: {stderr}"), console_bytes)
 }
 
-/// The threads a run has: two vCPUs, the event loop, the console writer, the caller.
-const WANTED: [&str; 5] = ["vcpu0", "vcpu1", "vmm-events", "vmm-console", "vmm-caller"];
+/// The threads a run has: two vCPUs, the event loop, the console writer, the stdio pumps,
+/// the caller.
+const WANTED: [&str; 8] = [
+    "vcpu0",
+    "vcpu1",
+    "vmm-events",
+    "vmm-console",
+    "vmm-stdout",
+    "vmm-stderr",
+    "vmm-control",
+    "vmm-caller",
+];
 
 #[test]
 fn every_vmm_thread_runs_under_a_seccomp_filter() {
@@ -152,49 +162,4 @@ fn run_options_can_turn_the_filters_off() {
         assert_eq!(mode, "0", "thread {want} filtered although asked not to");
     }
     assert!(ended, "the unfiltered VMM did not finish normally ({how})");
-}
-
-/// Env var for the capture child (value: its directory).
-const CAPTURE_ENV: &str = "TWINBOX_SECCOMP_CAPTURE_CHILD";
-
-/// Not a test on its own: floods a captured console (as the bench runs VMs) for 5 s.
-#[test]
-#[ignore = "runs only as the child of the capture test"]
-fn child_captured_flood() {
-    let dir = child_dir(CAPTURE_ENV, "capture test");
-    let mut spec = spec_in(&dir, FLOOD);
-    spec.output = OutputMode::Capture;
-    // Long enough for a loaded PVM host, whose port exits are slow, to cross the threshold.
-    spec.time_limit = Some(Duration::from_secs(5));
-    let report = vmm::run(&spec).expect("vmm::run");
-    eprintln!(
-        "CAPTURED {}",
-        report.output.map(|o| o.len()).unwrap_or_default()
-    );
-}
-
-/// A captured console grows a buffer on the vCPU thread: past glibc's mmap threshold
-/// (128 KiB) its reallocation moves the mapping with mremap, which the vCPU's filter must
-/// allow, or the process (the bench, which captures) dies of SIGSYS.
-#[test]
-fn a_large_captured_console_survives_the_vcpu_filter() {
-    require_kvm();
-    let dir = TempDir::new("seccomp-capture");
-    let out = child_test("child_captured_flood")
-        .env(CAPTURE_ENV, &dir.0)
-        .env_remove(vmm::seccomp::MODE_ENV)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let captured: usize = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("CAPTURED "))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("the child died ({}): {stderr}", out.status));
-    // The buffer doubles: holding more than 128 KiB means it was reallocated from a
-    // 128 KiB block (mmapped, at glibc's threshold) to a 256 KiB one, which is the mremap.
-    assert!(
-        captured > 160 << 10,
-        "only {captured} bytes captured: the test did not cross the mmap threshold"
-    );
 }

@@ -15,8 +15,8 @@ use crate::memory::GuestMemoryMmap;
 use crate::vcpu::IoHandler;
 use devices::bus::{Bus, SharedBusDevice as SharedDevice};
 use devices::virtio::{
-    Block, IrqTrigger, MmioTransport, Net, NetBackend, NetError, Rng, RngError, VirtioDevice,
-    MMIO_WINDOW_LEN, NOTIFY_REG_OFFSET,
+    Block, Console, IrqTrigger, MmioTransport, Net, NetBackend, NetError, Rng, RngError,
+    VirtioDevice, MMIO_WINDOW_LEN, NOTIFY_REG_OFFSET,
 };
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::IoEventAddress;
@@ -66,9 +66,13 @@ pub enum DeviceError {
     },
     #[error("{what}: {source}")]
     Net { what: String, source: NetError },
+    #[error("virtio-console: {source}")]
+    Console {
+        source: devices::virtio::ConsoleError,
+    },
     #[error("virtio-rng: {source}")]
     Rng { source: RngError },
-    #[error("too many disks: at most {max} virtio devices (disks, network card, entropy source) fit the interrupt lines")]
+    #[error("too many disks: at most {max} virtio devices (disks, network card, entropy source, stdio console) fit the interrupt lines")]
     TooManyDisks { max: u32 },
     #[error("cannot place {what} at {base:#x}: the range is taken")]
     Overlap { what: String, base: u64 },
@@ -116,6 +120,8 @@ pub struct DeviceConfig<'a> {
     pub on_marker: Box<dyn FnMut(Result<Marker, MarkerError>) + Send>,
     /// The network card's tap (`--net`), if any.
     pub net: Option<NetLink>,
+    /// The device's ends of the stdio ports (see stdio.rs).
+    pub stdio: crate::stdio::DeviceEnds,
 }
 
 /// The attached devices.
@@ -128,6 +134,9 @@ pub struct DeviceSet {
     pub cmdline_entries: Vec<VirtioMmioEntry>,
     /// Written when the guest resets the machine through the i8042.
     pub reset_evt: EventFd,
+    /// The stdio console (its ports carry the job and the workload's streams), kept for
+    /// the flush at teardown.
+    pub console: Arc<Mutex<Console>>,
     /// Interrupt eventfds registered as irqfds (kept open for the VM's life).
     _irq_evts: Vec<EventFd>,
     /// Queue-notify eventfds registered as ioeventfds (kept open for the VM's life).
@@ -194,7 +203,11 @@ impl VirtioWiring<'_> {
     /// ioeventfd per queue at the notify register with the queue index as datamatch, an
     /// irqfd on the slot's GSI, the register window on the MMIO bus, the device on the event
     /// loop, and its `virtio_mmio.device=` entry. The device does not know how it is wired.
-    fn register_mmio_virtio<D>(&mut self, what: &str, device: D) -> Result<(), DeviceError>
+    fn register_mmio_virtio<D>(
+        &mut self,
+        what: &str,
+        device: D,
+    ) -> Result<Arc<Mutex<D>>, DeviceError>
     where
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
     {
@@ -241,14 +254,14 @@ impl VirtioWiring<'_> {
             Arc::new(Mutex::new(transport)),
         )?;
         // 4. The event loop serves the same device.
-        self.subscribers.push(device);
+        self.subscribers.push(device.clone());
         // 5. The kernel finds it on its command line.
         self.cmdline_entries.push(VirtioMmioEntry {
             size: MMIO_WINDOW_LEN,
             base: slot.base,
             irq: slot.gsi,
         });
-        Ok(())
+        Ok(device)
     }
 }
 
@@ -351,6 +364,10 @@ pub fn attach(
     }
     let rng = Rng::new().map_err(|source| DeviceError::Rng { source })?;
     virtio.register_mmio_virtio("virtio-rng", rng)?;
+    let ends = config.stdio;
+    let console = Console::stdio(ends.control, ends.stdin, ends.stdout, ends.stderr)
+        .map_err(|source| DeviceError::Console { source })?;
+    let console = virtio.register_mmio_virtio("virtio-console (stdio)", console)?;
     let VirtioWiring {
         subscribers,
         cmdline_entries,
@@ -363,9 +380,45 @@ pub fn attach(
         subscribers,
         cmdline_entries,
         reset_evt,
+        console,
         _irq_evts: irq_evts,
         _notify_evts: notify_evts,
     })
+}
+
+/// How long the teardown waits for the caller's readers to take the workload's last
+/// output (a reader that takes nothing must not hold the run's end for ever; one that is
+/// merely slow, e.g. on a loaded host, must not lose the tail).
+const OUTPUT_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl DeviceSet {
+    /// Writes out what the guest queued on its output ports and the device has not moved
+    /// yet (the workload's last words before init powered off), then closes them so the
+    /// stdio pumps see their end. Called after the vCPUs and the event loop stopped.
+    /// Returns a note for the report when output was lost.
+    pub fn flush_output(&self) -> Option<String> {
+        let mut console = self.console.lock().unwrap_or_else(|p| p.into_inner());
+        let flushed = console.flush_output(std::time::Instant::now() + OUTPUT_FLUSH_LIMIT);
+        // Output ports only: stdout and stderr, ids 2 and 3 (proto::stdio::PORTS).
+        let discarded: u64 = console
+            .counters()
+            .ports
+            .iter()
+            .skip(2)
+            .map(|p| p.discarded_bytes)
+            .sum();
+        match (flushed.complete, discarded) {
+            (true, 0) => None,
+            (complete, bytes) => Some(format!(
+                "workload output incomplete: {bytes} bytes discarded{}",
+                if complete {
+                    " (the reader of stdout or stderr went away)"
+                } else {
+                    "; the reader took nothing for 10 s at the end"
+                }
+            )),
+        }
+    }
 }
 
 /// Where the n-th virtio-mmio device lives.

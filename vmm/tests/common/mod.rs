@@ -144,7 +144,18 @@ pub fn flooding_spec(dir: &Path) -> twinbox_spec::RunSpec {
     spec.vcpus = 2;
     spec.output = twinbox_spec::run_spec::OutputMode::Inherit;
     spec.time_limit = Some(std::time::Duration::from_secs(4));
+    // The serial console goes to a file (as `--console-log`), written by the console
+    // thread; see console_log_bytes.
+    spec.console_log = Some(dir.join(CONSOLE_LOG));
     spec
+}
+
+/// The console log of a flooding_spec run in `dir`.
+const CONSOLE_LOG: &str = "console.log";
+
+/// How many bytes the console thread wrote to the console log of a run in `dir`.
+pub fn console_log_bytes(dir: &Path) -> u64 {
+    std::fs::metadata(dir.join(CONSOLE_LOG)).map_or(0, |m| m.len())
 }
 
 /// This test binary running only its ignored test `name` (a child process of a test).
