@@ -343,7 +343,7 @@ pub fn attach(
                 path: path.into(),
                 source,
             })?;
-        let id = path.file_name().and_then(|n| n.to_str()).unwrap_or("disk");
+        let id = block_id(path);
         let block = Block::new(file, read_only, id).map_err(|source| DeviceError::Block {
             path: path.into(),
             source,
@@ -449,8 +449,32 @@ impl VirtioSlot {
     }
 }
 
+/// The virtio-blk id (GET_ID, at most 20 bytes) of a disk file: its name, cut to 20 bytes
+/// on a character boundary as QEMU cuts a long `serial` (an image's cached disk is named
+/// by its 64-hex-digit id).
+fn block_id(path: &Path) -> &str {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("disk");
+    let mut end = name.len().min(20);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_long_disk_name_is_cut_to_the_20_bytes_of_a_virtio_blk_id() {
+        assert_eq!(block_id(Path::new("/x/rootfs.ext4")), "rootfs.ext4");
+        assert_eq!(
+            block_id(Path::new("/c/897d409578c46ab8167639e17f4d983e-0.1.0.ext4")),
+            "897d409578c46ab81676"
+        );
+        assert_eq!(block_id(Path::new("/x/ééééééééééé")), "éééééééééé");
+        assert_eq!(block_id(Path::new("/")), "disk");
+    }
+
     use super::*;
 
     #[test]
