@@ -16,6 +16,8 @@
 //!   wiring, device type 3, `2 * (ports + 1)` queues, the port fds on the event loop; the
 //!   VMM calls [`Console::flush_output`] at teardown; guest kernel:
 //!   `CONFIG_VIRTIO_CONSOLE`).
+//! - shared by net and console: `iov` (guest buffers as host iovecs for one
+//!   `readv`/`writev`) and [`ChainDrop`] / [`DropCounts`] (why a chain was refused).
 //!
 //! # Threads
 //! The vCPU thread only touches registers (through the bus). The guest's queue kicks go to
@@ -59,8 +61,10 @@
 //! report DEVICE_NEEDS_RESET (plus a config-change interrupt) until the driver resets it.
 
 pub mod block;
+mod chain;
 pub mod console;
 mod events;
+mod iov;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -74,6 +78,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use block::{Block, BlockError};
+pub use chain::{ChainDrop, DropCounts};
 pub use console::{Console, ConsoleCounters, ConsoleError, HostEnd, Port, TYPE_CONSOLE};
 pub use mmio::{MmioTransport, MMIO_WINDOW_LEN, NOTIFY_REG_OFFSET};
 pub use net::{Net, NetBackend, NetCounters, NetError, TYPE_NET};

@@ -14,11 +14,11 @@ use std::os::fd::AsFd;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::iov::{self, IoBuf, MAX_IOVS};
 use super::{
     add_used, check_chain, pop, Active, ChainDrop, Console, Direction, DropCounts, PortState,
-    QueueBroken, BUDGET, RX_QUEUE_SIZE,
+    QueueBroken, BUDGET, MAX_IOVS, RX_QUEUE_SIZE,
 };
+use crate::virtio::iov::{self, IoBuf};
 
 /// Guest buffer bytes gathered before a read: a default pipe's capacity.
 const READ_ROOM: usize = 64 << 10;

@@ -62,7 +62,6 @@
 
 pub mod control;
 mod input;
-mod iov;
 mod output;
 
 use std::io;
@@ -74,16 +73,17 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use super::chain::{ChainDrop, DropCounts};
 pub use control::ControlCounters;
 pub use output::{FlushOutcome, MAX_TX_CHAIN_LEN};
 
 use super::events::DeviceEvents;
+use super::iov::{push_guest_range, IoBuf};
 use super::{
     ActivateError, IrqTrigger, VirtioDevice, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use control::ControlMsg;
-use iov::{push_guest_range, IoBuf, RangeError};
 
 /// Device type: console (virtio 1.1, 5).
 pub const TYPE_CONSOLE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
@@ -110,6 +110,8 @@ pub const CONTROL_TX_QUEUE: usize = 3;
 /// Reads or writes per port and event before going back to the loop, so one busy port
 /// starves neither the others nor other devices.
 const BUDGET: usize = 64;
+/// Most iovecs in one `readv`/`writev`, below the kernel's IOV_MAX (1024).
+const MAX_IOVS: usize = 512;
 /// Event data of port `i`'s fd (the device's eventfds use 0 and 1 + queue index).
 const HOST_EVENT_BASE: u32 = 0x1_0000;
 
@@ -216,68 +218,6 @@ pub enum ConsoleError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] io::Error),
-}
-
-/// Why a descriptor chain was dropped (returned to the driver with length 0).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChainDrop {
-    /// A device-writable descriptor where the device reads, or a readable one where it
-    /// writes.
-    WrongDirection,
-    /// No room (a receive chain of 0 bytes, a control message that does not fit) or too
-    /// few bytes (a control message shorter than its 8-byte header).
-    TooShort,
-    /// A transmit chain longer than [`MAX_TX_CHAIN_LEN`].
-    TooLong,
-    /// A buffer (partly) outside guest RAM.
-    OutsideMemory,
-    /// More guest memory segments than one `readv`/`writev` takes.
-    TooManySegments,
-    /// The chain loops, is longer than the queue, or links to a descriptor that does not
-    /// exist (virtio-queue stops following it; the rest is missing).
-    BrokenLink,
-}
-
-/// Dropped chains by reason.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DropCounts {
-    /// See [`ChainDrop::WrongDirection`].
-    pub wrong_direction: u64,
-    /// See [`ChainDrop::TooShort`].
-    pub too_short: u64,
-    /// See [`ChainDrop::TooLong`].
-    pub too_long: u64,
-    /// See [`ChainDrop::OutsideMemory`].
-    pub outside_memory: u64,
-    /// See [`ChainDrop::TooManySegments`].
-    pub too_many_segments: u64,
-    /// See [`ChainDrop::BrokenLink`].
-    pub broken_link: u64,
-}
-
-impl DropCounts {
-    /// Counts one dropped chain.
-    pub fn count(&mut self, why: ChainDrop) {
-        let counter = match why {
-            ChainDrop::WrongDirection => &mut self.wrong_direction,
-            ChainDrop::TooShort => &mut self.too_short,
-            ChainDrop::TooLong => &mut self.too_long,
-            ChainDrop::OutsideMemory => &mut self.outside_memory,
-            ChainDrop::TooManySegments => &mut self.too_many_segments,
-            ChainDrop::BrokenLink => &mut self.broken_link,
-        };
-        *counter += 1;
-    }
-
-    /// All dropped chains.
-    pub fn total(&self) -> u64 {
-        self.wrong_direction
-            + self.too_short
-            + self.too_long
-            + self.outside_memory
-            + self.too_many_segments
-            + self.broken_link
-    }
 }
 
 /// What one port moved since the device was created (not cleared by reset).
@@ -472,10 +412,7 @@ fn check_chain(
             if total > max_len {
                 return Err(ChainDrop::TooLong);
             }
-            push_guest_range(mem, desc.addr(), desc.len(), out, limit).map_err(|e| match e {
-                RangeError::OutsideMemory => ChainDrop::OutsideMemory,
-                RangeError::TooManySegments => ChainDrop::TooManySegments,
-            })?;
+            push_guest_range(mem, desc.addr(), desc.len(), out, limit)?;
         }
         if descs == 0 || last_has_next {
             return Err(ChainDrop::BrokenLink);

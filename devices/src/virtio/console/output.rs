@@ -17,11 +17,11 @@ use std::time::Instant;
 
 use virtio_queue::{QueueOwnedT, QueueT};
 
-use super::iov::{self, IoBuf, MAX_IOVS};
 use super::{
     add_used, check_chain, pop, Active, ChainDrop, Console, Direction, DropCounts, PortState,
-    QueueBroken, BUDGET, TX_QUEUE_SIZE,
+    QueueBroken, BUDGET, MAX_IOVS, TX_QUEUE_SIZE,
 };
+use crate::virtio::iov::{self, IoBuf};
 
 /// Guest bytes gathered before a write: as much as a pipe can hold at the default
 /// `/proc/sys/fs/pipe-max-size` (1 MiB), so one call can fill a pipe the VMM enlarged.

@@ -10,7 +10,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
-use super::iov::IoBuf;
+use crate::virtio::iov::{self, IoBuf};
 
 /// What kind of file the backend is; reads and writes differ in their details.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,16 +101,26 @@ impl NetBackend {
     /// frame longer than `bufs` is cut, the rest lost, for a tap and a socket alike).
     /// `Ok(0)` means the peer of a socket hung up.
     pub(crate) fn read_frame(&self, bufs: &[IoBuf]) -> io::Result<usize> {
-        // SAFETY: `IoBuf` has the layout of `struct iovec` (checked at compile time in
-        // iov.rs); every entry points into guest memory that the caller keeps mapped, or
-        // at the caller's spill byte, borrowed mutably across this call (see `IoBuf`).
-        // The kernel writes at most each entry's length, and what it writes into guest
-        // memory is only ever read as guest bytes.
+        iov::readv(self.fd.as_fd(), bufs)
+    }
+
+    /// Sends `bufs` (header + frame) as one frame; returns the bytes taken.
+    pub(crate) fn write_frame(&self, bufs: &[IoBuf]) -> io::Result<usize> {
+        if self.kind == BackendKind::Tap {
+            return iov::writev(self.fd.as_fd(), bufs);
+        }
+        // SAFETY: all-zero is a valid msghdr.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = bufs.as_ptr().cast::<libc::iovec>().cast_mut();
+        msg.msg_iovlen = bufs.len() as _;
+        // SAFETY: as for `iov::writev` (entries in guest memory kept mapped, or the TX
+        // header copy alive on the caller's stack across this call; the kernel only reads
+        // the buffers); msg lives across the call.
         let n = unsafe {
-            libc::readv(
+            libc::sendmsg(
                 self.fd.as_raw_fd(),
-                bufs.as_ptr().cast::<libc::iovec>(),
-                iov_count(bufs),
+                &msg,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
             )
         };
         if n < 0 {
@@ -118,40 +128,6 @@ impl NetBackend {
         }
         Ok(n as usize)
     }
-
-    /// Sends `bufs` (header + frame) as one frame; returns the bytes taken.
-    pub(crate) fn write_frame(&self, bufs: &[IoBuf]) -> io::Result<usize> {
-        let iov = bufs.as_ptr().cast::<libc::iovec>().cast_mut();
-        let n = match self.kind {
-            // SAFETY: as in read_frame (entries in guest memory kept mapped, or the TX
-            // header copy alive on the caller's stack across this call); the kernel
-            // only reads the buffers.
-            BackendKind::Tap => unsafe { libc::writev(self.fd.as_raw_fd(), iov, iov_count(bufs)) },
-            BackendKind::Socket => {
-                // SAFETY: all-zero is a valid msghdr.
-                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-                msg.msg_iov = iov;
-                msg.msg_iovlen = bufs.len() as _;
-                // SAFETY: as for writev; msg lives across the call.
-                unsafe {
-                    libc::sendmsg(
-                        self.fd.as_raw_fd(),
-                        &msg,
-                        libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-                    )
-                }
-            }
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
-    }
-}
-
-/// `bufs.len()` as the kernel's count; callers never pass more than `iov::MAX_IOVS`.
-fn iov_count(bufs: &[IoBuf]) -> libc::c_int {
-    libc::c_int::try_from(bufs.len()).unwrap_or(libc::c_int::MAX)
 }
 
 impl AsRawFd for NetBackend {

@@ -39,7 +39,6 @@
 //! ever reach the kernel as iovecs.
 
 mod backend;
-mod iov;
 pub mod rx;
 pub mod tx;
 
@@ -56,14 +55,15 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use super::chain::{ChainDrop, DropCounts};
 pub use backend::{BackendKind, NetBackend};
 
 use super::events::DeviceEvents;
+use super::iov::IoBuf;
 use super::{
     ActivateError, IrqTrigger, VirtioDevice, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
-use iov::IoBuf;
 
 /// Device type: network card (virtio 1.1, 5).
 pub const TYPE_NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -73,6 +73,9 @@ pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 /// Maximum (and offered) size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
+/// Most iovecs in one read or write: two per descriptor of a full queue (a buffer may
+/// straddle two adjacent memory regions), well under the kernel's IOV_MAX (1024).
+const MAX_IOVS: usize = 2 * QUEUE_SIZE as usize;
 /// Bytes of `virtio_net_hdr_v1` before every frame (VERSION_1 always has `num_buffers`).
 pub const VNET_HDR_LEN: usize =
     std::mem::size_of::<virtio_bindings::virtio_net::virtio_net_hdr_v1>();
@@ -137,72 +140,6 @@ pub enum NetError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
-}
-
-/// Why a descriptor chain was dropped (returned to the driver with length 0).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChainDrop {
-    /// A device-writable descriptor in TX, or a readable one in RX.
-    WrongDirection,
-    /// Fewer bytes than the 12-byte header.
-    HeaderTooShort,
-    /// A TX chain longer than [`MAX_PACKET_LEN`].
-    TooLong,
-    /// A buffer (partly) outside guest RAM.
-    OutsideMemory,
-    /// More guest memory segments than one `readv`/`writev` takes.
-    TooManySegments,
-    /// The chain loops, is longer than the queue, or links to a descriptor that does
-    /// not exist (virtio-queue stops following it; the rest is missing).
-    BrokenLink,
-    /// A TX header asking for an offload (checksum, GSO type, ECN) not negotiated.
-    BadOffload,
-}
-
-/// Dropped chains by reason.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DropCounts {
-    /// See [`ChainDrop::WrongDirection`].
-    pub wrong_direction: u64,
-    /// See [`ChainDrop::HeaderTooShort`].
-    pub header_too_short: u64,
-    /// See [`ChainDrop::TooLong`].
-    pub too_long: u64,
-    /// See [`ChainDrop::OutsideMemory`].
-    pub outside_memory: u64,
-    /// See [`ChainDrop::TooManySegments`].
-    pub too_many_segments: u64,
-    /// See [`ChainDrop::BrokenLink`].
-    pub broken_link: u64,
-    /// See [`ChainDrop::BadOffload`].
-    pub bad_offload: u64,
-}
-
-impl DropCounts {
-    /// Counts one dropped chain.
-    pub fn count(&mut self, why: ChainDrop) {
-        let counter = match why {
-            ChainDrop::WrongDirection => &mut self.wrong_direction,
-            ChainDrop::HeaderTooShort => &mut self.header_too_short,
-            ChainDrop::TooLong => &mut self.too_long,
-            ChainDrop::OutsideMemory => &mut self.outside_memory,
-            ChainDrop::TooManySegments => &mut self.too_many_segments,
-            ChainDrop::BrokenLink => &mut self.broken_link,
-            ChainDrop::BadOffload => &mut self.bad_offload,
-        };
-        *counter += 1;
-    }
-
-    /// All dropped chains.
-    pub fn total(&self) -> u64 {
-        self.wrong_direction
-            + self.header_too_short
-            + self.too_long
-            + self.outside_memory
-            + self.too_many_segments
-            + self.broken_link
-            + self.bad_offload
-    }
 }
 
 /// What the device has moved and refused since it was created (not cleared by reset).
@@ -517,7 +454,7 @@ impl VirtioDevice for Net {
         };
         self.active = Some(Active {
             pool: rx::RxPool::new(mergeable.then_some(frame_room)),
-            tx_iovs: Vec::with_capacity(iov::MAX_IOVS),
+            tx_iovs: Vec::with_capacity(MAX_IOVS),
             mem,
             rx: rxq,
             tx: txq,

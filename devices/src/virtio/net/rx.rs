@@ -21,11 +21,11 @@ use std::collections::VecDeque;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::iov::{push_guest_range, IoBuf, RangeError, MAX_IOVS};
 use super::{
-    Active, ChainDrop, Net, NetBackend, NetCounters, QueueBroken, BUDGET, NUM_BUFFERS_OFFSET,
-    RX_QUEUE, VNET_HDR_LEN,
+    Active, ChainDrop, Net, NetBackend, NetCounters, QueueBroken, BUDGET, MAX_IOVS,
+    NUM_BUFFERS_OFFSET, RX_QUEUE, VNET_HDR_LEN,
 };
+use crate::virtio::iov::{push_guest_range, IoBuf};
 
 /// Header bytes the device writes after a read: `flags` (cleared when the driver did not
 /// negotiate GUEST_CSUM: the spec wants 0 there, and a tap may set DATA_VALID whatever
@@ -116,12 +116,7 @@ impl RxPool {
                 if !desc.is_write_only() {
                     return Err(ChainDrop::WrongDirection);
                 }
-                push_guest_range(mem, desc.addr(), desc.len(), &mut self.iovs, MAX_IOVS).map_err(
-                    |e| match e {
-                        RangeError::OutsideMemory => ChainDrop::OutsideMemory,
-                        RangeError::TooManySegments => ChainDrop::TooManySegments,
-                    },
-                )?;
+                push_guest_range(mem, desc.addr(), desc.len(), &mut self.iovs, MAX_IOVS)?;
                 for (pos, at) in FIXED_BYTES.iter().zip(fixed_at.iter_mut()) {
                     let pos = *pos as u32;
                     if (len..len.saturating_add(desc.len())).contains(&pos) {
@@ -138,7 +133,7 @@ impl RxPool {
             // Every buffer must hold a whole header (virtio 1.1, 5.1.6.3.1), which also
             // puts num_buffers in the first chain of a frame.
             if (len as usize) < VNET_HDR_LEN {
-                return Err(ChainDrop::HeaderTooShort);
+                return Err(ChainDrop::TooShort);
             }
             Ok(())
         };

@@ -647,10 +647,8 @@ fn malformed_tx_chains_are_dropped_and_counted() {
             vec![(BUF, 12, false), (BUF + 0x1000, 64, true)],
             |d| d.wrong_direction,
         ),
-        ("header too short", vec![(BUF, 11, false)], |d| {
-            d.header_too_short
-        }),
-        ("empty", vec![(BUF, 0, false)], |d| d.header_too_short),
+        ("header too short", vec![(BUF, 11, false)], |d| d.too_short),
+        ("empty", vec![(BUF, 0, false)], |d| d.too_short),
         (
             "outside memory",
             vec![(BUF, 12, false), (WILD, 64, false)],
@@ -752,7 +750,7 @@ fn malformed_rx_chains_are_returned_empty_and_counted() {
             |d| d.wrong_direction,
         ),
         ("shorter than a header", vec![(BUF, 11, true)], |d| {
-            d.header_too_short
+            d.too_short
         }),
         ("outside memory", vec![(WILD, 2048, true)], |d| {
             d.outside_memory
@@ -848,7 +846,7 @@ fn add_indirect(ring: &mut Ring, mem: &GuestMemoryMmap, table: u64, n: u16, writ
 #[test]
 fn chains_with_more_segments_than_one_call_takes_are_dropped() {
     let mut r = rig(ALL);
-    let segments = iov::MAX_IOVS as u16 + 1;
+    let segments = MAX_IOVS as u16 + 1;
     let good = packet(&header(0, 0), &frame(64, 1));
     let head = add_indirect(&mut r.tx, &r.mem, 0x80_0000, segments, false);
     r.mem.write_slice(&good, GuestAddress(0x90_0000)).unwrap();
@@ -864,7 +862,7 @@ fn chains_with_more_segments_than_one_call_takes_are_dropped() {
 
     // Exactly the limit is fine: the device's header copy takes one entry, the rest of
     // the first descriptor and the others one each.
-    let n = iov::MAX_IOVS as u16 - 1;
+    let n = MAX_IOVS as u16 - 1;
     let fine = add_indirect(&mut r.tx, &r.mem, 0x80_0000, n, false);
     r.net.process_tx();
     assert_eq!(r.tx.used(&r.mem, 2), (fine, 0));

@@ -15,11 +15,11 @@ use virtio_bindings::virtio_net::{
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
-use super::iov::{push_guest_range, IoBuf, RangeError, MAX_IOVS};
 use super::{
-    Active, ChainDrop, Net, NetBackend, NetCounters, QueueBroken, BUDGET, MAX_PACKET_LEN, TX_QUEUE,
-    VNET_HDR_LEN,
+    Active, ChainDrop, Net, NetBackend, NetCounters, QueueBroken, BUDGET, MAX_IOVS, MAX_PACKET_LEN,
+    TX_QUEUE, VNET_HDR_LEN,
 };
+use crate::virtio::iov::{push_guest_range, IoBuf};
 
 /// How a TX pass ended, when the queue is not broken.
 #[derive(Default)]
@@ -173,17 +173,14 @@ fn parse_chain(
                 .checked_add(in_header as u64)
                 .ok_or(ChainDrop::OutsideMemory)?;
             let rest = (len - in_header) as u32;
-            push_guest_range(mem, addr, rest, out, MAX_IOVS).map_err(|e| match e {
-                RangeError::OutsideMemory => ChainDrop::OutsideMemory,
-                RangeError::TooManySegments => ChainDrop::TooManySegments,
-            })?;
+            push_guest_range(mem, addr, rest, out, MAX_IOVS)?;
         }
     }
     if descs == 0 || last_has_next {
         return Err(ChainDrop::BrokenLink);
     }
     if total < VNET_HDR_LEN {
-        return Err(ChainDrop::HeaderTooShort);
+        return Err(ChainDrop::TooShort);
     }
     check_header(&hdr, acked)?;
     Ok((total, hdr))
