@@ -8,6 +8,8 @@ use std::io;
 use event_manager::{EventOps, EventSet, Events};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::ActivateError;
+
 /// Event data tag of the activate eventfd; queue `i` uses `QUEUE_EVENT_BASE + i`.
 const ACTIVATE_EVENT: u32 = 0;
 const QUEUE_EVENT_BASE: u32 = 1;
@@ -36,6 +38,19 @@ impl DeviceEvents {
     /// after activation and after reset, from any thread).
     pub fn signal(&self) -> io::Result<()> {
         self.activate_evt.write(1)
+    }
+
+    /// [`Self::signal`] at the end of an activation, its error as the activation's.
+    pub fn signal_activated(&self) -> Result<(), ActivateError> {
+        self.signal().map_err(ActivateError::Signal)
+    }
+
+    /// [`Self::signal`] at the end of a reset, which cannot fail: an error is logged for
+    /// `device` (e.g. "virtio-blk").
+    pub fn signal_reset(&self, device: &str) {
+        if let Err(e) = self.signal() {
+            tracing::error!("{device}: cannot signal reset to the event loop: {e}");
+        }
     }
 
     /// `MutEventSubscriber::init`: watch the activate eventfd (and the queues if the

@@ -134,6 +134,13 @@ impl IrqTrigger {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Tells the driver, after the device stopped on a broken queue, to look at Status,
+    /// where it finds DEVICE_NEEDS_RESET (an error is ignored: the device stays stopped
+    /// either way).
+    pub(crate) fn signal_needs_reset(&self) {
+        let _ = self.trigger(INTERRUPT_USED_RING | INTERRUPT_CONFIG_CHANGE);
+    }
+
     /// Clears everything (device reset).
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
@@ -221,27 +228,55 @@ pub trait VirtioDevice: Send {
     }
 }
 
-/// The one queue of a single-queue device (blk, rng), checked against `mem`: refuses any
-/// other count and a queue whose rings do not fit guest memory.
-pub(crate) fn single_valid_queue(
-    queues: Vec<Queue>,
+/// Checks the driver's queues at activation: `expected` of them (the device's count),
+/// each with rings that fit guest memory `mem`.
+pub(crate) fn check_queues(
+    queues: &[Queue],
+    expected: usize,
     mem: &GuestMemoryMmap,
-) -> Result<Queue, ActivateError> {
+) -> Result<(), ActivateError> {
     use virtio_queue::QueueT;
-    let got = queues.len();
-    let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
-        return Err(ActivateError::QueueCount { expected: 1, got });
-    };
-    if !queue.is_valid(mem) {
-        return Err(ActivateError::InvalidQueue {
-            index: 0,
-            size: queue.size(),
-            desc: queue.desc_table(),
-            avail: queue.avail_ring(),
-            used: queue.used_ring(),
+    if queues.len() != expected {
+        return Err(ActivateError::QueueCount {
+            expected,
+            got: queues.len(),
         });
     }
-    Ok(queue)
+    for (index, q) in queues.iter().enumerate() {
+        if !q.is_valid(mem) {
+            return Err(ActivateError::InvalidQueue {
+                index,
+                size: q.size(),
+                desc: q.desc_table(),
+                avail: q.avail_ring(),
+                used: q.used_ring(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The `N` queues of a device with a fixed count (blk and rng 1, net 2), checked as by
+/// [`check_queues`].
+pub(crate) fn valid_queues<const N: usize>(
+    queues: Vec<Queue>,
+    mem: &GuestMemoryMmap,
+) -> Result<[Queue; N], ActivateError> {
+    check_queues(&queues, N, mem)?;
+    let got = queues.len();
+    <[Queue; N]>::try_from(queues).map_err(|_| ActivateError::QueueCount { expected: N, got })
+}
+
+/// [`VirtioDevice::read_config`] over a device's config space `config`: the bytes at
+/// `offset`, and zero for whatever lies past its end.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    if let Ok(start) = usize::try_from(offset) {
+        if start < config.len() {
+            let n = data.len().min(config.len() - start);
+            data[..n].copy_from_slice(&config[start..start + n]);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -160,25 +160,22 @@ impl VirtioDevice for Rng {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let queue = super::single_valid_queue(queues, &mem)?;
+        let [queue] = super::valid_queues(queues, &mem)?;
         self.active = Some(Active {
             mem,
             queue,
             interrupt,
         });
         self.broken = false;
-        self.events.signal().map_err(|e| {
-            self.active = None;
-            ActivateError::Signal(e)
-        })
+        self.events
+            .signal_activated()
+            .inspect_err(|_| self.active = None)
     }
 
     fn reset(&mut self) {
         self.active = None;
         self.broken = false;
-        if let Err(e) = self.events.signal() {
-            tracing::error!("virtio-rng: cannot signal reset to the event loop: {e}");
-        }
+        self.events.signal_reset("virtio-rng");
     }
 
     fn needs_reset(&self) -> bool {

@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::events::DeviceEvents;
 use super::{
-    ActivateError, IrqTrigger, VirtioDevice, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING,
+    read_config_bytes, valid_queues, ActivateError, IrqTrigger, VirtioDevice, INTERRUPT_USED_RING,
     TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use request::Disk;
@@ -141,10 +141,7 @@ impl Block {
             Err(e) => {
                 tracing::warn!("virtio-blk: queue broken, stopping until reset: {e}");
                 self.broken = true;
-                // Tell the driver to look at Status, where it finds DEVICE_NEEDS_RESET.
-                let _ = active
-                    .interrupt
-                    .trigger(INTERRUPT_USED_RING | INTERRUPT_CONFIG_CHANGE);
+                active.interrupt.signal_needs_reset();
             }
         }
     }
@@ -218,14 +215,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_bytes();
-        data.fill(0);
-        if let Ok(start) = usize::try_from(offset) {
-            if start < config.len() {
-                let n = data.len().min(config.len() - start);
-                data[..n].copy_from_slice(&config[start..start + n]);
-            }
-        }
+        read_config_bytes(&self.config_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -246,7 +236,7 @@ impl VirtioDevice for Block {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let mut queue = crate::virtio::single_valid_queue(queues, &mem)?;
+        let [mut queue] = valid_queues(queues, &mem)?;
         let event_idx = acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
         queue.set_event_idx(event_idx);
         self.active = Some(Active {
@@ -256,19 +246,16 @@ impl VirtioDevice for Block {
             event_idx,
         });
         self.broken = false;
-        self.events.signal().map_err(|e| {
-            self.active = None;
-            ActivateError::Signal(e)
-        })
+        self.events
+            .signal_activated()
+            .inspect_err(|_| self.active = None)
     }
 
     fn reset(&mut self) {
         self.active = None;
         self.broken = false;
         // Let the event loop drop the queue eventfds.
-        if let Err(e) = self.events.signal() {
-            tracing::error!("virtio-blk: cannot signal reset to the event loop: {e}");
-        }
+        self.events.signal_reset("virtio-blk");
     }
 
     fn needs_reset(&self) -> bool {

@@ -16,6 +16,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
 use crate::virtio::test_util::TempDisk;
+use crate::virtio::INTERRUPT_CONFIG_CHANGE;
 
 const MEM_SIZE: usize = 0x40_0000;
 const QLEN: u16 = 16;

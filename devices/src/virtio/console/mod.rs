@@ -80,7 +80,7 @@ pub use output::{FlushOutcome, MAX_TX_CHAIN_LEN};
 use super::events::DeviceEvents;
 use super::iov::{push_guest_range, IoBuf};
 use super::{
-    ActivateError, IrqTrigger, VirtioDevice, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING,
+    check_queues, read_config_bytes, ActivateError, IrqTrigger, VirtioDevice, INTERRUPT_USED_RING,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use control::ControlMsg;
@@ -578,10 +578,7 @@ impl Console {
         tracing::warn!("virtio-console: queue broken, stopping until reset: {e}");
         self.broken = true;
         if let Some(active) = &self.active {
-            // Tell the driver to look at Status, where it finds DEVICE_NEEDS_RESET.
-            let _ = active
-                .interrupt
-                .trigger(INTERRUPT_USED_RING | INTERRUPT_CONFIG_CHANGE);
+            active.interrupt.signal_needs_reset();
         }
     }
 
@@ -681,14 +678,7 @@ impl VirtioDevice for Console {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_bytes();
-        data.fill(0);
-        if let Ok(start) = usize::try_from(offset) {
-            if start < config.len() {
-                let n = data.len().min(config.len() - start);
-                data[..n].copy_from_slice(&config[start..start + n]);
-            }
-        }
+        read_config_bytes(&self.config_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -709,23 +699,7 @@ impl VirtioDevice for Console {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        if queues.len() != self.queue_sizes.len() {
-            return Err(ActivateError::QueueCount {
-                expected: self.queue_sizes.len(),
-                got: queues.len(),
-            });
-        }
-        for (index, q) in queues.iter().enumerate() {
-            if !q.is_valid(&mem) {
-                return Err(ActivateError::InvalidQueue {
-                    index,
-                    size: q.size(),
-                    desc: q.desc_table(),
-                    avail: q.avail_ring(),
-                    used: q.used_ring(),
-                });
-            }
-        }
+        check_queues(&queues, self.queue_sizes.len(), &mem)?;
         if acked_features & 1 << VIRTIO_CONSOLE_F_MULTIPORT == 0 {
             // Without MULTIPORT a driver uses queues 0 and 1 only and never sends
             // DEVICE_READY: no port gets a name, so init finds none.
@@ -746,10 +720,9 @@ impl VirtioDevice for Console {
             used: 0,
         });
         self.broken = false;
-        self.events.signal().map_err(|e| {
-            self.active = None;
-            ActivateError::Signal(e)
-        })
+        self.events
+            .signal_activated()
+            .inspect_err(|_| self.active = None)
     }
 
     fn reset(&mut self) {
@@ -765,9 +738,7 @@ impl VirtioDevice for Console {
             p.guest_closing = false;
         }
         // Let the event loop drop the queue eventfds and the host fds.
-        if let Err(e) = self.events.signal() {
-            tracing::error!("virtio-console: cannot signal reset to the event loop: {e}");
-        }
+        self.events.signal_reset("virtio-console");
     }
 
     fn needs_reset(&self) -> bool {

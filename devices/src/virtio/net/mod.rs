@@ -61,7 +61,7 @@ pub use backend::{BackendKind, NetBackend};
 use super::events::DeviceEvents;
 use super::iov::IoBuf;
 use super::{
-    ActivateError, IrqTrigger, VirtioDevice, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING,
+    read_config_bytes, valid_queues, ActivateError, IrqTrigger, VirtioDevice, INTERRUPT_USED_RING,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
@@ -315,10 +315,7 @@ impl Net {
         tracing::warn!("virtio-net: queue broken, stopping until reset: {e}");
         self.broken = true;
         if let Some(active) = &self.active {
-            // Tell the driver to look at Status, where it finds DEVICE_NEEDS_RESET.
-            let _ = active
-                .interrupt
-                .trigger(INTERRUPT_USED_RING | INTERRUPT_CONFIG_CHANGE);
+            active.interrupt.signal_needs_reset();
         }
     }
 
@@ -393,14 +390,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_bytes();
-        data.fill(0);
-        if let Ok(start) = usize::try_from(offset) {
-            if start < config.len() {
-                let n = data.len().min(config.len() - start);
-                data[..n].copy_from_slice(&config[start..start + n]);
-            }
-        }
+        read_config_bytes(&self.config_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -422,21 +412,7 @@ impl VirtioDevice for Net {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let got = queues.len();
-        let Ok([mut rxq, mut txq]) = <[Queue; 2]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        };
-        for (index, q) in [&rxq, &txq].into_iter().enumerate() {
-            if !q.is_valid(&mem) {
-                return Err(ActivateError::InvalidQueue {
-                    index,
-                    size: q.size(),
-                    desc: q.desc_table(),
-                    avail: q.avail_ring(),
-                    used: q.used_ring(),
-                });
-            }
-        }
+        let [mut rxq, mut txq] = valid_queues(queues, &mem)?;
         let event_idx = acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
         rxq.set_event_idx(event_idx);
         txq.set_event_idx(event_idx);
@@ -467,10 +443,9 @@ impl VirtioDevice for Net {
         self.rx_waiting = false;
         self.tx_blocked = false;
         self.offload_pending = Some(tap_offloads(acked_features));
-        self.events.signal().map_err(|e| {
-            self.active = None;
-            ActivateError::Signal(e)
-        })
+        self.events
+            .signal_activated()
+            .inspect_err(|_| self.active = None)
     }
 
     fn reset(&mut self) {
@@ -482,9 +457,7 @@ impl VirtioDevice for Net {
         self.tx_blocked = false;
         self.offload_pending = None;
         // Let the event loop drop the queue eventfds and the backend.
-        if let Err(e) = self.events.signal() {
-            tracing::error!("virtio-net: cannot signal reset to the event loop: {e}");
-        }
+        self.events.signal_reset("virtio-net");
     }
 
     fn needs_reset(&self) -> bool {

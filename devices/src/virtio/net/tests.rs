@@ -15,6 +15,7 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRI
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
+use crate::virtio::INTERRUPT_CONFIG_CHANGE;
 
 const MEM_SIZE: usize = 0x100_0000;
 /// Far outside guest memory.
