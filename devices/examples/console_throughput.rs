@@ -10,6 +10,9 @@
 //!
 //! `cargo run --release -p devices --example console_throughput [MiB]` (default 256).
 
+#[path = "../src/virtio/split_ring.rs"]
+mod split_ring;
+
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
@@ -19,8 +22,8 @@ use devices::virtio::console::control::{ControlMsg, PORT_OPEN};
 use devices::virtio::console::{rx_queue, tx_queue, CONTROL_TX_QUEUE};
 use devices::virtio::{Console, IrqTrigger, VirtioDevice};
 use event_manager::{EventManager, SubscriberOps};
+use split_ring::Ring;
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const STDIN: usize = 1;
@@ -31,71 +34,6 @@ const TX_CHAIN: u32 = 32 << 10;
 const RX_BUF: u32 = 4096;
 /// The pipes' capacity (what the VMM asks for).
 const PIPE_CAPACITY: i32 = 1 << 20;
-
-/// A split ring laid out by hand (desc at base, avail +0x1000, used +0x2000) whose
-/// descriptor `i` is buffer `i`, one-descriptor chains.
-struct Ring {
-    base: u64,
-    size: u16,
-    avail: u16,
-    seen_used: u16,
-}
-
-impl Ring {
-    fn new(q: usize, size: u16) -> Self {
-        Self {
-            base: q as u64 * 0x4000,
-            size,
-            avail: 0,
-            seen_used: 0,
-        }
-    }
-
-    fn queue(&self) -> Queue {
-        let mut q = Queue::new(self.size).unwrap();
-        q.set_size(self.size);
-        q.set_ready(true);
-        q.try_set_desc_table_address(GuestAddress(self.base))
-            .unwrap();
-        q.try_set_avail_ring_address(GuestAddress(self.base + 0x1000))
-            .unwrap();
-        q.try_set_used_ring_address(GuestAddress(self.base + 0x2000))
-            .unwrap();
-        q
-    }
-
-    fn set_desc(&self, mem: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16) {
-        let at = self.base + 16 * u64::from(i);
-        mem.write_obj(addr, GuestAddress(at)).unwrap();
-        mem.write_obj(len, GuestAddress(at + 8)).unwrap();
-        mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-    }
-
-    fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
-        let slot = u64::from(self.avail % self.size);
-        mem.write_obj(head, GuestAddress(self.base + 0x1004 + 2 * slot))
-            .unwrap();
-        self.avail = self.avail.wrapping_add(1);
-        mem.write_obj(self.avail, GuestAddress(self.base + 0x1002))
-            .unwrap();
-    }
-
-    /// Makes every chain the device returned since last time available again.
-    fn recycle(&mut self, mem: &GuestMemoryMmap) -> u16 {
-        let used: u16 = mem.read_obj(GuestAddress(self.base + 0x2002)).unwrap();
-        let mut n = 0;
-        while self.seen_used != used {
-            let slot = u64::from(self.seen_used % self.size);
-            let id: u32 = mem
-                .read_obj(GuestAddress(self.base + 0x2004 + 8 * slot))
-                .unwrap();
-            self.publish(mem, id as u16);
-            self.seen_used = self.seen_used.wrapping_add(1);
-            n += 1;
-        }
-        n
-    }
-}
 
 /// A pipe of [`PIPE_CAPACITY`]: (read end, write end).
 fn pipe() -> (OwnedFd, OwnedFd) {
@@ -157,7 +95,7 @@ fn main() {
         .queue_max_sizes()
         .iter()
         .enumerate()
-        .map(|(q, &size)| Ring::new(q, size))
+        .map(|(q, &size)| Ring::new(q as u64 * 0x4000, size))
         .collect();
     let queues = rings.iter().map(Ring::queue).collect();
     let console = Arc::new(Mutex::new(console));
@@ -185,7 +123,7 @@ fn main() {
     mem.write_slice(&vec![0x5a; TX_CHAIN as usize], GuestAddress(BUFS))
         .unwrap();
     for i in 0..tx.size {
-        tx.set_desc(&mem, i, BUFS, TX_CHAIN, 0);
+        tx.write_desc(&mem, i, BUFS, TX_CHAIN, 0, 0);
     }
     let drain = std::thread::spawn(move || {
         let mut out = std::fs::File::from(stdout_r);
@@ -218,7 +156,7 @@ fn main() {
     let rx = &mut rings[rxq];
     for i in 0..rx.size {
         let addr = BUFS + (8 << 20) + u64::from(i) * u64::from(RX_BUF);
-        rx.set_desc(&mem, i, addr, RX_BUF, VRING_DESC_F_WRITE as u16);
+        rx.write_desc(&mem, i, addr, RX_BUF, VRING_DESC_F_WRITE, 0);
     }
     let ctl = &mut rings[CONTROL_TX_QUEUE];
     let open = ControlMsg {
@@ -229,7 +167,7 @@ fn main() {
     let ctl_buf = BUFS + (16 << 20);
     mem.write_slice(&open.to_bytes(), GuestAddress(ctl_buf))
         .unwrap();
-    ctl.set_desc(&mem, 0, ctl_buf, 8, 0);
+    ctl.write_desc(&mem, 0, ctl_buf, 8, 0, 0);
     ctl.publish(&mem, 0);
     kicks[CONTROL_TX_QUEUE].write(1).unwrap();
     manager.run_with_timeout(100).unwrap();

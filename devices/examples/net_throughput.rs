@@ -7,6 +7,9 @@
 //! `cargo run --release -p devices --example net_throughput [frames] [frame bytes]`
 //! (defaults: 200 000 frames of 1514 bytes, then of 65 000 bytes as TSO would make).
 
+#[path = "../src/virtio/split_ring.rs"]
+mod split_ring;
+
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
@@ -15,70 +18,14 @@ use std::time::Instant;
 use devices::virtio::net::{RX_QUEUE, TX_QUEUE, VNET_HDR_LEN};
 use devices::virtio::{IrqTrigger, Net, NetBackend, VirtioDevice};
 use event_manager::{EventManager, SubscriberOps};
+use split_ring::Ring;
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const QSIZE: u16 = 256;
 const RX_BUF: u64 = 0x10_0000;
 const RX_BUF_LEN: u32 = 4096;
 const TX_BUF: u64 = 0x80_0000;
-
-/// A split ring laid out by hand (desc at base, avail +0x1000, used +0x2000) whose
-/// descriptor `i` is buffer `i`, one-descriptor chains.
-struct Ring {
-    base: u64,
-    avail: u16,
-    seen_used: u16,
-}
-
-impl Ring {
-    fn queue(&self) -> Queue {
-        let mut q = Queue::new(QSIZE).unwrap();
-        q.set_size(QSIZE);
-        q.set_ready(true);
-        q.try_set_desc_table_address(GuestAddress(self.base))
-            .unwrap();
-        q.try_set_avail_ring_address(GuestAddress(self.base + 0x1000))
-            .unwrap();
-        q.try_set_used_ring_address(GuestAddress(self.base + 0x2000))
-            .unwrap();
-        q
-    }
-
-    fn set_desc(&self, mem: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16) {
-        let at = self.base + 16 * u64::from(i);
-        mem.write_obj(addr, GuestAddress(at)).unwrap();
-        mem.write_obj(len, GuestAddress(at + 8)).unwrap();
-        mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-    }
-
-    fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
-        let slot = u64::from(self.avail % QSIZE);
-        mem.write_obj(head, GuestAddress(self.base + 0x1004 + 2 * slot))
-            .unwrap();
-        self.avail = self.avail.wrapping_add(1);
-        mem.write_obj(self.avail, GuestAddress(self.base + 0x1002))
-            .unwrap();
-    }
-
-    /// Makes every chain the device returned since last time available again; returns
-    /// how many.
-    fn recycle(&mut self, mem: &GuestMemoryMmap) -> u16 {
-        let used: u16 = mem.read_obj(GuestAddress(self.base + 0x2002)).unwrap();
-        let mut n = 0;
-        while self.seen_used != used {
-            let slot = u64::from(self.seen_used % QSIZE);
-            let id: u32 = mem
-                .read_obj(GuestAddress(self.base + 0x2004 + 8 * slot))
-                .unwrap();
-            self.publish(mem, id as u16);
-            self.seen_used = self.seen_used.wrapping_add(1);
-            n += 1;
-        }
-        n
-    }
-}
 
 /// Lets a datagram socket queue many large frames (the default holds ~3 of 64 KiB).
 fn grow_buffers(sock: &UnixDatagram) {
@@ -119,16 +66,8 @@ fn run(frames: u64, frame_len: usize) {
     let mut manager: EventManager<Arc<Mutex<Net>>> = EventManager::new().unwrap();
     manager.add_subscriber(net.clone());
 
-    let mut rx = Ring {
-        base: 0,
-        avail: 0,
-        seen_used: 0,
-    };
-    let mut tx = Ring {
-        base: 0x1_0000,
-        avail: 0,
-        seen_used: 0,
-    };
+    let mut rx = Ring::new(0, QSIZE);
+    let mut tx = Ring::new(0x1_0000, QSIZE);
     let packet_len = VNET_HDR_LEN + frame_len;
     mem.write_slice(&[0u8; VNET_HDR_LEN], GuestAddress(TX_BUF))
         .unwrap();
@@ -138,14 +77,15 @@ fn run(frames: u64, frame_len: usize) {
     )
     .unwrap();
     for i in 0..QSIZE {
-        rx.set_desc(
+        rx.write_desc(
             &mem,
             i,
             RX_BUF + u64::from(i) * u64::from(RX_BUF_LEN),
             RX_BUF_LEN,
-            VRING_DESC_F_WRITE as u16,
+            VRING_DESC_F_WRITE,
+            0,
         );
-        tx.set_desc(&mem, i, TX_BUF, packet_len as u32, 0);
+        tx.write_desc(&mem, i, TX_BUF, packet_len as u32, 0, 0);
     }
     let irq = Arc::new(IrqTrigger::new().unwrap());
     let (rx_kick, tx_kick) = {

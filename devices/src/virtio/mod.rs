@@ -328,4 +328,6 @@ pub(crate) mod test_util {
 }
 
 #[cfg(test)]
+mod split_ring;
+#[cfg(test)]
 mod tests;

@@ -1,7 +1,6 @@
 //! The console against hand-built split queues in real guest memory, with pipes as the
 //! host ends: the driver side is played the way Linux's `virtio_console.c` does it.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -9,13 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::control::{
     ControlMsg, BAD_ID, DEVICE_READY, HEADER_LEN, PORT_ADD, PORT_NAME, PORT_OPEN, PORT_READY,
 };
 use super::*;
+use crate::virtio::split_ring::{Buf, Ring};
 
 const MEM_SIZE: usize = 0x400_0000;
 /// Far outside guest memory.
@@ -27,108 +27,6 @@ const BUFS: u64 = 0x10_0000;
 const STDIN: usize = 1;
 const STDOUT: usize = 2;
 const STDERR: usize = 3;
-
-/// One buffer of a chain: (guest address, length, device-writable).
-type Buf = (u64, u32, bool);
-
-/// A split virtqueue laid out by hand: descriptor table at `base`, avail ring at
-/// +0x1000, used ring at +0x2000. Descriptors are handed out round the table.
-struct Ring {
-    base: u64,
-    size: u16,
-    next_desc: u16,
-    avail: u16,
-    seen_used: u16,
-    /// Buffers of each chain made available, by head.
-    chains: HashMap<u16, Vec<Buf>>,
-}
-
-impl Ring {
-    fn new(base: u64, size: u16) -> Self {
-        Self {
-            base,
-            size,
-            next_desc: 0,
-            avail: 0,
-            seen_used: 0,
-            chains: HashMap::new(),
-        }
-    }
-
-    fn queue(&self) -> Queue {
-        let mut q = Queue::new(self.size).unwrap();
-        q.set_size(self.size);
-        q.set_ready(true);
-        q.try_set_desc_table_address(GuestAddress(self.base))
-            .unwrap();
-        q.try_set_avail_ring_address(GuestAddress(self.base + 0x1000))
-            .unwrap();
-        q.try_set_used_ring_address(GuestAddress(self.base + 0x2000))
-            .unwrap();
-        q
-    }
-
-    fn write_desc(&self, mem: &GuestMemoryMmap, i: u16, buf: Buf, flags: u32, next: u16) {
-        let at = self.base + 16 * u64::from(i);
-        let flags = flags | if buf.2 { VRING_DESC_F_WRITE } else { 0 };
-        mem.write_obj(buf.0, GuestAddress(at)).unwrap();
-        mem.write_obj(buf.1, GuestAddress(at + 8)).unwrap();
-        mem.write_obj(flags as u16, GuestAddress(at + 12)).unwrap();
-        mem.write_obj(next, GuestAddress(at + 14)).unwrap();
-    }
-
-    fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
-        let slot = u64::from(self.avail % self.size);
-        mem.write_obj(head, GuestAddress(self.base + 0x1004 + 2 * slot))
-            .unwrap();
-        self.avail = self.avail.wrapping_add(1);
-        mem.write_obj(self.avail, GuestAddress(self.base + 0x1002))
-            .unwrap();
-    }
-
-    /// Writes `bufs` as one chain and makes it available; returns its head.
-    fn add(&mut self, mem: &GuestMemoryMmap, bufs: &[Buf]) -> u16 {
-        let head = self.next_desc;
-        for (i, &buf) in bufs.iter().enumerate() {
-            let idx = (head + i as u16) % self.size;
-            let last = i == bufs.len() - 1;
-            let flags = if last { 0 } else { VRING_DESC_F_NEXT };
-            self.write_desc(mem, idx, buf, flags, (idx + 1) % self.size);
-        }
-        self.next_desc = (head + bufs.len() as u16) % self.size;
-        self.chains.insert(head, bufs.to_vec());
-        self.publish(mem, head);
-        head
-    }
-
-    /// Used entries since the last call, as (head, length).
-    fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
-        let idx: u16 = mem.read_obj(GuestAddress(self.base + 0x2002)).unwrap();
-        let mut out = Vec::new();
-        while self.seen_used != idx {
-            let at = self.base + 0x2004 + 8 * u64::from(self.seen_used % self.size);
-            let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
-            let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
-            out.push((id as u16, len));
-            self.seen_used = self.seen_used.wrapping_add(1);
-        }
-        out
-    }
-
-    /// The first `len` bytes the device wrote into chain `head`.
-    fn read_chain(&self, mem: &GuestMemoryMmap, head: u16, len: u32) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut left = len as usize;
-        for &(addr, blen, _) in &self.chains[&head] {
-            let n = left.min(blen as usize);
-            let mut piece = vec![0u8; n];
-            mem.read_slice(&mut piece, GuestAddress(addr)).unwrap();
-            out.extend_from_slice(&piece);
-            left -= n;
-        }
-        out
-    }
-}
 
 /// The driver side: guest memory, one ring per queue, a bump allocator for buffers.
 struct Guest {
@@ -651,7 +549,7 @@ fn hostile_control_messages_are_counted_not_obeyed() {
     guest.rings[q].add(&guest.mem, &[(addr, 8, true)]);
     guest.rings[q].add(&guest.mem, &[(WILD, 8, false)]);
     let head = guest.rings[q].next_desc;
-    guest.rings[q].write_desc(&guest.mem, head, (addr, 8, false), VRING_DESC_F_NEXT, head);
+    guest.rings[q].write_desc(&guest.mem, head, addr, 8, VRING_DESC_F_NEXT, head);
     guest.rings[q].next_desc += 1;
     guest.rings[q].publish(&guest.mem, head);
     // Events a driver must not send, bad port ids, failures.
@@ -712,7 +610,7 @@ fn hostile_data_chains_are_dropped_and_counted() {
     guest.rings[txo].add(&guest.mem, &[(MEM_SIZE as u64 - 2, 4, false)]); // straddles the end
     guest.rings[txo].add(&guest.mem, &[(big, 2 << 20, false)]); // too long
     let head = guest.rings[txo].next_desc;
-    guest.rings[txo].write_desc(&guest.mem, head, (ok, 4, false), VRING_DESC_F_NEXT, head);
+    guest.rings[txo].write_desc(&guest.mem, head, ok, 4, VRING_DESC_F_NEXT, head);
     guest.rings[txo].next_desc += 1;
     guest.rings[txo].publish(&guest.mem, head); // loops
     guest.rings[txo].add(&guest.mem, &[(ok, 4, false)]); // fine

@@ -15,6 +15,7 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRI
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
+use crate::virtio::split_ring::{Buf, Ring};
 use crate::virtio::INTERRUPT_CONFIG_CHANGE;
 
 const MEM_SIZE: usize = 0x100_0000;
@@ -34,106 +35,6 @@ const MRG: u64 = 1 << VIRTIO_NET_F_MRG_RXBUF;
 
 fn memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
-}
-
-/// One buffer of a chain: (guest address, length, device-writable).
-type Buf = (u64, u32, bool);
-
-/// A split virtqueue laid out by hand: descriptor table at `base`, avail ring at
-/// +0x1000, used ring at +0x2000 (room for 256 entries each). Descriptors are handed out
-/// round the table, avail slots round the ring, so indices wrap as in a real driver.
-struct Ring {
-    base: u64,
-    size: u16,
-    next_desc: u16,
-    avail: u16,
-}
-
-impl Ring {
-    fn new(base: u64, size: u16) -> Self {
-        Self {
-            base,
-            size,
-            next_desc: 0,
-            avail: 0,
-        }
-    }
-
-    fn avail_addr(&self) -> u64 {
-        self.base + 0x1000
-    }
-
-    fn used_addr(&self) -> u64 {
-        self.base + 0x2000
-    }
-
-    fn queue(&self) -> Queue {
-        let mut q = Queue::new(self.size).unwrap();
-        q.set_size(self.size);
-        q.set_ready(true);
-        q.try_set_desc_table_address(GuestAddress(self.base))
-            .unwrap();
-        q.try_set_avail_ring_address(GuestAddress(self.avail_addr()))
-            .unwrap();
-        q.try_set_used_ring_address(GuestAddress(self.used_addr()))
-            .unwrap();
-        q
-    }
-
-    fn write_desc(
-        &self,
-        mem: &GuestMemoryMmap,
-        i: u16,
-        addr: u64,
-        len: u32,
-        flags: u32,
-        next: u16,
-    ) {
-        let at = self.base + 16 * u64::from(i);
-        mem.write_obj(addr, GuestAddress(at)).unwrap();
-        mem.write_obj(len, GuestAddress(at + 8)).unwrap();
-        mem.write_obj(flags as u16, GuestAddress(at + 12)).unwrap();
-        mem.write_obj(next, GuestAddress(at + 14)).unwrap();
-    }
-
-    /// Makes the chain at `head` available.
-    fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
-        let slot = u64::from(self.avail % self.size);
-        mem.write_obj(head, GuestAddress(self.avail_addr() + 4 + 2 * slot))
-            .unwrap();
-        self.avail = self.avail.wrapping_add(1);
-        mem.write_obj(self.avail, GuestAddress(self.avail_addr() + 2))
-            .unwrap();
-    }
-
-    /// Writes `bufs` as one chain and makes it available; returns its head.
-    fn add(&mut self, mem: &GuestMemoryMmap, bufs: &[Buf]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
-            let idx = (head + i as u16) % self.size;
-            let last = i == bufs.len() - 1;
-            let mut flags = if write { VRING_DESC_F_WRITE } else { 0 };
-            if !last {
-                flags |= VRING_DESC_F_NEXT;
-            }
-            self.write_desc(mem, idx, addr, len, flags, (idx + 1) % self.size);
-        }
-        self.next_desc = (head + bufs.len() as u16) % self.size;
-        self.publish(mem, head);
-        head
-    }
-
-    fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
-        mem.read_obj(GuestAddress(self.used_addr() + 2)).unwrap()
-    }
-
-    /// Used entry `i` (counting from the start) as (head, length).
-    fn used(&self, mem: &GuestMemoryMmap, i: u16) -> (u16, u32) {
-        let at = self.used_addr() + 4 + 8 * u64::from(i % self.size);
-        let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
-        let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
-        (id as u16, len)
-    }
 }
 
 /// A device over one end of a datagram socketpair; the other end plays the host.
