@@ -60,11 +60,16 @@ start=$(now_ms)
 twinbox vm run -- /bin/true > /dev/null
 echo TRUE_MS=$(( $(now_ms) - start ))
 
-# The interactive shell: `script` gives twinbox a terminal and relays what we type.
+# The interactive shell: `script` gives twinbox a terminal and relays what we type (the
+# lab's /dev has no devpts of its own).
+if [ ! -e /dev/pts/ptmx ]; then
+    mkdir -p /dev/pts && mount -t devpts -o ptmxmode=0666 devpts /dev/pts
+fi
+[ -e /dev/ptmx ] || ln -s pts/ptmx /dev/ptmx
 mkfifo /tmp/typed
 script -qfec "twinbox vm run -it -- /bin/sh" /tmp/typescript < /tmp/typed > /dev/null 2>&1 &
 term=$!
-exec 3> /tmp/typed
+exec 3<> /tmp/typed
 waitfor() { for i in $(seq 1 1200); do grep -q "$1" /tmp/typescript 2>/dev/null && return 0; sleep 0.5; done; return 1; }
 printf 'echo ANSWER$((6*7))\r' >&3
 waitfor ANSWER42 && echo TTY_ANSWER=42
