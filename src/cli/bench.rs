@@ -188,6 +188,25 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// A peer VMM's binary: the flag, else the environment variable, else (with `--peers`)
+/// the program in PATH. When `--peers` finds none, one line says its runs will not happen,
+/// so a missing peer is never mistaken for a measured one.
+fn peer_vmm(flag: Option<PathBuf>, env: &str, program: &str, peers: bool) -> Option<PathBuf> {
+    let found = flag
+        .or_else(|| std::env::var_os(env).map(PathBuf::from))
+        .or_else(|| {
+            peers
+                .then(|| bench::runner::peer::in_path(program))
+                .flatten()
+        });
+    if found.is_none() && peers {
+        eprintln!(
+            "twinbox: --peers: no {program} (give --{program} PATH, {env}, or put it in PATH): its runs do not happen"
+        );
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,23 +231,4 @@ mod tests {
             "help says {listed:?}, the bench has {names:?}"
         );
     }
-}
-
-/// A peer VMM's binary: the flag, else the environment variable, else (with `--peers`)
-/// the program in PATH. When `--peers` finds none, one line says its runs will not happen,
-/// so a missing peer is never mistaken for a measured one.
-fn peer_vmm(flag: Option<PathBuf>, env: &str, program: &str, peers: bool) -> Option<PathBuf> {
-    let found = flag
-        .or_else(|| std::env::var_os(env).map(PathBuf::from))
-        .or_else(|| {
-            peers
-                .then(|| bench::runner::peer::in_path(program))
-                .flatten()
-        });
-    if found.is_none() && peers {
-        eprintln!(
-            "twinbox: --peers: no {program} (give --{program} PATH, {env}, or put it in PATH): its runs do not happen"
-        );
-    }
-    found
 }
