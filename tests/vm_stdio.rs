@@ -33,7 +33,7 @@ echo ERR_TEXT=$(base64 -w0 < /tmp/err)
 twinbox vm run -- /bin/sh -c 'cat >&2' < /tmp/blob > /tmp/out2 2> /tmp/err2
 echo ERR2_SUM=$(sha256sum < /tmp/err2 | cut -d' ' -f1)
 echo ERR2_BYTES=$(wc -c < /tmp/err2)
-cmp /tmp/blob /tmp/err2 >/dev/null || echo ERR2_TAIL=$(tail -c 300 /tmp/err2 | base64 -w0)
+cmp /tmp/blob /tmp/err2 >/dev/null || echo ERR2_TAIL=$(cmp /tmp/blob /tmp/err2 2>&1 | head -1), the blob ends as stderr does: $(test "$(tail -c 4096 /tmp/blob | sha256sum)" = "$(tail -c 4096 /tmp/err2 | sha256sum)" && echo yes || echo no)
 echo OUT2_BYTES=$(wc -c < /tmp/out2)
 
 echo STDIN_COUNT=$(twinbox vm run -- wc -c < /tmp/blob | tr -d ' ')
@@ -153,5 +153,49 @@ fn streams_are_separate_and_byte_exact_stdin_flows_and_an_interactive_shell_work
         "256 MiB of workload output through the VM: {ms} ms ({base} ms for /bin/true); \
          {:.0} MB/s beyond start-up (lab: software CPU)",
         268.435456 / ((ms - base).max(1.0) / 1000.0)
+    );
+}
+
+/// On any KVM (this host's PVM too): a `-t` run that ends at its time limit restores the
+/// caller's terminal from under the caller thread's seccomp filter — the VMM is not killed
+/// (SIGSYS, 159) on the way out — and the terminal is cooked again afterwards.
+#[test]
+fn a_tty_run_restores_the_terminal_under_the_caller_filter() {
+    common::require_root("twinbox vm run -t");
+    assert!(
+        std::path::Path::new("/usr/bin/script").exists(),
+        "/usr/bin/script missing (util-linux): it plays the terminal"
+    );
+    let dir = std::env::temp_dir().join(format!("twinbox-tty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let line = format!(
+        "stty -a | grep -o -- '-\\?icanon' | head -n1 > {dir}/before; \
+         {twinbox} vm run -t --timeout 2 -- /bin/true; echo $? > {dir}/status; \
+         stty -a | grep -o -- '-\\?icanon' | head -n1 > {dir}/after",
+        dir = dir.display(),
+        twinbox = common::twinbox().display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run script");
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    let transcript = String::from_utf8_lossy(&out.stdout);
+    let (status, before, after) = (read("status"), read("before"), read("after"));
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        status, "1",
+        "the run ends at its time limit with 1, not killed: {transcript}"
+    );
+    assert_eq!(before, "icanon", "{transcript}");
+    assert_eq!(
+        after, "icanon",
+        "the terminal is cooked again: {transcript}"
     );
 }

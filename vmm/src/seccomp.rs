@@ -347,10 +347,11 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
                     libc::SYS_writev,
                 ],
             );
-            // -t: restoring the caller's terminal settings at the end (tcsetattr).
+            // -t: restoring the caller's terminal settings at the end (tcsetattr, which
+            // reads them back with TCGETS to check what the terminal took).
             rules.insert(
                 libc::SYS_ioctl,
-                [libc::TCSETS, libc::TCSETSW, libc::TCSETSF]
+                [libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TCSETSF]
                     .iter()
                     .map(|op| rule(vec![arg(1, SeccompCmpOp::Eq, *op)]))
                     .collect(),
@@ -467,8 +468,8 @@ mod tests {
         );
         assert_eq!(
             caller.get(&libc::SYS_ioctl).map(Vec::len),
-            Some(3),
-            "the caller may only set terminal attributes (restoring -t's raw mode)"
+            Some(4),
+            "the caller may only get and set terminal attributes (restoring -t's raw mode)"
         );
         assert!(events.contains_key(&libc::SYS_pwrite64));
         // A captured run's output buffer grows on a stdio pump past glibc's mmap threshold:
