@@ -447,6 +447,11 @@ pub struct Console {
     queue_sizes: Vec<u16>,
     events: DeviceEvents,
     active: Option<Active>,
+    /// The queues of a driver that reset the device, kept for [`Console::flush_output`]:
+    /// Linux resets every virtio device when it powers off (`virtio_dev_shutdown`), which
+    /// comes right after the workload's last writes, so its transmit rings may still hold
+    /// the tail of the output. Dropped if the driver activates the device again.
+    unflushed: Option<Active>,
     /// The driver broke a queue; nothing is processed until a reset.
     broken: bool,
     /// Control messages waiting for a control receive buffer, oldest first.
@@ -517,6 +522,7 @@ impl Console {
             queue_sizes,
             events: DeviceEvents::new(queues).map_err(ConsoleError::EventFd)?,
             active: None,
+            unflushed: None,
             broken: false,
             control_out: Default::default(),
             dropped: DropCounts::default(),
@@ -710,6 +716,11 @@ impl VirtioDevice for Console {
             q.set_event_idx(event_idx);
         }
         let n = self.ports.len();
+        if self.unflushed.take().is_some() {
+            tracing::debug!(
+                "virtio-console: re-activated; output queued before the reset is dropped"
+            );
+        }
         self.active = Some(Active {
             mem,
             queues,
@@ -726,9 +737,11 @@ impl VirtioDevice for Console {
     }
 
     fn reset(&mut self) {
-        // Dropping Active drops the held chains' iovecs with the memory they point into;
-        // a chain partly written is abandoned with the driver's queues.
-        self.active = None;
+        // The output the driver queued before the reset is written at teardown
+        // (`unflushed`); a broken driver's queues cannot be trusted for that. Input held
+        // for the driver is abandoned with its queues.
+        let active = self.active.take();
+        self.unflushed = if self.broken { None } else { active };
         self.broken = false;
         self.control_out.clear();
         for p in &mut self.ports {

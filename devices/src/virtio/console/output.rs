@@ -140,8 +140,13 @@ impl Console {
             if self.broken {
                 return false;
             }
-            let (Some(a), p) = (self.active.as_mut(), &mut self.ports[port]) else {
-                // Never activated or reset: the guest has nothing queued.
+            // The live queues, or those of a driver that reset the device on its way
+            // down (see `Console::unflushed`).
+            let (Some(a), p) = (
+                self.active.as_mut().or(self.unflushed.as_mut()),
+                &mut self.ports[port],
+            ) else {
+                // Never activated: the guest has nothing queued.
                 return true;
             };
             p.tx_blocked = false;

@@ -505,6 +505,36 @@ fn flush_output_writes_the_tail_then_closes() {
     assert_eq!(outcome.bytes + 4096, out.len() as u64 + 10);
 }
 
+/// Linux resets every virtio device on its way down (virtio_dev_shutdown), right after
+/// the workload's last writes: what the transmit rings still hold must reach the host at
+/// teardown all the same.
+#[test]
+fn output_queued_before_the_drivers_reset_is_flushed_at_teardown() {
+    let (mut console, mut guest, host, _irq) = setup();
+    handshake(&mut console, &mut guest);
+    open_port(&mut console, &mut guest, STDERR, true);
+    let tail: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+    for chunk in tail.chunks(4096) {
+        guest.send(tx_queue(STDERR), chunk, 1);
+    }
+    // The device has not seen the kicks yet when the driver resets it.
+    console.reset();
+    let mut stderr = host.stderr;
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        loop {
+            match read_now(&mut stderr) {
+                None => return got,
+                Some(more) if more.is_empty() => std::thread::sleep(Duration::from_millis(1)),
+                Some(more) => got.extend(more),
+            }
+        }
+    });
+    let outcome = console.flush_output(Instant::now() + Duration::from_secs(20));
+    assert!(outcome.complete);
+    assert!(reader.join().unwrap() == tail, "the tail arrived whole");
+}
+
 #[test]
 fn flush_output_gives_up_at_the_deadline() {
     let (mut console, mut guest, host, _irq) = setup();
