@@ -355,6 +355,18 @@ mod tests {
             .unwrap_or_else(|| panic!("{wanted:?} not in the plan"))
     }
 
+    /// Where the plan mounts its only filesystem of type `fstype`.
+    fn mount_of(plan: &Plan, fstype: &str) -> usize {
+        let mut at = plan.steps.iter().enumerate().filter(
+            |(_, s)| matches!(s, Step::Mount { fstype: t, .. } if t.to_str() == Ok(fstype)),
+        );
+        let (first, _) = at
+            .next()
+            .unwrap_or_else(|| panic!("no {fstype} mount in the plan"));
+        assert!(at.next().is_none(), "more than one {fstype} mount");
+        first
+    }
+
     #[test]
     fn overlay_over_the_detached_image_then_api_filesystems() {
         let plan = build(Path::new("/tmp/s"), &Lower::Image(7), 6, &[]).unwrap();
@@ -377,11 +389,7 @@ mod tests {
         assert!(pos("devpts:/tmp/s/root/dev/pts") > pos("tmpfs:/tmp/s/root/dev"));
         pos("sysfs:/tmp/s/root/sys");
         assert_eq!(plan.new_root.to_str().unwrap(), "/tmp/s/root");
-        let sys = plan
-            .steps
-            .iter()
-            .find(|s| matches!(s, Step::Mount { fstype, .. } if fstype.to_str() == Ok("sysfs")))
-            .unwrap();
+        let sys = &plan.steps[mount_of(&plan, "sysfs")];
         assert!(matches!(sys, Step::Mount { flags, .. } if flags & libc::MS_RDONLY != 0));
         for dev in DEVICES {
             pos(&format!(":/tmp/s/root/dev/{dev}"));
@@ -425,13 +433,7 @@ mod tests {
     #[test]
     fn runc_masked_and_read_only_paths_come_after_proc_and_sys() {
         let plan = build(Path::new("/s"), &Lower::Image(3), 5, &[]).unwrap();
-        let sys = plan
-            .steps
-            .iter()
-            .rposition(
-                |s| matches!(s, Step::Mount { fstype, .. } if fstype.to_str() == Ok("sysfs")),
-            )
-            .unwrap();
+        let sys = mount_of(&plan, "sysfs");
         for path in [
             "/proc/kcore",
             "/proc/keys",
@@ -493,13 +495,7 @@ mod tests {
             unreachable!()
         };
         assert_ne!(flags & libc::MS_RDONLY, 0);
-        let overlay = plan
-            .steps
-            .iter()
-            .position(
-                |s| matches!(s, Step::Mount { fstype, .. } if fstype.to_str() == Ok("overlay")),
-            )
-            .unwrap();
+        let overlay = mount_of(&plan, "overlay");
         assert!(
             overlay < mkdir,
             "the directory goes into the overlay's upper layer"
@@ -510,13 +506,7 @@ mod tests {
     #[test]
     fn image_layers_are_stacked_topmost_first_each_on_a_short_name_of_its_own() {
         let plan = build(Path::new("/s"), &Lower::Layers(vec![10, 11, 12]), 6, &[]).unwrap();
-        let overlay = plan
-            .steps
-            .iter()
-            .position(
-                |s| matches!(s, Step::Mount { fstype, .. } if fstype.to_str() == Ok("overlay")),
-            )
-            .unwrap();
+        let overlay = mount_of(&plan, "overlay");
         for (n, fd) in [10, 11, 12].into_iter().enumerate() {
             let target = c(format!("/s/lower/{n}"));
             let mkdir = position(&plan, &Step::Mkdir(target.clone()));
@@ -534,13 +524,7 @@ mod tests {
         // Everything after the root is the same as for an ext4 image.
         let image = build(Path::new("/s"), &Lower::Image(7), 6, &[]).unwrap();
         let after = |plan: &Plan| {
-            let at = plan
-                .steps
-                .iter()
-                .position(
-                    |s| matches!(s, Step::Mount { fstype, .. } if fstype.to_str() == Ok("overlay")),
-                )
-                .unwrap();
+            let at = mount_of(plan, "overlay");
             plan.steps[at + 1..].to_vec()
         };
         assert_eq!(after(&plan), after(&image));

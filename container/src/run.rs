@@ -733,6 +733,32 @@ mod tests {
         expected.iter().map(|s| s.to_string()).collect()
     }
 
+    /// The calls of a run that gets past [`SETUP`], then `rest`.
+    fn after_setup(rest: &[&str]) -> Vec<String> {
+        calls(&[&SETUP[..], rest].concat())
+    }
+
+    /// What follows [`SETUP`] in a run whose workload exits: the child, then teardown.
+    const EXITED: [&str; 6] = [
+        "spawn",
+        "cgroup add",
+        "wait",
+        "cgroup destroy",
+        "remove staging dir",
+        "wait loop free /dev/loop7",
+    ];
+
+    /// What follows [`SETUP`] when the child fails after joining its cgroup: killed and
+    /// reaped before the cgroup goes.
+    const CHILD_FAILED: [&str; 6] = [
+        "spawn",
+        "cgroup add",
+        "kill",
+        "wait",
+        "remove staging dir",
+        "cgroup destroy",
+    ];
+
     #[test]
     fn a_run_takes_its_steps_in_order_and_tears_down_child_first() {
         let image = FakeImage::new("order");
@@ -740,16 +766,7 @@ mod tests {
         let mut spec = image.spec();
         spec.output = OutputMode::Capture;
         let report = run_with(&sys, &spec).unwrap();
-        let mut expected = SETUP.to_vec();
-        expected.extend([
-            "spawn",
-            "cgroup add",
-            "wait",
-            "cgroup destroy",
-            "remove staging dir",
-            "wait loop free /dev/loop7",
-        ]);
-        assert_eq!(sys.calls(), calls(&expected));
+        assert_eq!(sys.calls(), after_setup(&EXITED));
         assert_eq!(report.outcome, Outcome::Exited(3));
         assert_eq!(report.output.as_deref(), Some("hello\n"));
         assert!(report.timeline.is_ordered(), "{:?}", report.timeline);
@@ -895,16 +912,7 @@ mod tests {
             err.contains(&std::io::Error::from_raw_os_error(libc::EINVAL).to_string()),
             "{err}"
         );
-        let mut expected = SETUP.to_vec();
-        expected.extend([
-            "spawn",
-            "cgroup add",
-            "kill",
-            "wait",
-            "remove staging dir",
-            "cgroup destroy",
-        ]);
-        assert_eq!(sys.calls(), calls(&expected));
+        assert_eq!(sys.calls(), after_setup(&CHILD_FAILED));
     }
 
     #[test]
@@ -974,16 +982,7 @@ mod tests {
         spec.tty = true;
         let report = run_with(&sys, &spec).unwrap();
         assert_eq!(report.outcome, Outcome::Exited(3));
-        let mut expected = SETUP.to_vec();
-        expected.extend([
-            "spawn",
-            "cgroup add",
-            "wait",
-            "cgroup destroy",
-            "remove staging dir",
-            "wait loop free /dev/loop7",
-        ]);
-        assert_eq!(sys.calls(), calls(&expected));
+        assert_eq!(sys.calls(), after_setup(&EXITED));
         let spawned = sys.spawned.borrow().clone().expect("spawned");
         assert!(spawned.tty && spawned.job.tty);
     }
@@ -1024,16 +1023,7 @@ mod tests {
             let sys = Recording::new(script);
             let err = run_with(&sys, &spec).unwrap_err().to_string();
             assert!(err.contains(named), "{err}");
-            let mut expected = SETUP.to_vec();
-            expected.extend([
-                "spawn",
-                "cgroup add",
-                "kill",
-                "wait",
-                "remove staging dir",
-                "cgroup destroy",
-            ]);
-            assert_eq!(sys.calls(), calls(&expected), "{named}");
+            assert_eq!(sys.calls(), after_setup(&CHILD_FAILED), "{named}");
         }
     }
 
@@ -1048,20 +1038,21 @@ mod tests {
         let image = FakeImage::new("net");
         let sys = Recording::new(runs(exits(0), 0));
         let report = run_with(&sys, &net_spec(&image, NetMode::Link)).unwrap();
-        let mut expected = SETUP.to_vec();
-        expected.extend([
-            "lease link",
-            "spawn",
-            "cgroup add",
-            "create veth tb3",
-            "wait",
-            "delete veth",
-            "release lease",
-            "cgroup destroy",
-            "remove staging dir",
-            "wait loop free /dev/loop7",
-        ]);
-        assert_eq!(sys.calls(), calls(&expected));
+        assert_eq!(
+            sys.calls(),
+            after_setup(&[
+                "lease link",
+                "spawn",
+                "cgroup add",
+                "create veth tb3",
+                "wait",
+                "delete veth",
+                "release lease",
+                "cgroup destroy",
+                "remove staging dir",
+                "wait loop free /dev/loop7",
+            ])
+        );
         let spawned = sys.spawned.borrow().clone().expect("spawned");
         assert_eq!(
             spawned.job.net,
@@ -1136,7 +1127,6 @@ mod tests {
     #[test]
     fn each_failing_network_step_frees_the_link_and_undoes_the_rest() {
         let image = FakeImage::new("net-fail");
-        let before: Vec<&str> = SETUP.to_vec();
         let tail = ["remove staging dir", "cgroup destroy"];
         let cases: [(&str, Vec<&str>); 3] = [
             ("lease nat link", vec!["lease nat link FAILED"]),
@@ -1172,10 +1162,11 @@ mod tests {
             sys.fail = Some(failing);
             let err = run_with(&sys, &net_spec(&image, NetMode::Nat)).unwrap_err();
             assert!(err.to_string().contains(failing), "{failing}: {err}");
-            let mut expected = before.clone();
-            expected.extend(middle);
-            expected.extend(tail);
-            assert_eq!(sys.calls(), calls(&expected), "when {failing} fails");
+            assert_eq!(
+                sys.calls(),
+                after_setup(&[middle.as_slice(), &tail].concat()),
+                "when {failing} fails"
+            );
         }
     }
 
