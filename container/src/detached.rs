@@ -125,6 +125,12 @@ pub fn ext4(device: &Path) -> Result<OwnedFd, Error> {
 /// propagates into the box (a plain clone would join the peer group of a shared host
 /// mount). The child attaches it at `run::INIT`.
 pub fn init(path: &Path) -> Result<OwnedFd, Error> {
+    read_only_private_bind(path, &path.display().to_string())
+}
+
+/// A detached bind of `path` made read-only, `nodev`, `nosuid` and private; `what` names
+/// it in the error.
+fn read_only_private_bind(path: &Path, what: &str) -> Result<OwnedFd, Error> {
     let fd = open_tree(path)?;
     let attr = MountAttr {
         attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID,
@@ -135,7 +141,7 @@ pub fn init(path: &Path) -> Result<OwnedFd, Error> {
     set_attr(
         &fd,
         &attr,
-        &format!("make the bind of {} read-only and private", path.display()),
+        &format!("make the bind of {what} read-only and private"),
     )?;
     Ok(fd)
 }
@@ -181,22 +187,7 @@ pub fn check_init_dir(image: &OwnedFd) -> Result<(), Error> {
 /// on the host's side of the cache reaches the box. The child attaches it as one of the
 /// overlay's lower directories (`plan::Lower::Layers`).
 pub fn layer(path: &Path) -> Result<OwnedFd, Error> {
-    let fd = open_tree(path)?;
-    let attr = MountAttr {
-        attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID,
-        attr_clr: 0,
-        propagation: libc::MS_PRIVATE,
-        userns_fd: 0,
-    };
-    set_attr(
-        &fd,
-        &attr,
-        &format!(
-            "make the bind of layer {} read-only and private",
-            path.display()
-        ),
-    )?;
-    Ok(fd)
+    read_only_private_bind(path, &format!("layer {}", path.display()))
 }
 
 /// [`check_init_dir`] for an image given as layers (lowest first): what the overlay will
