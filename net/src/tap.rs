@@ -92,14 +92,8 @@ impl Tap {
             ));
         }
         let tap = Self { file, name, lease };
-        let mut rtnl = Rtnl::open().map_err(|e| Error::netlink("socket", &tap.name, e))?;
-        let index = nix::net::if_::if_nametoindex(tap.name.as_str())
-            .map_err(|e| Error::netlink("if_nametoindex", &tap.name, e.into()))?;
-        rtnl.add_ipv4(index, tap.lease.host_address(), tap.lease.prefix_len())
-            .map_err(|e| Error::netlink("RTM_NEWADDR", &tap.name, e))?;
-        crate::forwarding::set(&tap.name, crate::forwarding::allowed(tap.lease.mode()))?;
-        rtnl.set_up(index)
-            .map_err(|e| Error::netlink("RTM_SETLINK up", &tap.name, e))?;
+        let (mut rtnl, index) = rtnl_and_index(&tap.name)?;
+        address_and_up(&mut rtnl, index, &tap.name, &tap.lease)?;
         tracing::debug!(interface = %tap.name, host = %tap.lease.host_address(),
             r#box = %tap.lease.box_address(), "tap created");
         Ok(tap)
@@ -154,9 +148,7 @@ impl PersistentTap {
         let name = tap_name(lease.index(), lease.mode());
         let file = open_tun(&name)?;
         set_iff(&file, &name)?;
-        let mut rtnl = Rtnl::open().map_err(|e| Error::netlink("socket", &name, e))?;
-        let index = nix::net::if_::if_nametoindex(name.as_str())
-            .map_err(|e| Error::netlink("if_nametoindex", &name, e.into()))?;
+        let (mut rtnl, index) = rtnl_and_index(&name)?;
         // Marked while the interface still dies with our fd: a kill before TUNSETPERSIST
         // leaves nothing, a kill after it leaves a tap the sweep recognises.
         rtnl.set_alias(index, PERSISTENT_ALIAS)
@@ -170,11 +162,7 @@ impl PersistentTap {
         // From here on Drop deletes the interface on every path.
         let tap = Self { name, lease };
         drop(file);
-        rtnl.add_ipv4(index, tap.lease.host_address(), tap.lease.prefix_len())
-            .map_err(|e| Error::netlink("RTM_NEWADDR", &tap.name, e))?;
-        crate::forwarding::set(&tap.name, crate::forwarding::allowed(tap.lease.mode()))?;
-        rtnl.set_up(index)
-            .map_err(|e| Error::netlink("RTM_SETLINK up", &tap.name, e))?;
+        address_and_up(&mut rtnl, index, &tap.name, &tap.lease)?;
         tracing::debug!(interface = %tap.name, host = %tap.lease.host_address(),
             r#box = %tap.lease.box_address(), "persistent tap created");
         Ok(tap)
@@ -246,6 +234,24 @@ impl AsFd for Tap {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
     }
+}
+
+/// A netlink socket and the interface index of the tap `name`.
+fn rtnl_and_index(name: &str) -> Result<(Rtnl, u32)> {
+    let rtnl = Rtnl::open().map_err(|e| Error::netlink("socket", name, e))?;
+    let index = nix::net::if_::if_nametoindex(name)
+        .map_err(|e| Error::netlink("if_nametoindex", name, e.into()))?;
+    Ok((rtnl, index))
+}
+
+/// Gives the tap `name` (interface `index`) the lease's host address, forwarding as the
+/// lease's mode allows, and brings it up.
+fn address_and_up(rtnl: &mut Rtnl, index: u32, name: &str, lease: &Lease) -> Result<()> {
+    rtnl.add_ipv4(index, lease.host_address(), lease.prefix_len())
+        .map_err(|e| Error::netlink("RTM_NEWADDR", name, e))?;
+    crate::forwarding::set(name, crate::forwarding::allowed(lease.mode()))?;
+    rtnl.set_up(index)
+        .map_err(|e| Error::netlink("RTM_SETLINK up", name, e))
 }
 
 /// TUNSETOFFLOAD on any fd of a tap (e.g. a clone held by the virtio-net device).
