@@ -24,7 +24,7 @@
 //! the marker and a few empty directories, so there is nothing worth freeing.
 
 use crate::initramfs_layout::{IMAGE, LAYER, MARKER, NEW_ROOT};
-use crate::mounts::{self, mount};
+use crate::mounts::{self, mkdir, mount, move_under, stage_tmpfs};
 use crate::sys::{check, cstring, SysError};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -127,15 +127,6 @@ pub fn overlay_options() -> String {
     format!("lowerdir={IMAGE},upperdir={LAYER}/upper,workdir={LAYER}/work")
 }
 
-fn mkdir(path: &str) -> Result<(), SysError> {
-    std::fs::create_dir_all(path).map_err(|e| {
-        SysError::new(
-            format!("create {path}"),
-            e.raw_os_error().unwrap_or(libc::EIO),
-        )
-    })
-}
-
 /// Mounts the root disk under an overlay and switches to it (see the module docs).
 /// `/proc` must be mounted.
 pub fn switch_root() -> Result<(), SysError> {
@@ -149,22 +140,12 @@ pub fn switch_root() -> Result<(), SysError> {
         mkdir(dir)?;
     }
     mount(&disk.device, IMAGE, &disk.fstype, libc::MS_RDONLY, "")?;
-    mount(
-        "tmpfs",
-        LAYER,
-        "tmpfs",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        "mode=0755",
-    )?;
+    stage_tmpfs(LAYER)?;
     mkdir(&format!("{LAYER}/upper"))?;
     mkdir(&format!("{LAYER}/work"))?;
     mount("overlay", NEW_ROOT, "overlay", 0, &overlay_options())?;
     // /proc last: is_mounted asks /proc/self/mountinfo.
-    for carried in ["/dev", "/proc"] {
-        let target = format!("{NEW_ROOT}{carried}");
-        mkdir(&target)?;
-        mount(carried, &target, "", libc::MS_MOVE, "")?;
-    }
+    move_under(NEW_ROOT, ["/dev", "/proc"])?;
     let new_root = cstring(NEW_ROOT)?;
     // SAFETY: plain syscalls on valid NUL-terminated paths; results are checked.
     unsafe {

@@ -178,6 +178,40 @@ pub fn mount(
     Ok(())
 }
 
+/// Creates the directory `path` and its parents.
+pub fn mkdir(path: &str) -> Result<(), SysError> {
+    std::fs::create_dir_all(path).map_err(|e| {
+        SysError::new(
+            format!("create {path}"),
+            e.raw_os_error().unwrap_or(libc::EIO),
+        )
+    })
+}
+
+/// Mounts a `nosuid`, `nodev` tmpfs at `target` to stage a new root's directories in.
+pub fn stage_tmpfs(target: &str) -> Result<(), SysError> {
+    mount(
+        "tmpfs",
+        target,
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=0755",
+    )
+}
+
+/// Moves (`MS_MOVE`) each of `mounts`, in order, to the same path under `new_root`.
+pub fn move_under<'a>(
+    new_root: &str,
+    mounts: impl IntoIterator<Item = &'a str>,
+) -> Result<(), SysError> {
+    for carried in mounts {
+        let target = format!("{new_root}{carried}");
+        mkdir(&target)?;
+        mount(carried, &target, "", libc::MS_MOVE, "")?;
+    }
+    Ok(())
+}
+
 /// Mounts `spec` unless something is mounted there already; creates the directory if it
 /// is missing and the parent is writable (e.g. `/dev/pts` on a fresh devtmpfs).
 pub fn ensure(spec: &MountSpec) -> Result<(), SysError> {
@@ -185,12 +219,7 @@ pub fn ensure(spec: &MountSpec) -> Result<(), SysError> {
         return Ok(());
     }
     if !Path::new(spec.target).is_dir() {
-        std::fs::create_dir_all(spec.target).map_err(|e| {
-            SysError::new(
-                format!("create {}", spec.target),
-                e.raw_os_error().unwrap_or(libc::EIO),
-            )
-        })?;
+        mkdir(spec.target)?;
     }
     mount(spec.fstype, spec.target, spec.fstype, spec.flags, spec.data)
 }

@@ -20,7 +20,7 @@
 //!
 //! Afterwards init mounts a fresh `/run`, `/tmp` etc. inside the new root as usual.
 
-use crate::mounts::{is_mounted, mount};
+use crate::mounts::{is_mounted, mkdir, mount, move_under, stage_tmpfs};
 use crate::sys::{check, cstring, SysError};
 
 const STAGE: &str = "/run";
@@ -36,35 +36,16 @@ pub fn overlay_options() -> String {
     format!("lowerdir=/,upperdir={UPPER},workdir={WORK}")
 }
 
-fn mkdir(path: &str) -> Result<(), SysError> {
-    std::fs::create_dir_all(path).map_err(|e| {
-        SysError::new(
-            format!("create {path}"),
-            e.raw_os_error().unwrap_or(libc::EIO),
-        )
-    })
-}
-
 /// Stacks a tmpfs-backed overlay over `/` and pivots into it (see the module docs).
 pub fn enter() -> Result<(), SysError> {
     mount("none", "/", "", libc::MS_REC | libc::MS_PRIVATE, "")?;
-    mount(
-        "tmpfs",
-        STAGE,
-        "tmpfs",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        "mode=0755",
-    )?;
+    stage_tmpfs(STAGE)?;
     for dir in [UPPER, WORK, NEW_ROOT] {
         mkdir(dir)?;
     }
     mount("overlay", NEW_ROOT, "overlay", 0, &overlay_options())?;
     let present: Vec<&str> = CARRIED.into_iter().filter(|m| is_mounted(m)).collect();
-    for carried in present {
-        let target = format!("{NEW_ROOT}{carried}");
-        mkdir(&target)?;
-        mount(carried, &target, "", libc::MS_MOVE, "")?;
-    }
+    move_under(NEW_ROOT, present)?;
     let new_root = cstring(NEW_ROOT)?;
     let dot = c".";
     // SAFETY: plain syscalls on valid NUL-terminated paths; results are checked.
