@@ -7,6 +7,18 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use twinbox_spec::{BoxKind, Outcome, RunReport};
 
+/// What a peer VMM that boots our kernel and image can do: disks as virtio-blk drives, a
+/// tap link, the VM's time limit; its memory is an outside process's, not in the report.
+pub const KERNEL_VMM: super::Capabilities = super::Capabilities {
+    guest: super::Guest::Kernel,
+    memory_in_report: false,
+    instance: None,
+    disk_at: Some(super::DiskAt::VirtioBlk),
+    host_binaries: false,
+    time_limit: super::TimeLimit::Vm,
+    net: super::NetAt::Link,
+};
+
 /// The note of every peer VMM's report.
 pub const VMM_NOTE: &str = "process start to process exit; peak RSS includes guest RAM touched";
 

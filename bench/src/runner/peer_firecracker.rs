@@ -63,15 +63,7 @@ const CONFIG_FILE: &str = "vm-config.json";
 
 /// What the Firecracker peer can do: what the QEMU peer can (our kernel and image, disks
 /// as virtio-blk drives, a tap link); its memory is an outside process's.
-pub const CAPABILITIES: super::Capabilities = super::Capabilities {
-    guest: super::Guest::Kernel,
-    memory_in_report: false,
-    instance: None,
-    disk_at: Some(super::DiskAt::VirtioBlk),
-    host_binaries: false,
-    time_limit: super::TimeLimit::Vm,
-    net: super::NetAt::Link,
-};
+pub const CAPABILITIES: super::Capabilities = super::peer::KERNEL_VMM;
 
 /// Firecracker runner.
 #[derive(Debug, Clone)]

@@ -39,15 +39,7 @@ pub const NAME: &str = "qemu-microvm";
 
 /// What the QEMU peer can do: it boots the kernel and image like twinbox's VM; its
 /// memory is a sampled RSS of an outside process, not comparable with the boxes' figures.
-pub const CAPABILITIES: super::Capabilities = super::Capabilities {
-    guest: super::Guest::Kernel,
-    memory_in_report: false,
-    instance: None,
-    disk_at: Some(super::DiskAt::VirtioBlk),
-    host_binaries: false,
-    time_limit: super::TimeLimit::Vm,
-    net: super::NetAt::Link,
-};
+pub const CAPABILITIES: super::Capabilities = super::peer::KERNEL_VMM;
 
 /// How QEMU runs guest code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
