@@ -14,7 +14,8 @@
 mod common;
 
 use common::describe;
-use std::path::{Path, PathBuf};
+use common::image::{require_tools, sh};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
 
@@ -61,34 +62,9 @@ fn fixture() -> &'static Fixture {
     FIXTURE.get_or_init(build)
 }
 
-fn sh(dir: &Path, script: &str) -> String {
-    let out = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", script])
-        .current_dir(dir)
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .output()
-        .expect("run bash");
-    assert!(out.status.success(), "{script}\n{}", describe(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn build() -> Fixture {
     common::require_root("building images with buildah and running them");
-    for tool in ["buildah", "busybox"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .expect("run sh")
-            .status
-            .success();
-        assert!(
-            found,
-            "{tool} is not installed: run scripts/install-deps (buildah, busybox-static)"
-        );
-    }
+    require_tools(&["buildah", "busybox"], "buildah, busybox-static");
     let dir = std::env::temp_dir().join("twinbox-image-run-fixture");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

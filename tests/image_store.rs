@@ -13,6 +13,8 @@
 
 mod common;
 
+use common::image::{require_tools, sh};
+
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,57 +40,20 @@ fn fixture() -> &'static Fixture {
     FIXTURE.get_or_init(build_images)
 }
 
-fn require_tools() {
-    for tool in [
-        "buildah",
-        "skopeo",
-        "umoci",
-        "mkfs.ext4",
-        "debugfs",
-        "unshare",
-        "busybox",
-    ] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
-            .output()
-            .expect("run sh")
-            .status
-            .success();
-        assert!(
-            found,
-            "{tool} is not installed: run scripts/install-deps (buildah, skopeo, umoci, e2fsprogs, busybox-static)"
-        );
-    }
-}
-
-/// Runs a bash script in `dir`; fails the test with its output when it fails.
-fn sh(dir: &Path, script: &str) -> String {
-    let out = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", script])
-        .current_dir(dir)
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .output()
-        .expect("run bash");
-    assert!(
-        out.status.success(),
-        "script failed ({}):\n{script}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn build_images() -> Fixture {
     common::require_root("building images with buildah and unpacking them");
-    require_tools();
+    require_tools(
+        &[
+            "buildah",
+            "skopeo",
+            "umoci",
+            "mkfs.ext4",
+            "debugfs",
+            "unshare",
+            "busybox",
+        ],
+        "buildah, skopeo, umoci, e2fsprogs, busybox-static",
+    );
     // One fixed directory, rebuilt by every run (runs are serialized), so runs do not pile
     // up copies of buildah's storage.
     let dir = std::env::temp_dir().join("twinbox-image-store-fixture");
