@@ -10,7 +10,7 @@ mod common;
 
 use common::{
     child_dir, child_test, console_log_bytes, drain_stdout, flooding_spec, read_stderr,
-    require_kvm, TempDir,
+    require_kvm, TempDir, GUEST_FACING_THREADS,
 };
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -90,15 +90,7 @@ fn the_guest_facing_threads_run_jailed() {
         .spawn()
         .unwrap();
     let drain = drain_stdout(&mut child);
-    let jailed = [
-        "vcpu0",
-        "vcpu1",
-        "vmm-events",
-        "vmm-console",
-        "vmm-stdout",
-        "vmm-stderr",
-        "vmm-control",
-    ];
+    let jailed = GUEST_FACING_THREADS;
     let started = Instant::now();
     let (snapshot, caller) = loop {
         let all = tasks(child.id());

@@ -9,6 +9,21 @@
 
 use std::path::{Path, PathBuf};
 
+/// The threads of a two-vCPU run that face the guest, as the VMM names them: the ones
+/// the jail confines and a filter guards.
+pub const GUEST_FACING_THREADS: [&str; 7] = [
+    "vcpu0",
+    "vcpu1",
+    "vmm-events",
+    "vmm-console",
+    "vmm-stdout",
+    "vmm-stderr",
+    "vmm-control",
+];
+
+/// The thread that called `vmm::run`, as the VMM names it during the run.
+pub const CALLER_THREAD: &str = "vmm-caller";
+
 /// Writes 'x' to COM1 forever:
 /// ```text
 /// 66 ba f8 03   mov dx, 0x3f8
