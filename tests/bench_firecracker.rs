@@ -55,6 +55,9 @@ fn the_real_firecracker_boots_the_tiny_guest_and_exits_zero() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Where the lab carries the Firecracker binary.
+const FIRECRACKER_IN_LAB: &str = "/opt/twinbox-lab/firecracker";
+
 #[test]
 fn firecracker_boots_our_kernel_with_a_tap_and_serves_the_net_scenario() {
     let fc = firecracker();
@@ -63,9 +66,13 @@ fn firecracker_boots_our_kernel_with_a_tap_and_serves_the_net_scenario() {
     );
     let script = format!(
         r#"ip link set lo up
+# In the lab the binary sits at a fixed path (the host's path may lie under the lab's own
+# /tmp, which the lab mounts over); on a hardware-KVM host it is the host's.
+fc={in_lab}
+[ -x "$fc" ] || fc={fc}
 out=/tmp/twinbox-fc-net
 rm -rf "$out"
-twinbox bench net --boxes native --firecracker {fc} --runs 1 --warmup 0 \
+twinbox bench net --boxes native --firecracker "$fc" --runs 1 --warmup 0 \
   --vm-timeout 600 --out "$out" > /tmp/twinbox-fc-net.log 2>&1
 echo BENCH_STATUS=$?
 tail -n 40 /tmp/twinbox-fc-net.log
@@ -73,10 +80,12 @@ echo TAPS_LEFT=$(ls /sys/class/net | grep -c '^tb')
 echo "RESULTS=$(tr -d '\n' < "$out/results.json")"
 rm -rf "$out"
 "#,
-        fc = fc.display()
+        fc = fc.display(),
+        in_lab = FIRECRACKER_IN_LAB,
     );
     let lab = common::run_where_linux_boots(&script, |lab| {
         lab.bin(&fc)
+            .file(&fc, FIRECRACKER_IN_LAB)
             .bin("/usr/bin/iperf3")
             .file(&microbench, "/cache/rootfs/current/twinbox-microbench")
             .mem_mib(2048)
