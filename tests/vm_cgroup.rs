@@ -61,21 +61,7 @@ fn wait_for_own_cgroup(pid: u32) -> String {
 
 /// Every `twinbox-<pid>-*` directory in any cgroup hierarchy.
 fn leftovers_of(pid: u32) -> Vec<PathBuf> {
-    let prefix = format!("twinbox-{pid}-");
-    let mut found = Vec::new();
-    for hierarchy in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
-        for entry in std::fs::read_dir(hierarchy.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                found.push(entry.path());
-            }
-        }
-    }
-    found.sort();
-    found
+    twinbox_spec::cgroup_run::dirs_of(pid, std::path::Path::new("/sys/fs/cgroup"))
 }
 
 fn read_u64(path: &Path) -> u64 {

@@ -51,6 +51,28 @@ pub fn run_name(pid: u32, start: u64, pid_namespace: u64, n: u32) -> String {
 /// Run numbers of this process, shared by the container's runs and the VMM's.
 static RUNS: AtomicU32 = AtomicU32::new(0);
 
+/// Every run directory of process `pid` (named as [`run_name`] names them) directly under
+/// any hierarchy in `cgroup_root` (`/sys/fs/cgroup`), sorted: what a run of that process
+/// made and has not removed yet.
+pub fn dirs_of(pid: u32, cgroup_root: &Path) -> Vec<PathBuf> {
+    let prefix = format!("{PREFIX}{pid}-");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(cgroup_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|hierarchy| {
+            std::fs::read_dir(hierarchy.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|entry| entry.path())
+        .collect();
+    found.sort();
+    found
+}
+
 /// The name of this process's next run: its pid, start time and pid namespace (for the
 /// sweep), and a counter shared by every run of this process. The error says what could
 /// not be read.
@@ -294,6 +316,26 @@ pub fn sweep(places: &Places) -> Swept {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dirs_of_finds_a_pids_runs_in_every_hierarchy_and_nothing_else() {
+        let root = std::env::temp_dir().join(format!("twinbox-dirs-of-{}", std::process::id()));
+        for dir in [
+            "memory/twinbox-42-1-2-0",
+            "pids/twinbox-42-1-2-0",
+            "pids/twinbox-420-1-2-0",
+            "memory/other",
+        ] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        let found = dirs_of(42, &root);
+        let want = vec![
+            root.join("memory/twinbox-42-1-2-0"),
+            root.join("pids/twinbox-42-1-2-0"),
+        ];
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(found, want);
+    }
 
     #[test]
     fn run_names_carry_their_owner() {

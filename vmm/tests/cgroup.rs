@@ -79,20 +79,7 @@ fn own_leftovers() -> Vec<PathBuf> {
 }
 
 fn leftovers_of(pid: u32) -> Vec<PathBuf> {
-    let prefix = format!("twinbox-{pid}-");
-    let mut found = Vec::new();
-    for hierarchy in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
-        for entry in std::fs::read_dir(hierarchy.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                found.push(entry.path());
-            }
-        }
-    }
-    found
+    twinbox_spec::cgroup_run::dirs_of(pid, std::path::Path::new("/sys/fs/cgroup"))
 }
 
 /// What a watcher thread saw of the run's memory cgroup while it ran.
