@@ -30,15 +30,15 @@ const ENTRYPOINT: &str = r#"["/bin/sh","-c","echo \"$GREETING from $(pwd) as $(i
 const CASES: [(&str, &str); 4] = [
     (
         "--image IMG",
-        "hello from /work as 1000:1000 groups 1000 2000 home /home/app args one two",
+        "hello from /srv/app as 1000:1000 groups 1000 2000 home /home/app args one two",
     ),
     (
         "-e GREETING=hi --image IMG",
-        "hi from /work as 1000:1000 groups 1000 2000 home /home/app args one two",
+        "hi from /srv/app as 1000:1000 groups 1000 2000 home /home/app args one two",
     ),
     (
         "--image IMG -- alpha beta",
-        "hello from /work as 1000:1000 groups 1000 2000 home /home/app args alpha beta",
+        "hello from /srv/app as 1000:1000 groups 1000 2000 home /home/app args alpha beta",
     ),
     (
         "--workdir /tmp --image IMG",
@@ -84,10 +84,10 @@ fn build() -> Fixture {
         $B commit -q "$base" tb-run-base >/dev/null
         app=$($B from tb-run-base)
         m=$($B mount "$app")
-        mkdir -p "$m/work" && echo note > "$m/work/note"
+        mkdir -p "$m/srv/app" && echo note > "$m/srv/app/note"
         $B umount "$app" >/dev/null
         $B config --entrypoint '{ENTRYPOINT}' --cmd '["one","two"]' --env GREETING=hello \
-            --workingdir /work --user 1000:1000 "$app"
+            --workingdir /srv/app --user 1000:1000 "$app"
         $B commit -q "$app" tb-run >/dev/null
         $B push -q tb-run docker-archive:$PWD/app-docker.tar:tb-run:1
         $B push -q tb-run oci-archive:$PWD/app-oci.tar:tb-run:1
@@ -170,8 +170,8 @@ fn the_container_s_root_is_the_layers_under_a_fresh_upper() {
     // The root's overlay stacks the layers, topmost first; the file of the upper layer
     // of one run is gone in the next; PID 1 is the host's init; the workload is root.
     let script = "grep ' / / ' /proc/self/mountinfo | grep -o 'lowerdir=[^,]*'; \
-                  cat /work/note; ls /work/mark 2>/dev/null || echo no-mark; \
-                  touch /work/mark; echo pid1=$(cat /proc/1/cmdline | tr '\\0' ' '); id -u";
+                  cat /srv/app/note; ls /srv/app/mark 2>/dev/null || echo no-mark; \
+                  touch /srv/app/mark; echo pid1=$(cat /proc/1/cmdline | tr '\\0' ' '); id -u";
     for _ in 0..2 {
         let out = common::leaks::check_no_leaks("ctr run --image (root)", || {
             Command::new(common::twinbox())
