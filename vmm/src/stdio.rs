@@ -324,14 +324,14 @@ fn control_pump(mut to: File, first: Vec<u8>, winch: Option<OwnedFd>, stop: &Eve
         return;
     }
     let Some(winch) = winch else {
-        while !wait(
-            stop.as_fd_borrowed(),
-            libc::POLLIN,
-            stop,
-            Duration::from_secs(3600),
-        )
-        .1
-        {}
+        // Nothing more to send: hold the pipe open until the run ends.
+        let mut pfd = libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of each call.
+        while unsafe { libc::poll(&mut pfd, 1, -1) } <= 0 {}
         return;
     };
     let mut winch = File::from(winch);
@@ -392,18 +392,6 @@ fn output_pump(mut from: File, mut to: Box<dyn Write + Send>, stop: &EventFd) {
             }
             return;
         }
-    }
-}
-
-/// `EventFd` as a borrowed fd, for [`wait`].
-trait AsFdBorrowed {
-    fn as_fd_borrowed(&self) -> BorrowedFd<'_>;
-}
-
-impl AsFdBorrowed for EventFd {
-    fn as_fd_borrowed(&self) -> BorrowedFd<'_> {
-        // SAFETY: the eventfd outlives the borrow, which lives no longer than `self`.
-        unsafe { BorrowedFd::borrow_raw(self.as_raw_fd()) }
     }
 }
 
