@@ -174,12 +174,22 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
     };
     let started_utc = utc_now();
     let host = twinbox_spec::host::describe();
-    // 6. Per scenario, the boxes that take part and those that sit it out (and why).
+    // 6. Per scenario, the boxes that take part and those that sit it out (and why) —
+    //    also VMs this host's KVM cannot run, said once here instead of a time limit
+    //    spent per box and scenario.
     let plan: Vec<Plan> = opts
         .scenarios
         .iter()
-        .map(|&scenario| Plan::new(scenario, &runners))
+        .map(|&scenario| Plan::new(scenario, &runners, host.kvm))
         .collect();
+    if let Some(why) = host.kvm.linux_guest_obstacle() {
+        if plan.iter().any(|p| p.host_cannot) {
+            tracing::warn!(
+                "{why}: the Linux-VM runs are skipped (recorded as not taking part); \
+                 the `vmm` scenario's tiny guest still runs where KVM does"
+            );
+        }
+    }
     let total: usize = plan
         .iter()
         .map(|p| p.boxes.len() * (opts.runs + opts.warmup) as usize)
@@ -289,19 +299,40 @@ struct Plan<'a> {
     scenario: &'static dyn Scenario,
     boxes: Vec<&'a dyn Runner>,
     sat_out: Vec<SatOut>,
+    /// Some box sits out because this host's KVM cannot run its guest.
+    host_cannot: bool,
 }
 
 impl<'a> Plan<'a> {
-    /// Asks `scenario` about each of `runners`' capabilities.
-    fn new(scenario: &'static dyn Scenario, runners: &'a [Box<dyn Runner>]) -> Self {
+    /// Asks `scenario` about each of `runners`' capabilities, then the host: a VMM sits
+    /// out where `kvm` cannot run its guest (no KVM at all, or a Linux guest on PVM).
+    fn new(
+        scenario: &'static dyn Scenario,
+        runners: &'a [Box<dyn Runner>],
+        kvm: twinbox_spec::host::KvmFlavor,
+    ) -> Self {
         let mut boxes = Vec::new();
         let mut sat_out = Vec::new();
+        let mut host_cannot = false;
         for r in runners {
-            match scenario.sits_out(&r.capabilities()) {
+            let caps = r.capabilities();
+            let host_says = match (caps.guest, scenario.boots_tiny_guest()) {
+                (runner::Guest::None, _) => None,
+                (_, true) => kvm.vm_obstacle(),
+                (_, false) => kvm.linux_guest_obstacle(),
+            };
+            let why = match scenario.sits_out(&caps) {
+                Some(why) => Some(why.to_string()),
+                None => host_says.map(|why| {
+                    host_cannot = true;
+                    format!("skipped on this host: {why}")
+                }),
+            };
+            match why {
                 None => boxes.push(r.as_ref()),
-                Some(why) => sat_out.push(SatOut {
+                Some(reason) => sat_out.push(SatOut {
                     box_name: r.name().into(),
-                    reason: why.into(),
+                    reason,
                 }),
             }
         }
@@ -309,6 +340,7 @@ impl<'a> Plan<'a> {
             scenario,
             boxes,
             sat_out,
+            host_cannot,
         }
     }
 }
@@ -324,6 +356,7 @@ fn run_scenario(
         scenario,
         boxes,
         sat_out,
+        ..
     } = plan;
     let mut result = ScenarioResult {
         name: scenario.name().into(),
@@ -468,19 +501,57 @@ mod tests {
         fn names(p: &Plan) -> Vec<String> {
             p.boxes.iter().map(|b| b.name().to_string()).collect()
         }
-        let memory = Plan::new(&scenario::Memory, &runners);
+        let hw = twinbox_spec::host::KvmFlavor::Hardware {
+            vendor: twinbox_spec::host::CpuVendor::Amd,
+        };
+        let memory = Plan::new(&scenario::Memory, &runners, hw);
         assert_eq!(names(&memory), ["native"]);
         let out: Vec<&str> = memory.sat_out.iter().map(|s| s.box_name.as_str()).collect();
         assert_eq!(out, ["a-runtime", "a-vmm"]);
         assert!(memory.sat_out.iter().all(|s| !s.reason.is_empty()));
-        let vmm = Plan::new(&scenario::Vmm, &runners);
+        let vmm = Plan::new(&scenario::Vmm, &runners, hw);
         assert_eq!(names(&vmm), ["a-vmm"]);
-        let disk = Plan::new(&scenario::Disk, &runners);
+        let disk = Plan::new(&scenario::Disk, &runners, hw);
         assert_eq!(names(&disk), ["native", "a-runtime"]);
         assert_eq!(
             disk.sat_out[0].reason,
             "boots only the tiny guest, not the image"
         );
+        assert!(!memory.host_cannot && !vmm.host_cannot && !disk.host_cannot);
+    }
+
+    #[test]
+    fn a_host_that_cannot_boot_linux_sits_the_linux_vms_out_with_its_reason() {
+        use twinbox_spec::host::KvmFlavor;
+        let runners: Vec<Box<dyn Runner>> = vec![
+            Box::new(Fake("native", runner::native::CAPABILITIES)),
+            Box::new(Fake("vm", runner::vm::CAPABILITIES)),
+            Box::new(Fake("a-vmm", runner::peer::KERNEL_VMM)),
+        ];
+        fn names(p: &Plan) -> Vec<String> {
+            p.boxes.iter().map(|b| b.name().to_string()).collect()
+        }
+        let startup = Plan::new(&scenario::Startup, &runners, KvmFlavor::Pvm);
+        assert_eq!(names(&startup), ["native"]);
+        assert!(startup.host_cannot);
+        for s in &startup.sat_out {
+            assert!(
+                s.reason.starts_with("skipped on this host: ") && s.reason.contains("PVM"),
+                "{}: {}",
+                s.box_name,
+                s.reason
+            );
+        }
+        // The tiny guest needs KVM, not a Linux boot: it still runs on PVM...
+        let vmm = Plan::new(&scenario::Vmm, &runners, KvmFlavor::Pvm);
+        assert_eq!(names(&vmm), ["vm", "a-vmm"]);
+        assert!(!vmm.host_cannot);
+        // ...but not without KVM, where the native box still runs everything it can.
+        let vmm = Plan::new(&scenario::Vmm, &runners, KvmFlavor::Absent);
+        assert!(names(&vmm).is_empty() && vmm.host_cannot);
+        let cpu = Plan::new(&scenario::Cpu, &runners, KvmFlavor::Absent);
+        assert_eq!(names(&cpu), ["native"]);
+        assert!(cpu.sat_out[0].reason.contains("no /dev/kvm"));
     }
 
     #[test]

@@ -69,6 +69,26 @@ impl KvmFlavor {
     pub fn usable(self) -> bool {
         !matches!(self, KvmFlavor::NoAccess | KvmFlavor::Absent)
     }
+
+    /// Why no VM can run here at all (no `/dev/kvm`, or no access to it); `None` where
+    /// one can.
+    pub fn vm_obstacle(self) -> Option<&'static str> {
+        (!self.usable()).then(|| self.describe())
+    }
+
+    /// Why a Linux guest cannot boot here in useful time; `None` where it can. PVM
+    /// emulates every guest kernel instruction, so a Linux boot takes minutes (or stops at
+    /// an instruction PVM cannot emulate): a VM that only runs user code (the bench's tiny
+    /// guest) is fine there, a Linux boot is not.
+    pub fn linux_guest_obstacle(self) -> Option<&'static str> {
+        match self {
+            KvmFlavor::Pvm => Some(
+                "this host's KVM is PVM, which emulates guest kernel code: a Linux guest \
+                 takes minutes to boot here (measure Linux VMs on a VT-x/AMD-V host)",
+            ),
+            other => other.vm_obstacle(),
+        }
+    }
 }
 
 impl fmt::Display for KvmFlavor {
@@ -376,6 +396,22 @@ mod tests {
         );
         for dir in [a, b, c, d] {
             fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn only_hardware_virtualization_boots_linux_and_pvm_still_runs_a_vm() {
+        let hw = KvmFlavor::Nested {
+            vendor: CpuVendor::Amd,
+        };
+        assert_eq!(hw.linux_guest_obstacle(), None);
+        assert_eq!(hw.vm_obstacle(), None);
+        let pvm = KvmFlavor::Pvm.linux_guest_obstacle().unwrap();
+        assert!(pvm.contains("PVM") && !pvm.contains('\n'), "{pvm}");
+        assert_eq!(KvmFlavor::Pvm.vm_obstacle(), None);
+        for none in [KvmFlavor::Absent, KvmFlavor::NoAccess] {
+            assert_eq!(none.vm_obstacle(), Some(none.describe()));
+            assert_eq!(none.linux_guest_obstacle(), Some(none.describe()));
         }
     }
 
