@@ -46,6 +46,55 @@ const CASES: [(&str, &str); 4] = [
     ),
 ];
 
+/// `--entrypoint` as `docker run --entrypoint` (arguments with the archive as `IMG`, the
+/// one line printed, the status), both boxes alike: the image's Cmd (`one two`) is dropped
+/// with its Entrypoint, the arguments after `--` follow the new one, `''` clears it.
+const ENTRYPOINT_CASES: [(&[&str], &str, i32); 3] = [
+    (&["--entrypoint", "/bin/echo", "--image", "IMG"], "", 0),
+    (
+        &[
+            "--entrypoint",
+            "/bin/echo",
+            "--image",
+            "IMG",
+            "--",
+            "x",
+            "y",
+        ],
+        "x y",
+        0,
+    ),
+    (
+        &[
+            "--entrypoint",
+            "",
+            "--image",
+            "IMG",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo $GREETING in $(pwd); exit 4",
+        ],
+        "hello in /srv/app",
+        4,
+    ),
+];
+
+/// `args` with `IMG` replaced by `image`.
+fn with_image(args: &[&str], image: &str) -> Vec<String> {
+    args.iter()
+        .map(|a| if *a == "IMG" { image } else { a }.to_owned())
+        .collect()
+}
+
+/// `args` quoted for the lab's shell.
+fn quoted(args: &[String]) -> String {
+    args.iter()
+        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The archives, built once for the file.
 struct Fixture {
     dir: PathBuf,
@@ -111,20 +160,16 @@ fn build() -> Fixture {
 
 /// `twinbox ctr run ARGS` (with `IMG` replaced), with a leak check around it.
 fn ctr(args: &str, image: &str) -> Output {
-    let args: Vec<String> = args
-        .split(' ')
-        .map(|a| {
-            if a == "IMG" {
-                image.to_owned()
-            } else {
-                a.to_owned()
-            }
-        })
-        .collect();
+    let args: Vec<&str> = args.split(' ').collect();
+    ctr_argv(&with_image(&args, image))
+}
+
+/// `twinbox ctr run ARGS`, with a leak check around it.
+fn ctr_argv(args: &[String]) -> Output {
     common::leaks::check_no_leaks(&format!("ctr run {args:?}"), || {
         Command::new(common::twinbox())
             .args(["ctr", "run"])
-            .args(&args)
+            .args(args)
             .output()
             .expect("run twinbox")
     })
@@ -160,6 +205,28 @@ fn the_container_runs_the_image_as_its_config_says_from_both_archive_forms() {
                 describe(&out)
             );
         }
+    }
+}
+
+#[test]
+fn the_container_takes_an_entrypoint_as_docker_run_does() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let image = fixture().path("app-oci.tar");
+    for (args, line, status) in ENTRYPOINT_CASES {
+        let out = ctr_argv(&with_image(args, &image));
+        assert_eq!(
+            out.status.code(),
+            Some(status),
+            "{args:?}: {}",
+            describe(&out)
+        );
+        assert_eq!(
+            stdout(&out),
+            format!("{line}\n"),
+            "{args:?}: {}",
+            describe(&out)
+        );
+        assert!(out.stderr.is_empty(), "{args:?}: {}", describe(&out));
     }
 }
 
@@ -200,7 +267,7 @@ fn bad_input_is_one_line_and_125_with_nothing_left() {
     let f = fixture();
     let image = f.path("app-oci.tar");
     let rootfs = common::rootfs_image("the --rootfs of the conflicting case");
-    let cases: [(Vec<String>, &str); 5] = [
+    let cases: [(Vec<String>, &str); 6] = [
         (
             vec!["--image".into(), image.clone(), "--rootfs".into(), rootfs],
             "--image and --rootfs",
@@ -212,8 +279,22 @@ fn bad_input_is_one_line_and_125_with_nothing_left() {
         (vec!["--image".into(), f.path("truncated.tar")], "truncated"),
         (vec!["--image".into(), f.path("bad-config.tar")], "sha256"),
         (
-            vec!["--userns".into(), "--image".into(), image.clone()],
-            "--userns with --image",
+            vec![
+                "--entrypoint".into(),
+                "/bin/true".into(),
+                "--".into(),
+                "/bin/true".into(),
+            ],
+            "--entrypoint replaces an image's Entrypoint, so it needs --image",
+        ),
+        (
+            vec![
+                "--entrypoint".into(),
+                "".into(),
+                "--image".into(),
+                image.clone(),
+            ],
+            "put the command after `--`",
         ),
     ];
     for (args, says) in cases {
@@ -266,6 +347,13 @@ fn the_vm_runs_the_image_with_the_container_s_output_and_status() {
             ));
         }
     }
+    for (i, (args, _, _)) in ENTRYPOINT_CASES.iter().enumerate() {
+        let args = quoted(&with_image(args, "/app-oci.tar"));
+        script.push_str(&format!(
+            "twinbox vm run {args} > /tmp/out 2>/tmp/err; echo ENTRY_{i}_STATUS=$?\n\
+             echo ENTRY_{i}_OUT=$(head -n1 /tmp/out); echo ENTRY_{i}_ERR=$(head -n1 /tmp/err)\n"
+        ));
+    }
     script.push_str(
         "twinbox vm run --image /app-oci.tar@nope:1 2>/tmp/err; echo BADREF_STATUS=$?; \
          echo BADREF_LINES=$(wc -l < /tmp/err)\n",
@@ -301,6 +389,17 @@ fn the_vm_runs_the_image_with_the_container_s_output_and_status() {
                 out.output
             );
         }
+    }
+    for (i, (args, line, status)) in ENTRYPOINT_CASES.iter().enumerate() {
+        let key = |what: &str| format!("ENTRY_{i}_{what}");
+        let context = format!("{args:?}: {}", out.output);
+        assert_eq!(
+            out.expect_value(&key("STATUS")),
+            status.to_string(),
+            "{context}"
+        );
+        assert_eq!(out.expect_value(&key("OUT")), *line, "{context}");
+        assert_eq!(out.expect_value(&key("ERR")), "", "{context}");
     }
     assert_eq!(out.expect_value("BADREF_STATUS"), "125", "{}", out.output);
     assert_eq!(out.expect_value("BADREF_LINES"), "1", "{}", out.output);

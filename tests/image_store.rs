@@ -146,7 +146,7 @@ fn store(name: &str) -> TestStore {
 }
 
 fn layer_dirs(store: &Store) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(store.root().join("layers/sha256"))
+    let mut names: Vec<String> = std::fs::read_dir(store.root().join("layers-v2/sha256"))
         .map(|d| {
             d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
                 .collect()
@@ -313,9 +313,10 @@ fn umoci_whiteouts_and_opaque_dirs_reach_overlayfs_and_the_vm_disk() {
     assert!(debugfs("stat /etc/motd").contains("File not found"));
     assert!(debugfs("cat /etc/passwd").contains("app:x:1000"));
     assert!(debugfs("stat /bin/busybox").contains("Size: "));
+    let xattrs = debugfs("ea_list /srv/data");
     assert!(
-        !debugfs("ea_list /srv/data").contains("trusted."),
-        "no overlay xattrs on the disk"
+        !xattrs.contains("trusted.") && !xattrs.contains("user.overlay."),
+        "no overlay xattrs on the disk: {xattrs}"
     );
     let fsck = Command::new("e2fsck")
         .args(["-fn"])
@@ -333,6 +334,71 @@ fn umoci_whiteouts_and_opaque_dirs_reach_overlayfs_and_the_vm_disk() {
         sizes.ext4_bytes.is_some() && sizes.ext4_bytes_on_disk.is_some(),
         "{sizes:?}"
     );
+}
+
+/// `ctr run --userns --image`: the layers, idmapped into the container's user namespace
+/// and stacked by its root with `userxattr`, show what the image means (the whiteout, the
+/// opaque directory, the owners) exactly as host root's overlay does, while container root
+/// is host uid 100000 and the cached layers stay as they were.
+#[test]
+fn a_user_namespace_sees_the_layers_as_the_image_means_them() {
+    let f = fixture();
+    let image = f.path("u-docker.tar");
+    let image = image.to_str().unwrap();
+    let script = "ls /srv/data; test ! -e /etc/motd && echo motd-gone; \
+                  stat -c %u:%g /bin/busybox /etc/passwd; id -u; \
+                  head -n1 /proc/self/uid_map | tr -s ' '; \
+                  echo mine > /tmp/w && cat /tmp/w";
+    let run = |userns: bool| {
+        let mut args = vec!["ctr", "run"];
+        if userns {
+            args.push("--userns");
+        }
+        args.extend([
+            "--image",
+            image,
+            "--entrypoint",
+            "/bin/sh",
+            "--",
+            "-c",
+            script,
+        ]);
+        let out = common::leaks::check_no_leaks(&format!("{args:?}"), || {
+            Command::new(common::twinbox())
+                .args(&args)
+                .output()
+                .expect("run twinbox")
+        });
+        assert!(out.status.success(), "{args:?}: {}", common::describe(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let common_part = "new\nmotd-gone\n0:0\n0:0\n1000\n";
+    let host = run(false);
+    assert_eq!(host, format!("{common_part} 0 0 4294967295\nmine\n"));
+    let userns = run(true);
+    assert_eq!(userns, format!("{common_part} 0 100000 65536\nmine\n"));
+    // The cache's layers are untouched: host owners, both opaque markers, no new file.
+    let layers = Store::default_location()
+        .layers(&open(Path::new(image), None))
+        .unwrap();
+    let data = layers.dirs[1].join("srv/data");
+    assert_eq!(std::fs::metadata(&data).unwrap().uid(), 0);
+    assert_eq!(std::fs::read_dir(&data).unwrap().count(), 1, "{data:?}");
+    let path = std::ffi::CString::new(data.to_str().unwrap()).unwrap();
+    for marker in [c"trusted.overlay.opaque", c"user.overlay.opaque"] {
+        let mut value = [0u8; 8];
+        // SAFETY: both names are NUL-terminated and the buffer's length is passed.
+        let n = unsafe {
+            libc::lgetxattr(
+                path.as_ptr(),
+                marker.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        assert_eq!(n, 1, "{marker:?} on {}", data.display());
+        assert_eq!(value[0], b'y', "{marker:?} on {}", data.display());
+    }
 }
 
 /// Runs `twinbox image ARGS` with its own cache; (status, stdout, stderr).
@@ -395,7 +461,7 @@ fn the_cli_loads_lists_removes_and_refuses_hostile_archives() {
 
     // Hostile inputs: a layer blob that does not match its digest, a truncated archive,
     // a manifest naming a missing blob. One line, exit 125, nothing left half-made.
-    let layers_before = std::fs::read_dir(cache.join("images/layers/sha256"))
+    let layers_before = std::fs::read_dir(cache.join("images/layers-v2/sha256"))
         .unwrap()
         .count();
     let bad = common::fresh_dir("twinbox-image-hostile");
@@ -432,7 +498,7 @@ fn the_cli_loads_lists_removes_and_refuses_hostile_archives() {
         "cannot open image",
     );
     assert_eq!(
-        std::fs::read_dir(cache.join("images/layers/sha256"))
+        std::fs::read_dir(cache.join("images/layers-v2/sha256"))
             .unwrap()
             .count(),
         layers_before

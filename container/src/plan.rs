@@ -114,6 +114,10 @@ pub enum Lower {
     /// An OCI image's layers, lowest first (`--image`): one read-only bind each, stacked
     /// as overlayfs lower directories as Docker's overlay2 does, no copy, no flattening.
     Layers(Vec<RawFd>),
+    /// The same layers, idmapped into the child's user namespace (`--userns`): mounted by
+    /// that namespace's root, the overlay takes `userxattr` and so reads the opaque
+    /// markers from `user.overlay.opaque` (`trusted.*` is host root's alone).
+    UsernsLayers(Vec<RawFd>),
 }
 
 /// The plan and where the new root ends up.
@@ -155,8 +159,8 @@ pub fn build(staging: &Path, lower: &Lower, init: RawFd, disks: &[RawFd]) -> Res
         // lower/0 is the base layer; overlayfs takes the topmost first. Short names keep
         // the option well inside a page however long the cache's path is. An image without
         // layers gets the empty directory.
-        Lower::Layers(fds) if fds.is_empty() => format!("{s}/lower"),
-        Lower::Layers(fds) => {
+        Lower::Layers(fds) | Lower::UsernsLayers(fds) if fds.is_empty() => format!("{s}/lower"),
+        Lower::Layers(fds) | Lower::UsernsLayers(fds) => {
             for (n, fd) in fds.iter().enumerate() {
                 let target = format!("{s}/lower/{n}");
                 steps.push(Step::Mkdir(c(&target)));
@@ -172,6 +176,11 @@ pub fn build(staging: &Path, lower: &Lower, init: RawFd, disks: &[RawFd]) -> Res
                 .join(":")
         }
     };
+    let userxattr = if matches!(lower, Lower::UsernsLayers(_)) {
+        ",userxattr"
+    } else {
+        ""
+    };
     // Not nosuid: set-id programs of the image behave as in any container (and gain
     // nothing under no_new_privs); nodev: no device node of the image opens.
     steps.push(mount(
@@ -179,7 +188,7 @@ pub fn build(staging: &Path, lower: &Lower, init: RawFd, disks: &[RawFd]) -> Res
         root.clone(),
         "overlay",
         libc::MS_NODEV,
-        &format!("lowerdir={lowerdir},upperdir={s}/upper,workdir={s}/work"),
+        &format!("lowerdir={lowerdir},upperdir={s}/upper,workdir={s}/work{userxattr}"),
     ));
     for dir in ["proc", "sys", "dev", "tmp", "run"] {
         steps.push(Step::Mkdir(c(format!("{root}/{dir}"))));
@@ -535,6 +544,24 @@ mod tests {
             .iter()
             .any(|s| matches!(s, Step::Mount { data, .. }
             if data.to_str() == Ok("lowerdir=/s/lower,upperdir=/s/upper,workdir=/s/work"))));
+    }
+
+    #[test]
+    fn layers_in_a_user_namespace_are_stacked_alike_with_user_xattrs() {
+        let host = build(Path::new("/s"), &Lower::Layers(vec![10, 11]), 6, &[]).unwrap();
+        let userns = build(Path::new("/s"), &Lower::UsernsLayers(vec![10, 11]), 6, &[]).unwrap();
+        let overlay = mount_of(&userns, "overlay");
+        let Step::Mount { data, .. } = &userns.steps[overlay] else {
+            unreachable!()
+        };
+        assert_eq!(
+            data.to_str().unwrap(),
+            "lowerdir=/s/lower/1:/s/lower/0,upperdir=/s/upper,workdir=/s/work,userxattr"
+        );
+        // Only the overlay's options differ.
+        let mut same = userns.steps.clone();
+        same[overlay] = host.steps[overlay].clone();
+        assert_eq!(same, host.steps);
     }
 
     #[test]

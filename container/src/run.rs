@@ -118,7 +118,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     let disk_fds: Vec<RawFd> = disk_mounts.iter().map(AsRawFd::as_raw_fd).collect();
     let plan = plan::build(
         &staging.path,
-        &root_mounts.lower(),
+        &root_mounts.lower(spec.user_namespace),
         init_mount.as_raw_fd(),
         &disk_fds,
     )
@@ -180,11 +180,19 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     // 6. Admit the child: maps, cgroup, link, release.
     if spec.user_namespace {
         let mut mounts = Vec::new();
-        if let RootMounts::Image(image_mount) = &root_mounts {
-            mounts.push(userns::Detached {
+        match &root_mounts {
+            RootMounts::Image(image_mount) => mounts.push(userns::Detached {
                 what: format!("the image mount of {}", spec.rootfs.display()),
                 fd: image_mount,
-            });
+            }),
+            RootMounts::Layers(fds) => {
+                for (dir, fd) in spec.rootfs_layers.iter().flatten().zip(fds) {
+                    mounts.push(userns::Detached {
+                        what: format!("the bind of layer {}", dir.display()),
+                        fd,
+                    });
+                }
+            }
         }
         for (disk, fd) in spec.disks.iter().zip(&disk_mounts) {
             mounts.push(userns::Detached {
@@ -311,16 +319,8 @@ fn check(spec: &RunSpec) -> Result<(), Error> {
             "a terminal (-t) goes to the caller, its output cannot be captured".into(),
         ));
     }
-    match &spec.rootfs_layers {
-        None => image::check_ext4(&spec.rootfs)?,
-        // The layers' whiteouts and opaque markers are 0:0 devices and trusted.*
-        // xattrs, which overlayfs honours only for a mounter that is root on the host.
-        Some(_) if spec.user_namespace => {
-            return Err(Error::Setup(
-                "--userns with --image is not supported yet (an image's layers carry overlayfs markers only host root may mount): drop --userns".into(),
-            ))
-        }
-        Some(_) => {}
+    if spec.rootfs_layers.is_none() {
+        image::check_ext4(&spec.rootfs)?;
     }
     for disk in &spec.disks {
         std::fs::metadata(&disk.path).map_err(|source| Error::Disk {
@@ -623,11 +623,19 @@ enum RootMounts {
 }
 
 impl RootMounts {
-    /// The plan's view: the descriptors the child attaches.
-    fn lower(&self) -> plan::Lower {
+    /// The plan's view: the descriptors the child attaches (layers idmapped into its user
+    /// namespace with `user_namespace`).
+    fn lower(&self, user_namespace: bool) -> plan::Lower {
         match self {
             Self::Image(fd) => plan::Lower::Image(fd.as_raw_fd()),
-            Self::Layers(fds) => plan::Lower::Layers(fds.iter().map(AsRawFd::as_raw_fd).collect()),
+            Self::Layers(fds) => {
+                let fds = fds.iter().map(AsRawFd::as_raw_fd).collect();
+                if user_namespace {
+                    plan::Lower::UsernsLayers(fds)
+                } else {
+                    plan::Lower::Layers(fds)
+                }
+            }
         }
     }
 }
@@ -1279,15 +1287,21 @@ mod tests {
     }
 
     #[test]
-    fn layers_with_userns_are_refused_before_anything_is_made() {
+    fn layers_with_userns_are_idmapped_into_the_child_s_namespace() {
         let image = FakeImage::new("layers-userns");
         let sys = Recording::new(runs(exits(0), 0));
         let mut spec = layers_spec(&image);
         spec.user_namespace = true;
-        let err = run_with(&sys, &spec).unwrap_err().to_string();
-        assert!(err.contains("--userns with --image"), "{err}");
-        assert!(!err.contains('\n'), "{err}");
-        assert_eq!(sys.calls(), calls(&["sweep"]));
+        run_with(&sys, &spec).unwrap();
+        let calls = sys.calls();
+        let at = |call: &str| calls.iter().position(|c| c.starts_with(call)).unwrap();
+        // Every layer's bind, none forgotten: an unmapped layer shows its files as nobody.
+        assert_eq!(
+            calls[at("map user namespace")],
+            "map user namespace (3 mounts)"
+        );
+        assert!(at("map user namespace") > at("spawn userns"));
+        assert!(at("bind layer /c/l/top") < at("spawn userns"));
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! `--userns`: the container gets its own user namespace in which root is host uid/gid
 //! [`HOST_BASE`] (and the next [`SIZE`] - 1 ids), so container root is not host root.
 //!
-//! The image and the extra disks arrive as detached mounts made by the parent
-//! (`detached.rs`); here they are idmapped to the container's user namespace once that
-//! exists (host uid 0 in the image then shows as uid 0 inside, not as `nobody`). Everything
-//! else of the plan (tmpfs, overlay, proc, sysfs, devpts, binds) is allowed to the
-//! namespace's root.
+//! The image (or an OCI image's layer binds) and the extra disks arrive as detached mounts
+//! made by the parent (`detached.rs`); here they are idmapped to the container's user
+//! namespace once that exists (host uid 0 in the image then shows as uid 0 inside, not as
+//! `nobody`). Everything else of the plan (tmpfs, overlay, proc, sysfs, devpts, binds) is
+//! allowed to the namespace's root; over layers the overlay takes `userxattr`
+//! (`plan::Lower::UsernsLayers`), since that root cannot read `trusted.overlay.*`.
 
 use crate::detached::{self, MountAttr, MOUNT_ATTR_IDMAP};
 use crate::Error;
@@ -29,8 +30,8 @@ pub struct Detached<'a> {
     pub fd: &'a OwnedFd,
 }
 
-/// Writes the child's uid and gid maps, then idmaps the detached mounts (the image, the
-/// extra disks) to the child's user namespace so their files keep their owners inside.
+/// Writes the child's uid and gid maps, then idmaps the detached mounts (the image or its
+/// layers, the extra disks) to the child's user namespace so their files keep their owners inside.
 pub fn map(pid: i32, mounts: &[Detached<'_>]) -> Result<(), Error> {
     for file in ["uid_map", "gid_map"] {
         let path = format!("/proc/{pid}/{file}");

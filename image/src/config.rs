@@ -44,12 +44,28 @@ impl RunConfig {
     /// `docker run IMAGE ARGS...` does), else Cmd. Empty when the image names no command
     /// and the user gave none: the caller reports it.
     pub fn command(&self, user_args: &[String]) -> Vec<String> {
-        let args = if user_args.is_empty() {
-            &self.cmd
-        } else {
-            user_args
-        };
-        self.entrypoint.iter().chain(args).cloned().collect()
+        self.command_with(None, user_args)
+    }
+
+    /// [`RunConfig::command`] with `docker run --entrypoint` applied: `Some(program)`
+    /// replaces the image's Entrypoint with that one word and drops its Cmd, so only
+    /// `user_args` follow it (Docker does not keep a Cmd written for another entrypoint);
+    /// `Some("")` clears the Entrypoint, so `user_args` are the whole command.
+    pub fn command_with(&self, entrypoint: Option<&str>, user_args: &[String]) -> Vec<String> {
+        match entrypoint {
+            None => {
+                let args = if user_args.is_empty() {
+                    &self.cmd
+                } else {
+                    user_args
+                };
+                self.entrypoint.iter().chain(args).cloned().collect()
+            }
+            Some("") => user_args.to_vec(),
+            Some(program) => std::iter::once(program.to_owned())
+                .chain(user_args.iter().cloned())
+                .collect(),
+        }
     }
 
     /// The environment: the image's `Env` with `user_env` (`KEY=VALUE`, as `-e` gives them)
@@ -300,6 +316,31 @@ mod tests {
         };
         assert_eq!(no_ep.command(&["/bin/true".into()]), vec!["/bin/true"]);
         assert!(RunConfig::default().command(&[]).is_empty());
+    }
+
+    #[test]
+    fn an_entrypoint_given_replaces_the_image_s_and_drops_its_cmd() {
+        let c = cfg();
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // Replaced: the image's Cmd ("echo hi") was written for /bin/sh -c, not for env.
+        assert_eq!(c.command_with(Some("/bin/env"), &[]), vec!["/bin/env"]);
+        assert_eq!(
+            c.command_with(Some("/bin/echo"), &args(&["a", "b"])),
+            vec!["/bin/echo", "a", "b"]
+        );
+        // One word, never split: a program name may hold a space.
+        assert_eq!(
+            c.command_with(Some("/opt/my app"), &[]),
+            vec!["/opt/my app"]
+        );
+        // Cleared: the arguments are the command; none at all is an empty argv.
+        assert_eq!(
+            c.command_with(Some(""), &args(&["/bin/true", "x"])),
+            vec!["/bin/true", "x"]
+        );
+        assert!(c.command_with(Some(""), &[]).is_empty());
+        // Not given: as without the option.
+        assert_eq!(c.command_with(None, &[]), c.command(&[]));
     }
 
     #[test]

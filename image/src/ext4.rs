@@ -182,10 +182,11 @@ fn copy_file(src: &OwnedFd, dst: &OwnedFd, name: &OsStr, st: &rfs::Stat) -> Step
     rfs::futimens(&to, &times_of(st)).map_err(|e| ("mtime", e))
 }
 
-/// Copies xattrs except `trusted.*` (overlayfs' own markers stay out of the disk).
+/// Copies xattrs except `trusted.*` and `user.overlay.*` (overlayfs' own markers stay out
+/// of the disk).
 fn copy_xattrs(from: impl AsFd, to: impl AsFd) -> std::result::Result<(), Errno> {
     for name in fsat::list_xattrs(&from)? {
-        if name.starts_with("trusted.") {
+        if name.starts_with("trusted.") || name.starts_with("user.overlay.") {
             continue;
         }
         if let Some(value) = fsat::get_xattr(&from, &name)? {

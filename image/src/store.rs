@@ -3,7 +3,7 @@
 //! ```text
 //! images/
 //! ├── lock                          flock: shared while a box uses the cache, exclusive for rm/prune
-//! ├── layers/sha256/<diff_id>/      one unpacked layer in overlayfs form, shared by every image
+//! ├── layers-v2/sha256/<diff_id>/   one unpacked layer in overlayfs form, shared by every image
 //! ├── ext4/<image id>-<version>.ext4  the VM disk of an image, per twinbox version
 //! ├── refs/<image id>.json          an image seen: its names, source, layers (what rm/prune count)
 //! ├── tmp/                          unpacks and builds in progress, renamed into place when done
@@ -30,6 +30,13 @@ use std::path::{Path, PathBuf};
 /// The version baked into VM disk names: a new twinbox rebuilds disks, since how a disk is
 /// made may change with it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Where unpacked layers live. The name carries the unpack format: a change of what
+/// unpacking writes (v2: `user.overlay.opaque` beside `trusted.overlay.opaque`) takes a new
+/// name, so no layer of the old form is used; `prune` removes the old ones.
+const LAYERS: &str = "layers-v2/sha256";
+/// The layer directories of earlier unpack formats.
+const STALE_LAYERS: [&str; 1] = ["layers"];
 
 /// The image cache.
 #[derive(Debug, Clone)]
@@ -161,7 +168,7 @@ impl Store {
 
     /// Where a layer lives once unpacked.
     pub fn layer_dir(&self, diff_id: &Digest) -> PathBuf {
-        self.root.join("layers/sha256").join(diff_id.hex())
+        self.root.join(LAYERS).join(diff_id.hex())
     }
 
     /// Where an image's VM disk lives once built.
@@ -241,11 +248,8 @@ impl Store {
         }
         let mut layers = Vec::new();
         let mut layer_bytes = BTreeMap::new();
-        for name in dir_names(&self.root.join("layers/sha256")) {
-            let bytes = du(
-                &self.root.join("layers/sha256").join(&name),
-                &mut HashSet::new(),
-            );
+        for name in dir_names(&self.root.join(LAYERS)) {
+            let bytes = du(&self.root.join(LAYERS).join(&name), &mut HashSet::new());
             layer_bytes.insert(name.clone(), bytes);
             layers.push((name.clone(), bytes, uses.get(&name).copied().unwrap_or(0)));
         }
@@ -354,6 +358,15 @@ impl Store {
                 removed.disks.push(path);
             }
         }
+        for old in STALE_LAYERS {
+            let path = self.root.join(old);
+            if path.is_dir() {
+                self.remove_path(&path, &mut removed.bytes)?;
+                removed
+                    .layers
+                    .push(format!("{old}/ (an earlier unpack format)"));
+            }
+        }
         // Nobody holds the shared lock, so nobody is making anything: all of tmp/ and the
         // key locks are leftovers.
         for dir in ["tmp", "locks"] {
@@ -377,14 +390,11 @@ impl Store {
             .iter()
             .flat_map(|r| r.layers.iter().map(String::as_str))
             .collect();
-        for name in dir_names(&self.root.join("layers/sha256")) {
+        for name in dir_names(&self.root.join(LAYERS)) {
             if used.contains(name.as_str()) || only.is_some_and(|o| !o.contains(&name)) {
                 continue;
             }
-            self.remove_path(
-                &self.root.join("layers/sha256").join(&name),
-                &mut removed.bytes,
-            )?;
+            self.remove_path(&self.root.join(LAYERS).join(&name), &mut removed.bytes)?;
             removed.layers.push(name);
         }
         Ok(())
@@ -472,7 +482,7 @@ impl Store {
         }
         let work_fd = crate::fsat::open_dir(&work.path).map_err(io(&work.path, "cannot open"))?;
         rustix::fs::syncfs(&work_fd).map_err(errno(&work.path, "syncfs"))?;
-        self.mkdir(&self.root.join("layers/sha256"))?;
+        self.mkdir(&self.root.join(LAYERS))?;
         std::fs::rename(&work.path, &dir).map_err(io(&dir, "cannot move the layer into place"))?;
         work.keep();
         tracing::info!(
@@ -806,7 +816,7 @@ mod tests {
 
     /// No layer, disk or unfinished work in the cache.
     fn cache_is_clean(store: &Store) {
-        for dir in ["layers/sha256", "ext4", "tmp"] {
+        for dir in [LAYERS, "ext4", "tmp"] {
             assert_eq!(
                 dir_names(&store.root.join(dir)),
                 Vec::<String>::new(),
@@ -823,7 +833,7 @@ mod tests {
         let (la, lb) = (s.store.layers(&a).unwrap(), s.store.layers(&b).unwrap());
         assert_eq!(la.dirs[0], lb.dirs[0]);
         assert_ne!(la.dirs[1], lb.dirs[1]);
-        assert_eq!(dir_names(&s.store.root.join("layers/sha256")).len(), 3);
+        assert_eq!(dir_names(&s.store.root.join(LAYERS)).len(), 3);
         assert_eq!(la.dirs[0], s.store.layer_dir(&Digest::of(&base())));
         assert_eq!(
             la.overlay_lowerdir().unwrap(),
@@ -893,7 +903,7 @@ mod tests {
         );
         // The good base layer stays; the bad one left nothing.
         assert_eq!(
-            dir_names(&s.store.root.join("layers/sha256")),
+            dir_names(&s.store.root.join(LAYERS)),
             vec![a.layers[0].diff_id.hex().to_owned()]
         );
         assert_eq!(dir_names(&s.store.root.join("tmp")), Vec::<String>::new());
@@ -1019,7 +1029,7 @@ mod tests {
         assert_eq!(d.id, a.id, "same config, same image id");
         let docker = s.store.layers(&d).unwrap();
         assert_eq!(oci.dirs, docker.dirs);
-        assert_eq!(dir_names(&s.store.root.join("layers/sha256")).len(), 2);
+        assert_eq!(dir_names(&s.store.root.join(LAYERS)).len(), 2);
     }
 
     #[test]
@@ -1063,7 +1073,7 @@ mod tests {
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         assert!(dirs.windows(2).all(|w| w[0] == w[1]));
-        assert_eq!(dir_names(&s.store.root.join("layers/sha256")).len(), 2);
+        assert_eq!(dir_names(&s.store.root.join(LAYERS)).len(), 2);
         assert_eq!(dir_names(&s.store.root.join("tmp")), Vec::<String>::new());
     }
 

@@ -9,16 +9,19 @@
 //!   host's `/etc/passwd`.
 //! - Hard links must name an entry already in this layer (walked the same way).
 //! - Whiteouts `.wh.NAME` become overlayfs whiteouts, a 0:0 character device `NAME`;
-//!   `.wh..wh..opq` becomes `trusted.overlay.opaque=y` on its directory; other `.wh..wh.`
+//!   `.wh..wh..opq` becomes `trusted.overlay.opaque=y` on its directory, and
+//!   `user.overlay.opaque=y` too, which overlayfs reads instead when it is mounted with
+//!   `userxattr` (by the root of a user namespace: `ctr run --userns`); other `.wh..wh.`
 //!   names (aufs bookkeeping) are skipped.
 //! - Device nodes and FIFOs are created (this needs root, as all of unpacking does). They
 //!   are harmless here: the container mounts its root `nodev` and allows only its bound
 //!   nodes in the device cgroup, and in the VM they are the guest kernel's business.
 //! - Ownership, setuid/setgid/sticky bits and mtimes are kept: the container maps owners
 //!   with `--userns`, and its mounts are `nosuid` where the project says so.
-//! - xattrs: `security.capability` and `user.*` are kept; `trusted.*` are dropped because
-//!   overlayfs would read its own `trusted.overlay.*` from them, and every other namespace
-//!   (`security.selinux`, ACLs) belongs to the host's policy, not the image's.
+//! - xattrs: `security.capability` and `user.*` are kept; `trusted.*` and `user.overlay.*`
+//!   are dropped because overlayfs would read its own markers from them (`trusted.overlay.*`,
+//!   or `user.overlay.*` under `userxattr`), and every other namespace (`security.selinux`,
+//!   ACLs) belongs to the host's policy, not the image's.
 
 use crate::error::{ImageError, Result};
 use crate::fsat::{self, WalkError};
@@ -34,6 +37,10 @@ use tar::EntryType;
 
 /// The overlayfs xattr marking a directory opaque.
 pub(crate) const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+/// The same marker as overlayfs reads it when mounted with `userxattr`.
+pub(crate) const USER_OPAQUE_XATTR: &str = "user.overlay.opaque";
+/// The prefix of overlayfs' markers under `userxattr`: never taken from a layer.
+const USER_OVERLAY_PREFIX: &str = "user.overlay.";
 /// Prefix of a whiteout's name in an OCI/Docker layer.
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 /// Prefix of names the layer format reserves (`.wh..wh..opq` and aufs' own).
@@ -131,8 +138,10 @@ impl Unpacker<'_> {
         let name_bytes = name.as_bytes();
 
         if name_bytes == OPAQUE_MARKER {
-            rfs::fsetxattr(&parent, OPAQUE_XATTR, b"y", XattrFlags::empty())
-                .map_err(|e| self.sys(&path, "cannot mark the directory opaque", e))?;
+            for marker in [OPAQUE_XATTR, USER_OPAQUE_XATTR] {
+                rfs::fsetxattr(&parent, marker, b"y", XattrFlags::empty())
+                    .map_err(|e| self.sys(&path, "cannot mark the directory opaque", e))?;
+            }
             self.stats.opaque_dirs += 1;
             return Ok(());
         }
@@ -348,7 +357,9 @@ impl Unpacker<'_> {
                 let ext = ext.map_err(|_| bad("pax records"))?;
                 let Ok(key) = ext.key() else { continue };
                 if let Some(xattr) = key.strip_prefix("SCHILY.xattr.") {
-                    if xattr == "security.capability" || xattr.starts_with("user.") {
+                    let kept = xattr == "security.capability"
+                        || (xattr.starts_with("user.") && !xattr.starts_with(USER_OVERLAY_PREFIX));
+                    if kept {
                         xattrs.push((xattr.to_owned(), ext.value_bytes().to_vec()));
                     } else {
                         dropped += 1;
@@ -602,10 +613,15 @@ mod tests {
         assert!(w.file_type().is_char_device());
         assert_eq!((w.rdev(), w.uid(), w.gid()), (0, 0, 0));
         assert!(!d.join("etc/.wh.motd").exists());
-        assert_eq!(
-            xattr(&d.join("var/cache"), OPAQUE_XATTR).as_deref(),
-            Some(&b"y"[..])
-        );
+        // Both forms: host root's overlay reads trusted.*, a user namespace's (userxattr)
+        // user.*.
+        for marker in [OPAQUE_XATTR, USER_OPAQUE_XATTR] {
+            assert_eq!(
+                xattr(&d.join("var/cache"), marker).as_deref(),
+                Some(&b"y"[..]),
+                "{marker}"
+            );
+        }
         assert!(!d.join("var/cache/.wh..wh..opq").exists());
         assert!(d.join("var/cache/new").is_file());
         assert!(
@@ -642,7 +658,7 @@ mod tests {
     }
 
     #[test]
-    fn xattrs_keep_capability_and_user_drop_trusted_and_others() {
+    fn xattrs_keep_capability_and_user_drop_overlay_markers_trusted_and_others() {
         // vfs_cap_data revision 2, effective, CAP_NET_RAW (13) permitted.
         let mut cap = Vec::new();
         for word in [0x0200_0001u32, 1 << 13, 0, 0, 0] {
@@ -657,6 +673,7 @@ mod tests {
                 ("security.capability", &cap),
                 ("user.origin", b"test"),
                 ("trusted.overlay.opaque", b"y"),
+                ("user.overlay.redirect", b"/etc"),
                 ("security.selinux", b"system_u:object_r:bin_t:s0"),
             ],
         )]);
@@ -669,7 +686,9 @@ mod tests {
         );
         assert_eq!(xattr(&p, "user.origin").as_deref(), Some(&b"test"[..]));
         assert_eq!(xattr(&p, "trusted.overlay.opaque"), None);
-        assert_eq!(stats.xattrs_dropped, 2);
+        // A layer cannot plant overlayfs markers for a userxattr mount either.
+        assert_eq!(xattr(&p, "user.overlay.redirect"), None);
+        assert_eq!(stats.xattrs_dropped, 3);
     }
 
     #[test]

@@ -54,6 +54,12 @@ pub struct RunArgs {
     /// `--rootfs`.
     #[arg(long, value_name = "PATH[@REF]")]
     pub image: Option<String>,
+    /// With `--image`: run PROGRAM instead of the image's Entrypoint, as `docker run
+    /// --entrypoint` does. The image's Cmd is dropped too: only the arguments after `--`
+    /// follow PROGRAM. `--entrypoint ''` clears the Entrypoint, so the command after `--`
+    /// is the whole command.
+    #[arg(long, value_name = "PROGRAM")]
+    pub entrypoint: Option<String>,
     /// Memory in MiB (VM: guest RAM; container: memory limit).
     #[arg(long, value_name = "MiB", default_value_t = 128)]
     pub memory: u32,
@@ -137,6 +143,11 @@ impl RunArgs {
             self.fill(&mut spec, spawn_ns)?;
             return Ok((spec, Some(hold)));
         }
+        // Checked here, not by clap, so it is one line and exit 125 like other bad input.
+        anyhow::ensure!(
+            self.entrypoint.is_none(),
+            "--entrypoint replaces an image's Entrypoint, so it needs --image (without one, the command after `--` is the whole command)"
+        );
         let rootfs = match &self.rootfs {
             Some(path) => path.clone(),
             None => twinbox_spec::artifacts::require(
@@ -171,11 +182,17 @@ impl RunArgs {
             }
         };
         let config = &image.config;
-        let argv = config.command(&self.command);
-        anyhow::ensure!(
-            !argv.is_empty(),
-            "--image {text}: the image names no command (no Entrypoint or Cmd): put one after `--`"
-        );
+        let argv = config.command_with(self.entrypoint.as_deref(), &self.command);
+        if argv.is_empty() {
+            match self.entrypoint.as_deref() {
+                Some(_) => anyhow::bail!(
+                    "--entrypoint '' clears the image's Entrypoint and Cmd: put the command after `--`"
+                ),
+                None => anyhow::bail!(
+                    "--image {text}: the image names no command (no Entrypoint or Cmd): put one after `--`"
+                ),
+            }
+        }
         let user = config.resolve_user(&dirs).with_context(context)?;
         let rootfs = match &hold {
             ImageHold::Disk(disk) => disk.path.clone(),

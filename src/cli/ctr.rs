@@ -40,10 +40,6 @@ pub fn main(command: CtrCommand, spawn_ns: u64) -> anyhow::Result<i32> {
 }
 
 fn run(args: CtrRunArgs, spawn_ns: u64) -> anyhow::Result<i32> {
-    anyhow::ensure!(
-        !(args.userns && args.run.image.is_some()),
-        "--userns with --image is not supported yet (an image's layers carry overlayfs markers only host root may mount): drop --userns"
-    );
     // `_image` holds the layers in the cache until the run is over.
     let (mut spec, _image) = args.run.to_spec(spawn_ns, ImageForm::Layers)?;
     spec.cpus = args.cpus;
