@@ -141,18 +141,14 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
     // 2. The image mounted for runc and bwrap; declared before the runners, so dropped
     //    after them.
     let peer_root = mount_peer_root(opts)?;
-    // 3. SIGINT/SIGTERM for the whole bench: recorded, and made readable on a fd that
-    //    stops a VM run at once; host-process waits check the recorded signal. A box that
-    //    installs its own (nested) handler for its run leaves the signal visible here too.
+    // 3. SIGINT/SIGTERM for the whole bench: recorded; process waits (the VM box and the
+    //    peers are processes) check it and pass SIGTERM on. A box that installs its own
+    //    (nested) handler for its run leaves the signal visible here too.
     let interrupt = twinbox_spec::interrupt::Interrupt::install().map_err(Error::Signals)?;
     // 4. The boxes asked for, then the peers.
     let mut runners: Vec<Box<dyn Runner>> = Vec::new();
     for b in &opts.boxes {
-        let stop = interrupt
-            .fd()
-            .try_clone_to_owned()
-            .map_err(Error::Signals)?;
-        let runner = runner::by_name(b, Some(stop), opts.vm_jail);
+        let runner = runner::by_name(b, &opts.twinbox_exe, opts.vm_jail);
         runners.push(runner.ok_or_else(|| Error::UnknownBox(b.clone()))?);
     }
     runners.extend(peers(opts, peer_root.as_ref())?);

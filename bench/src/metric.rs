@@ -48,6 +48,11 @@ pub const TO_TORN_DOWN_MS: Metric = Metric::lower("to_torn_down_ms", "ms");
 pub const TO_WORKLOAD_EXITED_MS: Metric = Metric::lower("to_workload_exited_ms", "ms");
 /// Host memory of one instance.
 pub const HOST_MEMORY_MIB: Metric = Metric::lower("host_memory_mib", "MiB");
+/// Peak RSS of the runtime or VMM process itself, guest RAM excluded.
+pub const RUNTIME_RSS_MIB: Metric = Metric::lower("runtime_rss_mib", "MiB");
+/// Peak PSS of the VMM process itself (shared pages divided by their sharers), guest RAM
+/// excluded.
+pub const RUNTIME_PSS_MIB: Metric = Metric::lower("runtime_pss_mib", "MiB");
 /// `sysbench cpu` events per second.
 pub const EVENTS_PER_S: Metric = Metric::higher("events_per_s", "events/s");
 /// `sysbench memory` bandwidth.
@@ -82,10 +87,12 @@ pub const TCP_RR_P50_US: Metric = Metric::lower("tcp_rr_p50_us", "µs");
 pub const TCP_RR_P99_US: Metric = Metric::lower("tcp_rr_p99_us", "µs");
 
 /// All of them (tests check that keys are unique).
-pub const ALL: [Metric; 19] = [
+pub const ALL: [Metric; 21] = [
     TO_TORN_DOWN_MS,
     TO_WORKLOAD_EXITED_MS,
     HOST_MEMORY_MIB,
+    RUNTIME_RSS_MIB,
+    RUNTIME_PSS_MIB,
     EVENTS_PER_S,
     MIB_PER_S,
     MIB_PER_INSTANCE,

@@ -300,6 +300,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
         output: output_r.map(|_| String::from_utf8_lossy(&captured).into_owned()),
         usage: Usage {
             runtime_peak_rss_kib: twinbox_spec::host::self_status_kib("VmHWM"),
+            runtime_peak_pss_kib: None,
             guest_memory_touched_kib: None,
             cgroup_memory_peak_kib: stats.memory_peak_kib,
             cpu_user_us: Some(tv_us(reaped.usage.ru_utime)),

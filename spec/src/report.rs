@@ -70,6 +70,10 @@ pub struct Usage {
     /// Peak resident set of the runtime/VMM process, KiB, excluding guest RAM where the
     /// box can tell them apart.
     pub runtime_peak_rss_kib: Option<u64>,
+    /// Peak proportional set size of the runtime/VMM process, KiB (shared pages divided
+    /// by their sharers), excluding guest RAM; where the box measures it.
+    #[serde(default)]
+    pub runtime_peak_pss_kib: Option<u64>,
     /// Guest RAM pages the host actually backed (VM), KiB.
     pub guest_memory_touched_kib: Option<u64>,
     /// Peak memory charged to the box's cgroup (container), KiB.

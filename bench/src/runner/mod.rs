@@ -4,6 +4,7 @@
 use twinbox_spec::{RunReport, RunSpec};
 
 pub mod container;
+pub mod footprint;
 pub mod native;
 pub mod netns;
 pub mod peer;
@@ -103,8 +104,8 @@ pub struct Capabilities {
     /// What it runs.
     pub guest: Guest,
     /// Its report's usage holds the host memory of one instance (process RSS, VMM RSS +
-    /// guest memory touched, cgroup peak + runtime RSS). False for peers timed as outside
-    /// processes, whose instance's memory is elsewhere (runc's container is not its child).
+    /// guest memory touched, cgroup peak + runtime RSS). False for the peer container
+    /// runtimes, whose instance's memory is elsewhere (runc's container is not its child).
     pub memory_in_report: bool,
     /// How `density` starts one instance as its own process; `None` when it cannot.
     pub instance: Option<Instance>,
@@ -119,10 +120,11 @@ pub struct Capabilities {
     pub net: NetAt,
 }
 
-/// What every peer VMM that boots only the tiny guest can do.
+/// What every peer VMM that boots only the tiny guest can do (its memory is read from
+/// its process, [`process::run_vmm`]).
 pub const TINY_GUEST_VMM: Capabilities = Capabilities {
     guest: Guest::TinyOnly,
-    memory_in_report: false,
+    memory_in_report: true,
     instance: None,
     disk_at: None,
     host_binaries: false,
@@ -148,18 +150,14 @@ pub const PEER_RUNTIME: Capabilities = Capabilities {
 /// The boxes `--boxes` accepts.
 pub const BOX_NAMES: [&str; 3] = [native::NAME, container::NAME, vm::NAME];
 
-/// The runner for a box name given on the command line; the VM's run stops early when
-/// `stop` becomes readable, and jails its VMM threads when `vm_jail`.
-pub fn by_name(
-    name: &str,
-    stop: Option<std::os::fd::OwnedFd>,
-    vm_jail: bool,
-) -> Option<Box<dyn Runner>> {
+/// The runner for a box name given on the command line; the VM box runs `twinbox` (the
+/// binary at `twinbox`) as a process, its VMM threads jailed when `vm_jail`.
+pub fn by_name(name: &str, twinbox: &std::path::Path, vm_jail: bool) -> Option<Box<dyn Runner>> {
     match name {
         native::NAME => Some(Box::new(native::Native)),
         container::NAME => Some(Box::new(container::Container)),
         vm::NAME => Some(Box::new(vm::Vm {
-            stop,
+            twinbox: twinbox.to_path_buf(),
             jail: vm_jail,
         })),
         _ => None,

@@ -8,10 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use twinbox_spec::{BoxKind, Outcome, RunReport};
 
 /// What a peer VMM that boots our kernel and image can do: disks as virtio-blk drives, a
-/// tap link, the VM's time limit; its memory is an outside process's, not in the report.
+/// tap link, the VM's time limit; its memory is read from its process
+/// ([`super::process::run_vmm`]).
 pub const KERNEL_VMM: super::Capabilities = super::Capabilities {
     guest: super::Guest::Kernel,
-    memory_in_report: false,
+    memory_in_report: true,
     instance: None,
     disk_at: Some(super::DiskAt::VirtioBlk),
     host_binaries: false,
@@ -20,7 +21,24 @@ pub const KERNEL_VMM: super::Capabilities = super::Capabilities {
 };
 
 /// The note of every peer VMM's report.
-pub const VMM_NOTE: &str = "process start to process exit; peak RSS includes guest RAM touched";
+pub const VMM_NOTE: &str = "process start to process exit; memory = its smaps without guest \
+     RAM (RSS, PSS) and guest RAM touched, read while it runs and at its exit, as for every VMM";
+
+/// Runs a peer VMM process for `spec` ([`super::process::run_vmm`]: its memory measured as
+/// every VMM's, SIGKILL if the bench dies).
+pub(crate) fn run_vmm_process(
+    cmd: std::process::Command,
+    spec: &twinbox_spec::RunSpec,
+) -> Result<Finished, String> {
+    super::process::run_vmm(
+        cmd,
+        nix::sys::signal::Signal::SIGKILL,
+        spec.spawn_ns,
+        true,
+        spec.time_limit,
+        u64::from(spec.memory_mib) * 1024,
+    )
+}
 
 /// A link lease for a peer's box in `mode`, and with `--net nat` the NAT table, as
 /// twinbox's own boxes get them; one line saying what failed otherwise.

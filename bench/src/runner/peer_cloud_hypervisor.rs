@@ -34,7 +34,7 @@
 //! unregistered port only logs).
 
 use super::peer::{executable_file, peer_outcome, peer_report, VMM_NOTE};
-use super::{process, Runner};
+use super::Runner;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use twinbox_spec::{RunReport, RunSpec};
@@ -96,7 +96,7 @@ impl Runner for CloudHypervisor {
     fn run(&self, spec: &RunSpec) -> Result<RunReport, String> {
         let mut cmd = Command::new(&self.binary);
         cmd.args(args(spec)?);
-        let done = process::run(cmd, spec.spawn_ns, true, spec.time_limit)?;
+        let done = super::peer::run_vmm_process(cmd, spec)?;
         Ok(peer_report(NAME, done, VMM_NOTE, |o, out| {
             peer_outcome(NAME, o, out)
         }))

@@ -50,7 +50,7 @@
 //! `src/vmm/src/device_manager/legacy.rs` (x86 port devices).
 
 use super::peer::{executable_file, guest_outcome, is_tiny_guest, peer_report, RunDir, VMM_NOTE};
-use super::{process, Runner};
+use super::Runner;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use twinbox_spec::{RunReport, RunSpec};
@@ -210,7 +210,7 @@ impl Runner for Firecracker {
             .map_err(|e| format!("{}: {e}", config_path.display()))?;
         let mut cmd = Command::new(&self.binary);
         cmd.args(args(&config_path)).current_dir(dir.path());
-        let done = process::run(cmd, spec.spawn_ns, true, spec.time_limit)?;
+        let done = super::peer::run_vmm_process(cmd, spec)?;
         drop(dir);
         let mut report = peer_report(NAME, done, VMM_NOTE, |process, console| {
             guest_outcome(NAME, process, console, tiny)

@@ -24,7 +24,7 @@
 //! also ends in a reset) is a failure, not a success.
 
 use super::peer::{guest_outcome, is_tiny_guest, peer_report, VMM_NOTE};
-use super::{process, Runner};
+use super::Runner;
 use linux_loader::cmdline::Cmdline;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -208,7 +208,7 @@ impl Runner for QemuMicrovm {
         if let Some(tap) = &tap {
             inherit_as(&mut cmd, tap.file().as_raw_fd(), TAP_FD);
         }
-        let done = process::run(cmd, spec.spawn_ns, true, spec.time_limit)?;
+        let done = super::peer::run_vmm_process(cmd, spec)?;
         let tiny = is_tiny_guest(kernel);
         let mut report = peer_report(NAME, done, VMM_NOTE, |process, console| {
             guest_outcome("qemu", process, console, tiny)

@@ -5,8 +5,11 @@
 //! bench killed with SIGKILL, which runs no cleanup of its own, leaves none running. The
 //! native box's workloads are the exception (see [`run_dying_with`]).
 
+use super::footprint::Footprint;
 use nix::sys::prctl;
+use nix::sys::ptrace;
 use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -19,11 +22,19 @@ pub struct Finished {
     pub outcome: Outcome,
     /// spawn (given), workload_started (exec done), workload_exited (reaped), torn_down.
     pub timeline: Timeline,
-    /// Its stdout and stderr, when captured.
+    /// Its stdout and stderr, when captured (stdout first).
     pub output: Option<String>,
-    /// CPU time of the process, and its peak RSS when it lived long enough to be sampled.
+    /// How many bytes of `output` are stdout.
+    pub stdout_len: usize,
+    /// Whether a VMM's memory was read at its exit (see [`run_vmm`]).
+    pub exit_read: bool,
+    /// CPU time of the process, and its peak RSS when it lived long enough to be sampled
+    /// (a VMM's: its own and its guest RAM's, from [`Footprint`]s, see [`run_vmm`]).
     pub usage: Usage,
 }
+
+/// How often a VMM's smaps is read while it runs (besides the reading at its exit).
+const FOOTPRINT_EVERY_POLLS: u64 = 25;
 
 /// How long an interrupted child gets to end after SIGTERM before SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(3);
@@ -75,11 +86,93 @@ pub fn run(
 /// `Command::spawn` returns only once `execve` succeeded (std reports exec failures
 /// through a close-on-exec pipe), so its return is the `workload_started` stamp.
 pub fn run_dying_with(
+    cmd: Command,
+    death: Option<Signal>,
+    spawn_ns: u64,
+    capture: bool,
+    limit: Option<Duration>,
+) -> Result<Finished, String> {
+    watch(cmd, death, spawn_ns, capture, limit, None)
+}
+
+/// [`run_dying_with`] for a VMM whose guest has `guest_ram_kib` of RAM, with its memory
+/// measured as for every VMM alike: the peak of its own RSS and PSS and of its guest RAM's
+/// resident pages ([`Footprint`]), read every few milliseconds while it runs and once more
+/// as it exits.
+///
+/// The reading at exit is what makes a short run count: a process that has exited has no
+/// memory left to read (a zombie's smaps is empty, and `ru_maxrss` after a vfork-style
+/// spawn is the bench's), and a run of a few milliseconds may end before the first
+/// sample. So the VMM's main thread is traced for its exit alone (`PTRACE_SEIZE` with
+/// `PTRACE_O_TRACEEXIT`: no syscall or signal tracing beyond re-delivering what it gets):
+/// it stops on its way out, with its memory intact, is read, and goes on. The time it
+/// waited for the bench is taken off its exit stamps; the note says so.
+pub fn run_vmm(
+    cmd: Command,
+    death: Signal,
+    spawn_ns: u64,
+    capture: bool,
+    limit: Option<Duration>,
+    guest_ram_kib: u64,
+) -> Result<Finished, String> {
+    watch(
+        cmd,
+        Some(death),
+        spawn_ns,
+        capture,
+        limit,
+        Some(guest_ram_kib),
+    )
+}
+
+/// The VMM memory readings of one run in progress.
+struct Reading {
+    guest_ram_kib: u64,
+    /// Whether its exit is traced (the seize worked).
+    traced: bool,
+    peak: Option<Footprint>,
+    /// Time the process spent stopped at its exit waiting for the bench.
+    paused_ns: u64,
+}
+
+impl Reading {
+    fn sample(&mut self, pid: u32) {
+        if let Some(now) = Footprint::of(pid, self.guest_ram_kib) {
+            self.peak = Some(self.peak.map_or(now, |p| p.max(now)));
+        }
+    }
+
+    /// Handles a ptrace stop of the traced process: at its exit, one last reading, then
+    /// it goes on; a signal it was sent is delivered as if nobody watched.
+    fn stopped(&mut self, pid: u32, status: i32) {
+        let tracee = Pid::from_raw(pid as libc::pid_t);
+        let event = status >> 16;
+        let resumed = if event == libc::PTRACE_EVENT_EXIT {
+            let stopped_at = twinbox_spec::clock::monotonic_ns();
+            self.sample(pid);
+            let r = ptrace::detach(tracee, None);
+            self.paused_ns += twinbox_spec::clock::monotonic_ns() - stopped_at;
+            r
+        } else if event != 0 {
+            // A group stop or another event: go on.
+            ptrace::cont(tracee, None)
+        } else {
+            let signal = Signal::try_from(libc::WSTOPSIG(status)).ok();
+            ptrace::cont(tracee, signal)
+        };
+        if let Err(e) = resumed {
+            tracing::warn!("resuming traced pid {pid}: {e}");
+        }
+    }
+}
+
+fn watch(
     mut cmd: Command,
     death: Option<Signal>,
     spawn_ns: u64,
     capture: bool,
     limit: Option<Duration>,
+    guest_ram_kib: Option<u64>,
 ) -> Result<Finished, String> {
     if let Some(signal) = death {
         die_with_bench(&mut cmd, signal);
@@ -93,6 +186,17 @@ pub fn run_dying_with(
         .spawn()
         .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
     timeline.record_now(Phase::WorkloadStarted);
+    let mut reading = guest_ram_kib.map(|guest_ram_kib| Reading {
+        guest_ram_kib,
+        traced: ptrace::seize(
+            Pid::from_raw(child.id() as libc::pid_t),
+            ptrace::Options::PTRACE_O_TRACEEXIT,
+        )
+        .map_err(|e| tracing::warn!("cannot trace pid {} for its exit: {e}", child.id()))
+        .is_ok(),
+        peak: None,
+        paused_ns: 0,
+    });
     let readers = capture.then(|| spawn_readers(&mut child));
     let started = Instant::now();
     let pid = child.id() as libc::pid_t;
@@ -106,6 +210,12 @@ pub fn run_dying_with(
         let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
         // SAFETY: `pid` is our unreaped child; the out-pointers are valid locals.
         let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut rusage) };
+        if r == pid && libc::WIFSTOPPED(status) {
+            if let Some(reading) = reading.as_mut() {
+                reading.stopped(child.id(), status);
+            }
+            continue;
+        }
         if r == pid {
             break (status, rusage);
         }
@@ -141,20 +251,37 @@ pub fn run_dying_with(
         // The child's own peak RSS, sampled every ~10 ms while it lives: `ru_maxrss` of
         // a child spawned with vfork semantics starts from the parent's high-water mark,
         // so it would report the bench's memory, not the workload's.
-        if polls.is_multiple_of(50) {
-            hwm_kib = twinbox_spec::host::process_status_kib(child.id(), "VmHWM").or(hwm_kib);
+        match reading.as_mut() {
+            Some(reading) if polls.is_multiple_of(FOOTPRINT_EVERY_POLLS) => {
+                reading.sample(child.id())
+            }
+            Some(_) => {}
+            None if polls.is_multiple_of(50) => {
+                hwm_kib = twinbox_spec::host::process_status_kib(child.id(), "VmHWM").or(hwm_kib);
+            }
+            None => {}
         }
         polls += 1;
         // Short sleeps: the exit stamp is at most this late.
         std::thread::sleep(Duration::from_micros(200));
     };
-    timeline.record_now(Phase::WorkloadExited);
+    // The time the process waited at its exit for the bench's reading is not its own.
+    let paused_ns = reading.as_ref().map_or(0, |r| r.paused_ns);
+    timeline.record(
+        Phase::WorkloadExited,
+        twinbox_spec::clock::monotonic_ns() - paused_ns,
+    );
+    let mut stdout_len = 0;
     let output = readers.map(|(a, b)| {
         let mut text = a.join().unwrap_or_default();
+        stdout_len = text.len();
         text.push_str(&b.join().unwrap_or_default());
         text
     });
-    timeline.record_now(Phase::TornDown);
+    timeline.record(
+        Phase::TornDown,
+        twinbox_spec::clock::monotonic_ns() - paused_ns,
+    );
     let outcome = if let Some((signal, _)) = interrupted {
         Outcome::Failed(format!("interrupted by signal {signal}"))
     } else if killed {
@@ -168,16 +295,21 @@ pub fn run_dying_with(
         Outcome::Signaled(libc::WTERMSIG(status))
     };
     let us = |t: libc::timeval| (t.tv_sec as u64) * 1_000_000 + t.tv_usec as u64;
+    let peak = reading.as_ref().and_then(|r| r.peak);
     Ok(Finished {
         outcome,
         timeline,
         output,
+        stdout_len,
         usage: Usage {
-            runtime_peak_rss_kib: hwm_kib,
+            runtime_peak_rss_kib: peak.map(|p| p.own_rss_kib).or(hwm_kib),
+            runtime_peak_pss_kib: peak.map(|p| p.own_pss_kib),
+            guest_memory_touched_kib: peak.map(|p| p.guest_rss_kib),
             cpu_user_us: Some(us(rusage.ru_utime)),
             cpu_system_us: Some(us(rusage.ru_stime)),
             ..Usage::default()
         },
+        exit_read: reading.is_some_and(|r| r.traced),
     })
 }
 
@@ -223,6 +355,95 @@ mod tests {
         // sleep(1) is a few MiB at most; the test process is larger than that would allow
         // only by accident, so just check it is a plausible small process.
         assert!(kib > 0 && kib < 64 * 1024, "{kib} KiB");
+    }
+
+    /// Set in the environment of this test binary run again as a memory-using child.
+    const CHILD_ENV: &str = "TWINBOX_BENCH_MEMORY_CHILD";
+    const OWN_MIB: usize = 48;
+    const GUEST_MIB: usize = 64;
+    const TOUCHED_MIB: usize = 16;
+
+    /// The child: touches OWN_MIB of heap, and TOUCHED_MIB of a GUEST_MIB region (standing
+    /// for guest RAM, as large as the "guest"), then exits at once — a run far shorter
+    /// than any sampling period.
+    #[test]
+    fn memory_child() {
+        if std::env::var_os(CHILD_ENV).is_none() {
+            return;
+        }
+        let own = vec![1u8; OWN_MIB << 20];
+        // Mapped as VMMs map guest RAM (vm-memory, Firecracker): private, anonymous,
+        // MAP_NORESERVE — which also keeps the kernel from merging it with the heap's
+        // anonymous mappings.
+        // SAFETY: a fresh anonymous mapping at an address the kernel picks; only the
+        // first TOUCHED_MIB of it are written, and it is never unmapped (the process exits).
+        let guest = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                GUEST_MIB << 20,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(guest, libc::MAP_FAILED);
+        // SAFETY: within the mapping just made, writable.
+        unsafe { std::ptr::write_bytes(guest.cast::<u8>(), 1, TOUCHED_MIB << 20) };
+        std::hint::black_box(&own);
+        std::process::exit(0);
+    }
+
+    #[test]
+    fn a_short_lived_vmm_s_own_memory_and_guest_ram_are_read_at_its_exit() {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "runner::process::tests::memory_child",
+            "--test-threads=1",
+        ]);
+        cmd.env(CHILD_ENV, "1");
+        let guest_kib = (GUEST_MIB as u64) << 10;
+        let done = run_vmm(cmd, Signal::SIGKILL, monotonic_ns(), true, None, guest_kib).unwrap();
+        assert_eq!(done.outcome, Outcome::Exited(0), "{:?}", done.output);
+        assert!(done.exit_read, "the exit was not traced");
+        let mib = |kib: Option<u64>| kib.unwrap() as f64 / 1024.0;
+        // The heap it touched, plus the test harness's own few MiB.
+        let own = mib(done.usage.runtime_peak_rss_kib);
+        assert!(
+            own >= OWN_MIB as f64 && own < (OWN_MIB + 24) as f64,
+            "own RSS {own:.1} MiB, expected about {OWN_MIB}"
+        );
+        let pss = mib(done.usage.runtime_peak_pss_kib);
+        assert!(pss >= OWN_MIB as f64 && pss <= own, "own PSS {pss:.1} MiB");
+        let guest = mib(done.usage.guest_memory_touched_kib);
+        assert!(
+            guest >= TOUCHED_MIB as f64 && guest < (TOUCHED_MIB + 2) as f64,
+            "guest RAM touched {guest:.1} MiB, expected about {TOUCHED_MIB}"
+        );
+        assert!(done.timeline.is_ordered());
+    }
+
+    #[test]
+    fn a_vmm_that_is_killed_or_signalled_is_still_waited_for_and_measured() {
+        // A signal it is sent while traced reaches it as if nobody watched.
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", "kill -USR1 $$; exit 7"]);
+        let done = run_vmm(cmd, Signal::SIGKILL, monotonic_ns(), false, None, 1 << 20).unwrap();
+        assert_eq!(done.outcome, Outcome::Signaled(libc::SIGUSR1));
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args([
+            "-c",
+            "trap 'exit 7' USR1; sleep 0.05; kill -USR1 $$; sleep 0.05",
+        ]);
+        let done = run_vmm(cmd, Signal::SIGKILL, monotonic_ns(), false, None, 1 << 20).unwrap();
+        assert_eq!(done.outcome, Outcome::Exited(7));
+        assert!(done.usage.runtime_peak_rss_kib.unwrap() > 0);
+        let mut cmd = Command::new("/bin/sleep");
+        cmd.arg("30");
+        let limit = Some(Duration::from_millis(100));
+        let done = run_vmm(cmd, Signal::SIGKILL, monotonic_ns(), false, limit, 1 << 20).unwrap();
+        assert!(matches!(done.outcome, Outcome::Failed(ref m) if m.contains("time limit")));
     }
 
     #[test]

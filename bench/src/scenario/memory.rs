@@ -1,8 +1,8 @@
 //! `memory`: the host memory cost of one idle instance.
 
-use super::{argv, memory_kib, Metrics, Scenario};
+use super::{argv, memory_metrics, Metrics, Scenario};
 use crate::metric::{self, Metric};
-use crate::runner::Capabilities;
+use crate::runner::{Capabilities, Guest};
 use twinbox_spec::RunReport;
 
 /// Its name.
@@ -18,8 +18,10 @@ impl Scenario for Memory {
 
     fn description(&self) -> &'static str {
         "Host memory cost of one idle instance running `sleep 1`: native = the \
-         process's peak RSS; vm = VMM peak RSS (guest RAM excluded) + guest memory \
-         touched; container = cgroup memory peak + runtime peak RSS."
+         process's peak RSS; a VMM (twinbox's `vm run` and every peer VMM alike) = the \
+         peak RSS of its process outside guest RAM + guest RAM touched, read from \
+         /proc/PID/smaps while it runs and at its exit, with its peak PSS beside; \
+         container = cgroup memory peak + runtime peak RSS (over the bench's own)."
     }
 
     fn workload(&self) -> Vec<String> {
@@ -27,10 +29,17 @@ impl Scenario for Memory {
     }
 
     fn metrics(&self) -> &'static [Metric] {
-        &[metric::HOST_MEMORY_MIB]
+        &[
+            metric::HOST_MEMORY_MIB,
+            metric::RUNTIME_RSS_MIB,
+            metric::RUNTIME_PSS_MIB,
+        ]
     }
 
     fn sits_out(&self, caps: &Capabilities) -> Option<&'static str> {
+        if caps.guest == Guest::TinyOnly {
+            return Some("boots only the tiny guest, not the image");
+        }
         (!caps.memory_in_report).then_some(
             "its instance is a separate process the bench can only sample from outside \
              (runc's container is not even its child), so its figure would not be \
@@ -39,11 +48,11 @@ impl Scenario for Memory {
     }
 
     fn extract(&self, report: &RunReport) -> Result<Metrics, String> {
-        let kib = memory_kib(report).ok_or("the box reported no memory usage")?;
-        Ok(Metrics::from([(
-            metric::HOST_MEMORY_MIB.key.into(),
-            kib as f64 / 1024.0,
-        )]))
+        let metrics = memory_metrics(report);
+        if !metrics.contains_key(metric::HOST_MEMORY_MIB.key) {
+            return Err("the box reported no memory usage".into());
+        }
+        Ok(metrics)
     }
 }
 

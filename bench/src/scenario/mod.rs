@@ -268,6 +268,21 @@ fn memory_kib(report: &RunReport) -> Option<u64> {
     }
 }
 
+/// The memory figures every box that reports them gives: host memory of the instance, and
+/// the runtime's or VMM's own peak RSS and PSS (guest RAM excluded), MiB; those it lacks
+/// are left out.
+fn memory_metrics(report: &RunReport) -> Metrics {
+    let u = &report.usage;
+    [
+        (crate::metric::HOST_MEMORY_MIB, memory_kib(report)),
+        (crate::metric::RUNTIME_RSS_MIB, u.runtime_peak_rss_kib),
+        (crate::metric::RUNTIME_PSS_MIB, u.runtime_peak_pss_kib),
+    ]
+    .into_iter()
+    .filter_map(|(m, kib)| Some((m.key.to_string(), kib? as f64 / 1024.0)))
+    .collect()
+}
+
 /// The number following `label` on its line.
 fn number_after(text: &str, label: &str) -> Option<f64> {
     text.lines()
@@ -305,6 +320,7 @@ pub(crate) mod tests {
             output: Some(output.into()),
             usage: Usage {
                 runtime_peak_rss_kib: Some(2048),
+                runtime_peak_pss_kib: Some(1536),
                 guest_memory_touched_kib: Some(1024),
                 cgroup_memory_peak_kib: Some(512),
                 ..Usage::default()
@@ -439,7 +455,10 @@ pub(crate) mod tests {
                 vec!["vm", "qemu-microvm", "firecracker", "cloud-hypervisor"],
             ),
             ("cpu", image.to_vec()),
-            ("memory", vec!["native", "container", "vm"]),
+            (
+                "memory",
+                vec!["native", "container", "vm", "qemu-microvm", "firecracker"],
+            ),
             ("density", vec!["native", "container", "vm"]),
             ("membw", image.to_vec()),
             ("syscall", image.to_vec()),

@@ -1,7 +1,7 @@
 //! `vmm`: the VMM alone, booting the tiny guest (no guest kernel), so its own cost is
 //! measured even where guest kernels crawl (PVM).
 
-use super::{memory_kib, ms_to, Metrics, Scenario};
+use super::{memory_metrics, ms_to, Metrics, Scenario};
 use crate::metric::{self, Metric};
 use crate::runner::{Capabilities, Guest};
 use twinbox_spec::{Phase, RunReport};
@@ -21,10 +21,12 @@ impl Scenario for Vmm {
         "The VMM's own cost, free of guest-kernel time: a 232-byte PVH guest that \
          reports exit 0 on the marker port, asks for ACPI S5 power-off on port 0x600 \
          (Cloud Hypervisor's shutdown port) and resets through the i8042; spawn → \
-         torn_down, and the host memory of that instance (VMM peak RSS over the \
-         bench's baseline + guest memory touched). Peers (QEMU microvm, Firecracker, \
-         Cloud Hypervisor) boot the same file, timed process start → exit (their RSS \
-         is sampled every 10 ms, a lower bound)."
+         torn_down, and the host memory of that instance. twinbox's VMM runs as \
+         `twinbox vm run`, a process like the peers (QEMU microvm, Firecracker, Cloud \
+         Hypervisor), which boot the same file, timed process start → exit. Every \
+         VMM's memory is measured alike: its process's peak RSS and PSS outside guest \
+         RAM (/proc/PID/smaps, read every 5 ms and at its exit, so a run of a few \
+         milliseconds is read whole) + guest RAM touched."
     }
 
     fn workload(&self) -> Vec<String> {
@@ -36,6 +38,8 @@ impl Scenario for Vmm {
             metric::TO_TORN_DOWN_MS,
             metric::TO_WORKLOAD_EXITED_MS,
             metric::HOST_MEMORY_MIB,
+            metric::RUNTIME_RSS_MIB,
+            metric::RUNTIME_PSS_MIB,
         ]
     }
 
@@ -58,10 +62,8 @@ impl Scenario for Vmm {
                 ms_to(report, Phase::WorkloadExited)?,
             ),
         ]);
-        // Optional: a peer that exited before its RSS was sampled has none.
-        if let Some(kib) = memory_kib(report) {
-            out.insert(metric::HOST_MEMORY_MIB.key.into(), kib as f64 / 1024.0);
-        }
+        // Optional: a VMM whose process could not be read has none.
+        out.extend(memory_metrics(report));
         Ok(out)
     }
 }
