@@ -1,12 +1,11 @@
 //! The image config as `docker run` honours it: Entrypoint + Cmd, Env, WorkingDir, User.
 
 use crate::error::{ImageError, Result};
-use crate::fsat;
+use crate::{fsat, merged};
 use rustix::fs::FileType;
 use serde::{Deserialize, Serialize};
-use std::ffi::OsStr;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// `PATH` when the image sets none, as Docker sets it.
 pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -222,70 +221,30 @@ pub fn read_merged(layers: &[PathBuf], path: &str) -> Result<Option<String>> {
     let Some((&name, parents)) = comps.split_last() else {
         return Ok(None);
     };
-    for layer in layers.iter().rev() {
-        match lookup(layer, parents, name)? {
-            Lookup::Found(text) => return Ok(Some(text)),
-            Lookup::Hidden => return Ok(None),
-            Lookup::NotHere => {}
-        }
+    let Some(found) = merged::entry(layers, parents, name)? else {
+        return Ok(None);
+    };
+    if found.kind != FileType::RegularFile {
+        return Ok(None);
     }
-    Ok(None)
-}
-
-enum Lookup {
-    Found(String),
-    /// A whiteout or opaque directory hides lower layers.
-    Hidden,
-    NotHere,
-}
-
-fn lookup(layer: &Path, parents: &[&OsStr], name: &OsStr) -> Result<Lookup> {
     let io = |e: std::io::Error| ImageError::Io {
-        path: layer.to_owned(),
-        what: "cannot read layer",
+        path: PathBuf::from(path),
+        what: "cannot read the image's file",
         source: e,
     };
-    let errno = |e: rustix::io::Errno| io(e.into());
-    let mut dir = fsat::open_dir(layer).map_err(io)?;
-    // An opaque directory on the way hides the lower layers below it; this layer counts.
-    let mut opaque = false;
-    for &c in parents {
-        match fsat::kind_at(&dir, c).map_err(errno)? {
-            None if opaque => return Ok(Lookup::Hidden),
-            None => return Ok(Lookup::NotHere),
-            Some(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {}
-            // A whiteout, file or symlink here shadows whatever lower layers hold.
-            Some(_) => return Ok(Lookup::Hidden),
-        }
-        dir = fsat::open_child_dir(&dir, c).map_err(errno)?;
-        opaque |= fsat::get_xattr(&dir, crate::unpack::OPAQUE_XATTR)
-            .map_err(errno)?
-            .as_deref()
-            == Some(b"y");
-    }
-    match fsat::kind_at(&dir, name).map_err(errno)? {
-        None if opaque => Ok(Lookup::Hidden),
-        None => Ok(Lookup::NotHere),
-        Some(st) if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile => {
-            let fd = rustix::fs::openat(
-                &dir,
-                name,
-                rustix::fs::OFlags::RDONLY
-                    | rustix::fs::OFlags::NOFOLLOW
-                    | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            )
-            .map_err(errno)?;
-            let mut text = Vec::new();
-            std::fs::File::from(fd)
-                .take(crate::source::JSON_LIMIT)
-                .read_to_end(&mut text)
-                .map_err(io)?;
-            Ok(Lookup::Found(String::from_utf8_lossy(&text).into_owned()))
-        }
-        // A whiteout, or a symlink/directory/node in the way: not a readable file.
-        Some(_) => Ok(Lookup::Hidden),
-    }
+    let fd = rustix::fs::openat(
+        &found.dir,
+        name,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| io(e.into()))?;
+    let mut text = Vec::new();
+    std::fs::File::from(fd)
+        .take(crate::source::JSON_LIMIT)
+        .read_to_end(&mut text)
+        .map_err(io)?;
+    Ok(Some(String::from_utf8_lossy(&text).into_owned()))
 }
 
 #[cfg(test)]

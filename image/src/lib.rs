@@ -25,6 +25,7 @@ mod digest;
 mod error;
 mod ext4;
 mod fsat;
+mod merged;
 mod open;
 mod source;
 mod store;
@@ -35,6 +36,7 @@ mod unpack;
 pub use config::{read_merged, resolve_user, ResolvedUser, RunConfig, DEFAULT_PATH};
 pub use digest::Digest;
 pub use error::{ImageError, Result};
+pub use merged::{find_program, resolve_file};
 pub use open::{Image, ImageSpec, Layer};
 pub use source::Format;
 pub use store::{
