@@ -1,10 +1,12 @@
-//! The KVM side of a VM: opening /dev/kvm, the VM with its in-kernel interrupt controllers
-//! and PIT, and vCPUs with their CPUID and boot registers.
+//! The KVM side of a VM: opening /dev/kvm, the VM with its local APICs in the kernel (a
+//! split irqchip: the IOAPIC is emulated in the VMM, `ioapic.rs`; no PIC, no PIT), and
+//! vCPUs with their CPUID and boot registers.
 
 use crate::cpuid::{self, Profile};
+use crate::ioapic;
 use crate::layout::KVM_TSS_ADDRESS;
 use crate::regs::{self, EntryMode};
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_enable_cap, KVM_CAP_SPLIT_IRQCHIP};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use thiserror::Error;
 
@@ -19,6 +21,8 @@ pub enum MachineError {
     KvmOpen(kvm_ioctls::Error),
     #[error("KVM API version {0} is not the stable version 12")]
     ApiVersion(i32),
+    #[error("this host's KVM lacks the split irqchip (KVM_CAP_SPLIT_IRQCHIP, Linux 4.4 and later), which twinbox's VMM needs")]
+    NoSplitIrqchip,
     #[error("{vcpus} vCPUs requested but this host's KVM allows at most {max}")]
     TooManyVcpus { vcpus: u32, max: usize },
     #[error("KVM {what} failed: {source}")]
@@ -59,18 +63,28 @@ pub fn check_vcpus(kvm: &Kvm, vcpus: u32) -> Result<(), MachineError> {
     Ok(())
 }
 
-/// Creates the VM with an in-kernel PIC/IOAPIC/LAPIC and PIT.
+/// Creates the VM with a split irqchip: local APICs in the kernel, the IOAPIC in the VMM.
+///
+/// No PIC and no PIT: a guest with the TSC-deadline timer and a known TSC frequency (the
+/// CPUID of `cpuid.rs`, kvm-clock) needs neither, and each would cost the destroy of
+/// every VM milliseconds of kernel grace periods (see `ioapic.rs`). Linux finds no PIC
+/// (its probe reads back all ones) and routes every interrupt through the IOAPIC.
 pub fn create_vm(kvm: &Kvm) -> Result<VmFd, MachineError> {
+    if !kvm.check_extension(Cap::SplitIrqchip) {
+        return Err(MachineError::NoSplitIrqchip);
+    }
     let vm = kvm.create_vm().map_err(kvm_err("VM creation"))?;
     // Intel VT-x needs three pages for the real-mode TSS; other backends ignore it.
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
         .map_err(kvm_err("TSS address"))?;
-    vm.create_irq_chip().map_err(kvm_err("irqchip creation"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
+    // Before any vCPU exists. args[0]: the GSIs 0..N whose routes are the IOAPIC's pins
+    // (KVM asks userspace for their EOIs when level-triggered).
+    let mut split = kvm_enable_cap {
+        cap: KVM_CAP_SPLIT_IRQCHIP,
         ..Default::default()
     };
-    vm.create_pit2(pit).map_err(kvm_err("PIT creation"))?;
+    split.args[0] = ioapic::NUM_PINS as u64;
+    vm.enable_cap(&split).map_err(kvm_err("split irqchip"))?;
     Ok(vm)
 }
 

@@ -3,6 +3,8 @@
 use crate::layout::{MMIO_GAP_START, RAM_ABOVE_GAP_START};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use thiserror::Error;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -24,6 +26,10 @@ pub enum MemoryError {
     MoreThanHost { mib: u32, host_mib: u64 },
     #[error("cannot read the host's memory size from /proc/meminfo: {0}")]
     HostSize(String),
+    #[error("cannot start the thread that registers guest memory: {0}")]
+    Thread(std::io::Error),
+    #[error("the thread that registers guest memory panicked")]
+    ThreadPanicked,
     #[error("cannot register guest memory slot {slot} at {addr:#x} with KVM: {source}")]
     Register {
         slot: u32,
@@ -97,6 +103,44 @@ pub fn register(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), MemoryError> 
         })?;
     }
     Ok(())
+}
+
+/// Guest memory being registered with KVM on a thread of its own.
+///
+/// KVM_SET_USER_MEMORY_REGION waits for a grace period of the VM's SRCU, 3–12 ms on a
+/// virtualised host, while the VMM could be loading the kernel and building devices: those
+/// touch only the host mapping (or wait for KVM's slot lock themselves), so the two go on
+/// side by side. [`Registration::wait`] before the first vCPU runs; a drop waits too, so
+/// the thread never outlives an early return.
+pub struct Registration(Option<JoinHandle<Result<(), MemoryError>>>);
+
+impl Registration {
+    /// Starts registering `memory` with `vm`.
+    pub fn start(vm: Arc<VmFd>, memory: GuestMemoryMmap) -> Result<Self, MemoryError> {
+        let handle = std::thread::Builder::new()
+            .name("vmm-memslots".into())
+            .spawn(move || register(&vm, &memory))
+            .map_err(MemoryError::Thread)?;
+        Ok(Self(Some(handle)))
+    }
+
+    /// Waits until KVM has every slot, and says whether it took them.
+    pub fn wait(mut self) -> Result<(), MemoryError> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<(), MemoryError> {
+        match self.0.take() {
+            Some(handle) => handle.join().map_err(|_| MemoryError::ThreadPanicked)?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let _ = self.join();
+    }
 }
 
 /// Host address ranges (start, length) of guest RAM, to tell guest pages from the VMM's

@@ -22,7 +22,7 @@
 //! [`crate::RunOptions`]); the bench's thread is not, since it runs containers and peers
 //! next.
 
-use kvm_bindings::{kvm_regs, kvm_translation, kvm_vcpu_events};
+use kvm_bindings::{kvm_irq_routing, kvm_regs, kvm_translation, kvm_vcpu_events};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule,
@@ -43,6 +43,8 @@ ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
 ioctl_iowr_nr!(KVM_TRANSLATE, KVMIO, 0x85, kvm_translation);
 ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
 ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
+// The IOAPIC (on a vCPU thread) replaces the VM's interrupt routes when the guest programs it.
+ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
 
 /// The tap ioctl the event loop may issue (`_IOW('T', 208, unsigned int)`, linux/if_tun.h).
 const TUNSETOFFLOAD: u32 = 0x4004_54d0;
@@ -278,6 +280,7 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
                 KVM_TRANSLATE(),
                 KVM_GET_VCPU_EVENTS(),
                 KVM_SET_VCPU_EVENTS(),
+                KVM_SET_GSI_ROUTING(),
             ];
             rules.insert(
                 libc::SYS_ioctl,
@@ -427,6 +430,7 @@ mod tests {
         assert_eq!(KVM_TRANSLATE(), 0xc018_ae85);
         assert_eq!(KVM_GET_VCPU_EVENTS(), 0x8040_ae9f);
         assert_eq!(KVM_SET_VCPU_EVENTS(), 0x4040_aea0);
+        assert_eq!(KVM_SET_GSI_ROUTING(), 0x4008_ae6a);
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub trait IoHandler: Send + Sync {
     fn mmio_read(&self, addr: u64, data: &mut [u8]);
     /// A write of MMIO at `addr`; unmapped addresses are ignored.
     fn mmio_write(&self, addr: u64, data: &[u8]);
+    /// The guest ended a level-triggered interrupt with `vector` (KVM_EXIT_IOAPIC_EOI,
+    /// split irqchip): the IOAPIC's business.
+    fn ioapic_eoi(&self, _vector: u8) {}
 }
 
 /// Why a vCPU stopped running.
@@ -199,7 +202,8 @@ fn vcpu_loop(vcpu: &mut VcpuFd, ctx: &mut VcpuContext) -> VcpuStop {
             Ok(VcpuExit::IoOut(port, data)) => ctx.io.pio_write(port, data),
             Ok(VcpuExit::MmioRead(addr, data)) => ctx.io.mmio_read(addr, data),
             Ok(VcpuExit::MmioWrite(addr, data)) => ctx.io.mmio_write(addr, data),
-            // With the in-kernel irqchip HLT stays in the kernel; a bare exit is harmless.
+            Ok(VcpuExit::IoapicEoi(vector)) => ctx.io.ioapic_eoi(vector),
+            // With the local APIC in the kernel HLT stays there; a bare exit is harmless.
             Ok(VcpuExit::Hlt) => {}
             Ok(VcpuExit::Shutdown) => return VcpuStop::TripleFault { vcpu: ctx.id },
             Ok(VcpuExit::SystemEvent(kind, _)) => {

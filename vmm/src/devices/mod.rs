@@ -7,9 +7,10 @@
 
 use crate::boot::cmdline::VirtioMmioEntry;
 use crate::event_loop::Subscriber;
+use crate::ioapic::{self, Ioapic, KvmRoutes};
 use crate::layout::{
-    I8042_PORT, I8042_PORT_LEN, IRQ_MAX, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN, VIRTIO_IRQ_BASE,
-    VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+    I8042_PORT, I8042_PORT_LEN, IOAPIC_START, IRQ_MAX, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN,
+    VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::memory::GuestMemoryMmap;
 use crate::vcpu::IoHandler;
@@ -84,6 +85,8 @@ pub struct IoBuses {
     pub pio: Bus,
     /// Memory-mapped I/O.
     pub mmio: Bus,
+    /// The IOAPIC (also on `mmio`), for the EOIs KVM hands over.
+    pub ioapic: Arc<Mutex<Ioapic<KvmRoutes>>>,
 }
 
 impl IoHandler for IoBuses {
@@ -106,10 +109,18 @@ impl IoHandler for IoBuses {
             tracing::debug!("guest wrote unmapped MMIO at {addr:#x}");
         }
     }
+    fn ioapic_eoi(&self, vector: u8) {
+        self.ioapic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .end_of_interrupt(vector);
+    }
 }
 
 /// What the devices need from the run.
 pub struct DeviceConfig<'a> {
+    /// The IOAPIC's APIC ID: the one the MP table gives it.
+    pub ioapic_id: u8,
     /// Root image: the first virtio-blk device (`/dev/vda`), read-only.
     pub rootfs: &'a Path,
     /// Extra disks: `/dev/vdb`, `/dev/vdc`, ...
@@ -267,13 +278,27 @@ impl VirtioWiring<'_> {
 
 /// Attaches every device of a twinbox VM.
 pub fn attach(
-    vm: &VmFd,
+    vm: &Arc<VmFd>,
     memory: &GuestMemoryMmap,
     config: DeviceConfig<'_>,
 ) -> Result<DeviceSet, DeviceError> {
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
     let mut irq_evts = Vec::new();
+
+    // The IOAPIC (split irqchip): every GSI below reaches the guest through the routes it
+    // keeps in KVM.
+    let ioapic = Arc::new(Mutex::new(Ioapic::new(
+        config.ioapic_id,
+        KvmRoutes(vm.clone()),
+    )));
+    insert(
+        &mut mmio,
+        "IOAPIC",
+        IOAPIC_START,
+        ioapic::WINDOW_LEN,
+        ioapic.clone(),
+    )?;
 
     // Serial console on COM1, interrupt through an irqfd on IRQ 4.
     let serial_irq = irqfd(vm, "serial", SERIAL_IRQ)?;
@@ -376,7 +401,7 @@ pub fn attach(
     } = virtio;
 
     Ok(DeviceSet {
-        io: Arc::new(IoBuses { pio, mmio }),
+        io: Arc::new(IoBuses { pio, mmio, ioapic }),
         subscribers,
         cmdline_entries,
         reset_evt,
