@@ -8,6 +8,7 @@
 //! 0x0002_0000  kernel command line (2 KiB)
 //! 0x0009_fc00  MP table (the "EBDA" area the kernel scans)
 //! 0x000a_0000  legacy VGA/BIOS hole up to 1 MiB (reported reserved)
+//! 0x000e_0000  ACPI RSDP (in the BIOS area the kernel scans), tables from 0xe_0040
 //! 0x0010_0000  kernel (HIMEM_START) ... RAM ... up to MMIO_GAP_START
 //! 0xc000_0000  32-bit MMIO gap: virtio-mmio devices, IOAPIC, LAPIC
 //! 0x1_0000_0000 RAM above 4 GiB, if the guest has more than 3 GiB
@@ -39,6 +40,12 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = twinbox_spec::guest_cmdline::MAX_LEN;
 /// MP floating pointer + configuration table.
 pub const MPTABLE_START: u64 = 0x9fc00;
+/// ACPI Root System Description Pointer: the kernel scans 0xE0000–0xFFFFF for it.
+pub const ACPI_RSDP_START: u64 = 0xe_0000;
+/// First ACPI table (DSDT, then FADT, MADT, XSDT), right after the RSDP.
+pub const ACPI_TABLES_START: u64 = 0xe_0040;
+/// End of the ACPI tables' room (the top of the legacy BIOS area).
+pub const ACPI_TABLES_END: u64 = 0x10_0000;
 /// End of usable low RAM (start of the EBDA/VGA/BIOS hole).
 pub const EBDA_START: u64 = 0x9fc00;
 /// First address above the legacy hole; kernels load here.

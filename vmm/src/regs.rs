@@ -6,11 +6,13 @@
 //! * Linux 64-bit boot protocol: long mode, flat segments, paging on with an identity map
 //!   of the low memory the kernel, zero page and command line live in, `%rsi` = zero page.
 
+use crate::cpuid;
 use crate::layout::{
     BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START,
 };
 use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
+    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_xcr, kvm_xcrs,
+    Msrs,
 };
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
@@ -217,12 +219,21 @@ pub mod msr_index {
     pub const IA32_TSC: u32 = 0x10;
     /// Misc enables (fast strings).
     pub const IA32_MISC_ENABLE: u32 = 0x1a0;
+    /// MTRR default memory type and enable bits.
+    pub const IA32_MTRR_DEF_TYPE: u32 = 0x2ff;
 }
 
 /// IA32_MISC_ENABLE.FAST_STRING: what firmware sets, so `rep movs` is fast.
 pub const MISC_ENABLE_FAST_STRING: u64 = 1;
 
-/// The boot MSR values: syscall/sysenter MSRs cleared, TSC at 0, fast strings on.
+/// IA32_MTRR_DEF_TYPE.E: MTRRs enabled.
+pub const MTRR_ENABLE: u64 = 1 << 11;
+/// Memory type write-back (the MTRR/PAT encoding 6).
+pub const MTRR_TYPE_WRITE_BACK: u64 = 6;
+
+/// The boot MSR values: syscall/sysenter MSRs cleared, TSC at 0, fast strings on, and
+/// MTRRs enabled with write-back as the default type, as firmware leaves them (with MTRRs
+/// off Linux logs "MTRRs disabled", skips PAT and maps everything uncached-minus).
 pub fn boot_msrs() -> Vec<kvm_msr_entry> {
     use msr_index::*;
     let entry = |index, data| kvm_msr_entry {
@@ -241,7 +252,38 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
         entry(LSTAR, 0),
         entry(IA32_TSC, 0),
         entry(IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        entry(IA32_MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_TYPE_WRITE_BACK),
     ]
+}
+
+/// XCR0, the extended control register that enables XSAVE state components.
+const XCR_XFEATURE_ENABLED_MASK: u32 = 0;
+
+/// The XCRs a vCPU with `xcr0` starts with.
+pub fn boot_xcrs(xcr0: u64) -> kvm_xcrs {
+    let mut xcrs = kvm_xcrs {
+        nr_xcrs: 1,
+        ..Default::default()
+    };
+    xcrs.xcrs[0] = kvm_xcr {
+        xcr: XCR_XFEATURE_ENABLED_MASK,
+        value: xcr0,
+        ..Default::default()
+    };
+    xcrs
+}
+
+/// Sets XCR0 to every XSAVE component the vCPU's CPUID (already set) advertises; see
+/// [`cpuid::boot_xcr0`] for why. Nothing to do for a vCPU without XSAVE.
+fn setup_xcr0(vcpu: &kvm_ioctls::VcpuFd) -> Result<(), RegsError> {
+    let kvm = |what| move |source| RegsError::Kvm { what, source };
+    let cpuid = vcpu
+        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm("CPUID read"))?;
+    if let Some(xcr0) = cpuid::boot_xcr0(cpuid.as_slice()) {
+        vcpu.set_xcrs(&boot_xcrs(xcr0)).map_err(kvm("XCR0"))?;
+    }
+    Ok(())
 }
 
 /// LAPIC LVT LINT0 register offset.
@@ -321,9 +363,9 @@ pub fn write_boot_tables(memory: &GuestMemoryMmap, mode: EntryMode) -> Result<()
     Ok(())
 }
 
-/// Puts one vCPU in its boot state. The boot vCPU (`entry` given) gets the entry registers
-/// and segments; application processors only get MSRs, FPU and LAPIC and wait for INIT/SIPI
-/// from the boot vCPU, like on real hardware.
+/// Puts one vCPU, whose CPUID is already set, in its boot state. The boot vCPU (`entry`
+/// given) gets the entry registers and segments; application processors only get MSRs,
+/// XCR0, FPU and LAPIC and wait for INIT/SIPI from the boot vCPU, like on real hardware.
 pub fn setup_vcpu(
     vcpu: &kvm_ioctls::VcpuFd,
     mode: EntryMode,
@@ -339,6 +381,7 @@ pub fn setup_vcpu(
             wanted: wanted.len(),
         });
     }
+    setup_xcr0(vcpu)?;
     vcpu.set_fpu(&boot_fpu()).map_err(kvm("FPU state"))?;
     let lapic = vcpu.get_lapic().map_err(kvm("LAPIC read"))?;
     vcpu.set_lapic(&boot_lapic(lapic)).map_err(kvm("LAPIC"))?;
@@ -447,7 +490,24 @@ mod tests {
         let f = boot_fpu();
         assert_eq!((f.fcw, f.mxcsr), (0x37f, 0x1f80));
         let m = boot_msrs();
-        assert_eq!(m.len(), 10);
+        assert_eq!(m.len(), 11);
         assert!(m.iter().any(|e| e.index == 0x1a0 && e.data == 1));
+    }
+
+    #[test]
+    fn mtrrs_are_enabled_with_write_back_default() {
+        let m = boot_msrs();
+        let def_type = m
+            .iter()
+            .find(|e| e.index == 0x2ff)
+            .expect("MTRRdefType set");
+        assert_eq!(def_type.data, 0x806);
+    }
+
+    #[test]
+    fn xcr0_is_the_only_xcr_set() {
+        let x = boot_xcrs(0x207);
+        assert_eq!(x.nr_xcrs, 1);
+        assert_eq!((x.xcrs[0].xcr, x.xcrs[0].value), (0, 0x207));
     }
 }
