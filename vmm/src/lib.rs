@@ -10,12 +10,14 @@
 //!    guest memory exists; it moves back and removes the cgroup when the run ends;
 //!    1b. **network** (`--net`) — lease a /30, make the tap `tbt<i>` on the host (before
 //!    any thread is jailed), NAT with `--net nat`;
-//! 2. **machine** — open /dev/kvm, create the VM (in-kernel irqchip + PIT);
-//! 3. **memory** — map guest RAM around the 32-bit MMIO gap and register it with KVM;
+//! 2. **machine** — open /dev/kvm, create the VM with a split irqchip (local APICs in KVM,
+//!    the IOAPIC emulated here, `ioapic.rs`; no PIC, no PIT: cheap to create and destroy);
+//! 3. **memory** — map guest RAM around the 32-bit MMIO gap and register it with KVM, on a
+//!    thread of its own while steps 4–6 go on (KVM waits for a grace period there);
 //! 4. **kernel** — load vmlinux (PVH) or bzImage (64-bit protocol), initrd, MP table
 //!    (ACPI tables follow the devices in step 5: they list them);
-//! 5. **devices** — serial (through the console writer thread when it goes to stdout),
-//!    i8042, phase marker, then through one registration each: virtio-blk root and extra
+//! 5. **devices** — the IOAPIC, serial (through the console writer thread when it goes to
+//!    stdout), i8042, phase marker, then through one registration each: virtio-blk root and extra
 //!    disks, virtio-net over the tap (`--net`, made in step 1b), virtio-rng; their
 //!    `virtio_mmio.device=` entries join the command line, which is written last, with the
 //!    link's addresses in the job;
@@ -47,6 +49,7 @@ pub(crate) mod boot;
 pub(crate) mod console;
 pub(crate) mod devices;
 pub(crate) mod event_loop;
+pub(crate) mod ioapic;
 pub(crate) mod jail;
 pub(crate) mod mptable;
 pub(crate) mod rootfs;
@@ -254,8 +257,12 @@ fn run_inner<S: AsRawFd + ?Sized>(
     // Memory before the VM, so that on an early return (locals drop in reverse) the VM
     // goes first and never outlives the memory registered with it.
     let guest_memory = memory::create(spec.memory_mib)?;
-    let vm = machine::create_vm(&kvm)?;
-    memory::register(&vm, &guest_memory)?;
+    // Shared with the IOAPIC, which changes the VM's interrupt routes; the last reference
+    // is dropped at teardown (step 8), and that destroys the VM.
+    let vm = Arc::new(machine::create_vm(&kvm)?);
+    // KVM takes the memory while the kernel is loaded and the devices are built; waited
+    // for before the vCPUs start (and by its drop on an early return).
+    let registration = memory::Registration::start(vm.clone(), guest_memory.clone())?;
 
     // 4. Kernel, initrd, platform tables.
     let kernel = boot::load_kernel(&guest_memory, &config.kernel)?;
@@ -299,6 +306,8 @@ fn run_inner<S: AsRawFd + ?Sized>(
         &vm,
         &guest_memory,
         devices::DeviceConfig {
+            // The MP table gives the IOAPIC the first APIC ID after the vCPUs'.
+            ioapic_id: spec.vcpus as u8,
             rootfs: &spec.rootfs,
             disks: &spec.disks,
             console: console_out,
@@ -331,6 +340,7 @@ fn run_inner<S: AsRawFd + ?Sized>(
         boot_info,
     };
     let vcpu_fds = machine::create_vcpus(&kvm, &vm, spec.vcpus, profile, entry)?;
+    registration.wait()?;
     // /dev/kvm itself is not needed any more: close it before any guest-facing thread
     // shares this fd table.
     drop(kvm);
@@ -406,7 +416,11 @@ fn run_inner<S: AsRawFd + ?Sized>(
     );
     let peak = probe.peak_rss_kib();
     drop(devices);
-    drop(vm);
+    // The IOAPIC's reference went with the devices and the vCPUs' with their threads, so
+    // this is the last: the VM is destroyed here, before its memory is unmapped.
+    if Arc::into_inner(vm).is_none() {
+        tracing::error!("the VM outlives its teardown: a reference to it is still held");
+    }
     drop(guest_memory);
     // The device's pipe ends are closed now: the pumps drain what is left and end.
     let captured = guest_stdio.and_then(stdio::GuestStdio::finish);
