@@ -15,6 +15,7 @@
 
 use crate::Error;
 use std::fs;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use twinbox_spec::cgroup_run::{self, Hierarchies};
 
@@ -174,10 +175,24 @@ pub struct Stats {
     pub oom_killed: bool,
 }
 
+/// How the run's child is born inside its cgroup, instead of being moved there after
+/// `clone`: a move of another task takes the global threadgroup lock for writing, which
+/// waits for an RCU grace period (5–17 ms measured on a virtualised host) on every run.
+pub enum Birth {
+    /// v1: the calling thread has joined the run's cgroups, so what it clones is born
+    /// there; [`Joined::leave`] takes it back out.
+    Thread(Joined),
+    /// v2: the cgroup's directory, for `clone3`'s `CLONE_INTO_CGROUP`.
+    Into(OwnedFd),
+}
+
 /// A cgroup of one run: limits set, tasks added, read, removed.
 pub trait CgroupManager {
-    /// Puts `pid` into the cgroup.
+    /// Puts `pid` into the cgroup (a move: the fallback when [`CgroupManager::birth`]
+    /// could not be used).
     fn add(&self, pid: i32) -> Result<(), Error>;
+    /// Makes ready for a child born inside the cgroup (see [`Birth`]).
+    fn birth(&self) -> Result<Birth, Error>;
     /// Peak memory and whether the OOM killer struck.
     fn stats(&self) -> Stats;
     /// Kills what still runs in it and removes it (idempotent).
@@ -228,6 +243,8 @@ pub struct V1 {
     memory: PathBuf,
     pids: PathBuf,
     devices: PathBuf,
+    /// `pids.max`, written once no thread of ours counts in the cgroup (see [`Joined`]).
+    pids_max: Option<u32>,
     removed: bool,
 }
 
@@ -255,6 +272,7 @@ pub fn create(
                 memory: memory.join(name),
                 pids: pids.join(name),
                 devices: devices.join(name),
+                pids_max: limits.pids,
                 removed: false,
             };
             // Drop removes whatever was made if a step fails.
@@ -288,9 +306,8 @@ pub fn create(
                     write(&memsw, &limits.memory_bytes.to_string())?;
                 }
                 let _ = fs::write(group.memory.join("memory.swappiness"), "0");
-                if let Some(pids) = limits.pids {
-                    write(&group.pids.join("pids.max"), &pids.to_string())?;
-                }
+                // pids.max comes once the child is in and our thread out: the thread
+                // that clones it counts while it is inside.
                 // Deny first, then allow: the cgroup never admits more than the list.
                 write(&group.devices.join("devices.deny"), "a")?;
                 for rule in &limits.devices {
@@ -349,13 +366,60 @@ pub fn create(
     }
 }
 
+impl V1 {
+    /// The hierarchies, devices first: a task is never outside its allowlist while in
+    /// the others.
+    fn dirs(&self) -> [&PathBuf; 4] {
+        [&self.devices, &self.cpu, &self.memory, &self.pids]
+    }
+
+    fn limit_pids(&self) -> Result<(), Error> {
+        match self.pids_max {
+            Some(max) => write(&self.pids.join("pids.max"), &max.to_string()),
+            None => Ok(()),
+        }
+    }
+}
+
 impl CgroupManager for V1 {
     fn add(&self, pid: i32) -> Result<(), Error> {
-        // devices first: the child is never outside its allowlist while in the others.
-        for dir in [&self.devices, &self.cpu, &self.memory, &self.pids] {
+        for dir in self.dirs() {
             write(&dir.join("cgroup.procs"), &pid.to_string())?;
         }
-        Ok(())
+        self.limit_pids()
+    }
+
+    fn birth(&self) -> Result<Birth, Error> {
+        // Where this thread is now, per hierarchy, to come back to.
+        let own = fs::read_to_string("/proc/thread-self/cgroup")
+            .map_err(|e| Error::os("read /proc/thread-self/cgroup", e))?;
+        let mut back = Vec::new();
+        for (dir, controller) in self
+            .dirs()
+            .into_iter()
+            .zip(["devices", "cpu", "memory", "pids"])
+        {
+            let mount = dir.parent().unwrap_or(Path::new("/"));
+            let here = own_v1_cgroup(&own, controller).ok_or_else(|| {
+                Error::Setup(format!("this thread's {controller} cgroup is not listed"))
+            })?;
+            back.push(mount.join(here.trim_start_matches('/')).join("tasks"));
+        }
+        let joined = Joined {
+            back,
+            pids_limit: self.pids_max.map(|max| (self.pids.join("pids.max"), max)),
+            left: false,
+        };
+        // "0" in `tasks` moves the writing thread alone: the kernel skips the global
+        // threadgroup lock for it (cgroup_procs_write_start), so no grace period.
+        for dir in self.dirs() {
+            if let Err(e) = write(&dir.join("tasks"), "0") {
+                // Back out of those joined (the guard's drop); the caller falls back.
+                drop(joined);
+                return Err(e);
+            }
+        }
+        Ok(Birth::Thread(joined))
     }
 
     fn stats(&self) -> Stats {
@@ -394,6 +458,15 @@ impl CgroupManager for V2 {
         write(&self.dir.join("cgroup.procs"), &pid.to_string())
     }
 
+    fn birth(&self) -> Result<Birth, Error> {
+        let dir = fs::File::open(&self.dir).map_err(|source| Error::Cgroup {
+            path: self.dir.clone(),
+            what: "open for CLONE_INTO_CGROUP".into(),
+            source,
+        })?;
+        Ok(Birth::Into(dir.into()))
+    }
+
     fn stats(&self) -> Stats {
         let events = fs::read_to_string(self.dir.join("memory.events")).unwrap_or_default();
         Stats {
@@ -414,6 +487,53 @@ impl CgroupManager for V2 {
         self.removed = true;
         Ok(())
     }
+}
+
+/// The calling thread inside the run's v1 cgroups, for the `clone` of the child. The thread
+/// must neither open devices nor fork anything else until it leaves.
+pub struct Joined {
+    /// The `tasks` files of the cgroups the thread came from.
+    back: Vec<PathBuf>,
+    /// `pids.max` and its value, written once the thread is out.
+    pids_limit: Option<(PathBuf, u32)>,
+    left: bool,
+}
+
+impl Joined {
+    /// Takes the thread back to where it was, then sets the pids limit (the child's
+    /// task is then the only one counted).
+    pub fn leave(mut self) -> Result<(), Error> {
+        self.left = true;
+        for tasks in &self.back {
+            write(tasks, "0")?;
+        }
+        match &self.pids_limit {
+            Some((file, max)) => write(file, &max.to_string()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        if !self.left {
+            for tasks in &self.back {
+                if let Err(e) = write(tasks, "0") {
+                    tracing::warn!("{e}");
+                }
+            }
+        }
+    }
+}
+
+/// This thread's cgroup path in the v1 hierarchy of `controller` (alone or co-mounted),
+/// from a `/proc/<pid>/cgroup` text.
+fn own_v1_cgroup<'t>(text: &'t str, controller: &str) -> Option<&'t str> {
+    text.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let (_, listed, path) = (fields.next()?, fields.next()?, fields.next()?);
+        listed.split(',').any(|c| c == controller).then_some(path)
+    })
 }
 
 impl Drop for V1 {
@@ -500,6 +620,17 @@ mod tests {
         assert!(err.to_string().contains("/dev/no-such-node"), "{err}");
         let err = device_allowlist(Path::new("/"), &["tmp"]).unwrap_err();
         assert!(err.to_string().contains("not a character device"), "{err}");
+    }
+
+    #[test]
+    fn own_cgroup_per_hierarchy_co_mounted_or_not() {
+        let own = "12:pids:/user.slice/x\n4:cpu,cpuacct:/a\n3:memory:/\n1:name=systemd:/s\n0::/u\n";
+        assert_eq!(own_v1_cgroup(own, "pids"), Some("/user.slice/x"));
+        assert_eq!(own_v1_cgroup(own, "cpu"), Some("/a"));
+        assert_eq!(own_v1_cgroup(own, "cpuacct"), Some("/a"));
+        assert_eq!(own_v1_cgroup(own, "memory"), Some("/"));
+        assert_eq!(own_v1_cgroup(own, "systemd"), None);
+        assert_eq!(own_v1_cgroup(own, "devices"), None);
     }
 
     #[test]

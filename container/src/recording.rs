@@ -175,6 +175,13 @@ impl CgroupManager for FakeCgroup {
         record(&self.log, self.fail, "cgroup add")
     }
 
+    fn birth(&self) -> Result<crate::cgroup::Birth, Error> {
+        // The double's spawn stands for a child born in its cgroup; never asked.
+        Err(Error::Setup(
+            "the recording double has no real cgroup".into(),
+        ))
+    }
+
     fn stats(&self) -> Stats {
         Stats::default()
     }
@@ -280,7 +287,12 @@ impl Syscall for Recording {
         self.call("check init dir")
     }
 
-    fn spawn(&self, prepared: &Prepared, flags: CloneFlags) -> Result<i32, Error> {
+    fn spawn(
+        &self,
+        prepared: &Prepared,
+        flags: CloneFlags,
+        _group: &dyn CgroupManager,
+    ) -> Result<i32, Error> {
         let userns = flags.contains(CloneFlags::CLONE_NEWUSER);
         self.call(if userns { "spawn userns" } else { "spawn" })?;
         assert!(

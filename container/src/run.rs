@@ -12,9 +12,11 @@
 //!    mounts, the mount plan (`plan.rs`);
 //! 5. **child** — with `--net` a link leased (`hostnet`: its addresses go into the job);
 //!    the channel, the job, everything the child needs prepared; `clone` into new
-//!    pid/mnt/uts/ipc/net (and user) namespaces (`child.rs` runs there);
-//! 6. **admit** — with `--userns` the maps and idmapped mounts (`userns.rs`); the child
-//!    joins the cgroup; with `--net` the veth pair made into the child's network
+//!    pid/mnt/uts/ipc/net (and user) namespaces (`child.rs` runs there), born inside the
+//!    run's cgroup (`cgroup::Birth`: no move of a running task, whose RCU grace period
+//!    cost 5–17 ms per run);
+//! 6. **admit** — with `--userns` the maps and idmapped mounts (`userns.rs`); with
+//!    `--net` the veth pair made into the child's network
 //!    namespace (`eth0` there, `tb<i>` on the host) and, with `--net nat`, the NAT table;
 //!    the child is released (init configures `eth0` from the job);
 //! 7. **ready** — the child reports the sandbox ready (or which step failed), then the
@@ -169,7 +171,8 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     }
     let mut child = ChildGuard {
         sys,
-        pid: sys.spawn(&prepared, clone_flags(spec.user_namespace))?,
+        // Born inside the run's cgroup: no move of a running task (`cgroup.rs`: Birth).
+        pid: sys.spawn(&prepared, clone_flags(spec.user_namespace), &*group)?,
         reaped: None,
     };
     // The child holds its copies now; ours would keep the pipes open after it is gone.
@@ -177,7 +180,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     drop(marker_w);
     let output_r = output.map(|(r, _w)| r);
 
-    // 6. Admit the child: maps, cgroup, link, release.
+    // 6. Admit the child: maps, link, release.
     if spec.user_namespace {
         let mut mounts = Vec::new();
         match &root_mounts {
@@ -202,7 +205,6 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
         }
         sys.map_user_namespace(child.pid, &mounts)?;
     }
-    group.add(child.pid)?;
     if let Some(mode) = spec.net {
         let mut info = network.link(sys, child.pid)?;
         if mode == NetMode::Nat {
@@ -748,20 +750,18 @@ mod tests {
     }
 
     /// What follows [`SETUP`] in a run whose workload exits: the child, then teardown.
-    const EXITED: [&str; 6] = [
+    const EXITED: [&str; 5] = [
         "spawn",
-        "cgroup add",
         "wait",
         "cgroup destroy",
         "remove staging dir",
         "wait loop free /dev/loop7",
     ];
 
-    /// What follows [`SETUP`] when the child fails after joining its cgroup: killed and
+    /// What follows [`SETUP`] when the child (born in its cgroup) fails: killed and
     /// reaped before the cgroup goes.
-    const CHILD_FAILED: [&str; 6] = [
+    const CHILD_FAILED: [&str; 5] = [
         "spawn",
-        "cgroup add",
         "kill",
         "wait",
         "remove staging dir",
@@ -785,7 +785,7 @@ mod tests {
     }
 
     #[test]
-    fn userns_maps_the_child_before_it_joins_its_cgroup() {
+    fn userns_maps_the_child_after_it_is_born() {
         let image = FakeImage::new("userns");
         let disk = FakeImage::new("userns-disk");
         let sys = Recording::new(runs(exits(0), 0));
@@ -811,13 +811,12 @@ mod tests {
             "map user namespace (2 mounts)"
         );
         assert!(at("map user namespace") > at("spawn userns"));
-        assert!(at("cgroup add") > at("map user namespace"));
     }
 
     #[test]
     fn each_failing_step_undoes_what_came_before_in_reverse() {
         let image = FakeImage::new("fail");
-        let cases: [(&str, &[&str]); 7] = [
+        let cases: [(&str, &[&str]); 6] = [
             ("create cgroup", &["sweep", "create cgroup FAILED"]),
             (
                 "create staging dir",
@@ -876,24 +875,6 @@ mod tests {
                     "check init dir",
                     "bind init",
                     "spawn FAILED",
-                    "remove staging dir",
-                    "cgroup destroy",
-                ],
-            ),
-            (
-                "cgroup add",
-                &[
-                    "sweep",
-                    "create cgroup",
-                    "create staging dir",
-                    "attach loop",
-                    "mount image /dev/loop7",
-                    "check init dir",
-                    "bind init",
-                    "spawn",
-                    "cgroup add FAILED",
-                    "kill",
-                    "wait",
                     "remove staging dir",
                     "cgroup destroy",
                 ],
@@ -1052,7 +1033,6 @@ mod tests {
             after_setup(&[
                 "lease link",
                 "spawn",
-                "cgroup add",
                 "create veth tb3",
                 "wait",
                 "delete veth",
@@ -1144,7 +1124,6 @@ mod tests {
                 vec![
                     "lease nat link",
                     "spawn",
-                    "cgroup add",
                     "create veth tb3 FAILED",
                     "release lease",
                     "kill",
@@ -1156,7 +1135,6 @@ mod tests {
                 vec![
                     "lease nat link",
                     "spawn",
-                    "cgroup add",
                     "create veth tb3",
                     "apply nat FAILED",
                     "kill",
@@ -1243,7 +1221,6 @@ mod tests {
                 "bind layer /c/l/top",
                 "bind init",
                 "spawn",
-                "cgroup add",
                 "wait",
                 "cgroup destroy",
                 "remove staging dir",

@@ -12,7 +12,7 @@
 //! superblock, stat of `/dev` nodes, the pipes of the channel, compiling the seccomp
 //! filter.
 
-use crate::cgroup::{self, CgroupManager, Layout, Limits};
+use crate::cgroup::{self, Birth, CgroupManager, Layout, Limits};
 use crate::child::{self, Prepared};
 use crate::{detached, sweep, userns, Error};
 use nix::sched::CloneFlags;
@@ -103,8 +103,14 @@ pub trait Syscall {
     fn bind_init(&self, path: &Path) -> Result<OwnedFd, Error>;
     /// Refuses an image whose `/.twinbox` is not a directory (`detached::check_init_dir`).
     fn check_init_dir(&self, image: &OwnedFd) -> Result<(), Error>;
-    /// Clones the child into new namespaces (`flags`); it runs `child::main(prepared)`.
-    fn spawn(&self, prepared: &Prepared, flags: CloneFlags) -> Result<i32, Error>;
+    /// Clones the child into new namespaces (`flags`), born inside `group` (or moved
+    /// there at once where it cannot be); it runs `child::main(prepared)`.
+    fn spawn(
+        &self,
+        prepared: &Prepared,
+        flags: CloneFlags,
+        group: &dyn CgroupManager,
+    ) -> Result<i32, Error>;
     /// Writes the child's uid/gid maps and idmaps the detached mounts to its namespace.
     fn map_user_namespace(&self, pid: i32, mounts: &[userns::Detached<'_>]) -> Result<(), Error>;
     /// SIGKILL to the child (as PID 1 of its namespace, that ends the container).
@@ -293,27 +299,35 @@ impl Syscall for Real {
         detached::check_init_dir(image)
     }
 
-    fn spawn(&self, prepared: &Prepared, flags: CloneFlags) -> Result<i32, Error> {
-        // Without CLONE_VM the child runs on its own copy of this stack: ours may go as
-        // soon as clone returns.
-        let mut stack = vec![0u8; 256 * 1024];
-        // SAFETY: the child only runs `child::main`, which walks pre-allocated data and
-        // makes raw system calls until it execs or exits.
-        let pid = unsafe {
-            nix::sched::clone(
-                Box::new(|| child::main(prepared, self)),
-                &mut stack,
-                flags,
-                Some(libc::SIGCHLD),
-            )
+    fn spawn(
+        &self,
+        prepared: &Prepared,
+        flags: CloneFlags,
+        group: &dyn CgroupManager,
+    ) -> Result<i32, Error> {
+        match group.birth() {
+            Ok(Birth::Thread(joined)) => {
+                let pid = clone_child(self, prepared, flags)?;
+                if let Err(e) = joined.leave() {
+                    self.kill(pid);
+                    let _ = self.wait(pid);
+                    return Err(e);
+                }
+                Ok(pid)
+            }
+            Ok(Birth::Into(dir)) => match clone_into(self, prepared, flags, &dir) {
+                Err(Errno::ENOSYS) => moved(self, prepared, flags, group),
+                Err(errno) => Err(Error::os(
+                    "clone the container into its cgroup",
+                    std::io::Error::from_raw_os_error(errno as i32),
+                )),
+                Ok(pid) => Ok(pid),
+            },
+            Err(e) => {
+                tracing::debug!("child not born in its cgroup, moved there instead: {e}");
+                moved(self, prepared, flags, group)
+            }
         }
-        .map_err(|e| {
-            Error::os(
-                "clone the container",
-                std::io::Error::from_raw_os_error(e as i32),
-            )
-        })?;
-        Ok(pid.as_raw())
     }
 
     fn map_user_namespace(&self, pid: i32, mounts: &[userns::Detached<'_>]) -> Result<(), Error> {
@@ -629,4 +643,100 @@ struct CapData {
     effective: u32,
     permitted: u32,
     inheritable: u32,
+}
+
+/// `clone` of the child, running `child::main(prepared)` on its own copy of a new stack.
+fn clone_child(sys: &Real, prepared: &Prepared, flags: CloneFlags) -> Result<i32, Error> {
+    // Without CLONE_VM the child runs on its own copy of this stack: ours may go as
+    // soon as clone returns.
+    let mut stack = vec![0u8; 256 * 1024];
+    // SAFETY: the child only runs `child::main`, which walks pre-allocated data and
+    // makes raw system calls until it execs or exits.
+    let pid = unsafe {
+        nix::sched::clone(
+            Box::new(|| child::main(prepared, sys)),
+            &mut stack,
+            flags,
+            Some(libc::SIGCHLD),
+        )
+    }
+    .map_err(|e| {
+        Error::os(
+            "clone the container",
+            std::io::Error::from_raw_os_error(e as i32),
+        )
+    })?;
+    Ok(pid.as_raw())
+}
+
+/// The child cloned outside its cgroup and moved in: the slow way (moving another task
+/// waits for an RCU grace period), where it cannot be born there.
+fn moved(
+    sys: &Real,
+    prepared: &Prepared,
+    flags: CloneFlags,
+    group: &dyn CgroupManager,
+) -> Result<i32, Error> {
+    let pid = clone_child(sys, prepared, flags)?;
+    if let Err(e) = group.add(pid) {
+        sys.kill(pid);
+        let _ = sys.wait(pid);
+        return Err(e);
+    }
+    Ok(pid)
+}
+
+/// `struct clone_args` of clone3(2), up to `cgroup` (Linux 5.7).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// clone3's flag: the child starts in the cgroup2 directory `clone_args.cgroup` names.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// clone3 with `CLONE_INTO_CGROUP`: the child is born in the cgroup2 directory `dir`. Like
+/// fork, the child returns on a copy of this stack and runs `child::main(prepared)`.
+fn clone_into(
+    sys: &Real,
+    prepared: &Prepared,
+    flags: CloneFlags,
+    dir: &OwnedFd,
+) -> Result<i32, Errno> {
+    use std::os::fd::AsRawFd;
+    let mut args = CloneArgs {
+        flags: flags.bits() as u64 | CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: dir.as_raw_fd() as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without CLONE_VM and without a stack is a fork: the child has its own
+    // copy of this process and returns here with 0.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match pid {
+        0 => {
+            let status = child::main(prepared, sys);
+            // SAFETY: ends the child without running the parent's exit handlers.
+            unsafe { libc::_exit(status as i32) }
+        }
+        -1 => Err(Errno::last()),
+        pid => Ok(pid as i32),
+    }
 }
