@@ -169,5 +169,110 @@ fn bench_startup_and_cpu_end_to_end() {
         let text = std::fs::read_to_string(out.join(svg)).expect(svg);
         assert!(text.starts_with("<svg"), "{svg}");
     }
+    // Image sizes: the built-in image's ext4 on disk, and what a container wrote.
+    let sizes = results
+        .sizes
+        .as_ref()
+        .expect("sizes measured after startup");
+    assert!(sizes.image_bytes > 0, "{sizes:?}");
+    let container = sizes.boxes.iter().find(|b| b.box_name == "container");
+    assert!(
+        container.is_some_and(|b| b.written_bytes.is_some() && b.error.is_none()),
+        "{sizes:?}"
+    );
+    assert!(report.contains("- **Image sizes: container \"MB\", VM \"GB\".** The image on disk: "));
     std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// `twinbox bench --image`: an image built by buildah (busybox with /bin/true, sh, df; no
+/// sysbench) runs `startup` in the container on its layers (and in the VM where Linux
+/// boots); native sits out, `cpu` is not run for want of sysbench, never counted; the
+/// results and report name the image and its digest, and its sizes in the cache.
+#[test]
+fn bench_with_an_image_runs_the_twinbox_boxes_on_it() {
+    common::require_root("twinbox bench --image (unpacking, container)");
+    common::image::require_tools(&["buildah", "busybox"], "buildah, busybox-static");
+    let dir = common::fresh_dir("twinbox-bench-image");
+    std::fs::create_dir_all(&dir).unwrap();
+    common::image::sh(
+        &dir,
+        r#"
+        mkdir -p rootfs/bin rootfs/etc rootfs/tmp
+        cp "$(command -v busybox)" rootfs/bin/busybox
+        for a in sh true df; do ln -s busybox rootfs/bin/$a; done
+        tar -C rootfs -cf rootfs.tar .
+        B="buildah --root $PWD/storage --runroot $PWD/run --storage-driver vfs"
+        c=$($B from scratch)
+        $B add "$c" rootfs.tar /
+        $B commit -q "$c" tb-bench >/dev/null
+        $B push -q tb-bench oci-archive:$PWD/bench-oci.tar:tb-bench:1
+        rm -rf storage run rootfs rootfs.tar
+        "#,
+    );
+    let image = dir.join("bench-oci.tar");
+    let out = dir.join("out");
+    let status = Command::new(common::twinbox())
+        .args(["bench", "startup", "cpu", "--runs", "2", "--warmup", "0"])
+        .args(["--vm-timeout", "60", "--image"])
+        .arg(&image)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .expect("run twinbox bench");
+    assert_eq!(status.code(), Some(0), "twinbox bench --image exit status");
+    let results = Results::load(&out.join("results.json")).expect("results.json parses");
+    let used = results
+        .params
+        .image
+        .as_ref()
+        .expect("the image is recorded");
+    assert_eq!(used.name, "tb-bench:1");
+    assert!(
+        used.id.starts_with("sha256:") && used.id.len() == 71,
+        "{used:?}"
+    );
+    let reason = |s: &ScenarioResult, b: &str| {
+        s.sat_out
+            .iter()
+            .find(|o| o.box_name == b)
+            .map(|o| o.reason.clone())
+    };
+    let startup = results.scenario("startup").expect("startup");
+    assert_eq!(
+        startup.values("container", "to_torn_down_ms").len(),
+        2,
+        "{:?}",
+        startup.failures("container")
+    );
+    let native = reason(startup, "native").expect("native sits out");
+    assert!(native.contains("--image"), "{native}");
+    let linux_boots = results.host.kvm.linux_guest_obstacle().is_none();
+    if linux_boots {
+        assert_eq!(startup.values("vm", "to_torn_down_ms").len(), 2);
+    } else {
+        assert!(reason(startup, "vm").is_some_and(|r| r.starts_with("skipped on this host")));
+    }
+    let cpu = results.scenario("cpu").expect("cpu");
+    assert!(cpu.runs.is_empty() && cpu.boxes.is_empty(), "{cpu:?}");
+    let no_sysbench = reason(cpu, "container").expect("container sits cpu out");
+    assert_eq!(no_sysbench, "the image tb-bench:1 has no sysbench");
+    // Its sizes: the layers in the cache, what a container wrote.
+    let sizes = results.sizes.as_ref().expect("sizes");
+    assert!(sizes.image_what.contains("layers"), "{sizes:?}");
+    assert!(
+        sizes.image_bytes > 0 && sizes.vm_disk_bytes.is_some(),
+        "{sizes:?}"
+    );
+    let container = sizes.boxes.iter().find(|b| b.box_name == "container");
+    assert!(
+        container.is_some_and(|b| b.written_bytes.is_some() && b.error.is_none()),
+        "{sizes:?}"
+    );
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        report.contains(&format!("Image: `tb-bench:1` ({}", used.id)),
+        "{report}"
+    );
+    assert!(report.contains("unpacked in the cache"), "{report}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -20,12 +20,14 @@
 //! exit 0 and reset, so the VMM's own cost is measured even where guest kernels crawl (PVM).
 
 pub mod charts;
+pub mod image;
 pub mod metric;
 pub mod report;
 pub mod results;
 pub mod runner;
 pub mod scenario;
 pub mod schedule;
+pub mod sizes;
 pub mod stats;
 pub mod tiny_guest;
 
@@ -72,6 +74,9 @@ pub struct Options {
     pub firecracker: Option<PathBuf>,
     /// A Cloud Hypervisor binary to measure as a peer VMM.
     pub cloud_hypervisor: Option<PathBuf>,
+    /// An OCI/Docker image (`PATH[@REF]`) the container and VM run from instead of
+    /// `rootfs` ([`image`]); no peers then.
+    pub image: Option<String>,
 }
 
 /// A bench that could not run or could not write its results.
@@ -103,6 +108,9 @@ pub enum Error {
     /// Setting up what a scenario needs (e.g. its scratch disk).
     #[error("preparing scenario {0}: {1}")]
     Prepare(&'static str, std::io::Error),
+    /// The `--image` cannot be opened, verified or unpacked.
+    #[error("{0}")]
+    Image(String),
     /// Drawing a chart.
     #[error(transparent)]
     Chart(#[from] charts::ChartError),
@@ -141,6 +149,15 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
     // 2. The image mounted for runc and bwrap; declared before the runners, so dropped
     //    after them.
     let peer_root = mount_peer_root(opts)?;
+    // 2b. An --image: its layers (and the VM's disk) in the cache, held until the runners
+    //     are gone.
+    let image = match &opts.image {
+        Some(reference) => {
+            let vm = opts.boxes.iter().any(|b| b == runner::vm::NAME);
+            Some(image::BenchImage::open(reference, vm).map_err(Error::Image)?)
+        }
+        None => None,
+    };
     // 3. SIGINT/SIGTERM for the whole bench: recorded; process waits (the VM box and the
     //    peers are processes) check it and pass SIGTERM on. A box that installs its own
     //    (nested) handler for its run leaves the signal visible here too.
@@ -148,10 +165,16 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
     // 4. The boxes asked for, then the peers.
     let mut runners: Vec<Box<dyn Runner>> = Vec::new();
     for b in &opts.boxes {
-        let runner = runner::by_name(b, &opts.twinbox_exe, opts.vm_jail);
-        runners.push(runner.ok_or_else(|| Error::UnknownBox(b.clone()))?);
+        let runner = runner::by_name(b, &opts.twinbox_exe, opts.vm_jail)
+            .ok_or_else(|| Error::UnknownBox(b.clone()))?;
+        runners.push(match &image {
+            Some(image) => image.wrap(runner),
+            None => runner,
+        });
     }
-    runners.extend(peers(opts, peer_root.as_ref())?);
+    if image.is_none() {
+        runners.extend(peers(opts, peer_root.as_ref())?);
+    }
     // 5. What every run needs.
     let tiny = opts.out.join("tiny-guest.elf");
     tiny_guest::write_to(&tiny).map_err(io_err(&tiny))?;
@@ -176,7 +199,7 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
     let plan: Vec<Plan> = opts
         .scenarios
         .iter()
-        .map(|&scenario| Plan::new(scenario, &runners, host.kvm))
+        .map(|&scenario| Plan::new(scenario, &runners, host.kvm).on_image(image.as_ref()))
         .collect();
     if let Some(why) = host.kvm.linux_guest_obstacle() {
         if plan.iter().any(|p| p.host_cannot) {
@@ -212,6 +235,29 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
         }
     }
     bar.finish_and_clear();
+    // 8. Image sizes: the image on disk, what one instance of each box adds.
+    let sizes = scenarios
+        .iter()
+        .find(|s| s.name == scenario::startup::NAME)
+        .and_then(|startup| {
+            let bytes = match &image {
+                Some(i) => sizes::ImageBytes {
+                    what: format!(
+                        "the image's {} layers unpacked in the cache",
+                        i.sizes.layer_count
+                    ),
+                    bytes: i.sizes.layers_bytes_on_disk,
+                    vm_disk_bytes: i.sizes.ext4_bytes_on_disk,
+                    vm_disk: i.disk().map(Path::to_owned),
+                },
+                None => sizes::ImageBytes::builtin(&opts.rootfs),
+            };
+            let boxes: Vec<&dyn Runner> = runners.iter().map(|r| r.as_ref()).collect();
+            sizes::measure(&ctx, &boxes, startup, bytes)
+        });
+    if let Some(signal) = interrupted() {
+        return Err(Error::Interrupted(signal));
+    }
     Ok(Results {
         schema_version: results::SCHEMA_VERSION,
         twinbox_version: env!("CARGO_PKG_VERSION").into(),
@@ -229,8 +275,10 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
             kernel: opts.kernel.display().to_string(),
             density_instances: opts.density_instances,
             vm_jail: opts.vm_jail,
+            image: image.as_ref().map(|i| i.used.clone()),
         },
         scenarios,
+        sizes,
     })
 }
 
@@ -338,6 +386,36 @@ impl<'a> Plan<'a> {
             sat_out,
             host_cannot,
         }
+    }
+
+    /// With `--image`, only twinbox's container and VM run from it, and only scenarios
+    /// whose program the image has: every other box and scenario sits out, with why.
+    fn on_image(mut self, image: Option<&image::BenchImage>) -> Self {
+        let Some(image) = image else {
+            return self;
+        };
+        let scenario_says = if self.scenario.name() == scenario::density::NAME {
+            Some("--image: density starts its instances from the built-in image".to_string())
+        } else if self.scenario.boots_tiny_guest() {
+            None
+        } else {
+            image.lacks(&self.scenario.workload())
+        };
+        for b in std::mem::take(&mut self.boxes) {
+            let why = if image::BenchImage::runs_in(b.name()) {
+                scenario_says.clone()
+            } else {
+                Some(format!("--image: {} does not run the image", b.name()))
+            };
+            match why {
+                None => self.boxes.push(b),
+                Some(reason) => self.sat_out.push(SatOut {
+                    box_name: b.name().into(),
+                    reason,
+                }),
+            }
+        }
+        self
     }
 }
 

@@ -4,7 +4,7 @@
 //! against the numbers, and every failure with its reason.
 
 use crate::metric::{self, Metric};
-use crate::results::{Results, ScenarioResult};
+use crate::results::{Results, ScenarioResult, Sizes};
 use crate::runner::{container, native, peer_qemu, vm};
 use crate::scenario;
 use crate::stats::{summarize, Summary};
@@ -134,6 +134,20 @@ pub fn report_from_results(r: &Results) -> String {
          are median [p10–p90] (n successful runs); ratios are box median / reference median.\n",
         r.twinbox_version, p.runs, p.warmup, p.vcpus, p.memory_mib, p.vm_timeout_s
     );
+    if let Some(image) = &p.image {
+        let _ = writeln!(
+            out,
+            "Image: `{}` ({}{}), from `{}`: the container ran on its layers, the VM on the \
+             ext4 built from them; boxes that do not run the image sat out.\n",
+            image.name,
+            image.id,
+            image
+                .manifest_digest
+                .as_deref()
+                .map_or(String::new(), |m| format!(", manifest {m}")),
+            image.reference
+        );
+    }
     let _ = writeln!(out, "## Headline\n\n{}", headline(r));
     for s in &r.scenarios {
         scenario_section(&mut out, s);
@@ -295,6 +309,7 @@ fn claims(out: &mut String, r: &Results) {
         show(median(vmm::NAME, peer_qemu::NAME, down), "ms"),
         show(median(vmm::NAME, vm::NAME, metric::HOST_MEMORY_MIB), "MiB"),
     );
+    sizes_claim(out, r.sizes.as_ref());
     let host_mib = r.host.memory_kib as f64 / 1024.0;
     let _ = writeln!(
         out,
@@ -358,6 +373,62 @@ fn claims(out: &mut String, r: &Results) {
         vs_native(membw::NAME, metric::MIB_PER_S, vm::NAME),
     );
     net_claim(out, r);
+}
+
+/// Bytes as a reader takes them in: B, KiB or MiB.
+fn fmt_bytes(bytes: u64) -> String {
+    const KIB: u64 = 1024;
+    match bytes {
+        b if b < KIB => format!("{b} B"),
+        b if b < KIB * KIB => format!("{} KiB", fmt_value(b as f64 / KIB as f64)),
+        b => format!("{} MiB", fmt_value(b as f64 / (KIB * KIB) as f64)),
+    }
+}
+
+/// The "image sizes" row: the image on disk, and what one instance of each box adds.
+fn sizes_claim(out: &mut String, sizes: Option<&Sizes>) {
+    let Some(s) = sizes else {
+        let _ = writeln!(
+            out,
+            "- **Image sizes: container \"MB\", VM \"GB\".** Not measured (it needs \
+             `startup` in the container or the VM)."
+        );
+        return;
+    };
+    let opt = |b: Option<u64>| b.map_or("not measured".into(), fmt_bytes);
+    let per_box: Vec<String> = s
+        .boxes
+        .iter()
+        .map(|b| {
+            if let Some(e) = &b.error {
+                return format!("{}: {}", b.box_name, e.lines().next().unwrap_or_default());
+            }
+            let upper = format!("{} in its overlay's upper layer", opt(b.written_bytes));
+            if b.box_name == vm::NAME {
+                format!(
+                    "vm: {upper} (a tmpfs in guest memory), {} written to its root disk, \
+                     {} of guest memory touched",
+                    opt(b.root_disk_written_bytes),
+                    opt(b.guest_memory_bytes)
+                )
+            } else {
+                format!("{}: {upper}", b.box_name)
+            }
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "- **Image sizes: container \"MB\", VM \"GB\".** The image on disk: {} ({}){}. \
+         Written per running instance for `{}` (then `df` inside the box): {}.",
+        fmt_bytes(s.image_bytes),
+        s.image_what,
+        s.vm_disk_bytes.map_or(String::new(), |d| format!(
+            "; the VM's root disk {}, one file shared read-only by every VM, not copied",
+            fmt_bytes(d)
+        )),
+        s.workload.join(" "),
+        per_box.join("; ")
+    );
 }
 
 /// The network row: Felter et al. 2015 found KVM added tens of µs of round trip and
@@ -501,6 +572,76 @@ mod tests {
         assert!(
             head.starts_with("| scenario | metric | native | container | vm |\n"),
             "{head}"
+        );
+    }
+
+    #[test]
+    fn image_sizes_and_the_image_come_from_the_stored_results() {
+        use crate::results::{BoxSizes, ImageUsed};
+        let mut r = sample();
+        let text = report_from_results(&r);
+        assert!(
+            text.contains("- **Image sizes: container \"MB\", VM \"GB\".** Not measured"),
+            "{text}"
+        );
+        r.params.image = Some(ImageUsed {
+            reference: "app.tar@app:1".into(),
+            name: "app:1".into(),
+            id: "sha256:abc".into(),
+            manifest_digest: Some("sha256:def".into()),
+        });
+        r.sizes = Some(Sizes {
+            image_what: "the image's 2 layers unpacked in the cache".into(),
+            image_bytes: 2 << 20,
+            vm_disk_bytes: Some(3 << 20),
+            workload: vec!["/bin/true".into()],
+            boxes: vec![
+                BoxSizes {
+                    box_name: "container".into(),
+                    written_bytes: Some(4096),
+                    root_disk_written_bytes: None,
+                    guest_memory_bytes: None,
+                    error: None,
+                },
+                BoxSizes {
+                    box_name: "vm".into(),
+                    written_bytes: Some(8192),
+                    root_disk_written_bytes: Some(0),
+                    guest_memory_bytes: Some(40 << 20),
+                    error: None,
+                },
+            ],
+        });
+        // Through results.json, as `--render` reads it.
+        let json = serde_json::to_string(&r).unwrap();
+        let text = report_from_results(&serde_json::from_str(&json).unwrap());
+        assert!(
+            text.contains("Image: `app:1` (sha256:abc, manifest sha256:def), from `app.tar@app:1`"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "The image on disk: 2.00 MiB (the image's 2 layers unpacked in the cache); the \
+                 VM's root disk 3.00 MiB, one file shared read-only by every VM, not copied. \
+                 Written per running instance for `/bin/true` (then `df` inside the box): \
+                 container: 4.00 KiB in its overlay's upper layer; vm: 8.00 KiB in its \
+                 overlay's upper layer (a tmpfs in guest memory), 0 B written to its root \
+                 disk, 40.00 MiB of guest memory touched."
+            ),
+            "{text}"
+        );
+        // A box that was not measured says why.
+        r.sizes.as_mut().unwrap().boxes[1] = BoxSizes {
+            box_name: "vm".into(),
+            written_bytes: None,
+            root_disk_written_bytes: None,
+            guest_memory_bytes: None,
+            error: Some("not measured: its startup runs failed".into()),
+        };
+        let text = report_from_results(&r);
+        assert!(
+            text.contains("; vm: not measured: its startup runs failed."),
+            "{text}"
         );
     }
 

@@ -26,6 +26,57 @@ pub struct Results {
     pub params: Params,
     /// One entry per scenario, in the order run.
     pub scenarios: Vec<ScenarioResult>,
+    /// Bytes on disk of the image and written per instance ("image sizes MB vs GB");
+    /// absent when neither twinbox box ran `startup`, and in files from before it.
+    #[serde(default)]
+    pub sizes: Option<Sizes>,
+}
+
+/// An OCI/Docker image the container and VM boxes ran from (`--image`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ImageUsed {
+    /// As given: `PATH[@REF]`.
+    pub reference: String,
+    /// Its name (first tag), or its short id when it has none.
+    pub name: String,
+    /// The image id: the digest of its config.
+    pub id: String,
+    /// The manifest's digest, for OCI inputs.
+    pub manifest_digest: Option<String>,
+}
+
+/// "Image sizes MB vs GB", measured: the image on disk and what one instance adds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sizes {
+    /// What [`Sizes::image_bytes`] counts (the built-in image's ext4, or the image's layers
+    /// in the cache).
+    pub image_what: String,
+    /// Bytes of the image on disk: allocated blocks, hard links once.
+    pub image_bytes: u64,
+    /// Allocated bytes of the VM's root disk, shared read-only by every VM (with `--image`
+    /// the ext4 built from the layers, beside them in the cache).
+    pub vm_disk_bytes: Option<u64>,
+    /// The workload of the measured runs.
+    pub workload: Vec<String>,
+    /// Per box (twinbox's container and VM).
+    pub boxes: Vec<BoxSizes>,
+}
+
+/// What one running instance of a box wrote and touched.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BoxSizes {
+    /// The box.
+    pub box_name: String,
+    /// Bytes its writable root layer holds after the workload, as `df` inside the box
+    /// reads the overlay's upper layer (container: a tmpfs on the host; VM: a tmpfs in
+    /// guest memory).
+    pub written_bytes: Option<u64>,
+    /// Bytes the run added to the VM's root disk file (allocated after − before).
+    pub root_disk_written_bytes: Option<u64>,
+    /// Guest memory pages the VMM process touched, bytes.
+    pub guest_memory_bytes: Option<u64>,
+    /// Why it was not measured.
+    pub error: Option<String>,
 }
 
 /// The parameters of the bench.
@@ -55,6 +106,10 @@ pub struct Params {
     /// Whether twinbox's VMM threads ran in its jail (false in files from before it).
     #[serde(default)]
     pub vm_jail: bool,
+    /// The OCI/Docker image the container and VM ran from (`--image`), instead of
+    /// [`Params::rootfs`].
+    #[serde(default)]
+    pub image: Option<ImageUsed>,
 }
 
 /// One metric a scenario measures.
@@ -216,6 +271,7 @@ pub(crate) mod tests {
                 kernel: "/vmlinux".into(),
                 density_instances: 4,
                 vm_jail: true,
+                image: None,
             },
             scenarios: vec![ScenarioResult {
                 name: "cpu".into(),
@@ -248,6 +304,7 @@ pub(crate) mod tests {
                     reason: "boots only the tiny guest, not the image".into(),
                 }],
             }],
+            sizes: None,
         }
     }
 

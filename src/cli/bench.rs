@@ -58,6 +58,13 @@ pub struct BenchArgs {
     /// Root filesystem image (default: the cached artifact).
     #[arg(long)]
     pub rootfs: Option<PathBuf>,
+    /// Run the container and VM boxes from an OCI/Docker image instead (as `ctr run
+    /// --image` and `vm run --image` do: the container on its layers, the VM on the ext4
+    /// built from them), for the scenarios whose program the image has (`startup`: its
+    /// /bin/true); the others, native and the peers sit out, with why. The report names
+    /// the image and its digest. Not with `--rootfs` or peers.
+    #[arg(long, value_name = "PATH[@REF]")]
+    pub image: Option<String>,
     /// Guest kernel (default: the cached vmlinux).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -128,9 +135,21 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
             );
         }
     }
+    if args.image.is_some() {
+        // Checked here, not by clap, so it is one line and exit 125 like other bad input.
+        if args.rootfs.is_some() {
+            anyhow::bail!("--image and --rootfs both name the boxes' root: give one of them");
+        }
+        if args.peers || args.firecracker.is_some() || args.cloud_hypervisor.is_some() {
+            anyhow::bail!(
+                "--image runs twinbox's container and VM only (the peers run the built-in image): drop --peers, --firecracker and --cloud-hypervisor"
+            );
+        }
+    }
     let rootfs = args.rootfs.unwrap_or_else(artifacts::rootfs_image);
     let kernel = args.kernel.unwrap_or_else(artifacts::kernel_vmlinux);
-    let needs_image = args.boxes.iter().any(|b| b != bench::runner::native::NAME);
+    let needs_image =
+        args.image.is_none() && args.boxes.iter().any(|b| b != bench::runner::native::NAME);
     if needs_image && !rootfs.is_file() {
         anyhow::bail!(
             "root filesystem image {} not found: build it (rootfs/build.sh) or pass --rootfs",
@@ -155,6 +174,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
         kernel,
         density_instances: args.density_instances,
         twinbox_exe: std::env::current_exe().context("finding the twinbox binary")?,
+        image: args.image,
         firecracker: peer_vmm(
             args.firecracker,
             "TWINBOX_FIRECRACKER",
