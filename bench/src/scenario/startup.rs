@@ -18,7 +18,10 @@ impl Scenario for Startup {
 
     fn description(&self) -> &'static str {
         "`/bin/true` in each box: host-clock time from the run request (spawn) to the \
-         workload's exit and to the end of teardown, with every phase the box reports."
+         workload's exit and to the end of teardown, with every phase the box reports. \
+         Costs differ by box: twinbox's container attaches a loop device, mounts the image's \
+         ext4 (cold page cache) and makes and removes a cgroup on every run; runc and bwrap \
+         get the image already mounted by the bench, and bwrap sets no cgroup."
     }
 
     fn workload(&self) -> Vec<String> {
