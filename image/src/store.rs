@@ -1148,4 +1148,36 @@ mod tests {
         assert_eq!(pruned.layers.len(), 2);
         cache_is_clean(&s.store);
     }
+
+    #[test]
+    fn layers_of_an_earlier_unpack_format_are_never_used_and_prune_removes_them() {
+        let s = setup();
+        let a = Image::open(&spec(&s.layout, "a:1")).unwrap();
+        // A base layer as the format before user.overlay.opaque stored it.
+        let old = s
+            .store
+            .root
+            .join("layers/sha256")
+            .join(a.layers[0].diff_id.hex());
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join("stale"), b"x").unwrap();
+        let layers = s.store.layers(&a).unwrap();
+        assert!(layers
+            .dirs
+            .iter()
+            .all(|d| !d.starts_with(s.store.root.join("layers/"))));
+        assert!(!layers.dirs[0].join("stale").exists(), "unpacked anew");
+        drop(layers);
+        let pruned = s.store.prune().unwrap();
+        assert!(!s.store.root.join("layers").exists());
+        assert!(
+            pruned.bytes > 0
+                && pruned
+                    .layers
+                    .iter()
+                    .any(|l| l.contains("earlier unpack format"))
+        );
+        // The current layers stay for the image that has them.
+        assert!(s.store.layer_dir(&a.layers[0].diff_id).is_dir());
+    }
 }
