@@ -27,7 +27,7 @@
 use devices::bus::BusDevice;
 use kvm_bindings::{kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQ_ROUTING_MSI};
 use kvm_ioctls::VmFd;
-use std::sync::Arc;
+use std::sync::Weak;
 
 /// Number of pins (redirection entries); GSIs 0..NUM_PINS are the IOAPIC's.
 pub const NUM_PINS: usize = 24;
@@ -88,11 +88,14 @@ pub trait RouteSink: Send {
     fn set_routes(&mut self, routes: &[MsiRoute]) -> Result<(), String>;
 }
 
-/// KVM_SET_GSI_ROUTING on the VM.
-pub struct KvmRoutes(pub Arc<VmFd>);
+/// KVM_SET_GSI_ROUTING on the VM. A weak reference: the run closes the VM before it drops
+/// the devices (closing a device's irqfd eventfds first would make KVM retire each one
+/// behind a grace period of its own, which the VM's close then waits for).
+pub struct KvmRoutes(pub Weak<VmFd>);
 
 impl RouteSink for KvmRoutes {
     fn set_routes(&mut self, routes: &[MsiRoute]) -> Result<(), String> {
+        let vm = self.0.upgrade().ok_or("the VM is gone")?;
         let mut table = KvmIrqRouting::new(0).map_err(|e| format!("{e:?}"))?;
         for route in routes {
             let mut entry = kvm_irq_routing_entry {
@@ -104,7 +107,7 @@ impl RouteSink for KvmRoutes {
             entry.u.msi.data = route.data;
             table.push(entry).map_err(|e| format!("{e:?}"))?;
         }
-        self.0.set_gsi_routing(&table).map_err(|e| e.to_string())
+        vm.set_gsi_routing(&table).map_err(|e| e.to_string())
     }
 }
 

@@ -415,12 +415,13 @@ fn run_inner<S: AsRawFd + ?Sized>(
             .collect::<Vec<_>>(),
     );
     let peak = probe.peak_rss_kib();
-    drop(devices);
-    // The IOAPIC's reference went with the devices and the vCPUs' with their threads, so
-    // this is the last: the VM is destroyed here, before its memory is unmapped.
+    // The vCPUs' references to the VM went with their threads and the IOAPIC's is weak, so
+    // this is the last: the VM is destroyed here. Before the devices, whose irqfd eventfds,
+    // closed first, would each be retired by KVM behind a grace period of its own.
     if Arc::into_inner(vm).is_none() {
         tracing::error!("the VM outlives its teardown: a reference to it is still held");
     }
+    drop(devices);
     drop(guest_memory);
     // The device's pipe ends are closed now: the pumps drain what is left and end.
     let captured = guest_stdio.and_then(stdio::GuestStdio::finish);

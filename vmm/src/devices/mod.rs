@@ -290,7 +290,7 @@ pub fn attach(
     // keeps in KVM.
     let ioapic = Arc::new(Mutex::new(Ioapic::new(
         config.ioapic_id,
-        KvmRoutes(vm.clone()),
+        KvmRoutes(Arc::downgrade(vm)),
     )));
     insert(
         &mut mmio,
