@@ -19,6 +19,7 @@ const FSCONFIG_SET_STRING: libc::c_uint = 1;
 const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
 const FSMOUNT_CLOEXEC: libc::c_uint = 1;
 const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 /// `MOUNT_ATTR_*` of `<linux/mount.h>`.
 pub(crate) const MOUNT_ATTR_RDONLY: u64 = 0x1;
 pub(crate) const MOUNT_ATTR_NOSUID: u64 = 0x2;
@@ -118,6 +119,35 @@ pub fn ext4(device: &Path) -> Result<OwnedFd, Error> {
     }
     // SAFETY: fsmount returned this fd and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(mnt as i32) })
+}
+
+/// Attaches the detached mount `fd` at `target` in the caller's mount namespace
+/// (`move_mount(2)`): how the shared image mount gets its place (`shared_image.rs`).
+pub fn attach(fd: &OwnedFd, target: &Path) -> Result<(), Error> {
+    let c = c_path(target)?;
+    // SAFETY: move_mount of our detached mount (the fd itself is the source) onto a
+    // NUL-terminated path.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r != 0 {
+        return Err(last(format!("mount the image at {}", target.display())));
+    }
+    Ok(())
+}
+
+/// A detached clone of the mount at `path` (`open_tree(OPEN_TREE_CLONE)`, that mount
+/// alone), close-on-exec: a container's own view of the shared image mount, which keeps
+/// its flags (read-only, nodev, nosuid) and can be idmapped for `--userns`.
+pub fn clone(path: &Path) -> Result<OwnedFd, Error> {
+    open_tree(path)
 }
 
 /// A detached bind of the host's twinbox-init (one file, nothing around it): read-only,

@@ -17,6 +17,7 @@ mod plan;
 mod recording;
 mod run;
 pub mod seccomp;
+pub mod shared_image;
 pub mod sweep;
 mod syscall;
 mod tty;
@@ -24,3 +25,4 @@ mod userns;
 
 pub use error::Error;
 pub use run::{run, INIT};
+pub use shared_image::ImageHold;

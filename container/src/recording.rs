@@ -4,7 +4,8 @@
 
 use crate::cgroup::{CgroupManager, Layout, Limits, Stats};
 use crate::child::Prepared;
-use crate::syscall::{Errno, Leased, Linked, Loop, Reaped, Syscall};
+use crate::shared_image::Released;
+use crate::syscall::{Errno, HeldImage, Leased, Linked, Reaped, Syscall};
 use crate::{userns, Error};
 use nix::sched::CloneFlags;
 use std::cell::RefCell;
@@ -243,17 +244,22 @@ impl Syscall for Recording {
         let _ = self.call("remove staging dir");
     }
 
-    fn attach_loop(&self, _image: &Path) -> Result<Loop, Error> {
-        self.call("attach loop")?;
-        Ok(Loop {
-            path: PathBuf::from("/dev/loop7"),
-            _device: None,
+    fn hold_image(&self, _image: &Path) -> Result<HeldImage, Error> {
+        self.call("hold image")?;
+        Ok(HeldImage {
+            root: PathBuf::from("/run/twinbox/images/fake/root"),
+            hold: None,
         })
     }
 
-    fn mount_image(&self, device: &Path) -> Result<OwnedFd, Error> {
-        self.call(&format!("mount image {}", device.display()))?;
+    fn clone_image(&self, _held: &HeldImage) -> Result<OwnedFd, Error> {
+        self.call("clone image")?;
         Ok(std::fs::File::open("/dev/null").unwrap().into())
+    }
+
+    fn release_image(&self, _held: HeldImage) -> Released {
+        let _ = self.call("give up image");
+        Released::Freed
     }
 
     fn bind_layer(&self, path: &Path) -> Result<OwnedFd, Error> {
@@ -389,11 +395,6 @@ impl Syscall for Recording {
             // SAFETY: an all-zero rusage is a valid value.
             usage: unsafe { std::mem::zeroed() },
         })
-    }
-
-    fn wait_loop_free(&self, device: &Path) -> bool {
-        let _ = self.call(&format!("wait loop free {}", device.display()));
-        true
     }
 
     fn lease_link(&self, mode: NetMode) -> Result<Leased, Error> {

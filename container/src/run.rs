@@ -36,7 +36,8 @@
 use crate::cgroup::{self, Limits};
 use crate::channel::{self, FromChild, ParentSide};
 use crate::child::{self, Prepared};
-use crate::syscall::{Leased, Linked, Loop, Real, Reaped, Syscall};
+use crate::shared_image::Released;
+use crate::syscall::{HeldImage, Leased, Linked, Real, Reaped, Syscall};
 use crate::{caps, plan, seccomp, sweep, tty, userns, Error};
 use nix::sched::CloneFlags;
 use std::ffi::CString;
@@ -91,11 +92,13 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     let staging = StagingDir::create(sys, plan::staging_dir(&name))?;
     // Mounted here, as host root, detached: the child attaches them (inside its device
     // allowlist it could not open the loop device; in a user namespace not mount ext4).
-    let mut device = LoopGuard(None);
+    // The image's read-only mount is shared with every other run of it (`shared_image.rs`):
+    // this run holds it and gives the child a clone of its own.
+    let mut image = ImageGuard { sys, held: None };
     let root_mounts = match &spec.rootfs_layers {
         None => {
-            device.0 = Some(sys.attach_loop(&spec.rootfs)?);
-            let image_mount = sys.mount_image(device.path())?;
+            let held = image.held.insert(sys.hold_image(&spec.rootfs)?);
+            let image_mount = sys.clone_image(held)?;
             sys.check_init_dir(&image_mount)?;
             RootMounts::Image(image_mount)
         }
@@ -110,7 +113,6 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
             )
         }
     };
-    let device_path = device.path().to_owned();
     let init_mount = sys.bind_init(&host_init)?;
     let disk_mounts = spec
         .disks
@@ -226,12 +228,10 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
         ));
     }
     log.timeline_mut().record(Phase::GuestEntry, monotonic_ns());
-    // The child attached its copies; ours must go for the loop device to clear, and the
-    // mount now holds the image: the device clears itself once the container is gone.
+    // The child attached its copies; ours are of no more use.
     drop(root_mounts);
     drop(init_mount);
     drop(disk_mounts);
-    drop(device.0.take());
 
     // 8. Until init ends, a signal or the time limit.
     let mut session = match &pty {
@@ -258,7 +258,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     }
 
     // 9. Teardown, in order: the child, the link, the cgroup, the staging directory, the
-    // loop device.
+    // hold on the image (the last user unmounts it and its loop device clears).
     let reaped = child.reap()?;
     drop(network);
     drop(pty);
@@ -272,12 +272,12 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     drop(group);
     drop(staging);
     // An image's layers took no loop device.
-    let freed = spec.rootfs_layers.is_some() || sys.wait_loop_free(&device_path);
+    let released = image.release();
     finished.timeline.record(Phase::TornDown, monotonic_ns());
-    if !freed {
+    if let Released::LoopStuck(device) = released {
         notes.push(format!(
             "{} still attached 2 s after the run",
-            device_path.display()
+            device.display()
         ));
     }
 
@@ -643,12 +643,25 @@ impl RootMounts {
     }
 }
 
-/// The loop device, held until the child attached the image (then dropped early).
-struct LoopGuard(Option<Loop>);
+/// The run's hold on the shared image mount (none for an image's layers), given up at
+/// teardown or on any early return.
+struct ImageGuard<'s> {
+    sys: &'s dyn Syscall,
+    held: Option<HeldImage>,
+}
 
-impl LoopGuard {
-    fn path(&self) -> &Path {
-        self.0.as_ref().map_or(Path::new(""), |l| l.path.as_path())
+impl ImageGuard<'_> {
+    /// Gives the hold up now (nothing held: nothing to wait for).
+    fn release(&mut self) -> Released {
+        self.held
+            .take()
+            .map_or(Released::Freed, |held| self.sys.release_image(held))
+    }
+}
+
+impl Drop for ImageGuard<'_> {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -734,8 +747,8 @@ mod tests {
         "sweep",
         "create cgroup",
         "create staging dir",
-        "attach loop",
-        "mount image /dev/loop7",
+        "hold image",
+        "clone image",
         "check init dir",
         "bind init",
     ];
@@ -755,15 +768,16 @@ mod tests {
         "wait",
         "cgroup destroy",
         "remove staging dir",
-        "wait loop free /dev/loop7",
+        "give up image",
     ];
 
     /// What follows [`SETUP`] when the child (born in its cgroup) fails: killed and
     /// reaped before the cgroup goes.
-    const CHILD_FAILED: [&str; 5] = [
+    const CHILD_FAILED: [&str; 6] = [
         "spawn",
         "kill",
         "wait",
+        "give up image",
         "remove staging dir",
         "cgroup destroy",
     ];
@@ -803,7 +817,7 @@ mod tests {
                 .position(|c| c.starts_with(call))
                 .unwrap_or_else(|| panic!("{call} not in {calls:?}"))
         };
-        assert!(at("bind disk") > at("mount image"));
+        assert!(at("bind disk") > at("clone image"));
         assert!(calls[at("bind disk")].ends_with("ro=true"));
         assert!(at("spawn userns") > at("bind disk"));
         assert_eq!(
@@ -828,24 +842,25 @@ mod tests {
                 ],
             ),
             (
-                "attach loop",
+                "hold image",
                 &[
                     "sweep",
                     "create cgroup",
                     "create staging dir",
-                    "attach loop FAILED",
+                    "hold image FAILED",
                     "remove staging dir",
                     "cgroup destroy",
                 ],
             ),
             (
-                "mount image /dev/loop7",
+                "clone image",
                 &[
                     "sweep",
                     "create cgroup",
                     "create staging dir",
-                    "attach loop",
-                    "mount image /dev/loop7 FAILED",
+                    "hold image",
+                    "clone image FAILED",
+                    "give up image",
                     "remove staging dir",
                     "cgroup destroy",
                 ],
@@ -856,10 +871,11 @@ mod tests {
                     "sweep",
                     "create cgroup",
                     "create staging dir",
-                    "attach loop",
-                    "mount image /dev/loop7",
+                    "hold image",
+                    "clone image",
                     "check init dir",
                     "bind init FAILED",
+                    "give up image",
                     "remove staging dir",
                     "cgroup destroy",
                 ],
@@ -870,11 +886,12 @@ mod tests {
                     "sweep",
                     "create cgroup",
                     "create staging dir",
-                    "attach loop",
-                    "mount image /dev/loop7",
+                    "hold image",
+                    "clone image",
                     "check init dir",
                     "bind init",
                     "spawn FAILED",
+                    "give up image",
                     "remove staging dir",
                     "cgroup destroy",
                 ],
@@ -1039,7 +1056,7 @@ mod tests {
                 "release lease",
                 "cgroup destroy",
                 "remove staging dir",
-                "wait loop free /dev/loop7",
+                "give up image",
             ])
         );
         let spawned = sys.spawned.borrow().clone().expect("spawned");
@@ -1116,7 +1133,7 @@ mod tests {
     #[test]
     fn each_failing_network_step_frees_the_link_and_undoes_the_rest() {
         let image = FakeImage::new("net-fail");
-        let tail = ["remove staging dir", "cgroup destroy"];
+        let tail = ["give up image", "remove staging dir", "cgroup destroy"];
         let cases: [(&str, Vec<&str>); 3] = [
             ("lease nat link", vec!["lease nat link FAILED"]),
             (
@@ -1289,7 +1306,7 @@ mod tests {
         run_with(&sys, &image.spec()).unwrap();
         let calls = sys.calls();
         let at = |call: &str| calls.iter().position(|c| c == call).unwrap();
-        assert!(at("mount image /dev/loop7") < at("check init dir"));
+        assert!(at("clone image") < at("check init dir"));
         assert!(at("check init dir") < at("bind init"));
         assert!(at("bind init") < at("spawn"));
         assert_eq!(INIT, "/.twinbox/init");

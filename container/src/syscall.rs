@@ -14,23 +14,23 @@
 
 use crate::cgroup::{self, Birth, CgroupManager, Layout, Limits};
 use crate::child::{self, Prepared};
+use crate::shared_image::{ImageHold, Released};
 use crate::{detached, sweep, userns, Error};
 use nix::sched::CloneFlags;
 use std::any::Any;
 use std::ffi::CStr;
 use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use twinbox_spec::image::LoopDevice;
 use twinbox_spec::NetMode;
 
-/// The image attached to a loop device: its path, and (for real) the device, which
-/// clears itself once this and every mount of it are gone.
+/// A run's hold on the shared read-only mount of its image (`shared_image.rs`): where it
+/// is mounted, and (for real) the hold, released by [`Syscall::release_image`].
 #[derive(Debug)]
-pub struct Loop {
-    /// `/dev/loopN`.
-    pub path: PathBuf,
-    /// Held (never read) until the child attached its mount; None in the tests' double.
-    pub _device: Option<LoopDevice>,
+pub struct HeldImage {
+    /// The image's mount point on the host.
+    pub root: PathBuf,
+    /// The hold; None in the tests' double.
+    pub hold: Option<ImageHold>,
 }
 
 /// How the child process ended, as `wait4` told.
@@ -72,7 +72,8 @@ pub trait Syscall {
     fn can_admin_network(&self) -> bool;
     /// The text of `/proc/self/mountinfo` (cgroup layout, sweep places).
     fn mountinfo(&self) -> Result<String, Error>;
-    /// Removes the cgroups and staging directories of runs whose twinbox died.
+    /// Removes the cgroups and staging directories of runs whose twinbox died, and the
+    /// shared image mounts nobody holds.
     fn sweep(&self, mountinfo: &str);
     /// Creates the run's cgroup with its limits; on error nothing is left.
     fn create_cgroup(
@@ -85,10 +86,13 @@ pub trait Syscall {
     fn create_dir(&self, path: &Path) -> Result<(), Error>;
     /// Removes the empty directory `path`; a failure is only logged.
     fn remove_dir(&self, path: &Path);
-    /// Attaches `image` to a read-only autoclear loop device.
-    fn attach_loop(&self, image: &Path) -> Result<Loop, Error>;
-    /// Mounts the ext4 on `device` as a detached mount (read-only, nodev, nosuid).
-    fn mount_image(&self, device: &Path) -> Result<OwnedFd, Error>;
+    /// Holds the shared read-only mount of the ext4 `image`, mounting it (loop device,
+    /// ext4) if no other run of it holds one.
+    fn hold_image(&self, image: &Path) -> Result<HeldImage, Error>;
+    /// A detached clone of the held image mount for this run's child to attach.
+    fn clone_image(&self, held: &HeldImage) -> Result<OwnedFd, Error>;
+    /// Gives the hold up; the last user unmounts and waits for the loop device to clear.
+    fn release_image(&self, held: HeldImage) -> Released;
     /// A detached bind of one layer directory of an OCI image (read-only, nodev, nosuid,
     /// private; `detached::layer`).
     fn bind_layer(&self, path: &Path) -> Result<OwnedFd, Error>;
@@ -117,8 +121,6 @@ pub trait Syscall {
     fn kill(&self, pid: i32);
     /// Reaps the child.
     fn wait(&self, pid: i32) -> Result<Reaped, Error>;
-    /// Waits (up to 2 s) until the loop device at `device` is free again.
-    fn wait_loop_free(&self, device: &Path) -> bool;
     /// Leases a free point-to-point link for `mode` (`--net`, `--net nat`: the host end's
     /// name and forwarding follow it); the lease dies with this process.
     fn lease_link(&self, mode: NetMode) -> Result<Leased, Error>;
@@ -231,6 +233,9 @@ impl Syscall for Real {
         for failure in &swept.failed {
             tracing::warn!("leftover of a killed run: {failure}");
         }
+        for line in crate::shared_image::sweep() {
+            tracing::info!("{line}");
+        }
     }
 
     fn create_cgroup(
@@ -256,16 +261,20 @@ impl Syscall for Real {
         }
     }
 
-    fn attach_loop(&self, image: &Path) -> Result<Loop, Error> {
-        let device = LoopDevice::attach(image)?;
-        Ok(Loop {
-            path: device.path.clone(),
-            _device: Some(device),
+    fn hold_image(&self, image: &Path) -> Result<HeldImage, Error> {
+        let hold = ImageHold::acquire(image)?;
+        Ok(HeldImage {
+            root: hold.root().to_owned(),
+            hold: Some(hold),
         })
     }
 
-    fn mount_image(&self, device: &Path) -> Result<OwnedFd, Error> {
-        detached::ext4(device)
+    fn clone_image(&self, held: &HeldImage) -> Result<OwnedFd, Error> {
+        detached::clone(&held.root)
+    }
+
+    fn release_image(&self, held: HeldImage) -> Released {
+        held.hold.map_or(Released::Shared, ImageHold::release)
     }
 
     fn bind_layer(&self, path: &Path) -> Result<OwnedFd, Error> {
@@ -357,20 +366,6 @@ impl Syscall for Real {
                 return Err(Error::os("wait for the container", e));
             }
         }
-    }
-
-    fn wait_loop_free(&self, device: &Path) -> bool {
-        // Autoclear detaches the device right after its last user goes, asynchronously.
-        let backing = Path::new("/sys/block")
-            .join(device.file_name().unwrap_or_default())
-            .join("loop/backing_file");
-        for _ in 0..10_000 {
-            if !backing.exists() {
-                return true;
-            }
-            std::thread::sleep(std::time::Duration::from_micros(200));
-        }
-        false
     }
 
     fn lease_link(&self, mode: NetMode) -> Result<Leased, Error> {

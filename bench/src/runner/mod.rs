@@ -155,7 +155,7 @@ pub const BOX_NAMES: [&str; 3] = [native::NAME, container::NAME, vm::NAME];
 pub fn by_name(name: &str, twinbox: &std::path::Path, vm_jail: bool) -> Option<Box<dyn Runner>> {
     match name {
         native::NAME => Some(Box::new(native::Native)),
-        container::NAME => Some(Box::new(container::Container)),
+        container::NAME => Some(Box::new(container::Container::default())),
         vm::NAME => Some(Box::new(vm::Vm {
             twinbox: twinbox.to_path_buf(),
             jail: vm_jail,

@@ -19,9 +19,11 @@ impl Scenario for Startup {
     fn description(&self) -> &'static str {
         "`/bin/true` in each box: host-clock time from the run request (spawn) to the \
          workload's exit and to the end of teardown, with every phase the box reports. \
-         Costs differ by box: twinbox's container attaches a loop device, mounts the image's \
-         ext4 (cold page cache) and makes and removes a cgroup on every run; runc and bwrap \
-         get the image already mounted by the bench, and bwrap sets no cgroup."
+         Costs differ by box: here twinbox's container, runc and bwrap all get the image \
+         already mounted by the bench (twinbox's container holds its shared image mount for \
+         the whole bench, while a lone `twinbox ctr run` attaches a loop device and mounts \
+         the ext4 itself), and twinbox's container and runc make and remove a cgroup on \
+         every run, bwrap none."
     }
 
     fn workload(&self) -> Vec<String> {
