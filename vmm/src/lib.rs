@@ -416,8 +416,8 @@ fn run_inner<S: AsRawFd + ?Sized>(
     );
     let peak = probe.peak_rss_kib();
     // The vCPUs' references to the VM went with their threads and the IOAPIC's is weak, so
-    // this is the last: the VM is destroyed here. Before the devices, whose irqfd eventfds,
-    // closed first, would each be retired by KVM behind a grace period of its own.
+    // this is the last: the VM is destroyed here, with every irqfd and ioeventfd at once
+    // (the devices' eventfds closed one by one first would each be retired on their own).
     if Arc::into_inner(vm).is_none() {
         tracing::error!("the VM outlives its teardown: a reference to it is still held");
     }
