@@ -22,7 +22,7 @@
 //! [`crate::RunOptions`]); the bench's thread is not, since it runs containers and peers
 //! next.
 
-use kvm_bindings::{kvm_irq_routing, kvm_regs, kvm_translation, kvm_vcpu_events};
+use kvm_bindings::{kvm_ioeventfd, kvm_irq_routing, kvm_regs, kvm_translation, kvm_vcpu_events};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule,
@@ -45,6 +45,9 @@ ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
 ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
 // The IOAPIC (on a vCPU thread) replaces the VM's interrupt routes when the guest programs it.
 ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
+// A virtio device's queue ioeventfds are registered (on the vCPU thread) when the guest's
+// driver activates it (devices/mod.rs, `QueueNotifiers`).
+ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
 
 /// The tap ioctl the event loop may issue (`_IOW('T', 208, unsigned int)`, linux/if_tun.h).
 const TUNSETOFFLOAD: u32 = 0x4004_54d0;
@@ -281,6 +284,7 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
                 KVM_GET_VCPU_EVENTS(),
                 KVM_SET_VCPU_EVENTS(),
                 KVM_SET_GSI_ROUTING(),
+                KVM_IOEVENTFD(),
             ];
             rules.insert(
                 libc::SYS_ioctl,
@@ -431,6 +435,7 @@ mod tests {
         assert_eq!(KVM_GET_VCPU_EVENTS(), 0x8040_ae9f);
         assert_eq!(KVM_SET_VCPU_EVENTS(), 0x4040_aea0);
         assert_eq!(KVM_SET_GSI_ROUTING(), 0x4008_ae6a);
+        assert_eq!(KVM_IOEVENTFD(), 0x4040_ae79);
     }
 
     #[test]

@@ -85,6 +85,11 @@ struct QueueRegs {
     bad_size: bool,
 }
 
+/// What the VMM runs each time the device becomes active (the driver's DRIVER_OK
+/// accepted): wiring worth doing only for a device the guest uses, such as its queues'
+/// ioeventfds. Runs on the thread that handled the write (a vCPU's).
+pub type ActivationHook = Box<dyn FnMut() + Send>;
+
 /// A virtio device behind a virtio-mmio v2 register window.
 pub struct MmioTransport {
     mem: GuestMemoryMmap,
@@ -100,6 +105,7 @@ pub struct MmioTransport {
     queues: Vec<QueueRegs>,
     max_sizes: Vec<u16>,
     activated: bool,
+    on_activate: Option<ActivationHook>,
 }
 
 impl MmioTransport {
@@ -124,7 +130,15 @@ impl MmioTransport {
             queues: vec![QueueRegs::default(); max_sizes.len()],
             max_sizes,
             activated: false,
+            on_activate: None,
         }
+    }
+
+    /// Runs `hook` at every activation of the device, after the device took its queues.
+    /// Until it has run, QueueNotify writes reach the transport as MMIO exits, which
+    /// signal the queue's eventfd (see [`MmioTransport::queue_events`]).
+    pub fn on_activate(&mut self, hook: ActivationHook) {
+        self.on_activate = Some(hook);
     }
 
     /// Duplicates of the device's queue eventfds, in queue order: register queue `i`'s
@@ -276,7 +290,8 @@ impl MmioTransport {
     }
 
     fn notify(&mut self, value: u32) {
-        // Normally an ioeventfd catches this write before it ever exits to the VMM.
+        // Once the device is active an ioeventfd normally catches this write before it
+        // exits to the VMM; before that (or where the VMM registers none) it lands here.
         let device = lock(&self.device);
         match usize::try_from(value)
             .ok()
@@ -390,6 +405,9 @@ impl MmioTransport {
         match result {
             Ok(()) => {
                 self.activated = true;
+                if let Some(hook) = &mut self.on_activate {
+                    hook();
+                }
                 true
             }
             Err(e) => {
@@ -783,6 +801,32 @@ mod tests {
         assert_eq!(rd(&mut t, REG_MAGIC), 0x7472_6976);
         wr(&mut t, REG_QUEUE_SEL, u32::MAX);
         assert_eq!(rd(&mut t, REG_QUEUE_NUM_MAX), 0);
+    }
+
+    #[test]
+    fn the_activation_hook_runs_once_per_accepted_driver_ok() {
+        let (mut t, _, _) = with_recorder();
+        let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counter = runs.clone();
+        t.on_activate(Box::new(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        let count = || runs.load(std::sync::atomic::Ordering::SeqCst);
+        // Queue 1 never made ready: DRIVER_OK is refused, the hook does not run.
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        setup_queue(&mut t, 0, 16, 0);
+        wr(&mut t, REG_STATUS, ALL_OK);
+        assert_eq!(count(), 0);
+        for round in 1..=2 {
+            wr(&mut t, REG_STATUS, 0);
+            assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+            setup_queue(&mut t, 0, 16, 0);
+            setup_queue(&mut t, 1, 16, 0x10000);
+            assert_eq!(count(), round - 1, "not before DRIVER_OK");
+            wr(&mut t, REG_STATUS, ALL_OK);
+            assert_eq!(rd(&mut t, REG_STATUS), ALL_OK);
+            assert_eq!(count(), round, "once per activation, again after a reset");
+        }
     }
 
     #[test]
