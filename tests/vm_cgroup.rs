@@ -59,6 +59,74 @@ fn wait_for_own_cgroup(pid: u32) -> String {
     );
 }
 
+/// Waits (up to 10 s) until `pid` runs its VM (vCPU and event-loop threads started), then
+/// checks that every one of its threads is in the run's memory and pids cgroups `name`,
+/// by each thread's own `/proc/<pid>/task/<tid>/cgroup` and by the cgroups' `tasks`
+/// files. Returns how many threads it checked.
+fn all_threads_in(pid: u32, name: &str) -> usize {
+    let task_dir = PathBuf::from(format!("/proc/{pid}/task"));
+    let tids = || -> Vec<u32> {
+        let mut tids: Vec<u32> = std::fs::read_dir(&task_dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        tids.sort();
+        tids
+    };
+    let start = Instant::now();
+    while tids().len() < 3 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Threads come and go during set-up (the jail's, the memory registration's): a
+    // thread gone before it is read is not counted.
+    let mut checked = 0;
+    for tid in tids() {
+        let Ok(text) = std::fs::read_to_string(task_dir.join(tid.to_string()).join("cgroup"))
+        else {
+            continue;
+        };
+        for controller in ["memory", "pids"] {
+            let group = vmm::cgroup::own_cgroup(&text, Some(controller)).unwrap_or_default();
+            assert_eq!(
+                group.trim_start_matches('/'),
+                name,
+                "thread {tid} of the VMM {pid} is outside its {controller} cgroup"
+            );
+        }
+        checked += 1;
+    }
+    for controller in ["memory", "pids"] {
+        let tasks = Path::new("/sys/fs/cgroup")
+            .join(controller)
+            .join(name)
+            .join("tasks");
+        // Compared while no thread starts or ends (the same threads before and after).
+        let mut compared = false;
+        for _ in 0..100 {
+            let before = tids();
+            let listed: Vec<u32> = std::fs::read_to_string(&tasks)
+                .unwrap()
+                .lines()
+                .map(|l| l.trim().parse().unwrap())
+                .collect();
+            if tids() != before {
+                continue;
+            }
+            assert!(
+                before.iter().all(|t| listed.contains(t)),
+                "{}: lists {listed:?}, the VMM's threads are {before:?}",
+                tasks.display()
+            );
+            compared = true;
+            break;
+        }
+        assert!(compared, "the VMM's threads never held still to compare");
+    }
+    checked
+}
+
 /// Every `twinbox-<pid>-*` directory in any cgroup hierarchy.
 fn leftovers_of(pid: u32) -> Vec<PathBuf> {
     twinbox_spec::cgroup_run::dirs_of(pid, std::path::Path::new("/sys/fs/cgroup"))
@@ -100,9 +168,15 @@ fn vm_run_is_in_its_sized_cgroup_while_it_runs_and_leaves_nothing() {
     let pids = Path::new("/sys/fs/cgroup/pids").join(&name);
     let pids_max = std::fs::read_to_string(pids.join("pids.max")).unwrap();
     assert_eq!(pids_max.trim(), limits.pids.to_string());
-    // Every thread of the VMM is in it, and it is the whole process.
+    // It is the whole process, and every thread of the VMM is in it: the VMM moves in as
+    // a lone thread (v1 `tasks`), so each thread started later must be born inside.
     let procs = std::fs::read_to_string(pids.join("cgroup.procs")).unwrap();
     assert_eq!(procs.trim(), pid.to_string());
+    let threads = all_threads_in(pid, &name);
+    assert!(
+        threads >= 3,
+        "saw only {threads} threads of the VMM (main, vCPU, event loop at least)"
+    );
     let out = child.wait_with_output().unwrap();
     // The time limit ends it here (PVM); either way, not a twinbox error.
     assert_ne!(out.status.code(), Some(125), "{}", describe(&out));

@@ -16,10 +16,25 @@
 //! both need — where the hierarchies are, the names, the sweep — is shared through
 //! `twinbox_spec::cgroup_run`.
 //!
+//! How the process moves, and why so: writing a pid to `cgroup.procs` moves a whole
+//! thread group under the kernel's global threadgroup rwsem, whose writer waits for an RCU
+//! grace period — 5–14 ms in and 10–11 ms back out on a virtualised host. On cgroup v1 a
+//! thread that writes "0" to a hierarchy's `tasks` file moves itself alone, and the kernel
+//! skips that lock (it cannot exit or exec under its own write). So, on v1, the VMM moves
+//! while it is still single-threaded (`/proc/self/task` has one entry): every thread it
+//! starts later is born inside, and the memory controller charges the mm's owner, the
+//! thread that moved. At the end, once every other thread is joined, the same thread moves
+//! back the same way. Where that cannot hold — the process already has threads on the way
+//! in, or a cgroup still holds a task after the way back (its rmdir says EBUSY) — it falls
+//! back to `cgroup.procs`. cgroup v2 has no per-thread move for domain controllers such as
+//! memory (`cgroup.threads` only works inside a threaded subtree), and CLONE_INTO_CGROUP
+//! needs a child, which the VMM is not: there it writes `cgroup.procs`.
+//!
 //! The way out works under the caller's seccomp filter (the CLI's thread is filtered
-//! while the VM runs): the original cgroups' `cgroup.procs` are opened on the way in, so
-//! moving back is a write(2), and removal is rmdir(2), which the caller's list holds when
-//! the run has a cgroup (see `seccomp.rs`). Nothing else on the way out opens a file.
+//! while the VM runs): the original cgroups' `tasks` and `cgroup.procs` are opened on the
+//! way in, so moving back is a write(2), and removal is rmdir(2), which the caller's list
+//! holds when the run has a cgroup (see `seccomp.rs`). Nothing else on the way out opens a
+//! file.
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
@@ -156,10 +171,29 @@ pub fn own_cgroup<'a>(proc_cgroup: &'a str, controller: Option<&str>) -> Option<
 /// cgroups and removes the run's directories, with nothing but write(2) and rmdir(2).
 pub struct VmmCgroup {
     name: String,
-    /// The original cgroups' `cgroup.procs`, open for writing.
-    backs: Vec<File>,
+    /// The way back to each original cgroup, in the order of `dirs`.
+    backs: Vec<Back>,
     /// The run's directories, and each as a C string for rmdir(2) on the way out.
     dirs: Vec<(PathBuf, CString)>,
+    /// How the process moved in, and so how it moves back first.
+    moved: Move,
+}
+
+/// How the process entered its cgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Move {
+    /// The one thread it had wrote "0" to v1 `tasks` files: moved alone, no global lock.
+    OwnThread,
+    /// Its pid went to `cgroup.procs`: the whole thread group, under the global lock.
+    ThreadGroup,
+}
+
+/// An original cgroup's files, open for writing before the move in.
+struct Back {
+    /// `tasks` (v1 only): "0" there moves the writing thread.
+    tasks: Option<File>,
+    /// `cgroup.procs`: a pid there moves its whole thread group.
+    procs: File,
 }
 
 impl VmmCgroup {
@@ -195,10 +229,20 @@ impl VmmCgroup {
                 vec![(root, None)]
             }
         };
+        // Alone before anything here starts a thread: then no thread of the run can be
+        // born outside the cgroup.
+        let moved = if matches!(layout, Layout::V1 { .. }) && single_threaded() {
+            Move::OwnThread
+        } else {
+            Move::ThreadGroup
+        };
         let mut group = Self {
             name: name.to_owned(),
             backs: Vec::new(),
             dirs: Vec::new(),
+            // Until the move in, nothing needs moving back; `group`'s drop on an error
+            // before it writes "0", which the kernel takes as a move to where it already is.
+            moved,
         };
         // Every way back opened and every directory made with its limits before the move:
         // the process is never in a cgroup without its limit. On error, `group`'s drop
@@ -210,19 +254,13 @@ impl VmmCgroup {
                     controller.unwrap_or("unified")
                 ))
             })?;
-            let back = root
-                .join(original.trim_start_matches('/'))
-                .join("cgroup.procs");
-            group.backs.push(
-                OpenOptions::new()
-                    .write(true)
-                    .open(&back)
-                    .map_err(|source| CgroupError::Io {
-                        what: "open",
-                        path: back,
-                        source,
-                    })?,
-            );
+            let original = root.join(original.trim_start_matches('/'));
+            let tasks = match moved {
+                Move::OwnThread => Some(open_for_writing(&original.join("tasks"))?),
+                Move::ThreadGroup => None,
+            };
+            let procs = open_for_writing(&original.join("cgroup.procs"))?;
+            group.backs.push(Back { tasks, procs });
             let dir = root.join(name);
             let c_dir = CString::new(dir.as_os_str().as_bytes())
                 .map_err(|_| CgroupError::Layout(format!("{} holds a NUL", dir.display())))?;
@@ -239,12 +277,19 @@ impl VmmCgroup {
                 write(&path, &value)?;
             }
         }
-        // SAFETY: getpid has no arguments and cannot fail.
-        let pid = unsafe { libc::getpid() }.to_string();
         for (dir, _) in &group.dirs {
-            write(&dir.join("cgroup.procs"), &pid)?;
+            match moved {
+                Move::OwnThread => write(&dir.join("tasks"), "0")?,
+                Move::ThreadGroup => write(&dir.join("cgroup.procs"), &own_pid())?,
+            }
         }
+        tracing::debug!(name, ?moved, "the VMM entered its cgroup");
         Ok(group)
+    }
+
+    /// How the process moved in.
+    pub fn moved(&self) -> Move {
+        self.moved
     }
 
     /// The run's name (`twinbox-<pid>-<start>-<pidns>-<n>`).
@@ -260,17 +305,78 @@ impl VmmCgroup {
 
 impl Drop for VmmCgroup {
     fn drop(&mut self) {
-        // SAFETY: getpid has no arguments and cannot fail.
-        let pid = unsafe { libc::getpid() }.to_string();
-        for back in &mut self.backs {
-            if let Err(e) = back.write_all(pid.as_bytes()) {
+        let pid = own_pid();
+        for (back, (dir, c_dir)) in self.backs.iter_mut().zip(&self.dirs) {
+            // The thread that moved in alone moves back alone: every other thread of the
+            // run is joined by now. Should one still be inside after a short wait (rmdir:
+            // EBUSY), the whole thread group follows through `cgroup.procs`.
+            let alone = match (&mut back.tasks, self.moved) {
+                (Some(tasks), Move::OwnThread) => tasks.write_all(b"0").is_ok(),
+                _ => false,
+            };
+            if alone && removed_once_exited(c_dir) {
+                continue;
+            }
+            if alone {
+                tracing::debug!(dir = %dir.display(), "a task stays in the VMM's cgroup: moving the thread group");
+            }
+            if let Err(e) = back.procs.write_all(pid.as_bytes()) {
                 tracing::warn!("cannot move the VMM back to its cgroup: {e}");
             }
-        }
-        for (dir, c_dir) in &self.dirs {
             remove(c_dir, dir);
         }
     }
+}
+
+/// Whether this process has one thread, the caller's.
+fn single_threaded() -> bool {
+    fs::read_dir("/proc/self/task").is_ok_and(|tasks| tasks.take(2).count() == 1)
+}
+
+/// This process's pid, as the cgroup files take it.
+fn own_pid() -> String {
+    // SAFETY: getpid has no arguments and cannot fail.
+    unsafe { libc::getpid() }.to_string()
+}
+
+fn open_for_writing(path: &Path) -> Result<File, CgroupError> {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|source| CgroupError::Io {
+            what: "open",
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// One rmdir(2) of `dir`: `None` when it is gone, else the errno.
+fn rmdir(dir: &CString) -> Option<i32> {
+    // SAFETY: `dir` is a NUL-terminated path that lives across the call.
+    if unsafe { libc::rmdir(dir.as_ptr()) } == 0 {
+        return None;
+    }
+    match std::io::Error::last_os_error().raw_os_error().unwrap_or(0) {
+        libc::ENOENT => None,
+        errno => Some(errno),
+    }
+}
+
+/// rmdir(2) of `dir` once the threads that left it finished exiting: a joined thread may
+/// still be in its cgroup for a moment (the kernel wakes its joiner before it unlinks the
+/// thread from its cgroups), so EBUSY is retried for up to ~25 ms. `false`: not removed.
+fn removed_once_exited(dir: &CString) -> bool {
+    let mut pause = std::time::Duration::from_micros(100);
+    for _ in 0..8 {
+        match rmdir(dir) {
+            None => return true,
+            Some(libc::EBUSY) => std::thread::sleep(pause),
+            // Another error: the caller's removal reports it.
+            Some(_) => return false,
+        }
+        pause *= 2;
+    }
+    rmdir(dir).is_none()
 }
 
 /// rmdir(2) of `dir`, retried while the kernel still says EBUSY (a cgroup stays busy for
@@ -278,15 +384,16 @@ impl Drop for VmmCgroup {
 fn remove(dir: &CString, shown: &Path) {
     let mut last = 0;
     for _ in 0..200 {
-        // SAFETY: `dir` is a NUL-terminated path that lives across the call.
-        if unsafe { libc::rmdir(dir.as_ptr()) } == 0 {
-            return;
-        }
-        last = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        match last {
-            libc::ENOENT => return,
-            libc::EBUSY => std::thread::sleep(std::time::Duration::from_millis(5)),
-            _ => break,
+        match rmdir(dir) {
+            None => return,
+            Some(libc::EBUSY) => {
+                last = libc::EBUSY;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Some(errno) => {
+                last = errno;
+                break;
+            }
         }
     }
     tracing::warn!(

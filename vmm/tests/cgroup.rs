@@ -88,6 +88,24 @@ struct Seen {
     cgroup: Option<String>,
     limit: Option<u64>,
     peak: Option<u64>,
+    /// Most threads of this process seen inside at once.
+    threads_inside: usize,
+    /// A thread seen outside the run's memory cgroup while the process was in it.
+    outside: Option<(String, String)>,
+}
+
+/// The memory cgroup of each thread of this process, by its own
+/// `/proc/self/task/<tid>/cgroup` (a thread gone meanwhile is left out).
+fn thread_memory_cgroups() -> Vec<(String, String)> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|e| {
+            let tid = e.ok()?.file_name().to_string_lossy().into_owned();
+            let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/cgroup")).ok()?;
+            let group = vmm::cgroup::own_cgroup(&text, Some("memory"))?.to_owned();
+            Some((tid, group))
+        })
+        .collect()
 }
 
 #[test]
@@ -120,7 +138,12 @@ fn a_guest_touching_all_its_ram_runs_to_its_end_in_its_cgroup() {
                             .ok()
                             .and_then(|v| v.trim().parse().ok())
                     };
+                    let threads = thread_memory_cgroups();
                     let mut seen = seen.lock().unwrap();
+                    if let Some(out) = threads.iter().find(|(_, g)| *g != now) {
+                        seen.outside.get_or_insert(out.clone());
+                    }
+                    seen.threads_inside = seen.threads_inside.max(threads.len());
                     seen.cgroup = Some(now.clone());
                     seen.limit = read("memory.limit_in_bytes").or(seen.limit);
                     seen.peak = read("memory.max_usage_in_bytes").or(seen.peak);
@@ -150,6 +173,13 @@ fn a_guest_touching_all_its_ram_runs_to_its_end_in_its_cgroup() {
     let name = seen
         .cgroup
         .expect("the run was never seen in a twinbox cgroup");
+    // With all its threads: the caller's, this watcher, the VMM's vCPU and event loop.
+    assert_eq!(seen.outside, None, "a thread outside {name}");
+    assert!(
+        seen.threads_inside >= 4,
+        "saw {} threads inside",
+        seen.threads_inside
+    );
     let owner = twinbox_spec::cgroup_run::owner_of(name.trim_start_matches('/')).unwrap();
     assert_eq!(owner.pid, std::process::id());
     assert_eq!(
