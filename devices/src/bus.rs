@@ -6,12 +6,22 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use crate::snapshot::{BusDeviceSnapshot, SnapshotError};
+
 /// A device reachable through a [`Bus`].
 pub trait BusDevice: Send {
     /// Reads `data.len()` bytes at `offset` (relative to the device's base).
     fn read(&mut self, offset: u64, data: &mut [u8]);
     /// Writes `data` at `offset` (relative to the device's base).
     fn write(&mut self, offset: u64, data: &[u8]);
+    /// Its state for a snapshot of the paused VM; `None`: a device with nothing to keep.
+    fn save(&self) -> Result<Option<BusDeviceSnapshot>, SnapshotError> {
+        Ok(None)
+    }
+    /// Puts back what [`BusDevice::save`] returned, on a freshly built device.
+    fn restore(&mut self, _saved: &BusDeviceSnapshot) -> Result<(), SnapshotError> {
+        Err(SnapshotError::Unsupported("bus device"))
+    }
 }
 
 /// A device shared between the bus and whoever else needs it.
@@ -84,6 +94,13 @@ impl Bus {
         }
         self.ranges.insert(base, (len, device));
         Ok(())
+    }
+
+    /// Every device with its base address, in address order (for snapshots).
+    pub fn devices(&self) -> impl Iterator<Item = (u64, &SharedBusDevice)> {
+        self.ranges
+            .iter()
+            .map(|(&base, (_, device))| (base, device))
     }
 
     /// The device owning `addr` and the offset of `addr` inside it.

@@ -9,10 +9,12 @@
 //! - [`i8042`]: just enough of the keyboard controller for the guest to reset the machine;
 //! - [`marker`]: the phase-marker port twinbox-init writes to;
 //! - [`virtio`]: virtio-mmio transport, virtio-blk, virtio-net, virtio-rng and the
-//!   multiport virtio-console (wiring steps in its module docs).
+//!   multiport virtio-console (wiring steps in its module docs);
+//! - [`snapshot`]: device state as plain data, for VM snapshots.
 
 pub mod bus;
 pub mod i8042;
 pub mod marker;
 pub mod serial;
+pub mod snapshot;
 pub mod virtio;

@@ -39,6 +39,82 @@ impl SerialConsole {
 
     /// Queues bytes for the guest to read (as if typed); returns how many fit in the
     /// receive FIFO.
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn snapshot(&self) -> crate::snapshot::SerialSnapshot {
+        let s = self.serial.state();
+        crate::snapshot::SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Puts the UART back in a saved state, keeping its interrupt and output.
+    pub fn restore(
+        &mut self,
+        saved: &crate::snapshot::SerialSnapshot,
+    ) -> Result<(), crate::snapshot::SnapshotError> {
+        let mismatch = |why: String| crate::snapshot::SnapshotError::Mismatch {
+            device: "serial",
+            why,
+        };
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: saved.baud_divisor_low,
+            baud_divisor_high: saved.baud_divisor_high,
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        // vm-superio's FIFO holds 64 bytes; checked here, before the writer is moved.
+        if saved.in_buffer.len() > 64 {
+            return Err(mismatch(format!(
+                "{} bytes in a 64-byte receive FIFO",
+                saved.in_buffer.len()
+            )));
+        }
+        let interrupt = self
+            .serial
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| mismatch(format!("cannot duplicate its interrupt: {e}")))?;
+        // from_state takes the writer by value: swap a placeholder in while it is rebuilt.
+        let placeholder = Serial::new(
+            EventFdTrigger(
+                interrupt
+                    .try_clone()
+                    .map_err(|e| mismatch(format!("cannot duplicate its interrupt: {e}")))?,
+            ),
+            Box::new(std::io::sink()) as Box<dyn Write + Send>,
+        );
+        let old = std::mem::replace(&mut self.serial, placeholder);
+        let out = old.into_writer();
+        match Serial::from_state(
+            &state,
+            EventFdTrigger(interrupt),
+            vm_superio::serial::NoEvents,
+            out,
+        ) {
+            Ok(serial) => {
+                self.serial = serial;
+                Ok(())
+            }
+            Err(e) => Err(mismatch(format!("{e:?}"))),
+        }
+    }
+
     pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
         let room = self.serial.fifo_capacity().min(input.len());
         match self.serial.enqueue_raw_bytes(&input[..room]) {
@@ -52,6 +128,27 @@ impl SerialConsole {
 }
 
 impl BusDevice for SerialConsole {
+    fn save(
+        &self,
+    ) -> Result<Option<crate::snapshot::BusDeviceSnapshot>, crate::snapshot::SnapshotError> {
+        Ok(Some(crate::snapshot::BusDeviceSnapshot::Serial(
+            self.snapshot(),
+        )))
+    }
+
+    fn restore(
+        &mut self,
+        saved: &crate::snapshot::BusDeviceSnapshot,
+    ) -> Result<(), crate::snapshot::SnapshotError> {
+        match saved {
+            crate::snapshot::BusDeviceSnapshot::Serial(s) => SerialConsole::restore(self, s),
+            _ => Err(crate::snapshot::SnapshotError::Mismatch {
+                device: "serial",
+                why: "another kind of device saved at its address".into(),
+            }),
+        }
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         // The UART has byte-wide registers only; anything else reads as zeros.
         match (u8::try_from(offset), data.len()) {

@@ -74,6 +74,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
+
+use crate::snapshot::{QueueProgress, SnapshotError, VirtioDeviceSnapshot};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -139,6 +141,12 @@ impl IrqTrigger {
     /// either way).
     pub(crate) fn signal_needs_reset(&self) {
         let _ = self.trigger(INTERRUPT_USED_RING | INTERRUPT_CONFIG_CHANGE);
+    }
+
+    /// Sets the InterruptStatus register without raising the interrupt (a restored device:
+    /// the guest's interrupt controller state comes back on its own).
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
     }
 
     /// Clears everything (device reset).
@@ -225,6 +233,34 @@ pub trait VirtioDevice: Send {
     /// the transport then reports DEVICE_NEEDS_RESET in Status.
     fn needs_reset(&self) -> bool {
         false
+    }
+
+    /// For a snapshot of a paused VM (no event loop running): each active queue's progress
+    /// and the device's own state. Called only while the device is active.
+    fn save_state(&self) -> Result<VirtioDeviceSnapshot, SnapshotError> {
+        Err(SnapshotError::Unsupported("virtio device"))
+    }
+
+    /// Puts back what [`VirtioDevice::save_state`] saved beyond the queues, right after
+    /// the transport re-activated the device with the saved queues.
+    fn restore_state(&mut self, _state: &VirtioDeviceSnapshot) -> Result<(), SnapshotError> {
+        Ok(())
+    }
+}
+
+/// [`VirtioDevice::save_state`] of a device that holds no chain between events: its
+/// queues' positions as they are.
+pub(crate) fn queues_progress(queues: &[&Queue]) -> VirtioDeviceSnapshot {
+    use virtio_queue::QueueT;
+    VirtioDeviceSnapshot {
+        queues: queues
+            .iter()
+            .map(|q| QueueProgress {
+                next_avail: q.next_avail(),
+                next_used: q.next_used(),
+            })
+            .collect(),
+        ports: Vec::new(),
     }
 }
 

@@ -59,6 +59,11 @@ impl RxPool {
         }
     }
 
+    /// Receive chains held (taken from the ring, not yet used).
+    pub(super) fn held(&self) -> usize {
+        self.chains.len()
+    }
+
     fn push(
         &mut self,
         mem: &GuestMemoryMmap,

@@ -63,6 +63,7 @@
 pub mod control;
 mod input;
 mod output;
+mod snapshot;
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -756,6 +757,19 @@ impl VirtioDevice for Console {
 
     fn needs_reset(&self) -> bool {
         self.broken
+    }
+
+    fn save_state(
+        &self,
+    ) -> Result<crate::snapshot::VirtioDeviceSnapshot, crate::snapshot::SnapshotError> {
+        self.save()
+    }
+
+    fn restore_state(
+        &mut self,
+        state: &crate::snapshot::VirtioDeviceSnapshot,
+    ) -> Result<(), crate::snapshot::SnapshotError> {
+        self.restore(state)
     }
 }
 

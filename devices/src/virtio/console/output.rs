@@ -41,6 +41,11 @@ pub(super) struct TxPending {
 }
 
 impl TxPending {
+    /// Whether no chain waits to be written.
+    pub(super) fn is_empty(&self) -> bool {
+        self.chains.is_empty()
+    }
+
     /// Empty; allocates its arrays once.
     pub(super) fn new() -> Self {
         Self {
