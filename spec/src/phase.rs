@@ -12,6 +12,9 @@ pub enum Phase {
     Spawn,
     /// VM built (memory, kernel loaded, devices) / namespaces and rootfs ready.
     SandboxReady,
+    /// VM only, restored from a snapshot (in place of a kernel boot): every vCPU and
+    /// device is back in its saved state, about to run.
+    Restored,
     /// First KVM_RUN / exec of twinbox-init.
     GuestEntry,
     /// twinbox-init reported that it runs.
@@ -25,10 +28,23 @@ pub enum Phase {
 }
 
 impl Phase {
-    /// All phases in order.
+    /// The phases every run has, in order ([`Phase::Restored`] is only in a VM restored
+    /// from a snapshot: see [`Phase::WITH_RESTORED`]).
     pub const ALL: [Phase; 7] = [
         Phase::Spawn,
         Phase::SandboxReady,
+        Phase::GuestEntry,
+        Phase::InitStarted,
+        Phase::WorkloadStarted,
+        Phase::WorkloadExited,
+        Phase::TornDown,
+    ];
+
+    /// Every phase, in order, [`Phase::Restored`] included.
+    pub const WITH_RESTORED: [Phase; 8] = [
+        Phase::Spawn,
+        Phase::SandboxReady,
+        Phase::Restored,
         Phase::GuestEntry,
         Phase::InitStarted,
         Phase::WorkloadStarted,
@@ -41,6 +57,7 @@ impl Phase {
         match self {
             Phase::Spawn => "spawn",
             Phase::SandboxReady => "sandbox_ready",
+            Phase::Restored => "restored",
             Phase::GuestEntry => "guest_entry",
             Phase::InitStarted => "init_started",
             Phase::WorkloadStarted => "workload_started",

@@ -232,6 +232,46 @@ impl<S: RouteSink> Ioapic<S> {
 }
 
 impl<S: RouteSink> BusDevice for Ioapic<S> {
+    fn save(
+        &self,
+    ) -> Result<Option<devices::snapshot::BusDeviceSnapshot>, devices::snapshot::SnapshotError>
+    {
+        Ok(Some(devices::snapshot::BusDeviceSnapshot::Ioapic(
+            devices::snapshot::IoapicSnapshot {
+                id: self.id,
+                select: self.select,
+                table: self.table.to_vec(),
+            },
+        )))
+    }
+
+    /// Saved registers back, and the routes they imply sent to KVM (a snapshot's entries
+    /// are untrusted: the read-only bits are cleared and the ID cut to 4 bits as if the
+    /// guest had written them).
+    fn restore(
+        &mut self,
+        saved: &devices::snapshot::BusDeviceSnapshot,
+    ) -> Result<(), devices::snapshot::SnapshotError> {
+        let mismatch = |why: &str| devices::snapshot::SnapshotError::Mismatch {
+            device: "IOAPIC",
+            why: why.into(),
+        };
+        let devices::snapshot::BusDeviceSnapshot::Ioapic(state) = saved else {
+            return Err(mismatch("another kind of device saved at its address"));
+        };
+        let table: [u64; NUM_PINS] = state
+            .table
+            .as_slice()
+            .try_into()
+            .map_err(|_| mismatch("not 24 redirection entries"))?;
+        self.id = state.id & 0xf;
+        self.select = state.select;
+        self.table = table.map(|entry| entry & !RTE_READ_ONLY);
+        self.routes.clear();
+        self.update_routes();
+        Ok(())
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         // Only aligned 32-bit accesses of the two registers mean anything.
         let value = match (offset, data.len()) {

@@ -41,6 +41,7 @@ pub mod memory;
 pub mod regs;
 pub mod seccomp;
 pub mod smoke;
+pub mod snapshot;
 pub mod vcpu;
 
 // Internal: the details one module away from the story below.
@@ -135,6 +136,8 @@ pub enum Error {
     NoNetAdmin,
     #[error("cannot open /proc/self/status or /proc/self/smaps to measure the run: {0}")]
     Usage(std::io::Error),
+    #[error("{0}")]
+    Snapshot(String),
 }
 
 /// How the caller wants a run done, beyond the spec.

@@ -78,6 +78,17 @@ impl GuestStdio {
         winch: Option<OwnedFd>,
         on_start: OnStart,
     ) -> std::io::Result<(Self, DeviceEnds)> {
+        Self::start_with(spec, Some(job), winch, on_start)
+    }
+
+    /// [`Self::start`], or without a job: the control port then stays open and silent,
+    /// and init waits on it (a VM being snapshotted before its job).
+    pub(crate) fn start_with(
+        spec: &RunSpec,
+        job: Option<&Job>,
+        winch: Option<OwnedFd>,
+        on_start: OnStart,
+    ) -> std::io::Result<(Self, DeviceEnds)> {
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let mut pumps = Vec::new();
         let (ended_tx, ended) = channel();
@@ -97,7 +108,7 @@ impl GuestStdio {
 
         // Control: the job, then (with a tty) the window size now and after each resize.
         let (control_guest, control_host) = pipe(Side::Read)?;
-        let mut frames = vec![Frame::Job(job.clone())];
+        let mut frames: Vec<Frame> = job.map(|job| Frame::Job(job.clone())).into_iter().collect();
         if spec.tty {
             frames.extend(caller_window_size().map(|ws| Frame::WindowSize {
                 rows: ws.rows,

@@ -116,7 +116,8 @@ pub struct VcpuContext {
 
 /// A running vCPU thread; dropping it stops and joins the thread.
 pub struct VcpuThread {
-    handle: Option<JoinHandle<()>>,
+    /// Gives the vCPU back when it stopped on request (for a snapshot).
+    handle: Option<JoinHandle<Option<VcpuFd>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -151,11 +152,19 @@ impl VcpuThread {
         self.join();
     }
 
-    fn join(&mut self) {
+    /// Stops the thread (one kick), waits for it to end and returns its vCPU, paused,
+    /// unless it had stopped on its own (then it is gone, and the reason was sent).
+    pub fn pause(mut self) -> Option<VcpuFd> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Option<VcpuFd> {
         self.kick();
-        if let Some(handle) = self.handle.take() {
-            if handle.join().is_err() {
+        match self.handle.take()?.join() {
+            Ok(vcpu) => vcpu,
+            Err(_) => {
                 tracing::error!("a vCPU thread panicked");
+                None
             }
         }
     }
@@ -167,7 +176,8 @@ impl Drop for VcpuThread {
     }
 }
 
-fn run_loop(mut vcpu: VcpuFd, mut ctx: VcpuContext) {
+/// Returns the vCPU when it stopped on request, so a snapshot can read its state.
+fn run_loop(mut vcpu: VcpuFd, mut ctx: VcpuContext) -> Option<VcpuFd> {
     let immediate_exit: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
     let reason = match ctx.seccomp.apply(ThreadKind::Vcpu) {
@@ -182,13 +192,16 @@ fn run_loop(mut vcpu: VcpuFd, mut ctx: VcpuContext) {
             details: e.to_string(),
         },
     };
-    // The kvm_run mapping goes with `vcpu`: the kick handler must not touch it after.
+    // The kvm_run mapping leaves this thread with `vcpu`: the kick handler must not
+    // touch it after.
     IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
-    drop(vcpu);
-    if reason != VcpuStop::Requested {
-        let _ = ctx.reasons.send(reason);
-        let _ = ctx.exit_evt.write(1);
+    if reason == VcpuStop::Requested {
+        return Some(vcpu);
     }
+    drop(vcpu);
+    let _ = ctx.reasons.send(reason);
+    let _ = ctx.exit_evt.write(1);
+    None
 }
 
 fn vcpu_loop(vcpu: &mut VcpuFd, ctx: &mut VcpuContext) -> VcpuStop {
