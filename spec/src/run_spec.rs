@@ -126,7 +126,8 @@ pub struct RunSpec {
     pub user: Option<WorkloadUser>,
     /// Guest kernel (VM only): ELF vmlinux or bzImage.
     pub kernel: Option<PathBuf>,
-    /// Initial ramdisk (VM only).
+    /// Initial ramdisk (VM only). `None`: twinbox's initramfs for a Linux kernel (it
+    /// mounts the image and starts twinbox-init), none for any other kernel.
     pub initrd: Option<PathBuf>,
     /// Appended to the kernel command line (VM only).
     pub cmdline_extra: Option<String>,

@@ -64,7 +64,9 @@ pub struct VmRunArgs {
     /// (repeatable).
     #[arg(long = "disk", value_name = "PATH[:ro]")]
     pub disks: Vec<DiskSpec>,
-    /// Initial ramdisk.
+    /// Initial ramdisk. Without it a Linux kernel (a bzImage, or a vmlinux with its
+    /// "Linux" ELF note) boots through twinbox's own initramfs, which mounts the image and
+    /// starts twinbox-init; any other kernel boots with none.
     #[arg(long, value_name = "FILE")]
     pub initrd: Option<PathBuf>,
     /// Appended to the kernel command line.

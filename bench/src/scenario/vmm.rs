@@ -23,7 +23,8 @@ impl Scenario for Vmm {
          (Cloud Hypervisor's shutdown port) and resets through the i8042; spawn → \
          torn_down, and the host memory of that instance. twinbox's VMM runs as \
          `twinbox vm run`, a process like the peers (QEMU microvm, Firecracker, Cloud \
-         Hypervisor), which boot the same file, timed process start → exit. Every \
+         Hypervisor), which boot the same file, timed process start → exit. No VMM \
+         loads an initramfs for it (twinbox loads its own only for a Linux kernel). Every \
          VMM's memory is measured alike: its process's peak RSS and PSS outside guest \
          RAM (/proc/PID/smaps, read every 5 ms and at its exit, so a run of a few \
          milliseconds is read whole) + guest RAM touched."

@@ -108,6 +108,86 @@ pub fn detect_format(path: &Path) -> Result<KernelFormat, BootError> {
     }
 }
 
+/// Whether the kernel at `path` is Linux: any bzImage, or an ELF vmlinux with a note owned
+/// by "Linux" (every vmlinux since 4.17 carries its build-salt note). Decides whether a run
+/// without `--initrd` gets twinbox's initramfs: another kernel (the bench's tiny guest, a
+/// unikernel) boots with none, as under any other VMM. An ELF that cannot be read as
+/// ELF64 counts as not Linux (loading it reports what is wrong).
+pub fn is_linux(path: &Path) -> Result<bool, BootError> {
+    if detect_format(path)? == KernelFormat::BzImage {
+        return Ok(true);
+    }
+    let file = File::open(path).map_err(|source| BootError::Open {
+        path: path.into(),
+        source,
+    })?;
+    Ok(elf_has_linux_note(&file))
+}
+
+/// Reads the program headers of an ELF64 file and looks for a "Linux" note in its
+/// PT_NOTE segments; anything malformed is "no".
+fn elf_has_linux_note(file: &File) -> bool {
+    use std::os::unix::fs::FileExt;
+    /// ELF64 header fields and program header layout (the ELF specification).
+    const EI_CLASS: usize = 4;
+    const ELFCLASS64: u8 = 2;
+    const E_PHOFF: usize = 0x20;
+    const E_PHENTSIZE: usize = 0x36;
+    const E_PHNUM: usize = 0x38;
+    const PHDR_LEN: usize = 56;
+    const PT_NOTE: u32 = 4;
+    /// Notes are small; a larger segment is not a kernel's.
+    const MAX_NOTES_LEN: u64 = 64 * 1024;
+    let u16_at = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
+    let u32_at = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+
+    let mut header = [0u8; 64];
+    if file.read_exact_at(&mut header, 0).is_err() || header[EI_CLASS] != ELFCLASS64 {
+        return false;
+    }
+    let phoff = u64_at(&header, E_PHOFF);
+    let phentsize = usize::from(u16_at(&header, E_PHENTSIZE));
+    let phnum = usize::from(u16_at(&header, E_PHNUM));
+    if phentsize < PHDR_LEN {
+        return false;
+    }
+    let mut phdrs = vec![0u8; phentsize * phnum];
+    if file.read_exact_at(&mut phdrs, phoff).is_err() {
+        return false;
+    }
+    phdrs.chunks_exact(phentsize).any(|phdr| {
+        if u32_at(phdr, 0) != PT_NOTE {
+            return false;
+        }
+        let (offset, size) = (u64_at(phdr, 8), u64_at(phdr, 0x20));
+        let mut notes = vec![0u8; size.min(MAX_NOTES_LEN) as usize];
+        file.read_exact_at(&mut notes, offset).is_ok() && notes_name(&notes, b"Linux\0")
+    })
+}
+
+/// Whether a note in `notes` (namesz, descsz, type, name and desc each padded to 4 bytes)
+/// is owned by `name` (with its NUL).
+fn notes_name(mut notes: &[u8], name: &[u8]) -> bool {
+    let pad = |n: usize| n.div_ceil(4) * 4;
+    while notes.len() >= 12 {
+        let word = |at: usize| u32::from_le_bytes(notes[at..at + 4].try_into().unwrap()) as usize;
+        let (namesz, descsz) = (word(0), word(4));
+        let name_end = 12usize.saturating_add(namesz);
+        if notes.get(12..name_end) == Some(name) {
+            return true;
+        }
+        let next = 12usize
+            .saturating_add(pad(namesz))
+            .saturating_add(pad(descsz));
+        if next > notes.len() {
+            return false;
+        }
+        notes = &notes[next..];
+    }
+    false
+}
+
 fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
@@ -183,4 +263,82 @@ pub fn load_initrd(memory: &GuestMemoryMmap, path: &Path) -> Result<InitrdPlacem
         .write_slice(&data, GuestAddress(addr))
         .map_err(|source| BootError::Write { addr, source })?;
     Ok(InitrdPlacement { addr, size })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An ELF64 file whose one PT_NOTE segment holds `notes`.
+    fn elf_with_notes(notes: &[(&[u8], u32, &[u8])]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (name, kind, desc) in notes {
+            body.extend((name.len() as u32).to_le_bytes());
+            body.extend((desc.len() as u32).to_le_bytes());
+            body.extend(kind.to_le_bytes());
+            body.extend(*name);
+            body.resize(body.len().div_ceil(4) * 4, 0);
+            body.extend(*desc);
+            body.resize(body.len().div_ceil(4) * 4, 0);
+        }
+        let mut f = vec![0u8; 64 + 56];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2; // ELFCLASS64
+        f[5] = 1; // little-endian
+        f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        f[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        f[64..68].copy_from_slice(&4u32.to_le_bytes()); // PT_NOTE
+        f[64 + 8..64 + 16].copy_from_slice(&120u64.to_le_bytes()); // p_offset
+        f[64 + 0x20..64 + 0x28].copy_from_slice(&(body.len() as u64).to_le_bytes()); // p_filesz
+        f.extend(body);
+        f
+    }
+
+    fn is_linux_bytes(bytes: &[u8]) -> bool {
+        let path = std::env::temp_dir().join(format!(
+            "twinbox-is-linux-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::write(&path, bytes).unwrap();
+        let linux = is_linux(&path);
+        std::fs::remove_file(&path).unwrap();
+        linux.unwrap()
+    }
+
+    #[test]
+    fn a_vmlinux_is_known_by_its_linux_note_and_a_bzimage_by_its_header() {
+        // Like Linux 6.1's vmlinux: build id, the two "Linux" notes, the Xen PVH entry.
+        let vmlinux = elf_with_notes(&[
+            (b"GNU\0", 3, &[0xab; 20]),
+            (b"Linux\0", 0x100, &[0; 4]),
+            (b"Linux\0", 0x101, &[0]),
+            (b"Xen\0", 18, &[0; 8]),
+        ]);
+        assert!(is_linux_bytes(&vmlinux));
+        // The bench's tiny guest: a PVH entry note and nothing else.
+        assert!(!is_linux_bytes(&elf_with_notes(&[(b"Xen\0", 18, &[0; 4])])));
+        assert!(!is_linux_bytes(&elf_with_notes(&[(b"Linuxish\0", 1, &[])])));
+        let mut bzimage = vec![0u8; 0x1000];
+        bzimage[0x202..0x206].copy_from_slice(b"HdrS");
+        assert!(is_linux_bytes(&bzimage));
+    }
+
+    #[test]
+    fn a_malformed_elf_is_not_linux_and_never_panics() {
+        let good = elf_with_notes(&[(b"Linux\0", 0x100, &[0; 4])]);
+        for cut in [5, 64, 100, 130, good.len() - 1] {
+            assert!(!is_linux_bytes(&good[..cut]), "cut at {cut}");
+        }
+        let mut huge_name = good.clone();
+        huge_name[120..124].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(!is_linux_bytes(&huge_name));
+        let mut far_phdrs = good.clone();
+        far_phdrs[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(!is_linux_bytes(&far_phdrs));
+        let mut elf32 = good;
+        elf32[4] = 1;
+        assert!(!is_linux_bytes(&elf32));
+    }
 }
