@@ -333,10 +333,11 @@ impl Step {
     }
 }
 
-/// Directory the plan uses for the staging tmpfs of run `name` (under the one place the
-/// start-up sweep looks, `sweep.rs`).
-pub fn staging_dir(name: &str) -> PathBuf {
-    Path::new(crate::sweep::STAGING_ROOT).join(name)
+/// Directory the plan mounts its staging tmpfs over: the same for every run, as each child
+/// mounts it in its own (private) mount namespace, where it vanishes with the namespace;
+/// the host keeps one empty directory and no run ever makes or removes one.
+pub fn staging_dir() -> PathBuf {
+    PathBuf::from(crate::sweep::STAGING_ROOT)
 }
 
 #[cfg(test)]

@@ -240,10 +240,6 @@ impl Syscall for Recording {
         self.call("create staging dir")
     }
 
-    fn remove_dir(&self, _path: &Path) {
-        let _ = self.call("remove staging dir");
-    }
-
     fn hold_image(&self, _image: &Path) -> Result<HeldImage, Error> {
         self.call("hold image")?;
         Ok(HeldImage {

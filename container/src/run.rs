@@ -6,8 +6,9 @@
 //!    leaves nothing behind;
 //! 3. **cgroup** — the run's cgroup: cpu quota, memory without swap, pids, the device
 //!    allowlist (`cgroup.rs`);
-//! 4. **rootfs** — the staging directory, the image on a read-only autoclear loop device
-//!    (or, for an OCI image's layers, one read-only bind per layer: overlayfs lower
+//! 4. **rootfs** — the staging directory (one for every run: the child mounts its own
+//!    tmpfs over it in its own mount namespace), the image on a read-only autoclear loop
+//!    device (or, for an OCI image's layers, one read-only bind per layer: overlayfs lower
 //!    directories, no loop device), the image, the host's init and the disks as detached
 //!    mounts, the mount plan (`plan.rs`);
 //! 5. **child** — with `--net` a link leased (`hostnet`: its addresses go into the job);
@@ -25,13 +26,12 @@
 //! 8. **run** — markers and output until init ends, a signal or the time limit; with `-t`
 //!    the pty relayed to the caller (`tty.rs`: raw mode, resizes) until its master hangs up;
 //! 9. **teardown** — reap, the link (the pair goes with the namespace; the lease is
-//!    freed), cgroup readout and removal, staging directory, loop device;
+//!    freed), cgroup readout and removal, loop device;
 //! 10. **report** — outcome from the markers (`twinbox_spec::outcome`), timeline, usage.
 //!
 //! Every resource is held by a guard that releases it on every path (the child killed
-//! and reaped first, then the link, the mounts, the loop device, the staging directory,
-//! the cgroup: the reverse of how they were taken), and every privileged call goes through
-//! [`Syscall`], so the tests below check the order of steps and cleanups without root.
+//! and reaped first, then the link, the mounts, the loop device, the cgroup: the reverse
+//! of how they were taken), and every privileged call goes through [`Syscall`], so the tests below check the order of steps and cleanups without root.
 
 use crate::cgroup::{self, Limits};
 use crate::channel::{self, FromChild, ParentSide};
@@ -42,7 +42,7 @@ use crate::{caps, plan, seccomp, sweep, tty, userns, Error};
 use nix::sched::CloneFlags;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 use twinbox_proto::{MarkerChannel, NetConfig};
 use twinbox_spec::clock::monotonic_ns;
@@ -89,7 +89,10 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     let mut group = sys.create_cgroup(&layout, &name, limits)?;
 
     // 4. The root filesystem, ready to attach.
-    let staging = StagingDir::create(sys, plan::staging_dir(&name))?;
+    // The staging tmpfs goes over one fixed directory inside the child's own mount
+    // namespace: no directory per run to make and remove on the host.
+    let staging = plan::staging_dir();
+    sys.create_dir(&staging)?;
     // Mounted here, as host root, detached: the child attaches them (inside its device
     // allowlist it could not open the loop device; in a user namespace not mount ext4).
     // The image's read-only mount is shared with every other run of it (`shared_image.rs`):
@@ -121,7 +124,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
         .collect::<Result<Vec<_>, _>>()?;
     let disk_fds: Vec<RawFd> = disk_mounts.iter().map(AsRawFd::as_raw_fd).collect();
     let plan = plan::build(
-        &staging.path,
+        &staging,
         &root_mounts.lower(spec.user_namespace),
         init_mount.as_raw_fd(),
         &disk_fds,
@@ -257,8 +260,8 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
         sys.kill(child.pid);
     }
 
-    // 9. Teardown, in order: the child, the link, the cgroup, the staging directory, the
-    // hold on the image (the last user unmounts it and its loop device clears).
+    // 9. Teardown, in order: the child, the link, the cgroup, the hold on the image (the
+    // last user unmounts it and its loop device clears).
     let reaped = child.reap()?;
     drop(network);
     drop(pty);
@@ -270,7 +273,6 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     let stats = group.stats();
     group.destroy()?;
     drop(group);
-    drop(staging);
     // An image's layers took no loop device.
     let released = image.release();
     finished.timeline.record(Phase::TornDown, monotonic_ns());
@@ -569,26 +571,6 @@ fn describe_wait_status(status: i32) -> String {
     }
 }
 
-/// The staging directory, removed when the run ends (its tmpfs lived only in the child's
-/// mount namespace).
-struct StagingDir<'s> {
-    sys: &'s dyn Syscall,
-    path: PathBuf,
-}
-
-impl<'s> StagingDir<'s> {
-    fn create(sys: &'s dyn Syscall, path: PathBuf) -> Result<Self, Error> {
-        sys.create_dir(&path)?;
-        Ok(Self { sys, path })
-    }
-}
-
-impl Drop for StagingDir<'_> {
-    fn drop(&mut self) {
-        self.sys.remove_dir(&self.path);
-    }
-}
-
 /// The run's link: leased before the child exists, made into its network namespace
 /// before it is released. Declared before the child's guard, so on every path it goes
 /// after the child is reaped: the pair (usually gone with the namespace already), then
@@ -697,6 +679,7 @@ impl Drop for ChildGuard<'_> {
 mod tests {
     use super::*;
     use crate::recording::{ChildScript, Recording};
+    use std::path::PathBuf;
     use twinbox_proto::{ExitCode, Marker};
     use twinbox_spec::DiskSpec;
 
@@ -763,24 +746,11 @@ mod tests {
     }
 
     /// What follows [`SETUP`] in a run whose workload exits: the child, then teardown.
-    const EXITED: [&str; 5] = [
-        "spawn",
-        "wait",
-        "cgroup destroy",
-        "remove staging dir",
-        "give up image",
-    ];
+    const EXITED: [&str; 4] = ["spawn", "wait", "cgroup destroy", "give up image"];
 
     /// What follows [`SETUP`] when the child (born in its cgroup) fails: killed and
     /// reaped before the cgroup goes.
-    const CHILD_FAILED: [&str; 6] = [
-        "spawn",
-        "kill",
-        "wait",
-        "give up image",
-        "remove staging dir",
-        "cgroup destroy",
-    ];
+    const CHILD_FAILED: [&str; 5] = ["spawn", "kill", "wait", "give up image", "cgroup destroy"];
 
     #[test]
     fn a_run_takes_its_steps_in_order_and_tears_down_child_first() {
@@ -848,7 +818,6 @@ mod tests {
                     "create cgroup",
                     "create staging dir",
                     "hold image FAILED",
-                    "remove staging dir",
                     "cgroup destroy",
                 ],
             ),
@@ -861,7 +830,6 @@ mod tests {
                     "hold image",
                     "clone image FAILED",
                     "give up image",
-                    "remove staging dir",
                     "cgroup destroy",
                 ],
             ),
@@ -876,7 +844,6 @@ mod tests {
                     "check init dir",
                     "bind init FAILED",
                     "give up image",
-                    "remove staging dir",
                     "cgroup destroy",
                 ],
             ),
@@ -892,7 +859,6 @@ mod tests {
                     "bind init",
                     "spawn FAILED",
                     "give up image",
-                    "remove staging dir",
                     "cgroup destroy",
                 ],
             ),
@@ -1055,7 +1021,6 @@ mod tests {
                 "delete veth",
                 "release lease",
                 "cgroup destroy",
-                "remove staging dir",
                 "give up image",
             ])
         );
@@ -1133,7 +1098,7 @@ mod tests {
     #[test]
     fn each_failing_network_step_frees_the_link_and_undoes_the_rest() {
         let image = FakeImage::new("net-fail");
-        let tail = ["give up image", "remove staging dir", "cgroup destroy"];
+        let tail = ["give up image", "cgroup destroy"];
         let cases: [(&str, Vec<&str>); 3] = [
             ("lease nat link", vec!["lease nat link FAILED"]),
             (
@@ -1240,7 +1205,6 @@ mod tests {
                 "spawn",
                 "wait",
                 "cgroup destroy",
-                "remove staging dir",
             ])
         );
         let spawned = sys.spawned.borrow().clone().expect("spawned");
@@ -1275,7 +1239,6 @@ mod tests {
                 "check init dir (3 layers)",
                 "bind layer /c/l/base",
                 "bind layer /c/l/mid FAILED",
-                "remove staging dir",
                 "cgroup destroy",
             ])
         );

@@ -82,10 +82,8 @@ pub trait Syscall {
         name: &str,
         limits: Limits,
     ) -> Result<Box<dyn CgroupManager>, Error>;
-    /// Creates `path` (its parents if missing).
+    /// Makes sure the directory `path` exists (with its parents).
     fn create_dir(&self, path: &Path) -> Result<(), Error>;
-    /// Removes the empty directory `path`; a failure is only logged.
-    fn remove_dir(&self, path: &Path);
     /// Holds the shared read-only mount of the ext4 `image`, mounting it (loop device,
     /// ext4) if no other run of it holds one.
     fn hold_image(&self, image: &Path) -> Result<HeldImage, Error>;
@@ -248,17 +246,8 @@ impl Syscall for Real {
     }
 
     fn create_dir(&self, path: &Path) -> Result<(), Error> {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| Error::os(format!("create {}", parent.display()), e))?;
-        }
-        std::fs::create_dir(path).map_err(|e| Error::os(format!("create {}", path.display()), e))
-    }
-
-    fn remove_dir(&self, path: &Path) {
-        if let Err(e) = std::fs::remove_dir(path) {
-            tracing::warn!(path = %path.display(), "remove the staging directory: {e}");
-        }
+        std::fs::create_dir_all(path)
+            .map_err(|e| Error::os(format!("create {}", path.display()), e))
     }
 
     fn hold_image(&self, image: &Path) -> Result<HeldImage, Error> {
