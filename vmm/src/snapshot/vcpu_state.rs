@@ -5,9 +5,12 @@
 //! then every piece. Restoring (after CPUID): MP state, registers, segments, XSAVE, XCRs,
 //! debug registers, the local APIC, MSRs (the TSC before the TSC deadline, which is
 //! relative to it), and the pending events last.
+//!
+//! One field is not written back as read: on AMD (KVM's SVM code) the task register's
+//! type, which KVM reports busy whatever the CPU holds; see [`tr_as_the_cpu_had_it`].
 
 use super::format::VcpuState;
-use kvm_bindings::{kvm_msr_entry, Msrs};
+use kvm_bindings::{kvm_msr_entry, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 
 /// IA32_TIME_STAMP_COUNTER.
@@ -16,6 +19,12 @@ const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 /// Most MSRs in one KVM_GET/SET_MSRS.
 const MSR_CHUNK: usize = 64;
+/// Segment type of an available 64-bit TSS (a 32-bit one outside long mode).
+const TSS_AVAILABLE: u8 = 0x9;
+/// The busy bit of a TSS descriptor's type (type 11: a busy TSS).
+const TSS_BUSY: u8 = 0x2;
+/// EFER.LMA: long mode active.
+const EFER_LMA: u64 = 1 << 10;
 
 /// Why a vCPU's state could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +103,8 @@ pub fn restore(
     vcpu.set_mp_state(state.mp_state)
         .map_err(err(id, "MP state"))?;
     vcpu.set_regs(&state.regs).map_err(err(id, "registers"))?;
-    vcpu.set_sregs(&state.sregs)
+    let sregs = tr_as_the_cpu_had_it(&state.sregs, host_kvm_is_svm());
+    vcpu.set_sregs(&sregs)
         .map_err(err(id, "segment registers"))?;
     // SAFETY: a kvm_xsave of the size KVM_GET_XSAVE returns (4 KiB); the vCPU was given
     // the same CPUID (checked by digest), so KVM sized the area alike.
@@ -108,6 +118,34 @@ pub fn restore(
     vcpu.set_vcpu_events(&state.events)
         .map_err(err(id, "vCPU events"))?;
     Ok(())
+}
+
+/// The segment registers to write back. On an SVM host the task register's busy bit is
+/// taken off again: KVM's `svm_get_segment` sets it on every read of TR ("the busy flag
+/// in the tr selector isn't exposed"), so KVM_GET_SREGS says type 11 while the CPU's
+/// hidden TR held type 9, and writing 11 back puts into the VMCB what the CPU never had.
+/// AMD hardware ignores TR's type for the I/O permission bitmap, but a CPU that checks it
+/// — QEMU's software CPU requires type 9 (`helper_check_io`), which is how the lab runs
+/// KVM — then refuses every user-mode `in`/`out` the TSS bitmap grants with a #GP. On VMX
+/// hosts TR stays busy: VM entry requires a busy TSS in IA-32e mode.
+fn tr_as_the_cpu_had_it(saved: &kvm_sregs, svm: bool) -> kvm_sregs {
+    let mut sregs = *saved;
+    let long_mode = saved.efer & EFER_LMA != 0;
+    if svm && long_mode && saved.tr.present != 0 && saved.tr.type_ == TSS_AVAILABLE | TSS_BUSY {
+        sregs.tr.type_ = TSS_AVAILABLE;
+    }
+    sregs
+}
+
+/// Whether this host's KVM runs guests with AMD's SVM: KVM picks its vendor module by the
+/// CPU's vendor (AMD and Hygon: kvm_amd).
+fn host_kvm_is_svm() -> bool {
+    let leaf0 = std::arch::x86_64::__cpuid(0);
+    let vendor: Vec<u8> = [leaf0.ebx, leaf0.edx, leaf0.ecx]
+        .iter()
+        .flat_map(|r| r.to_le_bytes())
+        .collect();
+    vendor == b"AuthenticAMD" || vendor == b"HygonGenuine"
 }
 
 /// The saved MSRs to write: the TSC moved on by `ahead_ns` and first, the TSC deadline
@@ -158,6 +196,46 @@ fn write_msrs(vcpu: &VcpuFd, id: u32, msrs: &[(u32, u64)]) -> Result<(), VcpuSta
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn long_mode_sregs_with_tr_type(type_: u8) -> kvm_sregs {
+        let mut sregs = kvm_sregs {
+            efer: EFER_LMA | (1 << 8),
+            ..Default::default()
+        };
+        sregs.tr.type_ = type_;
+        sregs.tr.present = 1;
+        sregs.tr.selector = 0x40;
+        sregs
+    }
+
+    #[test]
+    fn svm_gets_back_the_available_tss_kvm_reported_busy() {
+        let saved = long_mode_sregs_with_tr_type(11);
+        let written = tr_as_the_cpu_had_it(&saved, true);
+        assert_eq!(written.tr.type_, 9);
+        // Nothing else moves.
+        let mut expected = saved;
+        expected.tr.type_ = 9;
+        assert_eq!(written, expected);
+    }
+
+    #[test]
+    fn vmx_keeps_the_busy_tss_its_vm_entry_requires() {
+        let saved = long_mode_sregs_with_tr_type(11);
+        assert_eq!(tr_as_the_cpu_had_it(&saved, false), saved);
+    }
+
+    #[test]
+    fn only_a_present_busy_tss_in_long_mode_changes() {
+        let mut not_present = long_mode_sregs_with_tr_type(11);
+        not_present.tr.present = 0;
+        assert_eq!(tr_as_the_cpu_had_it(&not_present, true), not_present);
+        let mut legacy = long_mode_sregs_with_tr_type(11);
+        legacy.efer = 0;
+        assert_eq!(tr_as_the_cpu_had_it(&legacy, true), legacy);
+        let other = long_mode_sregs_with_tr_type(3);
+        assert_eq!(tr_as_the_cpu_had_it(&other, true), other);
+    }
 
     #[test]
     fn the_tsc_moves_on_by_the_pause_and_comes_before_its_deadline() {
