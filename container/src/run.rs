@@ -405,8 +405,8 @@ pub(crate) fn prepare(
         caps_keep,
         user_namespace: spec.user_namespace,
         parent_fds,
-        // Compiled here: the child after clone must not allocate.
-        seccomp: Some(seccomp::container_filter()?),
+        // Compiled here (once per process): the child after clone must not allocate.
+        seccomp: Some(seccomp::cached_container_filter()?),
     })
 }
 

@@ -44,6 +44,7 @@ use seccompiler::{
     SeccompFilter, SeccompRule, TargetArch,
 };
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
 /// What can go wrong while building the container's filter.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +134,18 @@ pub fn container_filter() -> Result<BpfProgram, SeccompError> {
     {
         Err(SeccompError::UnsupportedArch(std::env::consts::ARCH))
     }
+}
+
+/// [`container_filter`], compiled once per process: every container a process starts (the
+/// bench starts hundreds) gets a copy of the same program, ~0.08 ms of compiling saved on
+/// each start after the first.
+pub fn cached_container_filter() -> Result<BpfProgram, SeccompError> {
+    static COMPILED: OnceLock<BpfProgram> = OnceLock::new();
+    if let Some(program) = COMPILED.get() {
+        return Ok(program.clone());
+    }
+    let program = container_filter()?;
+    Ok(COMPILED.get_or_init(|| program).clone())
 }
 
 /// The allowlist as seccompiler rules: an empty rule list allows the call whatever its
@@ -1212,6 +1225,14 @@ mod tests {
             plain.len()
         );
         assert!(program.len() <= MAX_INSTRUCTIONS);
+    }
+
+    #[test]
+    fn the_cached_filter_is_the_compiled_one_every_time() {
+        let fresh = filter();
+        for _ in 0..2 {
+            assert_eq!(cached_container_filter().expect("cached filter"), fresh);
+        }
     }
 
     #[test]
