@@ -87,8 +87,9 @@ struct QueueRegs {
 }
 
 /// What the VMM runs each time the device becomes active (the driver's DRIVER_OK
-/// accepted): wiring worth doing only for a device the guest uses, such as its queues'
-/// ioeventfds. Runs on the thread that handled the write (a vCPU's).
+/// accepted, or a restored active state): wiring worth doing only for a device the guest
+/// uses, such as its queues' ioeventfds. Runs on the thread that handled the write (a
+/// vCPU's) or the restore.
 pub type ActivationHook = Box<dyn FnMut() + Send>;
 
 /// A virtio device behind a virtio-mmio v2 register window.
@@ -135,7 +136,8 @@ impl MmioTransport {
         }
     }
 
-    /// Runs `hook` at every activation of the device, after the device took its queues.
+    /// Runs `hook` at every activation of the device (the driver's DRIVER_OK, or the
+    /// restore of a device saved active), after the device took its queues.
     /// Until it has run, QueueNotify writes reach the transport as MMIO exits, which
     /// signal the queue's eventfd (see [`MmioTransport::queue_events`]).
     pub fn on_activate(&mut self, hook: ActivationHook) {
@@ -531,7 +533,11 @@ impl MmioTransport {
                 device.reset();
                 return Err(e);
             }
+            drop(device);
             self.activated = true;
+            if let Some(hook) = &mut self.on_activate {
+                hook();
+            }
         }
         self.interrupt.restore_status(saved.interrupt_status);
         Ok(())
@@ -962,6 +968,29 @@ mod tests {
             assert_eq!(rd(&mut t, REG_STATUS), ALL_OK);
             assert_eq!(count(), round, "once per activation, again after a reset");
         }
+    }
+
+    #[test]
+    fn the_activation_hook_runs_at_the_restore_of_an_active_device() {
+        let disk = TempDisk::new(&vec![0u8; 8 * 512]);
+        let transport = || {
+            let block = Arc::new(Mutex::new(Block::new(disk.open(), false, "b").unwrap()));
+            MmioTransport::new(memory(), block, Arc::new(IrqTrigger::new().unwrap()))
+        };
+        let mut t = transport();
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        setup_queue(&mut t, 0, 256, 0);
+        wr(&mut t, REG_STATUS, ALL_OK);
+        let saved = t.save_state().unwrap();
+        let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let mut restored = transport();
+        let counter = runs.clone();
+        restored.on_activate(Box::new(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        restored.restore_state(&saved).unwrap();
+        assert_eq!(rd(&mut restored, REG_STATUS), ALL_OK);
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[test]
