@@ -33,8 +33,37 @@ pub struct Finished {
     pub usage: Usage,
 }
 
-/// How often a VMM's smaps is read while it runs (besides the reading at its exit).
-const FOOTPRINT_EVERY_POLLS: u64 = 25;
+/// The first wait between two looks at a running child: its exit stamp is at most this
+/// late for a run of a few milliseconds.
+const POLL_MIN: Duration = Duration::from_micros(200);
+/// The longest wait between two looks: a run of seconds is stamped to within this.
+const POLL_MAX: Duration = Duration::from_millis(2);
+/// The wait between two looks grows with the run's age: 1/POLL_AGE_DIVISOR of it, between
+/// [`POLL_MIN`] and [`POLL_MAX`], so the stamp's error stays under 1 % of the run while a
+/// long run is not woken thousands of times a second (each wake-up is CPU taken from the
+/// box being measured, on a host with few cores).
+const POLL_AGE_DIVISOR: u32 = 200;
+
+/// The first reading of a VMM's smaps after its start; each later one comes twice as long
+/// after the start as the one before (5, 10, 20, 40 ms, ...), up to [`FOOTPRINT_EVERY_MAX`]
+/// apart. Reading smaps walks the page tables of the whole guest RAM mapping: measured in
+/// the lab (one CPU under QEMU's software CPU), ~4 ms per reading of a booted 128 MiB
+/// guest, so a reading every 5 ms took close to half of the CPU from the guest being
+/// timed. The reading at the VMM's exit (see [`run_vmm`]) still catches what it holds at
+/// the end.
+const FOOTPRINT_FIRST: Duration = Duration::from_millis(5);
+/// The longest time between two readings of a running VMM's smaps.
+const FOOTPRINT_EVERY_MAX: Duration = Duration::from_millis(250);
+
+/// How long to wait before looking at a child again, `age` after its start.
+fn poll_interval(age: Duration) -> Duration {
+    (age / POLL_AGE_DIVISOR).clamp(POLL_MIN, POLL_MAX)
+}
+
+/// When the reading after one taken `age` after the start is due (see [`FOOTPRINT_FIRST`]).
+fn next_footprint_at(age: Duration) -> Duration {
+    (age * 2).clamp(FOOTPRINT_FIRST, age + FOOTPRINT_EVERY_MAX)
+}
 
 /// How long an interrupted child gets to end after SIGTERM before SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(3);
@@ -97,8 +126,8 @@ pub fn run_dying_with(
 
 /// [`run_dying_with`] for a VMM whose guest has `guest_ram_kib` of RAM, with its memory
 /// measured as for every VMM alike: the peak of its own RSS and PSS and of its guest RAM's
-/// resident pages ([`Footprint`]), read every few milliseconds while it runs and once more
-/// as it exits.
+/// resident pages ([`Footprint`]), read at growing intervals while it runs (5, 10, 20 ms
+/// after its start, ..., then every 250 ms) and once more as it exits.
 ///
 /// The reading at exit is what makes a short run count: a process that has exited has no
 /// memory left to read (a zombie's smaps is empty, and `ru_maxrss` after a vfork-style
@@ -202,7 +231,8 @@ fn watch(
     let pid = child.id() as libc::pid_t;
     let mut killed = false;
     let mut interrupted: Option<(i32, Instant)> = None;
-    let mut polls: u64 = 0;
+    let mut next_footprint = FOOTPRINT_FIRST;
+    let mut next_hwm = Duration::ZERO;
     let mut hwm_kib: Option<u64> = None;
     let (status, rusage) = loop {
         let mut status = 0;
@@ -250,20 +280,23 @@ fn watch(
         }
         // The child's own peak RSS, sampled every ~10 ms while it lives: `ru_maxrss` of
         // a child spawned with vfork semantics starts from the parent's high-water mark,
-        // so it would report the bench's memory, not the workload's.
+        // so it would report the bench's memory, not the workload's. A VMM's smaps, which
+        // costs more to read, at growing intervals (see FOOTPRINT_FIRST).
+        let age = started.elapsed();
         match reading.as_mut() {
-            Some(reading) if polls.is_multiple_of(FOOTPRINT_EVERY_POLLS) => {
-                reading.sample(child.id())
+            Some(reading) if age >= next_footprint => {
+                reading.sample(child.id());
+                next_footprint = next_footprint_at(started.elapsed());
             }
             Some(_) => {}
-            None if polls.is_multiple_of(50) => {
+            None if age >= next_hwm => {
                 hwm_kib = twinbox_spec::host::process_status_kib(child.id(), "VmHWM").or(hwm_kib);
+                next_hwm = age + Duration::from_millis(10);
             }
             None => {}
         }
-        polls += 1;
-        // Short sleeps: the exit stamp is at most this late.
-        std::thread::sleep(Duration::from_micros(200));
+        // The exit stamp is at most this late.
+        std::thread::sleep(poll_interval(age));
     };
     // The time the process waited at its exit for the bench's reading is not its own.
     let paused_ns = reading.as_ref().map_or(0, |r| r.paused_ns);
@@ -444,6 +477,26 @@ mod tests {
         let limit = Some(Duration::from_millis(100));
         let done = run_vmm(cmd, Signal::SIGKILL, monotonic_ns(), false, limit, 1 << 20).unwrap();
         assert!(matches!(done.outcome, Outcome::Failed(ref m) if m.contains("time limit")));
+    }
+
+    #[test]
+    fn a_long_run_is_looked_at_less_often_and_its_memory_read_at_growing_intervals() {
+        let ms = Duration::from_millis;
+        assert_eq!(poll_interval(ms(1)), POLL_MIN);
+        assert_eq!(poll_interval(ms(100)), Duration::from_micros(500));
+        assert_eq!(poll_interval(ms(5000)), POLL_MAX);
+        // Readings at 5, 10, 20, ... ms, then every 250 ms: a 5 s boot is read about 25
+        // times instead of every 5 ms (about 1000).
+        let mut at = Duration::ZERO;
+        let mut readings = 0;
+        while at < ms(5000) {
+            at = next_footprint_at(at);
+            readings += 1;
+        }
+        assert_eq!(next_footprint_at(Duration::ZERO), FOOTPRINT_FIRST);
+        assert_eq!(next_footprint_at(ms(5)), ms(10));
+        assert_eq!(next_footprint_at(ms(1000)), ms(1250));
+        assert!((20..=30).contains(&readings), "{readings} readings in 5 s");
     }
 
     #[test]
