@@ -231,3 +231,63 @@ for i in $(seq 1 {AT_ONCE}); do echo "ATONCE$i=$(cat /tmp/at-once-$i)"; done
         );
     }
 }
+
+/// In the lab (or on a hardware host): `twinbox bench` with the `vm-snapshot` box beside
+/// `vm` — both measure `startup` and `memory`, every vm-snapshot run is a restore (its
+/// timeline has `restored`, the boot's has not), the snapshot is not left behind, and
+/// `vmm` (the tiny guest) is sat out by the restoring box with its reason.
+#[test]
+fn the_bench_restores_a_snapshot_in_its_vm_snapshot_box() {
+    let out = common::run_where_linux_boots(
+        r#"
+set -u
+twinbox bench startup memory vmm --boxes vm,vm-snapshot --runs 2 --warmup 0 \
+  --vm-timeout 120 --out /tmp/bench-snap > /tmp/bench-snap.log 2>&1
+echo "BENCH=$?"
+tail -5 /tmp/bench-snap.log
+echo "RESULTS=$(tr -d '\n' < /tmp/bench-snap/results.json)"
+echo "LEFT=$(ls -d "${TMPDIR:-/tmp}"/twinbox-bench-snapshot-* 2>/dev/null | wc -l)"
+"#,
+        |lab| lab.mem_mib(1536).timeout_s(1500),
+    );
+    assert_eq!(out.expect_value("BENCH"), "0", "{}", out.output);
+    let results: bench::results::Results =
+        serde_json::from_str(&out.expect_value("RESULTS")).expect("results.json parses");
+    for name in ["startup", "memory"] {
+        let s = results.scenario(name).expect(name);
+        assert_eq!(s.boxes, ["vm", "vm-snapshot"], "{name}");
+        for b in ["vm", "vm-snapshot"] {
+            assert_eq!(
+                s.values(b, &s.metrics[0].key).len(),
+                2,
+                "{name}: {b} should measure twice: {:?}",
+                s.failures(b)
+            );
+        }
+        for run in &s.runs {
+            let report = run.report.as_ref().expect("every run has its report");
+            let restored = report.timeline.get(twinbox_spec::Phase::Restored).is_some();
+            assert_eq!(
+                restored,
+                run.box_name == "vm-snapshot",
+                "{name}: {} run {} restored={restored}",
+                run.box_name,
+                run.round
+            );
+        }
+    }
+    let vmm = results.scenario("vmm").expect("vmm");
+    assert_eq!(vmm.boxes, ["vm"]);
+    assert!(
+        vmm.sat_out
+            .iter()
+            .any(|o| o.box_name == "vm-snapshot" && o.reason.contains("resumes")),
+        "{:?}",
+        vmm.sat_out
+    );
+    assert_eq!(
+        out.expect_value("LEFT"),
+        "0",
+        "the bench's snapshot is removed"
+    );
+}

@@ -17,6 +17,7 @@ pub mod peer_runc;
 pub mod process;
 pub mod sweep;
 pub mod vm;
+pub mod vm_snapshot;
 
 /// One box.
 pub trait Runner {
@@ -40,6 +41,9 @@ pub enum Guest {
     Kernel,
     /// A VMM wired here for the tiny guest only (no image, no disks).
     TinyOnly,
+    /// A VMM that resumes a Linux guest saved after booting the image (a snapshot): the
+    /// image's workloads, but no other kernel (not the tiny guest).
+    Resumed,
 }
 
 /// Where the scratch disk of the `disk` scenario appears inside a box.
@@ -148,7 +152,7 @@ pub const PEER_RUNTIME: Capabilities = Capabilities {
 };
 
 /// The boxes `--boxes` accepts.
-pub const BOX_NAMES: [&str; 3] = [native::NAME, container::NAME, vm::NAME];
+pub const BOX_NAMES: [&str; 4] = [native::NAME, container::NAME, vm::NAME, vm_snapshot::NAME];
 
 /// The runner for a box name given on the command line; the VM box runs `twinbox` (the
 /// binary at `twinbox`) as a process, its VMM threads jailed when `vm_jail`.
@@ -160,6 +164,10 @@ pub fn by_name(name: &str, twinbox: &std::path::Path, vm_jail: bool) -> Option<B
             twinbox: twinbox.to_path_buf(),
             jail: vm_jail,
         })),
+        vm_snapshot::NAME => Some(Box::new(vm_snapshot::VmSnapshot::new(
+            twinbox.to_path_buf(),
+            vm_jail,
+        ))),
         _ => None,
     }
 }

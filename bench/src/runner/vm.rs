@@ -34,7 +34,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
 
 /// How much longer than the VM's own time limit the bench waits for the process: the
 /// VMM stops its VM at its limit and reports; this only stops a VMM that hangs.
-const PROCESS_GRACE: Duration = Duration::from_secs(5);
+pub(super) const PROCESS_GRACE: Duration = Duration::from_secs(5);
 
 /// The note of every report of this box.
 pub const NOTE: &str = "twinbox vm run as a process: spawn (bench, before the fork) to process \
@@ -145,7 +145,7 @@ impl Runner for Vm {
 
 /// The run's report: the VMM's own phases, outcome, notes and link, with the bench's
 /// spawn and reaping stamps, its measured memory and the process's CPU time.
-fn report_of(spec: &RunSpec, done: process::Finished) -> RunReport {
+pub(super) fn report_of(spec: &RunSpec, done: process::Finished) -> RunReport {
     let all = done.output.unwrap_or_default();
     let (stdout, stderr) = all.split_at(done.stdout_len.min(all.len()));
     let Some((workload_stdout, inner)) = split_report(stdout) else {
@@ -167,7 +167,8 @@ fn report_of(spec: &RunSpec, done: process::Finished) -> RunReport {
         };
     };
     let mut timeline = Timeline::starting_at(spec.spawn_ns);
-    for phase in Phase::ALL {
+    // A restored VM's report also has `restored` (the vm-snapshot box).
+    for phase in Phase::WITH_RESTORED {
         if !matches!(phase, Phase::Spawn | Phase::TornDown) {
             if let Some(at) = inner.timeline.get(phase) {
                 timeline.record(phase, at);

@@ -23,7 +23,10 @@ impl Scenario for Startup {
          already mounted by the bench (twinbox's container holds its shared image mount for \
          the whole bench, while a lone `twinbox ctr run` attaches a loop device and mounts \
          the ext4 itself), and twinbox's container and runc make and remove a cgroup on \
-         every run, bwrap none."
+         every run, bwrap none. The vm-snapshot box resumes a VM saved once, before the \
+         counted runs, where init waits for its job (`twinbox vm snapshot`): its runs pay \
+         the restore (`restored` stands for the kernel boot) and map the saved memory \
+         copy-on-write."
     }
 
     fn workload(&self) -> Vec<String> {

@@ -45,7 +45,11 @@ impl Scenario for Vmm {
     }
 
     fn sits_out(&self, caps: &Capabilities) -> Option<&'static str> {
-        (caps.guest == Guest::None).then_some("boots no guest: the tiny guest needs a VMM")
+        match caps.guest {
+            Guest::None => Some("boots no guest: the tiny guest needs a VMM"),
+            Guest::Resumed => Some("resumes a saved Linux guest: it boots no other kernel"),
+            Guest::Kernel | Guest::TinyOnly => None,
+        }
     }
 
     fn boots_tiny_guest(&self) -> bool {
