@@ -99,6 +99,11 @@ rm -rf "$out"
     std::fs::remove_dir_all(&dir).unwrap();
     let startup = results.scenario("startup").expect("a startup scenario");
     for boxed in ["vm", "firecracker"] {
+        // For the reader (--nocapture); speed is the bench's business, never asserted here.
+        eprintln!(
+            "startup/{boxed}: to_workload_exited_ms {:?}",
+            startup.summary(boxed, "to_workload_exited_ms")
+        );
         let exited = startup.values(boxed, "to_workload_exited_ms");
         assert_eq!(
             exited.len(),
