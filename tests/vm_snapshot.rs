@@ -141,7 +141,9 @@ fn bad_snapshots_are_one_line_and_125() {
     }
 }
 
-/// What each restore of the round trip runs: a different command, a different status.
+/// What each restore of the round trip runs: a different command, a different status
+/// (the first six each use another part of the guest; the rest are told apart by what
+/// they print and the status they end with).
 const RESTORED_JOBS: [(&str, i32, &str); 6] = [
     ("/bin/true", 0, ""),
     ("/bin/false", 1, ""),
@@ -155,10 +157,26 @@ const RESTORED_JOBS: [(&str, i32, &str); 6] = [
     ("/bin/sh -c 'echo $((6 * 7)); exit 200'", 200, "42"),
 ];
 
-/// How many restored VMs run at once, each writing its own file to its root.
-const AT_ONCE: usize = 3;
+/// How many restores run in a row (the issue's proof: 20).
+const IN_A_ROW: usize = 20;
 
-/// In the lab (or on a hardware host): one snapshot restored again and again, each run a
+/// The job of restore `i`: the hand-written ones first, then one whose output (its index
+/// and its square, computed in the guest) and status (`100 + i`) name that run alone.
+fn restored_job(i: usize) -> (String, i32, String) {
+    match RESTORED_JOBS.get(i) {
+        Some((command, status, stdout)) => (command.to_string(), *status, stdout.to_string()),
+        None => (
+            format!("/bin/sh -c 'echo run-{i} $(({i} * {i})); exit {}'", 100 + i),
+            100 + i as i32,
+            format!("run-{i} {}", i * i),
+        ),
+    }
+}
+
+/// How many restored VMs run at once, each writing its own file to its root.
+const AT_ONCE: usize = 4;
+
+/// In the lab (or on a hardware host): one snapshot restored 20 times in a row, each run a
 /// different command with a different status; `--vcpus 2` restored runs `nproc` = 2; the
 /// guest's clock is not behind the host's; several restored at once each see only the
 /// file they wrote to their root.
@@ -171,7 +189,8 @@ twinbox vm snapshot --out /tmp/snap1 || { echo SNAP1=failed; exit 10; }
 twinbox vm snapshot --out /tmp/snap2 --vcpus 2 || { echo SNAP2=failed; exit 11; }
 "#,
     );
-    for (i, (command, _, _)) in RESTORED_JOBS.iter().enumerate() {
+    for i in 0..IN_A_ROW {
+        let (command, _, _) = restored_job(i);
         script.push_str(&format!(
             "got=$(twinbox vm run --snapshot /tmp/snap1 -- {command}); \
              echo \"RUN{i}=$?:$(echo $got)\"\n"
@@ -199,11 +218,12 @@ for i in $(seq 1 {AT_ONCE}); do echo "ATONCE$i=$(cat /tmp/at-once-$i)"; done
         "a snapshot could not be taken:\n{}",
         out.output
     );
-    for (i, (command, status, stdout)) in RESTORED_JOBS.iter().enumerate() {
+    for i in 0..IN_A_ROW {
+        let (command, status, stdout) = restored_job(i);
         assert_eq!(
             out.expect_value(&format!("RUN{i}")),
             format!("{status}:{stdout}"),
-            "restore {i} running {command}"
+            "restore {i} of {IN_A_ROW} in a row, running {command}"
         );
     }
     assert_eq!(
