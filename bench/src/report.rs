@@ -5,7 +5,7 @@
 
 use crate::metric::{self, Metric};
 use crate::results::{Results, ScenarioResult, Sizes};
-use crate::runner::{container, native, peer_qemu, vm};
+use crate::runner::{container, native, peer_qemu, vm, vm_snapshot};
 use crate::scenario;
 use crate::stats::{summarize, Summary};
 use std::fmt::Write;
@@ -60,7 +60,8 @@ pub fn ratio(s: &ScenarioResult, metric: &str, box_name: &str, reference: &str) 
     (a > 0.0 && b > 0.0).then(|| a / b)
 }
 
-/// Median time from spawn to each phase the box stamped, in ms, in phase order.
+/// Median time from spawn to each phase the box stamped, in ms, in phase order (a VM
+/// restored from a snapshot has `restored` where a booted one has none).
 pub fn phase_medians(s: &ScenarioResult, box_name: &str) -> Vec<(Phase, f64)> {
     let counted: Vec<_> = s
         .runs
@@ -68,7 +69,7 @@ pub fn phase_medians(s: &ScenarioResult, box_name: &str) -> Vec<(Phase, f64)> {
         .filter(|r| r.box_name == box_name && !r.warmup && r.error.is_none())
         .filter_map(|r| r.report.as_ref())
         .collect();
-    Phase::ALL
+    Phase::WITH_RESTORED
         .into_iter()
         .skip(1)
         .filter_map(|p| {
@@ -199,7 +200,17 @@ fn scenario_section(out: &mut String, s: &ScenarioResult) {
             out,
             "Phases (median ms from spawn; each box stamps the phases it has):\n"
         );
-        let phases: Vec<Phase> = Phase::ALL.into_iter().skip(1).collect();
+        // The `restored` column only when a box of this scenario restored a snapshot.
+        let restored = s.boxes.iter().any(|b| {
+            phase_medians(s, b)
+                .iter()
+                .any(|(p, _)| *p == Phase::Restored)
+        });
+        let phases: Vec<Phase> = Phase::WITH_RESTORED
+            .into_iter()
+            .skip(1)
+            .filter(|p| restored || *p != Phase::Restored)
+            .collect();
         let _ = writeln!(
             out,
             "| box | {} |\n|---|{}",
@@ -280,7 +291,7 @@ pub fn headline(r: &Results) -> String {
 }
 
 fn claims(out: &mut String, r: &Results) {
-    use scenario::{cpu, density, membw, memory, startup, vmm};
+    use scenario::{cpu, density, membw, memory, vmm};
     let _ = writeln!(out, "## Claims checked\n\n{CLAIMS_INTRO}\n");
     let median =
         |scn: &str, b: &str, m: Metric| r.scenario(scn)?.summary(b, m.key).map(|s| s.median);
@@ -293,11 +304,13 @@ fn claims(out: &mut String, r: &Results) {
     let _ = writeln!(
         out,
         "- **Start-up: container \"seconds, even milliseconds\", VM \"minutes\".** \
-         `/bin/true` spawn → torn down: native {}, container {}, vm {}; the VMM alone (tiny \
-         guest) {}.",
-        show(median(startup::NAME, native::NAME, down), "ms"),
-        show(median(startup::NAME, container::NAME, down), "ms"),
-        show(median(startup::NAME, vm::NAME, down), "ms"),
+         `/bin/true` spawn → torn down: native {}, container {}, vm cold boot {}, vm restored \
+         from a snapshot (`vm-snapshot`) {}{}; the VMM alone (tiny guest) {}.",
+        started(r, native::NAME),
+        started(r, container::NAME),
+        started(r, vm::NAME),
+        started(r, vm_snapshot::NAME),
+        restore_ratios(r),
         show(median(vmm::NAME, vm::NAME, down), "ms"),
     );
     let _ = writeln!(
@@ -373,6 +386,48 @@ fn claims(out: &mut String, r: &Results) {
         vs_native(membw::NAME, metric::MIB_PER_S, vm::NAME),
     );
     net_claim(out, r);
+}
+
+/// A box's `startup` median (spawn → torn down) for the start-up claim, or plainly why
+/// there is none: not run, sat out (with the reason), failed.
+fn started(r: &Results, box_name: &str) -> String {
+    let Some(s) = r.scenario(scenario::startup::NAME) else {
+        return "not measured (no startup scenario in this bench)".into();
+    };
+    if let Some(sum) = s.summary(box_name, metric::TO_TORN_DOWN_MS.key) {
+        return format!("{} ms", fmt_value(sum.median));
+    }
+    if let Some(out) = s.sat_out.iter().find(|o| o.box_name == box_name) {
+        return format!("not measured (sat out: {})", out.reason);
+    }
+    if !s.boxes.iter().any(|b| b == box_name) {
+        return "not measured (not among this bench's boxes)".into();
+    }
+    if !s.failures(box_name).is_empty() {
+        return "not measured (its runs failed, see below)".into();
+    }
+    "not measured".into()
+}
+
+/// How a restore compares with a cold boot and with a container start (medians of
+/// `startup`), when both sides were measured.
+fn restore_ratios(r: &Results) -> String {
+    let Some(s) = r.scenario(scenario::startup::NAME) else {
+        return String::new();
+    };
+    let key = metric::TO_TORN_DOWN_MS.key;
+    let mut parts = Vec::new();
+    if let Some(x) = ratio(s, key, vm::NAME, vm_snapshot::NAME) {
+        parts.push(format!("{x:.2}× faster than the cold boot"));
+    }
+    if let Some(x) = ratio(s, key, vm_snapshot::NAME, container::NAME) {
+        parts.push(format!("{x:.2}× the container's time"));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" (the restore: {})", parts.join(", "))
+    }
 }
 
 /// Bytes as a reader takes them in: B, KiB or MiB.
@@ -674,6 +729,156 @@ mod tests {
         );
         // Without a net scenario there is no network row.
         assert!(!report_from_results(&sample()).contains("**Network:"));
+    }
+
+    /// A stored `startup` scenario: native, container, a cold-booted vm and a vm restored
+    /// from a snapshot, each with two counted runs whose reports carry their timelines
+    /// (the restored one stamps `restored`), and a warm-up that must not count.
+    fn startup_with_restores() -> Results {
+        use crate::results::RunRecord;
+        use std::collections::BTreeMap;
+        use twinbox_spec::{BoxKind, Outcome, RunReport, Timeline, Usage};
+        // (box, phases as ms after spawn; torn_down last).
+        let run = |box_name: &str, round: u32, phases: &[(Phase, u64)]| {
+            let mut timeline = Timeline::starting_at(1_000_000);
+            for (p, ms) in phases {
+                timeline.record(*p, 1_000_000 + ms * 1_000_000);
+            }
+            let down = phases.last().unwrap().1 as f64;
+            RunRecord {
+                box_name: box_name.into(),
+                round,
+                warmup: round == 0,
+                metrics: BTreeMap::from([(metric::TO_TORN_DOWN_MS.key.to_string(), down)]),
+                error: None,
+                report: Some(RunReport {
+                    box_kind: BoxKind::Vm,
+                    outcome: Outcome::Exited(0),
+                    timeline,
+                    output: None,
+                    usage: Usage::default(),
+                    notes: Vec::new(),
+                    network: None,
+                }),
+            }
+        };
+        use Phase::*;
+        let boot = |k: u64| {
+            vec![
+                (SandboxReady, 500 + k),
+                (GuestEntry, 510 + k),
+                (InitStarted, 2900 + k),
+                (WorkloadStarted, 3000 + k),
+                (WorkloadExited, 3100 + k),
+                (TornDown, 3200 + k),
+            ]
+        };
+        let restore = |k: u64| {
+            vec![
+                (SandboxReady, 350 + k),
+                (Restored, 360 + k),
+                (GuestEntry, 361 + k),
+                (InitStarted, 362 + k),
+                (WorkloadStarted, 600 + k),
+                (WorkloadExited, 700 + k),
+                (TornDown, 800 + k),
+            ]
+        };
+        let ctr = |k: u64| {
+            vec![
+                (SandboxReady, 5 + k),
+                (WorkloadExited, 9 + k),
+                (TornDown, 10 + k),
+            ]
+        };
+        let mut r = sample();
+        r.params.boxes.push(vm_snapshot::NAME.into());
+        let mut s = r.scenarios[0].clone();
+        s.name = scenario::startup::NAME.into();
+        s.metrics = vec![metric::TO_TORN_DOWN_MS.def()];
+        s.boxes = vec![
+            container::NAME.into(),
+            vm::NAME.into(),
+            vm_snapshot::NAME.into(),
+        ];
+        s.skipped.clear();
+        s.sat_out.clear();
+        s.runs = vec![
+            run(vm_snapshot::NAME, 0, &restore(5000)),
+            run(container::NAME, 1, &ctr(0)),
+            run(vm::NAME, 1, &boot(0)),
+            run(vm_snapshot::NAME, 1, &restore(0)),
+            run(container::NAME, 2, &ctr(2)),
+            run(vm::NAME, 2, &boot(200)),
+            run(vm_snapshot::NAME, 2, &restore(20)),
+        ];
+        r.scenarios = vec![s];
+        r
+    }
+
+    #[test]
+    fn the_startup_claim_puts_a_restore_beside_the_container_and_the_boot() {
+        // Through results.json, as `--render` reads it.
+        let json = serde_json::to_string(&startup_with_restores()).unwrap();
+        let r: Results = serde_json::from_str(&json).unwrap();
+        let text = report_from_results(&r);
+        assert!(
+            text.contains(
+                "spawn → torn down: native not measured (not among this bench's boxes), \
+                 container 11.00 ms, vm cold boot 3300 ms, vm restored from a snapshot \
+                 (`vm-snapshot`) 810.0 ms (the restore: 4.07× faster than the cold boot, \
+                 73.64× the container's time);"
+            ),
+            "{text}"
+        );
+        // The phases table has the restored column, the booted vm a dash in it.
+        assert!(
+            text.contains(
+                "| box | sandbox_ready | restored | guest_entry | init_started | \
+                 workload_started | workload_exited | torn_down |"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "| vm-snapshot | 360.0 | 370.0 | 371.0 | 372.0 | 610.0 | 710.0 | 810.0 |"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("| vm | 600.0 | — | 610.0 | 3000 | 3100 | 3200 | 3300 |"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_startup_claim_says_plainly_why_a_box_is_absent() {
+        let mut r = startup_with_restores();
+        let s = &mut r.scenarios[0];
+        s.runs.retain(|run| run.box_name != vm_snapshot::NAME);
+        s.boxes.retain(|b| b != vm_snapshot::NAME);
+        s.sat_out.push(crate::results::SatOut {
+            box_name: vm_snapshot::NAME.into(),
+            reason: "this host cannot boot a Linux guest".into(),
+        });
+        for run in s.runs.iter_mut().filter(|run| run.box_name == vm::NAME) {
+            run.metrics.clear();
+            run.error = Some("time limit of 5.0 s reached".into());
+        }
+        let text = report_from_results(&r);
+        assert!(
+            text.contains(
+                "vm cold boot not measured (its runs failed, see below), vm restored from a \
+                 snapshot (`vm-snapshot`) not measured (sat out: this host cannot boot a \
+                 Linux guest);"
+            ),
+            "{text}"
+        );
+        // Nobody restored: no restored column.
+        assert!(!text.contains("| restored |"), "{text}");
+        r.scenarios.clear();
+        assert!(report_from_results(&r)
+            .contains("container not measured (no startup scenario in this bench)"));
     }
 
     #[test]
