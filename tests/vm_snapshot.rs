@@ -254,15 +254,17 @@ for i in $(seq 1 {AT_ONCE}); do echo "ATONCE$i=$(cat /tmp/at-once-$i)"; done
 
 /// In the lab (or on a hardware host): `twinbox bench` with the `vm-snapshot` box beside
 /// `vm` — both measure `startup` and `memory`, every vm-snapshot run is a restore (its
-/// timeline has `restored`, the boot's has not), the snapshot is not left behind, and
+/// timeline has `restored`, the boot's has not), both measure `density` (3 restores of one
+/// snapshot alive at once, each adding less to the host than a booted VM), no snapshot
+/// is left behind, and
 /// `vmm` (the tiny guest) is sat out by the restoring box with its reason.
 #[test]
 fn the_bench_restores_a_snapshot_in_its_vm_snapshot_box() {
     let out = common::run_where_linux_boots(
         r#"
 set -u
-twinbox bench startup memory vmm --boxes vm,vm-snapshot --runs 2 --warmup 0 \
-  --vm-timeout 120 --out /tmp/bench-snap > /tmp/bench-snap.log 2>&1
+twinbox bench startup memory density vmm --boxes vm,vm-snapshot --runs 2 --warmup 0 \
+  --density-instances 3 --vm-timeout 120 --out /tmp/bench-snap > /tmp/bench-snap.log 2>&1
 echo "BENCH=$?"
 tail -5 /tmp/bench-snap.log
 echo "RESULTS=$(tr -d '\n' < /tmp/bench-snap/results.json)"
@@ -296,6 +298,23 @@ echo "LEFT=$(ls -d "${TMPDIR:-/tmp}"/twinbox-bench-snapshot-* 2>/dev/null | wc -
             );
         }
     }
+    let density = results.scenario("density").expect("density");
+    assert_eq!(density.boxes, ["vm", "vm-snapshot"]);
+    let per_instance = |b: &str| {
+        density
+            .summary(b, "memfree_mib_per_instance")
+            .unwrap_or_else(|| panic!("density: {b} measured nothing: {:?}", density.failures(b)))
+            .median
+    };
+    let (booted, restored) = (per_instance("vm"), per_instance("vm-snapshot"));
+    // Printed for the reader; a restore's pages come from the shared memory file (only
+    // what the guest writes is its own), a boot's are all its own.
+    println!("density MemFree MiB per instance: vm {booted:.1}, vm-snapshot {restored:.1}");
+    assert!(
+        restored < booted,
+        "a restored VM should add less host memory than a booted one (it shares the \
+         snapshot's memory file): vm-snapshot {restored:.1} MiB vs vm {booted:.1} MiB"
+    );
     let vmm = results.scenario("vmm").expect("vmm");
     assert_eq!(vmm.boxes, ["vm"]);
     assert!(

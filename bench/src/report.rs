@@ -359,15 +359,19 @@ fn claims(out: &mut String, r: &Results) {
         let _ = writeln!(
             out,
             "\n  With {} instances alive at once (`density`), the host's MemAvailable drops \
-             per instance: native {}, container {}, vm {}; its MemFree (page cache counted as \
-             taken): native {}, container {}, vm {}.",
+             per instance: native {}, container {}, vm {}, vm restored from one snapshot {}; \
+             its MemFree (page cache counted as taken): native {}, container {}, vm {}, vm \
+             restored {} (the restores share the snapshot's memory file, taken before the \
+             first sample).",
             r.params.density_instances,
             cell(native::NAME, avail),
             cell(container::NAME, avail),
             cell(vm::NAME, avail),
+            cell(vm_snapshot::NAME, avail),
             cell(native::NAME, free),
             cell(container::NAME, free),
             cell(vm::NAME, free),
+            cell(vm_snapshot::NAME, free),
         );
     }
     let vs_native = |scn: &str, m: Metric, b: &str| {

@@ -91,6 +91,9 @@ pub enum Instance {
     TwinboxCtr,
     /// `twinbox vm run -- <workload>`.
     TwinboxVm,
+    /// `twinbox vm run --snapshot DIR -- <workload>`, all K from one snapshot the scenario
+    /// takes before they start.
+    TwinboxVmSnapshot,
 }
 
 /// Which time limit a run gets.

@@ -9,7 +9,7 @@
 //! pid, removed when the box is dropped; one a killed bench left behind is removed by the
 //! next bench that takes a snapshot.
 
-use super::{process, vm, Capabilities, Guest, NetAt, Runner, TimeLimit};
+use super::{process, vm, Capabilities, Guest, Instance, NetAt, Runner, TimeLimit};
 use nix::sys::signal::Signal;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -22,12 +22,12 @@ use twinbox_spec::{Outcome, RunReport, RunSpec};
 pub const NAME: &str = "vm-snapshot";
 
 /// What a VM restored from a snapshot can do: the `vm` box's workloads and memory figures,
-/// but no extra disk or network (a snapshot is taken without them, and `vm run
-/// --snapshot` refuses `--disk` and `--net`), and no `density` instances.
+/// and `density` instances (K restores of one snapshot), but no extra disk or network (a
+/// snapshot is taken without them, and `vm run --snapshot` refuses `--disk` and `--net`).
 pub const CAPABILITIES: Capabilities = Capabilities {
     guest: Guest::Resumed,
     memory_in_report: true,
-    instance: None,
+    instance: Some(Instance::TwinboxVmSnapshot),
     disk_at: None,
     host_binaries: false,
     time_limit: TimeLimit::Vm,
@@ -48,11 +48,15 @@ pub const NOTE: &str = "restored from a snapshot taken once before the counted r
 
 /// What a snapshot was taken for: a run with other values needs another.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Machine {
-    rootfs: PathBuf,
-    kernel: Option<PathBuf>,
-    vcpus: u32,
-    memory_mib: u32,
+pub struct Machine {
+    /// The root image.
+    pub rootfs: PathBuf,
+    /// The kernel booted (twinbox's default when `None`).
+    pub kernel: Option<PathBuf>,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
 }
 
 impl Machine {
@@ -67,9 +71,26 @@ impl Machine {
 }
 
 /// A snapshot on disk, removed when dropped.
-struct Taken {
+pub struct Taken {
     machine: Machine,
     dir: PathBuf,
+}
+
+impl Taken {
+    /// Takes a snapshot of `machine` for the `density` scenario's instances, in a
+    /// directory of its own beside the box's (`...-<pid>-density`, swept as the box's is
+    /// when a killed bench leaves it), with `twinbox` (`--no-jail` unless `jail`).
+    pub fn for_instances(twinbox: &Path, machine: Machine, jail: bool) -> Result<Self, String> {
+        let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}-density", std::process::id()));
+        let t = Taken { machine, dir };
+        take(twinbox, &t, jail)?;
+        Ok(t)
+    }
+
+    /// Its directory (`twinbox vm run --snapshot DIR`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
 }
 
 impl Drop for Taken {
@@ -116,27 +137,27 @@ impl VmSnapshot {
         let dir = parent.join(format!("{DIR_PREFIX}{}", std::process::id()));
         // The directory is removed on every path from here (a failed take may leave part).
         let t = Taken { machine, dir };
-        self.take(&t)?;
+        take(&self.twinbox, &t, self.jail)?;
         let dir = t.dir.clone();
         *taken = Some(t);
         Ok((dir, true))
     }
+}
 
-    /// Runs `twinbox vm snapshot` for `t`.
-    fn take(&self, t: &Taken) -> Result<(), String> {
-        let mut cmd = Command::new(&self.twinbox);
-        cmd.args(snapshot_arguments(&t.machine, &t.dir, self.jail));
-        let start = twinbox_spec::clock::monotonic_ns();
-        let done = process::run(cmd, start, true, Some(TAKE_LIMIT))?;
-        match done.outcome {
-            Outcome::Exited(0) => Ok(()),
-            other => {
-                let output = done.output.unwrap_or_default();
-                Err(format!(
-                    "twinbox vm snapshot: {other:?}: {}",
-                    output.trim().lines().last().unwrap_or("no output")
-                ))
-            }
+/// Runs `twinbox vm snapshot` for `t`.
+fn take(twinbox: &Path, t: &Taken, jail: bool) -> Result<(), String> {
+    let mut cmd = Command::new(twinbox);
+    cmd.args(snapshot_arguments(&t.machine, &t.dir, jail));
+    let start = twinbox_spec::clock::monotonic_ns();
+    let done = process::run(cmd, start, true, Some(TAKE_LIMIT))?;
+    match done.outcome {
+        Outcome::Exited(0) => Ok(()),
+        other => {
+            let output = done.output.unwrap_or_default();
+            Err(format!(
+                "twinbox vm snapshot: {other:?}: {}",
+                output.trim().lines().last().unwrap_or("no output")
+            ))
         }
     }
 }
@@ -151,7 +172,7 @@ fn sweep(parent: &Path) {
         let Some(pid) = name
             .to_str()
             .and_then(|n| n.strip_prefix(DIR_PREFIX))
-            .and_then(|p| p.parse::<u32>().ok())
+            .and_then(|p| p.split('-').next()?.parse::<u32>().ok())
         else {
             continue;
         };
@@ -290,12 +311,13 @@ mod tests {
             "{DIR_PREFIX}{}",
             std::os::unix::process::parent_id()
         ));
+        let gone_density = parent.join(format!("{DIR_PREFIX}{}-density", u32::MAX - 1));
         let other = parent.join("something-else-4242");
-        for d in [&gone, &alive, &other] {
+        for d in [&gone, &gone_density, &alive, &other] {
             std::fs::create_dir_all(d).unwrap();
         }
         sweep(&parent);
-        assert!(!gone.exists());
+        assert!(!gone.exists() && !gone_density.exists());
         assert!(alive.exists() && other.exists());
         std::fs::remove_dir_all(&parent).unwrap();
     }

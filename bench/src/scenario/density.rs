@@ -1,7 +1,11 @@
 //! `density`: what K instances alive at once cost the host, per instance.
 //!
 //! The instances are separate processes, started together, as a user would start them:
-//! K `sleep`s natively, K `twinbox ctr run -- sleep`, K `twinbox vm run -- sleep`. While
+//! K `sleep`s natively, K `twinbox ctr run -- sleep`, K `twinbox vm run -- sleep`, K
+//! `twinbox vm run --snapshot DIR -- sleep` from one snapshot taken before the memory is
+//! first sampled (so its memory file, which the K restores map copy-on-write and share
+//! through the page cache, is in the baseline, and what each instance adds is what it
+//! does not share). While
 //! they live, the host's `MemAvailable` is sampled every few milliseconds. The figure is
 //! the drop, divided by K, from the mean of the medians just before and just after (which
 //! cancels a steady drift of the host's memory) to the median of the samples in the middle
@@ -13,8 +17,10 @@
 
 use super::{argv, Context, Measured, Metrics, Scenario};
 use crate::metric::{self, Metric};
+use crate::runner::vm_snapshot;
 use crate::runner::{process, Capabilities, Instance, Runner, TimeLimit};
 use nix::sys::signal::Signal;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use twinbox_spec::RunReport;
@@ -33,7 +39,9 @@ impl Scenario for Density {
     fn description(&self) -> &'static str {
         "Host memory per instance when several are alive at once: K instances of \
          `sleep 2` are started together as separate processes (`sleep`, `twinbox ctr \
-         run`, `twinbox vm run`) while the host's MemAvailable is sampled every 5 ms. \
+         run`, `twinbox vm run`, `twinbox vm run --snapshot` of one snapshot taken before \
+         the first sample, so the memory file the restores share is not counted per \
+         instance) while the host's MemAvailable is sampled every 5 ms. \
          Per instance = (median before + median after) / 2 − median over the middle \
          half of their lifetime, / K. Unlike `memory` this counts everything an \
          instance costs the host, but MemAvailable treats page cache as available: \
@@ -119,11 +127,13 @@ fn parse_meminfo(meminfo: &str) -> Option<MemSample> {
     })
 }
 
-/// The command line of one instance of `workload`, started as `instance` says.
+/// The command line of one instance of `workload`, started as `instance` says (a restore
+/// from the snapshot in `snapshot`).
 pub fn instance_command(
     instance: Instance,
     ctx: &Context,
     workload: &[String],
+    snapshot: Option<&Path>,
 ) -> Result<Command, String> {
     let mut cmd = match instance {
         Instance::HostProcess => {
@@ -137,9 +147,16 @@ pub fn instance_command(
             c.args(["ctr", "run"]);
             c
         }
-        Instance::TwinboxVm => {
+        Instance::TwinboxVm | Instance::TwinboxVmSnapshot => {
             let mut c = Command::new(&ctx.twinbox_exe);
-            c.args(["vm", "run", "--kernel"]).arg(&ctx.kernel);
+            c.args(["vm", "run"]);
+            if instance == Instance::TwinboxVmSnapshot {
+                // The snapshot's kernel is already running.
+                let dir = snapshot.ok_or("density: a restored VM needs its snapshot")?;
+                c.arg("--snapshot").arg(dir);
+            } else {
+                c.arg("--kernel").arg(&ctx.kernel);
+            }
             c.args(["--vcpus", &ctx.vcpus.to_string()]);
             c.args(["--timeout", &ctx.vm_timeout.as_secs_f64().to_string()]);
             if !ctx.vm_jail {
@@ -166,16 +183,36 @@ pub fn run(caps: &Capabilities, ctx: &Context, workload: &[String]) -> Result<Me
         TimeLimit::Vm => ctx.vm_timeout + Duration::from_secs(5),
         TimeLimit::Host => Duration::from_secs(60),
     };
+    // One snapshot for all K restores, taken (one boot) before the host is first sampled
+    // and removed after the last has ended.
+    let snapshot = match instance {
+        Instance::TwinboxVmSnapshot => Some(vm_snapshot::Taken::for_instances(
+            &ctx.twinbox_exe,
+            vm_snapshot::Machine {
+                rootfs: ctx.rootfs.clone(),
+                kernel: Some(ctx.kernel.clone()),
+                vcpus: ctx.vcpus,
+                memory_mib: ctx.memory_mib,
+            },
+            ctx.vm_jail,
+        )?),
+        _ => None,
+    };
     let mut commands = Vec::new();
     for _ in 0..k {
-        commands.push(instance_command(instance, ctx, workload)?);
+        commands.push(instance_command(
+            instance,
+            ctx,
+            workload,
+            snapshot.as_ref().map(|t| t.dir()),
+        )?);
     }
     // If the bench dies, twinbox's own instances get SIGTERM, on which they tear their
     // box down (cgroup, mounts, loop device) as on Ctrl-C; a plain process is killed.
     // (Start-up speed does not matter here, so native instances get one too.)
     let death = Some(match instance {
         Instance::HostProcess => Signal::SIGKILL,
-        Instance::TwinboxCtr | Instance::TwinboxVm => Signal::SIGTERM,
+        Instance::TwinboxCtr | Instance::TwinboxVm | Instance::TwinboxVmSnapshot => Signal::SIGTERM,
     });
     let before = quiet()?;
     let mut during: Vec<MemSample> = Vec::new();
@@ -335,11 +372,11 @@ mod tests {
         let w = vec!["sleep".to_string(), "2".to_string()];
         let c = ctx();
         assert_eq!(
-            cmdline(&instance_command(Instance::HostProcess, &c, &w).unwrap()),
+            cmdline(&instance_command(Instance::HostProcess, &c, &w, None).unwrap()),
             ["sleep", "2"]
         );
         assert_eq!(
-            cmdline(&instance_command(Instance::TwinboxCtr, &c, &w).unwrap()),
+            cmdline(&instance_command(Instance::TwinboxCtr, &c, &w, None).unwrap()),
             [
                 "/usr/bin/twinbox",
                 "ctr",
@@ -353,7 +390,7 @@ mod tests {
                 "2"
             ]
         );
-        let vm = cmdline(&instance_command(Instance::TwinboxVm, &c, &w).unwrap());
+        let vm = cmdline(&instance_command(Instance::TwinboxVm, &c, &w, None).unwrap());
         assert_eq!(&vm[..4], ["/usr/bin/twinbox", "vm", "run", "--kernel"]);
         assert!(vm.windows(2).any(|p| p == ["--vcpus", "2"]));
         assert!(vm.windows(2).any(|p| p == ["--timeout", "7"]));
@@ -365,8 +402,21 @@ mod tests {
             vm_jail: false,
             ..ctx()
         };
-        let vm = cmdline(&instance_command(Instance::TwinboxVm, &unjailed, &w).unwrap());
+        let vm = cmdline(&instance_command(Instance::TwinboxVm, &unjailed, &w, None).unwrap());
         assert!(vm.contains(&"--no-jail".to_string()), "{vm:?}");
+        // A restore: the snapshot instead of the kernel, the same size and limit.
+        let snap = Path::new("/tmp/snap");
+        let restored = instance_command(Instance::TwinboxVmSnapshot, &c, &w, Some(snap));
+        let restored = cmdline(&restored.unwrap());
+        assert_eq!(
+            &restored[..5],
+            ["/usr/bin/twinbox", "vm", "run", "--snapshot", "/tmp/snap"]
+        );
+        assert!(!restored.contains(&"--kernel".to_string()), "{restored:?}");
+        assert!(restored.windows(2).any(|p| p == ["--vcpus", "2"]));
+        assert!(restored.windows(2).any(|p| p == ["--memory", "64"]));
+        assert!(restored.windows(2).any(|p| p == ["--timeout", "7"]));
+        assert!(instance_command(Instance::TwinboxVmSnapshot, &c, &w, None).is_err());
         assert!(run(&runner::PEER_RUNTIME, &c, &w).is_err());
     }
 
