@@ -189,11 +189,16 @@ twinbox vm snapshot --out /tmp/snap1 || { echo SNAP1=failed; exit 10; }
 twinbox vm snapshot --out /tmp/snap2 --vcpus 2 || { echo SNAP2=failed; exit 11; }
 "#,
     );
+    // Each restore has a time limit, so one that hangs is named with its console instead
+    // of holding the lab until its own limit.
     for i in 0..IN_A_ROW {
-        let (command, _, _) = restored_job(i);
+        let (command, status, _) = restored_job(i);
         script.push_str(&format!(
-            "got=$(twinbox vm run --snapshot /tmp/snap1 -- {command}); \
-             echo \"RUN{i}=$?:$(echo $got)\"\n"
+            "got=$(twinbox vm run --timeout 120 --console-log /tmp/restore-{i}.log \
+             --snapshot /tmp/snap1 -- {command} 2>/tmp/restore-{i}.err); st=$?\n\
+             echo \"RUN{i}=$st:$(echo $got)\"\n\
+             [ $st = {status} ] || {{ tail -n 3 /tmp/restore-{i}.err; \
+             echo '-- its console:'; tail -n 30 /tmp/restore-{i}.log; }}\n"
         ));
     }
     script.push_str(&format!(
