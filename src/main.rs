@@ -61,7 +61,7 @@ fn main() -> ExitCode {
         Ok(status) => ExitCode::from(status.clamp(0, 255) as u8),
         Err(error) => {
             tracing::debug!("{error:?}");
-            eprintln!("twinbox: {}", cli::one_line(&error));
+            cli::complain(format_args!("twinbox: {}\n", cli::one_line(&error)));
             ExitCode::from(cli::EXIT_TWINBOX_ERROR)
         }
     }

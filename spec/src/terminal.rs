@@ -130,7 +130,9 @@ impl Drop for RawMode<'_> {
 
 /// The crate has no logger: one line on stderr, the terminal being cooked again or gone.
 fn warn(message: &str) {
-    eprintln!("twinbox: {message}");
+    use std::io::Write;
+    // Not eprintln!: it panics when stderr's reader is gone.
+    let _ = writeln!(std::io::stderr(), "twinbox: {message}");
 }
 
 /// The eventfd the SIGWINCH handler writes to (-1 before it exists).

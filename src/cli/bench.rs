@@ -191,7 +191,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
     let results = match bench::run(&opts) {
         Ok(results) => results,
         Err(bench::Error::Interrupted(signal)) => {
-            eprintln!("twinbox: bench interrupted by signal {signal}; the run in progress was stopped and cleaned up, no results written");
+            super::complain(format_args!("twinbox: bench interrupted by signal {signal}; the run in progress was stopped and cleaned up, no results written\n"));
             return Ok(128 + signal);
         }
         Err(e) => return Err(e.into()),
@@ -220,9 +220,9 @@ fn peer_vmm(flag: Option<PathBuf>, env: &str, program: &str, peers: bool) -> Opt
                 .flatten()
         });
     if found.is_none() && peers {
-        eprintln!(
-            "twinbox: --peers: no {program} (give --{program} PATH, {env}, or put it in PATH): its runs do not happen"
-        );
+        super::complain(format_args!(
+            "twinbox: --peers: no {program} (give --{program} PATH, {env}, or put it in PATH): its runs do not happen\n"
+        ));
     }
     found
 }

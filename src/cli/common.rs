@@ -245,15 +245,18 @@ impl RunArgs {
     /// Prints what `--timings`/`--json` asked for and returns the workload's status.
     pub fn finish(&self, report: &RunReport) -> i32 {
         for note in &report.notes {
-            eprintln!("twinbox: note: {note}");
+            super::complain(format_args!("twinbox: note: {note}\n"));
         }
         if let twinbox_spec::Outcome::Failed(reason) = &report.outcome {
-            eprintln!("twinbox: {} failed: {reason}", report.box_kind);
+            super::complain(format_args!(
+                "twinbox: {} failed: {reason}\n",
+                report.box_kind
+            ));
         }
         if self.timings {
-            eprint!("{}", report.timeline.render());
+            super::complain(format_args!("{}", report.timeline.render()));
             if let Some(link) = &report.network {
-                eprintln!("network: {link}");
+                super::complain(format_args!("network: {link}\n"));
             }
         }
         if self.json {

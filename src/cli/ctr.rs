@@ -53,7 +53,7 @@ fn run(args: CtrRunArgs, spawn_ns: u64) -> anyhow::Result<i32> {
         // Stopped during start-up: the box is already torn down; exit as the signal says.
         Err(error) => match twinbox_spec::interrupt::received() {
             Some(signal) => {
-                eprintln!("twinbox: {error}");
+                super::complain(format_args!("twinbox: {error}\n"));
                 return Ok(128 + signal);
             }
             None => return Err(error.into()),

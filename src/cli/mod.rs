@@ -34,3 +34,11 @@ pub fn say(text: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let _ = writeln!(std::io::stdout(), "{text}");
 }
+
+/// Writes `text` to stderr; a reader that went away is not an error. `eprintln!` would
+/// panic on the broken pipe, and a box's CLI whose stderr reader died (a killed bench that
+/// started it, `2>&1 | head`) must still exit with the workload's status, not 101.
+pub fn complain(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_fmt(text);
+}
