@@ -216,8 +216,7 @@ wait
 for i in $(seq 1 {AT_ONCE}); do echo "ATONCE$i=$(cat /tmp/at-once-$i)"; done
 "#
     ));
-    let out =
-        common::run_where_linux_boots(&script, |lab| lab.mem_mib(2048).cpus(2).timeout_s(1500));
+    let out = common::run_where_linux_boots(&script, |lab| lab.mem_mib(2048).timeout_s(1500));
     assert!(
         out.value("SNAP1").is_none() && out.value("SNAP2").is_none(),
         "a snapshot could not be taken:\n{}",
