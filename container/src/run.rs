@@ -266,7 +266,6 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     drop(network);
     drop(pty);
     drop(watcher);
-    drop(interrupt);
     // What init reported ends here (before the host's own torn-down stamp, so a failure
     // names the last phase init reached).
     let mut finished = log.finish(|| describe_wait_status(reaped.status));
@@ -276,6 +275,10 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     // An image's layers took no loop device.
     let released = image.release();
     finished.timeline.record(Phase::TornDown, monotonic_ns());
+    // Only now: a second SIGINT/SIGTERM during the teardown (Ctrl-C pressed again, a
+    // parent's death signal after a stop) is recorded instead of killing the CLI halfway,
+    // which left the cgroups and the image mount to the next run's sweep.
+    drop(interrupt);
     if let Released::LoopStuck(device) = released {
         notes.push(format!(
             "{} still attached 2 s after the run",
