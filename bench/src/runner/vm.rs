@@ -127,20 +127,30 @@ impl Runner for Vm {
     }
 
     fn run(&self, spec: &RunSpec) -> Result<RunReport, String> {
-        let mut cmd = Command::new(&self.twinbox);
-        cmd.args(arguments(spec, self.jail)?);
-        let limit = spec.time_limit.map(|l| l + PROCESS_GRACE);
-        let guest_ram_kib = u64::from(spec.memory_mib) * 1024;
-        let done = process::run_vmm(
-            cmd,
-            Signal::SIGTERM,
-            spec.spawn_ns,
-            true,
-            limit,
-            guest_ram_kib,
-        )?;
-        Ok(report_of(spec, done))
+        run_twinbox_vm(&self.twinbox, arguments(spec, self.jail)?, spec)
     }
+}
+
+/// Runs `twinbox ARGS` (a `vm run --json` of `spec`) as a VMM process measured like every
+/// peer VMM, and its report with the bench's own spawn and teardown stamps.
+pub(super) fn run_twinbox_vm(
+    twinbox: &std::path::Path,
+    args: Vec<OsString>,
+    spec: &RunSpec,
+) -> Result<RunReport, String> {
+    let mut cmd = Command::new(twinbox);
+    cmd.args(args);
+    let limit = spec.time_limit.map(|l| l + PROCESS_GRACE);
+    let guest_ram_kib = u64::from(spec.memory_mib) * 1024;
+    let done = process::run_vmm(
+        cmd,
+        Signal::SIGTERM,
+        spec.spawn_ns,
+        true,
+        limit,
+        guest_ram_kib,
+    )?;
+    Ok(report_of(spec, done))
 }
 
 /// The run's report: the VMM's own phases, outcome, notes and link, with the bench's

@@ -10,7 +10,6 @@
 //! next bench that takes a snapshot.
 
 use super::{process, vm, Capabilities, Guest, Instance, NetAt, Runner, TimeLimit};
-use nix::sys::signal::Signal;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -236,19 +235,8 @@ impl Runner for VmSnapshot {
             // The clock of this run starts after the snapshot, as every other run's does.
             spec.spawn_ns = twinbox_spec::clock::monotonic_ns();
         }
-        let mut cmd = Command::new(&self.twinbox);
-        cmd.args(arguments(&spec, &dir, self.jail)?);
-        let limit = spec.time_limit.map(|l| l + vm::PROCESS_GRACE);
-        let guest_ram_kib = u64::from(spec.memory_mib) * 1024;
-        let done = process::run_vmm(
-            cmd,
-            Signal::SIGTERM,
-            spec.spawn_ns,
-            true,
-            limit,
-            guest_ram_kib,
-        )?;
-        let mut report = vm::report_of(&spec, done);
+        let mut report =
+            vm::run_twinbox_vm(&self.twinbox, arguments(&spec, &dir, self.jail)?, &spec)?;
         report.notes.push(NOTE.into());
         Ok(report)
     }
