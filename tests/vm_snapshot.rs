@@ -141,6 +141,71 @@ fn bad_snapshots_are_one_line_and_125() {
     }
 }
 
+/// A file with an ext4 superblock's magic, which is all a root image needs to be before a
+/// snapshot's checks look at it (nothing here ever boots it).
+fn ext4_lookalike(dir: &Path) -> PathBuf {
+    let path = dir.join("other-root.ext4");
+    let mut bytes = vec![0u8; 4096];
+    bytes[0x438..0x43a].copy_from_slice(&0xef53u16.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// What a restored guest cannot take (it resumes with the devices and the booted kernel
+/// it was saved with) is refused before anything is built, naming the option and why; the
+/// root image left out is the snapshot's own, not the default one.
+#[test]
+fn options_a_restore_cannot_honour_are_one_line_and_125() {
+    let rootfs = common::require_artifact(&twinbox_spec::artifacts::rootfs_image());
+    let snapshot = fake_snapshot("twinbox-snap-options", &rootfs, |_| {});
+    let disk = snapshot.join("extra.img");
+    std::fs::write(&disk, [0u8; 4096]).unwrap();
+    let why_devices = "a resumed guest does not look for new devices";
+    assert_refused(
+        &snapshot,
+        &["--net"],
+        "--net link cannot be used with --snapshot",
+    );
+    assert_refused(&snapshot, &["--net", "nat"], why_devices);
+    assert_refused(
+        &snapshot,
+        &["--disk", disk.to_str().unwrap()],
+        "cannot be used with --snapshot: the snapshot's VM was saved with its root disk alone",
+    );
+    assert_refused(
+        &snapshot,
+        &["--kernel", "/boot/another-vmlinux"],
+        "--kernel /boot/another-vmlinux cannot be used with --snapshot: the snapshot's guest \
+         is already running the kernel it booted (/nonexistent/vmlinux)",
+    );
+    assert_refused(
+        &snapshot,
+        &["--initrd", disk.to_str().unwrap()],
+        "from the initramfs it was taken with",
+    );
+    assert_refused(
+        &snapshot,
+        &["--cmdline-extra", "quiet"],
+        "--cmdline-extra \"quiet\" cannot be used with --snapshot",
+    );
+
+    // Another root than the snapshot's, given or built from an image, is another file.
+    let other_root = ext4_lookalike(&snapshot);
+    assert_refused(
+        &snapshot,
+        &["--rootfs", other_root.to_str().unwrap()],
+        "changed since the snapshot (another file)",
+    );
+    // Left out, the root is the snapshot's: a snapshot of the look-alike gets past the
+    // image check (to its missing memory file) with no --rootfs at all.
+    let elsewhere = fake_snapshot("twinbox-snap-own-root", &other_root, |_| {});
+    assert_refused(&elsewhere, &[], "memory file cannot be opened");
+
+    for dir in [snapshot, elsewhere] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// What each restore of the round trip runs: a different command, a different status
 /// (the first six each use another part of the guest; the rest are told apart by what
 /// they print and the status they end with).

@@ -56,8 +56,11 @@ pub struct VmRunArgs {
     #[arg(long, value_name = "N")]
     pub vcpus: Option<u32>,
     /// Resume the VM saved by `twinbox vm snapshot --out DIR` instead of booting, and hand
-    /// it CMD as its job. --memory and --vcpus default to the snapshot's; the root image
-    /// must be the one it was taken with, unchanged.
+    /// it CMD as its job (with its env, workdir, hostname, stdin and output, `-t`).
+    /// --memory, --vcpus and the root image default to the snapshot's; the root image
+    /// must be the one it was taken with, unchanged. Not with --net, --disk, --initrd,
+    /// --cmdline-extra or another --kernel: the guest resumes with the machine it was
+    /// saved with.
     #[arg(long, value_name = "DIR")]
     pub snapshot: Option<PathBuf>,
     /// Extra disk as a virtio-blk device (/dev/vdb, /dev/vdc...), read-write unless `:ro`
@@ -140,19 +143,30 @@ fn snapshot(args: VmSnapshotArgs, spawn_ns: u64) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn run(args: VmRunArgs, spawn_ns: u64) -> anyhow::Result<i32> {
+fn run(mut args: VmRunArgs, spawn_ns: u64) -> anyhow::Result<i32> {
+    // The snapshot's state is read and checked once, here; the restore takes it from us.
+    let snapshot = args
+        .snapshot
+        .as_deref()
+        .map(vmm::snapshot::Snapshot::open)
+        .transpose()?;
+    if let Some(snapshot) = &snapshot {
+        // The root the user left out is the snapshot's (it must still be that very file,
+        // unchanged: the restore checks).
+        if args.run.rootfs.is_none() && args.run.image.is_none() {
+            args.run.rootfs = Some(snapshot.header().rootfs.path.clone());
+        }
+    }
     // `_image` holds the image's disk in the cache until the run is over.
     let (mut spec, _image) = args.run.to_spec(spawn_ns, ImageForm::Ext4)?;
     spec.kernel = args.kernel.clone();
     spec.vcpus = args.vcpus.unwrap_or(1);
-    if let Some(dir) = &args.snapshot {
-        // Sizes the user left out are the snapshot's (an unreadable snapshot is refused
-        // with its reason by the restore itself).
-        if let Ok((header, _)) = vmm::snapshot::format::read_state(dir) {
-            spec.vcpus = args.vcpus.unwrap_or(header.vcpus);
-            if args.run.memory == DEFAULT_MEMORY_MIB {
-                spec.memory_mib = header.memory_mib;
-            }
+    if let Some(snapshot) = &snapshot {
+        // Sizes the user left out are the snapshot's.
+        let header = snapshot.header();
+        spec.vcpus = args.vcpus.unwrap_or(header.vcpus);
+        if args.run.memory == DEFAULT_MEMORY_MIB {
+            spec.memory_mib = header.memory_mib;
         }
     }
     spec.disks = args.disks.clone();
@@ -174,8 +188,8 @@ fn run(args: VmRunArgs, spawn_ns: u64) -> anyhow::Result<i32> {
     // (/dev/kvm, CAP_NET_ADMIN).
     // SAFETY: geteuid has no arguments and cannot fail.
     let own_cgroup = !args.no_cgroup && unsafe { libc::geteuid() } == 0;
-    let report = if let Some(dir) = &args.snapshot {
-        vmm::snapshot::restore(&spec, dir, Some(&interrupt.fd()), options, own_cgroup)?
+    let report = if let Some(snapshot) = snapshot {
+        vmm::snapshot::restore(&spec, snapshot, Some(&interrupt.fd()), options, own_cgroup)?
     } else if own_cgroup {
         vmm::run_in_own_cgroup(&spec, Some(&interrupt.fd()), options)?
     } else {

@@ -62,6 +62,8 @@ pub enum SnapshotError {
     },
     #[error("snapshot: {0} is not supported with snapshots yet")]
     Unsupported(&'static str),
+    #[error("{option} cannot be used with --snapshot: {why}")]
+    Refused { option: String, why: String },
     #[error("snapshot: the guest did not get ready for its job: {0}")]
     NotReady(String),
     #[error("snapshot: the device at {addr:#x} {why}")]
@@ -101,6 +103,59 @@ fn unsupported(spec: &RunSpec) -> Result<(), SnapshotError> {
     }
     if !spec.disks.is_empty() {
         return Err(SnapshotError::Unsupported("--disk"));
+    }
+    Ok(())
+}
+
+/// What a restore of `header`'s snapshot cannot honour in `spec`, refused before anything
+/// is built: the guest resumes with the machine it was saved with (its devices, its booted
+/// kernel), and a resumed Linux looks for no new device. What init takes with the job
+/// (command, env, workdir, hostname, user, stdin and output, `-t`) works as after a boot.
+fn refused_for_restore(spec: &RunSpec, header: &Header) -> Result<(), SnapshotError> {
+    let refuse = |option: String, why: String| Err(SnapshotError::Refused { option, why });
+    if let Some(net) = spec.net {
+        return refuse(
+            format!("--net {net}"),
+            "the snapshot's VM was saved without a network card, and a resumed guest \
+             does not look for new devices"
+                .into(),
+        );
+    }
+    if let Some(disk) = spec.disks.first() {
+        return refuse(
+            format!("--disk {}", disk.path.display()),
+            "the snapshot's VM was saved with its root disk alone, and a resumed guest \
+             does not look for new devices"
+                .into(),
+        );
+    }
+    if let Some(kernel) = spec.kernel.as_ref().filter(|k| **k != header.kernel) {
+        return refuse(
+            format!("--kernel {}", kernel.display()),
+            format!(
+                "the snapshot's guest is already running the kernel it booted ({}); give \
+                 --kernel to `twinbox vm snapshot`",
+                header.kernel.display()
+            ),
+        );
+    }
+    if let Some(initrd) = spec
+        .initrd
+        .as_ref()
+        .filter(|i| Some(*i) != header.initrd.as_ref())
+    {
+        return refuse(
+            format!("--initrd {}", initrd.display()),
+            "the snapshot's guest booted long ago, from the initramfs it was taken with".into(),
+        );
+    }
+    if let Some(extra) = &spec.cmdline_extra {
+        return refuse(
+            format!("--cmdline-extra {extra:?}"),
+            "the snapshot's kernel has already booted with the command line it was taken \
+             with"
+                .into(),
+        );
     }
     Ok(())
 }
@@ -455,6 +510,37 @@ fn start_threads(
     Ok(())
 }
 
+/// A snapshot directory whose state file has been read and checked (format, versions,
+/// checksum) — once: the caller takes its defaults from [`Snapshot::header`] and hands it
+/// to [`restore`].
+pub struct Snapshot {
+    dir: PathBuf,
+    header: Header,
+    state: VmState,
+}
+
+impl Snapshot {
+    /// Reads and checks `dir`'s state file.
+    pub fn open(dir: &Path) -> Result<Self, Error> {
+        let (header, state) = format::read_state(dir).map_err(SnapshotError::from)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            header,
+            state,
+        })
+    }
+
+    /// What the snapshot is and needs (vCPUs, memory, root image, kernel).
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The snapshot's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
 /// What a restore checks before building anything: the snapshot's state, its memory
 /// file, and that it fits this host and `spec`.
 pub struct Checked {
@@ -463,10 +549,11 @@ pub struct Checked {
     memory: std::fs::File,
 }
 
-/// Reads `dir` and checks it against `spec` (vCPUs, memory, root image) and this host's
-/// CPUID. Nothing is built yet, so a refusal leaves nothing behind.
-pub fn check(spec: &RunSpec, dir: &Path, pvm: bool) -> Result<Checked, Error> {
-    let (header, state) = format::read_state(dir).map_err(SnapshotError::from)?;
+/// Checks `snapshot` against `spec` (vCPUs, memory, root image) and this host's CPUID.
+/// Nothing is built yet, so a refusal leaves nothing behind.
+pub fn check(spec: &RunSpec, snapshot: Snapshot, pvm: bool) -> Result<Checked, Error> {
+    let Snapshot { dir, header, state } = snapshot;
+    let dir = dir.as_path();
     let mismatch = |what, flag, saved, asked| {
         Error::from(SnapshotError::from(FormatError::Size {
             dir: dir.to_owned(),
@@ -536,24 +623,50 @@ pub fn check(spec: &RunSpec, dir: &Path, pvm: bool) -> Result<Checked, Error> {
     })
 }
 
-/// Runs `spec`'s job in a VM restored from `dir` and reports how it went; `restored`
+/// Runs `spec`'s job in a VM restored from `snapshot` and reports how it went; `restored`
 /// stands where a boot's kernel start would.
 pub fn restore<S: AsRawFd + ?Sized>(
     spec: &RunSpec,
-    dir: &Path,
+    snapshot: Snapshot,
     stop: Option<&S>,
     options: RunOptions,
     own_cgroup: bool,
 ) -> Result<RunReport, Error> {
-    unsupported(spec)?;
+    refused_for_restore(spec, snapshot.header())?;
     let config = Config::check(spec, options, own_cgroup)?;
-    let checked = check(spec, dir, config.pvm)?;
+    let checked = check(spec, snapshot, config.pvm)?;
     let probe = usage::Probe::open().map_err(Error::Usage)?;
     let mut notes = Vec::new();
     if config.pvm {
         notes.push(PVM_NOTE.to_owned());
     }
     let cpu_before = usage::cpu_times_us();
+    // -t, as a boot does it (lib.rs): the caller's terminal is raw for the run under an
+    // Interrupt of its own (restored on every path), and resizes are forwarded. Init
+    // allocates the guest's pty when it gets the job, after the resume.
+    let tty_interrupt = spec
+        .tty
+        .then(twinbox_spec::interrupt::Interrupt::install)
+        .transpose()
+        .map_err(Error::Thread)?;
+    let _raw_terminal = match &tty_interrupt {
+        Some(interrupt) => twinbox_spec::terminal::RawMode::enable(
+            twinbox_spec::terminal::caller_stdio()[0],
+            interrupt,
+        )
+        .map_err(Error::Terminal)?,
+        None => None,
+    };
+    let resizes = spec
+        .tty
+        .then(twinbox_spec::terminal::ResizeWatcher::install)
+        .transpose()
+        .map_err(Error::Terminal)?;
+    let resized = resizes
+        .as_ref()
+        .map(|w| w.fd().try_clone_to_owned())
+        .transpose()
+        .map_err(Error::Terminal)?;
     let _cgroup = own_cgroup
         .then(|| {
             crate::cgroup::VmmCgroup::enter(crate::cgroup::Limits::for_vm(
@@ -586,7 +699,7 @@ pub fn restore<S: AsRawFd + ?Sized>(
             stdio::GuestStdio::start(
                 &spec,
                 &job,
-                None,
+                resized,
                 Arc::new(move || {
                     filters
                         .apply(seccomp::ThreadKind::Console)
