@@ -109,22 +109,31 @@ fn bench_startup_and_cpu_end_to_end() {
     assert_eq!(names, ["startup", "cpu"]);
 
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
-    // Where Linux cannot boot (PVM, no KVM) the VM sits out at once, with the reason.
+    // The default boxes: native, container, the VM booted and the VM restored from a
+    // snapshot. Where Linux cannot boot (PVM, no KVM) both VMs sit out at once, with the
+    // reason.
+    assert_eq!(
+        results.params.boxes,
+        ["native", "container", "vm", "vm-snapshot"]
+    );
     let linux_boots = results.host.kvm.linux_guest_obstacle().is_none();
     for s in &results.scenarios {
         let boxes: &[&str] = if linux_boots {
-            &["native", "container", "vm"]
+            &["native", "container", "vm", "vm-snapshot"]
         } else {
-            let vm = s
-                .sat_out
-                .iter()
-                .find(|o| o.box_name == "vm")
-                .expect("vm sat out");
-            assert!(
-                vm.reason.starts_with("skipped on this host"),
-                "{}",
-                vm.reason
-            );
+            for vm in ["vm", "vm-snapshot"] {
+                let sat_out = s
+                    .sat_out
+                    .iter()
+                    .find(|o| o.box_name == vm)
+                    .unwrap_or_else(|| panic!("{}: {vm} should sit out: {:?}", s.name, s.sat_out));
+                assert!(
+                    sat_out.reason.starts_with("skipped on this host"),
+                    "{}: {vm}: {}",
+                    s.name,
+                    sat_out.reason
+                );
+            }
             &["native", "container"]
         };
         assert_eq!(s.boxes, boxes);

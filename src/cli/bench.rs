@@ -53,7 +53,11 @@ pub struct BenchArgs {
     #[arg(long)]
     pub no_jail: bool,
     /// Boxes to measure, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "native,container,vm")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "native,container,vm,vm-snapshot"
+    )]
     pub boxes: Vec<String>,
     /// Root filesystem image (default: the cached artifact).
     #[arg(long)]
