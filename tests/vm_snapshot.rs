@@ -321,6 +321,91 @@ for i in $(seq 1 {AT_ONCE}); do echo "ATONCE$i=$(cat /tmp/at-once-$i)"; done
     }
 }
 
+/// The script of [`a_restored_vm_streams_stdio_and_runs_a_terminal`].
+const RESTORED_STDIO: &str = r#"
+set -u
+twinbox vm snapshot --out /tmp/snap || { echo SNAP=failed; exit 10; }
+restore() { twinbox vm run --timeout 120 --snapshot /tmp/snap "$@"; }
+head -c 1048576 /dev/urandom > /tmp/blob
+echo BLOB_SUM=$(sha256sum < /tmp/blob | cut -d' ' -f1)
+
+restore -- /bin/sh -c 'cat; echo err-line >&2; exit 7' < /tmp/blob > /tmp/out 2> /tmp/err
+echo CAT_STATUS=$?
+echo OUT_SUM=$(sha256sum < /tmp/out | cut -d' ' -f1)
+echo ERR_TEXT=$(base64 -w0 < /tmp/err)
+echo STDIN_COUNT=$(restore -- wc -c < /tmp/blob | tr -d ' ')
+echo CLOSED_STDIN_BYTES=$(restore -- cat < /dev/null | wc -c)
+echo JOB=$(restore --hostname restored-box -e GREETING=hi --workdir /tmp -- \
+  /bin/sh -c 'echo $(hostname):$GREETING:$(pwd)')
+
+# A terminal: `script` plays the user's (the lab's /dev has no devpts of its own).
+if [ ! -e /dev/pts/ptmx ]; then
+    mkdir -p /dev/pts && mount -t devpts -o ptmxmode=0666 devpts /dev/pts
+fi
+[ -e /dev/ptmx ] || ln -s pts/ptmx /dev/ptmx
+mkfifo /tmp/typed
+script -qfec "twinbox vm run --timeout 300 --snapshot /tmp/snap -it -- /bin/sh" \
+  /tmp/typescript < /tmp/typed > /dev/null 2>&1 &
+term=$!
+exec 3<> /tmp/typed
+waitfor() { for i in $(seq 1 600); do grep -q "$1" /tmp/typescript 2>/dev/null && return 0; sleep 0.5; done; return 1; }
+printf 'echo ANSWER$((6*7)) $(tty)\r' >&3
+waitfor ANSWER42 && echo "TTY_ANSWER=$(grep -o 'ANSWER42 [^ ]*' /tmp/typescript | head -1 | tr -d '\r')"
+printf 'exit 3\r' >&3
+wait $term
+echo TTY_STATUS=$?
+exec 3>&-
+"#;
+
+/// In the lab (or on a hardware host): a restored VM's job gets the caller's stdio over
+/// the same ports as after a boot — 1 MiB of random piped stdin comes back byte-exact on
+/// stdout while stderr carries only the workload's line, `wc -c` counts it, a closed stdin
+/// is end of input, the status is the workload's; the job's hostname, env and workdir
+/// are honoured; `-it` gives an interactive shell on a pty of the guest.
+#[test]
+fn a_restored_vm_streams_stdio_and_runs_a_terminal() {
+    let out = common::run_where_linux_boots(RESTORED_STDIO, |lab| {
+        lab.bin("/usr/bin/script").mem_mib(1536).timeout_s(1200)
+    });
+    assert!(
+        out.value("SNAP").is_none(),
+        "the snapshot could not be taken:\n{}",
+        out.output
+    );
+    let v = |key: &str| out.expect_value(key);
+    assert_eq!(
+        v("CAT_STATUS"),
+        "7",
+        "the workload's status:\n{}",
+        out.output
+    );
+    assert_eq!(
+        v("OUT_SUM"),
+        v("BLOB_SUM"),
+        "1 MiB piped into a restored VM and back out on stdout:\n{}",
+        out.output
+    );
+    assert_eq!(
+        v("ERR_TEXT"),
+        "ZXJyLWxpbmUK",
+        "stderr holds exactly the workload's `err-line\\n`"
+    );
+    assert_eq!(v("STDIN_COUNT"), "1048576", "wc -c of 1 MiB of stdin");
+    assert_eq!(
+        v("CLOSED_STDIN_BYTES"),
+        "0",
+        "a closed stdin is end of input"
+    );
+    assert_eq!(v("JOB"), "restored-box:hi:/tmp", "hostname, env, workdir");
+    let answer = v("TTY_ANSWER");
+    assert!(
+        answer.starts_with("ANSWER42 /dev/pts/"),
+        "the restored shell answers on a pty: {answer:?}\n{}",
+        out.output
+    );
+    assert_eq!(v("TTY_STATUS"), "3", "exit 3 ends the -it run with 3");
+}
+
 /// In the lab (or on a hardware host): `twinbox bench` with the `vm-snapshot` box beside
 /// `vm` — both measure `startup` and `memory`, every vm-snapshot run is a restore (its
 /// timeline has `restored`, the boot's has not), both measure `density` (3 restores of one

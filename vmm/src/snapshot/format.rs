@@ -20,8 +20,9 @@ use thiserror::Error;
 
 /// What the first line's `format` says.
 pub const FORMAT_NAME: &str = "twinbox-vm-snapshot";
-/// Bumped whenever the state's layout changes.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped whenever the state's layout or meaning changes (2: the workload's stdin port is
+/// saved open; version 1 saved it at end of input, so its restores read no stdin).
+pub const FORMAT_VERSION: u32 = 2;
 /// This build's version; a snapshot restores only in the twinbox that wrote it.
 pub const TWINBOX_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The state file in a snapshot directory.

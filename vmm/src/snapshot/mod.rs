@@ -299,7 +299,7 @@ pub fn take(spec: &RunSpec, out: &Path, options: RunOptions) -> Result<Taken, Er
     let mut running = Running::default();
     let jail = options.jail.then(jail::Jail::enter).transpose()?;
     let console_out = serial_console(spec, jail.as_ref(), &config.seccomp, &mut running)?;
-    let (guest_stdio, stdio_ends) = {
+    let (guest_stdio, mut stdio_ends) = {
         let (spec, filters) = (spec.clone(), config.seccomp.clone());
         start(jail.as_ref(), move || {
             stdio::GuestStdio::start_with(
@@ -316,6 +316,14 @@ pub fn take(spec: &RunSpec, out: &Path, options: RunOptions) -> Result<Taken, Er
         .map_err(Error::Thread)?
     };
     running.stdio = Some(guest_stdio);
+    // The workload's stdin port is saved open and silent, as the control port is: the
+    // end of input of a run without stdin, had it reached the guest before the pause,
+    // would be in every restore, and each restored workload would read end of input at
+    // once whatever its run pipes in. Its other end is held until the snapshot is written.
+    let (stdin_device, _stdin_held) =
+        std::os::unix::net::UnixStream::pair().map_err(Error::Thread)?;
+    stdin_device.set_nonblocking(true).map_err(Error::Thread)?;
+    stdio_ends.stdin = stdin_device.into();
     let devices = attach(spec, &vm, &guest_memory, console_out, &markers, stdio_ends)?;
     crate::acpi::write(&guest_memory, spec.vcpus, &devices.cmdline_entries)?;
     let line = crate::kernel_cmdline(spec, &config, &devices.cmdline_entries)?;
