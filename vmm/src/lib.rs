@@ -12,7 +12,8 @@
 //!    any thread is jailed), NAT with `--net nat`;
 //! 2. **machine** — open /dev/kvm, create the VM with a split irqchip (local APICs in KVM,
 //!    the IOAPIC emulated here, `ioapic.rs`; no PIC, no PIT: cheap to create and destroy);
-//! 3. **memory** — map guest RAM around the 32-bit MMIO gap and register it with KVM, on a
+//! 3. **memory** — map guest RAM around the 32-bit MMIO gap, 2 MiB aligned on the host so
+//!    that the host's huge pages can back it, and register it with KVM, on a
 //!    thread of its own while steps 4–6 go on (KVM waits for a grace period there);
 //! 4. **kernel** — load vmlinux (PVH) or bzImage (64-bit protocol), initrd, MP table
 //!    (ACPI tables follow the devices in step 5: they list them);
@@ -258,8 +259,9 @@ fn run_inner<S: AsRawFd + ?Sized>(
     let kvm = machine::open_kvm()?;
     machine::check_vcpus(&kvm, spec.vcpus)?;
     // Memory before the VM, so that on an early return (locals drop in reverse) the VM
-    // goes first and never outlives the memory registered with it.
-    let guest_memory = memory::create(spec.memory_mib)?;
+    // goes first and never outlives the memory registered with it. Its host mappings are
+    // 2 MiB aligned (see `memory::create_aligned`); `ram_mappings` unmaps them last.
+    let (ram_mappings, guest_memory) = memory::create_aligned(spec.memory_mib)?;
     // Shared with the IOAPIC, which changes the VM's interrupt routes; the last reference
     // is dropped at teardown (step 8), and that destroys the VM.
     let vm = Arc::new(machine::create_vm(&kvm)?);
@@ -426,6 +428,7 @@ fn run_inner<S: AsRawFd + ?Sized>(
     }
     drop(devices);
     drop(guest_memory);
+    drop(ram_mappings);
     // The device's pipe ends are closed now: the pumps drain what is left and end.
     let captured = guest_stdio.and_then(stdio::GuestStdio::finish);
     // The device's tap fd went with the devices; this closes the last one (the interface

@@ -19,6 +19,8 @@ pub enum MemoryError {
         mib: u64,
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("cannot map {mib} MiB of guest memory: {source}")]
+    MapAligned { mib: u64, source: std::io::Error },
     #[error(
         "{mib} MiB of guest memory is more than this host's {host_mib} MiB of RAM (MemTotal): \
          ask for at most {host_mib}"
@@ -78,6 +80,114 @@ pub fn create(mib: u32) -> Result<GuestMemoryMmap, MemoryError> {
         mib: u64::from(mib),
         source,
     })
+}
+
+/// The size of a host huge page (x86-64's 2 MiB): the alignment guest RAM's host mappings
+/// get from [`create_aligned`].
+pub const HUGE_PAGE: usize = 2 << 20;
+
+/// The host mappings behind guest RAM made by [`create_aligned`], unmapped when this is
+/// dropped. It must outlive every clone of that guest memory and the VM it is registered
+/// with: declare it before them, so that it drops after them.
+#[derive(Debug)]
+pub struct RamMappings(Vec<(usize, usize)>);
+
+impl Drop for RamMappings {
+    fn drop(&mut self) {
+        for &(addr, len) in &self.0 {
+            // SAFETY: our own mapping from `map_aligned`; by this type's contract nothing
+            // refers to it any more (the guest memory and the VM went first).
+            unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+        }
+    }
+}
+
+/// Maps `mib` MiB of anonymous guest RAM as [`create`] does, but with each range's host
+/// address 2 MiB aligned, as Firecracker maps it. Guest RAM ranges start 2 MiB aligned, so
+/// host and guest addresses then agree modulo 2 MiB, which is what KVM needs to map a
+/// transparent huge page of the host as one 2 MiB page of the guest: where the host's THP
+/// policy gives guest RAM huge pages, a booting guest takes one nested page fault per 2 MiB
+/// instead of one per 4 KiB (in the lab: ~1,000 instead of ~6,400 per boot). Where it does
+/// not, nothing changes. The pages are the same anonymous private memory either way.
+pub fn create_aligned(mib: u32) -> Result<(RamMappings, GuestMemoryMmap), MemoryError> {
+    let err = |source| MemoryError::MapAligned {
+        mib: u64::from(mib),
+        source,
+    };
+    let mut mappings = RamMappings(Vec::new());
+    let mut regions = Vec::new();
+    for (guest, len) in ram_ranges(u64::from(mib) << 20) {
+        let addr = map_aligned(len).map_err(err)?;
+        mappings.0.push((addr, len));
+        // SAFETY: `addr..addr + len` is the read-write anonymous mapping just made, which
+        // `mappings` keeps until the memory built on it is gone (see `RamMappings`).
+        let region = unsafe {
+            vm_memory::mmap::MmapRegionBuilder::new(len)
+                .with_raw_mmap_pointer(addr as *mut u8)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(GUEST_RAM_FLAGS)
+                .build()
+        }
+        .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+        regions.push(
+            vm_memory::GuestRegionMmap::new(region, guest)
+                .ok_or_else(|| err(std::io::Error::other("guest range overflows")))?,
+        );
+    }
+    let memory = GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+    Ok((mappings, memory))
+}
+
+/// How guest RAM is mapped: private anonymous memory, committed only as it is touched.
+const GUEST_RAM_FLAGS: i32 = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+
+/// Maps `len` bytes of guest RAM at a 2 MiB-aligned host address: reserves `len` plus 2 MiB
+/// of address space, maps the aligned part over it and gives back the rest.
+fn map_aligned(len: usize) -> std::io::Result<usize> {
+    let reserve = len + HUGE_PAGE;
+    // SAFETY: a fresh inaccessible mapping where the kernel chooses; nothing refers to it.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            reserve,
+            libc::PROT_NONE,
+            GUEST_RAM_FLAGS,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let base = base as usize;
+    let start = base.next_multiple_of(HUGE_PAGE);
+    // SAFETY: `start..start + len` lies inside the reservation just made, which only this
+    // function knows of; MAP_FIXED replaces exactly that part of it.
+    let mapped = unsafe {
+        libc::mmap(
+            start as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            GUEST_RAM_FLAGS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    let failure = (mapped == libc::MAP_FAILED).then(std::io::Error::last_os_error);
+    // The reservation's head and tail (or all of it, on failure) go back.
+    let unused = match failure {
+        Some(_) => vec![(base, reserve)],
+        None => vec![
+            (base, start - base),
+            (start + len, base + reserve - start - len),
+        ],
+    };
+    for (addr, size) in unused.into_iter().filter(|&(_, size)| size > 0) {
+        // SAFETY: parts of the reservation above that nothing maps or refers to.
+        unsafe { libc::munmap(addr as *mut libc::c_void, size) };
+    }
+    failure.map_or(Ok(start), Err)
 }
 
 /// Tells KVM about every RAM region, one memory slot each.
@@ -173,6 +283,23 @@ pub fn end_below_gap(memory: &GuestMemoryMmap) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aligned_guest_ram_starts_on_2_mib_and_is_usable_and_zeroed() {
+        use vm_memory::Bytes;
+        let (mappings, memory) = create_aligned(130).unwrap();
+        assert_eq!(total_size(&memory), 130 << 20);
+        for (host, len) in host_ranges(&memory) {
+            assert_eq!(host as usize % HUGE_PAGE, 0, "host address {host:#x}");
+            assert_eq!(len, 130 << 20);
+        }
+        let last = GuestAddress((130 << 20) - 8);
+        assert_eq!(memory.read_obj::<u64>(last).unwrap(), 0);
+        memory.write_obj(0x1234_5678_u64, last).unwrap();
+        assert_eq!(memory.read_obj::<u64>(last).unwrap(), 0x1234_5678);
+        drop(memory);
+        drop(mappings);
+    }
 
     #[test]
     fn small_guest_is_one_range() {
