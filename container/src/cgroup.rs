@@ -207,6 +207,34 @@ fn write(path: &Path, value: &str) -> Result<(), Error> {
     })
 }
 
+/// Writes each of `values` to `path` with a write(2) of its own, through one open: a
+/// cgroup v1 control file such as `devices.allow` takes one rule per write.
+fn write_each(path: &Path, values: &[impl std::fmt::Display]) -> Result<(), Error> {
+    use std::io::Write;
+    let failed = |value: String| {
+        let path = path.to_owned();
+        move |source| Error::Cgroup {
+            path,
+            what: format!("write {value:?}"),
+            source,
+        }
+    };
+    let Some(first) = values.first() else {
+        return Ok(());
+    };
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(failed(first.to_string()))?;
+    for value in values {
+        let value = value.to_string();
+        // One write_all of a short rule is one write(2) to a kernfs file.
+        file.write_all(value.as_bytes())
+            .map_err(failed(value.clone()))?;
+    }
+    Ok(())
+}
+
 fn read_u64(path: &Path) -> Option<u64> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -235,6 +263,18 @@ pub(crate) fn kill_and_remove(dir: &Path) -> Result<(), Error> {
         what: "remove".into(),
         source,
     })
+}
+
+/// Removes `dir` at once when it is empty — the usual end of a run: the child's pid
+/// namespace died with its init, which the caller reaped — and only otherwise lists and
+/// kills what is left first ([`kill_and_remove`]).
+fn remove_or_kill_and_remove(dir: &Path) -> Result<(), Error> {
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        // EBUSY: tasks left (or another error, which the slow way reports).
+        Err(_) => kill_and_remove(dir),
+    }
 }
 
 /// v1: one directory per controller hierarchy.
@@ -310,9 +350,7 @@ pub fn create(
                 // that clones it counts while it is inside.
                 // Deny first, then allow: the cgroup never admits more than the list.
                 write(&group.devices.join("devices.deny"), "a")?;
-                for rule in &limits.devices {
-                    write(&group.devices.join("devices.allow"), &rule.to_string())?;
-                }
+                write_each(&group.devices.join("devices.allow"), &limits.devices)?;
                 Ok(())
             };
             if let Err(e) = set() {
@@ -410,6 +448,13 @@ impl CgroupManager for V1 {
             pids_limit: self.pids_max.map(|max| (self.pids.join("pids.max"), max)),
             left: false,
         };
+        // The limit holds from the child's first instant: while this thread is inside it
+        // counts too, so it is one higher until the thread leaves. The child may run — and
+        // exec init — before this thread is back (it is suspended while a child on its
+        // memory sets up, `syscall::SHARED_MEMORY`).
+        if let Some((file, max)) = &joined.pids_limit {
+            write(file, &max.saturating_add(1).to_string())?;
+        }
         // "0" in `tasks` moves the writing thread alone: the kernel skips the global
         // threadgroup lock for it (cgroup_procs_write_start), so no grace period.
         for dir in self.dirs() {
@@ -442,7 +487,7 @@ impl CgroupManager for V1 {
         // The pids hierarchy lists every task; killing them empties the others too.
         let mut first = Ok(());
         for dir in [&self.pids, &self.memory, &self.cpu, &self.devices] {
-            if let Err(e) = kill_and_remove(dir) {
+            if let Err(e) = remove_or_kill_and_remove(dir) {
                 if first.is_ok() {
                     first = Err(e);
                 }
@@ -500,8 +545,8 @@ pub struct Joined {
 }
 
 impl Joined {
-    /// Takes the thread back to where it was, then sets the pids limit (the child's
-    /// task is then the only one counted).
+    /// Takes the thread back to where it was, then sets the pids limit to the run's own
+    /// (one lower than while the thread counted inside).
     pub fn leave(mut self) -> Result<(), Error> {
         self.left = true;
         for tasks in &self.back {

@@ -19,6 +19,9 @@
 use crate::Error;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+/// Bytes of one record on the status pipe: kind (u32), errno (i32), the child's
+/// `CLOCK_MONOTONIC` in ns (u64), little-endian.
+const RECORD: usize = 16;
 /// Record kind of [`FromChild::Ready`]; any other kind is the failed step's code.
 const READY: u32 = 0;
 /// Record kind of [`FromChild::Terminal`] (no step has this code).
@@ -29,8 +32,13 @@ const TERMINAL: u32 = u32::MAX;
 pub enum FromChild {
     /// The master of the container's pty (`-t`), or why it did not arrive.
     Terminal(std::io::Result<OwnedFd>),
-    /// The sandbox is ready; exec of init comes next.
-    Ready,
+    /// The sandbox is ready; exec of init comes next. `at_ns`: when, on the child's
+    /// `CLOCK_MONOTONIC` (the parent may read it only after the exec: it is suspended
+    /// while a child on its memory sets up, `syscall::SHARED_MEMORY`).
+    Ready {
+        /// The child's clock when it was ready.
+        at_ns: u64,
+    },
     /// Step `step` (a code of `child.rs`) failed with `errno`.
     Failed {
         /// Which step.
@@ -145,7 +153,7 @@ impl ParentSide {
 
     /// Waits for the child's next report.
     pub fn receive(&self) -> FromChild {
-        let mut record = [0u8; 8];
+        let mut record = [0u8; RECORD];
         let mut got = 0;
         while got < record.len() {
             // SAFETY: reads into the unfilled tail of a local buffer.
@@ -164,9 +172,11 @@ impl ParentSide {
                 return FromChild::Closed;
             }
         }
-        let [k0, k1, k2, k3, e0, e1, e2, e3] = record;
+        let [k0, k1, k2, k3, e0, e1, e2, e3, t @ ..] = record;
         match u32::from_le_bytes([k0, k1, k2, k3]) {
-            READY => FromChild::Ready,
+            READY => FromChild::Ready {
+                at_ns: u64::from_le_bytes(t),
+            },
             TERMINAL => FromChild::Terminal(self.receive_fd()),
             step => FromChild::Failed {
                 step,
@@ -307,10 +317,12 @@ impl ChildEnds {
     }
 
     fn send(&self, kind: u32, errno: i32) {
-        let mut record = [0u8; 8];
+        let mut record = [0u8; RECORD];
         record[..4].copy_from_slice(&kind.to_le_bytes());
-        record[4..].copy_from_slice(&errno.to_le_bytes());
-        // SAFETY: 8 bytes from a local; a pipe write of at most PIPE_BUF is atomic. If the
+        record[4..8].copy_from_slice(&errno.to_le_bytes());
+        // clock_gettime through the vDSO: no allocation, no lock.
+        record[8..].copy_from_slice(&twinbox_spec::clock::monotonic_ns().to_le_bytes());
+        // SAFETY: a record from a local; a pipe write of at most PIPE_BUF is atomic. If the
         // parent is gone the write fails, and there is no one left to tell.
         unsafe { libc::write(self.status, record.as_ptr().cast(), record.len()) };
     }
@@ -330,6 +342,7 @@ mod tests {
         assert!(ends.wait_for_release());
         assert!(ends.parent_alive());
         ends.failed(7, libc::ENOENT);
+        let before = twinbox_spec::clock::monotonic_ns();
         ends.ready();
         // The child's side goes (exec, or the parent dropping its copy after clone).
         drop(child);
@@ -340,7 +353,11 @@ mod tests {
                 errno: libc::ENOENT
             }
         ));
-        assert!(matches!(parent.receive(), FromChild::Ready));
+        // Ready carries the child's own clock (a parent suspended until exec reads late).
+        let FromChild::Ready { at_ns } = parent.receive() else {
+            panic!("no ready record");
+        };
+        assert!((before..=twinbox_spec::clock::monotonic_ns()).contains(&at_ns));
         assert!(matches!(parent.receive(), FromChild::Closed));
     }
 
@@ -366,7 +383,7 @@ mod tests {
         let mut got = String::new();
         std::fs::File::from(r).read_to_string(&mut got).unwrap();
         assert_eq!(got, "pty");
-        assert!(matches!(parent.receive(), FromChild::Ready));
+        assert!(matches!(parent.receive(), FromChild::Ready { .. }));
         assert!(matches!(parent.receive(), FromChild::Closed));
     }
 

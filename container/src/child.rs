@@ -5,10 +5,11 @@
 //! controlling terminal); otherwise stdin is `/dev/null` of the container unless the
 //! caller's is inherited, and stdout/stderr are the caller's or the capture pipe.
 //!
-//! Runs right after `clone` in a copy of the parent: it only walks data prepared by the
-//! parent ([`Prepared`]) and makes its calls through [`Syscall`] (whose real
-//! implementation is raw system calls), so it never allocates (the parent may be
-//! multi-threaded). The tests run [`main`] in-process on the recording double. Progress and failures go to the parent over the channel
+//! Runs right after `clone` in a copy of the parent — or, when the parent has nothing to
+//! admit, on the parent's own memory with the calling thread suspended until the exec
+//! (`syscall::SHARED_MEMORY`) — : it only walks data prepared by the parent
+//! ([`Prepared`]) and makes its calls through [`Syscall`] (whose real implementation is
+//! raw system calls), so it never allocates (the parent may be multi-threaded). The tests run [`main`] in-process on the recording double. Progress and failures go to the parent over the channel
 //! (`channel.rs`): ready just before exec, or the failed step's code and errno.
 //!
 //! Dying with the parent: the child asks for SIGKILL on its parent's death first thing,
@@ -435,7 +436,7 @@ mod tests {
         // A path this kernel lacks is skipped, not an error.
         assert!(!calls.iter().any(|c| c.contains("kcore")), "{calls:#?}");
         drop(s._child);
-        assert!(matches!(s.parent.receive(), FromChild::Ready));
+        assert!(matches!(s.parent.receive(), FromChild::Ready { .. }));
         assert!(matches!(
             s.parent.receive(),
             FromChild::Failed {
@@ -501,7 +502,7 @@ mod tests {
         assert!(!calls.iter().any(|c| c == "open /dev/null"), "{calls:#?}");
         drop(s._child);
         assert!(matches!(s.parent.receive(), FromChild::Terminal(Ok(_))));
-        assert!(matches!(s.parent.receive(), FromChild::Ready));
+        assert!(matches!(s.parent.receive(), FromChild::Ready { .. }));
     }
 
     #[test]

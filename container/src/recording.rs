@@ -215,8 +215,9 @@ impl Syscall for Recording {
         Ok(HYBRID.into())
     }
 
-    fn sweep(&self, _mountinfo: &str) {
+    fn start_sweep(&self, _mountinfo: String) -> crate::syscall::Sweeping {
         let _ = self.call("sweep");
+        crate::syscall::Sweeping(None)
     }
 
     fn create_cgroup(
@@ -294,6 +295,7 @@ impl Syscall for Recording {
         prepared: &Prepared,
         flags: CloneFlags,
         _group: &dyn CgroupManager,
+        _parent: &mut crate::channel::ParentSide,
     ) -> Result<i32, Error> {
         let userns = flags.contains(CloneFlags::CLONE_NEWUSER);
         self.call(if userns { "spawn userns" } else { "spawn" })?;

@@ -1,6 +1,7 @@
 //! One container run. [`run`] tells the story top to bottom, in numbered steps:
 //!
-//! 1. **sweep** — remove what killed runs left behind (`sweep.rs`);
+//! 1. **sweep** — remove what killed runs left behind (`sweep.rs`), on a thread beside
+//!    the steps below, finished before the run counts itself torn down;
 //! 2. **check** — root, the spec, the image is ext4, the disks exist, CAP_NET_ADMIN with
 //!    `--net`, the cgroup layout, the host's init is built, so bad input costs nothing and
 //!    leaves nothing behind;
@@ -72,7 +73,9 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
         return Err(Error::NotRoot);
     }
     let mountinfo = sys.mountinfo()?;
-    sys.sweep(&mountinfo);
+    // Beside this run's start, on a thread of its own; finished before the run is torn
+    // down.
+    let sweeping = sys.start_sweep(mountinfo.clone());
     check(spec)?;
     let host_init = sys.host_init()?;
     if spec.net.is_some() && !sys.can_admin_network() {
@@ -174,10 +177,19 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
             .inspect_err(|e| notes.push(format!("terminal resizes not forwarded: {e}")))
             .ok();
     }
+    // Nothing to admit (no user namespace to map, no link to make, no terminal to size
+    // before init runs): the child may run on this process's memory while this thread
+    // waits, released before it exists (`clone_flags`).
+    let admitted = spec.user_namespace || spec.net.is_some() || spec.tty;
     let mut child = ChildGuard {
         sys,
         // Born inside the run's cgroup: no move of a running task (`cgroup.rs`: Birth).
-        pid: sys.spawn(&prepared, clone_flags(spec.user_namespace), &*group)?,
+        pid: sys.spawn(
+            &prepared,
+            clone_flags(spec.user_namespace, admitted),
+            &*group,
+            &mut parent,
+        )?,
         reaped: None,
     };
     // The child holds its copies now; ours would keep the pipes open after it is gone.
@@ -218,6 +230,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
         }
         link_info = Some(info);
     }
+    // (Done already for a child that ran on our memory: then this does nothing.)
     parent.release()?;
 
     // 7. Sandbox ready (with -t, its terminal first), then init.
@@ -274,6 +287,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     drop(group);
     // An image's layers took no loop device.
     let released = image.release();
+    sweeping.finish();
     finished.timeline.record(Phase::TornDown, monotonic_ns());
     // Only now: a second SIGINT/SIGTERM during the teardown (Ctrl-C pressed again, a
     // parent's death signal after a stop) is recorded instead of killing the CLI halfway,
@@ -346,8 +360,14 @@ fn run_name() -> Result<String, Error> {
 }
 
 /// The namespaces of the child: pid, mount, uts, ipc, net, and user with `--userns`
-/// (the cgroup namespace comes later, once the child is in its cgroup).
-fn clone_flags(user_namespace: bool) -> CloneFlags {
+/// (the cgroup namespace comes later, once the child is in its cgroup). A child the parent
+/// need not admit (`admitted` false), when born in its cgroup, runs on the parent's memory
+/// with the parent suspended until it execs init ([`crate::syscall::SHARED_MEMORY`]):
+/// no copy of the caller's page tables. A child to admit cannot: the parent must run to
+/// write its maps, make its link or size its terminal before init runs, and with
+/// `--userns` the child sets its credentials, which glibc does on every thread of the
+/// memory's process.
+fn clone_flags(user_namespace: bool, admitted: bool) -> CloneFlags {
     let mut flags = CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWUTS
@@ -356,6 +376,9 @@ fn clone_flags(user_namespace: bool) -> CloneFlags {
     if user_namespace {
         // Created first by clone, so it owns every other new namespace.
         flags |= CloneFlags::CLONE_NEWUSER;
+    }
+    if !admitted {
+        flags |= crate::syscall::SHARED_MEMORY;
     }
     flags
 }
@@ -447,10 +470,9 @@ fn wait_ready(
                     master.map_err(|e| Error::os("receive the container's terminal", e))?;
                 *pty = Some(tty::adopt(master)?);
             }
-            FromChild::Ready => {
+            FromChild::Ready { at_ns } => {
                 ready = true;
-                log.timeline_mut()
-                    .record(Phase::SandboxReady, monotonic_ns());
+                log.timeline_mut().record(Phase::SandboxReady, at_ns);
             }
             FromChild::Failed { step, errno } => {
                 return Err(Error::Setup(format!(
@@ -768,6 +790,29 @@ mod tests {
         assert!(report.timeline.is_ordered(), "{:?}", report.timeline);
         for phase in Phase::ALL {
             assert!(report.timeline.get(phase).is_some(), "{phase} missing");
+        }
+    }
+
+    #[test]
+    fn only_a_child_with_nothing_to_admit_runs_on_the_suspended_parents_memory() {
+        use crate::syscall::SHARED_MEMORY;
+        let plain = clone_flags(false, false);
+        assert!(plain.contains(SHARED_MEMORY));
+        assert!(!plain.contains(CloneFlags::CLONE_NEWUSER));
+        // --net: the parent makes the link while the child waits.
+        assert!(!clone_flags(false, true).intersects(SHARED_MEMORY));
+        // --userns: the maps, and the child's set*id calls.
+        let userns = clone_flags(true, true);
+        assert!(userns.contains(CloneFlags::CLONE_NEWUSER));
+        assert!(!userns.intersects(SHARED_MEMORY));
+        for flags in [plain, userns] {
+            assert!(flags.contains(
+                CloneFlags::CLONE_NEWPID
+                    | CloneFlags::CLONE_NEWNS
+                    | CloneFlags::CLONE_NEWUTS
+                    | CloneFlags::CLONE_NEWIPC
+                    | CloneFlags::CLONE_NEWNET
+            ));
         }
     }
 
