@@ -8,6 +8,9 @@ use std::path::PathBuf;
 use twinbox_image::{Ext4Disk, Image, ImageSpec, Layers, Store};
 use twinbox_spec::{RunReport, RunSpec, StdinMode, WorkloadUser};
 
+/// `--memory` when the user gives none (MiB).
+const DEFAULT_MEMORY_MIB: u32 = 128;
+
 /// Which form of an `--image` a box mounts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ImageForm {
@@ -60,9 +63,10 @@ pub struct RunArgs {
     /// is the whole command.
     #[arg(long, value_name = "PROGRAM")]
     pub entrypoint: Option<String>,
-    /// Memory in MiB (VM: guest RAM; container: memory limit).
-    #[arg(long, value_name = "MiB", default_value_t = 128)]
-    pub memory: u32,
+    /// Memory in MiB (VM: guest RAM; container: memory limit) [default: 128; a VM
+    /// restored with --snapshot: the snapshot's].
+    #[arg(long, value_name = "MiB")]
+    pub memory: Option<u32>,
     /// Hostname inside the box.
     #[arg(long, value_name = "NAME")]
     pub hostname: Option<String>,
@@ -219,7 +223,7 @@ impl RunArgs {
     /// The options that do not depend on where the root comes from.
     fn fill(&self, spec: &mut RunSpec, spawn_ns: u64) -> anyhow::Result<()> {
         spec.spawn_ns = spawn_ns;
-        spec.memory_mib = self.memory;
+        spec.memory_mib = self.memory.unwrap_or(DEFAULT_MEMORY_MIB);
         spec.hostname = self.hostname.clone();
         spec.tty = self.tty;
         spec.verbose = self.verbose;

@@ -6,9 +6,6 @@ use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use twinbox_spec::DiskSpec;
 
-/// `--memory`'s default (`common.rs`): with `--snapshot`, the snapshot's size wins over it.
-const DEFAULT_MEMORY_MIB: u32 = 128;
-
 /// `twinbox vm ...`
 #[derive(Subcommand, Debug)]
 pub enum VmCommand {
@@ -165,7 +162,7 @@ fn run(mut args: VmRunArgs, spawn_ns: u64) -> anyhow::Result<i32> {
         // Sizes the user left out are the snapshot's.
         let header = snapshot.header();
         spec.vcpus = args.vcpus.unwrap_or(header.vcpus);
-        if args.run.memory == DEFAULT_MEMORY_MIB {
+        if args.run.memory.is_none() {
             spec.memory_mib = header.memory_mib;
         }
     }

@@ -19,7 +19,11 @@ impl Scenario for Startup {
     fn description(&self) -> &'static str {
         "`/bin/true` in each box: host-clock time from the run request (spawn) to the \
          workload's exit and to the end of teardown, with every phase the box reports. \
-         Costs differ by box: here twinbox's container, runc and bwrap all get the image \
+         Costs differ by box: twinbox's container runs as a call in the bench's own \
+         process (`container::run`), so it does not pay the exec and loading of the \
+         `twinbox` binary that a `twinbox ctr run` from a shell pays (~1.4 ms on a PVM \
+         host), while runc, bwrap and every VMM, twinbox's too, are timed from their \
+         process's start. Here twinbox's container, runc and bwrap all get the image \
          already mounted by the bench (twinbox's container holds its shared image mount for \
          the whole bench, while a lone `twinbox ctr run` attaches a loop device and mounts \
          the ext4 itself), and twinbox's container and runc make and remove a cgroup on \
