@@ -197,31 +197,32 @@ pub fn run_in_own_cgroup<S: AsRawFd + ?Sized>(
     run_inner(spec, stop, options, true)
 }
 
-/// [`run_with`], in the VMM's own cgroup when `own_cgroup`.
-fn run_inner<S: AsRawFd + ?Sized>(
+/// With `-t`, the Interrupt that raw mode lives under: SIGINT/SIGTERM then end the run
+/// normally and the caller's terminal is restored on every path.
+pub(crate) fn tty_interrupt(
     spec: &RunSpec,
-    stop: Option<&S>,
-    options: RunOptions,
-    own_cgroup: bool,
-) -> Result<RunReport, Error> {
-    let config = Config::check(spec, options, own_cgroup)?;
-    let probe = usage::Probe::open().map_err(Error::Usage)?;
-    let mut notes = Vec::new();
-    if config.pvm {
-        notes.push(PVM_NOTE.to_owned());
-    }
-    let cpu_before = usage::cpu_times_us();
-
-    // -t: the caller's terminal is raw for the run (Ctrl-C becomes a byte for the guest's
-    //     pty, not our SIGINT) and resizes are forwarded. Raw mode lives under an
-    //     Interrupt of its own, so SIGINT/SIGTERM end the run normally and the terminal
-    //     is restored on every path (declared in this order, the guard drops first).
-    let tty_interrupt = spec
-        .tty
+) -> Result<Option<twinbox_spec::interrupt::Interrupt>, Error> {
+    spec.tty
         .then(twinbox_spec::interrupt::Interrupt::install)
         .transpose()
-        .map_err(Error::Thread)?;
-    let _raw_terminal = match &tty_interrupt {
+        .map_err(Error::Thread)
+}
+
+/// The caller's terminal in raw mode, the watcher of its resizes and the fd that wakes on
+/// one: what [`caller_terminal`] sets up for `-t`.
+pub(crate) type CallerTerminal<'a> = (
+    Option<twinbox_spec::terminal::RawMode<'a>>,
+    Option<twinbox_spec::terminal::ResizeWatcher>,
+    Option<std::os::fd::OwnedFd>,
+);
+
+/// With `-t`, the caller's terminal made raw under `interrupt`, the watcher of its
+/// resizes and the fd that wakes on one (for the stdio pumps); all `None` without `-t`.
+pub(crate) fn caller_terminal<'a>(
+    spec: &RunSpec,
+    interrupt: &'a Option<twinbox_spec::interrupt::Interrupt>,
+) -> Result<CallerTerminal<'a>, Error> {
+    let raw = match interrupt {
         Some(interrupt) => twinbox_spec::terminal::RawMode::enable(
             twinbox_spec::terminal::caller_stdio()[0],
             interrupt,
@@ -239,6 +240,29 @@ fn run_inner<S: AsRawFd + ?Sized>(
         .map(|w| w.fd().try_clone_to_owned())
         .transpose()
         .map_err(Error::Terminal)?;
+    Ok((raw, resizes, resized))
+}
+
+/// [`run_with`], in the VMM's own cgroup when `own_cgroup`.
+fn run_inner<S: AsRawFd + ?Sized>(
+    spec: &RunSpec,
+    stop: Option<&S>,
+    options: RunOptions,
+    own_cgroup: bool,
+) -> Result<RunReport, Error> {
+    let config = Config::check(spec, options, own_cgroup)?;
+    let probe = usage::Probe::open().map_err(Error::Usage)?;
+    let mut notes = Vec::new();
+    if config.pvm {
+        notes.push(PVM_NOTE.to_owned());
+    }
+    let cpu_before = usage::cpu_times_us();
+
+    // -t: the caller's terminal is raw for the run (Ctrl-C becomes a byte for the guest's
+    //     pty, not our SIGINT) and resizes are forwarded (declared in this order, the
+    //     terminal is restored before the Interrupt goes, on every path).
+    let tty_interrupt = tty_interrupt(spec)?;
+    let (_raw_terminal, _resizes, resized) = caller_terminal(spec, &tty_interrupt)?;
 
     // 1a. The VMM's cgroup, before guest memory exists, so that all of it is charged
     //     there. Declared first among the run's resources, it drops last: the process

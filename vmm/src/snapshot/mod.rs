@@ -284,7 +284,9 @@ pub fn take(spec: &RunSpec, out: &Path, options: RunOptions) -> Result<Taken, Er
         .as_slice()
         .to_vec();
     let cpuid_sha256 = cpuid_digest(&kvm, spec.vcpus, profile(&config))?;
-    let guest_memory = memory::create(spec.memory_mib)?;
+    // Booted as `vm run` boots: guest RAM 2 MiB aligned on the host (see
+    // `memory::create_aligned`); `ram_mappings`, declared first, is unmapped last.
+    let (ram_mappings, guest_memory) = memory::create_aligned(spec.memory_mib)?;
     let vm = Arc::new(machine::create_vm(&kvm)?);
     let registration = memory::Registration::start(vm.clone(), guest_memory.clone())?;
     let kernel = crate::boot::load_kernel(&guest_memory, &config.kernel)?;
@@ -431,6 +433,8 @@ pub fn take(spec: &RunSpec, out: &Path, options: RunOptions) -> Result<Taken, Er
     drop(running);
     drop(vm);
     drop(devices);
+    drop(guest_memory);
+    drop(ram_mappings);
     Ok(Taken {
         dir: out.to_owned(),
         header,
@@ -652,29 +656,8 @@ pub fn restore<S: AsRawFd + ?Sized>(
     // -t, as a boot does it (lib.rs): the caller's terminal is raw for the run under an
     // Interrupt of its own (restored on every path), and resizes are forwarded. Init
     // allocates the guest's pty when it gets the job, after the resume.
-    let tty_interrupt = spec
-        .tty
-        .then(twinbox_spec::interrupt::Interrupt::install)
-        .transpose()
-        .map_err(Error::Thread)?;
-    let _raw_terminal = match &tty_interrupt {
-        Some(interrupt) => twinbox_spec::terminal::RawMode::enable(
-            twinbox_spec::terminal::caller_stdio()[0],
-            interrupt,
-        )
-        .map_err(Error::Terminal)?,
-        None => None,
-    };
-    let resizes = spec
-        .tty
-        .then(twinbox_spec::terminal::ResizeWatcher::install)
-        .transpose()
-        .map_err(Error::Terminal)?;
-    let resized = resizes
-        .as_ref()
-        .map(|w| w.fd().try_clone_to_owned())
-        .transpose()
-        .map_err(Error::Terminal)?;
+    let tty_interrupt = crate::tty_interrupt(spec)?;
+    let (_raw_terminal, _resizes, resized) = crate::caller_terminal(spec, &tty_interrupt)?;
     let _cgroup = own_cgroup
         .then(|| {
             crate::cgroup::VmmCgroup::enter(crate::cgroup::Limits::for_vm(
