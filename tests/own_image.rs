@@ -230,6 +230,87 @@ fn an_image_cannot_steer_the_init_mount_with_a_symlink() {
     echo_and_exit_7(image.path());
 }
 
+/// `twinbox ctr run --rootfs ROOTFS --disk DISK -- CMD...`, with a leak check around it.
+fn ctr_with_disk(rootfs: &str, disk: &Path, cmd: &[&str]) -> Output {
+    common::leaks::check_no_leaks(&format!("ctr run --rootfs {rootfs} --disk"), || {
+        Command::new(common::twinbox())
+            .args(["ctr", "run", "--rootfs", rootfs, "--disk"])
+            .arg(disk)
+            .arg("--")
+            .args(cmd)
+            .output()
+            .expect("run twinbox")
+    })
+}
+
+/// One line, exit 125, naming `what`, nothing on stdout.
+fn refused_naming(out: &Output, what: &str) {
+    assert_eq!(out.status.code(), Some(125), "{}", describe(out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{}", describe(out));
+    assert!(err.contains(what), "{}", describe(out));
+    assert!(out.stdout.is_empty(), "{}", describe(out));
+}
+
+/// A hostile image's symlinks at the places the container mounts over or makes files in
+/// (`/proc`, `/sys`, `/dev`, `/tmp`, `/run`, `/mnt` with disks, or below `/mnt`) never
+/// steer a mount or a file onto the host: the run is refused in one line, or the file is
+/// made on a tmpfs of twinbox's. Before, `/mnt -> DIR` with `--disk` created `DIR/disk0`
+/// on the host.
+#[test]
+fn an_image_cannot_steer_the_api_and_disk_mounts_with_symlinks() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let host_dir = common::fresh_dir("twinbox-own-image-target");
+    std::fs::create_dir_all(&host_dir).unwrap();
+    let disk = host_dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    let planted = host_dir.join("planted");
+    std::fs::create_dir(&planted).unwrap();
+    let nothing_planted = || {
+        let left: Vec<_> = std::fs::read_dir(&planted).unwrap().collect();
+        assert!(
+            left.is_empty(),
+            "the image made files on the host: {left:?}"
+        );
+    };
+
+    let target = planted.clone();
+    let image = PlainImage::build("mnt-link", move |tree| {
+        std::os::unix::fs::symlink(&target, tree.join("mnt")).unwrap();
+    });
+    refused_naming(
+        &ctr_with_disk(image.path(), &disk, &["/bin/true"]),
+        "the image has /mnt as a symlink",
+    );
+    nothing_planted();
+    // Without a disk, `/mnt` is the image's own business.
+    echo_and_exit_7(image.path());
+
+    for name in ["proc", "sys", "dev", "tmp", "run"] {
+        let target = planted.clone();
+        let image = PlainImage::build(&format!("{name}-link"), move |tree| {
+            std::os::unix::fs::symlink(&target, tree.join(name)).unwrap();
+        });
+        refused_naming(
+            &ctr(image.path(), &["/bin/true"]),
+            &format!("the image has /{name} as a symlink"),
+        );
+        nothing_planted();
+    }
+
+    // A symlink below a real `/mnt` is covered by twinbox's tmpfs: the disk is there.
+    let target = planted.join("disk0");
+    let image = PlainImage::build("mnt-entry-link", move |tree| {
+        std::fs::create_dir(tree.join("mnt")).unwrap();
+        std::os::unix::fs::symlink(&target, tree.join("mnt/disk0")).unwrap();
+    });
+    let out = ctr_with_disk(image.path(), &disk, &["/bin/wc", "-c", "/mnt/disk0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(stdout(&out).starts_with("4096 "), "{}", describe(&out));
+    nothing_planted();
+    let _ = std::fs::remove_dir_all(&host_dir);
+}
+
 #[test]
 fn a_plain_image_and_the_project_image_run_in_the_vm() {
     let image = PlainImage::build("vm", |_| {});

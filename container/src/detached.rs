@@ -176,13 +176,20 @@ fn read_only_private_bind(path: &Path, what: &str) -> Result<OwnedFd, Error> {
     Ok(fd)
 }
 
-/// Checks that the image (its detached mount `image`) leaves [`crate::plan::INIT_DIR`]
-/// to twinbox: absent or a directory. A symlink there would make the plan mount the init
-/// directory wherever it points (the plan's paths are resolved on the host side, before
-/// `pivot_root`, and the image is never trusted to steer them); a file would fail later
-/// with a less telling error. The image is read-only, so the answer cannot change.
-pub fn check_init_dir(image: &OwnedFd) -> Result<(), Error> {
-    let name = crate::plan::INIT_DIR.trim_start_matches('/');
+/// Checks that the image (its detached mount `image`) leaves each of `names` (top-level
+/// entries, [`crate::plan::image_mount_points`]) to twinbox: absent or a directory. A
+/// symlink there would make the plan mount, or create a file, wherever it points (the
+/// plan's paths are resolved on the host side, before `pivot_root`, and the image is never
+/// trusted to steer them); a file would fail later with a less telling error. The image
+/// is read-only, so the answer cannot change.
+pub fn check_mount_points(image: &OwnedFd, names: &[&str]) -> Result<(), Error> {
+    names
+        .iter()
+        .try_for_each(|name| check_mount_point(image, name))
+}
+
+/// [`check_mount_points`] for one name.
+fn check_mount_point(image: &OwnedFd, name: &str) -> Result<(), Error> {
     let c_name = CString::new(name).unwrap_or_default();
     // SAFETY: fstatat relative to our mount fd, into a zeroed stat on the stack.
     let (r, st) = unsafe {
@@ -204,12 +211,18 @@ pub fn check_init_dir(image: &OwnedFd) -> Result<(), Error> {
     }
     match st.st_mode & libc::S_IFMT {
         libc::S_IFDIR => Ok(()),
-        kind => Err(Error::Setup(format!(
-            "the image has /{name} as a {}: twinbox mounts its own init at {} — remove it from the image",
-            if kind == libc::S_IFLNK { "symlink" } else { "non-directory" },
-            crate::plan::INIT
-        ))),
+        kind => Err(refused(name, kind == libc::S_IFLNK, None)),
     }
+}
+
+/// The one line refusing an image whose `/name` is a symlink or a non-directory.
+fn refused(name: &str, symlink: bool, layer: Option<&Path>) -> Error {
+    let kind = if symlink { "symlink" } else { "non-directory" };
+    let at = layer.map_or(String::new(), |l| format!(" (layer {})", l.display()));
+    Error::Setup(format!(
+        "the image has /{name} as a {kind}{at}: twinbox mounts its own /{name} in the box, \
+         and will not follow the image's entry there — make it a directory in the image"
+    ))
 }
 
 /// A detached bind of one unpacked layer directory of an OCI image (`--image`): read-only,
@@ -220,14 +233,22 @@ pub fn layer(path: &Path) -> Result<OwnedFd, Error> {
     read_only_private_bind(path, &format!("layer {}", path.display()))
 }
 
-/// [`check_init_dir`] for an image given as layers (lowest first): what the overlay will
-/// show at [`crate::plan::INIT_DIR`] is the topmost layer's entry of that name, unless a
-/// layer above has a whiteout there (a 0:0 character device) or an opaque root. Absent,
-/// whited out or a directory is fine; a symlink or a file is refused, before the child
-/// exists.
-pub fn check_layers_init_dir(layers: &[std::path::PathBuf]) -> Result<(), Error> {
+/// [`check_mount_points`] for an image given as layers (lowest first): what the overlay
+/// will show at each name is the topmost layer's entry of that name, unless a layer above
+/// has a whiteout there (a 0:0 character device) or an opaque root. Absent, whited out or
+/// a directory is fine; a symlink or a file is refused, before the child exists.
+pub fn check_layers_mount_points(
+    layers: &[std::path::PathBuf],
+    names: &[&str],
+) -> Result<(), Error> {
+    names
+        .iter()
+        .try_for_each(|name| check_layers_mount_point(layers, name))
+}
+
+/// [`check_layers_mount_points`] for one name.
+fn check_layers_mount_point(layers: &[std::path::PathBuf], name: &str) -> Result<(), Error> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let name = crate::plan::INIT_DIR.trim_start_matches('/');
     for layer in layers.iter().rev() {
         match std::fs::symlink_metadata(layer.join(name)) {
             Ok(meta) => {
@@ -235,12 +256,7 @@ pub fn check_layers_init_dir(layers: &[std::path::PathBuf]) -> Result<(), Error>
                 if kind.is_dir() || (kind.is_char_device() && meta.rdev() == 0) {
                     return Ok(());
                 }
-                return Err(Error::Setup(format!(
-                    "the image has /{name} as a {} (layer {}): twinbox mounts its own init at {} — remove it from the image",
-                    if kind.is_symlink() { "symlink" } else { "non-directory" },
-                    layer.display(),
-                    crate::plan::INIT
-                )));
+                return Err(refused(name, kind.is_symlink(), Some(layer)));
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
@@ -327,25 +343,47 @@ mod tests {
             dir
         };
         let (low, mid, top) = (layer("low"), layer("mid"), layer("top"));
+        let names = crate::plan::image_mount_points(0);
         // None has it: fine.
-        assert!(check_layers_init_dir(&[low.clone(), mid.clone(), top.clone()]).is_ok());
+        assert!(
+            check_layers_mount_points(&[low.clone(), mid.clone(), top.clone()], &names).is_ok()
+        );
         // A symlink low, a directory above it: the overlay shows the directory.
         std::os::unix::fs::symlink("/etc", low.join(".twinbox")).unwrap();
         std::fs::create_dir(mid.join(".twinbox")).unwrap();
-        assert!(check_layers_init_dir(&[low.clone(), mid.clone(), top.clone()]).is_ok());
+        assert!(
+            check_layers_mount_points(&[low.clone(), mid.clone(), top.clone()], &names).is_ok()
+        );
         // The symlink alone, or a file on top, is refused in one line naming the layer.
-        let err = check_layers_init_dir(&[low.clone(), top.clone()])
+        let err = check_layers_mount_points(&[low.clone(), top.clone()], &names)
             .unwrap_err()
             .to_string();
         assert!(err.contains("symlink") && err.contains("low"), "{err}");
         std::fs::write(top.join(".twinbox"), "").unwrap();
-        let err = check_layers_init_dir(&[low, mid, top])
+        let err = check_layers_mount_points(&[low.clone(), mid.clone(), top.clone()], &names)
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("non-directory") && !err.contains('\n'),
             "{err}"
         );
+        std::fs::remove_file(top.join(".twinbox")).unwrap();
+        // Every other mount point alike: an image's `/mnt -> /tmp/x` would have steered the
+        // disks' files onto the host (only checked when disks are given).
+        std::os::unix::fs::symlink("/tmp", mid.join("mnt")).unwrap();
+        assert!(
+            check_layers_mount_points(&[low.clone(), mid.clone(), top.clone()], &names).is_ok()
+        );
+        let with_disks = crate::plan::image_mount_points(1);
+        let err = check_layers_mount_points(&[low.clone(), mid.clone(), top.clone()], &with_disks)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/mnt as a symlink"), "{err}");
+        std::os::unix::fs::symlink("/", top.join("proc")).unwrap();
+        let err = check_layers_mount_points(&[low, mid, top], &names)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/proc as a symlink"), "{err}");
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

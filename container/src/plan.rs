@@ -52,6 +52,26 @@ pub const INIT_DIR: &str = "/.twinbox";
 /// empty file of [`INIT_DIR`]: the image never supplies PID 1 and needs no mount point.
 pub const INIT: &str = "/.twinbox/init";
 
+/// The image's top-level entries the plan mounts over or creates in: each must be absent
+/// or a directory in the image (`detached::check_mount_points`). The plan's paths are
+/// resolved on the host's side of the child, before `pivot_root`, so a symlink of the
+/// image there would steer a mount, or a file twinbox creates, onto a host path. `/mnt`
+/// only with extra disks (a tmpfs of ours goes over it, then the disks' files).
+pub fn image_mount_points(disks: usize) -> Vec<&'static str> {
+    let mut names = vec![
+        INIT_DIR.trim_start_matches('/'),
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+    ];
+    if disks > 0 {
+        names.push("mnt");
+    }
+    names
+}
+
 /// Where extra disk `n` appears inside the container: `/mnt/disk<n>` (a bind mount of the
 /// host file, read-only for `:ro`), mirroring `/dev/vdb...` in the VM.
 pub fn disk_path(n: usize) -> String {
@@ -289,12 +309,30 @@ pub fn build(staging: &Path, lower: &Lower, init: RawFd, disks: &[RawFd]) -> Res
         fd: init,
         target: c(format!("{root}{INIT}")),
     });
+    // Extra disks: a tmpfs of ours over `/mnt` first, as for init, so nothing the image
+    // has below `/mnt` can steer the files made for them; read-only once they exist.
     if !disks.is_empty() {
         steps.push(Step::Mkdir(c(format!("{root}/mnt"))));
+        steps.push(mount(
+            "twinbox",
+            format!("{root}/mnt"),
+            "tmpfs",
+            nosuid_nodev | libc::MS_NOEXEC,
+            "mode=0755,size=4k",
+        ));
+        for n in 0..disks.len() {
+            steps.push(Step::Touch(c(format!("{root}{}", disk_path(n)))));
+        }
+        steps.push(mount(
+            "",
+            format!("{root}/mnt"),
+            "",
+            libc::MS_REMOUNT | libc::MS_RDONLY | nosuid_nodev | libc::MS_NOEXEC,
+            "",
+        ));
     }
     for (n, fd) in disks.iter().enumerate() {
         let target = format!("{root}{}", disk_path(n));
-        steps.push(Step::Touch(c(&target)));
         steps.push(Step::Attach {
             fd: *fd,
             target: c(target),
@@ -465,13 +503,28 @@ mod tests {
     }
 
     #[test]
-    fn disks_are_attached_under_mnt_in_order() {
+    fn disks_are_attached_under_mnt_in_order_on_files_of_a_tmpfs_of_ours() {
         let plan = build(Path::new("/s"), &Lower::Image(7), 6, &[8, 9]).unwrap();
+        let mnt = c("/s/root/mnt");
+        let tmpfs = plan
+            .steps
+            .iter()
+            .position(|s| matches!(s, Step::Mount { target, fstype, .. } if *target == mnt && fstype.to_str() == Ok("tmpfs")))
+            .expect("a tmpfs over /mnt");
+        let read_only = plan
+            .steps
+            .iter()
+            .position(|s| matches!(s, Step::Mount { target, flags, .. } if *target == mnt && flags & libc::MS_REMOUNT != 0 && flags & libc::MS_RDONLY != 0))
+            .expect("/mnt's tmpfs made read-only");
         for (n, fd) in [8, 9].into_iter().enumerate() {
             let target = c(format!("/s/root/mnt/disk{n}"));
             let touch = position(&plan, &Step::Touch(target.clone()));
+            // The file is made on our tmpfs, never through the image's own `/mnt`.
+            assert!(tmpfs < touch && touch < read_only);
             assert!(position(&plan, &Step::Attach { fd, target }) > touch);
         }
+        assert_eq!(image_mount_points(2).last(), Some(&"mnt"));
+        assert!(!image_mount_points(0).contains(&"mnt"));
         assert!(!targets(&plan).iter().any(|t| t.contains("/mnt/disk")));
     }
 

@@ -264,8 +264,12 @@ impl Syscall for Recording {
         Ok(std::fs::File::open("/dev/null").unwrap().into())
     }
 
-    fn check_layers_init_dir(&self, layers: &[PathBuf]) -> Result<(), Error> {
-        self.call(&format!("check init dir ({} layers)", layers.len()))
+    fn check_layers_mount_points(&self, layers: &[PathBuf], names: &[&str]) -> Result<(), Error> {
+        self.call(&format!(
+            "check mount points {} ({} layers)",
+            names.join(","),
+            layers.len()
+        ))
     }
 
     fn bind_disk(&self, path: &Path, read_only: bool) -> Result<OwnedFd, Error> {
@@ -286,8 +290,8 @@ impl Syscall for Recording {
         Ok(std::fs::File::open("/dev/null").unwrap().into())
     }
 
-    fn check_init_dir(&self, _image: &OwnedFd) -> Result<(), Error> {
-        self.call("check init dir")
+    fn check_mount_points(&self, _image: &OwnedFd, names: &[&str]) -> Result<(), Error> {
+        self.call(&format!("check mount points {}", names.join(",")))
     }
 
     fn spawn(

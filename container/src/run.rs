@@ -100,17 +100,19 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     // allowlist it could not open the loop device; in a user namespace not mount ext4).
     // The image's read-only mount is shared with every other run of it (`shared_image.rs`):
     // this run holds it and gives the child a clone of its own.
+    // No entry of the image may steer where the plan mounts or creates (`plan.rs`).
+    let mount_points = plan::image_mount_points(spec.disks.len());
     let mut image = ImageGuard { sys, held: None };
     let root_mounts = match &spec.rootfs_layers {
         None => {
             let held = image.held.insert(sys.hold_image(&spec.rootfs)?);
             let image_mount = sys.clone_image(held)?;
-            sys.check_init_dir(&image_mount)?;
+            sys.check_mount_points(&image_mount, &mount_points)?;
             RootMounts::Image(image_mount)
         }
         // An image's layers: one read-only bind each, stacked by the child's overlay.
         Some(layers) => {
-            sys.check_layers_init_dir(layers)?;
+            sys.check_layers_mount_points(layers, &mount_points)?;
             RootMounts::Layers(
                 layers
                     .iter()
@@ -757,7 +759,7 @@ mod tests {
         "create staging dir",
         "hold image",
         "clone image",
-        "check init dir",
+        "check mount points .twinbox,proc,sys,dev,tmp,run",
         "bind init",
     ];
 
@@ -889,7 +891,7 @@ mod tests {
                     "create staging dir",
                     "hold image",
                     "clone image",
-                    "check init dir",
+                    "check mount points .twinbox,proc,sys,dev,tmp,run",
                     "bind init FAILED",
                     "give up image",
                     "cgroup destroy",
@@ -903,7 +905,7 @@ mod tests {
                     "create staging dir",
                     "hold image",
                     "clone image",
-                    "check init dir",
+                    "check mount points .twinbox,proc,sys,dev,tmp,run",
                     "bind init",
                     "spawn FAILED",
                     "give up image",
@@ -1245,7 +1247,7 @@ mod tests {
                 "sweep",
                 "create cgroup",
                 "create staging dir",
-                "check init dir (3 layers)",
+                "check mount points .twinbox,proc,sys,dev,tmp,run (3 layers)",
                 "bind layer /c/l/base",
                 "bind layer /c/l/mid",
                 "bind layer /c/l/top",
@@ -1284,7 +1286,7 @@ mod tests {
                 "sweep",
                 "create cgroup",
                 "create staging dir",
-                "check init dir (3 layers)",
+                "check mount points .twinbox,proc,sys,dev,tmp,run (3 layers)",
                 "bind layer /c/l/base",
                 "bind layer /c/l/mid FAILED",
                 "cgroup destroy",
@@ -1317,8 +1319,8 @@ mod tests {
         run_with(&sys, &image.spec()).unwrap();
         let calls = sys.calls();
         let at = |call: &str| calls.iter().position(|c| c == call).unwrap();
-        assert!(at("clone image") < at("check init dir"));
-        assert!(at("check init dir") < at("bind init"));
+        assert!(at("clone image") < at("check mount points .twinbox,proc,sys,dev,tmp,run"));
+        assert!(at("check mount points .twinbox,proc,sys,dev,tmp,run") < at("bind init"));
         assert!(at("bind init") < at("spawn"));
         assert_eq!(INIT, "/.twinbox/init");
     }

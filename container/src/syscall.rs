@@ -96,17 +96,18 @@ pub trait Syscall {
     /// A detached bind of one layer directory of an OCI image (read-only, nodev, nosuid,
     /// private; `detached::layer`).
     fn bind_layer(&self, path: &Path) -> Result<OwnedFd, Error>;
-    /// Refuses layers whose merged `/.twinbox` is not a directory
-    /// (`detached::check_layers_init_dir`).
-    fn check_layers_init_dir(&self, layers: &[PathBuf]) -> Result<(), Error>;
+    /// Refuses layers whose merged entry at one of `names` (`plan::image_mount_points`)
+    /// is not a directory (`detached::check_layers_mount_points`).
+    fn check_layers_mount_points(&self, layers: &[PathBuf], names: &[&str]) -> Result<(), Error>;
     /// A detached bind of the disk file `path` (nodev, nosuid, read-only when asked).
     fn bind_disk(&self, path: &Path, read_only: bool) -> Result<OwnedFd, Error>;
     /// The host's twinbox-init the box runs (found before anything is made).
     fn host_init(&self) -> Result<PathBuf, Error>;
     /// A detached read-only, private bind of the host's init (`detached::init`).
     fn bind_init(&self, path: &Path) -> Result<OwnedFd, Error>;
-    /// Refuses an image whose `/.twinbox` is not a directory (`detached::check_init_dir`).
-    fn check_init_dir(&self, image: &OwnedFd) -> Result<(), Error>;
+    /// Refuses an image whose entry at one of `names` (`plan::image_mount_points`) is not
+    /// a directory (`detached::check_mount_points`).
+    fn check_mount_points(&self, image: &OwnedFd, names: &[&str]) -> Result<(), Error>;
     /// Clones the child into new namespaces (`flags`), born inside `group` (or moved
     /// there at once where it cannot be); it runs `child::main(prepared)`.
     fn spawn(
@@ -279,8 +280,8 @@ impl Syscall for Real {
         detached::layer(path)
     }
 
-    fn check_layers_init_dir(&self, layers: &[PathBuf]) -> Result<(), Error> {
-        detached::check_layers_init_dir(layers)
+    fn check_layers_mount_points(&self, layers: &[PathBuf], names: &[&str]) -> Result<(), Error> {
+        detached::check_layers_mount_points(layers, names)
     }
 
     fn bind_disk(&self, path: &Path, read_only: bool) -> Result<OwnedFd, Error> {
@@ -302,8 +303,8 @@ impl Syscall for Real {
         detached::init(path)
     }
 
-    fn check_init_dir(&self, image: &OwnedFd) -> Result<(), Error> {
-        detached::check_init_dir(image)
+    fn check_mount_points(&self, image: &OwnedFd, names: &[&str]) -> Result<(), Error> {
+        detached::check_mount_points(image, names)
     }
 
     fn spawn(
@@ -458,7 +459,8 @@ impl Syscall for Real {
         unsafe {
             let fd = Errno::result(libc::open(
                 path.as_ptr(),
-                libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                // Never through a symlink: the plan makes its files only on tmpfs of ours.
+                libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
                 0o644,
             ))?;
             Errno::result(libc::close(fd)).map(drop)
