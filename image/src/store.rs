@@ -554,8 +554,49 @@ impl Store {
         std::fs::create_dir_all(path).map_err(io(path, "cannot create cache directory"))
     }
 
+    /// Makes the cache's root, or keeps it, private to its owner (0700): unpacked layers
+    /// keep their images' set-id bits and device nodes, and no other local user may reach
+    /// them (a setuid-root program of any image, a device node it planted), nor race the
+    /// unpack in a directory a layer made writable (moby's CVE-2021-41091 is the same
+    /// lesson). A root owned by another user, or not a directory, is refused.
+    fn private_root(&self) -> Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+        if let Some(parent) = self.root.parent() {
+            self.mkdir(parent)?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(&self.root) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(&self.root, "cannot create cache directory")(e)),
+        }
+        let meta = std::fs::symlink_metadata(&self.root)
+            .map_err(io(&self.root, "cannot look at the cache directory"))?;
+        let unsafe_root = |what: String| ImageError::Unsafe {
+            path: self.root.clone(),
+            what,
+        };
+        if !meta.is_dir() {
+            return Err(unsafe_root(
+                "the image cache is not a directory (a symlink?): remove it".into(),
+            ));
+        }
+        let me = rustix::process::geteuid().as_raw();
+        if meta.uid() != me {
+            return Err(unsafe_root(format!(
+                "the image cache is owned by uid {}, not by this user (uid {me}): it would \
+                 hand this user's images to another",
+                meta.uid()
+            )));
+        }
+        if meta.mode() & 0o077 != 0 {
+            std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(&self.root, "cannot make the cache directory private"))?;
+        }
+        Ok(())
+    }
+
     fn lock_file(&self) -> Result<File> {
-        self.mkdir(&self.root)?;
+        self.private_root()?;
         let path = self.root.join("lock");
         File::options()
             .create(true)
@@ -812,6 +853,31 @@ mod tests {
             path: path.to_owned(),
             reference: Some(reference.to_owned()),
         }
+    }
+
+    #[test]
+    fn the_cache_root_is_private_to_its_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        // Made 0700, whatever the umask.
+        let store = Store::new(t.path().join("new"));
+        store.shared().unwrap();
+        assert_eq!(mode(store.root()), 0o700);
+        // An existing world-readable one (an older twinbox's) is made private.
+        let old = t.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Store::new(&old).shared().unwrap();
+        assert_eq!(mode(&old), 0o700);
+        // A symlink in its place is refused in one line.
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&old, &link).unwrap();
+        let err = Store::new(&link).shared().err().unwrap().to_string();
+        assert!(
+            err.contains("not a directory") && !err.contains('\n'),
+            "{err}"
+        );
     }
 
     /// No layer, disk or unfinished work in the cache.

@@ -69,11 +69,17 @@ pub(crate) fn unpack(layer: impl Read, dest: &Path, label: &str) -> Result<Unpac
         what: "cannot open layer directory",
         source: e,
     })?;
+    let room = room_for_files(&root).map_err(|e| ImageError::Io {
+        path: dest.to_owned(),
+        what: "cannot look at the free space of",
+        source: e.into(),
+    })?;
     let mut u = Unpacker {
         root,
         label,
         stats: UnpackStats::default(),
         dir_times: Vec::new(),
+        room,
     };
     let mut archive = tar::Archive::new(layer);
     let entries = archive.entries().map_err(|e| u.bad_tar(e))?;
@@ -111,6 +117,19 @@ struct Unpacker<'a> {
     stats: UnpackStats,
     /// Directories whose mtime is set at the end, in creation order.
     dir_times: Vec<(Vec<u8>, Timestamps)>,
+    /// Bytes the layer's files may still take (see [`room_for_files`]).
+    room: u64,
+}
+
+/// What one layer's files may take of the filesystem under `dir`: what is free to us,
+/// less a reserve of 1/20 of the filesystem, so a layer can never fill the host's disk —
+/// a ~2 KB tar can declare a sparse file of a terabyte, whose holes are written out as
+/// zeros, and a compressed layer can expand without limit.
+fn room_for_files(dir: &OwnedFd) -> rustix::io::Result<u64> {
+    let st = rustix::fs::fstatvfs(dir)?;
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    let reserve = st.f_blocks.saturating_mul(st.f_frsize) / 20;
+    Ok(free.saturating_sub(reserve))
 }
 
 impl Unpacker<'_> {
@@ -182,6 +201,19 @@ impl Unpacker<'_> {
                 self.set_dir_meta(&dir, &path, &meta)?;
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                // The size the file will have once written (a sparse entry's holes included).
+                let size = entry.size();
+                if size > self.room {
+                    return Err(self.unsafe_entry(
+                        &path,
+                        &format!(
+                            "a file of {size} bytes, more than the {} bytes the cache's \
+                             filesystem can spare for this layer",
+                            self.room
+                        ),
+                    ));
+                }
+                self.room -= size;
                 self.replace(&parent, name, &path)?;
                 let fd = rfs::openat(
                     &parent,
@@ -704,6 +736,32 @@ mod tests {
         r.unwrap();
         assert!(d.join("p/inner").is_file());
         assert_eq!(std::fs::read(d.join("q")).unwrap(), b"now a file");
+    }
+
+    #[test]
+    fn a_file_larger_than_the_disk_can_spare_is_refused_before_a_byte_is_written() {
+        let (_t, dest) = scratch();
+        // A header declaring a petabyte (as a sparse entry's expanded size can, from a
+        // tar of a few KiB): refused from the header, nothing created.
+        let mut header = tar::Header::new_gnu();
+        header.set_path("huge").unwrap();
+        header.set_size(1 << 50);
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        header.set_entry_type(EntryType::Regular);
+        header.set_cksum();
+        let mut tar = header.as_bytes().to_vec();
+        tar.extend_from_slice(&[0u8; 4096]);
+        let e = unpack(&tar[..], &dest, "test layer")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("entry 'huge'") && e.contains("can spare for this layer"),
+            "{e}"
+        );
+        assert!(!dest.join("huge").exists());
     }
 
     #[test]
