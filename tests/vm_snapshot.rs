@@ -128,6 +128,20 @@ fn bad_snapshots_are_one_line_and_125() {
     // The memory file: missing, truncated; then another CPU (needs /dev/kvm).
     let memory = fake_snapshot("twinbox-snap-memory", &rootfs, |_| {});
     assert_refused(&memory, &[], "memory file cannot be opened");
+    // The root image is taken from a snapshot's word only when no one else could have
+    // written it: left out, a snapshot others can write is refused; given, the checks go on.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |m| std::fs::set_permissions(&memory, std::fs::Permissions::from_mode(m));
+        mode(0o777).unwrap();
+        assert_refused(&memory, &[], "give --rootfs");
+        assert_refused(
+            &memory,
+            &["--rootfs", rootfs.to_str().unwrap()],
+            "memory file cannot be opened",
+        );
+        mode(0o755).unwrap();
+    }
     std::fs::write(memory.join(format::MEMORY_FILE), [0u8; 4096]).unwrap();
     assert_refused(&memory, &[], "truncated");
     if Path::new("/dev/kvm").exists() {

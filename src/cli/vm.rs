@@ -151,6 +151,11 @@ fn run(mut args: VmRunArgs, spawn_ns: u64) -> anyhow::Result<i32> {
         // The root the user left out is the snapshot's (it must still be that very file,
         // unchanged: the restore checks).
         if args.run.rootfs.is_none() && args.run.image.is_none() {
+            // Only from a snapshot no one else could have written (see `is_private`).
+            snapshot.is_private().context(
+                "give --rootfs: twinbox takes the root image a snapshot names only from \
+                 one that is this user's own",
+            )?;
             args.run.rootfs = Some(snapshot.header().rootfs.path.clone());
         }
     }

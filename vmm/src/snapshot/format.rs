@@ -244,7 +244,17 @@ pub fn write_state(dir: &Path, bytes: &[u8]) -> Result<(), FormatError> {
         }
     };
     let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
-    let mut file = std::fs::File::create(&tmp).map_err(io("cannot create the state file"))?;
+    // A new file (never through a symlink); the rename replaces a name, never follows it.
+    let mut file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io("cannot create the state file"))?
+    };
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
         .map_err(io("cannot write the state file"))?;

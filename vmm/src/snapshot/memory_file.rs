@@ -19,10 +19,16 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 /// The unit of "touched or not".
 const PAGE: usize = 4096;
 
-/// Writes guest RAM into `path` (created or truncated), skipping zero pages; returns the
-/// bytes written.
+/// Writes guest RAM into `path` (a new file: never an existing one, nor through a
+/// symlink), skipping zero pages; returns the bytes written.
 pub fn save(memory: &GuestMemoryMmap, path: &Path) -> std::io::Result<u64> {
-    let file = File::create(path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = File::options()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(path)?;
     let mut offset = 0u64;
     let mut written = 0u64;
     for region in memory.iter() {

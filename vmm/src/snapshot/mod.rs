@@ -32,6 +32,7 @@ use devices_crate::snapshot::BusSnapshot;
 use format::{FileIdentity, FormatError, Header, VmState};
 use kvm_ioctls::{Kvm, VcpuFd};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::channel;
@@ -66,6 +67,8 @@ pub enum SnapshotError {
     Refused { option: String, why: String },
     #[error("snapshot: the guest did not get ready for its job: {0}")]
     NotReady(String),
+    #[error("snapshot: {dir} {why}")]
+    NotPrivate { dir: PathBuf, why: String },
     #[error("snapshot: the device at {addr:#x} {why}")]
     Layout { addr: u64, why: &'static str },
     #[error("snapshot: {what}: {source}")]
@@ -259,7 +262,18 @@ pub fn take(spec: &RunSpec, out: &Path, options: RunOptions) -> Result<Taken, Er
         let what = format!("{what} {}", out.display());
         move |source| SnapshotError::Io { what, source }
     };
-    std::fs::create_dir_all(out).map_err(io("cannot create"))?;
+    // Made private (0700), or an existing one must already be: another user able to
+    // write it could plant a symlink where the memory file goes, or change the state a
+    // later restore trusts.
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io("cannot create the parent of"))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(out) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io("cannot create")(e).into()),
+    }
+    private_to_this_user(out)?;
     if std::fs::read_dir(out)
         .map_err(io("cannot read"))?
         .next()
@@ -551,6 +565,44 @@ impl Snapshot {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// Whether its word may be taken for which root image to attach: its directory is
+    /// this user's own and no one else can write it (as `take` makes it). A snapshot from
+    /// anyone else is guest memory and device state they wrote: restored with the root
+    /// image it names, its guest could read that file and print it to us.
+    pub fn is_private(&self) -> Result<(), Error> {
+        Ok(private_to_this_user(&self.dir)?)
+    }
+}
+
+/// `dir` is a directory owned by this process's user that no group or other can write.
+fn private_to_this_user(dir: &Path) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |why: String| SnapshotError::NotPrivate {
+        dir: dir.to_owned(),
+        why,
+    };
+    let meta = std::fs::metadata(dir).map_err(|source| SnapshotError::Io {
+        what: format!("cannot look at {}", dir.display()),
+        source,
+    })?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() {
+        Err(refuse("is not a directory".into()))
+    } else if meta.uid() != me {
+        Err(refuse(format!(
+            "is owned by uid {}, not by this user (uid {me})",
+            meta.uid()
+        )))
+    } else if meta.mode() & 0o022 != 0 {
+        Err(refuse(format!(
+            "can be written by other users (mode {:o}): chmod go-w it",
+            meta.mode() & 0o7777
+        )))
+    } else {
+        Ok(())
+    }
 }
 
 /// What a restore checks before building anything: the snapshot's state, its memory
@@ -796,4 +848,34 @@ pub fn restore<S: AsRawFd + ?Sized>(
         notes,
         network: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn only_a_directory_of_this_users_own_that_no_one_else_writes_is_private() {
+        let base =
+            std::env::temp_dir().join(format!("twinbox-snap-private-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let dir = base.join("snap");
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+        assert!(private_to_this_user(&dir).is_ok());
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(
+            private_to_this_user(&dir).is_ok(),
+            "readable by others is fine"
+        );
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = private_to_this_user(&dir).unwrap_err().to_string();
+        assert!(err.contains("written by other users"), "{err}");
+        let file = base.join("file");
+        std::fs::write(&file, "").unwrap();
+        let err = private_to_this_user(&file).unwrap_err().to_string();
+        assert!(err.contains("not a directory"), "{err}");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }
