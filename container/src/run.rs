@@ -182,13 +182,13 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     // Nothing to admit (no user namespace to map, no link to make, no terminal to size
     // before init runs): the child may run on this process's memory while this thread
     // waits, released before it exists (`clone_flags`).
-    let admitted = spec.user_namespace || spec.net.is_some() || spec.tty;
+    let to_admit = spec.user_namespace || spec.net.is_some() || spec.tty;
     let mut child = ChildGuard {
         sys,
         // Born inside the run's cgroup: no move of a running task (`cgroup.rs`: Birth).
         pid: sys.spawn(
             &prepared,
-            clone_flags(spec.user_namespace, admitted),
+            clone_flags(spec.user_namespace, to_admit),
             &*group,
             &mut parent,
         )?,
@@ -363,13 +363,13 @@ fn run_name() -> Result<String, Error> {
 
 /// The namespaces of the child: pid, mount, uts, ipc, net, and user with `--userns`
 /// (the cgroup namespace comes later, once the child is in its cgroup). A child the parent
-/// need not admit (`admitted` false), when born in its cgroup, runs on the parent's memory
+/// need not admit (`to_admit` false), when born in its cgroup, runs on the parent's memory
 /// with the parent suspended until it execs init ([`crate::syscall::SHARED_MEMORY`]):
 /// no copy of the caller's page tables. A child to admit cannot: the parent must run to
 /// write its maps, make its link or size its terminal before init runs, and with
 /// `--userns` the child sets its credentials, which glibc does on every thread of the
 /// memory's process.
-fn clone_flags(user_namespace: bool, admitted: bool) -> CloneFlags {
+fn clone_flags(user_namespace: bool, to_admit: bool) -> CloneFlags {
     let mut flags = CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWUTS
@@ -379,7 +379,7 @@ fn clone_flags(user_namespace: bool, admitted: bool) -> CloneFlags {
         // Created first by clone, so it owns every other new namespace.
         flags |= CloneFlags::CLONE_NEWUSER;
     }
-    if !admitted {
+    if !to_admit {
         flags |= crate::syscall::SHARED_MEMORY;
     }
     flags

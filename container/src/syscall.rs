@@ -784,21 +784,15 @@ fn sweep_now(mountinfo: &str) {
 pub struct Sweeping(pub(crate) Option<std::thread::JoinHandle<()>>);
 
 impl Sweeping {
-    /// Waits for the sweep to end.
-    pub fn finish(mut self) {
-        self.join();
-    }
-
-    fn join(&mut self) {
-        if let Some(thread) = self.0.take() {
-            // A panic in the sweep is its own: the run goes on.
-            let _ = thread.join();
-        }
-    }
+    /// Waits for the sweep to end (as dropping it does on an early return).
+    pub fn finish(self) {}
 }
 
 impl Drop for Sweeping {
     fn drop(&mut self) {
-        self.join();
+        if let Some(thread) = self.0.take() {
+            // A panic in the sweep is its own: the run goes on.
+            let _ = thread.join();
+        }
     }
 }

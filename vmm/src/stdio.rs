@@ -64,6 +64,9 @@ pub(crate) struct GuestStdio {
     /// One message per pump that ended.
     ended: Receiver<()>,
     captured: Option<Captured>,
+    /// Before a job (a VM being snapshotted): the write end of the guest's stdin, held
+    /// open and silent until this is dropped (see `start_with`).
+    _silent_stdin: Option<OwnedFd>,
 }
 
 /// What a pump thread runs first (the VMM installs its seccomp filter there).
@@ -81,8 +84,10 @@ impl GuestStdio {
         Self::start_with(spec, Some(job), winch, on_start)
     }
 
-    /// [`Self::start`], or without a job: the control port then stays open and silent,
-    /// and init waits on it (a VM being snapshotted before its job).
+    /// [`Self::start`], or without a job: the control and stdin ports then stay open and
+    /// silent, and init waits on the control port (a VM being snapshotted before its job:
+    /// an end of input reaching the guest before the pause would be in every restore, and
+    /// each restored workload would read end of input at once).
     pub(crate) fn start_with(
         spec: &RunSpec,
         job: Option<&Job>,
@@ -125,9 +130,13 @@ impl GuestStdio {
             Box::new(move || control_pump(File::from(control_host), wire, winch, &s)),
         )?);
 
-        // stdin: the caller's, or end of input at once (the write end closes right here).
+        // stdin: the caller's, or end of input at once (the write end closes right here);
+        // before a job, held open and silent.
         let (stdin_guest, stdin_host) = pipe(Side::Read)?;
-        if spec.stdin == StdinMode::Inherit {
+        let mut silent_stdin = None;
+        if job.is_none() {
+            silent_stdin = Some(stdin_host);
+        } else if spec.stdin == StdinMode::Inherit {
             let caller = std::io::stdin().as_fd().try_clone_to_owned()?;
             let s = stop.clone();
             pumps.push(spawn(
@@ -161,6 +170,7 @@ impl GuestStdio {
                 pumps,
                 ended,
                 captured,
+                _silent_stdin: silent_stdin,
             },
             DeviceEnds {
                 control: control_guest,

@@ -315,7 +315,9 @@ pub fn take(spec: &RunSpec, out: &Path, options: RunOptions) -> Result<Taken, Er
     let mut running = Running::default();
     let jail = options.jail.then(jail::Jail::enter).transpose()?;
     let console_out = serial_console(spec, jail.as_ref(), &config.seccomp, &mut running)?;
-    let (guest_stdio, mut stdio_ends) = {
+    // Without a job: init waits for one, and its stdin sees no end of input
+    // (`GuestStdio::start_with`) until the snapshot is written.
+    let (guest_stdio, stdio_ends) = {
         let (spec, filters) = (spec.clone(), config.seccomp.clone());
         start(jail.as_ref(), move || {
             stdio::GuestStdio::start_with(
@@ -332,14 +334,6 @@ pub fn take(spec: &RunSpec, out: &Path, options: RunOptions) -> Result<Taken, Er
         .map_err(Error::Thread)?
     };
     running.stdio = Some(guest_stdio);
-    // The workload's stdin port is saved open and silent, as the control port is: the
-    // end of input of a run without stdin, had it reached the guest before the pause,
-    // would be in every restore, and each restored workload would read end of input at
-    // once whatever its run pipes in. Its other end is held until the snapshot is written.
-    let (stdin_device, _stdin_held) =
-        std::os::unix::net::UnixStream::pair().map_err(Error::Thread)?;
-    stdin_device.set_nonblocking(true).map_err(Error::Thread)?;
-    stdio_ends.stdin = stdin_device.into();
     let devices = attach(spec, &vm, &guest_memory, console_out, &markers, stdio_ends)?;
     crate::acpi::write(&guest_memory, spec.vcpus, &devices.cmdline_entries)?;
     let line = crate::kernel_cmdline(spec, &config, &devices.cmdline_entries)?;
@@ -559,11 +553,6 @@ impl Snapshot {
     /// What the snapshot is and needs (vCPUs, memory, root image, kernel).
     pub fn header(&self) -> &Header {
         &self.header
-    }
-
-    /// The snapshot's directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Whether its word may be taken for which root image to attach: its directory is
