@@ -16,24 +16,7 @@ mod common;
 use bench::results::Results;
 use bench::runner::peer_firecracker::Firecracker;
 use bench::runner::Runner;
-use std::path::PathBuf;
 use twinbox_spec::{Outcome, RunSpec};
-
-/// The Firecracker binary to test, or a failure naming every place looked at.
-fn firecracker() -> PathBuf {
-    let from_env = std::env::var_os("TWINBOX_FIRECRACKER").map(PathBuf::from);
-    let beside = common::repo_root().join("../shared/peers/firecracker");
-    from_env
-        .or_else(|| bench::runner::peer::in_path("firecracker"))
-        .or_else(|| beside.is_file().then(|| beside.clone()))
-        .unwrap_or_else(|| {
-            panic!(
-                "no Firecracker binary: set TWINBOX_FIRECRACKER, put firecracker in PATH, or \
-                 provide {} — this check did not run",
-                beside.display()
-            )
-        })
-}
 
 #[test]
 fn the_real_firecracker_boots_the_tiny_guest_and_exits_zero() {
@@ -47,7 +30,7 @@ fn the_real_firecracker_boots_the_tiny_guest_and_exits_zero() {
     spec.vcpus = 1;
     spec.memory_mib = 128;
     spec.time_limit = Some(std::time::Duration::from_secs(60));
-    let fc = Firecracker::new(&firecracker()).expect("an executable Firecracker");
+    let fc = Firecracker::new(&common::peers::firecracker()).expect("an executable Firecracker");
     let report = fc.run(&spec).expect("Firecracker starts");
     let output = report.output.as_deref().unwrap_or_default();
     assert_eq!(report.outcome, Outcome::Exited(0), "{output}");
@@ -55,12 +38,9 @@ fn the_real_firecracker_boots_the_tiny_guest_and_exits_zero() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Where the lab carries the Firecracker binary.
-const FIRECRACKER_IN_LAB: &str = "/opt/twinbox-lab/firecracker";
-
 #[test]
 fn firecracker_boots_our_kernel_with_a_tap_and_serves_the_net_scenario() {
-    let fc = firecracker();
+    let fc = common::peers::firecracker();
     let microbench = common::require_artifact(
         &twinbox_spec::artifacts::rootfs_image().with_file_name("twinbox-microbench"),
     );
@@ -81,11 +61,11 @@ echo "RESULTS=$(tr -d '\n' < "$out/results.json")"
 rm -rf "$out"
 "#,
         fc = fc.display(),
-        in_lab = FIRECRACKER_IN_LAB,
+        in_lab = common::peers::FIRECRACKER_IN_LAB,
     );
     let lab = common::run_where_linux_boots(&script, |lab| {
         lab.bin(&fc)
-            .file(&fc, FIRECRACKER_IN_LAB)
+            .file(&fc, common::peers::FIRECRACKER_IN_LAB)
             .bin("/usr/bin/iperf3")
             .file(&microbench, "/cache/rootfs/current/twinbox-microbench")
             .mem_mib(2048)

@@ -109,23 +109,6 @@ fn syscall_disk_density_with_runc_and_bwrap() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
-/// The Firecracker binary: `TWINBOX_FIRECRACKER`, else in PATH, else
-/// `../shared/peers/firecracker` beside the repository; a failure naming them otherwise.
-fn firecracker() -> std::path::PathBuf {
-    let beside = common::repo_root().join("../shared/peers/firecracker");
-    std::env::var_os("TWINBOX_FIRECRACKER")
-        .map(std::path::PathBuf::from)
-        .or_else(|| bench::runner::peer::in_path("firecracker"))
-        .or_else(|| beside.is_file().then(|| beside.clone()))
-        .unwrap_or_else(|| {
-            panic!(
-                "no Firecracker binary: set TWINBOX_FIRECRACKER, put firecracker in PATH, or \
-                 provide {} — this check did not run",
-                beside.display()
-            )
-        })
-}
-
 /// twinbox's VM box is `twinbox vm run`, a process measured as Firecracker's is: both
 /// have their own RSS and PSS (guest RAM excluded) and guest RAM touched, read from their
 /// process — a run of a few milliseconds is read whole, never as the 4 KiB of a sample
@@ -135,7 +118,7 @@ fn firecracker() -> std::path::PathBuf {
 fn the_vm_box_is_a_process_measured_like_firecracker_and_skips_where_linux_cannot_boot() {
     common::require_root("twinbox bench with the VM box");
     let kvm = common::kvm::require_kvm("the vmm scenario");
-    let fc = firecracker();
+    let fc = common::peers::firecracker();
     let out = common::fresh_dir("twinbox-bench-vmproc");
     let stderr = common::leaks::check_no_leaks("twinbox bench vmm startup", || {
         let done = Command::new(common::twinbox())

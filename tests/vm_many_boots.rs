@@ -14,35 +14,15 @@
 mod common;
 
 use bench::results::Results;
-use std::path::PathBuf;
 
 /// Back-to-back `twinbox vm run` boots.
 const BOOTS: u32 = 20;
 /// Counted bench runs per box (twinbox's VM and Firecracker, interleaved).
 const BENCH_RUNS: u32 = 5;
-/// Where the lab carries the Firecracker binary (the host's path may lie under the lab's
-/// own /tmp, which the lab mounts over).
-const FIRECRACKER_IN_LAB: &str = "/opt/twinbox-lab/firecracker";
-
-/// The Firecracker binary, or a failure naming every place looked at.
-fn firecracker() -> PathBuf {
-    let beside = common::repo_root().join("../shared/peers/firecracker");
-    std::env::var_os("TWINBOX_FIRECRACKER")
-        .map(PathBuf::from)
-        .or_else(|| bench::runner::peer::in_path("firecracker"))
-        .or_else(|| beside.is_file().then(|| beside.clone()))
-        .unwrap_or_else(|| {
-            panic!(
-                "no Firecracker binary: set TWINBOX_FIRECRACKER, put firecracker in PATH, or \
-                 provide {} — this check did not run",
-                beside.display()
-            )
-        })
-}
 
 #[test]
 fn twenty_boots_alone_and_five_beside_firecracker_in_the_bench_all_end() {
-    let fc = firecracker();
+    let fc = common::peers::firecracker();
     let script = format!(
         r#"ip link set lo up
 ok=0
@@ -71,11 +51,11 @@ rm -rf "$out"
         boots = BOOTS,
         runs = BENCH_RUNS,
         fc = fc.display(),
-        in_lab = FIRECRACKER_IN_LAB,
+        in_lab = common::peers::FIRECRACKER_IN_LAB,
     );
     let lab = common::run_where_linux_boots(&script, |lab| {
         lab.bin(&fc)
-            .file(&fc, FIRECRACKER_IN_LAB)
+            .file(&fc, common::peers::FIRECRACKER_IN_LAB)
             .mem_mib(2048)
             .timeout_s(2400)
     });

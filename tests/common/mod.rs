@@ -8,6 +8,7 @@ pub mod kvm;
 pub mod lab;
 pub mod leaks;
 pub mod net;
+pub mod peers;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
