@@ -675,6 +675,16 @@ impl Outside {
                 "out0",
             ],
             vec!["-n", &outside.netns, "link", "set", "out0", "up"],
+            // Answers to the test's other "NIC" (`Lan`) go back through the host too.
+            vec![
+                "-n",
+                &outside.netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                Self::HOST,
+            ],
         ] {
             net::run_tool("ip", &args);
         }
@@ -832,6 +842,205 @@ fn nat_masquerades_the_box_out_of_the_host_and_link_does_not() {
     }
     std::fs::write("/proc/sys/net/ipv4/ip_forward", forward_before).unwrap();
     before.assert_nothing_left("--net nat", false);
+}
+
+/// A second "NIC" of the host, made by the test: a veth `tnl<N>` (10.254.252.1/30, not a
+/// `tb*` name) to `lan0` (10.254.252.2/30, default route via the host) in a namespace of
+/// its own. Traffic from it to [`Outside`] crosses the host only if the host routes
+/// between its own interfaces. Deleted on drop.
+struct Lan {
+    netns: String,
+}
+
+impl Lan {
+    const HOST: &'static str = "10.254.252.1";
+    const FAR: &'static str = "10.254.252.2";
+
+    fn new() -> Self {
+        let id = std::process::id() % 100_000;
+        let lan = Self {
+            netns: format!("tblan{id}"),
+        };
+        let host_end = format!("tnl{id}");
+        let host_cidr = format!("{}/30", Self::HOST);
+        let far_cidr = format!("{}/30", Self::FAR);
+        for args in [
+            vec!["netns", "add", &lan.netns],
+            vec![
+                "link", "add", &host_end, "type", "veth", "peer", "name", "lan0", "netns",
+                &lan.netns,
+            ],
+            vec!["addr", "add", &host_cidr, "dev", &host_end],
+            vec!["link", "set", &host_end, "up"],
+            vec!["-n", &lan.netns, "addr", "add", &far_cidr, "dev", "lan0"],
+            vec!["-n", &lan.netns, "link", "set", "lan0", "up"],
+            vec![
+                "-n",
+                &lan.netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                Self::HOST,
+            ],
+        ] {
+            net::run_tool("ip", &args);
+        }
+        lan
+    }
+
+    /// A TCP connection from inside the namespace to `to:port` within `wait`.
+    fn connect(&self, to: &str, port: u16, wait: Duration) -> Result<(), String> {
+        let path = format!("/run/netns/{}", self.netns);
+        let to: Ipv4Addr = to.parse().unwrap();
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+            // SAFETY: setns of this thread only (network namespaces are per thread).
+            let r =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            if r != 0 {
+                return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
+            }
+            TcpStream::connect_timeout(&SocketAddrV4::new(to, port).into(), wait)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+        .join()
+        .expect("the connecting thread")
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+/// The sysctl `--net nat` turns on.
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+/// hostnet's note that twinbox turned ip_forward on (`hostnet::nat::FORWARDING_NOTE`).
+const FORWARDING_NOTE: &str = "/run/twinbox/ip_forward-turned-on-by-twinbox";
+
+/// What `--net nat` changes on the host, saved, and put back on drop: ip_forward,
+/// twinbox's note that it turned ip_forward on, and the `ip twinbox` table.
+struct HostForwarding {
+    ip_forward: String,
+    noted: bool,
+    table: Option<String>,
+}
+
+impl HostForwarding {
+    fn save() -> Self {
+        Self {
+            ip_forward: std::fs::read_to_string(IP_FORWARD).unwrap(),
+            noted: std::path::Path::new(FORWARDING_NOTE).is_file(),
+            table: Self::table(),
+        }
+    }
+
+    fn table() -> Option<String> {
+        let out = Command::new("nft")
+            .args(["list", "table", "ip", "twinbox"])
+            .output()
+            .expect("nft (Debian package nftables) is needed by this test");
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The host as one that never ran twinbox, with `ip_forward` = `value`.
+    fn fresh(value: &str) {
+        if Self::table().is_some() {
+            net::run_tool("nft", &["delete", "table", "ip", "twinbox"]);
+        }
+        let _ = std::fs::remove_file(FORWARDING_NOTE);
+        std::fs::write(IP_FORWARD, value).unwrap();
+    }
+}
+
+impl Drop for HostForwarding {
+    fn drop(&mut self) {
+        Self::fresh(&self.ip_forward);
+        if self.noted {
+            let _ = std::fs::write(FORWARDING_NOTE, "");
+        }
+        if let Some(table) = &self.table {
+            let mut nft = Command::new("nft")
+                .args(["-f", "-"])
+                .stdin(Stdio::piped())
+                .spawn()
+                .expect("nft");
+            let _ = nft.stdin.take().unwrap().write_all(table.as_bytes());
+            let _ = nft.wait();
+        }
+    }
+}
+
+/// `--net nat` on a host that did not route (ip_forward 0) lets its NAT box out but does
+/// not make the host a router: traffic from one of the host's other interfaces to another
+/// (the test's `Lan` to its `Outside`) is not forwarded. On a host that already routed,
+/// that traffic is forwarded before and after, as the host had it.
+#[test]
+fn nat_on_a_host_that_did_not_route_forwards_nothing_but_its_boxes() {
+    let _serial = serial();
+    let saved = HostForwarding::save();
+    let before = Before::now();
+    {
+        let outside = Outside::new();
+        let lan = Lan::new();
+        let script = format!(
+            "nc -w 5 {} 7004 </dev/null && echo reached || echo unreachable",
+            Outside::FAR
+        );
+        for (ip_forward, host_routes) in [("1\n", true), ("0\n", false)] {
+            let what = format!("ip_forward {} before --net nat", ip_forward.trim());
+            HostForwarding::fresh(ip_forward);
+            let peer = outside.accept_one(7004, Duration::from_secs(30));
+            let out = ctr(&["--net", "nat"], &script)
+                .output()
+                .expect("run twinbox");
+            assert_eq!(out.status.code(), Some(0), "{what}: {}", describe(&out));
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("reached"),
+                "{what}: the NAT box did not get out: {}",
+                describe(&out)
+            );
+            let seen = peer.recv_timeout(Duration::from_secs(5));
+            assert_eq!(
+                seen.map(|p| p.map(|ip| ip.to_string())),
+                Ok(Ok(Outside::HOST.to_string())),
+                "{what}: the outside did not see the masqueraded NAT box"
+            );
+            assert_eq!(
+                std::fs::read_to_string(IP_FORWARD).unwrap(),
+                "1\n",
+                "{what}: ip_forward after the run"
+            );
+
+            let peer = outside.accept_one(7005, Duration::from_secs(4));
+            let connected = lan.connect(Outside::FAR, 7005, Duration::from_secs(2));
+            let seen = peer
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the outside listener ends");
+            if host_routes {
+                assert_eq!(
+                    (connected, seen.map(|ip| ip.to_string())),
+                    (Ok(()), Ok(Lan::FAR.to_string())),
+                    "{what}: the host's own routing between its interfaces was changed"
+                );
+            } else {
+                assert!(
+                    connected.is_err() && seen.is_err(),
+                    "{what}: the host now forwards between its other interfaces \
+                     (connected: {connected:?}, outside saw: {seen:?})"
+                );
+            }
+        }
+    }
+    drop(saved);
+    before.assert_nothing_left("--net nat on a host that did not route", false);
 }
 
 #[test]

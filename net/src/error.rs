@@ -99,6 +99,14 @@ pub enum Error {
         /// nft's own message.
         detail: String,
     },
+    /// The note that twinbox turned `ip_forward` on could not be written, read or removed.
+    #[error("{}: {source} (twinbox's note that it turned ip_forward on)", path.display())]
+    ForwardingNote {
+        /// The note's path ([`crate::nat::FORWARDING_NOTE`]).
+        path: PathBuf,
+        /// The errno.
+        source: io::Error,
+    },
     /// A sysctl could not be written.
     #[error("{}: {source}", path.display())]
     Sysctl {

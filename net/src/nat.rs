@@ -16,6 +16,7 @@
 //!           iifname != "tb*" oifname "tbn*" ct state established,related accept
 //!           iifname "tb*" drop
 //!           oifname "tb*" drop
+//!           iifname != "tb*" oifname != "tb*" drop   # only if twinbox turned ip_forward on
 //!       }
 //!   }
 //!   ```
@@ -28,13 +29,28 @@
 //!   (`TWINBOX_NET_POOL`) install the same table and never undo each other. Box-to-host
 //!   traffic is not forwarded and is untouched. Other interfaces whose names start with
 //!   `tb` are treated as box links too;
-//! - `net.ipv4.ip_forward` set to 1 (left at 1 by [`remove`]: other software on the host
-//!   may rely on it by then). The kernel copies that write to every interface's
+//! - `net.ipv4.ip_forward` set to 1. The kernel copies that write to every interface's
 //!   `forwarding`, so the plain `--net` host ends are set back to 0 right after
 //!   (`forwarding.rs`); each box's host end has its own `forwarding` (1 for NAT, 0 for
 //!   plain links) from its creation on, with or without this table.
 //!
-//! The table stays after the run (it matches nothing without boxes); [`remove`] deletes it.
+//! A host that was no router must not become one: `ip_forward` is global, so turning it on
+//! for the NAT boxes would also route between the host's other interfaces (two NICs, a VPN
+//! and a LAN), which our `tb*` rules do not see. So when twinbox is the one that turns it
+//! on (it read 0), it first writes the note [`FORWARDING_NOTE`] (under /run, cleared at
+//! boot as `ip_forward` is) and the forward chain gets the last rule above, which drops
+//! forwarding between two interfaces that are not box links — as Docker sets the FORWARD
+//! policy to drop when it turns forwarding on. A run that finds `ip_forward` at 1 keeps
+//! that rule exactly when the note exists (an earlier run of this boot turned it on), so
+//! every run installs the same table; the note is written before the sysctl, so two runs
+//! at once agree whichever reads first. A host that forwarded before twinbox keeps its
+//! routing: no such rule. (Per-interface `forwarding=0` on the uplink would not do: a
+//! masqueraded reply is forwarded from the uplink to the box.) A host that starts routing
+//! by other means after twinbox turned `ip_forward` on (Docker started later, an admin's
+//! sysctl) has that traffic dropped by the rule until [`remove`] or a reboot.
+//!
+//! The table stays after the run (it matches nothing without boxes); [`remove`] deletes it
+//! and, if the note says twinbox turned `ip_forward` on, turns it off again.
 //! An accept here cannot override a drop in another table on the same hook (for example
 //! a firewall whose forward policy is drop): such a host must allow `tbn*` itself.
 //!
@@ -64,26 +80,51 @@ pub const INTERFACE_PATTERN: &str = "tb*";
 pub const NAT_INTERFACE_PATTERN: &str = "tbn*";
 /// The sysctl turned on by [`apply`].
 pub const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+/// Exists while `ip_forward` is on because twinbox turned it on (this boot: /run is a
+/// tmpfs, cleared at boot as the sysctl is).
+pub const FORWARDING_NOTE: &str = "/run/twinbox/ip_forward-turned-on-by-twinbox";
+
+/// Who made this host forward IPv4, which decides whether the table guards the host's
+/// other interfaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarding {
+    /// The host forwarded before twinbox: its routing between other interfaces is its own.
+    Host,
+    /// twinbox turned `ip_forward` on: forwarding between non-box interfaces is dropped.
+    Twinbox,
+}
 
 /// Install (or replace) the `ip twinbox` table and turn on ip_forward.
 pub fn apply() -> Result<()> {
-    enable_ip_forward()?;
-    run_nft("apply", &ruleset())?;
-    tracing::debug!("nat table ip twinbox applied");
+    let forwarding = enable_ip_forward()?;
+    run_nft("apply", &ruleset(forwarding))?;
+    tracing::debug!(?forwarding, "nat table ip twinbox applied");
     Ok(())
 }
 
-/// Delete the `ip twinbox` table if it exists (for tests and uninstall).
+/// Delete the `ip twinbox` table if it exists (for tests and uninstall), and turn
+/// `ip_forward` off again if twinbox turned it on (then nothing else guards the host).
 pub fn remove() -> Result<()> {
     let mut batch = Batch::new();
     // `add` first makes `delete` succeed when the table is absent.
     batch.add(NfListObject::Table(table()));
     batch.delete(NfListObject::Table(table()));
-    run_nft("remove", &batch.to_nftables())
+    run_nft("remove", &batch.to_nftables())?;
+    if turned_on_by_twinbox()? {
+        std::fs::write(IP_FORWARD, b"0\n").map_err(|source| Error::Sysctl {
+            path: PathBuf::from(IP_FORWARD),
+            source,
+        })?;
+        std::fs::remove_file(FORWARDING_NOTE).map_err(|source| Error::ForwardingNote {
+            path: PathBuf::from(FORWARDING_NOTE),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// The whole transaction [`apply`] sends: create-if-missing, delete, then the table anew.
-pub fn ruleset() -> Nftables<'static> {
+pub fn ruleset(forwarding: Forwarding) -> Nftables<'static> {
     let mut batch = Batch::new();
     batch.add(NfListObject::Table(table()));
     batch.delete(NfListObject::Table(table()));
@@ -136,6 +177,16 @@ pub fn ruleset() -> Nftables<'static> {
             "forward",
             vec![
                 matches(meta(key), Operator::EQ, boxes()),
+                Statement::Drop(Some(Drop {})),
+            ],
+        )));
+    }
+    if forwarding == Forwarding::Twinbox {
+        batch.add(NfListObject::Rule(rule(
+            "forward",
+            vec![
+                matches(meta(MetaKey::Iifname), Operator::NEQ, boxes()),
+                matches(meta(MetaKey::Oifname), Operator::NEQ, boxes()),
                 Statement::Drop(Some(Drop {})),
             ],
         )));
@@ -198,28 +249,75 @@ fn accept() -> Statement<'static> {
     Statement::Accept(Some(Accept {}))
 }
 
-/// Turn ip_forward on; when that takes a write, close the plain links' forwarding again,
-/// which the write opened (see `forwarding.rs`).
-fn enable_ip_forward() -> Result<()> {
+/// Turn ip_forward on; when that takes a write, note that twinbox did (before the write,
+/// so a run reading 1 right after also sees the note) and close the plain links'
+/// forwarding again, which the write opened (see `forwarding.rs`).
+fn enable_ip_forward() -> Result<Forwarding> {
     let sysctl_error = |source| Error::Sysctl {
         path: PathBuf::from(IP_FORWARD),
         source,
     };
     let now = std::fs::read_to_string(IP_FORWARD).map_err(sysctl_error)?;
-    if now.trim() != "1" {
-        std::fs::write(IP_FORWARD, b"1\n").map_err(|source: io::Error| {
-            match source.raw_os_error() {
-                Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => Error::NotPermitted {
-                    call: "write 1 to",
-                    interface: IP_FORWARD.to_string(),
-                    source,
-                },
-                _ => sysctl_error(source),
-            }
-        })?;
-        crate::forwarding::close_link_mode_interfaces();
+    if now.trim() == "1" {
+        return Ok(if turned_on_by_twinbox()? {
+            Forwarding::Twinbox
+        } else {
+            Forwarding::Host
+        });
     }
-    Ok(())
+    write_note()?;
+    std::fs::write(IP_FORWARD, b"1\n").map_err(|source: io::Error| {
+        match source.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => Error::NotPermitted {
+                call: "write 1 to",
+                interface: IP_FORWARD.to_string(),
+                source,
+            },
+            _ => sysctl_error(source),
+        }
+    })?;
+    crate::forwarding::close_link_mode_interfaces();
+    Ok(Forwarding::Twinbox)
+}
+
+/// Whether [`FORWARDING_NOTE`] exists (a symlink or anything else there counts as no).
+fn turned_on_by_twinbox() -> Result<bool> {
+    match std::fs::symlink_metadata(FORWARDING_NOTE) {
+        Ok(meta) => Ok(meta.is_file()),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(Error::ForwardingNote {
+            path: PathBuf::from(FORWARDING_NOTE),
+            source,
+        }),
+    }
+}
+
+/// Create [`FORWARDING_NOTE`] (and /run/twinbox, root's, 0755) if missing; never through a
+/// symlink.
+fn write_note() -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let note = std::path::Path::new(FORWARDING_NOTE);
+    let error = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| Error::ForwardingNote { path, source }
+    };
+    let dir = note.parent().expect("the note has a directory");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(error(dir))?;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(note)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && turned_on_by_twinbox()? => Ok(()),
+        Err(source) => Err(error(note)(source)),
+    }
 }
 
 fn run_nft(action: &'static str, ruleset: &Nftables<'_>) -> Result<()> {
@@ -269,7 +367,7 @@ mod tests {
 
     #[test]
     fn the_ruleset_replaces_the_table_atomically() {
-        let json = serde_json::to_value(ruleset()).unwrap();
+        let json = serde_json::to_value(ruleset(Forwarding::Host)).unwrap();
         let commands = json["nftables"].as_array().expect("a command list");
         let verbs: Vec<&str> = commands
             .iter()
@@ -297,7 +395,7 @@ mod tests {
 
     #[test]
     fn only_nat_links_leaving_the_host_are_masqueraded_whatever_the_pool() {
-        let json = serde_json::to_value(ruleset()).unwrap();
+        let json = serde_json::to_value(ruleset(Forwarding::Twinbox)).unwrap();
         assert_eq!(
             rules(&json, "postrouting"),
             [vec![
@@ -314,7 +412,7 @@ mod tests {
 
     #[test]
     fn forwarding_lets_nat_boxes_out_replies_in_and_drops_every_other_box_link() {
-        let json = serde_json::to_value(ruleset()).unwrap();
+        let json = serde_json::to_value(ruleset(Forwarding::Host)).unwrap();
         let accept = serde_json::json!({"accept": {}});
         let drop = serde_json::json!({"drop": {}});
         let established = serde_json::json!({"match": {
@@ -340,6 +438,37 @@ mod tests {
                 vec![on("oifname", "==", "tb*"), drop],
             ],
             "order matters: the drops come after the two NAT accepts"
+        );
+    }
+
+    #[test]
+    fn a_host_that_twinbox_made_forward_routes_nothing_but_nat_boxes() {
+        let host = rules(
+            &serde_json::to_value(ruleset(Forwarding::Host)).unwrap(),
+            "forward",
+        );
+        let ours = rules(
+            &serde_json::to_value(ruleset(Forwarding::Twinbox)).unwrap(),
+            "forward",
+        );
+        assert_eq!(
+            ours[..host.len()],
+            host[..],
+            "the box rules are the same either way"
+        );
+        assert_eq!(
+            ours[host.len()..],
+            [vec![
+                on("iifname", "!=", "tb*"),
+                on("oifname", "!=", "tb*"),
+                serde_json::json!({"drop": {}}),
+            ]],
+            "forwarding between the host's other interfaces is dropped, last"
+        );
+        assert!(
+            !host.iter().any(|r| r.contains(&on("iifname", "!=", "tb*"))
+                && r.contains(&on("oifname", "!=", "tb*"))),
+            "a host that routed before twinbox keeps its routing: {host:?}"
         );
     }
 }

@@ -13,15 +13,20 @@ use std::time::Duration;
 
 use common::*;
 use hostnet::{forwarding, nat, Lease, NetMode, Veth};
-/// Puts ip_forward back and removes the table, whatever the test did.
+/// Puts ip_forward, twinbox's note that it turned it on, and the table back as they were,
+/// whatever the test did.
 struct Restore {
     ip_forward: String,
+    noted: bool,
+    table: bool,
 }
 
 impl Restore {
     fn new() -> Self {
         Self {
             ip_forward: std::fs::read_to_string(nat::IP_FORWARD).expect("read ip_forward"),
+            noted: std::path::Path::new(nat::FORWARDING_NOTE).is_file(),
+            table: list_table().is_some(),
         }
     }
 }
@@ -29,7 +34,16 @@ impl Restore {
 impl Drop for Restore {
     fn drop(&mut self) {
         let _ = nat::remove();
+        let _ = std::fs::remove_file(nat::FORWARDING_NOTE);
+        if self.noted {
+            let _ = std::fs::write(nat::FORWARDING_NOTE, "");
+        }
         let _ = std::fs::write(nat::IP_FORWARD, self.ip_forward.as_bytes());
+        // With ip_forward as it was, apply builds the table that was there (its last rule
+        // depends on the note alone).
+        if self.table && self.ip_forward.trim() == "1" {
+            let _ = nat::apply();
+        }
     }
 }
 
