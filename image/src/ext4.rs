@@ -139,14 +139,8 @@ fn merge_entry(
             rfs::mknodat(dst, name, other, Mode::empty(), st.st_rdev).map_err(f("mknod"))?;
             rfs::chownat(dst, name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(f("chown"))?;
-            // The node was just made in a no-symlink directory: nothing to follow.
-            rfs::chmodat(
-                dst,
-                name,
-                Mode::from_raw_mode(st.st_mode & 0o7777),
-                AtFlags::empty(),
-            )
-            .map_err(f("chmod"))?;
+            // On the node itself, never through a symlink at its name.
+            fsat::chmod_nofollow(dst, name, st.st_mode & 0o7777).map_err(f("chmod"))?;
             Ok(None)
         }
     }

@@ -6,7 +6,7 @@
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -74,6 +74,26 @@ pub(crate) fn kind_at(dir: impl AsFd, name: &OsStr) -> Result<Option<rfs::Stat>,
         Err(Errno::NOENT) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Sets the mode of `dir`/`name` itself, never of what a symlink there points to. The
+/// kernel's `fchmodat(AT_SYMLINK_NOFOLLOW)` is `fchmodat2` (Linux 6.6; the lab's and
+/// Debian 12's 6.1 lack it) and rustix's `chmodat` refuses the flag, so this does what
+/// glibc does there: open the entry `O_PATH|O_NOFOLLOW` (which opens no device and no
+/// fifo) and chmod the fd's own /proc link, which names that inode whatever the path
+/// says by then. A symlink gives `OPNOTSUPP`, as glibc's (a symlink's mode means nothing).
+pub(crate) fn chmod_nofollow(dir: impl AsFd, name: &OsStr, mode: u32) -> Result<(), Errno> {
+    let fd = rfs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    if FileType::from_raw_mode(rfs::fstat(&fd)?.st_mode) == FileType::Symlink {
+        return Err(Errno::OPNOTSUPP);
+    }
+    let link = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
+    rfs::chmod(link.as_str(), Mode::from_raw_mode(mode))
 }
 
 /// Removes `dir`/`name` whatever it is; a directory goes with everything below it, walked
@@ -148,4 +168,55 @@ pub(crate) fn components(path: &[u8]) -> Option<Vec<&OsStr>> {
         }
     }
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+
+    fn mode_of(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    #[test]
+    fn chmod_nofollow_changes_the_entry_and_never_a_symlink_s_target() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        std::fs::write(&outside, b"x").unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let tree = t.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("link")).unwrap();
+        rfs::mknodat(
+            rfs::CWD,
+            tree.join("fifo"),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let dir = open_dir(&tree).unwrap();
+
+        assert_eq!(
+            chmod_nofollow(&dir, OsStr::new("link"), 0o4777),
+            Err(Errno::OPNOTSUPP)
+        );
+        assert_eq!(mode_of(&outside), 0o600, "the symlink's target changed");
+
+        chmod_nofollow(&dir, OsStr::new("fifo"), 0o741).unwrap();
+        assert!(std::fs::symlink_metadata(tree.join("fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        assert_eq!(mode_of(&tree.join("fifo")), 0o741);
+        assert_eq!(
+            chmod_nofollow(&dir, OsStr::new("missing"), 0o644),
+            Err(Errno::NOENT)
+        );
+    }
 }

@@ -267,15 +267,10 @@ impl Unpacker<'_> {
                 rfs::mknodat(&parent, name, file_type, Mode::empty(), dev)
                     .map_err(|e| self.sys(&path, "cannot create node", e))?;
                 self.chown_at(&parent, name, &path, &meta)?;
-                // mknod's mode went through the umask; this sets the one the layer says.
-                // The parent is a no-symlink fd and the name was just made: no follow.
-                rfs::chmodat(
-                    &parent,
-                    name,
-                    Mode::from_raw_mode(meta.mode),
-                    AtFlags::empty(),
-                )
-                .map_err(|e| self.sys(&path, "chmod", e))?;
+                // mknod's mode went through the umask; this sets the one the layer says, on
+                // the node itself even if something put a symlink at its name meanwhile.
+                fsat::chmod_nofollow(&parent, name, meta.mode)
+                    .map_err(|e| self.sys(&path, "chmod", e))?;
                 rfs::utimensat(&parent, name, &meta.mtime, AtFlags::SYMLINK_NOFOLLOW)
                     .map_err(|e| self.sys(&path, "mtime", e))?;
             }
@@ -687,6 +682,50 @@ mod tests {
             .unwrap()
             .file_type()
             .is_fifo());
+    }
+
+    #[test]
+    fn a_mode_set_where_an_earlier_entry_planted_a_symlink_never_reaches_its_target() {
+        let outside = tempfile::tempdir().unwrap();
+        let file = outside.path().join("file");
+        std::fs::write(&file, b"host").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let dir = outside.path().join("dir");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let (file_s, dir_s) = (file.to_str().unwrap(), dir.to_str().unwrap());
+        // Each name first a symlink out of the root, then an entry that sets a mode there.
+        let (t, d, r) = run(&[
+            E::Sym("node", file_s),
+            E::Node("node", EntryType::Fifo, 0, 0),
+            E::Sym("dir", dir_s),
+            E::Dir("dir", 0o4777),
+            E::Sym("file", file_s),
+            E::File("file", b"mine", 0o4755),
+            E::Sym("dev", dir_s),
+            E::Node("dev/null", EntryType::Char, 1, 3),
+        ]);
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("entry 'dev/null'"), "{e}");
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(
+            mode(&file),
+            0o600,
+            "the planted symlink's file target changed"
+        );
+        assert_eq!(std::fs::read(&file).unwrap(), b"host");
+        assert_eq!(
+            mode(&dir),
+            0o700,
+            "the planted symlink's directory target changed"
+        );
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        let node = std::fs::symlink_metadata(d.join("node")).unwrap();
+        assert!(node.file_type().is_fifo() && mode(&d.join("node")) == 0o620);
+        assert!(d.join("dir").is_dir() && !d.join("dir").is_symlink());
+        assert_eq!(mode(&d.join("dir")), 0o4777);
+        assert_eq!(mode(&d.join("file")), 0o4755);
+        nothing_beside(&t);
     }
 
     #[test]
