@@ -171,7 +171,7 @@ fn setup(p: &Prepared, sys: &dyn Syscall) -> StepResult {
     }
     if p.user_namespace {
         // The maps are written now, but our credentials still hold host uid 0, which the
-        // namespace does not map: switch to its root (host HOST_BASE) and drop the host's
+        // namespace does not map: switch to its root (the run's leased ids) and drop the host's
         // supplementary groups. That clears the parent-death signal.
         at(BECOME_ROOT, sys.become_root())?;
         rearm(p, sys)?;

@@ -374,7 +374,17 @@ impl Syscall for Recording {
         Ok(PID)
     }
 
-    fn map_user_namespace(&self, pid: i32, mounts: &[userns::Detached<'_>]) -> Result<(), Error> {
+    fn lease_ids(&self) -> Result<userns::IdLease, Error> {
+        self.call("lease ids")?;
+        Ok(userns::IdLease::unheld(userns::BLOCK_START))
+    }
+
+    fn map_user_namespace(
+        &self,
+        pid: i32,
+        _lease: &userns::IdLease,
+        mounts: &[userns::Detached<'_>],
+    ) -> Result<(), Error> {
         assert_eq!(pid, PID);
         self.call(&format!("map user namespace ({} mounts)", mounts.len()))
     }

@@ -12,7 +12,8 @@
 //!    device (or, for an OCI image's layers, one read-only bind per layer: overlayfs lower
 //!    directories, no loop device), the image, the host's init and the disks as detached
 //!    mounts, the mount plan (`plan.rs`);
-//! 5. **child** — with `--net` a link leased (`hostnet`: its addresses go into the job);
+//! 5. **child** — with `--net` a link leased (`hostnet`: its addresses go into the job),
+//!    with `--userns` the run's own range of host ids (`userns.rs`);
 //!    the channel, the job, everything the child needs prepared; `clone` into new
 //!    pid/mnt/uts/ipc/net (and user) namespaces (`child.rs` runs there), born inside the
 //!    run's cgroup (`cgroup::Birth`: no move of a running task, whose RCU grace period
@@ -183,6 +184,8 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     // before init runs): the child may run on this process's memory while this thread
     // waits, released before it exists (`clone_flags`).
     let to_admit = spec.user_namespace || spec.net.is_some() || spec.tty;
+    // This run's own host ids, held until the child is reaped (dropped after it).
+    let id_lease = spec.user_namespace.then(|| sys.lease_ids()).transpose()?;
     let mut child = ChildGuard {
         sys,
         // Born inside the run's cgroup: no move of a running task (`cgroup.rs`: Birth).
@@ -200,7 +203,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     let output_r = output.map(|(r, _w)| r);
 
     // 6. Admit the child: maps, link, release.
-    if spec.user_namespace {
+    if let Some(id_lease) = &id_lease {
         let mut mounts = Vec::new();
         match &root_mounts {
             RootMounts::Image(image_mount) => mounts.push(userns::Detached {
@@ -222,7 +225,7 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
                 fd,
             });
         }
-        sys.map_user_namespace(child.pid, &mounts)?;
+        sys.map_user_namespace(child.pid, id_lease, &mounts)?;
     }
     if let Some(mode) = spec.net {
         let mut info = network.link(sys, child.pid)?;

@@ -117,8 +117,16 @@ pub trait Syscall {
         group: &dyn CgroupManager,
         parent: &mut ParentSide,
     ) -> Result<i32, Error>;
-    /// Writes the child's uid/gid maps and idmaps the detached mounts to its namespace.
-    fn map_user_namespace(&self, pid: i32, mounts: &[userns::Detached<'_>]) -> Result<(), Error>;
+    /// Leases this run's own range of host ids for `--userns` (held until dropped).
+    fn lease_ids(&self) -> Result<userns::IdLease, Error>;
+    /// Writes the child's uid/gid maps (the ids of `lease`) and idmaps the detached mounts
+    /// to its namespace.
+    fn map_user_namespace(
+        &self,
+        pid: i32,
+        lease: &userns::IdLease,
+        mounts: &[userns::Detached<'_>],
+    ) -> Result<(), Error>;
     /// SIGKILL to the child (as PID 1 of its namespace, that ends the container).
     fn kill(&self, pid: i32);
     /// Reaps the child.
@@ -346,8 +354,17 @@ impl Syscall for Real {
         }
     }
 
-    fn map_user_namespace(&self, pid: i32, mounts: &[userns::Detached<'_>]) -> Result<(), Error> {
-        userns::map(pid, mounts)
+    fn lease_ids(&self) -> Result<userns::IdLease, Error> {
+        userns::IdLease::acquire()
+    }
+
+    fn map_user_namespace(
+        &self,
+        pid: i32,
+        lease: &userns::IdLease,
+        mounts: &[userns::Detached<'_>],
+    ) -> Result<(), Error> {
+        userns::map(pid, lease, mounts)
     }
 
     fn kill(&self, pid: i32) {

@@ -1,5 +1,26 @@
-//! `--userns`: the container gets its own user namespace in which root is host uid/gid
-//! [`HOST_BASE`] (and the next [`SIZE`] - 1 ids), so container root is not host root.
+//! `--userns`: the container gets its own user namespace whose ids 0..[`SIZE`] are a
+//! range of host ids leased for this run alone ([`IdLease`]), so container root is not
+//! host root, and no one else's ids either.
+//!
+//! **Whose ids.** A fixed range (it was 100000–165535) is the `/etc/subuid` range
+//! `useradd` gives a host's first user, who would then own every `--userns` workload
+//! (same host uid: signal it, ptrace it, read its /proc), and every run would share it
+//! with every other. So each run leases its own [`SIZE`] ids from twinbox's block,
+//! [`BLOCK_START`] up to [`BLOCK_END`] (0x7000_0000..0x7FFE_0000, a range systemd's
+//! UIDS-GIDS.md leaves unused: above its container ranges, below its "foreign" range and
+//! the ids some programs read as negative; above `useradd`'s subordinate ids, which end at
+//! 600100000). A slot is skipped if any id of it is in `/etc/subuid`, `/etc/subgid`,
+//! `/etc/passwd` or `/etc/group`, read at each lease ([`taken`], [`free_slots`]).
+//!
+//! **Held for the run's life.** A slot is leased by an exclusive `flock` on
+//! `/run/twinbox/userns/<first id>.lock`, opened close-on-exec (the container's init never
+//! holds it): the kernel drops it when the holder dies, so a SIGKILLed CLI frees its lease
+//! at once, and two runs at the same time hold two slots, whose ids are disjoint. The run
+//! holds the lease until its child is reaped; a released lease unlinks its file while
+//! still locked, a killed run's file is unlinked by the next lease (as `hostnet`'s leases).
+//! The container's files take no leased id to disk: its upper layer is a tmpfs that goes
+//! with the run, and the image, layers and disks are idmapped mounts (container root
+//! writes as host root there).
 //!
 //! The image (or an OCI image's layer binds) and the extra disks arrive as detached mounts
 //! made by the parent (`detached.rs`); here they are idmapped to the container's user
@@ -10,16 +31,174 @@
 
 use crate::detached::{self, MountAttr, MOUNT_ATTR_IDMAP};
 use crate::Error;
+use nix::fcntl::{Flock, FlockArg};
+use std::fs::{File, OpenOptions};
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
-/// First host uid/gid of the container's range: container id 0 is host id 100000.
-pub const HOST_BASE: u32 = 100_000;
-/// Number of ids mapped.
+/// Number of ids mapped: a whole 16-bit id space, `nobody` (65534) included.
 pub const SIZE: u32 = 65_536;
+/// First host id of twinbox's block.
+pub const BLOCK_START: u32 = 0x7000_0000;
+/// End (exclusive) of twinbox's block: systemd's "foreign" range starts here.
+pub const BLOCK_END: u32 = 0x7FFE_0000;
+/// Where the leases' lock files live (a tmpfs: nothing survives a reboot).
+pub const LEASE_DIR: &str = "/run/twinbox/userns";
 
-/// The `uid_map`/`gid_map` line: container 0.. → host [`HOST_BASE`]...
-pub fn map_line() -> String {
-    format!("0 {HOST_BASE} {SIZE}\n")
+/// The files whose ids a lease must not overlap.
+const ID_FILES: [&str; 4] = ["/etc/subuid", "/etc/subgid", "/etc/passwd", "/etc/group"];
+
+/// Ids already given to someone, as half-open ranges `[start, end)`: every `name:start:count`
+/// of the subordinate id files, and every uid and gid of the user and group databases
+/// (`name:x:id:...`, field 3 of both, and field 4, the primary group, of passwd). Lines that
+/// do not parse are skipped (a comment, a NIS `+` line).
+pub fn taken(subuid: &str, subgid: &str, passwd: &str, group: &str) -> Vec<(u64, u64)> {
+    let mut ranges = Vec::new();
+    for line in subuid.lines().chain(subgid.lines()) {
+        let mut fields = line.trim().split(':');
+        let (_, Some(start), Some(count)) = (fields.next(), fields.next(), fields.next()) else {
+            continue;
+        };
+        if let (Ok(start), Ok(count)) = (start.parse::<u64>(), count.parse::<u64>()) {
+            ranges.push((start, start + count));
+        }
+    }
+    for (text, fields) in [(passwd, &[2usize, 3][..]), (group, &[2usize][..])] {
+        for line in text.lines() {
+            let parts: Vec<&str> = line.trim().split(':').collect();
+            for &i in fields {
+                if let Some(Ok(id)) = parts.get(i).map(|f| f.parse::<u64>()) {
+                    ranges.push((id, id + 1));
+                }
+            }
+        }
+    }
+    ranges
+}
+
+/// The first ids of the slots of twinbox's block that overlap none of `taken`, lowest first.
+pub fn free_slots(taken: &[(u64, u64)]) -> impl Iterator<Item = u32> + '_ {
+    (BLOCK_START..BLOCK_END)
+        .step_by(SIZE as usize)
+        .filter(move |&base| {
+            let (start, end) = (u64::from(base), u64::from(base) + u64::from(SIZE));
+            taken.iter().all(|&(s, e)| e <= start || s >= end)
+        })
+}
+
+/// A range of [`SIZE`] host ids, this run's alone while held (see the module doc).
+#[derive(Debug)]
+pub struct IdLease {
+    base: u32,
+    /// The locked lock file and its path; `None` only for the tests' recording double.
+    lock: Option<(Flock<File>, PathBuf)>,
+}
+
+impl IdLease {
+    /// Leases the lowest free slot of twinbox's block.
+    pub fn acquire() -> Result<Self, Error> {
+        let read = |path: &str| match std::fs::read_to_string(path) {
+            Ok(text) => Ok(text),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(Error::os(
+                format!("read {path} (--userns leases ids none of it holds)"),
+                e,
+            )),
+        };
+        let [subuid, subgid, passwd, group] = ID_FILES.map(read);
+        let taken = taken(&subuid?, &subgid?, &passwd?, &group?);
+        let dir = Path::new(LEASE_DIR);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| Error::os(format!("create {LEASE_DIR}"), e))?;
+        sweep(dir);
+        for base in free_slots(&taken) {
+            let path = dir.join(format!("{base}.lock"));
+            if let Some(lock) = lock(&path, true)? {
+                tracing::debug!(base, "user namespace ids leased");
+                return Ok(Self {
+                    base,
+                    lock: Some((lock, path)),
+                });
+            }
+        }
+        Err(Error::Setup(format!(
+            "--userns: every range of {SIZE} ids in {BLOCK_START}..{BLOCK_END} is leased by a \
+             running container or given out in {}",
+            ID_FILES.join(", ")
+        )))
+    }
+
+    /// A lease of `base` that holds no lock, for the recording double.
+    #[cfg(test)]
+    pub(crate) fn unheld(base: u32) -> Self {
+        Self { base, lock: None }
+    }
+
+    /// The `uid_map`/`gid_map` line: container 0.. → host `base`...
+    pub fn map_line(&self) -> String {
+        format!("0 {} {SIZE}\n", self.base)
+    }
+}
+
+impl Drop for IdLease {
+    fn drop(&mut self) {
+        // Unlink while still locked: a run waiting on this file then finds it gone and
+        // takes a new one (`lock`), never a file that someone else also locks.
+        if let Some((lock, path)) = self.lock.take() {
+            let _ = std::fs::remove_file(&path);
+            drop(lock);
+        }
+    }
+}
+
+/// Locks `path` exclusively without waiting (creating it if `create`): `None` if someone
+/// holds it, or if it was unlinked or replaced while we locked it (then its holder
+/// released it; `create` retries on the new file).
+fn lock(path: &Path, create: bool) -> Result<Option<Flock<File>>, Error> {
+    loop {
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(path)
+        {
+            Ok(file) => file,
+            Err(e) if !create && e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::os(format!("open {}", path.display()), e)),
+        };
+        let Ok(locked) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+            return Ok(None);
+        };
+        let same = match (locked.metadata(), std::fs::symlink_metadata(path)) {
+            (Ok(ours), Ok(now)) => ours.dev() == now.dev() && ours.ino() == now.ino(),
+            _ => false,
+        };
+        if same {
+            return Ok(Some(locked));
+        }
+        if !create {
+            return Ok(None);
+        }
+    }
+}
+
+/// Unlinks the lock files no one holds (left by killed runs). Best effort.
+fn sweep(dir: &Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if let Ok(Some(lock)) = lock(&path, false) {
+            let _ = std::fs::remove_file(&path);
+            drop(lock);
+        }
+    }
 }
 
 /// One detached mount to idmap: what it is (for errors) and its fd.
@@ -30,12 +209,14 @@ pub struct Detached<'a> {
     pub fd: &'a OwnedFd,
 }
 
-/// Writes the child's uid and gid maps, then idmaps the detached mounts (the image or its
-/// layers, the extra disks) to the child's user namespace so their files keep their owners inside.
-pub fn map(pid: i32, mounts: &[Detached<'_>]) -> Result<(), Error> {
+/// Writes the child's uid and gid maps (the ids of `lease`), then idmaps the detached mounts
+/// (the image or its layers, the extra disks) to the child's user namespace so their files
+/// keep their owners inside.
+pub fn map(pid: i32, lease: &IdLease, mounts: &[Detached<'_>]) -> Result<(), Error> {
     for file in ["uid_map", "gid_map"] {
         let path = format!("/proc/{pid}/{file}");
-        std::fs::write(&path, map_line()).map_err(|e| Error::os(format!("write {path}"), e))?;
+        std::fs::write(&path, lease.map_line())
+            .map_err(|e| Error::os(format!("write {path}"), e))?;
     }
     let path = format!("/proc/{pid}/ns/user");
     let ns = std::fs::File::open(&path).map_err(|e| Error::os(format!("open {path}"), e))?;
@@ -59,8 +240,77 @@ pub fn map(pid: i32, mounts: &[Detached<'_>]) -> Result<(), Error> {
 mod tests {
     use super::*;
 
+    /// What `useradd` writes for a host's first two users, and a hand-made range.
+    const SUBUID: &str = "alice:100000:65536\nbob:165536:65536\n# comment\n";
+
     #[test]
-    fn container_root_maps_to_an_unprivileged_host_range() {
-        assert_eq!(map_line(), "0 100000 65536\n");
+    fn the_map_gives_the_leased_range_to_container_root() {
+        assert_eq!(
+            IdLease::unheld(BLOCK_START).map_line(),
+            "0 1879048192 65536\n"
+        );
+    }
+
+    #[test]
+    fn slots_lie_in_twinbox_s_block_aligned_and_whole() {
+        let slots: Vec<u32> = free_slots(&[]).collect();
+        assert_eq!(slots.first(), Some(&BLOCK_START));
+        assert_eq!(slots.len(), ((BLOCK_END - BLOCK_START) / SIZE) as usize);
+        let last = *slots.last().unwrap();
+        assert!(u64::from(last) + u64::from(SIZE) <= u64::from(BLOCK_END));
+        assert!(slots.iter().all(|b| b % SIZE == 0));
+    }
+
+    #[test]
+    fn the_default_subordinate_ranges_are_never_leased() {
+        let taken = taken(SUBUID, SUBUID, "", "");
+        assert_eq!(taken, [(100_000, 165_536), (165_536, 231_072)].repeat(2));
+        let first = free_slots(&taken).next().unwrap();
+        assert!(
+            u64::from(first) >= 231_072 || u64::from(first) + u64::from(SIZE) <= 100_000,
+            "{first}"
+        );
+    }
+
+    #[test]
+    fn a_slot_overlapping_any_listed_id_is_skipped() {
+        let b = BLOCK_START;
+        // A subuid range over the first slot's end and the second's start, a subgid range
+        // inside the third, a user of the fourth, a group of the fifth, a primary group of
+        // the sixth: the seventh is the first free.
+        let subuid = format!("x:{}:2\n", b + SIZE - 1);
+        let subgid = format!("y:{}:10\n", b + 2 * SIZE + 100);
+        let passwd = format!(
+            "u:x:{}:0::/:/bin/sh\nv:x:1000:{}::/:/bin/sh\n",
+            b + 3 * SIZE,
+            b + 5 * SIZE + 65_535
+        );
+        let group = format!("g:x:{}:\n+nis\n", b + 4 * SIZE + 7);
+        let taken = taken(&subuid, &subgid, &passwd, &group);
+        assert_eq!(free_slots(&taken).next(), Some(b + 6 * SIZE));
+        // A range ending exactly where a slot starts does not touch it.
+        let taken = [(0, u64::from(b))];
+        assert_eq!(free_slots(&taken).next(), Some(b));
+    }
+
+    #[test]
+    fn a_block_given_out_whole_leaves_no_slot() {
+        let subuid = format!("z:{BLOCK_START}:{}\n", BLOCK_END - BLOCK_START);
+        assert_eq!(free_slots(&taken(&subuid, "", "", "")).next(), None);
+    }
+
+    #[test]
+    fn a_held_lock_file_is_not_taken_and_a_released_one_is_unlinked() {
+        let dir = std::env::temp_dir().join(format!("twinbox-userns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("1.lock");
+        let held = lock(&path, true).unwrap().expect("a new file locks");
+        assert!(lock(&path, true).unwrap().is_none(), "locked twice");
+        sweep(&dir);
+        assert!(path.exists(), "the sweep took a held lease");
+        drop(held);
+        sweep(&dir);
+        assert!(!path.exists(), "the sweep left a lease no one holds");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

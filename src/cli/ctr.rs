@@ -25,7 +25,8 @@ pub struct CtrRunArgs {
     /// the container, read-write unless `:ro` (repeatable; the VM sees /dev/vdb...).
     #[arg(long = "disk", value_name = "PATH[:ro]")]
     pub disks: Vec<DiskSpec>,
-    /// Run in a user namespace: container root is host uid/gid 100000 (0 100000 65536).
+    /// Run in a user namespace: container ids 0-65535 are a range of host ids leased for
+    /// this run alone (from 1879048192 up, none of /etc/subuid, /etc/subgid, passwd, group).
     #[arg(long)]
     pub userns: bool,
     #[command(flatten)]
