@@ -110,11 +110,14 @@ impl IdLease {
         let [subuid, subgid, passwd, group] = ID_FILES.map(read);
         let taken = taken(&subuid?, &subgid?, &passwd?, &group?);
         let dir = Path::new(LEASE_DIR);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| Error::os(format!("create {LEASE_DIR}"), e))?;
+        // /run/twinbox as the other users of it make it (0755), the lease files root's.
+        for (path, mode) in [(dir.parent().unwrap_or(dir), 0o755), (dir, 0o700)] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(path)
+                .map_err(|e| Error::os(format!("create {}", path.display()), e))?;
+        }
         sweep(dir);
         for base in free_slots(&taken) {
             let path = dir.join(format!("{base}.lock"));

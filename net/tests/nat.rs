@@ -19,11 +19,18 @@ struct Restore {
     ip_forward: String,
     noted: bool,
     table: bool,
+    /// Held until the host is put back (fields drop after `drop`).
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+/// The tests change host-wide state (ip_forward, which the kernel copies to every
+/// interface, and the table): one at a time, whatever --test-threads says.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Restore {
     fn new() -> Self {
         Self {
+            _serial: SERIAL.lock().unwrap_or_else(|e| e.into_inner()),
             ip_forward: std::fs::read_to_string(nat::IP_FORWARD).expect("read ip_forward"),
             noted: std::path::Path::new(nat::FORWARDING_NOTE).is_file(),
             table: list_table().is_some(),

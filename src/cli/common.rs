@@ -94,8 +94,10 @@ pub struct RunArgs {
     /// TWINBOX_NET_POOL), a default route via the host's end, and the host's name server in
     /// /etc/resolv.conf. `--timings` and `--json` print the link, so the host can reach the
     /// box. `--net nat` also masquerades the box's traffic out of the host's default route
-    /// (the nftables table `ip twinbox`, and ip_forward on). Without `--net` the box has only
-    /// `lo`. Needs CAP_NET_ADMIN (and /dev/net/tun for the VM). Put the command after `--`.
+    /// (the nftables table `ip twinbox`, and ip_forward on; a host that did not forward
+    /// before still forwards nothing between its other interfaces). Without `--net` the box
+    /// has only `lo`. Needs CAP_NET_ADMIN (and /dev/net/tun for the VM). Put the command
+    /// after `--`.
     #[arg(
         long,
         value_name = "link|nat",
