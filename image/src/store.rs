@@ -150,6 +150,9 @@ pub struct Removed {
     pub bytes: u64,
 }
 
+/// How long rm and prune wait for the cache's lock before saying it is in use.
+const EXCLUSIVE_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
 impl Store {
     /// The cache at `root` (made on first use).
     pub fn new(root: impl Into<PathBuf>) -> Self {
@@ -613,16 +616,29 @@ impl Store {
         Ok(CacheGuard { _lock: file })
     }
 
+    /// The cache's exclusive lock, for rm and prune: refused while a box holds it. A lock
+    /// just released can stay held for an instant by a copy of its descriptor in a child
+    /// that a thread of the releasing process forked and has not yet exec'd (close-on-exec
+    /// closes it only at the exec), so a refusal is only given after [`EXCLUSIVE_GRACE`].
     fn exclusive(&self) -> Result<CacheGuard> {
         let file = self.lock_file()?;
-        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(CacheGuard { _lock: file }),
-            Err(rustix::io::Errno::WOULDBLOCK) => Err(ImageError::Cache {
-                root: self.root.clone(),
-                what: "in use by a running twinbox (a box or an unpack); try again when it ends"
-                    .into(),
-            }),
-            Err(e) => Err(errno(self.root.join("lock"), "flock")(e)),
+        let started = std::time::Instant::now();
+        loop {
+            match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(CacheGuard { _lock: file }),
+                Err(rustix::io::Errno::WOULDBLOCK) if started.elapsed() < EXCLUSIVE_GRACE => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    return Err(ImageError::Cache {
+                        root: self.root.clone(),
+                        what: "in use by a running twinbox (a box or an unpack); try again when \
+                               it ends"
+                            .into(),
+                    })
+                }
+                Err(e) => return Err(errno(self.root.join("lock"), "flock")(e)),
+            }
         }
     }
 
