@@ -144,7 +144,7 @@ pub fn switch_root() -> Result<(), SysError> {
     mkdir(&format!("{LAYER}/upper"))?;
     mkdir(&format!("{LAYER}/work"))?;
     mount("overlay", NEW_ROOT, "overlay", 0, &overlay_options())?;
-    // /proc last: is_mounted asks /proc/self/mountinfo.
+    // /proc last: a MountTable reads /proc/self/mountinfo.
     move_under(NEW_ROOT, ["/dev", "/proc"])?;
     let new_root = cstring(NEW_ROOT)?;
     // SAFETY: plain syscalls on valid NUL-terminated paths; results are checked.

@@ -130,16 +130,42 @@ fn unescape_octal(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Whether `target` is a mount point now. `/proc` is recognised by its content because
-/// mountinfo itself lives there.
-pub fn is_mounted(target: &str) -> bool {
-    if target == "/proc" {
-        return Path::new("/proc/self/stat").exists();
+/// The mount points of init's mount namespace at one moment, from one read of
+/// `/proc/self/mountinfo` (none when it cannot be read, e.g. before `/proc` is mounted).
+pub struct MountTable {
+    points: Vec<String>,
+}
+
+impl MountTable {
+    /// Reads the table now. One read serves a whole list of mounts: a container's
+    /// runtime made dozens, and each read of its mountinfo costs the kernel a walk of all
+    /// of them (init used to read it once per mount it checked).
+    pub fn now() -> Self {
+        Self {
+            points: read_mountinfo().map_or_else(Vec::new, |info| mount_points(&info)),
+        }
     }
-    match std::fs::read_to_string("/proc/self/mountinfo") {
-        Ok(info) => mount_points(&info).iter().any(|p| p == target),
-        Err(_) => false,
+
+    /// Whether `target` is a mount point. `/proc` is recognised by its content because
+    /// mountinfo itself lives there.
+    pub fn has(&self, target: &str) -> bool {
+        if target == "/proc" {
+            return Path::new("/proc/self/stat").exists();
+        }
+        self.points.iter().any(|p| p == target)
     }
+}
+
+/// `/proc/self/mountinfo` in one go: the buffer is sized for a container's table up front
+/// (procfs files report size 0, so a plain `read_to_string` starts at 32 bytes and
+/// doubles, a system call per step).
+fn read_mountinfo() -> Option<String> {
+    use std::io::Read;
+    let mut info = String::with_capacity(16 * 1024);
+    std::fs::File::open("/proc/self/mountinfo")
+        .and_then(|mut file| file.read_to_string(&mut info))
+        .ok()?;
+    Some(info)
 }
 
 /// Raw `mount(2)`.
@@ -215,7 +241,18 @@ pub fn move_under<'a>(
 /// Mounts `spec` unless something is mounted there already; creates the directory if it
 /// is missing and the parent is writable (e.g. `/dev/pts` on a fresh devtmpfs).
 pub fn ensure(spec: &MountSpec) -> Result<(), SysError> {
-    if is_mounted(spec.target) {
+    if spec.target == "/proc" {
+        // Not from mountinfo, which needs /proc: no read of it.
+        ensure_in(spec, &MountTable { points: Vec::new() })
+    } else {
+        ensure_in(spec, &MountTable::now())
+    }
+}
+
+/// [`ensure`] against a table read before: right as long as no mount made since then is
+/// at `spec`'s target or above it.
+fn ensure_in(spec: &MountSpec, table: &MountTable) -> Result<(), SysError> {
+    if table.has(spec.target) {
         return Ok(());
     }
     if !Path::new(spec.target).is_dir() {
@@ -225,10 +262,12 @@ pub fn ensure(spec: &MountSpec) -> Result<(), SysError> {
 }
 
 /// Mounts every spec; a failed optional mount is a warning, a failed required one ends
-/// the boot.
+/// the boot. The table is read once for all of them: a mount made here adds its own
+/// target only, which no later spec shares.
 pub fn ensure_all(specs: &[MountSpec]) -> Result<(), SysError> {
+    let table = MountTable::now();
     for spec in specs {
-        match ensure(spec) {
+        match ensure_in(spec, &table) {
             Ok(()) => {}
             Err(err) if spec.required => return Err(err),
             Err(err) => say(&format!("warning: {err}")),

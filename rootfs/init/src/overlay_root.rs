@@ -20,7 +20,7 @@
 //!
 //! Afterwards init mounts a fresh `/run`, `/tmp` etc. inside the new root as usual.
 
-use crate::mounts::{is_mounted, mkdir, mount, move_under, stage_tmpfs};
+use crate::mounts::{mkdir, mount, move_under, stage_tmpfs, MountTable};
 use crate::sys::{check, cstring, SysError};
 
 const STAGE: &str = "/run";
@@ -44,7 +44,8 @@ pub fn enter() -> Result<(), SysError> {
         mkdir(dir)?;
     }
     mount("overlay", NEW_ROOT, "overlay", 0, &overlay_options())?;
-    let present: Vec<&str> = CARRIED.into_iter().filter(|m| is_mounted(m)).collect();
+    let table = MountTable::now();
+    let present: Vec<&str> = CARRIED.into_iter().filter(|m| table.has(m)).collect();
     move_under(NEW_ROOT, present)?;
     let new_root = cstring(NEW_ROOT)?;
     let dot = c".";
