@@ -15,12 +15,47 @@ pub fn say(message: &str) {
     let _ = err.flush();
 }
 
-/// Like [`say`] but with one raw `write(2)`, taking no lock: for the forked child, where
-/// a lock held by another thread of the parent at fork time would never be released.
-pub fn write_stderr(message: &str) {
-    let line = format!("twinbox-init: {message}\n");
-    // SAFETY: line is a valid buffer; a short or failed write is acceptable here.
-    unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+/// Like [`say`], the line given in parts, with one raw `writev(2)`: no lock and no
+/// allocation, for the workload's child before its exec, which runs on init's memory
+/// (and in the tests beside other threads, which may hold the allocator's lock). At most
+/// [`MAX_PARTS`] parts are written.
+pub fn write_stderr(parts: &[&[u8]]) {
+    let empty = libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    };
+    let mut iov = [empty; MAX_PARTS + 2];
+    let prefix: &[u8] = b"twinbox-init: ";
+    let line = std::iter::once(prefix)
+        .chain(parts.iter().copied().take(MAX_PARTS))
+        .chain(std::iter::once(&b"\n"[..]));
+    let mut count = 0;
+    for (slot, part) in iov.iter_mut().zip(line) {
+        *slot = libc::iovec {
+            iov_base: part.as_ptr().cast_mut().cast(),
+            iov_len: part.len(),
+        };
+        count += 1;
+    }
+    // SAFETY: the first `count` iovecs point at live slices; a short or failed write is
+    // acceptable here.
+    unsafe { libc::writev(2, iov.as_ptr(), count) };
+}
+
+/// How many parts [`write_stderr`] writes.
+pub const MAX_PARTS: usize = 8;
+
+/// `n` in decimal, in `buf`: for [`write_stderr`]'s parts.
+pub fn decimal(mut n: u32, buf: &mut [u8; 10]) -> &[u8] {
+    let mut start = buf.len();
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[start..];
+        }
+    }
 }
 
 /// The line init prints when the workload has ended. Other tests grep this exact text,
@@ -67,6 +102,13 @@ pub fn adopt_console_if_stdio_closed() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_are_written_in_decimal() {
+        for n in [0, 7, 10, 65534, u32::MAX] {
+            assert_eq!(decimal(n, &mut [0; 10]), n.to_string().as_bytes());
+        }
+    }
 
     #[test]
     fn exit_line_text_is_stable() {

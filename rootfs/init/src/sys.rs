@@ -44,13 +44,25 @@ impl fmt::Display for SysError {
 
 impl std::error::Error for SysError {}
 
-/// The kernel's text for an errno, without Rust's "(os error N)" suffix.
+/// The C library's text for an errno (what Rust's `io::Error` prints before its
+/// "(os error N)").
 pub fn strerror(errno: i32) -> String {
-    let text = io::Error::from_raw_os_error(errno).to_string();
-    match text.find(" (os error") {
-        Some(end) => text[..end].to_owned(),
-        None => text,
+    String::from_utf8_lossy(errno_text(errno, &mut [0; ERRNO_TEXT])).into_owned()
+}
+
+/// Room for any errno's text.
+pub const ERRNO_TEXT: usize = 128;
+
+/// [`strerror`] into `buf`, without allocating: for the workload's child before its exec,
+/// which runs on init's memory.
+pub fn errno_text(errno: i32, buf: &mut [u8; ERRNO_TEXT]) -> &[u8] {
+    // SAFETY: strerror_r (the XSI one) writes at most buf.len() bytes, NUL included.
+    let failed = unsafe { libc::strerror_r(errno, buf.as_mut_ptr().cast(), buf.len()) } != 0;
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    if failed || len == 0 {
+        return b"unknown error";
     }
+    &buf[..len]
 }
 
 /// Turns a `-1` return into a [`SysError`] naming `what`.

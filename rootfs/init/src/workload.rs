@@ -1,5 +1,10 @@
-//! Starting the workload: everything is converted to C strings before `fork`, so the
-//! child only makes system calls between `fork` and `execve`.
+//! Starting the workload as `posix_spawn` does: a child on init's own memory
+//! (`CLONE_VM | CLONE_VFORK`) while init waits until it execs or exits — no copy of
+//! init's page tables and no copy-on-write faults in init afterwards. Everything is
+//! converted to C strings and pointer arrays before, so between the clone and `execve`
+//! the child only makes raw system calls on memory prepared for it: it allocates nothing,
+//! formats nothing (its messages go out in parts, `console::write_stderr`) and takes no
+//! lock.
 //!
 //! The child gets a new session, the job's working directory, the job's user (an image's
 //! `User`: supplementary groups, gid, uid, in that order, after everything that needs
@@ -8,8 +13,8 @@
 //! kernel cannot execute is run by `/bin/sh`). On failure it prints what a shell would and
 //! exits 127 (not found) or 126 (found but cannot be run).
 
-use crate::console::write_stderr;
-use crate::sys::{cstring, strerror, SysError};
+use crate::console::{decimal, write_stderr};
+use crate::sys::{cstring, errno_text, SysError, ERRNO_TEXT};
 use std::ffi::CString;
 use std::os::fd::RawFd;
 use std::ptr;
@@ -43,7 +48,7 @@ pub enum Stdio {
     Terminal(RawFd),
 }
 
-/// A workload ready to be forked: all strings already in C form.
+/// A workload ready to be started: all strings already in C form.
 #[derive(Debug)]
 pub struct Prepared {
     /// The command as the job gave it, for messages.
@@ -68,10 +73,12 @@ pub trait IdentityCalls {
     fn setuid(&mut self, uid: libc::uid_t) -> i32;
 }
 
-/// The kernel's calls; used in the forked child only (no allocation, plain syscalls).
+/// The kernel's calls; used in the workload's child only. Raw system calls, not glibc's
+/// `set*id`, which in a process with threads (the unit tests) would change every
+/// thread's credentials, here those of the process whose memory the child runs on.
 struct Kernel;
 
-fn errno_of(r: libc::c_int) -> i32 {
+fn errno_of(r: libc::c_long) -> i32 {
     if r == 0 {
         0
     } else {
@@ -83,17 +90,17 @@ fn errno_of(r: libc::c_int) -> i32 {
 impl IdentityCalls for Kernel {
     fn setgroups(&mut self, groups: &[libc::gid_t]) -> i32 {
         // SAFETY: a pointer and length of a slice that outlives the call.
-        errno_of(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })
+        errno_of(unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) })
     }
 
     fn setgid(&mut self, gid: libc::gid_t) -> i32 {
         // SAFETY: plain syscall.
-        errno_of(unsafe { libc::setgid(gid) })
+        errno_of(unsafe { libc::syscall(libc::SYS_setgid, gid) })
     }
 
     fn setuid(&mut self, uid: libc::uid_t) -> i32 {
         // SAFETY: plain syscall.
-        errno_of(unsafe { libc::setuid(uid) })
+        errno_of(unsafe { libc::syscall(libc::SYS_setuid, uid) })
     }
 }
 
@@ -143,12 +150,13 @@ pub fn candidates(command: &str, path: Option<&str>) -> Vec<String> {
         .collect()
 }
 
-/// The exit status and message for a failed exec, like shells report it.
-pub fn exec_failure(command: &str, errno: i32) -> (i32, String) {
+/// The exit status of a failed exec and the words after `COMMAND: ` in its message, like
+/// shells report it, without allocating.
+fn exec_failure_words(errno: i32, buf: &mut [u8; ERRNO_TEXT]) -> (i32, &[u8]) {
     match errno {
-        libc::ENOENT | libc::ENOTDIR => (EXIT_NOT_FOUND, format!("{command}: not found")),
-        libc::EACCES => (EXIT_CANNOT_RUN, format!("{command}: permission denied")),
-        other => (EXIT_CANNOT_RUN, format!("{command}: {}", strerror(other))),
+        libc::ENOENT | libc::ENOTDIR => (EXIT_NOT_FOUND, b"not found"),
+        libc::EACCES => (EXIT_CANNOT_RUN, b"permission denied"),
+        other => (EXIT_CANNOT_RUN, errno_text(other, buf)),
     }
 }
 
@@ -181,23 +189,64 @@ impl Prepared {
         })
     }
 
-    /// Forks; the child becomes the workload and never returns. Returns the child's pid.
+    /// Starts the child that becomes the workload (see the module docs); returns once it
+    /// has exec'd (or failed and exited), with its pid.
     pub fn spawn(&self) -> Result<libc::pid_t, SysError> {
-        // Build the pointer arrays before forking: no allocation in the child.
+        // Built before the clone: the child allocates nothing.
         let argv = pointers(&self.argv);
         let env = pointers(&self.env);
-        // SAFETY: init is single-threaded, so the child is a full copy in a consistent
-        // state; it only runs `child` which ends in execve or _exit.
-        match unsafe { libc::fork() } {
-            -1 => Err(SysError::last("fork the workload")),
-            0 => self.child(&argv, &env),
-            pid => Ok(pid),
+        // `/bin/sh FILE ARG...` for a file the kernel cannot execute; the child puts FILE
+        // in slot 1.
+        let mut shell_argv: Vec<*const libc::c_char> = [SHELL.as_ptr(), ptr::null()]
+            .into_iter()
+            .chain(argv.iter().skip(1).copied())
+            .collect();
+        // Only the few pages the child touches are ever faulted in.
+        let mut stack: Vec<u8> = Vec::with_capacity(CHILD_STACK);
+        // The stack grows down from its top, which the ABI wants 16-byte aligned.
+        let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
+        let launch = Launch {
+            prepared: self,
+            argv: &argv,
+            env: &env,
+            shell_argv: shell_argv.as_mut_ptr(),
+        };
+        // Every signal blocked across the clone, so that none runs one of init's handlers
+        // in the child, on init's memory, before the child has reset them (posix_spawn
+        // does the same); init's own mask comes back right after.
+        // SAFETY: sigset_t is plain data; sigfillset fills it.
+        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; pthread_sigmask fills it.
+        let mut before: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: signal-mask calls on sets of ours around a clone whose child runs
+        // `launch_child` on `stack` and touches only what `launch` points at. All of it
+        // outlives the child's use: with CLONE_VFORK this thread waits until the child has
+        // exec'd or exited.
+        let (pid, errno) = unsafe {
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut before);
+            let pid = libc::clone(
+                launch_child,
+                top as *mut libc::c_void,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                ptr::from_ref(&launch).cast_mut().cast(),
+            );
+            let errno = *libc::__errno_location();
+            libc::pthread_sigmask(libc::SIG_SETMASK, &before, ptr::null_mut());
+            (pid, errno)
+        };
+        if pid == -1 {
+            return Err(SysError::new("start the workload", errno));
         }
+        Ok(pid)
     }
 
-    fn child(&self, argv: &[*const libc::c_char], env: &[*const libc::c_char]) -> ! {
-        // SAFETY: this is the forked child; everything below is a plain syscall on
-        // memory prepared before the fork, ending in execve or _exit.
+    /// The child, from the clone to the exec; never returns.
+    fn child(&self, launch: &Launch<'_>) -> ! {
+        let (argv, env) = (launch.argv, launch.env);
+        // SAFETY: this is the workload's child on init's memory (module docs): below only
+        // raw system calls on memory prepared before the clone, ending in execve or
+        // _exit.
         unsafe {
             reset_signals();
             libc::setsid();
@@ -213,22 +262,27 @@ impl Prepared {
             }
             if libc::chdir(self.cwd.as_ptr()) != 0 {
                 let errno = *libc::__errno_location();
-                write_stderr(&format!(
-                    "cannot change directory to {}: {}",
-                    self.cwd.to_string_lossy(),
-                    strerror(errno)
-                ));
+                write_stderr(&[
+                    b"cannot change directory to ",
+                    self.cwd.as_bytes(),
+                    b": ",
+                    errno_text(errno, &mut [0; ERRNO_TEXT]),
+                ]);
                 libc::_exit(EXIT_CANNOT_RUN);
             }
             // The job's user last: the terminal and the directory above may need root.
             if let Some(user) = &self.user {
                 if let Err((call, errno)) = become_user(&mut Kernel, user) {
-                    write_stderr(&format!(
-                        "cannot run as user {}:{}: {call}: {}",
-                        user.uid,
-                        user.gid,
-                        strerror(errno)
-                    ));
+                    write_stderr(&[
+                        b"cannot run as user ",
+                        decimal(user.uid, &mut [0; 10]),
+                        b":",
+                        decimal(user.gid, &mut [0; 10]),
+                        b": ",
+                        call.as_bytes(),
+                        b": ",
+                        errno_text(errno, &mut [0; ERRNO_TEXT]),
+                    ]);
                     libc::_exit(EXIT_CANNOT_RUN);
                 }
             }
@@ -243,7 +297,10 @@ impl Prepared {
                     libc::ENOENT | libc::ENOTDIR => {}
                     libc::EACCES => seen_eacces = true,
                     libc::ENOEXEC => {
-                        exec_with_shell(file, argv, env);
+                        // A file without an interpreter line: the shell runs it, as
+                        // execvp does.
+                        *launch.shell_argv.add(1) = file.as_ptr();
+                        libc::execve(SHELL.as_ptr(), launch.shell_argv, env.as_ptr());
                         last = *libc::__errno_location();
                         break;
                     }
@@ -256,36 +313,42 @@ impl Prepared {
             if seen_eacces && (last == libc::ENOENT || last == libc::ENOTDIR) {
                 last = libc::EACCES;
             }
-            let (status, message) = exec_failure(&self.command, last);
-            write_stderr(&message);
+            let mut buf = [0; ERRNO_TEXT];
+            let (status, words) = exec_failure_words(last, &mut buf);
+            write_stderr(&[self.command.as_bytes(), b": ", words]);
             libc::_exit(status)
         }
     }
 }
 
-/// Runs a file without an interpreter line with `/bin/sh`, as `execvp` does.
-///
-/// # Safety
-/// Only in the forked child; `argv` and `env` are NULL-terminated pointer arrays.
-unsafe fn exec_with_shell(
-    file: &CString,
-    argv: &[*const libc::c_char],
-    env: &[*const libc::c_char],
-) {
-    let sh = c"/bin/sh";
-    let mut shell_argv: Vec<*const libc::c_char> = Vec::with_capacity(argv.len() + 1);
-    shell_argv.push(sh.as_ptr());
-    shell_argv.push(file.as_ptr());
-    shell_argv.extend(argv.iter().skip(1));
-    // SAFETY: shell_argv keeps argv's NULL terminator at the end.
-    unsafe { libc::execve(sh.as_ptr(), shell_argv.as_ptr(), env.as_ptr()) };
+/// Bytes of stack for the workload's child until its exec: it formats and allocates
+/// nothing, so a few pages would do.
+const CHILD_STACK: usize = 64 * 1024;
+
+/// The shell that runs a file without an interpreter line, as `execvp` does.
+const SHELL: &std::ffi::CStr = c"/bin/sh";
+
+/// What the workload's child is given: the job and the pointer arrays made for it.
+struct Launch<'a> {
+    prepared: &'a Prepared,
+    argv: &'a [*const libc::c_char],
+    env: &'a [*const libc::c_char],
+    /// `/bin/sh`, a slot for the file, then argv after its first; NULL-terminated.
+    shell_argv: *mut *const libc::c_char,
+}
+
+/// The child's entry, clone's `fn`.
+extern "C" fn launch_child(launch: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `spawn` passes a `Launch` that outlives the child's run on this memory.
+    let launch = unsafe { &*launch.cast::<Launch<'_>>() };
+    launch.prepared.child(launch)
 }
 
 /// Unblocks every signal and restores every disposition to its default: init blocks the
 /// signals it waits for, and Rust's runtime ignores SIGPIPE; the workload must see neither.
 ///
 /// # Safety
-/// Only in the forked child, before exec.
+/// Only in the workload's child, before exec.
 unsafe fn reset_signals() {
     // SAFETY: plain signal syscalls on a stack-allocated set.
     unsafe {
@@ -310,7 +373,7 @@ unsafe fn reset_signals() {
 /// Failures leave the inherited fds.
 ///
 /// # Safety
-/// Only in the forked child, after `setsid`.
+/// Only in the workload's child, after `setsid`.
 unsafe fn attach_console() {
     // SAFETY: plain syscalls on a static path and our own descriptors.
     unsafe {
@@ -332,17 +395,19 @@ unsafe fn attach_console() {
 /// line on whatever stderr it has by then.
 ///
 /// # Safety
-/// Only in the forked child.
+/// Only in the workload's child.
 unsafe fn attach(fds: [RawFd; 3]) {
     for (target, fd) in (0..).zip(fds) {
         // SAFETY: dup2 on descriptors of this process.
         if unsafe { libc::dup2(fd, target) } < 0 {
             // SAFETY: reading errno right after the failed call.
             let errno = unsafe { *libc::__errno_location() };
-            write_stderr(&format!(
-                "cannot set up fd {target} of the workload: {}",
-                strerror(errno)
-            ));
+            write_stderr(&[
+                b"cannot set up fd ",
+                decimal(target as u32, &mut [0; 10]),
+                b" of the workload: ",
+                errno_text(errno, &mut [0; ERRNO_TEXT]),
+            ]);
             // SAFETY: ends the child without running anything of the parent's.
             unsafe { libc::_exit(EXIT_CANNOT_RUN) };
         }
@@ -356,7 +421,7 @@ unsafe fn attach(fds: [RawFd; 3]) {
 /// line on stderr and the workload runs without a controlling terminal.
 ///
 /// # Safety
-/// Only in the forked child, after `setsid`.
+/// Only in the workload's child, after `setsid`.
 unsafe fn take_terminal() {
     // SAFETY: TIOCSCTTY takes an int by value.
     let taken = unsafe {
@@ -365,10 +430,10 @@ unsafe fn take_terminal() {
     if !taken {
         // SAFETY: reading errno right after the failed call.
         let errno = unsafe { *libc::__errno_location() };
-        write_stderr(&format!(
-            "cannot make stdin the controlling terminal: {}",
-            strerror(errno)
-        ));
+        write_stderr(&[
+            b"cannot make stdin the controlling terminal: ",
+            errno_text(errno, &mut [0; ERRNO_TEXT]),
+        ]);
     }
 }
 
@@ -400,6 +465,14 @@ mod tests {
         ];
         assert_eq!(path_of(&env), Some("/second"));
         assert_eq!(path_of(&["HOME=/".to_owned()]), None);
+    }
+
+    /// The exit status and message for a failed exec.
+    fn exec_failure(command: &str, errno: i32) -> (i32, String) {
+        let mut buf = [0; ERRNO_TEXT];
+        let (status, words) = exec_failure_words(errno, &mut buf);
+        let words = String::from_utf8_lossy(words);
+        (status, format!("{command}: {words}"))
     }
 
     #[test]
@@ -453,7 +526,7 @@ mod tests {
         assert!(ptrs.last().unwrap().is_null());
     }
 
-    /// Runs `job` through the real fork/exec path and returns its wait status.
+    /// Runs `job` through the real spawn path and returns its wait status.
     fn run(job: &Job) -> ExitCode {
         let pid = Prepared::new(job, Stdio::Inherit).unwrap().spawn().unwrap();
         let mut status = 0;
