@@ -15,7 +15,8 @@
 //! 4. mount the rest of a userland and set the hostname ([`mounts`]); when the job has a
 //!    network, bring up `eth0` with its address and default route and write resolv.conf
 //!    ([`net`]); report `InitStarted`,
-//! 5. fork and exec the workload ([`workload`]) on its stdio: the container's inherited
+//! 5. start the workload ([`workload`]: a child on init's memory until its exec, as
+//!    `posix_spawn` does) on its stdio: the container's inherited
 //!    fds, the VM's serial console, or the VM's ports — with `-t` in the VM, a pty that
 //!    init relays to the ports ([`tty`]); report `WorkloadStarted`,
 //! 6. forward signals, reap (and relay) until the workload exits ([`reaper`]); report
@@ -30,8 +31,13 @@
 //! Init takes no arguments today (in the VM the kernel passes unknown command-line words
 //! as argv, so argv is ignored); built-in guest micro-benchmarks may later add a
 //! subcommand here.
+//!
+//! It starts from C's `main`, without std's runtime start ([`entry`]).
+// The unit tests' harness brings its own main.
+#![cfg_attr(not(test), no_main)]
 
 mod console;
+mod entry;
 mod initramfs;
 // Shared with the archive writer (bin/twinbox-initramfs.rs), which uses all of it.
 #[allow(dead_code)]
@@ -79,7 +85,17 @@ enum Streams {
     Ports(StdioPorts, Control<std::fs::File>, Vec<WinSize>),
 }
 
-fn main() {
+/// The C entry point ([`entry`]).
+#[cfg(not(test))]
+#[no_mangle]
+pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
+    entry::prepare_process();
+    entry::run(boot)
+}
+
+/// The whole of init's life, steps 0 to 7 (module docs).
+#[cfg_attr(test, allow(dead_code))]
+fn boot() -> ! {
     // Not dumpable: the workload runs as the same uid but without CAP_SYS_PTRACE, so it
     // can neither ptrace init nor open /proc/1/fd (init's marker pipe), and cannot forge
     // phases or the exit status the host reads. (exec makes the workload dumpable again.)
