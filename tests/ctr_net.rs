@@ -850,6 +850,7 @@ fn nat_masquerades_the_box_out_of_the_host_and_link_does_not() {
 /// between its own interfaces. Deleted on drop.
 struct Lan {
     netns: String,
+    host_end: String,
 }
 
 impl Lan {
@@ -860,8 +861,9 @@ impl Lan {
         let id = std::process::id() % 100_000;
         let lan = Self {
             netns: format!("tblan{id}"),
+            host_end: format!("tnl{id}"),
         };
-        let host_end = format!("tnl{id}");
+        let host_end = lan.host_end.clone();
         let host_cidr = format!("{}/30", Self::HOST);
         let far_cidr = format!("{}/30", Self::FAR);
         for args in [
@@ -923,19 +925,32 @@ const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 /// hostnet's note that twinbox turned ip_forward on (`hostnet::nat::FORWARDING_NOTE`).
 const FORWARDING_NOTE: &str = "/run/twinbox/ip_forward-turned-on-by-twinbox";
 
-/// What `--net nat` changes on the host, saved, and put back on drop: ip_forward,
-/// twinbox's note that it turned ip_forward on, and the `ip twinbox` table.
+/// What `--net nat` changes on the host, saved, and put back on drop: ip_forward, every
+/// interface's `forwarding` (the kernel copies a write of ip_forward to each), twinbox's
+/// note that it turned ip_forward on, and the `ip twinbox` table.
 struct HostForwarding {
     ip_forward: String,
-    noted: bool,
+    interfaces: Vec<(String, String)>,
+    note: Option<String>,
     table: Option<String>,
 }
 
 impl HostForwarding {
     fn save() -> Self {
+        let interfaces = std::fs::read_dir("/proc/sys/net/ipv4/conf")
+            .expect("/proc/sys/net/ipv4/conf")
+            .flatten()
+            .filter(|e| e.file_name() != "all")
+            .filter_map(|e| {
+                let path = e.path().join("forwarding");
+                let value = std::fs::read_to_string(&path).ok()?;
+                Some((path.display().to_string(), value))
+            })
+            .collect();
         Self {
             ip_forward: std::fs::read_to_string(IP_FORWARD).unwrap(),
-            noted: std::path::Path::new(FORWARDING_NOTE).is_file(),
+            interfaces,
+            note: std::fs::read_to_string(FORWARDING_NOTE).ok(),
             table: Self::table(),
         }
     }
@@ -950,7 +965,8 @@ impl HostForwarding {
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// The host as one that never ran twinbox, with `ip_forward` = `value`.
+    /// The host as one that never ran twinbox, with `ip_forward` = `value` (and so every
+    /// interface's `forwarding`).
     fn fresh(value: &str) {
         if Self::table().is_some() {
             net::run_tool("nft", &["delete", "table", "ip", "twinbox"]);
@@ -958,13 +974,20 @@ impl HostForwarding {
         let _ = std::fs::remove_file(FORWARDING_NOTE);
         std::fs::write(IP_FORWARD, value).unwrap();
     }
+
+    fn noted() -> bool {
+        std::path::Path::new(FORWARDING_NOTE).exists()
+    }
 }
 
 impl Drop for HostForwarding {
     fn drop(&mut self) {
         Self::fresh(&self.ip_forward);
-        if self.noted {
-            let _ = std::fs::write(FORWARDING_NOTE, "");
+        for (path, value) in &self.interfaces {
+            let _ = std::fs::write(path, value);
+        }
+        if let Some(note) = &self.note {
+            let _ = std::fs::write(FORWARDING_NOTE, note);
         }
         if let Some(table) = &self.table {
             let mut nft = Command::new("nft")
@@ -978,10 +1001,21 @@ impl Drop for HostForwarding {
     }
 }
 
+/// Turns forwarding of what `interface` receives on, as systemd-networkd's per-link
+/// `IPForward=` does.
+fn forward_on(interface: &str) {
+    std::fs::write(
+        format!("/proc/sys/net/ipv4/conf/{interface}/forwarding"),
+        "1\n",
+    )
+    .unwrap_or_else(|e| panic!("forwarding of {interface}: {e}"));
+}
+
 /// `--net nat` on a host that did not route (ip_forward 0) lets its NAT box out but does
 /// not make the host a router: traffic from one of the host's other interfaces to another
-/// (the test's `Lan` to its `Outside`) is not forwarded. On a host that already routed,
-/// that traffic is forwarded before and after, as the host had it.
+/// (the test's `Lan` to its `Outside`) is not forwarded. On a host that already routed —
+/// ip_forward 1, or ip_forward 0 with those two interfaces' own `forwarding` 1 (a per-link
+/// router) — that traffic is forwarded after, as the host had it, and no note is left.
 #[test]
 fn nat_on_a_host_that_did_not_route_forwards_nothing_but_its_boxes() {
     let _serial = serial();
@@ -994,9 +1028,21 @@ fn nat_on_a_host_that_did_not_route_forwards_nothing_but_its_boxes() {
             "nc -w 5 {} 7004 </dev/null && echo reached || echo unreachable",
             Outside::FAR
         );
-        for (ip_forward, host_routes) in [("1\n", true), ("0\n", false)] {
-            let what = format!("ip_forward {} before --net nat", ip_forward.trim());
+        for (ip_forward, per_link, host_routes) in [
+            ("1\n", false, true),
+            ("0\n", true, true),
+            ("0\n", false, false),
+        ] {
+            let what = format!(
+                "ip_forward {} (the test's NICs forwarding on their own: {per_link}) before \
+                 --net nat",
+                ip_forward.trim()
+            );
             HostForwarding::fresh(ip_forward);
+            if per_link {
+                forward_on(&lan.host_end);
+                forward_on(&outside.host_end);
+            }
             let peer = outside.accept_one(7004, Duration::from_secs(30));
             let out = ctr(&["--net", "nat"], &script)
                 .output()
@@ -1017,6 +1063,11 @@ fn nat_on_a_host_that_did_not_route_forwards_nothing_but_its_boxes() {
                 std::fs::read_to_string(IP_FORWARD).unwrap(),
                 "1\n",
                 "{what}: ip_forward after the run"
+            );
+            assert_eq!(
+                HostForwarding::noted(),
+                !host_routes,
+                "{what}: twinbox's note that it turned ip_forward on"
             );
 
             let peer = outside.accept_one(7005, Duration::from_secs(4));
@@ -1041,6 +1092,58 @@ fn nat_on_a_host_that_did_not_route_forwards_nothing_but_its_boxes() {
     }
     drop(saved);
     before.assert_nothing_left("--net nat on a host that did not route", false);
+}
+
+/// A `--net nat` run that cannot install its table (here: no `nft` on PATH) fails with one
+/// line and exit 125 and leaves a host that did not route as it was: ip_forward 0, no
+/// note, no table, and nothing forwarded between the host's other interfaces.
+#[test]
+fn a_nat_run_whose_table_fails_leaves_ip_forward_off_and_forwards_nothing() {
+    let _serial = serial();
+    let saved = HostForwarding::save();
+    let before = Before::now();
+    {
+        let outside = Outside::new();
+        let lan = Lan::new();
+        HostForwarding::fresh("0\n");
+        let no_nft = tempfile_dir("twinbox-no-nft");
+        let out = ctr(&["--net", "nat"], "echo ran")
+            .env("PATH", &no_nft)
+            .output()
+            .expect("run twinbox");
+        let _ = std::fs::remove_dir(&no_nft);
+        assert_one_line_125(&out, "nft", "--net nat without nft");
+        assert_eq!(
+            std::fs::read_to_string(IP_FORWARD).unwrap(),
+            "0\n",
+            "a failed --net nat left ip_forward on"
+        );
+        assert!(!HostForwarding::noted(), "a failed --net nat left its note");
+        assert_eq!(
+            HostForwarding::table(),
+            None,
+            "a failed --net nat left a table"
+        );
+        let peer = outside.accept_one(7006, Duration::from_secs(4));
+        let connected = lan.connect(Outside::FAR, 7006, Duration::from_secs(2));
+        let seen = peer
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the outside listener ends");
+        assert!(
+            connected.is_err() && seen.is_err(),
+            "after a failed --net nat the host forwards between its other interfaces \
+             (connected: {connected:?}, outside saw: {seen:?})"
+        );
+    }
+    drop(saved);
+    before.assert_nothing_left("a --net nat run without nft", false);
+}
+
+/// An empty directory of this test's own, for a PATH with nothing in it.
+fn tempfile_dir(prefix: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.display().to_string()
 }
 
 #[test]

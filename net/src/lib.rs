@@ -13,6 +13,7 @@
 //! - [`forwarding`]: a link-mode host end never forwards; a NAT one does.
 //! - [`nat`]: `--net nat`, the one nftables table `ip twinbox` and ip_forward.
 //! - [`resolver`]: the host's name server, if a box can reach it.
+//! - [`rundir`]: /run/twinbox, 0755 whatever the umask.
 //!
 //! Netlink goes through `netlink-packet-route` / `netlink-packet-core` on a blocking
 //! `netlink-sys` socket, with a small request/ACK helper (`netlink.rs`). Not `rtnetlink`:
@@ -26,6 +27,7 @@ pub mod lease;
 pub mod nat;
 mod netlink;
 pub mod resolver;
+pub mod rundir;
 pub mod tap;
 pub mod veth;
 

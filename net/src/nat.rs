@@ -36,21 +36,42 @@
 //!
 //! A host that was no router must not become one: `ip_forward` is global, so turning it on
 //! for the NAT boxes would also route between the host's other interfaces (two NICs, a VPN
-//! and a LAN), which our `tb*` rules do not see. So when twinbox is the one that turns it
-//! on (it read 0), it first writes the note [`FORWARDING_NOTE`] (under /run, cleared at
-//! boot as `ip_forward` is) and the forward chain gets the last rule above, which drops
+//! and a LAN), which our `tb*` rules do not see. The host counts as a router when
+//! `ip_forward` is 1 or any interface not named `tb*` has its own `conf/<if>/forwarding`
+//! at 1 (IPv4 forwarding is decided by the receiving interface's value, so a host routing
+//! on one link only — systemd-networkd's per-link `IPForward=` — routes with `ip_forward`
+//! at 0) ([`plan`], [`routing_interfaces`]). When it was none, twinbox is the one that
+//! turns `ip_forward` on: it writes the note [`FORWARDING_NOTE`] (holding this boot's
+//! `/proc/sys/kernel/random/boot_id`, so a note from another boot — /run not a tmpfs —
+//! counts for nothing) and the forward chain gets the last rule above, which drops
 //! forwarding between two interfaces that are not box links — as Docker sets the FORWARD
 //! policy to drop when it turns forwarding on. A run that finds `ip_forward` at 1 keeps
-//! that rule exactly when the note exists (an earlier run of this boot turned it on), so
-//! every run installs the same table; the note is written before the sysctl, so two runs
-//! at once agree whichever reads first. A host that forwarded before twinbox keeps its
-//! routing: no such rule. (Per-interface `forwarding=0` on the uplink would not do: a
-//! masqueraded reply is forwarded from the uplink to the box.) A host that starts routing
-//! by other means after twinbox turned `ip_forward` on (Docker started later, an admin's
-//! sysctl) has that traffic dropped by the rule until [`remove`] or a reboot.
+//! that rule exactly when the note of this boot exists (an earlier run turned it on), so
+//! every run installs the same table. A host that routed before twinbox keeps its
+//! routing: no such rule, no note. (Per-interface `forwarding=0` on the uplink would not
+//! do: a masqueraded reply is forwarded from the uplink to the box.) Where only some
+//! interfaces forwarded, the write of `ip_forward` sets every interface's `forwarding` to 1
+//! (the kernel's copy, above): the host then routes between all its interfaces.
 //!
-//! The table stays after the run (it matches nothing without boxes); [`remove`] deletes it
-//! and, if the note says twinbox turned `ip_forward` on, turns it off again.
+//! Order, so that no failure or kill leaves a router unguarded: under the lock
+//! [`LOCK`] (two runs, or a run and [`remove`], take turns), [`apply`] reads, writes the
+//! note if it is to turn `ip_forward` on, installs the table (with the drop rule), and only
+//! then writes the sysctl. If `nft` fails (not installed, too old, no nf_tables) the sysctl
+//! is left as it was and the note this run wrote is unlinked; if the sysctl write fails
+//! the note is unlinked too. A kill after the note and before the sysctl leaves a note
+//! with `ip_forward` at 0, which the next run rewrites.
+//!
+//! The limit: something that starts routing after twinbox turned `ip_forward` on in this
+//! boot (Docker or libvirt started later, an admin's sysctl) has its forwarding between
+//! non-box interfaces dropped by the last rule, and every later `--net nat` run installs
+//! it again while the note is there. The remedy, by hand (the `--net nat` help says so):
+//! `nft delete table ip twinbox` and `rm /run/twinbox/ip_forward-turned-on-by-twinbox`;
+//! the next run then finds a router and adds no drop rule. [`remove`] does more (and
+//! turns `ip_forward` off): it is for tests and uninstall.
+//!
+//! The table stays after the run (it matches nothing without boxes); [`remove`] turns
+//! `ip_forward` off first if the note says twinbox turned it on, then deletes the table,
+//! then the note.
 //! An accept here cannot override a drop in another table on the same hook (for example
 //! a firewall whose forward policy is drop): such a host must allow `tbn*` itself.
 //!
@@ -60,8 +81,11 @@
 //! The `nft` binary (Debian package `nftables`) is therefore needed for `--net nat` only.
 
 use std::borrow::Cow;
+use std::fs::File;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
 
 use nftables::batch::Batch;
 use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, CT};
@@ -80,9 +104,15 @@ pub const INTERFACE_PATTERN: &str = "tb*";
 pub const NAT_INTERFACE_PATTERN: &str = "tbn*";
 /// The sysctl turned on by [`apply`].
 pub const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
-/// Exists while `ip_forward` is on because twinbox turned it on (this boot: /run is a
-/// tmpfs, cleared at boot as the sysctl is).
+/// Exists while `ip_forward` is on because twinbox turned it on; holds the boot's id
+/// ([`BOOT_ID`]), so it counts in that boot only.
 pub const FORWARDING_NOTE: &str = "/run/twinbox/ip_forward-turned-on-by-twinbox";
+/// Held by [`apply`] and [`remove`] from their first read to their last write.
+pub const LOCK: &str = "/run/twinbox/nat.lock";
+/// This boot's id, as the kernel gives it.
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+/// Each interface's IPv4 settings, `forwarding` among them.
+const INTERFACES: &str = "/proc/sys/net/ipv4/conf";
 
 /// Who made this host forward IPv4, which decides whether the table guards the host's
 /// other interfaces.
@@ -94,33 +124,111 @@ pub enum Forwarding {
     Twinbox,
 }
 
-/// Install (or replace) the `ip twinbox` table and turn on ip_forward.
+/// What [`apply`] does on a host as it found it (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Which table to install.
+    pub forwarding: Forwarding,
+    /// Write [`FORWARDING_NOTE`] before the table.
+    pub write_note: bool,
+    /// Write 1 to `ip_forward` after the table.
+    pub turn_on: bool,
+}
+
+/// The decision of [`apply`]: `ip_forward_on` as read, `routing_interfaces` the non-box
+/// interfaces forwarding on their own ([`routing_interfaces`]), `noted` whether a note of
+/// this boot exists.
+pub fn plan(ip_forward_on: bool, routing_interfaces: &[String], noted: bool) -> Plan {
+    let (forwarding, write_note, turn_on) = match (ip_forward_on, noted) {
+        (true, true) => (Forwarding::Twinbox, false, false),
+        (true, false) => (Forwarding::Host, false, false),
+        // A note with ip_forward at 0: someone turned it off since, or a run died before
+        // its write; either way it counts for nothing now.
+        (false, _) if !routing_interfaces.is_empty() => (Forwarding::Host, false, true),
+        (false, _) => (Forwarding::Twinbox, true, true),
+    };
+    Plan {
+        forwarding,
+        write_note,
+        turn_on,
+    }
+}
+
+/// The interfaces that forward what they receive, of `values` (each interface's name under
+/// /proc/sys/net/ipv4/conf and its `forwarding`): not `all` (the copy of `ip_forward`),
+/// not `default` (the value new interfaces start with), not a box link (`tb*`, which
+/// twinbox sets per box).
+pub fn routing_interfaces(values: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+    let box_prefix = INTERFACE_PATTERN.trim_end_matches('*');
+    let mut names: Vec<String> = values
+        .into_iter()
+        .filter(|(name, value)| {
+            name != "all"
+                && name != "default"
+                && !name.starts_with(box_prefix)
+                && value.trim() == "1"
+        })
+        .map(|(name, _)| name)
+        .collect();
+    names.sort();
+    names
+}
+
+/// Whether `note` (the note's text, if it is a regular file) was written in the boot
+/// `boot_id`.
+pub fn noted_this_boot(note: Option<&str>, boot_id: &str) -> bool {
+    note.is_some_and(|text| !boot_id.trim().is_empty() && text.trim() == boot_id.trim())
+}
+
+/// Install (or replace) the `ip twinbox` table, then turn on ip_forward if the host did
+/// not forward (see the module doc for the order and why).
 pub fn apply() -> Result<()> {
-    let forwarding = enable_ip_forward()?;
-    run_nft("apply", &ruleset(forwarding))?;
-    tracing::debug!(?forwarding, "nat table ip twinbox applied");
+    let _lock = lock()?;
+    let ip_forward_on = read_ip_forward()?;
+    let boot_id = boot_id()?;
+    let noted = noted_this_boot(read_note()?.as_deref(), &boot_id);
+    let routing = if ip_forward_on {
+        Vec::new()
+    } else {
+        routing_interfaces(interface_forwarding())
+    };
+    let plan = plan(ip_forward_on, &routing, noted);
+    if ip_forward_on && !noted {
+        // A note of another boot (or not a file): the host's own forwarding.
+        remove_note()?;
+    }
+    if plan.write_note {
+        write_note(&boot_id)?;
+    }
+    let undo_note = |error: Error| {
+        if plan.write_note {
+            let _ = remove_note();
+        }
+        error
+    };
+    run_nft("apply", &ruleset(plan.forwarding)).map_err(undo_note)?;
+    if plan.turn_on {
+        write_ip_forward(true).map_err(undo_note)?;
+        crate::forwarding::close_link_mode_interfaces();
+    }
+    tracing::debug!(?plan, ?routing, "nat table ip twinbox applied");
     Ok(())
 }
 
-/// Delete the `ip twinbox` table if it exists (for tests and uninstall), and turn
-/// `ip_forward` off again if twinbox turned it on (then nothing else guards the host).
+/// Undo [`apply`] (for tests and uninstall): if the note of this boot says twinbox turned
+/// `ip_forward` on, turn it off first (then nothing is forwarded while the table goes),
+/// then delete the `ip twinbox` table if it exists, then the note.
 pub fn remove() -> Result<()> {
+    let _lock = lock()?;
+    if noted_this_boot(read_note()?.as_deref(), &boot_id()?) {
+        write_ip_forward(false)?;
+    }
     let mut batch = Batch::new();
     // `add` first makes `delete` succeed when the table is absent.
     batch.add(NfListObject::Table(table()));
     batch.delete(NfListObject::Table(table()));
     run_nft("remove", &batch.to_nftables())?;
-    if turned_on_by_twinbox()? {
-        std::fs::write(IP_FORWARD, b"0\n").map_err(|source| Error::Sysctl {
-            path: PathBuf::from(IP_FORWARD),
-            source,
-        })?;
-        std::fs::remove_file(FORWARDING_NOTE).map_err(|source| Error::ForwardingNote {
-            path: PathBuf::from(FORWARDING_NOTE),
-            source,
-        })?;
-    }
-    Ok(())
+    remove_note()
 }
 
 /// The whole transaction [`apply`] sends: create-if-missing, delete, then the table anew.
@@ -249,75 +357,131 @@ fn accept() -> Statement<'static> {
     Statement::Accept(Some(Accept {}))
 }
 
-/// Turn ip_forward on; when that takes a write, note that twinbox did (before the write,
-/// so a run reading 1 right after also sees the note) and close the plain links'
-/// forwarding again, which the write opened (see `forwarding.rs`).
-fn enable_ip_forward() -> Result<Forwarding> {
-    let sysctl_error = |source| Error::Sysctl {
-        path: PathBuf::from(IP_FORWARD),
-        source,
-    };
-    let now = std::fs::read_to_string(IP_FORWARD).map_err(sysctl_error)?;
-    if now.trim() == "1" {
-        return Ok(if turned_on_by_twinbox()? {
-            Forwarding::Twinbox
-        } else {
-            Forwarding::Host
-        });
-    }
-    write_note()?;
-    std::fs::write(IP_FORWARD, b"1\n").map_err(|source: io::Error| {
-        match source.raw_os_error() {
-            Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => Error::NotPermitted {
-                call: "write 1 to",
-                interface: IP_FORWARD.to_string(),
-                source,
-            },
-            _ => sysctl_error(source),
-        }
-    })?;
-    crate::forwarding::close_link_mode_interfaces();
-    Ok(Forwarding::Twinbox)
-}
-
-/// Whether [`FORWARDING_NOTE`] exists (a symlink or anything else there counts as no).
-fn turned_on_by_twinbox() -> Result<bool> {
-    match std::fs::symlink_metadata(FORWARDING_NOTE) {
-        Ok(meta) => Ok(meta.is_file()),
-        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(source) => Err(Error::ForwardingNote {
-            path: PathBuf::from(FORWARDING_NOTE),
+fn sysctl_error(path: &str) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| match source.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => Error::NotPermitted {
+            call: "write",
+            interface: path.to_string(),
             source,
-        }),
+        },
+        _ => Error::Sysctl {
+            path: PathBuf::from(path),
+            source,
+        },
     }
 }
 
-/// Create [`FORWARDING_NOTE`] (and /run/twinbox, root's, 0755) if missing; never through a
-/// symlink.
-fn write_note() -> Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let note = std::path::Path::new(FORWARDING_NOTE);
-    let error = |path: &std::path::Path| {
-        let path = path.to_path_buf();
-        move |source| Error::ForwardingNote { path, source }
+fn read_ip_forward() -> Result<bool> {
+    let now = std::fs::read_to_string(IP_FORWARD).map_err(sysctl_error(IP_FORWARD))?;
+    Ok(now.trim() == "1")
+}
+
+fn write_ip_forward(on: bool) -> Result<()> {
+    std::fs::write(IP_FORWARD, if on { "1\n" } else { "0\n" }).map_err(sysctl_error(IP_FORWARD))
+}
+
+fn boot_id() -> Result<String> {
+    std::fs::read_to_string(BOOT_ID)
+        .map(|id| id.trim().to_string())
+        .map_err(sysctl_error(BOOT_ID))
+}
+
+/// Every interface's `forwarding` of this network namespace; one that goes while read is
+/// skipped.
+fn interface_forwarding() -> Vec<(String, String)> {
+    let Ok(entries) = std::fs::read_dir(INTERFACES) else {
+        return Vec::new();
     };
-    let dir = note.parent().expect("the note has a directory");
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)
-        .map_err(error(dir))?;
-    match std::fs::OpenOptions::new()
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let value = std::fs::read_to_string(entry.path().join("forwarding")).ok()?;
+            Some((entry.file_name().to_string_lossy().into_owned(), value))
+        })
+        .collect()
+}
+
+fn note_error(source: io::Error) -> Error {
+    Error::ForwardingNote {
+        path: PathBuf::from(FORWARDING_NOTE),
+        source,
+    }
+}
+
+/// The text of [`FORWARDING_NOTE`] if it is a regular file (a symlink or anything else
+/// there counts as no note).
+fn read_note() -> Result<Option<String>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(FORWARDING_NOTE);
+    let mut file = match file {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
+        Err(source) => return Err(note_error(source)),
+    };
+    if !file.metadata().map_err(note_error)?.is_file() {
+        return Ok(None);
+    }
+    let mut text = String::new();
+    // A note is a boot id: anything longer is no note of ours.
+    (&mut file)
+        .take(64)
+        .read_to_string(&mut text)
+        .map_err(note_error)?;
+    Ok(Some(text))
+}
+
+/// Write [`FORWARDING_NOTE`] anew with this boot's id, never through a symlink.
+fn write_note(boot_id: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    remove_note()?;
+    let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o644)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(note)
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && turned_on_by_twinbox()? => Ok(()),
-        Err(source) => Err(error(note)(source)),
+        .open(FORWARDING_NOTE)
+        .map_err(note_error)?;
+    file.write_all(format!("{boot_id}\n").as_bytes())
+        .map_err(note_error)
+}
+
+/// Unlink [`FORWARDING_NOTE`] (whatever it is) if it exists.
+fn remove_note() -> Result<()> {
+    match std::fs::remove_file(FORWARDING_NOTE) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(note_error(source)),
     }
+}
+
+/// Takes [`LOCK`] (waiting for the run holding it), creating /run/twinbox (root's, 0755,
+/// whatever the umask) if missing; released when the returned lock drops.
+fn lock() -> Result<Flock<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = Path::new(LOCK);
+    let dir = path.parent().expect("the lock has a directory");
+    let error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::LockFile { path, source }
+    };
+    crate::rundir::ensure(dir).map_err(error(dir))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(error(path))?;
+    Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, errno)| error(path)(io::Error::from(errno)))
 }
 
 fn run_nft(action: &'static str, ruleset: &Nftables<'_>) -> Result<()> {
@@ -469,6 +633,93 @@ mod tests {
             !host.iter().any(|r| r.contains(&on("iifname", "!=", "tb*"))
                 && r.contains(&on("oifname", "!=", "tb*"))),
             "a host that routed before twinbox keeps its routing: {host:?}"
+        );
+    }
+
+    fn forwarding(values: &[(&str, &str)]) -> Vec<String> {
+        routing_interfaces(
+            values
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string())),
+        )
+    }
+
+    #[test]
+    fn a_host_forwarding_on_one_link_only_is_a_router() {
+        // systemd-networkd's IPForward= on wg0 alone: ip_forward stays 0.
+        let values = [
+            ("all", "0\n"),
+            ("default", "0\n"),
+            ("lo", "0\n"),
+            ("eth0", "0\n"),
+            ("wg0", "1\n"),
+            ("tbn3", "1\n"),
+        ];
+        assert_eq!(forwarding(&values), ["wg0"]);
+        assert_eq!(
+            plan(false, &forwarding(&values), false),
+            Plan {
+                forwarding: Forwarding::Host,
+                write_note: false,
+                turn_on: true
+            },
+            "no drop rule and no note, so remove never turns it off"
+        );
+    }
+
+    #[test]
+    fn box_links_all_and_default_do_not_make_the_host_a_router() {
+        let values = [
+            ("all", "1\n"),
+            ("default", "1\n"),
+            ("eth0", "0\n"),
+            ("tbn0", "1\n"),
+            ("tbnt1", "1\n"),
+        ];
+        assert!(forwarding(&values).is_empty());
+        assert_eq!(
+            plan(false, &forwarding(&values), false),
+            Plan {
+                forwarding: Forwarding::Twinbox,
+                write_note: true,
+                turn_on: true
+            }
+        );
+    }
+
+    #[test]
+    fn ip_forward_on_keeps_the_table_the_note_of_this_boot_says() {
+        let keep = |forwarding| Plan {
+            forwarding,
+            write_note: false,
+            turn_on: false,
+        };
+        assert_eq!(plan(true, &[], true), keep(Forwarding::Twinbox));
+        assert_eq!(plan(true, &[], false), keep(Forwarding::Host));
+        // ip_forward at 0 with a note of this boot: the note is stale, written anew.
+        assert!(plan(false, &[], true).write_note);
+        assert_eq!(
+            plan(false, &["eth1".into()], true).forwarding,
+            Forwarding::Host
+        );
+    }
+
+    #[test]
+    fn a_note_counts_in_its_own_boot_only() {
+        let boot = "0b5b3c1e-6f4f-4f6e-9d1e-2c8f3a9d7e11";
+        assert!(noted_this_boot(
+            Some(&format!("{boot}\n")),
+            &format!("{boot}\n")
+        ));
+        assert!(!noted_this_boot(
+            Some("4d0f1c2b-0000-4000-8000-000000000000\n"),
+            boot
+        ));
+        assert!(!noted_this_boot(Some(""), boot), "an empty (older) note");
+        assert!(!noted_this_boot(None, boot));
+        assert!(
+            !noted_this_boot(Some(""), ""),
+            "no boot id reads as no note"
         );
     }
 }

@@ -13,11 +13,13 @@ use std::time::Duration;
 
 use common::*;
 use hostnet::{forwarding, nat, Lease, NetMode, Veth};
-/// Puts ip_forward, twinbox's note that it turned it on, and the table back as they were,
-/// whatever the test did.
+/// Puts ip_forward, every interface's `forwarding` (the kernel copies a write of
+/// ip_forward to all of them), twinbox's note that it turned it on, and the table back as
+/// they were, whatever the test did.
 struct Restore {
     ip_forward: String,
-    noted: bool,
+    interfaces: Vec<(std::path::PathBuf, String)>,
+    note: Option<String>,
     table: bool,
     /// Held until the host is put back (fields drop after `drop`).
     _serial: std::sync::MutexGuard<'static, ()>,
@@ -29,10 +31,20 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Restore {
     fn new() -> Self {
+        let interfaces = std::fs::read_dir("/proc/sys/net/ipv4/conf")
+            .expect("/proc/sys/net/ipv4/conf")
+            .flatten()
+            .filter(|e| e.file_name() != "all")
+            .filter_map(|e| {
+                let path = e.path().join("forwarding");
+                Some((path.clone(), std::fs::read_to_string(path).ok()?))
+            })
+            .collect();
         Self {
             _serial: SERIAL.lock().unwrap_or_else(|e| e.into_inner()),
             ip_forward: std::fs::read_to_string(nat::IP_FORWARD).expect("read ip_forward"),
-            noted: std::path::Path::new(nat::FORWARDING_NOTE).is_file(),
+            interfaces,
+            note: std::fs::read_to_string(nat::FORWARDING_NOTE).ok(),
             table: list_table().is_some(),
         }
     }
@@ -42,10 +54,13 @@ impl Drop for Restore {
     fn drop(&mut self) {
         let _ = nat::remove();
         let _ = std::fs::remove_file(nat::FORWARDING_NOTE);
-        if self.noted {
-            let _ = std::fs::write(nat::FORWARDING_NOTE, "");
+        if let Some(note) = &self.note {
+            let _ = std::fs::write(nat::FORWARDING_NOTE, note);
         }
         let _ = std::fs::write(nat::IP_FORWARD, self.ip_forward.as_bytes());
+        for (path, value) in &self.interfaces {
+            let _ = std::fs::write(path, value);
+        }
         // With ip_forward as it was, apply builds the table that was there (its last rule
         // depends on the note alone).
         if self.table && self.ip_forward.trim() == "1" {
@@ -69,6 +84,9 @@ fn list_table() -> Option<String> {
 fn applying_twice_gives_the_same_table_and_remove_takes_it_away() {
     require_root();
     let _restore = Restore::new();
+    // A host that routed before twinbox (no note of ours).
+    std::fs::write(nat::IP_FORWARD, "1\n").unwrap();
+    let _ = std::fs::remove_file(nat::FORWARDING_NOTE);
     nat::apply().expect("first apply");
     let first = list_table().expect("table ip twinbox after apply");
     nat::apply().expect("second apply");
@@ -93,6 +111,11 @@ fn applying_twice_gives_the_same_table_and_remove_takes_it_away() {
     );
     nat::remove().expect("remove");
     assert_eq!(list_table(), None, "table ip twinbox left after remove");
+    assert_eq!(
+        std::fs::read_to_string(nat::IP_FORWARD).unwrap(),
+        "1\n",
+        "remove turned off the forwarding of a host that routed before twinbox"
+    );
     nat::remove().expect("remove when absent is fine");
 }
 
@@ -247,6 +270,15 @@ fn only_a_nat_box_leaves_the_host_and_it_is_masqueraded() {
     drop((link, nat_link));
     nat::remove().expect("remove");
     assert_eq!(list_table(), None);
+    assert_eq!(
+        std::fs::read_to_string(nat::IP_FORWARD).unwrap(),
+        "0\n",
+        "remove did not turn off the ip_forward that apply turned on"
+    );
+    assert!(
+        !std::path::Path::new(nat::FORWARDING_NOTE).exists(),
+        "remove left the note"
+    );
 }
 
 /// Deletes a host interface the test made with `ip`.

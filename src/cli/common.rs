@@ -95,9 +95,13 @@ pub struct RunArgs {
     /// /etc/resolv.conf. `--timings` and `--json` print the link, so the host can reach the
     /// box. `--net nat` also masquerades the box's traffic out of the host's default route
     /// (the nftables table `ip twinbox`, and ip_forward on; a host that did not forward
-    /// before still forwards nothing between its other interfaces). Without `--net` the box
-    /// has only `lo`. Needs CAP_NET_ADMIN (and /dev/net/tun for the VM). Put the command
-    /// after `--`.
+    /// before still forwards nothing between its other interfaces). The cost: routing that
+    /// starts later in this boot (Docker or libvirt started after the first `--net nat`
+    /// run, an admin's sysctl) is dropped too; to give it back run `nft delete table ip
+    /// twinbox` and `rm /run/twinbox/ip_forward-turned-on-by-twinbox`. On a host that
+    /// forwards on some interfaces only, ip_forward on makes all of them forward. Without
+    /// `--net` the box has only `lo`. Needs CAP_NET_ADMIN (and /dev/net/tun for the VM).
+    /// Put the command after `--`.
     #[arg(
         long,
         value_name = "link|nat",
