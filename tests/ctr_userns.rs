@@ -268,3 +268,72 @@ fn a_sigkilled_cli_frees_its_range_at_once() {
         );
     });
 }
+
+/// A SIGKILLed CLI frees its lock at once, but its box may outlive it for a while (the pid
+/// namespace goes asynchronously, a process in D state waits): its range is not handed out
+/// again while any host process still has an id in it. Here a process of the test, run as
+/// the killed box's root uid and gid (`setpriv`), stands for such a straggler.
+#[test]
+fn a_killed_run_s_range_waits_for_the_last_process_with_its_ids() {
+    common::require_root("twinbox ctr run --userns");
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    common::leaks::check_no_leaks("a killed ctr run --userns with a straggler", || {
+        let mut killed = Box::start();
+        let base = killed.uid_base;
+        let pids = killed.host_pids();
+        killed.cli.kill().unwrap();
+        killed.cli.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pids
+            .iter()
+            .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the box outlived its CLI: {pids:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let id = base.to_string();
+        let mut straggler = Command::new("setpriv")
+            .args([
+                "--reuid",
+                &id,
+                "--regid",
+                &id,
+                "--clear-groups",
+                "sleep",
+                "60",
+            ])
+            .spawn()
+            .expect("setpriv (util-linux) is needed by this test");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while status_ids(straggler.id(), "Uid:") != vec![base; 4] {
+            assert!(Instant::now() < deadline, "setpriv did not take uid {base}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let next = Box::start();
+        let next_base = next.uid_base;
+        let stale = lease_files().contains(&format!("{base}.lock"));
+        next.finish();
+        let _ = straggler.kill();
+        let _ = straggler.wait();
+        assert_ne!(
+            next_base, base,
+            "the killed run's range was handed out while a process still ran as {base}"
+        );
+        assert!(
+            stale,
+            "the killed run's lock file went while its ids were in use"
+        );
+        // The straggler gone, the range is free again and its file is swept.
+        let last = Box::start();
+        assert_eq!(last.uid_base, base, "the killed run's range stayed taken");
+        last.finish();
+        assert_eq!(
+            lease_files(),
+            Vec::<String>::new(),
+            "leases left after the runs"
+        );
+    });
+}

@@ -18,9 +18,23 @@
 //! at once, and two runs at the same time hold two slots, whose ids are disjoint. The run
 //! holds the lease until its child is reaped; a released lease unlinks its file while
 //! still locked, a killed run's file is unlinked by the next lease (as `hostnet`'s leases).
+//! But a lock file left by a killed run does not prove its box gone: the CLI's death
+//! releases the flock at once, while the box's processes may live on a while (the pid
+//! namespace is torn down asynchronously; a process in D state waits). So a slot whose file
+//! is found unheld is free only when no process of the host has a uid or gid in it (the
+//! `Uid:`/`Gid:` lines of every `/proc/<pid>/status`, read only when such a file is found,
+//! [`status_ids`]); else its file stays and the next slot is taken.
+//!
 //! The container's files take no leased id to disk: its upper layer is a tmpfs that goes
 //! with the run, and the image, layers and disks are idmapped mounts (container root
 //! writes as host root there).
+//!
+//! **The limit.** Only those four files are read: ids that other name services hand out
+//! (SSSD, whose AD id mapping defaults to 200000–2000200000 and so covers the whole block,
+//! LDAP, winbind, shadow's `subid:` service in nsswitch.conf) are not seen. On such a host
+//! keep twinbox's block out of the service's ranges (SSSD: `ldap_idmap_range_min`/`_max`),
+//! or list the ids it uses inside the block in `/etc/subuid` under a placeholder name
+//! (`sssd:1879048192:1000000`) so that twinbox skips them — `--userns`'s help says so.
 //!
 //! The image (or an OCI image's layer binds) and the extra disks arrive as detached mounts
 //! made by the parent (`detached.rs`); here they are idmapped to the container's user
@@ -30,11 +44,13 @@
 //! (`plan::Lower::UsernsLayers`), since that root cannot read `trusted.overlay.*`.
 
 use crate::detached::{self, MountAttr, MOUNT_ATTR_IDMAP};
+use crate::sweep::STAGING_ROOT;
 use crate::Error;
 use nix::fcntl::{Flock, FlockArg};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -53,7 +69,8 @@ const ID_FILES: [&str; 4] = ["/etc/subuid", "/etc/subgid", "/etc/passwd", "/etc/
 /// Ids already given to someone, as half-open ranges `[start, end)`: every `name:start:count`
 /// of the subordinate id files, and every uid and gid of the user and group databases
 /// (`name:x:id:...`, field 3 of both, and field 4, the primary group, of passwd). Lines that
-/// do not parse are skipped (a comment, a NIS `+` line).
+/// do not parse are skipped (a comment, a NIS `+` line, a number that is no 32-bit id).
+/// Ids are 32-bit; the ends are computed in 64 bits, so no line can overflow them.
 pub fn taken(subuid: &str, subgid: &str, passwd: &str, group: &str) -> Vec<(u64, u64)> {
     let mut ranges = Vec::new();
     for line in subuid.lines().chain(subgid.lines()) {
@@ -61,21 +78,57 @@ pub fn taken(subuid: &str, subgid: &str, passwd: &str, group: &str) -> Vec<(u64,
         let (_, Some(start), Some(count)) = (fields.next(), fields.next(), fields.next()) else {
             continue;
         };
-        if let (Ok(start), Ok(count)) = (start.parse::<u64>(), count.parse::<u64>()) {
-            ranges.push((start, start + count));
+        if let (Ok(start), Ok(count)) = (start.parse::<u32>(), count.parse::<u32>()) {
+            ranges.push((u64::from(start), u64::from(start) + u64::from(count)));
         }
     }
     for (text, fields) in [(passwd, &[2usize, 3][..]), (group, &[2usize][..])] {
         for line in text.lines() {
             let parts: Vec<&str> = line.trim().split(':').collect();
             for &i in fields {
-                if let Some(Ok(id)) = parts.get(i).map(|f| f.parse::<u64>()) {
-                    ranges.push((id, id + 1));
+                if let Some(Ok(id)) = parts.get(i).map(|f| f.parse::<u32>()) {
+                    ranges.push((u64::from(id), u64::from(id) + 1));
                 }
             }
         }
     }
     ranges
+}
+
+/// The uids and gids of one `/proc/<pid>/status` (real, effective, saved and filesystem ids
+/// of its `Uid:` and `Gid:` lines).
+pub fn status_ids(status: &str) -> Vec<u32> {
+    status
+        .lines()
+        .filter_map(|line| {
+            line.strip_prefix("Uid:")
+                .or_else(|| line.strip_prefix("Gid:"))
+        })
+        .flat_map(|ids| ids.split_whitespace().filter_map(|id| id.parse().ok()))
+        .collect()
+}
+
+/// Whether any of `ids` lies in the slot starting at `base`.
+pub fn slot_in_use(base: u32, ids: &[u32]) -> bool {
+    let (start, end) = (u64::from(base), u64::from(base) + u64::from(SIZE));
+    ids.iter().any(|&id| (start..end).contains(&u64::from(id)))
+}
+
+/// Every uid and gid a process of the host has now (a process that goes while read is
+/// skipped).
+fn host_ids() -> Vec<u32> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if !entry.file_name().as_bytes().iter().all(u8::is_ascii_digit) {
+            continue;
+        }
+        if let Ok(status) = std::fs::read_to_string(entry.path().join("status")) {
+            ids.extend(status_ids(&status));
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// The first ids of the slots of twinbox's block that overlap none of `taken`, lowest first.
@@ -110,24 +163,54 @@ impl IdLease {
         let [subuid, subgid, passwd, group] = ID_FILES.map(read);
         let taken = taken(&subuid?, &subgid?, &passwd?, &group?);
         let dir = Path::new(LEASE_DIR);
-        // /run/twinbox as the other users of it make it (0755), the lease files root's.
-        for (path, mode) in [(dir.parent().unwrap_or(dir), 0o755), (dir, 0o700)] {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(mode)
-                .create(path)
-                .map_err(|e| Error::os(format!("create {}", path.display()), e))?;
+        // The box (a host uid with no rights over root's inodes) walks /run/twinbox/ctr for
+        // its mount plan: that and /run/twinbox 0755 whatever the umask (DirBuilder's mode
+        // is masked by it); the lease files root's alone.
+        for path in [dir.parent().unwrap_or(dir), Path::new(STAGING_ROOT)] {
+            hostnet::rundir::ensure(path)
+                .map_err(|e| Error::os(format!("create {} (0755)", path.display()), e))?;
         }
-        sweep(dir);
-        for base in free_slots(&taken) {
-            let path = dir.join(format!("{base}.lock"));
-            if let Some(lock) = lock(&path, true)? {
-                tracing::debug!(base, "user namespace ids leased");
-                return Ok(Self {
-                    base,
-                    lock: Some((lock, path)),
-                });
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(Error::os(format!("create {}", dir.display()), e));
             }
+            _ => {}
+        }
+        let lease = Self::acquire_in(dir, &taken, host_ids)?;
+        tracing::debug!(base = lease.base, "user namespace ids leased");
+        Ok(lease)
+    }
+
+    /// Leases the lowest slot free of `taken` under `dir`, after sweeping the lock files no
+    /// one holds. A slot whose file is found there unheld (a killed run's) is taken only if
+    /// none of `host_ids` lies in it; `host_ids` is called once, and only then.
+    fn acquire_in(
+        dir: &Path,
+        taken: &[(u64, u64)],
+        host_ids: impl FnOnce() -> Vec<u32>,
+    ) -> Result<Self, Error> {
+        let mut host_ids = Some(host_ids);
+        let mut ids: Option<Vec<u32>> = None;
+        let mut in_use = |base: u32| {
+            let ids =
+                ids.get_or_insert_with(|| host_ids.take().map(|read| read()).unwrap_or_default());
+            slot_in_use(base, ids)
+        };
+        sweep(dir, &mut in_use);
+        for base in free_slots(taken) {
+            let path = dir.join(format!("{base}.lock"));
+            let found = std::fs::symlink_metadata(&path).is_ok();
+            let Some(lock) = lock(&path, !found)? else {
+                continue;
+            };
+            if found && in_use(base) {
+                tracing::debug!(base, "slot skipped: a killed run's box still has its ids");
+                continue;
+            }
+            return Ok(Self {
+                base,
+                lock: Some((lock, path)),
+            });
         }
         Err(Error::Setup(format!(
             "--userns: every range of {SIZE} ids in {BLOCK_START}..{BLOCK_END} is leased by a \
@@ -193,11 +276,21 @@ fn lock(path: &Path, create: bool) -> Result<Option<Flock<File>>, Error> {
     }
 }
 
-/// Unlinks the lock files no one holds (left by killed runs). Best effort.
-fn sweep(dir: &Path) {
+/// Unlinks the lock files no one holds (left by killed runs), but not one whose slot
+/// `in_use` says a process still has ids of (given the slot's first id, from the file's
+/// name `<first id>.lock`). Best effort.
+fn sweep(dir: &Path, in_use: &mut impl FnMut(u32) -> bool) {
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let path = entry.path();
         if let Ok(Some(lock)) = lock(&path, false) {
+            let base = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.strip_suffix(".lock"))
+                .and_then(|base| base.parse::<u32>().ok());
+            if base.is_some_and(&mut *in_use) {
+                continue;
+            }
             let _ = std::fs::remove_file(&path);
             drop(lock);
         }
@@ -265,14 +358,127 @@ mod tests {
     }
 
     #[test]
-    fn the_default_subordinate_ranges_are_never_leased() {
-        let taken = taken(SUBUID, SUBUID, "", "");
-        assert_eq!(taken, [(100_000, 165_536), (165_536, 231_072)].repeat(2));
-        let first = free_slots(&taken).next().unwrap();
-        assert!(
-            u64::from(first) >= 231_072 || u64::from(first) + u64::from(SIZE) <= 100_000,
-            "{first}"
+    fn a_subordinate_range_inside_the_block_is_never_leased() {
+        // useradd's ranges lie below the block; a hand-made one over its first two slots.
+        let subuid = format!("{SUBUID}svc:{BLOCK_START}:{}\n", 2 * SIZE);
+        let taken = taken(&subuid, SUBUID, "", "");
+        assert_eq!(
+            taken[..3],
+            [
+                (100_000, 165_536),
+                (165_536, 231_072),
+                (u64::from(BLOCK_START), u64::from(BLOCK_START + 2 * SIZE))
+            ]
         );
+        assert_eq!(free_slots(&taken).next(), Some(BLOCK_START + 2 * SIZE));
+        // Without it, useradd's ranges alone leave the block's first slot free.
+        assert_eq!(
+            free_slots(&self::taken(SUBUID, SUBUID, "", "")).next(),
+            Some(BLOCK_START)
+        );
+    }
+
+    #[test]
+    fn ids_beyond_32_bits_are_skipped_and_nothing_overflows() {
+        let subuid = "big:18446744073709551615:2\nneg:-1:2\ntop:4294967295:4294967295\n";
+        let passwd = "u:x:4294967296:0::/:/bin/sh\nv:x:4294967295:4294967295::/:/bin/sh\n";
+        let taken = taken(subuid, "", passwd, "");
+        assert_eq!(
+            taken,
+            [
+                (4_294_967_295, 8_589_934_590),
+                (0, 1),
+                (4_294_967_295, 4_294_967_296),
+                (4_294_967_295, 4_294_967_296),
+            ]
+        );
+        assert_eq!(free_slots(&taken).next(), Some(BLOCK_START));
+    }
+
+    #[test]
+    fn a_process_s_ids_are_its_uid_and_gid_lines() {
+        let status = "Name:\tsh\nUid:\t1879048192\t1879048192\t1879048192\t1879048193\n\
+                      Gid:\t1879113727\t0\t0\t0\nGroups:\t5\n";
+        let ids = status_ids(status);
+        assert_eq!(
+            ids,
+            [
+                1_879_048_192,
+                1_879_048_192,
+                1_879_048_192,
+                1_879_048_193,
+                1_879_113_727,
+                0,
+                0,
+                0
+            ]
+        );
+        assert!(slot_in_use(BLOCK_START, &ids));
+        assert!(
+            !slot_in_use(BLOCK_START + SIZE, &ids),
+            "65535 past the base is the last"
+        );
+        assert!(slot_in_use(BLOCK_START, &[BLOCK_START + SIZE - 1]));
+        assert!(!slot_in_use(BLOCK_START, &[BLOCK_START - 1, 0, u32::MAX]));
+    }
+
+    /// A directory of lock files for `acquire_in`, removed on drop.
+    struct LeaseDir(PathBuf);
+
+    impl LeaseDir {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("twinbox-userns-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        fn file(&self, base: u32) -> PathBuf {
+            self.0.join(format!("{base}.lock"))
+        }
+    }
+
+    impl Drop for LeaseDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_killed_run_s_slot_is_reused_only_when_no_process_has_its_ids() {
+        let dir = LeaseDir::new("stale");
+        let first = BLOCK_START;
+        // A killed run's lock file, unheld, and a process of its box still alive.
+        std::fs::write(dir.file(first), "").unwrap();
+        let lease = IdLease::acquire_in(&dir.0, &[], || vec![0, first + 5]).unwrap();
+        assert_eq!(
+            lease.base,
+            first + SIZE,
+            "the killed run's ids were handed out again"
+        );
+        assert!(
+            dir.file(first).exists(),
+            "the sweep unlinked a slot still in use"
+        );
+        drop(lease);
+        assert!(
+            !dir.file(first + SIZE).exists(),
+            "a released lease keeps its file"
+        );
+        // Its box gone: the slot is free again, and its file reused.
+        let lease = IdLease::acquire_in(&dir.0, &[], Vec::new).unwrap();
+        assert_eq!(lease.base, first);
+        drop(lease);
+        assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn processes_are_not_read_when_no_lock_file_is_left() {
+        let dir = LeaseDir::new("clean");
+        let held = IdLease::acquire_in(&dir.0, &[], || panic!("/proc read")).unwrap();
+        let next = IdLease::acquire_in(&dir.0, &[], || panic!("/proc read")).unwrap();
+        assert_eq!((held.base, next.base), (BLOCK_START, BLOCK_START + SIZE));
     }
 
     #[test]
@@ -304,16 +510,14 @@ mod tests {
 
     #[test]
     fn a_held_lock_file_is_not_taken_and_a_released_one_is_unlinked() {
-        let dir = std::env::temp_dir().join(format!("twinbox-userns-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("1.lock");
+        let dir = LeaseDir::new("sweep");
+        let path = dir.0.join("1.lock");
         let held = lock(&path, true).unwrap().expect("a new file locks");
         assert!(lock(&path, true).unwrap().is_none(), "locked twice");
-        sweep(&dir);
+        sweep(&dir.0, &mut |_| false);
         assert!(path.exists(), "the sweep took a held lease");
         drop(held);
-        sweep(&dir);
+        sweep(&dir.0, &mut |_| false);
         assert!(!path.exists(), "the sweep left a lease no one holds");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

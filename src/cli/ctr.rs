@@ -27,6 +27,12 @@ pub struct CtrRunArgs {
     pub disks: Vec<DiskSpec>,
     /// Run in a user namespace: container ids 0-65535 are a range of host ids leased for
     /// this run alone (from 1879048192 up, none of /etc/subuid, /etc/subgid, passwd, group).
+    ///
+    /// Only those four files are read: ids that another name service hands out (SSSD's AD
+    /// id mapping covers 200000-2000200000 by default; LDAP, winbind, nsswitch's subid) are
+    /// not seen. On such a host keep 1879048192-2147352575 out of that service's ranges, or
+    /// list the ids it uses there in /etc/subuid and /etc/subgid (e.g.
+    /// `sssd:1879048192:1000000`), which twinbox then skips.
     #[arg(long)]
     pub userns: bool,
     #[command(flatten)]

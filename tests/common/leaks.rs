@@ -117,11 +117,46 @@ impl HostResources {
     }
 }
 
-/// Runs `body` and asserts that it left no host resource behind.
+/// The `--userns` id lease lock files (`/run/twinbox/userns/*.lock`) no process holds: a
+/// run that ended unlinks its own while still holding it, so one left is a leak — unless
+/// the run was SIGKILLed (then the next lease sweeps it), which is why
+/// [`HostResources::assert_nothing_leaked`], used after kills too, does not look here.
+pub fn unheld_userns_leases() -> Vec<String> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut unheld: Vec<String> = dir_names("/run/twinbox/userns")
+        .into_iter()
+        .filter(|name| {
+            let Ok(file) = fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(format!("/run/twinbox/userns/{name}"))
+            else {
+                return false; // gone meanwhile: released
+            };
+            // SAFETY: flock on an fd we own; closing it (drop) releases the lock we took.
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+        })
+        .collect();
+    unheld.sort();
+    unheld
+}
+
+/// Runs `body` and asserts that it left no host resource behind, and no `--userns` lease
+/// lock file nobody holds.
 pub fn check_no_leaks<T>(what: &str, body: impl FnOnce() -> T) -> T {
     let before = HostResources::snapshot();
+    let leases_before = unheld_userns_leases();
     let result = body();
     let after = HostResources::snapshot();
     before.assert_nothing_leaked(&after, what);
+    let left: Vec<String> = unheld_userns_leases()
+        .into_iter()
+        .filter(|name| !leases_before.contains(name))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "{what} left --userns lease lock files nobody holds under /run/twinbox/userns: {left:?}"
+    );
     result
 }
