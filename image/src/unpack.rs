@@ -684,8 +684,14 @@ mod tests {
             .is_fifo());
     }
 
+    /// An entry at a name where an earlier entry planted a symlink replaces the symlink (a
+    /// node, a directory, a file) or is refused (a path through it), and never follows it:
+    /// the targets outside the root keep their mode and content. The unpacker removes the
+    /// symlink before it makes the entry, so this does not reach the nofollow chmod itself
+    /// (a symlink where the mode is set): `fsat`'s
+    /// `chmod_nofollow_changes_the_entry_and_never_a_symlink_s_target` tests that.
     #[test]
-    fn a_mode_set_where_an_earlier_entry_planted_a_symlink_never_reaches_its_target() {
+    fn an_entry_where_an_earlier_one_planted_a_symlink_replaces_it_and_never_follows_it() {
         let outside = tempfile::tempdir().unwrap();
         let file = outside.path().join("file");
         std::fs::write(&file, b"host").unwrap();
