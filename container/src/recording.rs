@@ -2,7 +2,7 @@
 //! to, and plays a scripted child (reports on the channel, markers, output) instead of
 //! cloning one. The orchestration of `run.rs` runs on it unprivileged.
 
-use crate::cgroup::{CgroupManager, Layout, Limits, Stats};
+use crate::cgroup::{CgroupManager, Layout, Limits, PendingCgroup, Stats};
 use crate::child::Prepared;
 use crate::shared_image::Released;
 use crate::syscall::{Errno, HeldImage, Leased, Linked, Reaped, Syscall};
@@ -220,19 +220,15 @@ impl Syscall for Recording {
         crate::syscall::Sweeping(None)
     }
 
-    fn create_cgroup(
-        &self,
-        layout: &Layout,
-        _name: &str,
-        limits: Limits,
-    ) -> Result<Box<dyn CgroupManager>, Error> {
+    fn create_cgroup(&self, layout: &Layout, _name: &str, limits: Limits) -> PendingCgroup {
         assert!(matches!(layout, Layout::V1 { .. }));
         assert!(!limits.devices.is_empty(), "no device allowlist");
-        self.call("create cgroup")?;
-        Ok(Box::new(FakeCgroup {
-            log: self.log.clone(),
-            fail: self.fail,
-            destroyed: false,
+        PendingCgroup::made(self.call("create cgroup").map(|()| {
+            Box::new(FakeCgroup {
+                log: self.log.clone(),
+                fail: self.fail,
+                destroyed: false,
+            }) as Box<dyn CgroupManager>
         }))
     }
 

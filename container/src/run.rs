@@ -6,7 +6,7 @@
 //!    `--net`, the cgroup layout, the host's init is built, so bad input costs nothing and
 //!    leaves nothing behind;
 //! 3. **cgroup** — the run's cgroup: cpu quota, memory without swap, pids, the device
-//!    allowlist (`cgroup.rs`);
+//!    allowlist (`cgroup.rs`), made on a thread of its own beside step 4;
 //! 4. **rootfs** — the staging directory (one for every run: the child mounts its own
 //!    tmpfs over it in its own mount namespace), the image on a read-only autoclear loop
 //!    device (or, for an OCI image's layers, one read-only bind per layer: overlayfs lower
@@ -86,11 +86,13 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
     let mut notes = Vec::new();
     let name = run_name()?;
 
-    // 3. The cgroup.
+    // 3. The cgroup, made on a thread of its own while step 4 goes on (`PendingCgroup`).
     let cpus = spec.cpus.unwrap_or(f64::from(spec.vcpus));
     let devices = cgroup::device_allowlist(Path::new("/dev"), &plan::DEVICES)?;
     let limits = Limits::new(cpus, spec.memory_mib, spec.pids_limit).with_devices(devices);
-    let mut group = sys.create_cgroup(&layout, &name, limits)?;
+    let pending_group = sys.create_cgroup(&layout, &name, limits);
+    // Declared here, so that on every path it goes after what the steps below take.
+    let mut group;
 
     // 4. The root filesystem, ready to attach.
     // The staging tmpfs goes over one fixed directory inside the child's own mount
@@ -180,6 +182,8 @@ pub(crate) fn run_with(sys: &dyn Syscall, spec: &RunSpec) -> Result<RunReport, E
             .inspect_err(|e| notes.push(format!("terminal resizes not forwarded: {e}")))
             .ok();
     }
+    // The child is born in it.
+    group = pending_group.wait()?;
     // Nothing to admit (no user namespace to map, no link to make, no terminal to size
     // before init runs): the child may run on this process's memory while this thread
     // waits, released before it exists (`clone_flags`).
@@ -854,7 +858,21 @@ mod tests {
     fn each_failing_step_undoes_what_came_before_in_reverse() {
         let image = FakeImage::new("fail");
         let cases: [(&str, &[&str]); 6] = [
-            ("create cgroup", &["sweep", "create cgroup FAILED"]),
+            // Made beside step 4, a failed cgroup is noticed right before the clone:
+            // step 4 is undone, nothing else was made.
+            (
+                "create cgroup",
+                &[
+                    "sweep",
+                    "create cgroup FAILED",
+                    "create staging dir",
+                    "hold image",
+                    "clone image",
+                    "check mount points .twinbox,proc,sys,dev,tmp,run",
+                    "bind init",
+                    "give up image",
+                ],
+            ),
             (
                 "create staging dir",
                 &[

@@ -12,7 +12,7 @@
 //! superblock, stat of `/dev` nodes, the pipes of the channel, compiling the seccomp
 //! filter.
 
-use crate::cgroup::{self, Birth, CgroupManager, Layout, Limits};
+use crate::cgroup::{Birth, CgroupManager, Layout, Limits, PendingCgroup};
 use crate::channel::ParentSide;
 use crate::child::{self, Prepared};
 use crate::shared_image::{ImageHold, Released};
@@ -77,13 +77,9 @@ pub trait Syscall {
     /// and the shared image mounts nobody holds; done when the result is finished or
     /// dropped.
     fn start_sweep(&self, mountinfo: String) -> Sweeping;
-    /// Creates the run's cgroup with its limits; on error nothing is left.
-    fn create_cgroup(
-        &self,
-        layout: &Layout,
-        name: &str,
-        limits: Limits,
-    ) -> Result<Box<dyn CgroupManager>, Error>;
+    /// Starts creating the run's cgroup with its limits (beside the caller's next steps
+    /// where it can: [`PendingCgroup`]); on error nothing is left.
+    fn create_cgroup(&self, layout: &Layout, name: &str, limits: Limits) -> PendingCgroup;
     /// Makes sure the directory `path` exists (with its parents).
     fn create_dir(&self, path: &Path) -> Result<(), Error>;
     /// Holds the shared read-only mount of the ext4 `image`, mounting it (loop device,
@@ -231,7 +227,7 @@ impl Syscall for Real {
     }
 
     fn mountinfo(&self) -> Result<String, Error> {
-        std::fs::read_to_string("/proc/self/mountinfo")
+        read_proc_file(Path::new("/proc/self/mountinfo"))
             .map_err(|e| Error::os("read /proc/self/mountinfo", e))
     }
 
@@ -254,13 +250,8 @@ impl Syscall for Real {
         }
     }
 
-    fn create_cgroup(
-        &self,
-        layout: &Layout,
-        name: &str,
-        limits: Limits,
-    ) -> Result<Box<dyn CgroupManager>, Error> {
-        cgroup::create(layout, name, limits)
+    fn create_cgroup(&self, layout: &Layout, name: &str, limits: Limits) -> PendingCgroup {
+        PendingCgroup::start(layout, name, limits)
     }
 
     fn create_dir(&self, path: &Path) -> Result<(), Error> {
@@ -718,6 +709,16 @@ fn moved(
         return Err(e);
     }
     Ok(pid)
+}
+
+/// A `/proc` (or cgroupfs) file read whole into a buffer sized for it up front: such files
+/// report size 0, so `fs::read_to_string` starts at 32 bytes and doubles, one read(2) per
+/// step (nine for a host's mountinfo).
+pub(crate) fn read_proc_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::with_capacity(16 * 1024);
+    std::fs::File::open(path)?.read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// Clone flags of a child that runs on the parent's memory, the parent suspended until the
