@@ -1042,6 +1042,10 @@ fn nat_on_a_host_that_did_not_route_forwards_nothing_but_its_boxes() {
             if per_link {
                 forward_on(&lan.host_end);
                 forward_on(&outside.host_end);
+                // A note of this boot that a killed run left (it wrote the note, then
+                // died before its sysctl write): it must not outlive this run.
+                let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+                std::fs::write(FORWARDING_NOTE, boot_id).unwrap();
             }
             let peer = outside.accept_one(7004, Duration::from_secs(30));
             let out = ctr(&["--net", "nat"], &script)

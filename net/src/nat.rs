@@ -129,7 +129,8 @@ pub enum Forwarding {
 pub struct Plan {
     /// Which table to install.
     pub forwarding: Forwarding,
-    /// Write [`FORWARDING_NOTE`] before the table.
+    /// Write [`FORWARDING_NOTE`] before the table (a [`Forwarding::Host`] plan removes
+    /// any note instead).
     pub write_note: bool,
     /// Write 1 to `ip_forward` after the table.
     pub turn_on: bool,
@@ -193,8 +194,9 @@ pub fn apply() -> Result<()> {
         routing_interfaces(interface_forwarding())
     };
     let plan = plan(ip_forward_on, &routing, noted);
-    if ip_forward_on && !noted {
-        // A note of another boot (or not a file): the host's own forwarding.
+    if plan.forwarding == Forwarding::Host {
+        // A note of another boot, or one a killed run left with ip_forward at 0 before
+        // this host was found routing: kept, it would make the next run drop its routing.
         remove_note()?;
     }
     if plan.write_note {
