@@ -29,7 +29,8 @@
 //!   (`TWINBOX_NET_POOL`) install the same table and never undo each other. Box-to-host
 //!   traffic is not forwarded and is untouched. Other interfaces whose names start with
 //!   `tb` are treated as box links too;
-//! - `net.ipv4.ip_forward` set to 1. The kernel copies that write to every interface's
+//! - `net.ipv4.ip_forward` set to 1 if it was 0, after the table is in (below). The
+//!   kernel copies that write to every interface's
 //!   `forwarding`, so the plain `--net` host ends are set back to 0 right after
 //!   (`forwarding.rs`); each box's host end has its own `forwarding` (1 for NAT, 0 for
 //!   plain links) from its creation on, with or without this table.
