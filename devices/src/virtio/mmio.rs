@@ -480,6 +480,17 @@ impl MmioTransport {
         if self.activated {
             return Err(mismatch("the device is already active".into()));
         }
+        // A queue larger than this device takes (a snapshot of a build whose device had
+        // larger queues, or a crafted one) is refused here rather than left to break the
+        // device at its activation.
+        for (i, (q, max)) in saved.queues.iter().zip(&self.max_sizes).enumerate() {
+            if q.size > *max {
+                return Err(mismatch(format!(
+                    "queue {i}: size {} saved, the device takes at most {max}",
+                    q.size
+                )));
+            }
+        }
         self.device_status = saved.device_status;
         self.device_features_sel = saved.device_features_sel;
         self.driver_features_sel = saved.driver_features_sel;
@@ -991,6 +1002,29 @@ mod tests {
         restored.restore_state(&saved).unwrap();
         assert_eq!(rd(&mut restored, REG_STATUS), ALL_OK);
         assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_saved_queue_larger_than_the_device_takes_is_refused() {
+        let disk = TempDisk::new(&vec![0u8; 8 * 512]);
+        let transport = || {
+            let block = Arc::new(Mutex::new(Block::new(disk.open(), false, "b").unwrap()));
+            MmioTransport::new(memory(), block, Arc::new(IrqTrigger::new().unwrap()))
+        };
+        let mut t = transport();
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        setup_queue(&mut t, 0, 256, 0);
+        wr(&mut t, REG_STATUS, ALL_OK);
+        let mut saved = t.save_state().unwrap();
+        let max = saved.queues[0].size;
+        saved.queues[0].size = max * 2;
+        let mut restored = transport();
+        let err = restored.restore_state(&saved).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("size {} saved", max * 2)) && err.contains("at most"),
+            "{err}"
+        );
+        assert_eq!(rd(&mut restored, REG_STATUS), 0, "nothing of it was taken");
     }
 
     #[test]

@@ -99,9 +99,13 @@ pub const MAX_PORTS: usize = 31;
 pub const MAX_NAME_LEN: usize = 255;
 /// Size of the control queues: the device sends about two messages per port.
 pub const CONTROL_QUEUE_SIZE: u16 = 32;
-/// Size of each port's receiveq: Linux fills it with page-sized buffers, so 64 pins
+/// Size of an input port's receiveq: Linux fills it with page-sized buffers, so 64 pins
 /// 256 KiB of guest memory per port.
 pub const RX_QUEUE_SIZE: u16 = 64;
+/// Size of an output port's receiveq. The device never sends on it, but Linux fills every
+/// port's receiveq with page-sized buffers all the same: at [`RX_QUEUE_SIZE`] the stdout
+/// and stderr ports pinned 512 KiB of each guest's memory for nothing.
+pub const OUTPUT_RX_QUEUE_SIZE: u16 = 2;
 /// Size of each port's transmitq: Linux sends up to 32 KiB per `write`, one chain each.
 pub const TX_QUEUE_SIZE: u16 = 128;
 /// Index of the control receiveq (device → driver).
@@ -514,7 +518,10 @@ impl Console {
         let queue_sizes = (0..queues)
             .map(|q| match role(q) {
                 QueueRole::ControlRx | QueueRole::ControlTx => CONTROL_QUEUE_SIZE,
-                QueueRole::Rx(_) => RX_QUEUE_SIZE,
+                QueueRole::Rx(port) => match states[port].dir {
+                    Direction::Input => RX_QUEUE_SIZE,
+                    Direction::Output => OUTPUT_RX_QUEUE_SIZE,
+                },
                 QueueRole::Tx(_) => TX_QUEUE_SIZE,
             })
             .collect();

@@ -214,6 +214,19 @@ fn device_shape_and_config_space() {
     assert_eq!(features & 4, 0, "no F_EMERG_WRITE");
     // (4 ports + control) * 2, in Linux's order: port 0, control, ports 1..
     assert_eq!(console.queue_max_sizes().len(), 10);
+    // How many buffers the driver may post on each port's receiveq: full ones for the
+    // host → guest ports (control, stdin), two for stdout and stderr, which the host never
+    // writes (Linux fills every receiveq with pages).
+    let sizes = console.queue_max_sizes();
+    assert_eq!(
+        [0, 1, 2, 3].map(|port| sizes[rx_queue(port)]),
+        [
+            RX_QUEUE_SIZE,
+            RX_QUEUE_SIZE,
+            OUTPUT_RX_QUEUE_SIZE,
+            OUTPUT_RX_QUEUE_SIZE
+        ]
+    );
     assert_eq!(
         (
             rx_queue(0),
