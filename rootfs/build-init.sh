@@ -57,9 +57,12 @@ trap 'rm -rf "$work"' EXIT
 started=$(date +%s.%N)
 
 # Explicit --target so +crt-static does not reach build scripts/proc macros; its own target
-# dir so these RUSTFLAGS do not invalidate the shared one.
+# dir so these RUSTFLAGS do not invalidate the shared one. Whole-program LTO in one codegen
+# unit packs init's code onto fewer pages: every box start faults them in, ~15 µs a fault
+# on a PVM host (6 of init's faults fewer per start).
 log "building twinbox-init (static)"
 (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
+  --config 'profile.release.lto="fat"' --config profile.release.codegen-units=1 \
   -p twinbox-init --target x86_64-unknown-linux-gnu --target-dir "$cache/init-target")
 for bin in twinbox-init twinbox-initramfs; do
   if ! file "$target/$bin" | grep -q 'statically linked\|static-pie linked'; then
