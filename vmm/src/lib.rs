@@ -32,6 +32,8 @@
 //!    on any early return;
 //! 9. **report** — timeline and outcome from init's markers through the one interpreter
 //!    both boxes share (`twinbox_spec::outcome`), usage, notes.
+//!
+//! Steps 6–9 are `live.rs`, which a snapshot's take and restore (`snapshot/`) share.
 
 // Public: what the CLI, the bench and vmm/tests use (see docs/ARCHITECTURE.md).
 pub mod cgroup;
@@ -53,6 +55,7 @@ pub(crate) mod devices;
 pub(crate) mod event_loop;
 pub(crate) mod ioapic;
 pub(crate) mod jail;
+pub(crate) mod live;
 pub(crate) mod mptable;
 pub(crate) mod rootfs;
 pub(crate) mod stdio;
@@ -60,19 +63,19 @@ pub(crate) mod usage;
 
 use crate::boot::cmdline::{self, KernelCmdline, VirtioMmioEntry};
 use crate::cpuid::Profile;
+use crate::live::{start, Running};
 use crate::machine::BootEntry;
-use crate::vcpu::{VcpuContext, VcpuStop, VcpuThread};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use thiserror::Error;
 use twinbox_spec::clock::monotonic_ns;
 use twinbox_spec::guest_cmdline;
 use twinbox_spec::proto::{Marker, MarkerChannel, MARKER_PORT};
-use twinbox_spec::{BoxKind, MarkerLog, Phase, RunReport, RunSpec, SpecError, Usage};
+use twinbox_spec::{MarkerLog, Phase, RunReport, RunSpec, SpecError};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -379,44 +382,20 @@ fn run_inner<S: AsRawFd + ?Sized>(
 
     // A vCPU that stops on its own, or a dead event loop, ends the run through this.
     let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Thread)?;
-    let (subscribers, failed) = (
-        devices.subscribers.clone(),
-        exit_evt.try_clone().map_err(Error::Thread)?,
-    );
-    let filters = config.seccomp.clone();
-    running.events = Some(
-        start(jail.as_ref(), move || {
-            event_loop::EventLoop::start(subscribers, failed, move || {
-                filters
-                    .apply(seccomp::ThreadKind::EventLoop)
-                    .map_err(|e| e.to_string())
-            })
-        })?
-        .map_err(Error::Thread)?,
-    );
     let stop_flag = Arc::new(AtomicBool::new(false));
     let (reasons_tx, reasons) = channel();
-    for (id, fd) in vcpu_fds.into_iter().enumerate() {
-        let first_run: Option<Box<dyn FnOnce() + Send>> = (id == 0).then(|| {
-            let markers = markers.clone();
-            Box::new(move || lock(&markers).timeline_mut().record_now(Phase::GuestEntry))
-                as Box<dyn FnOnce() + Send>
-        });
-        let ctx = VcpuContext {
-            id: id as u32,
-            io: devices.io.clone(),
-            memory: guest_memory.clone(),
-            stop: stop_flag.clone(),
-            exit_evt: exit_evt.try_clone().map_err(Error::Thread)?,
-            reasons: reasons_tx.clone(),
-            on_first_run: first_run,
-            pvm_workarounds: config.pvm,
-            seccomp: config.seccomp.clone(),
-        };
-        running.vcpus.push(
-            start(jail.as_ref(), move || VcpuThread::spawn(fd, ctx))?.map_err(Error::Thread)?,
-        );
-    }
+    live::start_guest_threads(
+        &config,
+        jail.as_ref(),
+        &devices,
+        &guest_memory,
+        vcpu_fds,
+        &exit_evt,
+        &stop_flag,
+        &reasons_tx,
+        &markers,
+        &mut running,
+    )?;
     drop(jail); // its thread ends; the threads it started stay jailed
 
     // 7. Run until something ends it. With `--net` the caller's thread stays unfiltered:
@@ -425,64 +404,30 @@ fn run_inner<S: AsRawFd + ?Sized>(
     if options.lock_caller_thread && network.is_none() {
         config.seccomp.apply(seccomp::ThreadKind::Caller)?;
     }
+    // 8–9. Teardown and report (`live.rs`, as after a restore).
+    let ending = live::Ending {
+        vm,
+        devices,
+        guest_memory,
+        ram_mappings: Some(ram_mappings),
+        running,
+        markers,
+        exit_evt,
+        reasons,
+        network,
+    };
     let limit = spec
         .time_limit
         .or(config.pvm.then_some(PVM_DEFAULT_TIME_LIMIT));
-    let ended = wait_for_end(&devices.reset_evt, &exit_evt, stop, limit);
-
-    // 8. Teardown: threads first, then the guest's memory is measured, then everything
-    //    is dropped (VM fd before the memory it maps).
-    let event_loop_failure = running.events.as_ref().and_then(|e| e.failure());
-    let guest_stdio = running.stdio.take();
-    drop(running);
-    // What the workload wrote just before the end and the device had not moved yet.
-    notes.extend(devices.flush_output());
-    let guest_rss = probe.resident_kib_of(
-        &memory::host_ranges(&guest_memory)
-            .iter()
-            .map(|r| r.0)
-            .collect::<Vec<_>>(),
-    );
-    let peak = probe.peak_rss_kib();
-    // The vCPUs' references to the VM went with their threads and the IOAPIC's is weak, so
-    // this is the last: the VM is destroyed here, with every irqfd and ioeventfd at once
-    // (the devices' eventfds closed one by one first would each be retired on their own).
-    if Arc::into_inner(vm).is_none() {
-        tracing::error!("the VM outlives its teardown: a reference to it is still held");
-    }
-    drop(devices);
-    drop(guest_memory);
-    drop(ram_mappings);
-    // The device's pipe ends are closed now: the pumps drain what is left and end.
-    let captured = guest_stdio.and_then(stdio::GuestStdio::finish);
-    // The device's tap fd went with the devices; this closes the last one (the interface
-    // goes) and then frees the lease.
-    let network = network.map(|n| n.info);
-    let log = Arc::try_unwrap(markers)
-        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
-        .unwrap_or_else(|shared| lock(&shared).clone());
-    let stopped: Vec<VcpuStop> = reasons.try_iter().collect();
-    let mut finished = log.finish(|| why_it_ended(ended, &stopped, event_loop_failure, limit));
-    finished.timeline.record_now(Phase::TornDown);
-    notes.extend(finished.notes);
-    let cpu_after = usage::cpu_times_us();
-
-    // 9. The report.
-    Ok(RunReport {
-        box_kind: BoxKind::Vm,
-        outcome: finished.outcome,
-        timeline: finished.timeline,
-        output: captured,
-        usage: Usage {
-            runtime_peak_rss_kib: peak.zip(guest_rss).map(|(p, g)| p.saturating_sub(g)),
-            guest_memory_touched_kib: guest_rss,
-            cpu_user_us: Some(cpu_after.0.saturating_sub(cpu_before.0)),
-            cpu_system_us: Some(cpu_after.1.saturating_sub(cpu_before.1)),
-            ..Usage::default()
+    Ok(ending.finish(
+        stop,
+        live::Accounting {
+            probe: &probe,
+            notes,
+            cpu_before,
+            limit,
         },
-        notes,
-        network,
-    })
+    ))
 }
 
 /// Whether this process has CAP_NET_ADMIN in its effective set, as the kernel shows it;
@@ -555,45 +500,6 @@ impl Network {
             name: self.tap.name().to_owned(),
             mac: self.tap.mac(),
         })
-    }
-}
-
-/// The threads of a run besides the caller's: the console writer, the vCPUs and the device
-/// event loop. Dropping it stops and joins them all, on every path out of `run_until`.
-#[derive(Default)]
-struct Running {
-    /// The serial console's writers (the `--console-log` file, stderr with `--verbose`).
-    console: Vec<console::StdoutWriter>,
-    vcpus: Vec<VcpuThread>,
-    events: Option<event_loop::EventLoop>,
-    /// The stdio pumps; taken out before the drop on the normal path (see `run_inner`).
-    stdio: Option<stdio::GuestStdio>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        // The console first: a vCPU waiting for room in its queue goes on, and reaches
-        // the KVM_RUN its kick makes return.
-        self.console.iter().for_each(console::StdoutWriter::close);
-        // Kick all, then join each: the vCPUs stop in parallel.
-        self.vcpus.iter().for_each(VcpuThread::kick);
-        self.vcpus.clear();
-        self.events.take();
-        // Then what the stopped vCPUs queued is flushed (bounded, see console.rs).
-        self.console.clear();
-        self.stdio.take();
-    }
-}
-
-/// Runs `start` (which starts a thread) on the jail's thread when there is a jail, so the
-/// new thread is jailed too; else here.
-fn start<T: Send + 'static>(
-    jail: Option<&jail::Jail>,
-    start: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, Error> {
-    match jail {
-        Some(jail) => Ok(jail.run(start)?),
-        None => Ok(start()),
     }
 }
 
@@ -772,98 +678,4 @@ fn write_mptable(memory: &memory::GuestMemoryMmap, vcpus: u32) -> Result<(), Err
             addr: layout::MPTABLE_START,
             source,
         })
-}
-
-/// What ended the run, seen from the main thread.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Ended {
-    /// The guest reset the machine through the i8042 (init's power-off with `reboot=k`).
-    Reset,
-    /// A vCPU stopped on its own (triple fault, KVM error).
-    VcpuStopped,
-    /// The caller asked to stop.
-    Stopped,
-    /// The time limit passed.
-    TimeLimit,
-}
-
-/// 7. Waits for the first of: guest reset, vCPU stop, caller's stop, time limit.
-fn wait_for_end<S: AsRawFd + ?Sized>(
-    reset: &EventFd,
-    vcpu_exit: &EventFd,
-    stop: Option<&S>,
-    limit: Option<Duration>,
-) -> Ended {
-    let started = Instant::now();
-    let mut fds = vec![
-        libc::pollfd {
-            fd: reset.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: vcpu_exit.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    if let Some(stop) = stop {
-        fds.push(libc::pollfd {
-            fd: stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        });
-    }
-    loop {
-        let timeout_ms = match limit {
-            Some(limit) => match limit.checked_sub(started.elapsed()) {
-                Some(left) => left.as_millis().min(i32::MAX as u128) as i32,
-                None => return Ended::TimeLimit,
-            },
-            None => -1,
-        };
-        // SAFETY: `fds` is a valid pollfd array for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-        if n < 0 {
-            continue; // EINTR (a signal): look again.
-        }
-        if fds[0].revents != 0 {
-            return Ended::Reset;
-        }
-        if fds[1].revents != 0 {
-            return Ended::VcpuStopped;
-        }
-        if fds.get(2).is_some_and(|f| f.revents != 0) {
-            return Ended::Stopped;
-        }
-    }
-}
-
-/// 9. Why the box ended, for the outcome when the workload reported no exit (the marker
-///    log appends the last phase reached).
-fn why_it_ended(
-    ended: Ended,
-    stopped: &[VcpuStop],
-    event_loop_failure: Option<String>,
-    limit: Option<Duration>,
-) -> String {
-    match ended {
-        Ended::Reset => "the guest reset before the workload reported its exit".to_owned(),
-        Ended::Stopped => "stopped by a signal".to_owned(),
-        Ended::TimeLimit => format!(
-            "time limit of {:.1} s reached",
-            limit.unwrap_or_default().as_secs_f64()
-        ),
-        Ended::VcpuStopped => match (stopped.first(), event_loop_failure) {
-            (Some(VcpuStop::TripleFault { vcpu }), _) => {
-                format!("guest triple-faulted (vCPU {vcpu}): the kernel crashed early")
-            }
-            (Some(VcpuStop::SystemEvent { vcpu, kind }), _) => {
-                format!("guest asked for system event {kind} (vCPU {vcpu})")
-            }
-            (Some(VcpuStop::Failed { vcpu, details }), _) => format!("vCPU {vcpu}: {details}"),
-            (_, Some(failure)) => failure,
-            (Some(VcpuStop::Requested) | None, None) => "a vCPU stopped".to_owned(),
-        },
-    }
 }

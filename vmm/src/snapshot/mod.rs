@@ -19,12 +19,12 @@ pub mod memory_file;
 pub mod vcpu_state;
 
 use crate::cpuid::Profile;
+use crate::live::{self, start, wait_for_end, why_it_ended, Ended, Running};
 use crate::machine::BootEntry;
-use crate::vcpu::{VcpuContext, VcpuStop, VcpuThread};
+use crate::vcpu::VcpuStop;
 use crate::{
-    devices, event_loop, jail, lock, machine, marker_callback, memory, seccomp, serial_console,
-    start, stdio, usage, wait_for_end, why_it_ended, Config, Ended, Error, RunOptions, Running,
-    PVM_DEFAULT_TIME_LIMIT, PVM_NOTE,
+    devices, jail, lock, machine, marker_callback, memory, seccomp, serial_console, stdio, usage,
+    Config, Error, RunOptions, PVM_DEFAULT_TIME_LIMIT, PVM_NOTE,
 };
 use devices::DeviceSet;
 use devices_crate::bus::Bus;
@@ -39,7 +39,7 @@ use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use twinbox_spec::clock::monotonic_ns;
-use twinbox_spec::{BoxKind, MarkerLog, Phase, RunReport, RunSpec, Usage};
+use twinbox_spec::{MarkerLog, Phase, RunReport, RunSpec};
 use vmm_sys_util::eventfd::EventFd;
 
 extern crate devices as devices_crate;
@@ -354,7 +354,7 @@ pub fn take(spec: &RunSpec, out: &Path, options: RunOptions) -> Result<Taken, Er
     let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Thread)?;
     let stop_flag = Arc::new(AtomicBool::new(false));
     let (reasons_tx, reasons) = channel();
-    start_threads(
+    live::start_guest_threads(
         &config,
         jail.as_ref(),
         &devices,
@@ -475,59 +475,6 @@ fn attach(
             stdio,
         },
     )?)
-}
-
-/// Starts the event loop and one thread per vCPU, as a boot does (lib.rs step 6).
-#[allow(clippy::too_many_arguments)]
-fn start_threads(
-    config: &Config,
-    jail: Option<&jail::Jail>,
-    devices: &DeviceSet,
-    guest_memory: &memory::GuestMemoryMmap,
-    vcpu_fds: Vec<VcpuFd>,
-    exit_evt: &EventFd,
-    stop_flag: &Arc<AtomicBool>,
-    reasons_tx: &std::sync::mpsc::Sender<VcpuStop>,
-    markers: &Arc<Mutex<MarkerLog>>,
-    running: &mut Running,
-) -> Result<(), Error> {
-    let (subscribers, failed) = (
-        devices.subscribers.clone(),
-        exit_evt.try_clone().map_err(Error::Thread)?,
-    );
-    let filters = config.seccomp.clone();
-    running.events = Some(
-        start(jail, move || {
-            event_loop::EventLoop::start(subscribers, failed, move || {
-                filters
-                    .apply(seccomp::ThreadKind::EventLoop)
-                    .map_err(|e| e.to_string())
-            })
-        })?
-        .map_err(Error::Thread)?,
-    );
-    for (id, fd) in vcpu_fds.into_iter().enumerate() {
-        let first_run: Option<Box<dyn FnOnce() + Send>> = (id == 0).then(|| {
-            let markers = markers.clone();
-            Box::new(move || lock(&markers).timeline_mut().record_now(Phase::GuestEntry))
-                as Box<dyn FnOnce() + Send>
-        });
-        let ctx = VcpuContext {
-            id: id as u32,
-            io: devices.io.clone(),
-            memory: guest_memory.clone(),
-            stop: stop_flag.clone(),
-            exit_evt: exit_evt.try_clone().map_err(Error::Thread)?,
-            reasons: reasons_tx.clone(),
-            on_first_run: first_run,
-            pvm_workarounds: config.pvm,
-            seccomp: config.seccomp.clone(),
-        };
-        running
-            .vcpus
-            .push(start(jail, move || VcpuThread::spawn(fd, ctx))?.map_err(Error::Thread)?);
-    }
-    Ok(())
 }
 
 /// A snapshot directory whose state file has been read and checked (format, versions,
@@ -776,7 +723,7 @@ pub fn restore<S: AsRawFd + ?Sized>(
     let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Thread)?;
     let stop_flag = Arc::new(AtomicBool::new(false));
     let (reasons_tx, reasons) = channel();
-    start_threads(
+    live::start_guest_threads(
         &config,
         jail.as_ref(),
         &devices,
@@ -792,51 +739,30 @@ pub fn restore<S: AsRawFd + ?Sized>(
     if options.lock_caller_thread {
         config.seccomp.apply(seccomp::ThreadKind::Caller)?;
     }
+    // Run, tear down and report as after a boot (`live.rs`).
+    let ending = live::Ending {
+        vm,
+        devices,
+        guest_memory,
+        ram_mappings: None,
+        running,
+        markers,
+        exit_evt,
+        reasons,
+        network: None,
+    };
     let limit = spec
         .time_limit
         .or(config.pvm.then_some(PVM_DEFAULT_TIME_LIMIT));
-    let ended = wait_for_end(&devices.reset_evt, &exit_evt, stop, limit);
-
-    let event_loop_failure = running.events.as_ref().and_then(|e| e.failure());
-    let guest_stdio = running.stdio.take();
-    drop(running);
-    notes.extend(devices.flush_output());
-    let guest_rss = probe.resident_kib_of(
-        &memory::host_ranges(&guest_memory)
-            .iter()
-            .map(|r| r.0)
-            .collect::<Vec<_>>(),
-    );
-    let peak = probe.peak_rss_kib();
-    if Arc::into_inner(vm).is_none() {
-        tracing::error!("the VM outlives its teardown: a reference to it is still held");
-    }
-    drop(devices);
-    drop(guest_memory);
-    let captured = guest_stdio.and_then(stdio::GuestStdio::finish);
-    let log = Arc::try_unwrap(markers)
-        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
-        .unwrap_or_else(|shared| lock(&shared).clone());
-    let stopped: Vec<VcpuStop> = reasons.try_iter().collect();
-    let mut finished = log.finish(|| why_it_ended(ended, &stopped, event_loop_failure, limit));
-    finished.timeline.record_now(Phase::TornDown);
-    notes.extend(finished.notes);
-    let cpu_after = usage::cpu_times_us();
-    Ok(RunReport {
-        box_kind: BoxKind::Vm,
-        outcome: finished.outcome,
-        timeline: finished.timeline,
-        output: captured,
-        usage: Usage {
-            runtime_peak_rss_kib: peak.zip(guest_rss).map(|(p, g)| p.saturating_sub(g)),
-            guest_memory_touched_kib: guest_rss,
-            cpu_user_us: Some(cpu_after.0.saturating_sub(cpu_before.0)),
-            cpu_system_us: Some(cpu_after.1.saturating_sub(cpu_before.1)),
-            ..Usage::default()
+    Ok(ending.finish(
+        stop,
+        live::Accounting {
+            probe: &probe,
+            notes,
+            cpu_before,
+            limit,
         },
-        notes,
-        network: None,
-    })
+    ))
 }
 
 #[cfg(test)]
