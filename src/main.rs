@@ -41,14 +41,7 @@ fn main() -> ExitCode {
     // `spawn` is stamped first thing, before argument parsing, so startup numbers include
     // everything twinbox itself does.
     let spawn_ns = twinbox_spec::clock::monotonic_ns();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .without_time()
-        .init();
+    cli::logging::init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Vm(command) => cli::vm::main(command, spawn_ns),

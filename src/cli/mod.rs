@@ -5,6 +5,7 @@ pub mod common;
 pub mod ctr;
 pub mod doctor;
 pub mod image;
+pub mod logging;
 pub mod vm;
 
 /// Exit status when twinbox itself fails (bad input, missing artifact, setup error), as
