@@ -222,6 +222,11 @@ impl Prepared {
         // `launch_child` on `stack` and touches only what `launch` points at. All of it
         // outlives the child's use: with CLONE_VFORK this thread waits until the child has
         // exec'd or exited.
+        // The child's setuid/setgid marks the memory it shares with init dumpable as the
+        // host's fs.suid_dumpable says; init's own setting comes back right after (main.rs
+        // makes init non-dumpable so the workload cannot ptrace it).
+        // SAFETY: prctl with integer arguments.
+        let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
         let (pid, errno) = unsafe {
             libc::sigfillset(&mut all);
             libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut before);
@@ -232,6 +237,9 @@ impl Prepared {
                 ptr::from_ref(&launch).cast_mut().cast(),
             );
             let errno = *libc::__errno_location();
+            if dumpable >= 0 {
+                libc::prctl(libc::PR_SET_DUMPABLE, dumpable as libc::c_ulong, 0, 0, 0);
+            }
             libc::pthread_sigmask(libc::SIG_SETMASK, &before, ptr::null_mut());
             (pid, errno)
         };
@@ -352,7 +360,7 @@ extern "C" fn launch_child(launch: *mut libc::c_void) -> libc::c_int {
 unsafe fn reset_signals() {
     // SAFETY: plain signal syscalls on a stack-allocated set.
     unsafe {
-        for signal in 1..libc::SIGRTMAX() {
+        for signal in 1..=libc::SIGRTMAX() {
             if signal != libc::SIGKILL && signal != libc::SIGSTOP {
                 libc::signal(signal, libc::SIG_DFL);
             }
@@ -559,6 +567,12 @@ mod tests {
         assert_eq!(
             run(&sh("kill -TERM $$; exit 3", &["PATH=/usr/bin:/bin"])),
             ExitCode::Signaled(15)
+        );
+        // The test harness ignores SIGPIPE (13), as init does: the workload gets the default
+        // back (a shell cannot undo a disposition ignored at its start).
+        assert_eq!(
+            run(&sh("kill -PIPE $$; exit 3", &["PATH=/usr/bin:/bin"])),
+            ExitCode::Signaled(13)
         );
     }
 
