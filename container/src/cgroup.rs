@@ -312,7 +312,13 @@ impl PendingCgroup {
     /// of its own (here, if no thread can be had).
     pub fn start(layout: &Layout, name: &str, limits: Limits) -> Self {
         let (layout, name) = (layout.clone(), name.to_owned());
-        let make = move || create(&layout, &name, limits);
+        Self::start_with(move || create(&layout, &name, limits))
+    }
+
+    /// Runs `make` on a thread of its own (here, if no thread can be had).
+    fn start_with(
+        make: impl FnOnce() -> Result<Box<dyn CgroupManager + Send>, Error> + Clone + Send + 'static,
+    ) -> Self {
         match std::thread::Builder::new()
             .name("twinbox-cgroup".into())
             .spawn(make.clone())
@@ -352,7 +358,8 @@ impl Drop for PendingCgroup {
     }
 }
 
-/// Creates the cgroup `name` with `limits` in `layout`. On error nothing is left behind.
+/// Creates the cgroup `name` with `limits` in `layout`. On error nothing is left behind
+/// (a panic halfway, which no path of it has, could leave directories).
 pub fn create(
     layout: &Layout,
     name: &str,
@@ -658,6 +665,66 @@ impl Drop for V2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// A cgroup that notes its removal (its drop, as the real groups' drop removes them).
+    struct Noted(Arc<AtomicBool>);
+
+    impl CgroupManager for Noted {
+        fn add(&self, _: i32) -> Result<(), Error> {
+            Ok(())
+        }
+        fn birth(&self) -> Result<Birth, Error> {
+            Err(Error::Setup("no real cgroup".into()))
+        }
+        fn stats(&self) -> Stats {
+            Stats::default()
+        }
+        fn destroy(&mut self) -> Result<(), Error> {
+            Ok(())
+        }
+    }
+
+    impl Drop for Noted {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_pending_cgroup_dropped_unwaited_waits_for_its_thread_and_removes_the_group() {
+        let removed = Arc::new(AtomicBool::new(false));
+        let noted = removed.clone();
+        let pending = PendingCgroup::start_with(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            Ok(Box::new(Noted(noted.clone())) as Box<dyn CgroupManager + Send>)
+        });
+        drop(pending);
+        assert!(
+            removed.load(Ordering::SeqCst),
+            "the group the thread made outlived the run that gave up on it"
+        );
+    }
+
+    #[test]
+    fn a_pending_cgroup_gives_its_group_its_error_or_its_threads_panic_as_one_error() {
+        let removed = Arc::new(AtomicBool::new(false));
+        let noted = removed.clone();
+        let group = PendingCgroup::start_with(move || {
+            Ok(Box::new(Noted(noted.clone())) as Box<dyn CgroupManager + Send>)
+        })
+        .wait();
+        assert!(group.is_ok() && !removed.load(Ordering::SeqCst));
+        drop(group);
+        assert!(removed.load(Ordering::SeqCst));
+        let failed = PendingCgroup::start_with(|| Err(Error::Setup("no room".into())));
+        let error = failed.wait().err().expect("the make's error").to_string();
+        assert!(error.contains("no room"), "{error}");
+        let panicked = PendingCgroup::start_with(|| panic!("halfway"));
+        let error = panicked.wait().err().expect("an error").to_string();
+        assert!(error.contains("panicked"), "{error}");
+    }
 
     const HYBRID: &str = "\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
