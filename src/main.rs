@@ -7,6 +7,7 @@
 mod cli;
 
 use clap::{Parser, Subcommand};
+use cli::lazy::Lazy;
 use std::process::ExitCode;
 
 /// Boot one root filesystem image as a KVM microVM and run the very same image as a
@@ -18,23 +19,24 @@ struct Cli {
     command: Command,
 }
 
-// Parsed once per process: the size difference between variants costs nothing.
+// Parsed once per process: the size difference between variants costs nothing. Each
+// subcommand's arguments are built only when it is the one run (`Lazy`).
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run a workload in a KVM microVM (twinbox's own VMM, real Linux kernel).
     #[command(subcommand)]
-    Vm(cli::vm::VmCommand),
+    Vm(Lazy<cli::vm::VmCommand>),
     /// Run a workload in a container (namespaces, cgroups, overlayfs) from the same image.
     #[command(subcommand)]
-    Ctr(cli::ctr::CtrCommand),
+    Ctr(Lazy<cli::ctr::CtrCommand>),
     /// Measure native, container and microVM side by side and write a report.
-    Bench(cli::bench::BenchArgs),
+    Bench(Lazy<cli::bench::BenchArgs>),
     /// Check this host: KVM flavour, root, cgroups, overlayfs, loop, tun, artifacts.
-    Doctor(cli::doctor::DoctorArgs),
+    Doctor(Lazy<cli::doctor::DoctorArgs>),
     /// The cache of OCI/Docker images: load, ls, rm, prune.
     #[command(subcommand)]
-    Image(cli::image::ImageCommand),
+    Image(Lazy<cli::image::ImageCommand>),
 }
 
 fn main() -> ExitCode {
@@ -44,11 +46,11 @@ fn main() -> ExitCode {
     cli::logging::init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Vm(command) => cli::vm::main(command, spawn_ns),
-        Command::Ctr(command) => cli::ctr::main(command, spawn_ns),
-        Command::Bench(args) => cli::bench::main(args),
-        Command::Doctor(args) => cli::doctor::main(args),
-        Command::Image(command) => cli::image::main(command),
+        Command::Vm(Lazy(command)) => cli::vm::main(command, spawn_ns),
+        Command::Ctr(Lazy(command)) => cli::ctr::main(command, spawn_ns),
+        Command::Bench(Lazy(args)) => cli::bench::main(args),
+        Command::Doctor(Lazy(args)) => cli::doctor::main(args),
+        Command::Image(Lazy(command)) => cli::image::main(command),
     };
     match result {
         Ok(status) => ExitCode::from(status.clamp(0, 255) as u8),
@@ -56,6 +58,68 @@ fn main() -> ExitCode {
             tracing::debug!("{error:?}");
             cli::complain(format_args!("twinbox: {}\n", cli::one_line(&error)));
             ExitCode::from(cli::EXIT_TWINBOX_ERROR)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `twinbox ARGS... --help` prints.
+    fn help(path: &[&str]) -> String {
+        let args = std::iter::once("twinbox")
+            .chain(path.iter().copied())
+            .chain(["--help"]);
+        match Cli::try_parse_from(args) {
+            Err(error) if error.kind() == clap::error::ErrorKind::DisplayHelp => {
+                error.render().to_string()
+            }
+            _ => panic!("twinbox {} --help printed no help", path.join(" ")),
+        }
+    }
+
+    /// The description a command's help lists for `name` among its subcommands.
+    fn listed(parent_help: &str, name: &str) -> String {
+        parent_help
+            .lines()
+            .find_map(|line| line.trim_start().strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in:\n{parent_help}"))
+            .trim()
+            .to_owned()
+    }
+
+    #[test]
+    fn a_subcommand_built_on_demand_says_what_its_parent_lists_and_takes_its_options() {
+        // (path, an option its help must show)
+        let commands: [(&[&str], &str); 11] = [
+            (&["vm"], "run"),
+            (&["vm", "run"], "--kernel"),
+            (&["vm", "snapshot"], "--out"),
+            (&["ctr"], "run"),
+            (&["ctr", "run"], "--cpus"),
+            (&["bench"], "--runs"),
+            (&["doctor"], "--kvm-smoke"),
+            (&["image"], "prune"),
+            (&["image", "load"], "--ext4"),
+            (&["image", "ls"], "--json"),
+            (&["image", "rm"], "<REFERENCE>"),
+        ];
+        for (path, option) in commands {
+            let (name, parent) = path.split_last().expect("a subcommand");
+            let text = help(path);
+            let about = listed(&help(parent), name);
+            assert!(
+                text.starts_with(&about),
+                "twinbox {} --help starts {:?}, its parent lists {about:?}",
+                path.join(" "),
+                text.lines().next()
+            );
+            assert!(
+                text.contains(option),
+                "twinbox {} --help shows no {option}:\n{text}",
+                path.join(" ")
+            );
         }
     }
 }

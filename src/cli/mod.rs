@@ -5,6 +5,7 @@ pub mod common;
 pub mod ctr;
 pub mod doctor;
 pub mod image;
+pub mod lazy;
 pub mod logging;
 pub mod vm;
 
