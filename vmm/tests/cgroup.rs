@@ -94,6 +94,14 @@ struct Seen {
     outside: Option<(String, String)>,
 }
 
+/// Whether thread `tid` of this process is still there a moment later: a thread that is
+/// exiting (the VMM's memory-registration and jail threads end during the run) is moved to
+/// the root cgroup by the kernel (`cgroup_exit`) before it is gone, which is no escape.
+fn still_there(tid: &str) -> bool {
+    std::thread::sleep(Duration::from_millis(50));
+    Path::new("/proc/self/task").join(tid).exists()
+}
+
 /// The memory cgroup of each thread of this process, by its own
 /// `/proc/self/task/<tid>/cgroup` (a thread gone meanwhile is left out).
 fn thread_memory_cgroups() -> Vec<(String, String)> {
@@ -140,7 +148,10 @@ fn a_guest_touching_all_its_ram_runs_to_its_end_in_its_cgroup() {
                     };
                     let threads = thread_memory_cgroups();
                     let mut seen = seen.lock().unwrap();
-                    if let Some(out) = threads.iter().find(|(_, g)| *g != now) {
+                    if let Some(out) = threads
+                        .iter()
+                        .find(|(tid, g)| *g != now && still_there(tid))
+                    {
                         seen.outside.get_or_insert(out.clone());
                     }
                     seen.threads_inside = seen.threads_inside.max(threads.len());
