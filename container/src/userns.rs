@@ -46,13 +46,14 @@
 use crate::detached::{self, MountAttr, MOUNT_ATTR_IDMAP};
 use crate::sweep::STAGING_ROOT;
 use crate::Error;
-use nix::fcntl::{Flock, FlockArg};
-use std::fs::{File, OpenOptions};
+use nix::fcntl::Flock;
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use twinbox_spec::lease_lock::{self, IfMissing};
 
 /// Number of ids mapped: a whole 16-bit id space, `nobody` (65534) included.
 pub const SIZE: u32 = 65_536;
@@ -243,37 +244,15 @@ impl Drop for IdLease {
 }
 
 /// Locks `path` exclusively without waiting (creating it if `create`): `None` if someone
-/// holds it, or if it was unlinked or replaced while we locked it (then its holder
-/// released it; `create` retries on the new file).
+/// holds it, or if it was unlinked or replaced while we locked it.
 fn lock(path: &Path, create: bool) -> Result<Option<Flock<File>>, Error> {
-    loop {
-        let file = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(path)
-        {
-            Ok(file) => file,
-            Err(e) if !create && e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::os(format!("open {}", path.display()), e)),
-        };
-        let Ok(locked) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
-            return Ok(None);
-        };
-        let same = match (locked.metadata(), std::fs::symlink_metadata(path)) {
-            (Ok(ours), Ok(now)) => ours.dev() == now.dev() && ours.ino() == now.ino(),
-            _ => false,
-        };
-        if same {
-            return Ok(Some(locked));
-        }
-        if !create {
-            return Ok(None);
-        }
-    }
+    let if_missing = if create {
+        IfMissing::Create
+    } else {
+        IfMissing::Skip
+    };
+    lease_lock::try_lock(path, if_missing)
+        .map_err(|e| Error::os(format!("lock {}", path.display()), e))
 }
 
 /// Unlinks the lock files no one holds (left by killed runs), but not one whose slot

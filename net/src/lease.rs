@@ -11,20 +11,21 @@
 //!
 //! A normal release unlinks the lock file while still holding the lock; a taker therefore
 //! checks, once locked, that the path still names the inode it locked and starts over if
-//! not (the classic flock + unlink protocol). After a SIGKILL the file stays, unlocked:
+//! not (the classic flock + unlink protocol, `twinbox_spec::lease_lock`, which the
+//! `--userns` id leases share). After a SIGKILL the file stays, unlocked:
 //! the next acquisition may reuse it, and every release tidies such leftovers away under
 //! the same protocol (a leftover is a file whose lock can be taken); correctness never
 //! depends on that tidying.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
+use twinbox_spec::lease_lock::{self, IfMissing};
 use twinbox_spec::NetMode;
 
 use crate::error::{Error, Result};
@@ -351,12 +352,12 @@ fn sweep(dir: &Path) {
 
 /// Lock `path`, creating it, without waiting; None when another lease holds it.
 fn try_lock(path: &Path) -> Result<Option<Flock<File>>> {
-    lock_file(path, true)
+    lease_lock::try_lock(path, IfMissing::Create).map_err(|source| lock_error(path, source))
 }
 
 /// Lock `path` if it exists, without waiting; None when it is held or gone.
 fn lock_existing(path: &Path) -> Result<Option<Flock<File>>> {
-    lock_file(path, false)
+    lease_lock::try_lock(path, IfMissing::Skip).map_err(|source| lock_error(path, source))
 }
 
 /// A failure on a lock file or its directory; EACCES/EPERM mean the caller is not root.
@@ -371,43 +372,6 @@ fn lock_error(path: &Path, source: io::Error) -> Error {
             path: path.to_path_buf(),
             source,
         },
-    }
-}
-
-fn lock_file(path: &Path, create: bool) -> Result<Option<Flock<File>>> {
-    let lock_error = |source: io::Error| lock_error(path, source);
-    loop {
-        let file = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-        {
-            Ok(file) => file,
-            Err(error) if !create && error.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(error) => return Err(lock_error(error)),
-        };
-        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => lock,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
-            Err((_, errno)) => return Err(lock_error(errno.into())),
-        };
-        // The holder we waited on may have unlinked the file before we locked it; then
-        // our lock is on an orphan inode and the path is free for a new file: retry.
-        let locked = lock.metadata().map_err(lock_error)?;
-        match fs::metadata(path) {
-            Ok(now) if now.ino() == locked.ino() && now.dev() == locked.dev() => {
-                return Ok(Some(lock))
-            }
-            Ok(_) if create => continue,
-            Err(error) if error.kind() == io::ErrorKind::NotFound && create => continue,
-            Ok(_) => return Ok(None),
-            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(error) => return Err(lock_error(error)),
-        }
     }
 }
 

@@ -10,6 +10,7 @@ pub mod guest_cmdline;
 pub mod host;
 pub mod image;
 pub mod interrupt;
+pub mod lease_lock;
 pub mod outcome;
 pub mod phase;
 pub mod report;
