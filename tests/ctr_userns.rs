@@ -108,6 +108,26 @@ impl Box {
         pids
     }
 
+    /// SIGKILLs the CLI and waits until the box's processes are gone too (they go with it:
+    /// parent-death signal); the first host uid of the range it had.
+    fn kill_cli(mut self) -> u64 {
+        let pids = self.host_pids();
+        self.cli.kill().unwrap();
+        self.cli.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pids
+            .iter()
+            .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the box outlived its CLI: {pids:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.uid_base
+    }
+
     /// Lets the workload end and checks the run's status.
     fn finish(mut self) {
         let mut stdin = self.stdin.take().unwrap();
@@ -237,23 +257,7 @@ fn a_sigkilled_cli_frees_its_range_at_once() {
     common::require_root("twinbox ctr run --userns");
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     common::leaks::check_no_leaks("a SIGKILLed ctr run --userns", || {
-        let mut killed = Box::start();
-        let base = killed.uid_base;
-        let pids = killed.host_pids();
-        killed.cli.kill().unwrap();
-        killed.cli.wait().unwrap();
-        // Its container goes with it (parent-death signal).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pids
-            .iter()
-            .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the box outlived its CLI: {pids:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let base = Box::start().kill_cli();
         // The lowest free range is taken first, and the killed run's is free again.
         let next = Box::start();
         assert_eq!(
@@ -278,22 +282,7 @@ fn a_killed_run_s_range_waits_for_the_last_process_with_its_ids() {
     common::require_root("twinbox ctr run --userns");
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     common::leaks::check_no_leaks("a killed ctr run --userns with a straggler", || {
-        let mut killed = Box::start();
-        let base = killed.uid_base;
-        let pids = killed.host_pids();
-        killed.cli.kill().unwrap();
-        killed.cli.wait().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pids
-            .iter()
-            .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the box outlived its CLI: {pids:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let base = Box::start().kill_cli();
         let id = base.to_string();
         let mut straggler = Command::new("setpriv")
             .args([
