@@ -981,20 +981,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_activation_hook_runs_at_the_restore_of_an_active_device() {
-        let disk = TempDisk::new(&vec![0u8; 8 * 512]);
-        let transport = || {
-            let block = Arc::new(Mutex::new(Block::new(disk.open(), false, "b").unwrap()));
-            MmioTransport::new(memory(), block, Arc::new(IrqTrigger::new().unwrap()))
-        };
-        let mut t = transport();
+    /// A fresh transport of a block device on `disk`.
+    fn block_transport(disk: &TempDisk) -> MmioTransport {
+        let block = Arc::new(Mutex::new(Block::new(disk.open(), false, "b").unwrap()));
+        MmioTransport::new(memory(), block, Arc::new(IrqTrigger::new().unwrap()))
+    }
+
+    /// What a block transport on `disk` saves once its driver has activated it (queue 0 of
+    /// 256 entries).
+    fn saved_active_block(disk: &TempDisk) -> TransportSnapshot {
+        let mut t = block_transport(disk);
         assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
         setup_queue(&mut t, 0, 256, 0);
         wr(&mut t, REG_STATUS, ALL_OK);
-        let saved = t.save_state().unwrap();
+        t.save_state().unwrap()
+    }
+
+    #[test]
+    fn the_activation_hook_runs_at_the_restore_of_an_active_device() {
+        let disk = TempDisk::new(&vec![0u8; 8 * 512]);
+        let saved = saved_active_block(&disk);
         let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let mut restored = transport();
+        let mut restored = block_transport(&disk);
         let counter = runs.clone();
         restored.on_activate(Box::new(move || {
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -1007,18 +1015,10 @@ mod tests {
     #[test]
     fn a_saved_queue_larger_than_the_device_takes_is_refused() {
         let disk = TempDisk::new(&vec![0u8; 8 * 512]);
-        let transport = || {
-            let block = Arc::new(Mutex::new(Block::new(disk.open(), false, "b").unwrap()));
-            MmioTransport::new(memory(), block, Arc::new(IrqTrigger::new().unwrap()))
-        };
-        let mut t = transport();
-        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
-        setup_queue(&mut t, 0, 256, 0);
-        wr(&mut t, REG_STATUS, ALL_OK);
-        let mut saved = t.save_state().unwrap();
+        let mut saved = saved_active_block(&disk);
         let max = saved.queues[0].size;
         saved.queues[0].size = max * 2;
-        let mut restored = transport();
+        let mut restored = block_transport(&disk);
         let err = restored.restore_state(&saved).unwrap_err().to_string();
         assert!(
             err.contains(&format!("size {} saved", max * 2)) && err.contains("at most"),
@@ -1041,9 +1041,7 @@ mod tests {
     #[test]
     fn block_behind_the_transport() {
         let disk = TempDisk::new(&vec![0u8; 8 * 512]);
-        let block = Arc::new(Mutex::new(Block::new(disk.open(), false, "b").unwrap()));
-        let irq = Arc::new(IrqTrigger::new().unwrap());
-        let mut t = MmioTransport::new(memory(), block, irq);
+        let mut t = block_transport(&disk);
         assert_eq!(rd(&mut t, REG_DEVICE_ID), TYPE_BLOCK);
         let mut cap = [0u8; 8];
         t.read(CONFIG_SPACE, &mut cap);
