@@ -629,12 +629,74 @@ fn the_reported_link_parses() {
     );
 }
 
+/// A "NIC" of the host made by the test: a veth `<host_end><N>` on the host (`host`/30, not
+/// a `tb*` name) to `far_end` (`far`/30, default route via the host) in a named network
+/// namespace `<netns><N>` of its own (N from the test's pid). Deleting the namespace on drop
+/// takes the pair, host end included.
+struct TestNic {
+    netns: String,
+    host_end: String,
+}
+
+impl TestNic {
+    fn new(netns: &str, host_end: &str, far_end: &str, host: &str, far: &str) -> Self {
+        let id = std::process::id() % 100_000;
+        let nic = Self {
+            netns: format!("{netns}{id}"),
+            host_end: format!("{host_end}{id}"),
+        };
+        let host_cidr = format!("{host}/30");
+        let far_cidr = format!("{far}/30");
+        let (netns, host_end) = (nic.netns.as_str(), nic.host_end.as_str());
+        for args in [
+            vec!["netns", "add", netns],
+            vec![
+                "link", "add", host_end, "type", "veth", "peer", "name", far_end, "netns", netns,
+            ],
+            vec!["addr", "add", &host_cidr, "dev", host_end],
+            vec!["link", "set", host_end, "up"],
+            vec!["-n", netns, "addr", "add", &far_cidr, "dev", far_end],
+            vec!["-n", netns, "link", "set", far_end, "up"],
+            // Answers to the test's other NIC go back through the host too.
+            vec!["-n", netns, "route", "add", "default", "via", host],
+        ] {
+            net::run_tool("ip", &args);
+        }
+        nic
+    }
+
+    /// Runs `f` on a thread that joined the namespace (network namespaces are per thread).
+    /// The thread holds no reference to the namespace once `f` returns.
+    fn spawn_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.netns);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: setns of this thread only, on an fd it owns.
+            let r =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            drop(ns);
+            f()
+        })
+    }
+}
+
+impl Drop for TestNic {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
 /// A network namespace standing for "the world outside the host", made by the test: a
 /// veth `tno<N>` on the host (10.254.253.1/30, not a `tb*` name, so the NAT table treats
 /// it as a way out) to `out0` (10.254.253.2/30) in the namespace. Deleted on drop.
 struct Outside {
-    netns: String,
-    host_end: String,
+    nic: TestNic,
 }
 
 impl Outside {
@@ -642,53 +704,9 @@ impl Outside {
     const FAR: &'static str = "10.254.253.2";
 
     fn new() -> Self {
-        let id = std::process::id() % 100_000;
-        let outside = Self {
-            netns: format!("tbnat{id}"),
-            host_end: format!("tno{id}"),
-        };
-        let host_cidr = format!("{}/30", Self::HOST);
-        let far_cidr = format!("{}/30", Self::FAR);
-        for args in [
-            vec!["netns", "add", &outside.netns],
-            vec![
-                "link",
-                "add",
-                &outside.host_end,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "out0",
-                "netns",
-                &outside.netns,
-            ],
-            vec!["addr", "add", &host_cidr, "dev", &outside.host_end],
-            vec!["link", "set", &outside.host_end, "up"],
-            vec![
-                "-n",
-                &outside.netns,
-                "addr",
-                "add",
-                &far_cidr,
-                "dev",
-                "out0",
-            ],
-            vec!["-n", &outside.netns, "link", "set", "out0", "up"],
-            // Answers to the test's other "NIC" (`Lan`) go back through the host too.
-            vec![
-                "-n",
-                &outside.netns,
-                "route",
-                "add",
-                "default",
-                "via",
-                Self::HOST,
-            ],
-        ] {
-            net::run_tool("ip", &args);
+        Self {
+            nic: TestNic::new("tbnat", "tno", "out0", Self::HOST, Self::FAR),
         }
-        outside
     }
 
     /// Accepts one TCP connection on FAR:`port` inside the namespace (a thread that
@@ -696,21 +714,12 @@ impl Outside {
     /// way, so it does not keep the namespace alive.
     fn accept_one(&self, port: u16, wait: Duration) -> mpsc::Receiver<Result<Ipv4Addr, String>> {
         let (tx, rx) = mpsc::channel();
-        let path = format!("/run/netns/{}", self.netns);
         let (ready_tx, ready_rx) = mpsc::channel();
-        std::thread::spawn(move || {
+        self.nic.spawn_in(move || {
             let result = (|| {
-                let ns = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
-                // SAFETY: setns of this thread only (network namespaces are per thread).
-                let r = unsafe {
-                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET)
-                };
-                if r != 0 {
-                    return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
-                }
                 let far: Ipv4Addr = Outside::FAR.parse().unwrap();
                 let listener = TcpListener::bind(SocketAddrV4::new(far, port))
-                    .map_err(|e| format!("listen in {path}: {e}"))?;
+                    .map_err(|e| format!("listen on {far}:{port}: {e}"))?;
                 listener
                     .set_nonblocking(true)
                     .map_err(|e| format!("nonblocking: {e}"))?;
@@ -740,15 +749,6 @@ impl Outside {
             .recv_timeout(Duration::from_secs(5))
             .expect("the outside listener starts");
         rx
-    }
-}
-
-impl Drop for Outside {
-    fn drop(&mut self) {
-        // Deleting the namespace takes the pair, host end included.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
     }
 }
 
@@ -849,8 +849,7 @@ fn nat_masquerades_the_box_out_of_the_host_and_link_does_not() {
 /// its own. Traffic from it to [`Outside`] crosses the host only if the host routes
 /// between its own interfaces. Deleted on drop.
 struct Lan {
-    netns: String,
-    host_end: String,
+    nic: TestNic,
 }
 
 impl Lan {
@@ -858,65 +857,22 @@ impl Lan {
     const FAR: &'static str = "10.254.252.2";
 
     fn new() -> Self {
-        let id = std::process::id() % 100_000;
-        let lan = Self {
-            netns: format!("tblan{id}"),
-            host_end: format!("tnl{id}"),
-        };
-        let host_end = lan.host_end.clone();
-        let host_cidr = format!("{}/30", Self::HOST);
-        let far_cidr = format!("{}/30", Self::FAR);
-        for args in [
-            vec!["netns", "add", &lan.netns],
-            vec![
-                "link", "add", &host_end, "type", "veth", "peer", "name", "lan0", "netns",
-                &lan.netns,
-            ],
-            vec!["addr", "add", &host_cidr, "dev", &host_end],
-            vec!["link", "set", &host_end, "up"],
-            vec!["-n", &lan.netns, "addr", "add", &far_cidr, "dev", "lan0"],
-            vec!["-n", &lan.netns, "link", "set", "lan0", "up"],
-            vec![
-                "-n",
-                &lan.netns,
-                "route",
-                "add",
-                "default",
-                "via",
-                Self::HOST,
-            ],
-        ] {
-            net::run_tool("ip", &args);
+        Self {
+            nic: TestNic::new("tblan", "tnl", "lan0", Self::HOST, Self::FAR),
         }
-        lan
     }
 
     /// A TCP connection from inside the namespace to `to:port` within `wait`.
     fn connect(&self, to: &str, port: u16, wait: Duration) -> Result<(), String> {
-        let path = format!("/run/netns/{}", self.netns);
         let to: Ipv4Addr = to.parse().unwrap();
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
-            // SAFETY: setns of this thread only (network namespaces are per thread).
-            let r =
-                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
-            if r != 0 {
-                return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
-            }
-            TcpStream::connect_timeout(&SocketAddrV4::new(to, port).into(), wait)
-                .map(drop)
-                .map_err(|e| e.to_string())
-        })
-        .join()
-        .expect("the connecting thread")
-    }
-}
-
-impl Drop for Lan {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
+        self.nic
+            .spawn_in(move || {
+                TcpStream::connect_timeout(&SocketAddrV4::new(to, port).into(), wait)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })
+            .join()
+            .expect("the connecting thread")
     }
 }
 
@@ -1040,8 +996,8 @@ fn nat_on_a_host_that_did_not_route_forwards_nothing_but_its_boxes() {
             );
             HostForwarding::fresh(ip_forward);
             if per_link {
-                forward_on(&lan.host_end);
-                forward_on(&outside.host_end);
+                forward_on(&lan.nic.host_end);
+                forward_on(&outside.nic.host_end);
                 // A note of this boot that a killed run left (it wrote the note, then
                 // died before its sysctl write): it must not outlive this run.
                 let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
