@@ -6,14 +6,17 @@
 
 mod cli;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use cli::lazy::Lazy;
 use std::process::ExitCode;
 
 /// Boot one root filesystem image as a KVM microVM and run the very same image as a
 /// Linux container, then measure both side by side.
 #[derive(Parser)]
-#[command(name = "twinbox", version, about, long_about = None)]
+// `arg_required_else_help = false` here and on the subcommand groups: `twinbox` or
+// `twinbox vm` alone is a usage error told in one line ("requires a subcommand", with the
+// list), not the whole help on stderr.
+#[command(name = "twinbox", version, about, long_about = None, arg_required_else_help = false)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,17 +28,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a workload in a KVM microVM (twinbox's own VMM, real Linux kernel).
-    #[command(subcommand)]
+    #[command(subcommand, arg_required_else_help = false)]
     Vm(Lazy<cli::vm::VmCommand>),
     /// Run a workload in a container (namespaces, cgroups, overlayfs) from the same image.
-    #[command(subcommand)]
+    #[command(subcommand, arg_required_else_help = false)]
     Ctr(Lazy<cli::ctr::CtrCommand>),
     /// Measure native, container and microVM side by side and write a report.
     Bench(Lazy<cli::bench::BenchArgs>),
     /// Check this host: KVM flavour, root, cgroups, overlayfs, loop, tun, artifacts.
     Doctor(Lazy<cli::doctor::DoctorArgs>),
     /// The cache of OCI/Docker images: load, ls, rm, prune.
-    #[command(subcommand)]
+    #[command(subcommand, arg_required_else_help = false)]
     Image(Lazy<cli::image::ImageCommand>),
 }
 
@@ -44,7 +47,14 @@ fn main() -> ExitCode {
     // everything twinbox itself does.
     let spawn_ns = twinbox_spec::clock::monotonic_ns();
     cli::logging::init();
-    let cli = Cli::parse();
+    // Not `Cli::parse()`: its usage errors exit 2 with several lines.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let args: Vec<_> = std::env::args_os().collect();
+            return cli::usage::refused(&error, Cli::command, &args);
+        }
+    };
     let result = match cli.command {
         Command::Vm(Lazy(command)) => cli::vm::main(command, spawn_ns),
         Command::Ctr(Lazy(command)) => cli::ctr::main(command, spawn_ns),

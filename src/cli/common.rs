@@ -234,8 +234,8 @@ impl RunArgs {
         spec.tty = self.tty;
         spec.verbose = self.verbose;
         spec.stdin = stdin_mode(self.interactive || self.tty, std::io::stdin().is_terminal());
-        // Parsed here, not by clap, so a bad value is one line and exit 125 like other bad
-        // input (clap's own errors exit 2 with a usage screen).
+        // Parsed here, not by clap: the line says NetMode's own why, without clap's
+        // "invalid value ... for '--net <MODE>'" in front of it.
         spec.net = self
             .net
             .as_deref()

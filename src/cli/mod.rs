@@ -7,6 +7,7 @@ pub mod doctor;
 pub mod image;
 pub mod lazy;
 pub mod logging;
+pub mod usage;
 pub mod vm;
 
 /// Exit status when twinbox itself fails (bad input, missing artifact, setup error), as
