@@ -16,6 +16,7 @@
 
 mod common;
 
+use common::host_forwarding::{HostForwarding, FORWARDING_NOTE, IP_FORWARD};
 use common::{describe, net};
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -755,8 +756,7 @@ impl Outside {
 #[test]
 fn nat_masquerades_the_box_out_of_the_host_and_link_does_not() {
     let _serial = serial();
-    let forward_before = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
-    let table_before = net::run_tool("nft", &["list", "tables"]).contains("table ip twinbox");
+    let saved = HostForwarding::save();
     let before = Before::now();
     {
         let outside = Outside::new();
@@ -837,10 +837,7 @@ fn nat_masquerades_the_box_out_of_the_host_and_link_does_not() {
         );
     }
     // Put the host back as it was: ip_forward and the table are what --net nat changes.
-    if !table_before {
-        net::run_tool("nft", &["delete", "table", "ip", "twinbox"]);
-    }
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", forward_before).unwrap();
+    drop(saved);
     before.assert_nothing_left("--net nat", false);
 }
 
@@ -873,87 +870,6 @@ impl Lan {
             })
             .join()
             .expect("the connecting thread")
-    }
-}
-
-/// The sysctl `--net nat` turns on.
-const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
-/// hostnet's note that twinbox turned ip_forward on (`hostnet::nat::FORWARDING_NOTE`).
-const FORWARDING_NOTE: &str = "/run/twinbox/ip_forward-turned-on-by-twinbox";
-
-/// What `--net nat` changes on the host, saved, and put back on drop: ip_forward, every
-/// interface's `forwarding` (the kernel copies a write of ip_forward to each), twinbox's
-/// note that it turned ip_forward on, and the `ip twinbox` table.
-struct HostForwarding {
-    ip_forward: String,
-    interfaces: Vec<(String, String)>,
-    note: Option<String>,
-    table: Option<String>,
-}
-
-impl HostForwarding {
-    fn save() -> Self {
-        let interfaces = std::fs::read_dir("/proc/sys/net/ipv4/conf")
-            .expect("/proc/sys/net/ipv4/conf")
-            .flatten()
-            .filter(|e| e.file_name() != "all")
-            .filter_map(|e| {
-                let path = e.path().join("forwarding");
-                let value = std::fs::read_to_string(&path).ok()?;
-                Some((path.display().to_string(), value))
-            })
-            .collect();
-        Self {
-            ip_forward: std::fs::read_to_string(IP_FORWARD).unwrap(),
-            interfaces,
-            note: std::fs::read_to_string(FORWARDING_NOTE).ok(),
-            table: Self::table(),
-        }
-    }
-
-    fn table() -> Option<String> {
-        let out = Command::new("nft")
-            .args(["list", "table", "ip", "twinbox"])
-            .output()
-            .expect("nft (Debian package nftables) is needed by this test");
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// The host as one that never ran twinbox, with `ip_forward` = `value` (and so every
-    /// interface's `forwarding`).
-    fn fresh(value: &str) {
-        if Self::table().is_some() {
-            net::run_tool("nft", &["delete", "table", "ip", "twinbox"]);
-        }
-        let _ = std::fs::remove_file(FORWARDING_NOTE);
-        std::fs::write(IP_FORWARD, value).unwrap();
-    }
-
-    fn noted() -> bool {
-        std::path::Path::new(FORWARDING_NOTE).exists()
-    }
-}
-
-impl Drop for HostForwarding {
-    fn drop(&mut self) {
-        Self::fresh(&self.ip_forward);
-        for (path, value) in &self.interfaces {
-            let _ = std::fs::write(path, value);
-        }
-        if let Some(note) = &self.note {
-            let _ = std::fs::write(FORWARDING_NOTE, note);
-        }
-        if let Some(table) = &self.table {
-            let mut nft = Command::new("nft")
-                .args(["-f", "-"])
-                .stdin(Stdio::piped())
-                .spawn()
-                .expect("nft");
-            let _ = nft.stdin.take().unwrap().write_all(table.as_bytes());
-            let _ = nft.wait();
-        }
     }
 }
 

@@ -13,84 +13,39 @@ use std::time::Duration;
 
 use common::*;
 use hostnet::{forwarding, nat, Lease, NetMode, Veth};
-/// Puts ip_forward, every interface's `forwarding` (the kernel copies a write of
-/// ip_forward to all of them), twinbox's note that it turned it on, and the table back as
-/// they were, whatever the test did.
-struct Restore {
-    ip_forward: String,
-    interfaces: Vec<(std::path::PathBuf, String)>,
-    note: Option<String>,
-    table: bool,
-    /// Held until the host is put back (fields drop after `drop`).
-    _serial: std::sync::MutexGuard<'static, ()>,
-}
+#[path = "../../tests/common/host_forwarding.rs"]
+mod host_forwarding;
+
+use host_forwarding::HostForwarding;
 
 /// The tests change host-wide state (ip_forward, which the kernel copies to every
 /// interface, and the table): one at a time, whatever --test-threads says.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-impl Restore {
-    fn new() -> Self {
-        let interfaces = std::fs::read_dir("/proc/sys/net/ipv4/conf")
-            .expect("/proc/sys/net/ipv4/conf")
-            .flatten()
-            .filter(|e| e.file_name() != "all")
-            .filter_map(|e| {
-                let path = e.path().join("forwarding");
-                Some((path.clone(), std::fs::read_to_string(path).ok()?))
-            })
-            .collect();
-        Self {
-            _serial: SERIAL.lock().unwrap_or_else(|e| e.into_inner()),
-            ip_forward: std::fs::read_to_string(nat::IP_FORWARD).expect("read ip_forward"),
-            interfaces,
-            note: std::fs::read_to_string(nat::FORWARDING_NOTE).ok(),
-            table: list_table().is_some(),
-        }
-    }
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl Drop for Restore {
-    fn drop(&mut self) {
-        let _ = nat::remove();
-        let _ = std::fs::remove_file(nat::FORWARDING_NOTE);
-        if let Some(note) = &self.note {
-            let _ = std::fs::write(nat::FORWARDING_NOTE, note);
-        }
-        let _ = std::fs::write(nat::IP_FORWARD, self.ip_forward.as_bytes());
-        for (path, value) in &self.interfaces {
-            let _ = std::fs::write(path, value);
-        }
-        // With ip_forward as it was, apply builds the table that was there (its last rule
-        // depends on the note alone).
-        if self.table && self.ip_forward.trim() == "1" {
-            let _ = nat::apply();
-        }
-    }
-}
-
-fn list_table() -> Option<String> {
-    let output = std::process::Command::new("nft")
-        .args(["list", "table", "ip", nat::TABLE])
-        .output()
-        .expect("nft (Debian package nftables) is needed by this test");
-    output
-        .status
-        .success()
-        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+/// The guard shared with the top-level tests writes hostnet's paths out: they must be
+/// hostnet's.
+#[test]
+fn the_forwarding_guard_saves_what_hostnet_changes() {
+    assert_eq!(host_forwarding::IP_FORWARD, nat::IP_FORWARD);
+    assert_eq!(host_forwarding::FORWARDING_NOTE, nat::FORWARDING_NOTE);
+    assert_eq!(host_forwarding::TABLE, nat::TABLE);
 }
 
 #[test]
 fn applying_twice_gives_the_same_table_and_remove_takes_it_away() {
     require_root();
-    let _restore = Restore::new();
+    let _serial = serial();
+    let _saved = HostForwarding::save();
     // A host that routed before twinbox (no note of ours).
     std::fs::write(nat::IP_FORWARD, "1\n").unwrap();
     let _ = std::fs::remove_file(nat::FORWARDING_NOTE);
     nat::apply().expect("first apply");
-    let first = list_table().expect("table ip twinbox after apply");
+    let first = HostForwarding::table().expect("table ip twinbox after apply");
     nat::apply().expect("second apply");
-    let second = list_table().expect("table ip twinbox after the second apply");
+    let second = HostForwarding::table().expect("table ip twinbox after the second apply");
     assert_eq!(first, second, "a second apply changed the ruleset");
     for needle in [
         "type nat hook postrouting priority srcnat; policy accept;",
@@ -110,7 +65,11 @@ fn applying_twice_gives_the_same_table_and_remove_takes_it_away() {
         "apply did not turn on ip_forward"
     );
     nat::remove().expect("remove");
-    assert_eq!(list_table(), None, "table ip twinbox left after remove");
+    assert_eq!(
+        HostForwarding::table(),
+        None,
+        "table ip twinbox left after remove"
+    );
     assert_eq!(
         std::fs::read_to_string(nat::IP_FORWARD).unwrap(),
         "1\n",
@@ -205,7 +164,8 @@ fn listen_in(
 #[test]
 fn only_a_nat_box_leaves_the_host_and_it_is_masqueraded() {
     require_root();
-    let _restore = Restore::new();
+    let _serial = serial();
+    let _saved = HostForwarding::save();
     let outside = Outside::new();
     // The link box first, so that apply's write of ip_forward (which the kernel copies to
     // every interface) happens with it present: apply must close it again.
@@ -269,7 +229,7 @@ fn only_a_nat_box_leaves_the_host_and_it_is_masqueraded() {
 
     drop((link, nat_link));
     nat::remove().expect("remove");
-    assert_eq!(list_table(), None);
+    assert_eq!(HostForwarding::table(), None);
     assert_eq!(
         std::fs::read_to_string(nat::IP_FORWARD).unwrap(),
         "0\n",

@@ -3,6 +3,7 @@
 //! it; it never passes silently.
 #![allow(dead_code)]
 
+pub mod host_forwarding;
 pub mod image;
 pub mod kvm;
 pub mod lab;
