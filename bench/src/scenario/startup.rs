@@ -19,18 +19,18 @@ impl Scenario for Startup {
     fn description(&self) -> &'static str {
         "`/bin/true` in each box: host-clock time from the run request (spawn) to the \
          workload's exit and to the end of teardown, with every phase the box reports. \
-         Costs differ by box: twinbox's container runs as a call in the bench's own \
-         process (`container::run`), so it does not pay the exec and loading of the \
-         `twinbox` binary that a `twinbox ctr run` from a shell pays (~1.4 ms on a PVM \
-         host), while runc, bwrap and every VMM, twinbox's too, are timed from their \
-         process's start. Here twinbox's container, runc and bwrap all get the image \
-         already mounted by the bench (twinbox's container holds its shared image mount for \
-         the whole bench, while a lone `twinbox ctr run` attaches a loop device and mounts \
-         the ext4 itself), and twinbox's container and runc make and remove a cgroup on \
-         every run, bwrap none. The vm-snapshot box resumes a VM saved once, before the \
-         counted runs, where init waits for its job (`twinbox vm snapshot`): its runs pay \
-         the restore (`restored` stands for the kernel boot) and map the saved memory \
-         copy-on-write."
+         Costs differ by box: twinbox's container runs as a call in the bench's own process \
+         (`container::run`), so it does not pay the exec and loading of the `twinbox` \
+         binary that a `twinbox ctr run` from a shell pays (`twinbox --version`, that start \
+         alone: 1.07 ms and 141 page faults on a PVM host), while runc, bwrap and every \
+         VMM, twinbox's too, are timed from their process's start. Here twinbox's \
+         container, runc and bwrap all get the image already mounted by the bench \
+         (twinbox's container holds its shared image mount for the whole bench, while a \
+         lone `twinbox ctr run` attaches a loop device and mounts the ext4 itself), and \
+         twinbox's container and runc make and remove a cgroup on every run, bwrap none. \
+         The vm-snapshot box resumes a VM saved once, before the counted runs, where init \
+         waits for its job (`twinbox vm snapshot`): its runs pay the restore (`restored` \
+         stands for the kernel boot) and map the saved memory copy-on-write."
     }
 
     fn workload(&self) -> Vec<String> {
