@@ -48,7 +48,32 @@ pub struct Store {
 /// layer directories and disks a box uses stay in place.
 #[derive(Debug)]
 pub struct CacheGuard {
-    _lock: File,
+    lock: File,
+    /// The process that took the lock, the only one that releases it.
+    owner: u32,
+}
+
+impl CacheGuard {
+    fn new(lock: File) -> Self {
+        Self {
+            lock,
+            owner: std::process::id(),
+        }
+    }
+}
+
+impl Drop for CacheGuard {
+    /// Unlocks, rather than only closing the file: a flock belongs to the open file
+    /// description, and a child that another thread has just forked and not yet exec'd
+    /// refers to it too (the descriptor is close-on-exec, but that acts only at the exec).
+    /// Closed alone, the lock would outlive the guard by that instant and `rm` or `prune`
+    /// run right after would be refused; an unlock through any descriptor releases it for
+    /// all. A copy of the guard in a forked child never unlocks its parent's hold.
+    fn drop(&mut self) {
+        if std::process::id() == self.owner {
+            let _ = flock(&self.lock, FlockOperation::Unlock);
+        }
+    }
 }
 
 /// An image's layers unpacked, for the container's overlayfs.
@@ -149,9 +174,6 @@ pub struct Removed {
     /// Bytes freed.
     pub bytes: u64,
 }
-
-/// How long rm and prune wait for the cache's lock before saying it is in use.
-const EXCLUSIVE_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl Store {
     /// The cache at `root` (made on first use).
@@ -598,6 +620,8 @@ impl Store {
         Ok(())
     }
 
+    /// The cache's lock file, opened close-on-exec (as std opens every file): a box's
+    /// children keep no copy of it past their exec.
     fn lock_file(&self) -> Result<File> {
         self.private_root()?;
         let path = self.root.join("lock");
@@ -613,32 +637,20 @@ impl Store {
     pub fn shared(&self) -> Result<CacheGuard> {
         let file = self.lock_file()?;
         flock(&file, FlockOperation::LockShared).map_err(errno(self.root.join("lock"), "flock"))?;
-        Ok(CacheGuard { _lock: file })
+        Ok(CacheGuard::new(file))
     }
 
-    /// The cache's exclusive lock, for rm and prune: refused while a box holds it. A lock
-    /// just released can stay held for an instant by a copy of its descriptor in a child
-    /// that a thread of the releasing process forked and has not yet exec'd (close-on-exec
-    /// closes it only at the exec), so a refusal is only given after [`EXCLUSIVE_GRACE`].
+    /// The cache's exclusive lock, for rm and prune: refused at once while a box holds it.
     fn exclusive(&self) -> Result<CacheGuard> {
         let file = self.lock_file()?;
-        let started = std::time::Instant::now();
-        loop {
-            match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => return Ok(CacheGuard { _lock: file }),
-                Err(rustix::io::Errno::WOULDBLOCK) if started.elapsed() < EXCLUSIVE_GRACE => {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
-                Err(rustix::io::Errno::WOULDBLOCK) => {
-                    return Err(ImageError::Cache {
-                        root: self.root.clone(),
-                        what: "in use by a running twinbox (a box or an unpack); try again when \
-                               it ends"
-                            .into(),
-                    })
-                }
-                Err(e) => return Err(errno(self.root.join("lock"), "flock")(e)),
-            }
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(CacheGuard::new(file)),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(ImageError::Cache {
+                root: self.root.clone(),
+                what: "in use by a running twinbox (a box or an unpack); try again when it ends"
+                    .into(),
+            }),
+            Err(e) => Err(errno(self.root.join("lock"), "flock")(e)),
         }
     }
 
@@ -1228,6 +1240,36 @@ mod tests {
         .unwrap();
         let pruned = s.store.prune().unwrap();
         assert_eq!(pruned.layers.len(), 2);
+        cache_is_clean(&s.store);
+    }
+
+    #[test]
+    fn rm_runs_at_once_after_a_box_lets_go_though_a_child_still_has_the_lock_open() {
+        let s = setup();
+        let a = Image::open(&spec(&s.layout, "a:1")).unwrap();
+        drop(s.store.layers(&a).unwrap());
+        let held = s.store.shared().unwrap();
+        // A process with the lock's open file description, as a child forked by another
+        // thread has it until its exec; `sleep` has it (as stdin) until it is killed.
+        struct Killed(std::process::Child);
+        impl Drop for Killed {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let _child = Killed(
+            std::process::Command::new("sleep")
+                .arg("60")
+                .stdin(held.lock.try_clone().unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        let e = s.store.remove("a:1").unwrap_err().to_string();
+        assert!(e.contains("in use"), "{e}");
+        drop(held);
+        let removed = s.store.remove("a:1").unwrap();
+        assert_eq!(removed.images, vec![a.id.to_string()]);
         cache_is_clean(&s.store);
     }
 
