@@ -99,6 +99,7 @@ fn isolation_seen_from_inside_and_the_overlay_vanishes() {
         echo cgroupfs=$(grep -c ' /sys/fs/cgroup' /proc/self/mountinfo); \
         echo nets=$(ls /sys/class/net | tr '\\n' ' '); \
         echo loflags=$(cat /sys/class/net/lo/flags); \
+        echo netns=$(readlink /proc/self/ns/net); \
         echo capeff=$(grep CapEff /proc/self/status | tr -d '\\t' | cut -d: -f2); \
         echo nonewprivs=$(grep NoNewPrivs /proc/self/status | tr -d '\\t' | cut -d: -f2); \
         echo written > /etc/twinbox-probe && echo probe=$(cat /etc/twinbox-probe); \
@@ -124,6 +125,15 @@ fn isolation_seen_from_inside_and_the_overlay_vanishes() {
     );
     // Host processes are not visible: init, the shell and its pipeline only.
     assert_few_processes(&out);
+    // Its own network namespace, not the host's.
+    let host_netns = std::fs::read_link("/proc/self/ns/net").expect("the host's netns");
+    assert!(
+        stdout(&out).contains("netns=net:[")
+            && !stdout(&out).contains(&format!("netns={}", host_netns.display())),
+        "the box shares the host's network namespace {}:\n{}",
+        host_netns.display(),
+        describe(&out)
+    );
     let report = report(&out);
     assert_eq!(report.outcome, Outcome::Exited(0));
     assert!(report.timeline.is_ordered(), "{:?}", report.timeline);
