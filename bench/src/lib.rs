@@ -62,6 +62,8 @@ pub struct Options {
     pub boxes: Vec<String>,
     /// Run twinbox's VMM threads in its jail (as `twinbox vm run` does; needs root).
     pub vm_jail: bool,
+    /// Run the vm box's VMM in its own cgroup (as `twinbox vm run` does as root).
+    pub vm_cgroup: bool,
     /// The root filesystem image.
     pub rootfs: PathBuf,
     /// The guest kernel.
@@ -165,7 +167,7 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
     // 4. The boxes asked for, then the peers.
     let mut runners: Vec<Box<dyn Runner>> = Vec::new();
     for b in &opts.boxes {
-        let runner = runner::by_name(b, &opts.twinbox_exe, opts.vm_jail)
+        let runner = runner::by_name(b, &opts.twinbox_exe, opts.vm_jail, opts.vm_cgroup)
             .ok_or_else(|| Error::UnknownBox(b.clone()))?;
         runners.push(match &image {
             Some(image) => image.wrap(runner),
@@ -275,6 +277,7 @@ pub fn run(opts: &Options) -> Result<Results, Error> {
             kernel: opts.kernel.display().to_string(),
             density_instances: opts.density_instances,
             vm_jail: opts.vm_jail,
+            vm_cgroup: opts.vm_cgroup,
             image: image.as_ref().map(|i| i.used.clone()),
         },
         scenarios,

@@ -128,10 +128,15 @@ pub fn report_from_results(r: &Results) -> String {
     } else {
         "twinbox's VMM threads not jailed"
     };
+    let cgroup = if p.vm_cgroup {
+        "in its own cgroup"
+    } else {
+        "in no cgroup of its own"
+    };
     let _ = writeln!(
         out,
         "\ntwinbox {}; {} counted runs + {} warm-up per box and scenario, boxes interleaved \
-         round by round; {} vCPU, {} MiB; VM/peer time limit {:.0} s per run; {jail}. Cells \
+         round by round; {} vCPU, {} MiB; VM/peer time limit {:.0} s per run; {jail}, {cgroup}. Cells \
          are median [p10–p90] (n successful runs); ratios are box median / reference median.\n",
         r.twinbox_version, p.runs, p.warmup, p.vcpus, p.memory_mib, p.vm_timeout_s
     );

@@ -106,6 +106,10 @@ pub struct Params {
     /// Whether twinbox's VMM threads ran in its jail (false in files from before it).
     #[serde(default)]
     pub vm_jail: bool,
+    /// Whether the vm box's VMM ran in its own cgroup (true in files from before the
+    /// choice existed).
+    #[serde(default = "in_own_cgroup")]
+    pub vm_cgroup: bool,
     /// The OCI/Docker image the container and VM ran from (`--image`), instead of
     /// [`Params::rootfs`].
     #[serde(default)]
@@ -181,6 +185,11 @@ pub struct RunRecord {
     pub error: Option<String>,
     /// The box's report (workload output cut to a few KiB), when the box produced one.
     pub report: Option<RunReport>,
+}
+
+/// What files from before `vm_cgroup` existed ran: the vm box in its own cgroup.
+fn in_own_cgroup() -> bool {
+    true
 }
 
 impl Results {
@@ -271,6 +280,7 @@ pub(crate) mod tests {
                 kernel: "/vmlinux".into(),
                 density_instances: 4,
                 vm_jail: true,
+                vm_cgroup: true,
                 image: None,
             },
             scenarios: vec![ScenarioResult {

@@ -52,6 +52,10 @@ pub struct BenchArgs {
     /// Run twinbox's VM box without the VMM's jail (the jail needs root).
     #[arg(long)]
     pub no_jail: bool,
+    /// Run twinbox's VM box without the VMM's own cgroup (`vm run --no-cgroup`): for a
+    /// comparison with a peer VMM that runs in none, as Firecracker without its jailer.
+    #[arg(long)]
+    pub no_cgroup: bool,
     /// Boxes to measure, comma-separated.
     #[arg(
         long,
@@ -174,6 +178,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<i32> {
         vm_timeout: Duration::from_secs_f64(args.vm_timeout),
         boxes: args.boxes,
         vm_jail: !args.no_jail,
+        vm_cgroup: !args.no_cgroup,
         rootfs,
         kernel,
         density_instances: args.density_instances,

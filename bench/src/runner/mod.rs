@@ -158,14 +158,21 @@ pub const PEER_RUNTIME: Capabilities = Capabilities {
 pub const BOX_NAMES: [&str; 4] = [native::NAME, container::NAME, vm::NAME, vm_snapshot::NAME];
 
 /// The runner for a box name given on the command line; the VM box runs `twinbox` (the
-/// binary at `twinbox`) as a process, its VMM threads jailed when `vm_jail`.
-pub fn by_name(name: &str, twinbox: &std::path::Path, vm_jail: bool) -> Option<Box<dyn Runner>> {
+/// binary at `twinbox`) as a process, its VMM threads jailed when `vm_jail`, in its own
+/// cgroup when `vm_cgroup`.
+pub fn by_name(
+    name: &str,
+    twinbox: &std::path::Path,
+    vm_jail: bool,
+    vm_cgroup: bool,
+) -> Option<Box<dyn Runner>> {
     match name {
         native::NAME => Some(Box::new(native::Native)),
         container::NAME => Some(Box::new(container::Container::default())),
         vm::NAME => Some(Box::new(vm::Vm {
             twinbox: twinbox.to_path_buf(),
             jail: vm_jail,
+            cgroup: vm_cgroup,
         })),
         vm_snapshot::NAME => Some(Box::new(vm_snapshot::VmSnapshot::new(
             twinbox.to_path_buf(),

@@ -47,6 +47,8 @@ pub struct Vm {
     pub twinbox: PathBuf,
     /// Start the VMM's guest-facing threads in its jail (`--no-jail` otherwise).
     pub jail: bool,
+    /// Run the VMM in its own cgroup (`--no-cgroup` otherwise).
+    pub cgroup: bool,
 }
 
 /// `twinbox`'s arguments that run `spec` (`--json`: the report comes after the
@@ -117,6 +119,19 @@ pub fn split_report(stdout: &str) -> Option<(&str, RunReport)> {
     Some((&stdout[..at], report))
 }
 
+impl Vm {
+    /// This box's `twinbox` arguments for `spec`: [`arguments`], and `--no-cgroup` unless
+    /// [`Vm::cgroup`].
+    fn arguments(&self, spec: &RunSpec) -> Result<Vec<OsString>, String> {
+        let mut args = arguments(spec, self.jail)?;
+        if !self.cgroup {
+            // Among the options, before the `--` that ends them (right after `vm run`).
+            args.insert(2, "--no-cgroup".into());
+        }
+        Ok(args)
+    }
+}
+
 impl Runner for Vm {
     fn name(&self) -> &str {
         NAME
@@ -127,7 +142,7 @@ impl Runner for Vm {
     }
 
     fn run(&self, spec: &RunSpec) -> Result<RunReport, String> {
-        run_twinbox_vm(&self.twinbox, arguments(spec, self.jail)?, spec)
+        run_twinbox_vm(&self.twinbox, self.arguments(spec)?, spec)
     }
 }
 
@@ -273,6 +288,30 @@ mod tests {
         spec.tty = true;
         let e = arguments(&spec, true).unwrap_err();
         assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn the_vm_box_without_its_cgroup_says_so_among_the_options() {
+        let spec = RunSpec::new("/img/rootfs.ext4", vec!["--no-cgroup".into()]);
+        let vm = |cgroup| Vm {
+            twinbox: "twinbox".into(),
+            jail: true,
+            cgroup,
+        };
+        let with = vm(true).arguments(&spec).unwrap();
+        assert_eq!(with, arguments(&spec, true).unwrap());
+        let without = vm(false).arguments(&spec).unwrap();
+        let options = without.iter().position(|a| a == "--").unwrap();
+        assert_eq!(
+            without[..options]
+                .iter()
+                .filter(|a| *a == "--no-cgroup")
+                .count(),
+            1,
+            "{without:?}"
+        );
+        assert_eq!(without[..2], ["vm", "run"]);
+        assert_eq!(without[options + 1..], ["--no-cgroup"]);
     }
 
     #[test]
