@@ -19,7 +19,7 @@
 //! outside cgroup v2's threaded mode) — both belong to a VMM in a process of its own.
 
 use std::ffi::CString;
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::JoinHandle;
 use thiserror::Error;
 
@@ -52,6 +52,13 @@ pub struct Jail {
 impl Jail {
     /// Starts the thread and waits until it is jailed.
     pub fn enter() -> Result<Self, JailError> {
+        Self::start()?.ready()
+    }
+
+    /// Starts the thread, which jails itself while the caller goes on: entering the jail
+    /// (a network namespace to set up, mounts) overlaps the caller's own set-up of the VM
+    /// on another CPU. [`PendingJail::ready`] waits for it.
+    pub fn start() -> Result<PendingJail, JailError> {
         let (ready_tx, ready_rx) = channel();
         let (jobs, jobs_rx) = channel::<Job>();
         let handle = std::thread::Builder::new()
@@ -67,12 +74,13 @@ impl Jail {
                 }
             })
             .map_err(JailError::Thread)?;
-        let jail = Self {
-            jobs: Some(jobs),
-            handle: Some(handle),
-        };
-        ready_rx.recv().map_err(|_| JailError::Gone)??;
-        Ok(jail)
+        Ok(PendingJail {
+            jail: Self {
+                jobs: Some(jobs),
+                handle: Some(handle),
+            },
+            ready: ready_rx,
+        })
     }
 
     /// Runs `start` on the jailed thread (so whatever thread it starts is jailed too) and
@@ -91,6 +99,21 @@ impl Jail {
             .send(job)
             .map_err(|_| JailError::Gone)?;
         rx.recv().map_err(|_| JailError::Gone)
+    }
+}
+
+/// A jail thread still jailing itself ([`Jail::start`]). Dropped unready, it lets the
+/// thread end and joins it.
+pub struct PendingJail {
+    jail: Jail,
+    ready: Receiver<Result<(), JailError>>,
+}
+
+impl PendingJail {
+    /// Waits until the thread is jailed; its error if it could not be.
+    pub fn ready(self) -> Result<Jail, JailError> {
+        self.ready.recv().map_err(|_| JailError::Gone)??;
+        Ok(self.jail)
     }
 }
 
@@ -190,8 +213,13 @@ fn lock_this_thread() -> Result<(), JailError> {
     // Capabilities: empty the bounding set while we still may (CAP_SETPCAP), then the
     // switch away from uid 0 clears permitted, effective and ambient.
     for cap in 0..=libc::c_ulong::from(CAP_MAX) {
-        // EINVAL past this kernel's last capability is expected and harmless.
-        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        // Capabilities are numbered without gaps: EINVAL means past this kernel's last
+        // one, and so the end of the set.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } < 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL)
+        {
+            break;
+        }
     }
     let id = libc::c_long::from(JAIL_ID);
     check("drop supplementary groups", unsafe {

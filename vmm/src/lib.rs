@@ -10,6 +10,8 @@
 //!    guest memory exists; it moves back and removes the cgroup when the run ends;
 //!    1b. **network** (`--net`) — lease a /30, make the tap `tbt<i>` on the host (before
 //!    any thread is jailed), NAT with `--net nat`;
+//!    1c. **jail** (with [`RunOptions::jail`]) — its thread starts and jails itself while
+//!    steps 2–4 go on (`jail.rs`);
 //! 2. **machine** — open /dev/kvm, create the VM with a split irqchip (local APICs in KVM,
 //!    the IOAPIC emulated here, `ioapic.rs`; no PIC, no PIT: cheap to create and destroy);
 //! 3. **memory** — map guest RAM around the 32-bit MMIO gap, 2 MiB aligned on the host so
@@ -282,6 +284,12 @@ fn run_inner<S: AsRawFd + ?Sized>(
         notes.push(format!("network: no resolver in the box: {reason}"));
     }
 
+    // The guest-facing threads are started from the jail when asked (this thread, which
+    // opens every file, stays outside). Its thread jails itself while this one builds the
+    // VM below (on another CPU where there is one), born inside the cgroup, after the
+    // host-side link exists; it is waited for before the first jailed thread starts.
+    let pending_jail = options.jail.then(jail::Jail::start).transpose()?;
+
     // 2–3. The machine and its memory.
     let kvm = machine::open_kvm()?;
     machine::check_vcpus(&kvm, spec.vcpus)?;
@@ -310,9 +318,7 @@ fn run_inner<S: AsRawFd + ?Sized>(
     // Owns every thread besides this one from here on: any early return stops and joins
     // them (see `Running`).
     let mut running = Running::default();
-    // The guest-facing threads are started from the jail when asked (this thread, which
-    // opens every file, stays outside).
-    let jail = options.jail.then(jail::Jail::enter).transpose()?;
+    let jail = pending_jail.map(jail::PendingJail::ready).transpose()?;
     let console_out = serial_console(spec, jail.as_ref(), &config.seccomp, &mut running)?;
     // The workload's stdio and the job travel over the console device's ports (see
     // stdio.rs); the pumps run jailed like the other guest-facing threads.

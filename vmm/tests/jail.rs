@@ -1,8 +1,8 @@
 //! The jailed VMM (`RunOptions::jail`): during a run, every guest-facing thread (vCPUs,
-//! event loop, console writer) runs as uid/gid 65534 with no capabilities and
-//! no_new_privs, in mount, IPC and network namespaces of its own, and sees an empty root —
-//! a host path it was not given does not exist for it — while the guest still runs and
-//! the run ends normally. The caller's thread stays outside.
+//! event loop, console writer) runs as uid/gid 65534 with no capabilities (an empty
+//! bounding set too) and no_new_privs, in mount, IPC and network namespaces of its own,
+//! and sees an empty root — a host path it was not given does not exist for it — while
+//! the guest still runs and the run ends normally. The caller's thread stays outside.
 //!
 //! NEEDS root and /dev/kvm (any flavour: PVM is fine, no Linux guest involved).
 
@@ -106,7 +106,8 @@ fn the_guest_facing_threads_run_jailed() {
                     (
                         t.name.clone(),
                         t.field("Uid:"),
-                        t.field("CapEff:"),
+                        // Effective and bounding sets: nothing now, nothing to regain.
+                        format!("{} {}", t.field("CapEff:"), t.field("CapBnd:")),
                         t.field("NoNewPrivs:"),
                         t.ns("mnt"),
                         t.ns("net"),
@@ -140,7 +141,10 @@ fn the_guest_facing_threads_run_jailed() {
     let host_net = std::fs::read_link("/proc/self/ns/net").unwrap();
     for (name, uid, cap_eff, nnp, mnt, net, sees_host) in &snapshot {
         assert_eq!(uid, "65534\t65534\t65534\t65534", "{name} uids");
-        assert_eq!(cap_eff, "0000000000000000", "{name} keeps capabilities");
+        assert_eq!(
+            cap_eff, "0000000000000000 0000000000000000",
+            "{name} keeps capabilities (effective, bounding)"
+        );
         assert_eq!(nnp, "1", "{name} without no_new_privs");
         assert_ne!(mnt, &host_mnt, "{name} shares the host's mount namespace");
         assert_ne!(net, &host_net, "{name} shares the host's network namespace");
