@@ -153,6 +153,24 @@ pub fn settings(layout: &Layout, limits: Limits) -> Vec<(PathBuf, &'static str, 
     }
 }
 
+/// The controllers this cgroup needs (cgroup2), as a `cgroup.subtree_control` write that
+/// enables those its parent's `enabled` (that file's text) lacks; `None` when none is
+/// missing. Written only then: any write to that file, even one that changes nothing,
+/// makes the kernel revisit every task below the parent (`cgroup_update_dfl_csses`) under
+/// the global threadgroup rwsem — for the root cgroup, every task on the host, behind an
+/// RCU grace period.
+pub fn controllers_to_enable(enabled: &str) -> Option<String> {
+    let missing: Vec<String> = CONTROLLERS
+        .iter()
+        .filter(|c| !enabled.split_whitespace().any(|e| e == **c))
+        .map(|c| format!("+{c}"))
+        .collect();
+    (!missing.is_empty()).then(|| missing.join(" "))
+}
+
+/// The controllers of the VMM's cgroup.
+const CONTROLLERS: [&str; 2] = ["memory", "pids"];
+
 /// The original cgroup of this process in the hierarchy of `controller` (v1) or in the
 /// unified one (`None`), from a `/proc/self/cgroup` text.
 pub fn own_cgroup<'a>(proc_cgroup: &'a str, controller: Option<&str>) -> Option<&'a str> {
@@ -225,7 +243,15 @@ impl VmmCgroup {
         let roots: Vec<(&Path, Option<&str>)> = match layout {
             Layout::V1 { memory, pids } => vec![(memory, Some("memory")), (pids, Some("pids"))],
             Layout::V2(root) => {
-                write(&root.join("cgroup.subtree_control"), "+memory +pids")?;
+                let control = root.join("cgroup.subtree_control");
+                let enabled = fs::read_to_string(&control).map_err(|source| CgroupError::Io {
+                    what: "read",
+                    path: control.clone(),
+                    source,
+                })?;
+                if let Some(missing) = controllers_to_enable(&enabled) {
+                    write(&control, &missing)?;
+                }
                 vec![(root, None)]
             }
         };
@@ -515,6 +541,28 @@ mod tests {
                 ("memory.swap.max", "0".into()),
                 ("pids.max", "22".into())
             ]
+        );
+    }
+
+    #[test]
+    fn only_missing_controllers_are_enabled() {
+        assert_eq!(
+            controllers_to_enable("cpuset cpu io memory hugetlb pids rdma\n"),
+            None
+        );
+        assert_eq!(controllers_to_enable("memory pids"), None);
+        assert_eq!(
+            controllers_to_enable("cpu memory\n").as_deref(),
+            Some("+pids")
+        );
+        assert_eq!(
+            controllers_to_enable("\n").as_deref(),
+            Some("+memory +pids")
+        );
+        // A name that merely contains another's is not it.
+        assert_eq!(
+            controllers_to_enable("memory_x pidsy").as_deref(),
+            Some("+memory +pids")
         );
     }
 
