@@ -456,6 +456,26 @@ fn the_terminal_comes_back_cooked_and_a_tty_without_a_terminal_stdin_still_runs(
         String::from_utf8_lossy(&out.stdout),
         "/dev/pts/0\r\nerr\r\n"
     );
+    // -t with a piped stdin: its end reaches the box as a keyboard's Ctrl-D would, after
+    // a finished line and an unfinished one alike (the time limit only stops a hang).
+    for input in [&b"one\ntwo\n"[..], b"one\ntwo"] {
+        let out = run(
+            "ctr run -t with piped input",
+            ctr(
+                &["-t", "--timeout", "20"],
+                &["/bin/sh", "-c", "wc -l; echo got-eof"],
+            ),
+            Some(input.to_vec()),
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        // wc counts newlines; the pty echoes the input before its count.
+        let lines = if input.ends_with(b"\n") { 2 } else { 1 };
+        assert!(
+            text.ends_with(&format!("{lines}\r\ngot-eof\r\n")),
+            "{text:?}"
+        );
+    }
     // A terminal stdin without -i or -t is not the workload's: it reads EOF at once.
     common::leaks::check_no_leaks("ctr run on a terminal without -i", || {
         let mut term = Terminal::spawn(

@@ -5,7 +5,8 @@
 //! - 8 MiB of random bytes (every byte value) piped in come back on stdout byte-exact
 //!   (sha256 on both sides), while the workload's stderr line arrives on stderr alone;
 //!   the same 8 MiB sent to stderr arrive there byte-exact with stdout empty;
-//! - `wc -c` counts the 8 MiB of stdin; a closed stdin is end of input at once;
+//! - `wc -c` counts the 8 MiB of stdin; a closed stdin is end of input at once; with `-t`
+//!   a piped stdin's end reaches the workload as the terminal's end of file;
 //! - the exit status is the workload's; nothing of init or the kernel is on stdout or
 //!   stderr without `--verbose`, and `--console-log FILE` holds the kernel log;
 //! - a 5,000-character command runs (the job is no longer on the kernel command line);
@@ -38,6 +39,7 @@ echo OUT2_BYTES=$(wc -c < /tmp/out2)
 
 echo STDIN_COUNT=$(twinbox vm run -- wc -c < /tmp/blob | tr -d ' ')
 echo CLOSED_STDIN_BYTES=$(twinbox vm run -- cat < /dev/null | wc -c)
+echo TTY_PIPED=$(printf 'one\ntwo\n' | twinbox vm run -t --timeout 300 -- /bin/sh -c 'wc -l; echo piped-eof' | tr -d '\r' | tail -2 | tr '\n' ,)
 
 twinbox vm run --console-log /tmp/console -- /bin/echo hello > /tmp/hello 2> /tmp/hello.err
 echo HELLO_STATUS=$?
@@ -119,6 +121,12 @@ fn streams_are_separate_and_byte_exact_stdin_flows_and_an_interactive_shell_work
     );
     assert_eq!(v("STDIN_COUNT"), "8388608", "wc -c of 8 MiB of stdin");
     assert_eq!(v("CLOSED_STDIN_BYTES"), "0");
+    assert_eq!(
+        v("TTY_PIPED"),
+        "2,piped-eof,",
+        "-t with a piped stdin: `wc -l` reads its end:\n{}",
+        out.output
+    );
     assert_eq!(v("HELLO_STATUS"), "0");
     assert_eq!(v("HELLO_TEXT"), "aGVsbG8K", "stdout is exactly `hello\\n`");
     assert_eq!(

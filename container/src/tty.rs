@@ -61,7 +61,7 @@ impl<'a> Session<'a> {
         relay.output(master.as_fd(), caller_out);
         let mut raw = None;
         if stdin == StdinMode::Inherit {
-            relay.input(caller_in, master.as_fd());
+            relay.input_to_terminal(caller_in, master.as_fd());
             raw = RawMode::enable(caller_in, interrupt)
                 .map_err(|e| Error::os("put the terminal into raw mode", e))?;
         }

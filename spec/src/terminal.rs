@@ -254,6 +254,9 @@ enum Sink<'a> {
     Borrowed(BorrowedFd<'a>),
     /// Closed when the stream's source ends: the far side reads end of input.
     Owned(OwnedFd),
+    /// A pty master, left open (closing it would hang the box's terminal up): when the
+    /// stream's source ends, the terminal's end-of-file character goes in instead.
+    Terminal(BorrowedFd<'a>),
     /// Closed, or broken (a write failed): what comes is read and dropped.
     Gone,
 }
@@ -263,6 +266,7 @@ impl Sink<'_> {
         match self {
             Sink::Borrowed(fd) => Some(fd.as_raw_fd()),
             Sink::Owned(fd) => Some(fd.as_raw_fd()),
+            Sink::Terminal(fd) => Some(fd.as_raw_fd()),
             Sink::Gone => None,
         }
     }
@@ -278,6 +282,8 @@ struct Stream<'a> {
     source_open: bool,
     /// An output (box → caller): the relay is finished when every output ended.
     output: bool,
+    /// The last byte written (into a [`Sink::Terminal`]: whether a line is open).
+    last: Option<u8>,
 }
 
 impl Stream<'_> {
@@ -344,9 +350,13 @@ impl Stream<'_> {
             let rest = &self.buf[self.at..];
             // SAFETY: writes bytes of our buffer; `fd` is open (borrowed or owned).
             let n = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
-            if n >= 0 {
+            if n > 0 {
                 self.at += n as usize;
+                self.last = Some(self.buf[self.at - 1]);
                 continue;
+            }
+            if n == 0 {
+                return;
             }
             match io::Error::last_os_error().kind() {
                 io::ErrorKind::Interrupted => continue,
@@ -359,10 +369,37 @@ impl Stream<'_> {
                 }
             }
         }
-        if !self.source_open {
-            if let Sink::Owned(_) = self.to {
-                self.to = Sink::Gone;
+        if !self.source_open && !self.pending() {
+            match self.to {
+                Sink::Owned(_) => self.to = Sink::Gone,
+                Sink::Terminal(master) => {
+                    self.to = Sink::Gone;
+                    self.end_of_file(master);
+                }
+                Sink::Borrowed(_) | Sink::Gone => {}
             }
+        }
+    }
+
+    /// The caller's end of input, told to the box's terminal as a keyboard would, so a
+    /// reader in canonical mode (`cat`, `read`, a shell) reads end of input: the
+    /// terminal's VEOF character (Ctrl-D unless changed), twice after an unfinished line
+    /// (the first only hands the line over). As script(1) does. A reader in raw mode
+    /// gets the byte. Written blocking-free: the pty has room for two bytes unless the
+    /// box stopped reading, and then it is dropped.
+    fn end_of_file(&mut self, master: BorrowedFd<'_>) {
+        let Ok(settings) = termios::tcgetattr(master) else {
+            return;
+        };
+        let eof = settings.control_chars[libc::VEOF];
+        let times = if matches!(self.last, None | Some(b'\n')) {
+            1
+        } else {
+            2
+        };
+        for _ in 0..times {
+            // SAFETY: writes one byte of ours to an open descriptor.
+            let _ = unsafe { libc::write(master.as_raw_fd(), (&eof as *const u8).cast(), 1) };
         }
     }
 }
@@ -371,7 +408,9 @@ impl Stream<'_> {
 /// run's own descriptors polled alongside ([`Relay::poll_once`]) so one loop serves both.
 ///
 /// - an *input* (caller → box) ends at the caller's end of input and never ends the relay:
-///   on a terminal the session ends when the workload does (`exit`), not at EOF;
+///   on a terminal the session ends when the workload does (`exit`), not at EOF; into a
+///   pty the end of input is typed as the terminal's end-of-file character, so a workload
+///   reading a piped stdin (`echo hi | twinbox ctr run -t -- cat`) sees it end;
 /// - an *output* (box → caller) ends at its end of input, or EIO/HUP of a pty master once
 ///   every slave descriptor is closed; the relay is finished when every output ended.
 ///
@@ -399,14 +438,16 @@ impl<'a> Relay<'a> {
             at: 0,
             source_open: true,
             output,
+            last: None,
         });
         self
     }
 
-    /// Copies the caller's `from` into the box's `to` until `from` ends; `to` stays open
-    /// (a pty master: closing it would hang the box's terminal up).
-    pub fn input(&mut self, from: BorrowedFd<'a>, to: BorrowedFd<'a>) -> &mut Self {
-        self.add(from, Sink::Borrowed(to), false)
+    /// Copies the caller's `from` into the box's pty `master` until `from` ends, then
+    /// types the terminal's end-of-file character (`Stream::end_of_file`); `master`
+    /// stays open (closing it would hang the box's terminal up).
+    pub fn input_to_terminal(&mut self, from: BorrowedFd<'a>, master: BorrowedFd<'a>) -> &mut Self {
+        self.add(from, Sink::Terminal(master), false)
     }
 
     /// Copies the caller's `from` into `to` and closes `to` once `from` ended and all of
@@ -609,46 +650,63 @@ mod tests {
     }
 
     #[test]
-    fn on_a_pty_input_eof_keeps_the_relay_until_the_slave_is_closed() {
-        let (master, slave) = pty();
-        nonblocking(master.as_fd());
-        let (stdin_r, mut stdin_w) = pipe();
-        let (mut stdout_r, stdout_w) = pipe();
-        nonblocking(stdout_r.as_fd());
-        let mut relay = Relay::new();
-        relay
-            .input(stdin_r.as_fd(), master.as_fd())
-            .output(master.as_fd(), stdout_w.as_fd());
-        stdin_w.write_all(b"hello\n").unwrap();
-        drop(stdin_w);
-        // The line reaches the slave, and the pty's echo comes back out (ONLCR: \r\n).
-        let mut line = [0u8; 6];
-        let mut slave_file = std::fs::File::from(slave);
-        let mut echoed = Vec::new();
-        pump(&mut relay, |_| {
-            let mut buf = [0u8; 64];
-            if let Ok(n) = stdout_r.read(&mut buf) {
-                echoed.extend_from_slice(&buf[..n]);
-            }
-            echoed.ends_with(b"hello\r\n")
-        });
-        slave_file.read_exact(&mut line).unwrap();
-        assert_eq!(&line, b"hello\n");
-        // The caller's EOF was seen, yet the relay goes on: the workload ends it.
-        for _ in 0..5 {
+    fn on_a_pty_input_eof_is_typed_as_eof_and_the_relay_goes_on_until_the_slave_closes() {
+        for (input, lines) in [
+            (&b"hello\n"[..], &[&b"hello\n"[..]][..]),
+            (b"hel", &[b"hel"]),
+        ] {
+            let (master, slave) = pty();
+            nonblocking(master.as_fd());
+            let (stdin_r, mut stdin_w) = pipe();
+            let (mut stdout_r, stdout_w) = pipe();
+            nonblocking(stdout_r.as_fd());
+            let mut relay = Relay::new();
             relay
-                .poll_once(&mut [], Some(Duration::from_millis(10)))
-                .unwrap();
+                .input_to_terminal(stdin_r.as_fd(), master.as_fd())
+                .output(master.as_fd(), stdout_w.as_fd());
+            stdin_w.write_all(input).unwrap();
+            drop(stdin_w);
+            // What was typed is echoed back out by the pty.
+            let mut echoed = Vec::new();
+            pump(&mut relay, |_| {
+                let mut buf = [0u8; 64];
+                if let Ok(n) = stdout_r.read(&mut buf) {
+                    echoed.extend_from_slice(&buf[..n]);
+                }
+                echoed.starts_with(&input[..3])
+            });
+            // The box reads the input, then end of input (a read of 0), as from a
+            // keyboard's Ctrl-D: after a finished line or an unfinished one alike.
+            let mut slave_file = std::fs::File::from(slave);
+            for line in lines {
+                let mut got = vec![0u8; 64];
+                let n = slave_file.read(&mut got).unwrap();
+                assert_eq!(&got[..n], *line);
+            }
+            assert_eq!(
+                slave_file.read(&mut [0u8; 64]).unwrap(),
+                0,
+                "no end of input"
+            );
+            // The caller's EOF was seen, yet the relay goes on: the workload ends it.
+            for _ in 0..5 {
+                relay
+                    .poll_once(&mut [], Some(Duration::from_millis(10)))
+                    .unwrap();
+            }
+            assert!(!relay.finished());
+            slave_file.write_all(b"bye").unwrap();
+            drop(slave_file);
+            pump(&mut relay, Relay::finished);
+            drop(relay);
+            drop(stdout_w);
+            let mut rest = Vec::new();
+            let _ = stdout_r.read_to_end(&mut rest);
+            assert!(
+                rest.ends_with(b"bye"),
+                "output written before the hangup is lost: {rest:?}"
+            );
         }
-        assert!(!relay.finished());
-        slave_file.write_all(b"bye").unwrap();
-        drop(slave_file);
-        pump(&mut relay, Relay::finished);
-        drop(relay);
-        drop(stdout_w);
-        let mut rest = Vec::new();
-        let _ = stdout_r.read_to_end(&mut rest);
-        assert_eq!(rest, b"bye", "output written before the hangup is not lost");
     }
 
     #[test]

@@ -123,7 +123,8 @@ pub struct RunArgs {
     /// controlling terminal; the VM: init allocates it in the guest), relayed to this
     /// terminal in raw mode: window size passed in and resizes forwarded, Ctrl-C goes to the
     /// workload, not to twinbox. stdout and stderr arrive merged on stdout, as on any
-    /// terminal. The terminal is restored when the run ends.
+    /// terminal. The terminal is restored when the run ends. A stdin that is not a
+    /// terminal is relayed too; its end is typed as the terminal's end of file (Ctrl-D).
     #[arg(short = 't', long)]
     pub tty: bool,
     /// Print twinbox-init's own lines on stderr (and, for the VM, the serial console with

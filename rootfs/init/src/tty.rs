@@ -12,7 +12,9 @@
 //! output at the pty (back-pressure) instead of growing init's memory.
 //!
 //! End of stdin (the host closed the port) does not end the session: an interactive shell
-//! ends by itself. When the workload has exited, what is left on the master goes to the
+//! ends by itself. It is typed into the pty as the terminal's end-of-file character
+//! (VEOF, twice after an unfinished line, as script(1) does), so a workload reading a
+//! piped stdin (`echo hi | twinbox vm run -t -- cat`) sees its input end. When the workload has exited, what is left on the master goes to the
 //! stdout port until the master reports `EIO` (every slave closed), and closing init's
 //! copy of the stdout port is the host's EOF.
 
@@ -118,6 +120,12 @@ impl Pending {
         read
     }
 
+    /// Holds `bytes` to write (the buffer is empty).
+    fn load(&mut self, bytes: &[u8]) {
+        self.clear();
+        self.bytes.extend_from_slice(bytes);
+    }
+
     /// One write of what is left.
     fn flush(&mut self, to: &mut File) -> io::Result<()> {
         let n = to.write(&self.bytes[self.start..])?;
@@ -127,6 +135,19 @@ impl Pending {
         }
         Ok(())
     }
+}
+
+/// The terminal's end-of-file character (Ctrl-D unless the workload changed it), as a
+/// keyboard types it to end a reader's input in canonical mode: twice after an unfinished
+/// line, whose first only hands the line over. Nothing if the settings cannot be read.
+fn end_of_file(master: &File, line_open: bool) -> Vec<u8> {
+    // SAFETY: an all-zero termios is valid; tcgetattr fills it from an open descriptor.
+    let mut settings: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::tcgetattr(master.as_raw_fd(), &mut settings) } != 0 {
+        return Vec::new();
+    }
+    vec![settings.c_cc[libc::VEOF]; if line_open { 2 } else { 1 }]
 }
 
 /// An I/O error's text without Rust's "(os error N)" suffix, like init's other lines.
@@ -161,6 +182,8 @@ pub struct Relay {
     output_open: bool,
     /// The stdin port; dropped (closed) at its end of stream.
     stdin: Option<File>,
+    /// Whether the last byte from the stdin port left a line unfinished.
+    line_open: bool,
     /// The stdout port; dropped when the host is gone, output is then discarded.
     stdout: Option<File>,
     /// The control port; dropped at its end of stream.
@@ -186,6 +209,7 @@ impl Relay {
             master,
             output_open: true,
             stdin: Some(stdin),
+            line_open: false,
             stdout: Some(stdout),
             control: Some(control),
             to_master: Pending::default(),
@@ -256,9 +280,14 @@ impl Relay {
         if ready(STDIN, READABLE) {
             if let Some(stdin) = &mut self.stdin {
                 match self.to_master.fill(stdin) {
-                    Ok(0) => self.stdin = None, // host closed stdin; the session goes on
+                    // The host closed stdin: typed as end of file; the session goes on.
+                    Ok(0) => {
+                        self.stdin = None;
+                        self.to_master
+                            .load(&end_of_file(&self.master, self.line_open));
+                    }
                     Ok(_) if !self.output_open => self.to_master.clear(), // nobody reads
-                    Ok(_) => {}
+                    Ok(_) => self.line_open = self.to_master.bytes.last() != Some(&b'\n'),
                     Err(err) if transient(&err) => {}
                     Err(err) => {
                         say(&format!("read the stdin port: {}", describe(&err)));
@@ -502,6 +531,20 @@ mod tests {
             "got hello\n",
         ] {
             assert!(out.contains(expected), "{expected:?} missing from {out:?}");
+        }
+    }
+
+    #[test]
+    fn the_end_of_stdin_is_the_workload_s_end_of_input_after_a_line_or_a_part_of_one() {
+        for (input, count) in [(&b"one\ntwo\n"[..], "2"), (b"one\ntwo", "1")] {
+            let mut rig = rig(None);
+            let pid = rig.spawn("wc -l; echo after-eof");
+            let mut stdin = rig.stdin.take().unwrap();
+            stdin.write_all(input).unwrap();
+            drop(stdin);
+            assert_eq!(rig.relay_until(pid, None), Some(ExitCode::Exited(0)));
+            let out = rig.finish();
+            assert!(out.ends_with(&format!("{count}\nafter-eof\n")), "{out:?}");
         }
     }
 
