@@ -240,3 +240,34 @@ fn lock_this_thread() -> Result<(), JailError> {
 /// Capability numbers tried when emptying the bounding set: the kernel's 64-bit masks leave
 /// no room above 63 (today's last is 40, CAP_CHECKPOINT_RESTORE).
 const CAP_MAX: u8 = 63;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names of this process's threads, as the host lists them.
+    fn thread_names() -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|name| name.trim().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_jail_dropped_before_it_is_ready_ends_its_thread() {
+        // Jailed (as root) or not (the jail's error is never asked for), the thread ends
+        // and is joined by the drop: nothing of it stays in this process.
+        drop(Jail::start().expect("the jail thread starts"));
+        // The kernel wakes a joiner a moment before the joined thread leaves /proc.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while thread_names().iter().any(|name| name == "vmm-jail") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a vmm-jail thread outlived its dropped jail: {:?}",
+                thread_names()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
