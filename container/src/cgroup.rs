@@ -435,7 +435,12 @@ pub fn create(
                     )));
                 }
             }
-            write(&root.join("cgroup.subtree_control"), "+cpu +memory +pids")?;
+            let control = root.join("cgroup.subtree_control");
+            let enabled = fs::read_to_string(&control)
+                .map_err(|e| Error::os(format!("read {}", control.display()), e))?;
+            if let Some(missing) = cgroup_run::controllers_to_enable(&enabled, &wanted) {
+                write(&control, &missing)?;
+            }
             let mut group = V2 {
                 dir: root.join(name),
                 removed: false,

@@ -17,7 +17,8 @@
 //! judged from here: its pids mean nothing in ours.
 //!
 //! Also here: where the cgroup hierarchies are mounted ([`Hierarchies`], from
-//! `/proc/self/mountinfo`), which both boxes' layout detection starts from.
+//! `/proc/self/mountinfo`), which both boxes' layout detection starts from, and which
+//! controllers a run's parent must still enable on cgroup2 ([`controllers_to_enable`]).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -313,9 +314,47 @@ pub fn sweep(places: &Places) -> Swept {
     swept
 }
 
+/// The `cgroup.subtree_control` write (cgroup2) that enables those of `wanted` its text
+/// `enabled` lacks; `None` when none is missing. Written only then: any write to that
+/// file, even one that changes nothing, makes the kernel revisit every task below the
+/// parent (`cgroup_update_dfl_csses`) under the global threadgroup rwsem — for the root
+/// cgroup, every task on the host, behind an RCU grace period (0.6–4.6 ms a run in the
+/// lab).
+pub fn controllers_to_enable(enabled: &str, wanted: &[&str]) -> Option<String> {
+    let missing: Vec<String> = wanted
+        .iter()
+        .filter(|c| !enabled.split_whitespace().any(|e| e == **c))
+        .map(|c| format!("+{c}"))
+        .collect();
+    (!missing.is_empty()).then(|| missing.join(" "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_missing_controllers_are_enabled() {
+        let wanted = ["memory", "pids"];
+        assert_eq!(
+            controllers_to_enable("cpuset cpu io memory hugetlb pids rdma\n", &wanted),
+            None
+        );
+        assert_eq!(controllers_to_enable("memory pids", &wanted), None);
+        assert_eq!(
+            controllers_to_enable("cpu memory\n", &wanted).as_deref(),
+            Some("+pids")
+        );
+        assert_eq!(
+            controllers_to_enable("\n", &["cpu", "memory", "pids"]).as_deref(),
+            Some("+cpu +memory +pids")
+        );
+        // A name that merely contains another's is not it.
+        assert_eq!(
+            controllers_to_enable("memory_x pidsy", &wanted).as_deref(),
+            Some("+memory +pids")
+        );
+    }
 
     #[test]
     fn dirs_of_finds_a_pids_runs_in_every_hierarchy_and_nothing_else() {

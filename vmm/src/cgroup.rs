@@ -153,21 +153,6 @@ pub fn settings(layout: &Layout, limits: Limits) -> Vec<(PathBuf, &'static str, 
     }
 }
 
-/// The controllers this cgroup needs (cgroup2), as a `cgroup.subtree_control` write that
-/// enables those its parent's `enabled` (that file's text) lacks; `None` when none is
-/// missing. Written only then: any write to that file, even one that changes nothing,
-/// makes the kernel revisit every task below the parent (`cgroup_update_dfl_csses`) under
-/// the global threadgroup rwsem — for the root cgroup, every task on the host, behind an
-/// RCU grace period.
-pub fn controllers_to_enable(enabled: &str) -> Option<String> {
-    let missing: Vec<String> = CONTROLLERS
-        .iter()
-        .filter(|c| !enabled.split_whitespace().any(|e| e == **c))
-        .map(|c| format!("+{c}"))
-        .collect();
-    (!missing.is_empty()).then(|| missing.join(" "))
-}
-
 /// The controllers of the VMM's cgroup.
 const CONTROLLERS: [&str; 2] = ["memory", "pids"];
 
@@ -249,7 +234,7 @@ impl VmmCgroup {
                     path: control.clone(),
                     source,
                 })?;
-                if let Some(missing) = controllers_to_enable(&enabled) {
+                if let Some(missing) = cgroup_run::controllers_to_enable(&enabled, &CONTROLLERS) {
                     write(&control, &missing)?;
                 }
                 vec![(root, None)]
@@ -541,28 +526,6 @@ mod tests {
                 ("memory.swap.max", "0".into()),
                 ("pids.max", "22".into())
             ]
-        );
-    }
-
-    #[test]
-    fn only_missing_controllers_are_enabled() {
-        assert_eq!(
-            controllers_to_enable("cpuset cpu io memory hugetlb pids rdma\n"),
-            None
-        );
-        assert_eq!(controllers_to_enable("memory pids"), None);
-        assert_eq!(
-            controllers_to_enable("cpu memory\n").as_deref(),
-            Some("+pids")
-        );
-        assert_eq!(
-            controllers_to_enable("\n").as_deref(),
-            Some("+memory +pids")
-        );
-        // A name that merely contains another's is not it.
-        assert_eq!(
-            controllers_to_enable("memory_x pidsy").as_deref(),
-            Some("+memory +pids")
         );
     }
 
