@@ -385,13 +385,19 @@ impl Stream<'_> {
     /// reader in canonical mode (`cat`, `read`, a shell) reads end of input: the
     /// terminal's VEOF character (Ctrl-D unless changed), twice after an unfinished line
     /// (the first only hands the line over). As script(1) does. A reader in raw mode
-    /// gets the byte. Written blocking-free: the pty has room for two bytes unless the
-    /// box stopped reading, and then it is dropped.
+    /// gets the byte; a terminal whose VEOF is disabled gets nothing. Written
+    /// blocking-free: the pty has room for two bytes unless the box stopped reading, and
+    /// then it is dropped.
     fn end_of_file(&mut self, master: BorrowedFd<'_>) {
         let Ok(settings) = termios::tcgetattr(master) else {
             return;
         };
         let eof = settings.control_chars[libc::VEOF];
+        // 0 is _POSIX_VDISABLE: the workload turned end-of-file off (`stty eof undef`),
+        // and a NUL would be only data.
+        if eof == 0 {
+            return;
+        }
         let times = if matches!(self.last, None | Some(b'\n')) {
             1
         } else {
@@ -707,6 +713,35 @@ mod tests {
                 "output written before the hangup is lost: {rest:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_terminal_whose_eof_is_disabled_gets_no_nul_at_the_end_of_input() {
+        let (master, slave) = pty();
+        nonblocking(master.as_fd());
+        let mut settings = termios::tcgetattr(slave.as_fd()).unwrap();
+        settings.control_chars[libc::VEOF] = 0;
+        // Byte by byte, so a NUL typed after the input would be read here.
+        settings.local_flags.remove(LocalFlags::ICANON);
+        termios::tcsetattr(slave.as_fd(), SetArg::TCSANOW, &settings).unwrap();
+        nonblocking(slave.as_fd());
+        let (stdin_r, mut stdin_w) = pipe();
+        let mut relay = Relay::new();
+        relay.input_to_terminal(stdin_r.as_fd(), master.as_fd());
+        stdin_w.write_all(b"ab\n").unwrap();
+        drop(stdin_w);
+        let mut slave_file = std::fs::File::from(slave);
+        let mut got = Vec::new();
+        for _ in 0..50 {
+            relay
+                .poll_once(&mut [], Some(Duration::from_millis(10)))
+                .unwrap();
+            let mut buf = [0u8; 16];
+            if let Ok(n) = slave_file.read(&mut buf) {
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        assert_eq!(got, b"ab\n", "only the input, no NUL after it");
     }
 
     #[test]

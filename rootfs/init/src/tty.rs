@@ -139,7 +139,8 @@ impl Pending {
 
 /// The terminal's end-of-file character (Ctrl-D unless the workload changed it), as a
 /// keyboard types it to end a reader's input in canonical mode: twice after an unfinished
-/// line, whose first only hands the line over. Nothing if the settings cannot be read.
+/// line, whose first only hands the line over. Nothing if the settings cannot be read or
+/// the workload disabled VEOF.
 fn end_of_file(master: &File, line_open: bool) -> Vec<u8> {
     // SAFETY: an all-zero termios is valid; tcgetattr fills it from an open descriptor.
     let mut settings: libc::termios = unsafe { std::mem::zeroed() };
@@ -147,7 +148,11 @@ fn end_of_file(master: &File, line_open: bool) -> Vec<u8> {
     if unsafe { libc::tcgetattr(master.as_raw_fd(), &mut settings) } != 0 {
         return Vec::new();
     }
-    vec![settings.c_cc[libc::VEOF]; if line_open { 2 } else { 1 }]
+    match settings.c_cc[libc::VEOF] {
+        // _POSIX_VDISABLE: the workload turned end-of-file off; a NUL would be only data.
+        0 => Vec::new(),
+        eof => vec![eof; if line_open { 2 } else { 1 }],
+    }
 }
 
 /// An I/O error's text without Rust's "(os error N)" suffix, like init's other lines.
@@ -546,6 +551,33 @@ mod tests {
             let out = rig.finish();
             assert!(out.ends_with(&format!("{count}\nafter-eof\n")), "{out:?}");
         }
+    }
+
+    #[test]
+    fn end_of_file_is_the_terminal_s_veof_and_nothing_when_it_is_disabled() {
+        let pty = Pty::open().expect("a pty");
+        assert_eq!(
+            end_of_file(&pty.master, false),
+            vec![4],
+            "Ctrl-D by default"
+        );
+        assert_eq!(end_of_file(&pty.master, true), vec![4, 4]);
+        // SAFETY: an all-zero termios is valid; tcgetattr fills it from an open pty.
+        let mut settings: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; tcsetattr reads the termios we own.
+        unsafe {
+            assert_eq!(libc::tcgetattr(pty.slave.as_raw_fd(), &mut settings), 0);
+            settings.c_cc[libc::VEOF] = 0;
+            assert_eq!(
+                libc::tcsetattr(pty.slave.as_raw_fd(), libc::TCSANOW, &settings),
+                0
+            );
+        }
+        assert_eq!(
+            end_of_file(&pty.master, true),
+            Vec::<u8>::new(),
+            "`stty eof undef`"
+        );
     }
 
     #[test]
