@@ -52,8 +52,9 @@ pub struct BenchArgs {
     /// Run twinbox's VM box without the VMM's jail (the jail needs root).
     #[arg(long)]
     pub no_jail: bool,
-    /// Run twinbox's VM box without the VMM's own cgroup (`vm run --no-cgroup`): for a
-    /// comparison with a peer VMM that runs in none, as Firecracker without its jailer.
+    /// Run twinbox's VM boxes (`vm`, and `vm-snapshot`'s restores) without the VMM's own
+    /// cgroup (`vm run --no-cgroup`): for a comparison with a peer VMM that runs in none,
+    /// as Firecracker without its jailer.
     #[arg(long)]
     pub no_cgroup: bool,
     /// Boxes to measure, comma-separated.

@@ -157,7 +157,7 @@ pub const PEER_RUNTIME: Capabilities = Capabilities {
 /// The boxes `--boxes` accepts.
 pub const BOX_NAMES: [&str; 4] = [native::NAME, container::NAME, vm::NAME, vm_snapshot::NAME];
 
-/// The runner for a box name given on the command line; the VM box runs `twinbox` (the
+/// The runner for a box name given on the command line; the VM boxes run `twinbox` (the
 /// binary at `twinbox`) as a process, its VMM threads jailed when `vm_jail`, in its own
 /// cgroup when `vm_cgroup`.
 pub fn by_name(
@@ -177,6 +177,7 @@ pub fn by_name(
         vm_snapshot::NAME => Some(Box::new(vm_snapshot::VmSnapshot::new(
             twinbox.to_path_buf(),
             vm_jail,
+            vm_cgroup,
         ))),
         _ => None,
     }

@@ -109,15 +109,18 @@ pub struct VmSnapshot {
     pub twinbox: PathBuf,
     /// Start the VMM's guest-facing threads in its jail (`--no-jail` otherwise).
     pub jail: bool,
+    /// Restore in the VMM's own cgroup (`--no-cgroup` otherwise), as the `vm` box runs.
+    pub cgroup: bool,
     taken: Mutex<Option<Taken>>,
 }
 
 impl VmSnapshot {
     /// The box, with no snapshot yet.
-    pub fn new(twinbox: PathBuf, jail: bool) -> Self {
+    pub fn new(twinbox: PathBuf, jail: bool, cgroup: bool) -> Self {
         Self {
             twinbox,
             jail,
+            cgroup,
             taken: Mutex::new(None),
         }
     }
@@ -202,8 +205,14 @@ fn snapshot_arguments(machine: &Machine, dir: &Path, jail: bool) -> Vec<OsString
 }
 
 /// `twinbox vm run --snapshot DIR`'s arguments for `spec`: the `vm` box's, without the
-/// kernel (the snapshot's is already running); one line for what a restore cannot take.
-pub fn arguments(spec: &RunSpec, dir: &Path, jail: bool) -> Result<Vec<OsString>, String> {
+/// kernel (the snapshot's is already running), `--no-cgroup` unless `cgroup`; one line for
+/// what a restore cannot take.
+pub fn arguments(
+    spec: &RunSpec,
+    dir: &Path,
+    jail: bool,
+    cgroup: bool,
+) -> Result<Vec<OsString>, String> {
     if spec.initrd.is_some() || spec.cmdline_extra.is_some() {
         return Err(
             "the vm-snapshot box resumes a booted kernel: it takes no initrd or kernel \
@@ -216,6 +225,10 @@ pub fn arguments(spec: &RunSpec, dir: &Path, jail: bool) -> Result<Vec<OsString>
     let mut a = vm::arguments(&spec, jail)?;
     // After `vm run --json`.
     a.splice(3..3, ["--snapshot".into(), dir.into()]);
+    if !cgroup {
+        // Among the options, before the `--` that ends them.
+        a.insert(3, "--no-cgroup".into());
+    }
     Ok(a)
 }
 
@@ -235,8 +248,11 @@ impl Runner for VmSnapshot {
             // The clock of this run starts after the snapshot, as every other run's does.
             spec.spawn_ns = twinbox_spec::clock::monotonic_ns();
         }
-        let mut report =
-            vm::run_twinbox_vm(&self.twinbox, arguments(&spec, &dir, self.jail)?, &spec)?;
+        let mut report = vm::run_twinbox_vm(
+            &self.twinbox,
+            arguments(&spec, &dir, self.jail, self.cgroup)?,
+            &spec,
+        )?;
         report.notes.push(NOTE.into());
         Ok(report)
     }
@@ -252,13 +268,19 @@ mod tests {
         spec.kernel = Some("/k/vmlinux".into());
         spec.vcpus = 2;
         spec.memory_mib = 256;
-        let a = arguments(&spec, Path::new("/tmp/snap"), true).unwrap();
+        let a = arguments(&spec, Path::new("/tmp/snap"), true, true).unwrap();
         let a: Vec<&str> = a.iter().map(|s| s.to_str().unwrap()).collect();
         assert_eq!(&a[..5], ["vm", "run", "--json", "--snapshot", "/tmp/snap"]);
         assert!(!a.contains(&"--kernel"), "{a:?}");
+        assert!(!a.contains(&"--no-cgroup"), "{a:?}");
         assert_eq!(&a[a.len() - 2..], ["--", "/bin/true"]);
+        // Without its cgroup, as the vm box with `bench --no-cgroup`: an option, before `--`.
+        let a = arguments(&spec, Path::new("/tmp/snap"), true, false).unwrap();
+        let a: Vec<&str> = a.iter().map(|s| s.to_str().unwrap()).collect();
+        let end = a.iter().position(|s| *s == "--").unwrap();
+        assert!(a[..end].contains(&"--no-cgroup"), "{a:?}");
         spec.cmdline_extra = Some("quiet".into());
-        let e = arguments(&spec, Path::new("/tmp/snap"), true).unwrap_err();
+        let e = arguments(&spec, Path::new("/tmp/snap"), true, true).unwrap_err();
         assert!(!e.contains('\n'), "{e}");
     }
 
