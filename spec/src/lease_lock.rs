@@ -54,14 +54,8 @@ pub fn try_lock(path: &Path, if_missing: IfMissing) -> io::Result<Option<Flock<F
         // The holder may have unlinked (released) the file between our open and our lock:
         // then our lock is on an orphan inode and the path is free, or already someone
         // else's new file.
-        let ours = locked.metadata()?;
-        match std::fs::symlink_metadata(path) {
-            Ok(now) if now.dev() == ours.dev() && now.ino() == ours.ino() => {
-                return Ok(Some(locked))
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+        if still_at(path, &locked)? {
+            return Ok(Some(locked));
         }
         if !create {
             return Ok(None);
@@ -69,9 +63,37 @@ pub fn try_lock(path: &Path, if_missing: IfMissing) -> io::Result<Option<Flock<F
     }
 }
 
+/// Whether `path` still names the file `locked` is on (not unlinked, not replaced).
+fn still_at(path: &Path, locked: &File) -> io::Result<bool> {
+    let ours = locked.metadata()?;
+    match std::fs::symlink_metadata(path) {
+        Ok(now) => Ok(now.dev() == ours.dev() && now.ino() == ours.ino()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lock_on_a_file_unlinked_or_replaced_meanwhile_is_not_the_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.lock");
+        let file = File::create(&path).unwrap();
+        assert!(still_at(&path, &file).unwrap(), "the file at its path");
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            !still_at(&path, &file).unwrap(),
+            "unlinked: an orphan inode"
+        );
+        File::create(&path).unwrap();
+        assert!(
+            !still_at(&path, &file).unwrap(),
+            "replaced: someone else's file"
+        );
+    }
 
     #[test]
     fn a_held_lock_is_not_taken_twice_and_is_free_once_dropped() {
