@@ -775,7 +775,13 @@ fn clone_into(
     };
     match pid {
         0 => {
-            let status = child::main(prepared, sys);
+            // A panic must not unwind into this copy of the parent's frames: their drops
+            // would release the parent's leases (userns ids, links) from here. None is
+            // known (the child's code does not panic), so this only guards.
+            let status = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                child::main(prepared, sys)
+            }))
+            .unwrap_or(125);
             // SAFETY: ends the child without running the parent's exit handlers.
             unsafe { libc::_exit(status as i32) }
         }

@@ -213,13 +213,20 @@ fn lock_this_thread() -> Result<(), JailError> {
     // Capabilities: empty the bounding set while we still may (CAP_SETPCAP), then the
     // switch away from uid 0 clears permitted, effective and ambient.
     for cap in 0..=libc::c_ulong::from(CAP_MAX) {
-        // Capabilities are numbered without gaps: EINVAL means past this kernel's last
-        // one, and so the end of the set.
-        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } < 0
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL)
-        {
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } == 0 {
+            continue;
+        }
+        let error = std::io::Error::last_os_error();
+        // Capabilities are numbered without gaps: EINVAL (after the first) means past this
+        // kernel's last one, and so the end of the set. Anything else (EPERM without
+        // CAP_SETPCAP) would leave the set whole: refused, not ignored.
+        if cap > 0 && error.raw_os_error() == Some(libc::EINVAL) {
             break;
         }
+        return Err(JailError::Step {
+            step: "empty the capability bounding set",
+            source: error,
+        });
     }
     let id = libc::c_long::from(JAIL_ID);
     check("drop supplementary groups", unsafe {
@@ -256,9 +263,22 @@ mod tests {
 
     #[test]
     fn a_jail_dropped_before_it_is_ready_ends_its_thread() {
-        // Jailed (as root) or not (the jail's error is never asked for), the thread ends
-        // and is joined by the drop: nothing of it stays in this process.
-        drop(Jail::start().expect("the jail thread starts"));
+        // Jailed (as root, as the suite runs: then the thread waits for work, and only the
+        // drop closing its job channel ends it) or not (the jail's error is never asked
+        // for), the thread ends and is joined by the drop: nothing of it stays in this
+        // process. Dropped on a thread of its own, so a drop that never returns fails here
+        // instead of hanging the test.
+        let pending = Jail::start().expect("the jail thread starts");
+        let (dropped, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(pending);
+            let _ = dropped.send(());
+        });
+        assert!(
+            done.recv_timeout(std::time::Duration::from_secs(10))
+                .is_ok(),
+            "dropping a jail before it was ready did not return within 10 s"
+        );
         // The kernel wakes a joiner a moment before the joined thread leaves /proc.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         while thread_names().iter().any(|name| name == "vmm-jail") {
