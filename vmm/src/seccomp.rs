@@ -363,6 +363,12 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
                     .map(|op| rule(vec![arg(1, SeccompCmpOp::Eq, *op)]))
                     .collect(),
             );
+            // `--image`: the CLI's hold on the image cache ends after the run, and its
+            // guard unlocks before it closes (`twinbox_image::CacheGuard`); unlock only.
+            rules.insert(
+                libc::SYS_flock,
+                vec![rule(vec![arg(1, SeccompCmpOp::Eq, libc::LOCK_UN as u64)])],
+            );
         }
     }
     rules
@@ -506,6 +512,12 @@ mod tests {
     /// Runs `body` in a forked child under the event loop's filter (kill mode), with a pipe
     /// made before the filter, and returns its wait status.
     fn under_event_loop_filter(filters: &Filters, body: fn([i32; 2]) -> i32) -> i32 {
+        under_filter(filters, ThreadKind::EventLoop, body)
+    }
+
+    /// Runs `body` in a forked child under `kind`'s filter, with a pipe made before the
+    /// filter, and returns its wait status.
+    fn under_filter(filters: &Filters, kind: ThreadKind, body: fn([i32; 2]) -> i32) -> i32 {
         let mut fds = [0; 2];
         // SAFETY: pipe2 writes two fds into the array.
         assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
@@ -514,7 +526,7 @@ mod tests {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork failed");
         if pid == 0 {
-            let code = match filters.apply(ThreadKind::EventLoop) {
+            let code = match filters.apply(kind) {
                 Ok(()) => body(fds),
                 Err(_) => 3,
             };
@@ -573,6 +585,35 @@ mod tests {
         assert!(
             libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
             "TUNSETIFF on the event loop must kill (status {status:#x})"
+        );
+    }
+
+    /// The CLI's thread lets go of its hold on the image cache after an `--image` run:
+    /// `flock(LOCK_UN)` passes the caller's filter (on a closed fd here: EBADF), taking a
+    /// lock kills.
+    #[test]
+    fn the_caller_may_unlock_a_flock_and_take_none() {
+        let filters = Filters::new(Mode::Kill).unwrap();
+        let status = under_filter(&filters, ThreadKind::Caller, |_| {
+            // SAFETY: flock on an fd that is not open.
+            let unlocked = unsafe { libc::flock(-1, libc::LOCK_UN) };
+            // SAFETY: reads errno of this thread.
+            let errno = unsafe { *libc::__errno_location() };
+            i32::from(unlocked != -1 || errno != libc::EBADF)
+        });
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "flock(LOCK_UN) under the caller's filter: status {status:#x} (SIGSYS = {})",
+            libc::SIGSYS
+        );
+        let status = under_filter(&filters, ThreadKind::Caller, |_| {
+            // SAFETY: as above.
+            unsafe { libc::flock(-1, libc::LOCK_EX) };
+            0
+        });
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "flock(LOCK_EX) on the caller's thread must kill (status {status:#x})"
         );
     }
 
